@@ -1,0 +1,19 @@
+"""reffuse: the reference and teaching implementation of FFN Fusion (arXiv 2503.18908) in NumPy.
+
+    model = reffuse.load_model("tiny")                        # or "smollm2", or a saved folder
+    logits = reffuse.forward(model, ids)                      # sequential, eq. 1-4
+    logits = reffuse.forward(model, ids, parallel_groups=[(4, 8)])   # a run in parallel, eq. 5
+    fused = reffuse.fuse(model, [(4, 8)], norm="fold")        # the run as one wide SwiGLU, Theorem 3.1
+"""
+
+from .backend import gpu_available
+from .checkpoint import save_model
+from .errors import ReffuseError
+from .fusion import fuse
+from .loading import load_model
+from .model import Config, KVCache, Model, cast, forward, layout, to_device
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "KVCache", "Model", "ReffuseError", "cast", "forward", "fuse", "gpu_available", "layout",
+           "load_model", "save_model", "to_device"]

@@ -1,0 +1,192 @@
+"""Saving and loading models as HF-like folders: `config.json` + safetensors, HF Llama tensor names, no pickle.
+
+A reffuse folder's config.json has HF Llama's keys plus `blocks`, one entry per block:
+    {"attention": true|false, "ffn_width": int (0 = no FFN), "fused_from": [original layer indices] }
+A block without attention has no attention tensors; a fused block stands where its run began.
+A plain HF Llama folder (no `blocks`) loads too: every block then has attention and `intermediate_size` units.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import ReffuseError
+from .model import FFN, Attention, Block, Config, Model, cast
+from .optional import require
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+def tensor_shapes(config: Config, blocks: list[dict]) -> dict[str, tuple]:
+    """The name and shape of every tensor a model with this config and block layout has."""
+    d, hd = config.dim, config.head_dim
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
+    for i, block in enumerate(blocks):
+        prefix = f"model.layers.{i}"
+        if block["attention"]:
+            shapes[f"{prefix}.input_layernorm.weight"] = (d,)
+            shapes[f"{prefix}.self_attn.q_proj.weight"] = (config.n_heads * hd, d)
+            shapes[f"{prefix}.self_attn.k_proj.weight"] = (config.n_kv_heads * hd, d)
+            shapes[f"{prefix}.self_attn.v_proj.weight"] = (config.n_kv_heads * hd, d)
+            shapes[f"{prefix}.self_attn.o_proj.weight"] = (d, config.n_heads * hd)
+        if block["ffn_width"]:
+            width = block["ffn_width"]
+            shapes[f"{prefix}.post_attention_layernorm.weight"] = (d,)
+            shapes[f"{prefix}.mlp.gate_proj.weight"] = (width, d)
+            shapes[f"{prefix}.mlp.up_proj.weight"] = (width, d)
+            shapes[f"{prefix}.mlp.down_proj.weight"] = (d, width)
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    return shapes
+
+
+def model_to_tensors(model: Model) -> dict[str, np.ndarray]:
+    """HF Llama names -> NumPy arrays."""
+    tensors = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm}
+    for i, block in enumerate(model.blocks):
+        prefix = f"model.layers.{i}"
+        if block.attention is not None:
+            a = block.attention
+            tensors[f"{prefix}.input_layernorm.weight"] = a.norm
+            for name in "qkvo":
+                tensors[f"{prefix}.self_attn.{name}_proj.weight"] = getattr(a, name)
+        if block.ffn is not None:
+            f = block.ffn
+            tensors[f"{prefix}.post_attention_layernorm.weight"] = f.norm
+            for name in ("gate", "up", "down"):
+                tensors[f"{prefix}.mlp.{name}_proj.weight"] = getattr(f, name)
+    if not model.config.tie_embeddings:
+        tensors["lm_head.weight"] = model.lm_head
+    return {name: np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
+
+
+def model_from_tensors(config: Config, blocks: list[dict], tensors: dict[str, np.ndarray], source: str) -> Model:
+    """Build a Model from HF-named tensors after checking that names and shapes match exactly.
+
+    `source` names the file or folder in error messages. Other loaders (GGUF, HF folders) end here too.
+    """
+    expected = tensor_shapes(config, blocks)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    misshaped = [f"{n} is {tuple(tensors[n].shape)}, expected {expected[n]}"
+                 for n in expected if n in tensors and tuple(tensors[n].shape) != expected[n]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+    if misshaped:
+        problems.append("wrong shapes: " + "; ".join(misshaped[:5]))
+    if problems:
+        raise ReffuseError(f"{source} does not match its config ({len(blocks)} blocks): " + " | ".join(problems))
+
+    model_blocks = []
+    for i, block in enumerate(blocks):
+        prefix = f"model.layers.{i}"
+        attention = ffn = None
+        if block["attention"]:
+            attention = Attention(norm=tensors[f"{prefix}.input_layernorm.weight"],
+                                  **{n: tensors[f"{prefix}.self_attn.{n}_proj.weight"] for n in "qkvo"})
+        if block["ffn_width"]:
+            ffn = FFN(norm=tensors[f"{prefix}.post_attention_layernorm.weight"],
+                      **{n: tensors[f"{prefix}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down")})
+        model_blocks.append(Block(attention, ffn, tuple(block.get("fused_from", ()))))
+    embed = tensors["model.embed_tokens.weight"]
+    lm_head = embed if config.tie_embeddings else tensors["lm_head.weight"]
+    return Model(config, embed, model_blocks, tensors["model.norm.weight"], lm_head)
+
+
+def save_model(model: Model, folder) -> Path:
+    """Write `config.json` and `model.safetensors` into `folder` (created if needed)."""
+    save_file = require("safetensors.numpy", "real", "saving a model").save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    config = {
+        "format": "reffuse", "format_version": FORMAT_VERSION,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "name": cfg.name,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": str(model.dtype), "num_hidden_layers": len(model.blocks),
+        "blocks": [{"attention": b.attention is not None, "ffn_width": b.ffn.width if b.ffn else 0,
+                    "fused_from": list(b.fused_from)} for b in model.blocks],
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "np"})
+    return folder
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ReffuseError(f"{folder} has no config.json: a model folder holds config.json and *.safetensors "
+                           "(write one with reffuse.save_model)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReffuseError(f"{path} is not valid JSON: {e}") from None
+
+
+def config_from_json(raw: dict, source: str) -> tuple[Config, list[dict]]:
+    """Config and per-block layout from a reffuse or HF Llama config.json."""
+    if raw.get("model_type", "llama") != "llama":
+        raise ReffuseError(f"{source}: model_type {raw.get('model_type')!r} is not supported; reffuse loads "
+                           "Llama-architecture models (model_type 'llama')")
+    try:
+        n_heads = int(raw["num_attention_heads"])
+        dim = int(raw["hidden_size"])
+        config = Config(vocab_size=int(raw["vocab_size"]), dim=dim, n_heads=n_heads,
+                        n_kv_heads=int(raw.get("num_key_value_heads", n_heads)),
+                        head_dim=int(raw.get("head_dim") or dim // n_heads),
+                        rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                        name=str(raw.get("name") or raw.get("_name_or_path") or source))
+        if "blocks" in raw:
+            blocks = [{"attention": bool(b["attention"]), "ffn_width": int(b["ffn_width"]),
+                       "fused_from": [int(i) for i in b.get("fused_from", [])]} for b in raw["blocks"]]
+        else:
+            blocks = [{"attention": True, "ffn_width": int(raw["intermediate_size"]), "fused_from": []}
+                      for _ in range(int(raw["num_hidden_layers"]))]
+    except KeyError as e:
+        raise ReffuseError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ReffuseError(f"{source}: config.json has a value of the wrong type ({e})") from None
+    if raw.get("rope_scaling"):
+        raise ReffuseError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (plain RoPE only)")
+    return config, blocks
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    safe_open = require("safetensors", "real", "loading a model folder").safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ReffuseError(f"{path} could not be read as safetensors ({type(e).__name__}: {e}); "
+                           "the file may be truncated or of another format") from None
+
+
+def load_folder(folder, dtype="float32") -> Model:
+    """Load a folder written by save_model, or an HF Llama checkpoint folder (config.json + *.safetensors)."""
+    folder = Path(folder)
+    raw = _read_config(folder)
+    config, blocks = config_from_json(raw, str(folder))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ReffuseError(f"{folder} has config.json but no *.safetensors weights")
+    tensors = {}
+    for path in files:
+        tensors.update(_read_safetensors(path))
+    if raw.get("format") != "reffuse":  # HF folders: tolerate what HF itself ignores
+        tensors = {n: t for n, t in tensors.items() if not n.endswith("rotary_emb.inv_freq")}
+        if config.tie_embeddings:
+            tensors.pop("lm_head.weight", None)
+    model = model_from_tensors(config, blocks, tensors, str(folder))
+    return cast(model, dtype)
+

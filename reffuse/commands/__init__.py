@@ -1,0 +1,1 @@
+"""One module per `reffuse` subcommand; reffuse/cli.py lists them."""

@@ -1,0 +1,28 @@
+"""`load_model`: one entry point for every model reffuse knows, by name or by path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import load_folder
+from .errors import ReffuseError
+from .model import Model, cast
+from .tiny import build_tiny
+
+# name -> builder(dtype) for the models reffuse can make or fetch by name.
+NAMED_MODELS: dict[str, Callable[[str], Model]] = {
+    "tiny": lambda dtype: cast(build_tiny(), dtype),
+}
+
+
+def load_model(name_or_path, dtype="float32") -> Model:
+    """A model by name (see NAMED_MODELS) or from a folder written by save_model / an HF Llama folder."""
+    key = str(name_or_path)
+    if key in NAMED_MODELS:
+        return NAMED_MODELS[key](dtype)
+    path = Path(key)
+    if path.is_dir():
+        return load_folder(path, dtype)
+    raise ReffuseError(f"unknown model {key!r}: use one of {', '.join(NAMED_MODELS)}, or the path of a model folder "
+                       "(config.json + *.safetensors)")

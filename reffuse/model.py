@@ -1,0 +1,327 @@
+"""A Llama-style decoder in NumPy, written against the paper's equations (PAPER.md §1).
+
+    X ∈ R^{T×d}                                     T tokens, model width d
+    g(X) = X + Attn(η1(X))                           eq. 1, the attention sub-block
+    f(X) = g(X) + FFN(η2(g(X)))                      eq. 2, the FFN sub-block
+    FFN(X) = (silu(X W_gate^T) ⊙ X W_up^T) W_down^T   eq. 3, SwiGLU (the paper's W2, W1, W3)
+    f(X) = X + FFN(η2(X))                            eq. 4, a block whose attention was removed
+    f_[i,j](X) = X + Σ_k FFN_k(η2^k(X))              eq. 5, a run of attention-free blocks in parallel
+
+Layout conventions, named because every port of Llama weights trips over one of them:
+- Weights are stored (out_features, in_features) as in PyTorch and HF, so a projection is `x @ W.T`.
+- RoPE is HF's rotate-half convention: dimension i of a head rotates with dimension i + head_dim/2.
+  GGUF files (llama.cpp) rotate interleaved pairs (2i, 2i+1) and permute the q/k rows to match; the GGUF
+  loader undoes that permutation.
+- RMSNorm is x / sqrt(mean(x²) + eps) ⊙ gain, as in HF. The paper writes x/||x|| ⊙ s: the same up to a
+  factor sqrt(d), which lives in the gain.
+- Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads), as HF's repeat_kv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backend import array_module, to_device as _array_to_device
+from .errors import ReffuseError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration and weights
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the weights do not say by their shapes."""
+    vocab_size: int
+    dim: int                    # d, the width of the residual stream
+    n_heads: int                # query heads
+    n_kv_heads: int             # key/value heads (grouped-query attention when fewer than n_heads)
+    head_dim: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the LM head reuses the token embedding
+    name: str = "model"
+
+
+@dataclass
+class Attention:
+    norm: np.ndarray  # [d]                  η1's gain (HF input_layernorm)
+    q: np.ndarray     # [n_heads*head_dim, d]
+    k: np.ndarray     # [n_kv_heads*head_dim, d]
+    v: np.ndarray     # [n_kv_heads*head_dim, d]
+    o: np.ndarray     # [d, n_heads*head_dim]
+
+
+@dataclass
+class FFN:
+    norm: np.ndarray  # [d]      η2's gain (HF post_attention_layernorm)
+    gate: np.ndarray  # [dh, d]  the paper's W2 (HF gate_proj)
+    up: np.ndarray    # [dh, d]  the paper's W1 (HF up_proj)
+    down: np.ndarray  # [d, dh]  the paper's W3 (HF down_proj)
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
+
+
+@dataclass
+class Block:
+    """One transformer block; either sub-block may be absent (DeciLM's `no_op`)."""
+    attention: Attention | None
+    ffn: FFN | None
+    fused_from: tuple[int, ...] = ()  # a fused block: the layers (numbered as in the unfused model) it replaces
+
+
+@dataclass
+class Model:
+    config: Config
+    embed: np.ndarray    # [vocab, d]
+    blocks: list[Block]
+    norm: np.ndarray     # [d]      final RMSNorm gain
+    lm_head: np.ndarray  # [vocab, d] (the same array as `embed` when tied)
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+
+def map_arrays(model: Model, fn: Callable) -> Model:
+    """A new model with `fn` applied to every weight array (dtype casts, device moves); ties are kept."""
+    def sub(part):
+        if part is None:
+            return None
+        return type(part)(**{f.name: fn(getattr(part, f.name)) for f in dataclasses.fields(part)})
+
+    embed = fn(model.embed)
+    lm_head = embed if model.config.tie_embeddings else fn(model.lm_head)
+    blocks = [Block(sub(b.attention), sub(b.ffn), b.fused_from) for b in model.blocks]
+    return Model(model.config, embed, blocks, fn(model.norm), lm_head)
+
+
+def cast(model: Model, dtype) -> Model:
+    """The same model in another float precision (float32 for speed, float64 as a reference)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ReffuseError(f"dtype {dtype} is not supported: use float32 or float64")
+    return map_arrays(model, lambda a: a.astype(dtype, copy=False))
+
+
+def to_device(model: Model, device: str) -> Model:
+    """The same model with its arrays on "cpu" or "gpu[:N]"."""
+    return map_arrays(model, lambda a: _array_to_device(a, device))
+
+
+def original_layers(model: Model) -> list[tuple[int, ...]]:
+    """For every block, the layers of the unfused model it stands for (one for a plain block)."""
+    layers, next_layer = [], 0
+    for block in model.blocks:
+        span = block.fused_from or (next_layer,)
+        layers.append(tuple(span))
+        next_layer = max(span) + 1
+    return layers
+
+
+def layout(model: Model) -> list[dict]:
+    """One row per block: attention present, FFN width, and the original layers a fused block replaces."""
+    return [{"block": i, "attention": b.attention is not None, "ffn_width": b.ffn.width if b.ffn else 0,
+             "fused_from": list(b.fused_from)} for i, b in enumerate(model.blocks)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pieces of a block
+
+
+def rms_norm(x, gain, eps):
+    """η(x) = x / sqrt(mean(x²) + eps) ⊙ gain, per token."""
+    xp = array_module(x)
+    return x / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps) * gain
+
+
+def silu(z):
+    """z·σ(z), with σ(z) = (1 + tanh(z/2)) / 2, which cannot overflow."""
+    xp = array_module(z)
+    return z * (0.5 + 0.5 * xp.tanh(0.5 * z))
+
+
+def swiglu(ffn: FFN, x):
+    """eq. 3: FFN(x) = (silu(x W_gate^T) ⊙ x W_up^T) W_down^T."""
+    hidden = silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # [T, d] -> [T, dh]
+    return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
+
+
+def rope_tables(positions, head_dim: int, theta: float, dtype, xp=np):
+    """cos and sin [T, head_dim] for rotate-half RoPE: angle(pos, i) = pos · theta^(-2i/head_dim), i < head_dim/2."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [head_dim/2]
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]   # [T, head_dim/2]
+    angles = np.concatenate([angles, angles], axis=-1)                             # [T, head_dim]
+    return xp.asarray(np.cos(angles), dtype=dtype), xp.asarray(np.sin(angles), dtype=dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (i, i + head_dim/2) of x [heads, T, head_dim] by its position's angle."""
+    xp = array_module(x)
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one pair per attention block, preallocated.
+
+    `forward(model, ids, cache=cache)` reads positions from `cache.length`, appends the new keys and values,
+    and advances `cache.length`, so decoding one token at a time costs one new row per block.
+    """
+
+    def __init__(self, model: Model, max_tokens: int):
+        xp, hd = array_module(model.embed), model.config.head_dim
+        self.max_tokens, self.length = max_tokens, 0
+        self.keys, self.values = {}, {}
+        for i, block in enumerate(model.blocks):
+            if block.attention is not None:
+                n_kv = block.attention.k.shape[0] // hd  # a tensor-parallel shard holds fewer heads
+                self.keys[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
+                self.values[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
+
+    def append(self, layer: int, k, v):
+        """Store k, v [n_kv, T, hd] after the cached positions; return all keys and values so far [n_kv, S, hd]."""
+        end = self.length + k.shape[1]
+        if end > self.max_tokens:
+            raise ReffuseError(f"KV cache holds {self.max_tokens} positions; {end} were asked for: "
+                               "create the cache with a larger max_tokens")
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
+def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    """Causal grouped-query self-attention with RoPE. x [T, d] (already normalised) -> [T, d]."""
+    xp = array_module(x)
+    T, hd = x.shape[0], config.head_dim
+    q = (x @ attn.q.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_heads, T, hd]
+    k = (x @ attn.k.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_kv, T, hd]
+    v = (x @ attn.v.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_kv, T, hd]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    past = 0
+    if cache is not None:
+        past = cache.length
+        k, v = cache.append(layer, k, v)                        # -> [n_kv, S, hd], S = past + T
+    n_heads, n_kv, S = q.shape[0], k.shape[0], k.shape[1]
+    q = q.reshape(n_kv, n_heads // n_kv, T, hd)                # query heads grouped by the kv head they read
+    scores = q @ k[:, None].transpose(0, 1, 3, 2) / np.sqrt(hd)  # -> [n_kv, group, T, S]
+    future = xp.arange(S)[None, :] > (past + xp.arange(T))[:, None]  # [T, S], True where a key is in the future
+    scores = xp.where(future, -xp.inf, scores)
+    scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)        # softmax over keys
+    out = (probs @ v[:, None]).reshape(n_heads, T, hd)         # -> [n_heads, T, hd]
+    return out.transpose(1, 0, 2).reshape(T, n_heads * hd) @ attn.o.T  # -> [T, d]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks, runs and the whole model
+
+
+def _identity(x):
+    return x
+
+
+def block_forward(model: Model, layer: int, x, cos, sin, cache: KVCache | None = None,
+                  allreduce: Callable = _identity):
+    """One block, eq. 1-2 (eq. 4 when its attention is absent). x [T, d] -> [T, d].
+
+    `allreduce` is applied to each row-parallel output (o_proj, down_proj) before it joins the residual stream:
+    the identity in one process, a sum over ranks under tensor parallelism (reffuse.tp).
+    """
+    block, eps = model.blocks[layer], model.config.norm_eps
+    if block.attention is not None:
+        x = x + allreduce(attention(block.attention, rms_norm(x, block.attention.norm, eps),
+                                    model.config, cos, sin, cache, layer))                   # eq. 1
+    if block.ffn is not None:
+        x = x + allreduce(swiglu(block.ffn, rms_norm(x, block.ffn.norm, eps)))              # eq. 2 / eq. 4
+    return x
+
+
+def parallel_ffn_forward(model: Model, first: int, last: int, x, allreduce: Callable = _identity):
+    """eq. 5 with every block's own norm: x + Σ_k FFN_k(η2^k(x)). All FFNs read the same x, so one all-reduce."""
+    eps = model.config.norm_eps
+    update = sum(swiglu(b.ffn, rms_norm(x, b.ffn.norm, eps)) for b in model.blocks[first:last + 1])
+    return x + allreduce(update)
+
+
+def check_groups(model: Model, groups) -> list[tuple[int, int]]:
+    """Validate runs (first, last) of blocks, 0-based and inclusive; return them sorted."""
+    n, checked = len(model.blocks), []
+    for group in groups:
+        try:
+            first, last = (int(i) for i in group)
+        except (TypeError, ValueError):
+            raise ReffuseError(f"group {group!r} is not a pair (first, last) of block indices") from None
+        if not (0 <= first < n and 0 <= last < n):
+            raise ReffuseError(f"group ({first}, {last}) is out of range: the model has blocks 0..{n - 1}")
+        if last <= first:
+            raise ReffuseError(f"group ({first}, {last}) has fewer than 2 blocks: a run is (first, last) "
+                               "with first < last, both inclusive")
+        for i in range(first, last + 1):
+            block = model.blocks[i]
+            if block.attention is not None:
+                raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has attention: only runs "
+                                   "of attention-free blocks can run in parallel (remove its attention first)")
+            if block.ffn is None:
+                raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has no FFN")
+        checked.append((first, last))
+    checked.sort()
+    for (a, b), (c, d) in zip(checked, checked[1:]):
+        if c <= b:
+            raise ReffuseError(f"groups ({a}, {b}) and ({c}, {d}) overlap: each block belongs to at most one group")
+    return checked
+
+
+def check_token_ids(model: Model, token_ids) -> np.ndarray:
+    """A 1-D int64 array of ids, each in [0, vocab)."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ReffuseError(f"token ids must be a non-empty 1-D sequence, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ReffuseError(f"token ids must be integers, got dtype {ids.dtype}")
+    bad = np.flatnonzero((ids < 0) | (ids >= model.config.vocab_size))
+    if bad.size:
+        raise ReffuseError(f"token id {int(ids[bad[0]])} at position {int(bad[0])} is out of range for the "
+                           f"vocabulary of {model.config.vocab_size} ({bad.size} such ids)")
+    return ids.astype(np.int64)
+
+
+def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache: KVCache | None = None,
+            allreduce: Callable = _identity, hidden_states: list | None = None):
+    """Next-token logits [T, vocab] for token_ids [T].
+
+    parallel_groups: runs (first, last) of attention-free blocks computed in the parallel form, eq. 5.
+    cache: positions continue from cache.length, and the cache is extended by T.
+    hidden_states: if a list is given, the residual stream is appended to it after the embedding and after
+        every block (after every parallel run as a whole): 1 + number of steps arrays [T, d].
+    """
+    ids = check_token_ids(model, token_ids)
+    xp, cfg = array_module(model.embed), model.config
+    runs = {first: last for first, last in check_groups(model, parallel_groups or [])}
+    start = cache.length if cache is not None else 0
+    cos, sin = rope_tables(start + np.arange(len(ids)), cfg.head_dim, cfg.rope_theta, model.dtype, xp)
+
+    x = model.embed[xp.asarray(ids)]                                # [T] -> [T, d]
+    if hidden_states is not None:
+        hidden_states.append(x)
+    layer = 0
+    while layer < len(model.blocks):
+        if layer in runs:
+            x = parallel_ffn_forward(model, layer, runs[layer], x, allreduce)   # eq. 5
+            layer = runs[layer] + 1
+        else:
+            x = block_forward(model, layer, x, cos, sin, cache, allreduce)      # eq. 1-4
+            layer += 1
+        if hidden_states is not None:
+            hidden_states.append(x)
+    if cache is not None:
+        cache.length += len(ids)
+    x = rms_norm(x, model.norm, cfg.norm_eps)
+    return x @ model.lm_head.T                                      # [T, d] -> [T, vocab]

@@ -1,0 +1,63 @@
+"""Timing helpers shared by `reffuse demo` and `reffuse bench`: medians of repeats, after warm-up.
+
+Machines are shared and noisy, so results are reported as ratios against a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import numpy as np
+
+from .backend import array_module, synchronize
+from .fusion import fuse
+from .model import Model, block_forward, check_groups
+
+
+def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` calls, after `warmup` untimed calls; GPU work is waited for."""
+    for _ in range(warmup):
+        synchronize(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        synchronize(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Pin the BLAS thread pool to n threads inside the block (no-op when n is None or threadpoolctl is absent)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    if n is None or threadpool_limits is None:
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = "fold", repeats: int = 7,
+                 seed: int = 0) -> dict:
+    """Median seconds for one run of attention-free blocks on `tokens` positions: sequential (eq. 4 block by
+    block) vs fused (one wide SwiGLU), with the ratio sequential / fused (> 1 means fusion is faster)."""
+    (first, last), = check_groups(model, [group])
+    fused = fuse(model, [group], norm=norm)
+    xp = array_module(model.embed)
+    x = xp.asarray(np.random.default_rng(seed).standard_normal((tokens, model.config.dim)), dtype=model.dtype)
+    no_rope = (None, None)  # attention-free blocks never read the rotary tables
+
+    def sequential():
+        y = x
+        for layer in range(first, last + 1):
+            y = block_forward(model, layer, y, *no_rope)
+        return y
+
+    seconds = {"sequential": median_seconds(sequential, repeats),
+               "fused": median_seconds(lambda: block_forward(fused, first, x, *no_rope), repeats)}
+    return {"tokens": tokens, **seconds, "speedup": seconds["sequential"] / seconds["fused"]}

@@ -1,0 +1,44 @@
+"""`tiny`: a small synthetic Llama, built from a seed, for fast tests and the offline path.
+
+It is random, not trained: it shows that code runs and that fusion is exact, never what a real model does.
+Its layout has an attention-free run (blocks 4-9, six blocks) with unequal FFN widths, so fusion can be shown.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import FFN, Attention, Block, Config, Model
+
+TINY_CONFIG = Config(vocab_size=256, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                     norm_eps=1e-5, tie_embeddings=True, name="tiny (synthetic, random weights)")
+TINY_ATTENTION = [True] * 4 + [False] * 6 + [True] * 2      # blocks 4..9 are attention-free
+TINY_FFN_WIDTHS = [128, 96, 160, 128, 64, 192, 96, 128, 160, 112, 144, 128]
+TINY_ATTENTION_FREE_RUN = (4, 9)
+
+
+def build_tiny(seed: int = 0, dtype=np.float32) -> Model:
+    """The synthetic tiny model; the same seed gives the same weights on every machine."""
+    rng = np.random.default_rng(seed)
+    cfg = TINY_CONFIG
+    d, hd = cfg.dim, cfg.head_dim
+
+    def normal(*shape, scale):
+        return (rng.standard_normal(shape) * scale).astype(dtype)
+
+    def gain():  # gains away from 1, so that folding them into the weights is visible
+        return (1.0 + 0.2 * rng.standard_normal(d)).astype(dtype)
+
+    blocks = []
+    for has_attention, width in zip(TINY_ATTENTION, TINY_FFN_WIDTHS):
+        attention = None
+        if has_attention:
+            attention = Attention(norm=gain(), q=normal(cfg.n_heads * hd, d, scale=d ** -0.5),
+                                  k=normal(cfg.n_kv_heads * hd, d, scale=d ** -0.5),
+                                  v=normal(cfg.n_kv_heads * hd, d, scale=d ** -0.5),
+                                  o=normal(d, cfg.n_heads * hd, scale=0.25 * (cfg.n_heads * hd) ** -0.5))
+        ffn = FFN(norm=gain(), gate=normal(width, d, scale=d ** -0.5), up=normal(width, d, scale=d ** -0.5),
+                  down=normal(d, width, scale=0.25 * width ** -0.5))
+        blocks.append(Block(attention, ffn))
+    embed = normal(cfg.vocab_size, d, scale=1.0)
+    return Model(cfg, embed, blocks, gain(), embed)
