@@ -20,6 +20,7 @@ Layout conventions, named because every port of Llama weights trips over one of 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -142,9 +143,10 @@ def rms_norm(x, gain, eps):
 
 
 def silu(z):
-    """z·σ(z), with σ(z) = (1 + tanh(z/2)) / 2, which cannot overflow."""
+    """z·σ(z) = z / (1 + e^-z). For z < -88 (float32) e^-z overflows to inf and the result is -0, as it should be."""
     xp = array_module(z)
-    return z * (0.5 + 0.5 * xp.tanh(0.5 * z))
+    with np.errstate(over="ignore"):
+        return z / (1 + xp.exp(-z))
 
 
 def swiglu(ffn: FFN, x):
@@ -211,7 +213,7 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
         k, v = cache.append(layer, k, v)                        # -> [n_kv, S, hd], S = past + T
     n_heads, n_kv, S = q.shape[0], k.shape[0], k.shape[1]
     q = q.reshape(n_kv, n_heads // n_kv, T, hd)                # query heads grouped by the kv head they read
-    scores = q @ k[:, None].transpose(0, 1, 3, 2) / np.sqrt(hd)  # -> [n_kv, group, T, S]
+    scores = q @ k[:, None].transpose(0, 1, 3, 2) / math.sqrt(hd)  # -> [n_kv, group, T, S]
     future = xp.arange(S)[None, :] > (past + xp.arange(T))[:, None]  # [T, S], True where a key is in the future
     scores = xp.where(future, -xp.inf, scores)
     scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
