@@ -1,0 +1,48 @@
+"""The command line: help that teaches, one-line errors with exit status 2, JSON that parses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reffuse.cli import COMMANDS, main
+
+
+def reffuse(*args):
+    return subprocess.run([sys.executable, "-m", "reffuse", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_has_help_with_examples(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    assert "example" in capsys.readouterr().out
+
+
+def test_demo_tiny_json_is_exact():
+    result = reffuse("demo", "--model", "tiny", "--json", "--repeats", "3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fused_vs_parallel_relative_error"]["float64"] <= 1e-12
+    assert report["fused_vs_parallel_relative_error"]["float32"] <= 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--model", "tiny", "--groups", "2-5"], "contains block 2, which has attention"),
+    (["demo", "--model", "nope"], "unknown model 'nope'"),
+    (["demo", "--model", "tiny", "--groups", "4-x"], "is not a range FIRST-LAST"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    result = reffuse(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
