@@ -4,45 +4,52 @@ Numeric code never branches on array type: it asks `array_module(x)` for the mod
 that (`xp.exp`, `xp.concatenate`, ...). Moving a model between devices is `reffuse.to_device(model, "gpu")`.
 """
 
+import functools
+import importlib
+
 import numpy as np
 
 from .errors import ReffuseError
 
-try:  # CuPy is the optional `gpu` extra; importing it works without a GPU, creating arrays does not.
-    import cupy as _cupy
-except ImportError:
-    _cupy = None
+
+@functools.cache
+def _cupy():
+    """The cupy module, or None. Imported on first need: CuPy is the optional `gpu` extra and slow to import;
+    it imports fine on machines without a GPU, where creating an array then fails."""
+    try:
+        return importlib.import_module("cupy")
+    except ImportError:
+        return None
+
+
+def _is_cupy(x) -> bool:
+    return type(x).__module__.startswith("cupy")  # no import of cupy needed to recognise its arrays
 
 
 def gpu_available() -> bool:
     """True when CuPy is installed and a CUDA device is usable (not merely when CuPy imports)."""
-    if _cupy is None:
+    cupy = _cupy()
+    if cupy is None:
         return False
     try:
-        return bool(_cupy.cuda.is_available())
+        return bool(cupy.cuda.is_available())
     except Exception:  # a broken driver install raises instead of answering False
         return False
 
 
 def array_module(x):
     """numpy or cupy, whichever owns `x`."""
-    if _cupy is not None:
-        return _cupy.get_array_module(x)
-    return np
+    return _cupy() if _is_cupy(x) else np
 
 
 def device_of(x) -> str:
     """"cpu" or "gpu:N" for an array."""
-    if _cupy is not None and isinstance(x, _cupy.ndarray):
-        return f"gpu:{x.device.id}"
-    return "cpu"
+    return f"gpu:{x.device.id}" if _is_cupy(x) else "cpu"
 
 
 def to_numpy(x) -> np.ndarray:
     """A NumPy copy (or view) of an array from either backend."""
-    if _cupy is not None and isinstance(x, _cupy.ndarray):
-        return _cupy.asnumpy(x)
-    return np.asarray(x)
+    return _cupy().asnumpy(x) if _is_cupy(x) else np.asarray(x)
 
 
 def to_device(x, device: str):
@@ -53,14 +60,15 @@ def to_device(x, device: str):
         if not gpu_available():
             raise ReffuseError(f"device {device!r} requested but no GPU is usable: install the `gpu` extra "
                                "(cupy-cuda12x or cupy-cuda13x) on a machine with a CUDA device, or use device 'cpu'")
-        index = int(device.split(":")[1]) if ":" in device else _cupy.cuda.runtime.getDevice()
-        with _cupy.cuda.Device(index):
-            return _cupy.asarray(x)
+        cupy = _cupy()
+        index = int(device.split(":")[1]) if ":" in device else cupy.cuda.runtime.getDevice()
+        with cupy.cuda.Device(index):
+            return cupy.asarray(x)
     raise ReffuseError(f"unknown device {device!r}: use 'cpu', 'gpu' or 'gpu:N'")
 
 
 def synchronize(x) -> None:
     """Wait for queued GPU work on `x`'s device (a no-op on the CPU); call before timing or before MPI reads a buffer."""
-    if _cupy is not None and isinstance(x, _cupy.ndarray):
+    if _is_cupy(x):
         with x.device:
-            _cupy.cuda.get_current_stream().synchronize()
+            _cupy().cuda.get_current_stream().synchronize()
