@@ -1,0 +1,185 @@
+"""Removing sub-blocks: attention removal (standing in for Puzzle) and FFN removal (the paper's baseline).
+
+FFN Fusion needs runs of attention-free blocks. The paper gets them from Puzzle, a neural architecture search
+that removes about half of Llama-405B's attention layers (PAPER.md §4.1). reffuse stands in for Puzzle with
+the simplest score of the same kind: the damage that removing one sub-block alone does to the model's output,
+
+    score(i) = mean over calibration tokens t of KL( p_base(· | t) || p_without_i(· | t) )    (nats)
+
+where p is the next-token distribution. Attention removal then drops the blocks with the lowest scores:
+`cheapest(scores, count)` takes the N cheapest anywhere; `cheapest(scores, count, contiguous=True)` takes the
+window of N consecutive blocks with the least SUMMED score. A sum of single-removal scores ignores how
+removals interact (removing several attentions together usually hurts more than the sum says), so
+`kl_from_base` of the chosen set, measured jointly, is what `reffuse fuse` and the experiments report beside it.
+
+FFN removal is the paper's baseline against fusion (§4.2, "Removal vs fusion"): drop the least important
+FFNs, by the same kind of score, inside a region (the attention-free run), and compare at equal depth reduction.
+A block left with neither attention nor FFN is a no-op (DeciLM's "dummy" layer) and costs nothing.
+
+Scores are computed on calibration text, never on the held-out text used to evaluate the result. Scoring
+caches the base model's residual stream and re-runs only the blocks from the removed one on (reffuse.prefix).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ReffuseError
+from .model import Block, Model
+from .prefix import Prefix, cache_prefix, kl_from_base
+
+
+def check_layers(model: Model, layers, what: str) -> list[int]:
+    """Sorted, distinct block indices, each in range; `what` names them in errors ("attention to remove")."""
+    n, checked = len(model.blocks), set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ReffuseError(f"{what}: {layer!r} is not a block index")
+        if not 0 <= layer < n:
+            raise ReffuseError(f"{what}: block {layer} is out of range: the model has blocks 0..{n - 1}")
+        checked.add(int(layer))
+    return sorted(checked)
+
+
+def drop_attention(model: Model, blocks) -> Model:
+    """A new model without the attention of `blocks` (each must have one); weights are shared, not copied."""
+    layers = check_layers(model, blocks, "attention to remove")
+    for layer in layers:
+        if model.blocks[layer].attention is None:
+            raise ReffuseError(f"block {layer} has no attention to remove; blocks with attention: "
+                               f"{format_layers(attention_layers(model))}")
+    new = list(model.blocks)
+    for layer in layers:
+        new[layer] = Block(None, new[layer].ffn, new[layer].fused_from)
+    return Model(model.config, model.embed, new, model.norm, model.lm_head)
+
+
+def drop_ffns(model: Model, blocks) -> Model:
+    """A new model without the FFN of `blocks` (each must have one and be unfused)."""
+    layers = check_layers(model, blocks, "FFNs to remove")
+    for layer in layers:
+        if model.blocks[layer].ffn is None:
+            raise ReffuseError(f"block {layer} has no FFN to remove")
+    new = list(model.blocks)
+    for layer in layers:
+        new[layer] = Block(new[layer].attention, None, new[layer].fused_from)
+    return Model(model.config, model.embed, new, model.norm, model.lm_head)
+
+
+def attention_layers(model: Model) -> list[int]:
+    return [i for i, b in enumerate(model.blocks) if b.attention is not None]
+
+
+def attention_free_runs(model: Model) -> list[tuple[int, int]]:
+    """Maximal runs (first, last) of >= 2 consecutive blocks that have an FFN and no attention."""
+    runs, start = [], None
+    for i, block in enumerate(model.blocks + [None]):
+        free = block is not None and block.attention is None and block.ffn is not None
+        if free and start is None:
+            start = i
+        elif not free and start is not None:
+            if i - 1 > start:
+                runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def format_layers(layers) -> str:
+    """[3, 4, 5, 9] -> "3-5,9": the inverse of `parse_layers`."""
+    layers, parts = sorted(layers), []
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts) or "-"
+
+
+def parse_layers(text: str) -> list[int]:
+    """"14-21" or "3,5,14-21" -> sorted block indices (0-based, ranges inclusive)."""
+    layers = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, sep, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last if sep else first)
+        except ValueError:
+            raise ReffuseError(f"{part!r} is not a block index or a range FIRST-LAST (e.g. 14-21)") from None
+        if hi < lo:
+            raise ReffuseError(f"range {part!r} is empty: write FIRST-LAST with FIRST <= LAST")
+        layers.update(range(lo, hi + 1))
+    if not layers:
+        raise ReffuseError(f"{text!r} names no blocks: write e.g. 14-21 or 3,5,14-21")
+    return sorted(layers)
+
+
+def removal_scores(prefix: Prefix, replacements: dict[int, Block]) -> dict[int, float]:
+    """For each block i: the mean KL(base || base with block i replaced by replacements[i]) over the prefix tokens.
+
+    Only blocks i.. run again for candidate i: the stream entering block i is the base model's.
+    """
+    base, scores = prefix.model, {}
+    for layer in sorted(replacements):
+        blocks = list(base.blocks)
+        blocks[layer] = replacements[layer]
+        variant = Model(base.config, base.embed, blocks, base.norm, base.lm_head)
+        scores[layer] = kl_from_base(prefix, variant, layer)
+    return scores
+
+
+def attention_scores(model: Model, windows, layers=None, prefix: Prefix | None = None,
+                     progress=None) -> dict[int, float]:
+    """KL damage of removing each block's attention alone (blocks `layers`, default: all with attention)."""
+    layers = attention_layers(model) if layers is None else check_layers(model, layers, "attention to score")
+    prefix = prefix or cache_prefix(model, windows)
+    replacements = {}
+    for layer in layers:
+        block = model.blocks[layer]
+        if block.attention is None:
+            raise ReffuseError(f"block {layer} has no attention to score")
+        replacements[layer] = Block(None, block.ffn, block.fused_from)
+    return _scored(prefix, replacements, progress)
+
+
+def ffn_scores(model: Model, windows, layers=None, prefix: Prefix | None = None, progress=None) -> dict[int, float]:
+    """KL damage of removing each block's FFN alone (blocks `layers`, default: all with an FFN)."""
+    if layers is None:
+        layers = [i for i, b in enumerate(model.blocks) if b.ffn is not None]
+    layers = check_layers(model, layers, "FFNs to score")
+    prefix = prefix or cache_prefix(model, windows)
+    replacements = {}
+    for layer in layers:
+        block = model.blocks[layer]
+        if block.ffn is None:
+            raise ReffuseError(f"block {layer} has no FFN to score")
+        replacements[layer] = Block(block.attention, None, block.fused_from)
+    return _scored(prefix, replacements, progress)
+
+
+def _scored(prefix: Prefix, replacements: dict[int, Block], progress) -> dict[int, float]:
+    scores = {}
+    for layer in sorted(replacements):
+        scores.update(removal_scores(prefix, {layer: replacements[layer]}))
+        if progress is not None:
+            progress(1)
+    return scores
+
+
+def cheapest(scores: dict[int, float], count: int, contiguous: bool = False) -> list[int]:
+    """The `count` blocks with the lowest scores; with contiguous=True, the window of `count` consecutive
+    blocks (all of them scored) with the least summed score. Ties go to the earlier block."""
+    if count < 1:
+        raise ReffuseError(f"count {count} must be at least 1")
+    if count > len(scores):
+        raise ReffuseError(f"cannot take {count} blocks: only {len(scores)} are candidates "
+                           f"({format_layers(scores)})")
+    if not contiguous:
+        return sorted(sorted(scores, key=lambda layer: (scores[layer], layer))[:count])
+    windows = [(sum(scores[i] for i in range(first, first + count)), first) for first in sorted(scores)
+               if all(i in scores for i in range(first, first + count))]
+    if not windows:
+        raise ReffuseError(f"no {count} consecutive blocks are all candidates ({format_layers(scores)}): "
+                           "ask for fewer, or drop the contiguity requirement")
+    _, first = min(windows)
+    return list(range(first, first + count))
