@@ -1,0 +1,22 @@
+"""Tensor parallelism with MPI, the Megatron way, for reading and for measuring what FFN Fusion saves.
+
+    shard = shard_model(model, rank, n_ranks)            # sharding.py: column- and row-parallel slices
+    allreduce = AllReduce(comm, kind="mpi" | "ring")     # allreduce.py, ring.py: counted, timed collectives
+    logits = reffuse.forward(shard, ids, allreduce=allreduce)   # the ordinary forward, one all-reduce per
+                                                                # row-parallel output
+    allreduce.stats                                      # count, bytes, seconds since the last reset()
+
+runtime.py holds the per-rank plumbing (MPI, GPU per rank, aborting the job when a rank fails);
+`mpiexec -n N reffuse tp` (reffuse/commands/tp.py) puts it all together. mpi4py is imported only when used.
+"""
+
+from .allreduce import ALLREDUCE_KINDS, AllReduce, AllReduceStats, mpi_allreduce, mpi_is_cuda_aware
+from .ring import ring_allreduce
+from .runtime import ParallelState, parallel_state, run_or_abort, setup_on_every_rank
+from .sharding import (allreduces_per_forward, check_shardable, column_parallel, kv_heads, query_heads,
+                       rank_counts_that_work, row_parallel, shard_model, sharding_problems)
+
+__all__ = ["ALLREDUCE_KINDS", "AllReduce", "AllReduceStats", "ParallelState", "allreduces_per_forward",
+           "check_shardable", "column_parallel", "kv_heads", "mpi_allreduce", "mpi_is_cuda_aware", "parallel_state",
+           "query_heads", "rank_counts_that_work", "ring_allreduce", "row_parallel", "run_or_abort",
+           "setup_on_every_rank", "shard_model", "sharding_problems"]

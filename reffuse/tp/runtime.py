@@ -1,0 +1,114 @@
+"""One rank of a tensor-parallel job: MPI itself, the rank's device, and ending the whole job when a rank fails.
+
+MPI collectives wait for every rank, so a rank that dies with an exception leaves the others blocked in their
+next all-reduce forever. `run_or_abort` prevents that hang: the failing rank prints its error (with its rank)
+and calls `comm.Abort`, and the MPI launcher then ends every process of the job with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ReffuseError
+
+
+def mpi():
+    """mpi4py's MPI module (importing it initialises MPI), or a ReffuseError that says what to install."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ReffuseError("tensor parallelism needs mpi4py and an MPI runtime: pip install 'reffuse[mpi]'") from None
+    except RuntimeError as e:  # mpi4py is installed but finds no MPI library
+        raise ReffuseError(f"mpi4py found no usable MPI library ({e}): pip install 'reffuse[mpi]'") from None
+    return MPI
+
+
+@dataclass
+class ParallelState:
+    """Where this process stands in the job."""
+    comm: object        # the mpi4py communicator of the tensor-parallel group
+    rank: int           # 0 .. size-1 in comm
+    size: int           # N, the tensor-parallel degree
+    local_rank: int     # rank among the processes on this machine
+    local_size: int     # processes on this machine
+    device: str         # "cpu" or "gpu:I", where this rank's arrays live
+
+
+def parallel_state(comm, device: str = "cpu") -> ParallelState:
+    """This rank's place in `comm`; device "gpu" picks GPU (local rank) % (GPUs on this machine) and makes it current.
+
+    On one machine the local rank is the rank, so rank r uses GPU r % n_gpus. Across machines the local rank
+    keeps every machine's ranks on its own GPUs, wherever the launcher placed them.
+    """
+    MPI = mpi()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this machine's memory
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    if device == "gpu":
+        from ..backend import gpu_available
+        if not gpu_available():
+            raise ReffuseError(f"--device gpu on rank {comm.Get_rank()}, but no GPU is usable there: install the "
+                               "`gpu` extra (CuPy) on a machine with a CUDA device, or use --device cpu")
+        import cupy
+
+        index = local_rank % cupy.cuda.runtime.getDeviceCount()
+        cupy.cuda.Device(index).use()
+        device = f"gpu:{index}"
+    elif device != "cpu":
+        raise ReffuseError(f"unknown device {device!r}: use cpu or gpu")
+    return ParallelState(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, device)
+
+
+def cpu_threads_per_rank(state: ParallelState) -> int:
+    """This machine's cores shared evenly among its ranks (at least 1), so that ranks do not fight for cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // state.local_size)
+
+
+def report_and_abort(comm, error: BaseException, program: str) -> None:
+    """Print `error` with this rank's number to stderr, then end every rank of the job (status 1)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if not isinstance(error, ReffuseError):  # a bug or a failed library call: show where
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    print(f"{program}: rank {rank} of {size} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    sys.stderr.flush()  # Abort ends the process without flushing Python's buffers
+    comm.Abort(1)
+
+
+def run_or_abort(comm, fn, program: str):
+    """fn() on this rank; if it raises, report it with the rank number and abort the whole job (never a hang)."""
+    try:
+        return fn()
+    except (Exception, KeyboardInterrupt) as error:
+        report_and_abort(comm, error, program)
+
+
+def setup_on_every_rank(comm, fn, program: str):
+    """fn() on every rank, where nothing communicates yet (loading, checking, sharding); returns its result.
+
+    If fn raised the same kind of bad-input error (ReffuseError) on every rank, say a dimension that does not
+    divide by N, rank 0 raises it (the command prints one line and exits with status 2) and the other ranks exit
+    quietly with status 2: one message, not N. If it failed on some ranks only (a file missing on one machine),
+    or with any other error, the failing ranks report and abort the job.
+    """
+    MPI = mpi()
+    try:
+        result, error = fn(), None
+    except (Exception, KeyboardInterrupt) as e:
+        result, error = None, e
+    failed = np.array([error is not None, isinstance(error, ReffuseError)], dtype=np.int64)
+    comm.Allreduce(MPI.IN_PLACE, failed, op=MPI.SUM)  # -> [ranks that failed, ranks that failed on bad input]
+    if failed[0] == 0:
+        return result
+    if failed[1] == comm.Get_size():
+        if comm.Get_rank() == 0:
+            raise error
+        raise SystemExit(2)
+    if error is not None:
+        report_and_abort(comm, error, program)
+    comm.Barrier()  # a rank that did not fail waits here for the failing ones to abort the job
