@@ -1,0 +1,212 @@
+"""Loading a Llama GGUF file (llama.cpp's format) into a reffuse Model, every tensor dequantized to float32.
+
+A GGUF file holds metadata (key -> value: the architecture, sizes, the tokenizer) and tensors, each in its own
+type (F32, F16, or a block quantization such as Q4_1 or Q8_0). llama.cpp's `gguf` package reads both and
+dequantizes. What this module adds:
+
+- the config from the metadata keys `llama.*` (only general.architecture == "llama" is accepted);
+- the tensor names mapped to HF Llama's (`blk.3.ffn_gate.weight` -> `model.layers.3.mlp.gate_proj.weight`);
+- the q/k row permutation undone (`rope_rows_to_rotate_half`): llama.cpp's converter reorders the rows of
+  W_q and W_k so that its interleaved RoPE gives the same result as HF's rotate-half RoPE on the original
+  rows. reffuse rotates halves, like HF, so it needs the original rows back;
+- tied embeddings: a file without `output.weight` uses the token embedding as the LM head;
+- errors that name the file and the tensor for truncated or corrupt files and unsupported tensor types.
+Every loader ends in checkpoint.model_from_tensors, which checks all names and shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import model_from_tensors
+from .errors import ReffuseError
+from .model import Config, Model, cast
+from .optional import require
+
+ARCHITECTURE = "llama"
+
+# GGUF tensor name -> HF Llama name; `{i}` is the block index.
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def hf_name(gguf_name: str) -> str:
+    """The HF Llama name of a GGUF tensor; a name with no HF counterpart is returned as it is."""
+    match = _BLOCK_TENSOR.fullmatch(gguf_name)
+    if match:
+        template = GGUF_TO_HF.get(f"blk.{{i}}.{match.group(2)}")
+        return template.format(i=int(match.group(1))) if template else gguf_name
+    return GGUF_TO_HF.get(gguf_name, gguf_name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The q/k row permutation
+
+
+def rope_rows_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: rows for interleaved RoPE -> rows for rotate-half RoPE (HF's).
+
+    Within each head of head_dim rows, rotate-half RoPE rotates the pair of rows (i, i + head_dim/2) and
+    interleaved RoPE rotates (2i, 2i+1). llama.cpp's converter moves row i to 2i and row i + head_dim/2 to
+    2i + 1, so that its interleaved RoPE rotates the same pairs. This moves them back:
+    row 2i -> i and row 2i+1 -> i + head_dim/2, in every head. w [n_heads*head_dim, d] -> same shape.
+    n_heads is the number of heads the rows belong to: query heads for W_q, key/value heads for W_k.
+    """
+    out, d = w.shape
+    half = out // n_heads // 2
+    return w.reshape(n_heads, half, 2, d).swapaxes(1, 2).reshape(out, d)  # [head, i, pair] -> [head, pair, i]
+
+
+def rope_rows_to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (what its converter applies to HF weights); the inverse of
+    rope_rows_to_rotate_half. w [n_heads*head_dim, d] -> same shape."""
+    out, d = w.shape
+    half = out // n_heads // 2
+    return w.reshape(n_heads, 2, half, d).swapaxes(1, 2).reshape(out, d)  # [head, pair, i] -> [head, i, pair]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def open_gguf(path) -> "gguf.GGUFReader":  # noqa: F821 (gguf is imported lazily)
+    """A gguf.GGUFReader for `path`, or a ReffuseError that says what is wrong with the file."""
+    gguf = require("gguf", "real", "reading a GGUF file")
+    path = Path(path)
+    if not path.is_file():
+        raise ReffuseError(f"{path}: no such file")
+    try:
+        return _checked_reader(gguf)(path)
+    except ReffuseError:
+        raise
+    except Exception as e:  # the reader raises ValueError, KeyError, IndexError, ... for malformed files
+        raise ReffuseError(f"{path} could not be read as a GGUF file ({type(e).__name__}: {e}); the file is "
+                           f"truncated, corrupt or not a GGUF file ({path.stat().st_size} bytes)") from None
+
+
+def _checked_reader(gguf):
+    """GGUFReader that names the tensor whose data a truncated file cuts off.
+
+    The plain reader fails with a bare reshape error there; this checks each tensor's extent first
+    (ReaderField.parts of a tensor-info field: name length, name, n_dims, dims, type, offset).
+    """
+    class CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
+                block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                n_bytes = int(np.prod(dims.astype(np.int64))) * type_size // block_size
+                end = int(start_offs) + int(offset[0]) + n_bytes
+                if end > len(self.data):
+                    raise ReffuseError(
+                        f"{self.data.filename} is truncated: tensor {bytes(name).decode(errors='replace')} "
+                        f"({qtype.name}, {n_bytes} bytes) ends at byte {end}, but the file has {len(self.data)}")
+            super()._build_tensors(start_offs, fields)
+    return CheckedReader
+
+
+def metadata_value(reader, key: str, default=None):
+    """A metadata value as Python: str, int, float, bool, or a list of them; `default` if the key is absent."""
+    gguf = require("gguf", "real", "reading a GGUF file")
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+
+    def scalar(part, kind):
+        return bytes(part).decode("utf-8") if kind == gguf.GGUFValueType.STRING else part[0].item()
+
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return [scalar(field.parts[i], field.types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], field.types[0])
+
+
+def config_from_gguf(reader, path) -> tuple[Config, list[dict]]:
+    """Config and per-block layout from a Llama GGUF's metadata."""
+    architecture = metadata_value(reader, "general.architecture")
+    if architecture != ARCHITECTURE:
+        raise ReffuseError(f"{path}: general.architecture is {architecture!r}; reffuse loads Llama-architecture "
+                           f"models ({ARCHITECTURE!r})")
+
+    def key(name, default=None):
+        value = metadata_value(reader, f"{ARCHITECTURE}.{name}", default)
+        if value is None:
+            raise ReffuseError(f"{path}: metadata key {ARCHITECTURE}.{name} is missing")
+        if isinstance(value, list):  # per-layer values: reffuse takes one value for all layers
+            if len(set(value)) != 1:
+                raise ReffuseError(f"{path}: {ARCHITECTURE}.{name} differs between layers ({value[:4]} ...), "
+                                   "which reffuse does not load from GGUF")
+            value = value[0]
+        return value
+
+    if key("expert_count", 0):
+        raise ReffuseError(f"{path}: a mixture-of-experts model ({ARCHITECTURE}.expert_count = "
+                           f"{key('expert_count')}) is not supported")
+    scaling = metadata_value(reader, f"{ARCHITECTURE}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise ReffuseError(f"{path}: RoPE scaling ({scaling}) is not supported (plain RoPE only)")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    tokens = metadata_value(reader, "tokenizer.ggml.tokens")
+    vocab = key("vocab_size", len(tokens) if tokens else (int(embed.shape[1]) if embed is not None else None))
+    dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    config = Config(vocab_size=int(vocab), dim=dim, n_heads=n_heads,
+                    n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+                    head_dim=int(key("attention.key_length", dim // n_heads)),
+                    rope_theta=float(key("rope.freq_base", 10000.0)),
+                    norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+                    tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+                    name=Path(path).stem)
+    blocks = [{"attention": True, "ffn_width": int(key("feed_forward_length")), "fused_from": []}
+              for _ in range(int(key("block_count")))]
+    return config, blocks
+
+
+def dequantize(tensor, path) -> np.ndarray:
+    """One tensor as float32 in numpy's (HF's) order: (out, in) for a weight matrix."""
+    gguf = require("gguf", "real", "reading a GGUF file")
+    qtype = tensor.tensor_type
+    if qtype == gguf.GGMLQuantizationType.F64:
+        values = np.asarray(tensor.data, dtype=np.float64)
+    else:
+        try:
+            values = gguf.quants.dequantize(tensor.data, qtype)
+        except NotImplementedError:
+            raise ReffuseError(f"{path}: tensor {tensor.name} has type {qtype.name}, which reffuse cannot "
+                               "dequantize (F32, F16, F64 and llama.cpp's block quantizations load)") from None
+    values = np.asarray(values, dtype=np.float32).reshape(tuple(reversed([int(n) for n in tensor.shape])))
+    if not np.isfinite(values).all():
+        raise ReffuseError(f"{path}: tensor {tensor.name} ({qtype.name}) holds non-finite values: "
+                           "the file is corrupt")
+    return values
+
+
+def load_gguf(path, dtype="float32") -> Model:
+    """A Model from a Llama GGUF file: config from its metadata, every tensor dequantized to float32."""
+    path = Path(path)
+    reader = open_gguf(path)
+    config, blocks = config_from_gguf(reader, path)
+    tensors = {}
+    for tensor in reader.tensors:
+        name, values = hf_name(tensor.name), dequantize(tensor, path)
+        heads = (config.n_heads if name.endswith("q_proj.weight") else
+                 config.n_kv_heads if name.endswith("k_proj.weight") else None)
+        if heads and values.shape[0] == heads * config.head_dim:  # a misshaped one is reported below
+            values = rope_rows_to_rotate_half(values, heads)
+        tensors[name] = values
+    return cast(model_from_tensors(config, blocks, tensors, str(path)), dtype)
