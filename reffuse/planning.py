@@ -11,7 +11,8 @@ each run's last FFN, which is unusually sensitive (§4.2). It gives no rule for 
 3. The cuts: of all ways to cut the span into k contiguous pieces of at most max_group_size blocks, the one with
    the least dependency left inside the pieces, Σ_pieces Σ_{i<j in the piece} M[i, j]. Fusing puts the blocks of a
    piece in parallel, which is exact only where they do not depend on each other; pairs in different pieces stay
-   sequential. So the cuts fall where the most dependency crosses them. Ties go to the earliest cuts.
+   sequential. So the cuts fall where the most dependency crosses them. Ties go to the latest cuts (earlier
+   groups the larger, as in the paper's Ultra plan).
 4. A piece of one block is not a group (nothing to fuse) and stays as it is.
 
 `Plan.groups` is what `reffuse.fuse(model, plan.groups)` takes.
@@ -54,7 +55,7 @@ def inside_dependency(M: np.ndarray, first: int, last: int) -> float:
 
 def split_run(M: np.ndarray, first: int, last: int, pieces: int, max_size: int | None) -> list[tuple[int, int]]:
     """Cut blocks first..last into `pieces` contiguous pieces of at most max_size blocks with the least summed
-    inside_dependency (dynamic programming over the end of each piece; ties go to the earliest cuts)."""
+    inside_dependency (dynamic programming over the end of each piece; ties go to the latest cuts)."""
     length = last - first + 1
     cap = max_size or length
     if not 1 <= pieces <= length or pieces * cap < length:
@@ -69,7 +70,7 @@ def split_run(M: np.ndarray, first: int, last: int, pieces: int, max_size: int |
                 if math.isinf(cost):
                     continue
                 total = cost + inside_dependency(M, first + start, first + end - 1)
-                if total < best[k][end][0]:
+                if total <= best[k][end][0]:  # on a tie the later start wins
                     best[k][end] = (total, cut + [(first + start, first + end - 1)])
     return best[pieces][length][1]
 
