@@ -12,7 +12,7 @@ import sys
 
 from .errors import ReffuseError
 
-COMMANDS = ["demo", "fetch"]
+COMMANDS = ["demo", "fetch", "tp"]
 
 EPILOG = """examples:
   reffuse demo                      the whole FFN Fusion pipeline on the default model

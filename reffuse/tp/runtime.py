@@ -7,7 +7,6 @@ and calls `comm.Abort`, and the MPI launcher then ends every process of the job 
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from dataclasses import dataclass
@@ -62,12 +61,6 @@ def parallel_state(comm, device: str = "cpu") -> ParallelState:
     elif device != "cpu":
         raise ReffuseError(f"unknown device {device!r}: use cpu or gpu")
     return ParallelState(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, device)
-
-
-def cpu_threads_per_rank(state: ParallelState) -> int:
-    """This machine's cores shared evenly among its ranks (at least 1), so that ranks do not fight for cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // state.local_size)
 
 
 def report_and_abort(comm, error: BaseException, program: str) -> None:

@@ -97,9 +97,11 @@ def sharding_problems(model: Model, n_ranks: int) -> list[str]:
     for i, block in enumerate(model.blocks):
         if block.ffn is not None and block.ffn.width % n_ranks:
             widths.setdefault(block.ffn.width, []).append(i)
-    for width, layers in widths.items():
-        problems.append(f"the FFN width {width} (block{'s' if len(layers) > 1 else ''} "
-                        f"{', '.join(map(str, layers))}) does not divide by N={n_ranks}")
+    if widths:
+        listed = ", ".join(f"{width} (block{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})"
+                           for width, layers in widths.items())
+        problems.append(f"FFN width{'s' if len(widths) > 1 else ''} {listed} do{'es' if len(widths) == 1 else ''} "
+                        f"not divide by N={n_ranks}")
     return problems
 
 

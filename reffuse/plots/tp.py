@@ -1,0 +1,54 @@
+"""All-reduces under tensor parallelism (the paper's Fig 2 in numbers): count and time per forward, sequential vs fused.
+
+Drawn from `reffuse tp --json` results, one group of bars per run (model and rank count). Three panels: the
+all-reduces one forward makes; the time of one prefill forward; the time of one decode step. A time bar is split
+into the part spent in all-reduces (communication and waiting for other ranks) and the rest (computation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import pyplot
+
+SEQUENTIAL, FUSED = "tab:blue", "tab:orange"
+
+
+def run_label(result: dict) -> str:
+    """"tiny, N=2, mpi" from a `reffuse tp --json` result."""
+    return f"{result['model'].split(' (')[0]}, N={result['ranks']}, {result['allreduce']}"
+
+
+def allreduce_figure(results: list[dict], title: str = "All-reduces per forward under tensor parallelism"):
+    """results: `reffuse tp --json` objects. Bars: sequential vs fused for each run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    x = np.arange(len(results))
+    width = 0.38
+    labels = [run_label(r) for r in results]
+    for offset, name, colour in ((-width / 2, "sequential", SEQUENTIAL), (width / 2, "fused", FUSED)):
+        counts = [r[name]["allreduce_count"] for r in results]
+        bars = axes[0].bar(x + offset, counts, width, color=colour, edgecolor="black", linewidth=0.3, label=name)
+        axes[0].bar_label(bars, fontsize=7)
+        for ax, phase in ((axes[1], "prefill"), (axes[2], "decode")):
+            records = [r[name] if phase == "prefill" else r[name].get("decode", {}) for r in results]
+            total = np.array([1e3 * rec.get("seconds", np.nan) for rec in records])
+            allreduce = np.array([1e3 * rec.get("allreduce_seconds", np.nan) for rec in records])
+            ax.bar(x + offset, allreduce, width, color=colour, edgecolor="black", linewidth=0.3,
+                   label=f"{name}: all-reduce")
+            ax.bar(x + offset, total - allreduce, width, bottom=allreduce, color=colour, alpha=0.35,
+                   edgecolor="black", linewidth=0.3, label=f"{name}: rest")
+    axes[0].set_ylabel("all-reduces per forward")
+    axes[0].set_title("syncs per forward")
+    tokens = {r["tokens"] for r in results}
+    axes[1].set_title(f"prefill ({tokens.pop()} tokens), one forward" if len(tokens) == 1 else "prefill, one forward")
+    axes[2].set_title("decode, one token per forward")
+    for ax in axes[1:]:
+        ax.set_ylabel("time per forward (ms)")
+    for ax in axes:
+        ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+        ax.set_xlabel("run (model, ranks, all-reduce)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
