@@ -196,10 +196,13 @@ def dequantize(tensor, path) -> np.ndarray:
     return values
 
 
-def load_gguf(path, dtype="float32") -> Model:
-    """A Model from a Llama GGUF file: config from its metadata, every tensor dequantized to float32."""
+def load_gguf(path, dtype="float32", reader=None) -> Model:
+    """A Model from a Llama GGUF file: config from its metadata, every tensor dequantized to float32.
+
+    reader: the file already opened with open_gguf (parsing its metadata takes seconds; do it once).
+    """
     path = Path(path)
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     config, blocks = config_from_gguf(reader, path)
     tensors = {}
     for tensor in reader.tensors:

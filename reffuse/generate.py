@@ -1,0 +1,63 @@
+"""Generating text token by token with the KV cache: one forward pass over the prompt, then one per new token.
+
+    new_ids = generate(model, prompt_ids, max_new_tokens=32)                    # greedy
+    new_ids = generate(model, prompt_ids, 32, temperature=0.8, top_k=50, seed=0)  # sampled, reproducible
+
+Each step picks the next token from the logits of the last position: the most likely one when temperature is 0
+(greedy), else a sample from softmax(logits / temperature), restricted to the top_k most likely tokens if given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import ReffuseError
+from .model import KVCache, Model, check_token_ids, forward
+
+
+def next_token(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """Pick one token from the logits [vocab] of one position."""
+    logits = to_numpy(logits).astype(np.float64)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    scores = logits / temperature
+    if top_k is not None and top_k < scores.size:
+        kth_best = np.partition(scores, -top_k)[-top_k]
+        scores = np.where(scores >= kth_best, scores, -np.inf)  # ties at the k-th score are all kept
+    probs = np.exp(scores - scores.max())
+    return int(rng.choice(scores.size, p=probs / probs.sum()))
+
+
+def generate(model: Model, token_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             seed: int | None = None, on_token: Callable[[int], None] | None = None,
+             stop_ids: Iterable[int] = ()) -> list[int]:
+    """Up to max_new_tokens new token ids continuing token_ids.
+
+    on_token(id) is called as each token is chosen (to stream it). Generation stops early after a token in
+    stop_ids (e.g. the end-of-turn token of a chat), which is included in the result.
+    """
+    ids = check_token_ids(model, token_ids)
+    if int(max_new_tokens) < 0:
+        raise ReffuseError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ReffuseError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and int(top_k) < 1:
+        raise ReffuseError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    stop = set(int(i) for i in stop_ids)
+    rng = np.random.default_rng(seed)
+    cache = KVCache(model, len(ids) + int(max_new_tokens))
+
+    new_ids: list[int] = []
+    logits = forward(model, ids, cache=cache)[-1]                # prefill: the whole prompt at once -> [vocab]
+    for step in range(int(max_new_tokens)):
+        token = next_token(logits, temperature, top_k, rng)
+        new_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop or step + 1 == max_new_tokens:
+            break
+        logits = forward(model, [token], cache=cache)[-1]       # decode: one new position, cached keys/values
+    return new_ids

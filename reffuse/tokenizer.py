@@ -1,0 +1,178 @@
+"""Text <-> token ids with the model's own vocabulary, built by the `tokenizers` library (no torch).
+
+From a GGUF file, the tokenizer is rebuilt from what the file stores (`tokenizer.ggml.*`):
+- a byte-level BPE (GPT-2 style, `tokenizer.ggml.model` = "gpt2") from the tokens and merges, in file order;
+- the pre-tokenizer llama.cpp uses for the file's `tokenizer.ggml.pre`: for "smollm" (SmolLM2) digits are
+  split one by one before GPT-2's split pattern (no prefix space);
+- tokens of type 3 (control) are special: <|endoftext|>, <|im_start|>, <|im_end|>, ... They are matched as
+  whole tokens in text and can be left out when decoding;
+- the chat template (`tokenizer.chat_template`, Jinja) for instruct models.
+
+A folder with `tokenizer.json` (and optionally HF's `tokenizer_config.json`: bos/eos tokens, chat template)
+loads too; `Tokenizer.save(folder)` writes both, so a fused model folder carries its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import ReffuseError
+from .optional import require
+
+# SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# llama.cpp's `tokenizer.ggml.pre` values whose split is digits one by one, then GPT-2's pattern.
+DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell"}
+GPT2_PRE = {"gpt2", "default", None}
+TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's token types (1 = normal)
+
+
+class Tokenizer:
+    """Encoding, decoding, special tokens and the chat format of one model."""
+
+    def __init__(self, backend, bos_token: str | None, eos_token: str | None, chat_template: str | None,
+                 add_bos: bool, source: str):
+        self.backend = backend  # a tokenizers.Tokenizer
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.chat_template, self.add_bos, self.source = chat_template, add_bos, source
+        self.bos_id = backend.token_to_id(bos_token) if bos_token else None
+        self.eos_id = backend.token_to_id(eos_token) if eos_token else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token -> id."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. "<|im_end|>") become their ids."""
+        if not isinstance(text, str):
+            raise ReffuseError(f"text to encode must be a string, got {type(text).__name__}")
+        if not text:
+            raise ReffuseError("the text to encode is empty: give at least one character")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ReffuseError(f"token id {bad[0]} is out of range for the vocabulary of {self.vocab_size} "
+                               f"({len(bad)} such ids)")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
+        """The model's chat format for `messages` ([{"role": ..., "content": ...}], or one user message as a
+        str), ending with the assistant's turn opened, from the tokenizer's template (ChatML if it has none)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if not messages or any(not m.get("content") for m in messages):
+            raise ReffuseError("a chat needs at least one message, each with non-empty content")
+        sandbox = require("jinja2.sandbox", "real", "the chat format")
+        env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(message):
+            raise ReffuseError(f"the chat template of {self.source} refused the messages: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def save(self, folder) -> Path:
+        """Write tokenizer.json and tokenizer_config.json (HF's layout) into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        return folder
+
+
+def tokenizer_from_gguf(path, reader=None) -> Tokenizer:
+    """The tokenizer stored in a GGUF file (byte-level BPE vocabularies, llama.cpp's "gpt2" model)."""
+    from .gguf_loader import metadata_value, open_gguf
+    tk = require("tokenizers", "real", "tokenizing text")
+    reader = reader or open_gguf(path)
+
+    def value(key, default=None):
+        return metadata_value(reader, f"tokenizer.{key}", default)
+
+    kind, pre = value("ggml.model"), value("ggml.pre")
+    if kind != "gpt2":
+        raise ReffuseError(f"{path}: tokenizer.ggml.model is {kind!r}; reffuse builds byte-level BPE tokenizers "
+                           "('gpt2') from GGUF files")
+    if pre not in DIGIT_SPLIT_PRE | GPT2_PRE:
+        raise ReffuseError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported (known: "
+                           f"{', '.join(sorted(DIGIT_SPLIT_PRE | {'gpt2'}))})")
+    tokens, merges = value("ggml.tokens"), value("ggml.merges")
+    if not tokens or not merges:
+        raise ReffuseError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    types = value("ggml.token_type") or [1] * len(tokens)
+
+    bpe = tk.models.BPE(vocab={token: i for i, token in enumerate(tokens)},
+                        merges=[tuple(merge.split(" ", 1)) for merge in merges])
+    backend = tk.Tokenizer(bpe)
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = (tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Digits(individual_digits=True),
+                                                         byte_level])
+                             if pre in DIGIT_SPLIT_PRE else byte_level)
+    backend.decoder = tk.decoders.ByteLevel()
+    backend.add_tokens([tk.AddedToken(t, special=types[i] == TOKEN_TYPE_CONTROL, normalized=False)
+                        for i, t in enumerate(tokens) if types[i] in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)])
+
+    def token(key):
+        token_id = value(f"ggml.{key}")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    return Tokenizer(backend, token("bos_token_id"), token("eos_token_id"), value("chat_template"),
+                     bool(value("ggml.add_bos_token", False)), str(path))
+
+
+def tokenizer_from_folder(folder) -> Tokenizer:
+    """The tokenizer of a model folder: tokenizer.json, plus tokenizer_config.json if present."""
+    tk = require("tokenizers", "real", "tokenizing text")
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ReffuseError(f"{folder} has no tokenizer.json: save one beside the model (Tokenizer.save), or "
+                           "give the model's .gguf file")
+    try:
+        backend = tk.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise ReffuseError(f"{path} could not be read as a tokenizer ({e})") from None
+    config = {}
+    if (folder / "tokenizer_config.json").is_file():
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise ReffuseError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+
+    def token(key):  # HF writes a special token as a string or as {"content": ...}
+        entry = config.get(key)
+        return entry.get("content") if isinstance(entry, dict) else entry
+
+    return Tokenizer(backend, token("bos_token"), token("eos_token"), config.get("chat_template"),
+                     bool(config.get("add_bos_token", False)), str(folder))
+
+
+def load_tokenizer(name_or_path) -> Tokenizer:
+    """The tokenizer of "smollm2", of a .gguf file, or of a model folder holding tokenizer.json."""
+    key = str(name_or_path)
+    if key == "smollm2":
+        from .smollm2 import smollm2_tokenizer
+        return smollm2_tokenizer()
+    path = Path(key)
+    if path.suffix == ".gguf":
+        return tokenizer_from_gguf(path)
+    if path.is_dir():
+        return tokenizer_from_folder(path)
+    raise ReffuseError(f"no tokenizer for {key!r}: give 'smollm2', a .gguf file, or a folder with tokenizer.json")
