@@ -97,6 +97,27 @@ class Tokenizer:
         return folder
 
 
+class StreamDecoder:
+    """Text of a growing sequence of token ids, released piece by piece as tokens arrive (for streaming).
+
+    One character can span several byte-level tokens; text is held back while it ends in an incomplete one.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.shown = 0  # characters already released
+
+    def add(self, token_id: int) -> str:
+        """The new text that token_id completes ("" while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+
 def tokenizer_from_gguf(path, reader=None) -> Tokenizer:
     """The tokenizer stored in a GGUF file (byte-level BPE vocabularies, llama.cpp's "gpt2" model)."""
     from .gguf_loader import metadata_value, open_gguf
