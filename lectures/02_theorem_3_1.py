@@ -1,0 +1,202 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lecture 02 — Theorem 3.1: a sum of SwiGLUs is one wide SwiGLU
+#
+# FFN Fusion rests on two steps, and only one of them is exact:
+#
+# 1. **The approximation.** A run of attention-free blocks is computed *in parallel* instead of one after the
+#    other: every FFN of the run reads the run's input $X$ instead of the output of its predecessor (eq. 5):
+#    $$f_{[i,i+c]}(X) = X + \sum_{j=0}^{c} \mathrm{FFN}_{i+j}(\eta_2(X)).$$
+#    No theorem bounds this step; lectures 03 and 04 measure it.
+# 2. **The exact step.** The parallel sum of SwiGLUs *is* one wider SwiGLU (Theorem 3.1), so the $c+1$ FFNs
+#    become one matrix multiply per projection: fewer, larger kernels and, under tensor parallelism, one
+#    all-reduce instead of $c+1$ (lectures 05 and 06).
+#
+# This lecture proves step 2 with numbers: it checks the theorem, explains why float32 and float64 disagree with
+# it at different levels, shows how each block's RMSNorm gain can be kept exactly by *folding* it into the
+# weights, and measures what the paper's own choice — every FFN reads the **last** block's norm — costs.
+#
+# Everything here calls reffuse: `reffuse.fusion.fuse_ffns` builds the wide FFN, `reffuse.fuse` fuses runs of a
+# whole model, `reffuse.model.swiglu` and `rms_norm` are the model's own pieces. Runs in a few seconds.
+
+# %%
+import numpy as np
+
+import reffuse
+from reffuse.fusion import fuse_ffns, with_last_norm
+from reffuse.model import FFN, forward, rms_norm, silu, swiglu
+
+np.set_printoptions(precision=4, suppress=False)
+
+# %% [markdown]
+# ## 1. The statement
+#
+# With the paper's names (eq. 3), $\mathrm{SwiGLU}(X) = \big(\sigma(X W_2^\top) \odot X W_1^\top\big) W_3^\top$,
+# where $W_2$ is the gate, $W_1$ the up projection and $W_3$ the down projection (HF's `gate_proj`, `up_proj`,
+# `down_proj`; reffuse's `FFN.gate`, `FFN.up`, `FFN.down`, stored `(out, in)` like PyTorch).
+#
+# **Theorem 3.1.** For FFNs $k = 1..n$ with hidden widths $d_h^k$,
+# $$\sum_k \mathrm{SwiGLU}_k(U) = \mathrm{SwiGLU}^*(U),\quad
+#   W_2^* = \begin{bmatrix}W_2^1\\ \vdots\\ W_2^n\end{bmatrix},\;
+#   W_1^* = \begin{bmatrix}W_1^1\\ \vdots\\ W_1^n\end{bmatrix} \in \mathbb{R}^{(\sum_k d_h^k)\times d},\quad
+#   W_3^* = \begin{bmatrix}W_3^1 & \cdots & W_3^n\end{bmatrix} \in \mathbb{R}^{d\times \sum_k d_h^k}.$$
+#
+# *Why.* Write the hidden activation of the wide FFN, $H^* = \sigma(U W_2^{*\top}) \odot U W_1^{*\top}$. Both
+# $\sigma$ and $\odot$ act on each hidden unit on its own, so the columns of $H^*$ are the columns of
+# $H^1, \dots, H^n$ side by side: $H^* = [H^1, \dots, H^n]$. The down projection is a sum over hidden units, and
+# a sum over all units is the sum of the sums over each block's units:
+# $H^* W_3^{*\top} = \sum_k H^k W_3^{k\top}$. Nothing about the widths needs to be equal.
+#
+# We check it on the synthetic `tiny` model: its blocks 4–9 have no attention and FFN widths that differ on
+# purpose. Its weights are random — for an *identity* that is no weakness: it must hold for any weights.
+
+# %%
+tiny = reffuse.load_model("tiny", dtype="float64")
+run = [b.ffn for b in tiny.blocks[4:9]]                        # five FFNs of the attention-free run
+print("widths d_h^k:", [f.width for f in run], " d =", tiny.config.dim)
+
+wide = fuse_ffns(run, norm="last")                             # concatenation only (gains: section 3)
+print("W_gate*", wide.gate.shape, " W_up*", wide.up.shape, " W_down*", wide.down.shape)
+
+# %% [markdown]
+# The input $U$ stands for the normalised residual stream that every FFN of the run reads: $T$ tokens of width
+# $d$. (The FFN itself never normalises; `swiglu(ffn, u)` is eq. 3 only.)
+
+# %%
+rng = np.random.default_rng(0)
+T, d = 16, tiny.config.dim
+u = rms_norm(rng.standard_normal((T, d)), np.ones(d), tiny.config.norm_eps)   # [T, d]
+
+parallel_sum = sum(swiglu(f, u) for f in run)                  # Σ_k SwiGLU_k(U)   [T, d]
+one_wide = swiglu(wide, u)                                     # SwiGLU*(U)        [T, d]
+print("max |Σ_k SwiGLU_k(U) - SwiGLU*(U)| =", np.abs(parallel_sum - one_wide).max())
+
+# %% [markdown]
+# The proof's middle step, seen directly: the wide hidden activation $H^*$ [T, Σ d_h] is the five hidden
+# activations side by side. This is also why tensor parallelism can cut the wide FFN anywhere along its hidden
+# axis (lecture 06): each slice of hidden units is an FFN of its own.
+
+# %%
+def hidden(ffn, u):
+    """H = silu(U W_gate^T) ⊙ U W_up^T, the activation the down projection reads."""
+    return silu(u @ ffn.gate.T) * (u @ ffn.up.T)               # [T, d] -> [T, d_h]
+
+
+stacked = np.concatenate([hidden(f, u) for f in run], axis=1)  # [T, Σ d_h]
+print("H* shape", hidden(wide, u).shape, " max |H* - [H^1..H^n]| =", np.abs(hidden(wide, u) - stacked).max())
+
+# %% [markdown]
+# ## 2. Exact in theory, exact to rounding in practice: float64 vs float32
+#
+# Above the difference is about $10^{-16}$ times the output, not 0. Both sides perform the same multiplications;
+# what differs is the *order of additions*: the wide down projection adds $\sum_k d_h^k$ products in one
+# reduction, the parallel sum adds $d_h^k$ products per FFN and then adds the $n$ results. Floating-point
+# addition is not associative, so the two results differ by a few units in the last place — the machine
+# epsilon of the dtype sets the scale, whatever the theorem says:
+
+# %%
+for dtype in (np.float64, np.float32):
+    run_d = [FFN(*(a.astype(dtype) for a in (f.norm, f.gate, f.up, f.down))) for f in run]
+    u_d = u.astype(dtype)
+    reference = sum(swiglu(f, u_d) for f in run_d)
+    err = np.abs(swiglu(fuse_ffns(run_d, norm="last"), u_d) - reference).max() / np.abs(reference).max()
+    print(f"{np.dtype(dtype).name:8s} relative error {err:.2e}   machine epsilon {np.finfo(dtype).eps:.2e}"
+          f"   ratio {err / np.finfo(dtype).eps:.1f}")
+
+# %% [markdown]
+# Both errors are a small multiple of their dtype's epsilon: float32 agrees to about 7 digits, float64 to about
+# 16. That is the test reffuse uses throughout: *fused vs parallel* must agree to rounding in both dtypes, and
+# a float64 run separates "rounding" from "a different function". A true bug (a transposed block, a dropped
+# gain) shows up as an error of order 1 in float64 too.
+#
+# ## 3. Folding the RMSNorm gains
+#
+# In a model, each FFN reads its *own* normalisation, $\eta_k(x) = \frac{x}{\mathrm{rms}(x)} \odot g_k$
+# (reffuse follows HF: $\mathrm{rms}(x) = \sqrt{\mathrm{mean}(x^2)+\epsilon}$; the paper's $x/\lVert x\rVert
+# \odot s_k$ is the same with $s_k = \sqrt{d}\, g_k$). The theorem needs one shared input $U$, but the gains
+# differ per block. Two ways out:
+#
+# * **fold** (exact): $u \odot g_k$ times $W^\top$ equals $u$ times $(W\,\mathrm{diag}(g_k))^\top$, so scale the
+#   *input columns* of block $k$'s gate and up projections by $g_k$, and let the fused block normalise with a
+#   gain of ones: $U = x/\mathrm{rms}(x)$. The fused block then equals the parallel form with every block's own
+#   norm, $x + \sum_k \mathrm{FFN}_k(\eta_k(x))$ (the paper's §5.5 remarks that $D_{s}$ can be "pushed" into the
+#   next module; this is that push).
+# * **last** (the paper's text): "η2 is taken from the last layer in the sequence": every FFN reads
+#   $\eta_{\text{last}}$, and the other gains are dropped.
+#
+# The folding identity, for one block:
+
+# %%
+block = tiny.blocks[5].ffn
+x = rng.standard_normal((T, d))                                 # a residual stream [T, d]
+with_own_gain = rms_norm(x, block.norm, tiny.config.norm_eps) @ block.gate.T          # η_k(x) W_gate^T
+folded = rms_norm(x, np.ones(d), tiny.config.norm_eps) @ (block.gate * block.norm).T  # U (W_gate diag g_k)^T
+print("max |η_k(x) W^T - U (W diag g_k)^T| =", np.abs(with_own_gain - folded).max())
+
+# %% [markdown]
+# At the level of the whole model, `reffuse.fuse(model, groups, norm="fold")` must equal the *parallel* model
+# (`forward(..., parallel_groups=groups)`, eq. 5 with each block's own gain) and `norm="last"` must equal the
+# parallel model in which every block reads the last gain (`with_last_norm`). Both to rounding:
+
+# %%
+groups = [(4, 8)]                                               # blocks 4..8; block 9 stays alone (see lecture 04)
+ids = rng.integers(0, tiny.config.vocab_size, 24)
+parallel_fold = forward(tiny, ids, parallel_groups=groups)
+parallel_last = forward(with_last_norm(tiny, groups), ids, parallel_groups=groups)
+fused_fold = forward(reffuse.fuse(tiny, groups, norm="fold"), ids)
+fused_last = forward(reffuse.fuse(tiny, groups, norm="last"), ids)
+print("fold: max |fused - parallel| =", np.abs(fused_fold - parallel_fold).max())
+print("last: max |fused - parallel(last gains)| =", np.abs(fused_last - parallel_last).max())
+print("blocks before:", len(tiny.blocks), " after:", len(reffuse.fuse(tiny, groups).blocks))
+
+# %% [markdown]
+# ## 4. What `last` costs
+#
+# Fusion is exact, so the only difference between `fold` and `last` is *which function* the fused block
+# computes. Folding costs nothing at run time — the gains are multiplied into the weights once, when fusing —
+# so the two variants run at the same speed. `last` only changes the answer. How much depends on how different
+# the gains of a run are. On a model with random gains (tiny) the gap is large; the interesting question is a
+# trained model, whose gains are what training made them. We measure on the trained model in the next cells
+# (SmolLM2, lecture 01): how far apart its FFN gains are, and how far each variant lands from the sequential
+# model it replaces.
+
+# %%
+def relative_gap(a, b):
+    """max |a - b| / max |b|."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+sequential = forward(tiny, ids)
+print(f"tiny  parallel(fold) vs sequential: {relative_gap(parallel_fold, sequential):.3f}")
+print(f"tiny  parallel(last) vs sequential: {relative_gap(parallel_last, sequential):.3f}")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **GeGLU.** The paper says the theorem holds for any GLU-style FFN. Write a GeGLU (GELU instead of SiLU,
+#    the tanh approximation is fine) for the FFNs in `run` and check that the sum of five GeGLUs equals one wide
+#    GeGLU built from the same concatenated weights. Which property of the activation does the proof use?
+# 2. **The other direction.** Split `wide` into 3 *unequal* slices of hidden units (e.g. 200, 240, 200 units)
+#    and check that the sum of the three slice-FFNs equals `wide`. This is exactly a column-parallel /
+#    row-parallel shard of lecture 06 — where does the all-reduce go?
+# 3. **Error growth.** For n = 1..5 FFNs of `run`, measure the float32 relative error of fused vs parallel sum.
+#    Does it grow with n? Compare with float64.
+# 4. **When `last` is free.** Build a copy of `tiny` in which blocks 4–8 all share the same FFN gain and show
+#    that `fuse(..., norm="last")` and `fuse(..., norm="fold")` then give the same logits (to rounding).
+# 5. **Not a theorem.** Even the smallest run, blocks (4, 5), computed in parallel differs from the sequential
+#    model. Scale block 4's down projection by 0.1 (a smaller update to the residual stream) and compare the
+#    gap before and after. Explain the change with the first-order view in PAPER.md §1.
+#
+# Solutions: `lectures/solutions/02_solutions.py` (run it: `python lectures/solutions/02_solutions.py`).
