@@ -41,6 +41,7 @@ examples:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -55,7 +56,7 @@ from ..pruning import attention_free_runs, drop_attention, format_layers, parse_
 from ..timing import blas_threads
 from ..tp import (ALLREDUCE_KINDS, AllReduce, ParallelState, allreduces_per_forward, check_shardable,
                   parallel_state, run_or_abort, setup_on_every_rank, shard_model)
-from ..tp.runtime import mpi
+from ..tp.runtime import mpi, rank_zero_first
 from .common import format_table, groups_argument, print_json
 
 HELP = "run the sequential and fused model tensor-parallel under mpiexec; count and time the all-reduces"
@@ -133,7 +134,8 @@ def prepare(args, comm) -> dict:
         raise ReffuseError("--decode-tokens must be 0 or more")
     if args.fail_on_rank is not None and not 0 <= args.fail_on_rank < state.size:
         raise ReffuseError(f"--fail-on-rank {args.fail_on_rank} is not a rank: ranks are 0..{state.size - 1}")
-    model = load_model(args.model, dtype=args.dtype)
+    # one rank per machine loads first: a model fetched and converted on first use is then cached for the others
+    model = rank_zero_first(state.node, lambda: load_model(args.model, dtype=args.dtype), f"loading {args.model}")
     if args.remove_attention is not None:
         removed = parse_layers(args.remove_attention)
     else:
@@ -217,7 +219,7 @@ def report(args, prepared: dict, results: dict, threads: int, cuda_aware) -> dic
     return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": args.device,
             "allreduce": args.allreduce, "cuda_aware": cuda_aware if args.device == "gpu" else None,
             "dtype": args.dtype, "tokens": args.tokens, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-            "blas_threads_per_rank": threads, "attention_removed": prepared["removed"],
+            "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0], "attention_removed": prepared["removed"],
             "groups": [list(g) for g in prepared["groups"]], "norm": args.norm,
             "max_abs_error": max_abs, "max_rel_error": max_rel, "tolerance_rel": RELATIVE_TOLERANCE[args.dtype],
             "parity": max_rel <= RELATIVE_TOLERANCE[args.dtype], **results}
@@ -232,7 +234,7 @@ def print_tables(result: dict) -> None:
               "run; the sequential and the fused model both lack it")
     print(f"fused: {groups}, norm {result['norm']}")
     print(f"input: {result['tokens']} random token ids (prefill), then {result['decode_tokens']} decode steps; "
-          f"times: rank 0's, medians of {result['repeats']}\n")
+          f"times: rank 0's, medians of {result['repeats']} (machine load {result['load_average_1min']:.1f})\n")
     rows = []
     for name in ("sequential", "fused"):
         r = result[name]

@@ -33,8 +33,8 @@ class ParallelState:
     comm: object        # the mpi4py communicator of the tensor-parallel group
     rank: int           # 0 .. size-1 in comm
     size: int           # N, the tensor-parallel degree
-    local_rank: int     # rank among the processes on this machine
-    local_size: int     # processes on this machine
+    node: object        # the communicator of the ranks on this machine
+    local_rank: int     # rank in `node`
     device: str         # "cpu" or "gpu:I", where this rank's arrays live
 
 
@@ -46,8 +46,7 @@ def parallel_state(comm, device: str = "cpu") -> ParallelState:
     """
     MPI = mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this machine's memory
-    local_rank, local_size = node.Get_rank(), node.Get_size()
-    node.Free()
+    local_rank = node.Get_rank()
     if device == "gpu":
         from ..backend import gpu_available
         if not gpu_available():
@@ -60,7 +59,33 @@ def parallel_state(comm, device: str = "cpu") -> ParallelState:
         device = f"gpu:{index}"
     elif device != "cpu":
         raise ReffuseError(f"unknown device {device!r}: use cpu or gpu")
-    return ParallelState(comm, comm.Get_rank(), comm.Get_size(), local_rank, local_size, device)
+    return ParallelState(comm, comm.Get_rank(), comm.Get_size(), node, local_rank, device)
+
+
+def rank_zero_first(comm, fn, what: str):
+    """fn() on rank 0 of `comm`, then on its other ranks: what rank 0 fetches or caches on first use (a download,
+    a converted model folder) is then in place for them, instead of N processes writing it at once.
+
+    If fn fails on rank 0, the other ranks do not try; they raise an error of the same kind (a ReffuseError for
+    bad input), so that `setup_on_every_rank` shows rank 0's message.
+    """
+    MPI = mpi()
+    result, error = None, None
+    if comm.Get_rank() == 0:
+        try:
+            result = fn()
+        except (Exception, KeyboardInterrupt) as e:
+            error = e
+    failed = np.array([error is not None, isinstance(error, ReffuseError)], dtype=np.int64)
+    comm.Bcast([failed, MPI.INT64_T], root=0)
+    if comm.Get_rank() == 0:
+        if error is not None:
+            raise error
+        return result
+    if failed[0]:
+        kind = ReffuseError if failed[1] else RuntimeError
+        raise kind(f"{what} failed on rank 0 of this machine (see its message)")
+    return fn()
 
 
 def report_and_abort(comm, error: BaseException, program: str) -> None:
