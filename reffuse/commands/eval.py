@@ -1,0 +1,94 @@
+"""Perplexity on held-out Shakespeare, and with --base the distance from a base model.
+
+The text is Hamlet, the corpus' held-out play (reffuse.corpus has the fixed split), tokenised whole; its first
+--tokens tokens are cut into non-overlapping windows of --window tokens, each scored on its own (its first
+token gets no prediction, so a window of W tokens scores W - 1). The output records the model, the text span
+(play, character offsets, token count) and the windowing, so a number can be reproduced.
+
+With --base, the same windows also go through the base model: mean KL(base || model) of the next-token
+distributions (nats), top-1 agreement, and the base model's own perplexity.
+
+examples:
+  reffuse eval --model smollm2
+  reffuse eval --model fused_folder --base smollm2 --json
+  reffuse eval --model smollm2 --tokens 8192 --window 512
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..corpus import held_out_windows
+from ..errors import ReffuseError
+from ..evaluate import evaluate
+from ..loading import load_model
+from ..progress import Progress
+from ..tokenizer import load_tokenizer
+from .common import format_table, print_json
+
+HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
+DEFAULT_TOKENS = 2048
+DEFAULT_WINDOW = 256
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--base", default=None, help="base model to compare with (name or folder)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer: smollm2, a .gguf file or a folder with tokenizer.json "
+                             "(default: the model's, else the base model's)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"held-out tokens to score, from the start of the text (default {DEFAULT_TOKENS})")
+    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                        help=f"tokens per window; windows do not overlap (default {DEFAULT_WINDOW})")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def tokenizer_for(args):
+    """The --tokenizer, else the model's own, else the base model's."""
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    candidates = [args.model] + ([args.base] if args.base else [])
+    for source in candidates:
+        try:
+            return load_tokenizer(source)
+        except ReffuseError:
+            continue
+    raise ReffuseError(f"no tokenizer found for {' or '.join(map(repr, candidates))}: give --tokenizer "
+                       "(smollm2, a .gguf file, or a folder with tokenizer.json)")
+
+
+def run(args) -> int:
+    tokenizer = tokenizer_for(args)
+    windows = held_out_windows(tokenizer, args.window, args.tokens)
+    model = load_model(args.model, dtype=args.dtype)
+    base = load_model(args.base, dtype=args.dtype) if args.base else None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
+                           f"{args.model} only {model.config.vocab_size}: give the model's own --tokenizer")
+    start = time.perf_counter()
+    with Progress(f"scoring {args.model}" + (f" against {args.base}" if base else ""), len(windows),
+                  "windows") as bar:
+        scores = evaluate(model, windows, base, progress=bar.update)
+    result = {"model": args.model, "model_name": model.config.name, "base": args.base, "dtype": args.dtype,
+              "tokenizer": tokenizer.source, "text": windows.describe(),
+              "windowing": "non-overlapping windows scored independently; the first token of each window "
+                           "has no prediction",
+              **scores, "seconds": time.perf_counter() - start}
+    if args.json:
+        print_json(result)
+        return 0
+    text = result["text"]
+    spans = "; ".join(f"{s['title']} ({s['play']}) characters {s['start']}-{s['end']}, {s['tokens']} tokens"
+                      for s in text["spans"])
+    print(f"model: {args.model} ({model.config.name}), {args.dtype}")
+    print(f"text: {text['split']}: {spans}")
+    print(f"windows: {text['windows']} x {text['window']} tokens, scored independently: "
+          f"{scores['predictions']} predictions\n")
+    header, row = ["perplexity"], [f"{scores['perplexity']:.4f}"]
+    if base is not None:
+        header += ["base perplexity", "KL(base||model) nats", "top-1 agreement"]
+        row += [f"{scores['base_perplexity']:.4f}", f"{scores['kl_from_base']:.3e}", f"{scores['top1_agreement']:.2%}"]
+    print(format_table(header, [row]))
+    return 0
