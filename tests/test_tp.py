@@ -51,7 +51,7 @@ def run_ranks(size, fn):
     def rank_main(rank):
         try:
             results[rank] = fn(ThreadComm(rank, size, mailboxes, barrier))
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread below
+        except BaseException as e:  # handed to the test thread below
             failures.append(e)
             barrier.abort()
 

@@ -15,7 +15,7 @@ import pytest
 
 try:
     from mpi4py import MPI  # noqa: F401 - raises RuntimeError, not ImportError, without an MPI library
-except Exception as e:  # noqa: BLE001
+except Exception as e:
     pytest.skip(f"mpi4py with an MPI runtime is not usable here ({e}): pip install 'reffuse[mpi]'",
                 allow_module_level=True)
 
@@ -27,7 +27,7 @@ if not os.path.exists(MPIEXEC):
     pytest.skip(f"no mpiexec beside {sys.executable}: pip install 'reffuse[mpi]'", allow_module_level=True)
 
 TOLERANCE = 1e-5  # the parity bound, relative, float32 (measured: ~2e-7 on tiny)
-SMALL = ["--tokens", "16", "--decode-tokens", "3", "--repeats", "1"]
+SMALL = ["--tokens", "16", "--decode-tokens", "2", "--repeats", "1"]
 
 
 def launch(n_ranks, *args, timeout=120):
@@ -47,7 +47,8 @@ def check_parity(report):
         for errors in ("prefill_errors", "decode_errors"):
             assert report[name][errors]["max_rel_error"] <= TOLERANCE, (name, errors)
         assert report[name]["allreduce_count"] == report[name]["expected_allreduce_count"]
-        assert report[name]["decode"]["allreduce_count"] == report[name]["allreduce_count"]
+        decode_count = report[name]["decode"]["allreduce_count"]
+        assert decode_count == report[name]["allreduce_count"] and isinstance(decode_count, int)
 
 
 @pytest.mark.parametrize("n_ranks, kind", [(2, "mpi"), (4, "ring")])

@@ -55,8 +55,8 @@ from ..model import KVCache, Model, forward, to_device
 from ..pruning import attention_free_runs, drop_attention, format_layers, parse_layers
 from ..timing import blas_threads
 from ..tp import (ALLREDUCE_KINDS, AllReduce, ParallelState, allreduces_per_forward, check_shardable,
-                  parallel_state, run_or_abort, setup_on_every_rank, shard_model)
-from ..tp.runtime import mpi, rank_zero_first
+                  parallel_state, rank_zero_first, run_or_abort, setup_on_every_rank, shard_model)
+from ..tp.runtime import mpi
 from .common import format_table, groups_argument, print_json
 
 HELP = "run the sequential and fused model tensor-parallel under mpiexec; count and time the all-reduces"
@@ -186,11 +186,13 @@ def errors(outputs: list, references: list) -> dict:
 
 
 def median_record(records: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in records) for key in records[0]}
+    """Median seconds over forwards of one kind; counts and bytes are the same in each of them."""
+    return {key: statistics.median(r[key] for r in records) if isinstance(value, float) else value
+            for key, value in records[0].items()}
 
 
 def measure(args, model: Model, shard: Model, state: ParallelState, allreduce: AllReduce, ids) -> dict:
-    """Sequential or fused: tensor-parallel prefill and decode, timed over repeats; errors against rank 0's reference."""
+    """Tensor-parallel prefill and decode of one model, timed over repeats; on rank 0, errors against one process."""
     prefills, decodes = [], []
     for _ in range(args.repeats):
         logits, records = run_forwards(shard, ids, args.tokens, allreduce, state.comm)
@@ -219,8 +221,8 @@ def report(args, prepared: dict, results: dict, threads: int, cuda_aware) -> dic
     return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": args.device,
             "allreduce": args.allreduce, "cuda_aware": cuda_aware if args.device == "gpu" else None,
             "dtype": args.dtype, "tokens": args.tokens, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-            "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0], "attention_removed": prepared["removed"],
-            "groups": [list(g) for g in prepared["groups"]], "norm": args.norm,
+            "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0],
+            "attention_removed": prepared["removed"], "groups": [list(g) for g in prepared["groups"]], "norm": args.norm,
             "max_abs_error": max_abs, "max_rel_error": max_rel, "tolerance_rel": RELATIVE_TOLERANCE[args.dtype],
             "parity": max_rel <= RELATIVE_TOLERANCE[args.dtype], **results}
 

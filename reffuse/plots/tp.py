@@ -15,8 +15,8 @@ SEQUENTIAL, FUSED = "tab:blue", "tab:orange"
 
 
 def run_label(result: dict) -> str:
-    """"tiny, N=2, mpi" from a `reffuse tp --json` result."""
-    return f"{result['model'].split(' (')[0]}, N={result['ranks']}, {result['allreduce']}"
+    """"tiny, N=2, mpi" from a `reffuse tp --json` result (the model name up to its first " (" or ".")."""
+    return f"{result['model'].split(' (')[0].split('.')[0]}, N={result['ranks']}, {result['allreduce']}"
 
 
 def allreduce_figure(results: list[dict], title: str = "All-reduces per forward under tensor parallelism"):

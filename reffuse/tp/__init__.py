@@ -12,11 +12,11 @@ runtime.py holds the per-rank plumbing (MPI, GPU per rank, aborting the job when
 
 from .allreduce import ALLREDUCE_KINDS, AllReduce, AllReduceStats, mpi_allreduce, mpi_is_cuda_aware
 from .ring import ring_allreduce
-from .runtime import ParallelState, parallel_state, run_or_abort, setup_on_every_rank
+from .runtime import ParallelState, parallel_state, rank_zero_first, run_or_abort, setup_on_every_rank
 from .sharding import (allreduces_per_forward, check_shardable, column_parallel, kv_heads, query_heads,
                        rank_counts_that_work, row_parallel, shard_model, sharding_problems)
 
 __all__ = ["ALLREDUCE_KINDS", "AllReduce", "AllReduceStats", "ParallelState", "allreduces_per_forward",
            "check_shardable", "column_parallel", "kv_heads", "mpi_allreduce", "mpi_is_cuda_aware", "parallel_state",
-           "query_heads", "rank_counts_that_work", "ring_allreduce", "row_parallel", "run_or_abort",
-           "setup_on_every_rank", "shard_model", "sharding_problems"]
+           "query_heads", "rank_counts_that_work", "rank_zero_first", "ring_allreduce", "row_parallel",
+           "run_or_abort", "setup_on_every_rank", "shard_model", "sharding_problems"]
