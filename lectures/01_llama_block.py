@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -39,6 +41,7 @@ import numpy as np
 
 import reffuse
 from reffuse.model import Attention, apply_rope, attention, block_forward, rms_norm, rope_tables, silu, swiglu
+from reffuse.tokenizer import load_tokenizer
 
 model = reffuse.load_model("smollm2")           # float32; downloads the 98 MB GGUF once, then reads the cache
 cfg = model.config
@@ -76,8 +79,6 @@ print(f"embedding (shared with the LM head): {model.embed.size:,}; all blocks: "
 # vector every block reads from and adds to.
 
 # %%
-from reffuse.tokenizer import load_tokenizer  # noqa: E402  (kept beside its first use)
-
 tokenizer = load_tokenizer("smollm2")
 text = "The capital of France is Paris. The capital of Italy is"
 ids = np.array(tokenizer.encode(text))

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -37,6 +39,9 @@ import numpy as np
 import reffuse
 from reffuse.fusion import fuse_ffns, with_last_norm
 from reffuse.model import FFN, forward, rms_norm, silu, swiglu
+from reffuse.prefix import kl_per_token, log_softmax
+from reffuse.pruning import drop_attention
+from reffuse.tokenizer import load_tokenizer
 
 np.set_printoptions(precision=4, suppress=False)
 
@@ -166,11 +171,11 @@ print("blocks before:", len(tiny.blocks), " after:", len(reffuse.fuse(tiny, grou
 #
 # Fusion is exact, so the only difference between `fold` and `last` is *which function* the fused block
 # computes. Folding costs nothing at run time — the gains are multiplied into the weights once, when fusing —
-# so the two variants run at the same speed. `last` only changes the answer. How much depends on how different
-# the gains of a run are. On a model with random gains (tiny) the gap is large; the interesting question is a
-# trained model, whose gains are what training made them. We measure on the trained model in the next cells
-# (SmolLM2, lecture 01): how far apart its FFN gains are, and how far each variant lands from the sequential
-# model it replaces.
+# so the two variants run at the same speed and have the same shapes. `last` only changes the answer, by
+# ignoring every gain but one. How much that matters depends on how different the gains of a run are.
+#
+# On tiny, whose weights and gains are random, both parallel forms differ from the sequential model by several
+# percent of the largest logit, `last` a little more:
 
 # %%
 def relative_gap(a, b):
@@ -181,6 +186,55 @@ def relative_gap(a, b):
 sequential = forward(tiny, ids)
 print(f"tiny  parallel(fold) vs sequential: {relative_gap(parallel_fold, sequential):.3f}")
 print(f"tiny  parallel(last) vs sequential: {relative_gap(parallel_last, sequential):.3f}")
+
+# %% [markdown]
+# The question that matters is a trained model. SmolLM2 has attention in every block, so we first make an
+# attention-free run by removing the attention of blocks 18–23 (`reffuse.pruning.drop_attention`; *which*
+# attention to remove, and what that costs, is lecture 04's subject). The attention-removed model, run
+# sequentially, is the reference here: fusion should reproduce *it*. We fuse blocks 18–22 and leave the run's
+# last block alone, as the paper does (lecture 04 shows why).
+#
+# We compare next-token distributions with the KL divergence $\mathrm{KL}(p_{\text{sequential}} \,\|\,
+# p_{\text{fused}})$ in nats per token (`reffuse.prefix.kl_per_token`), on a short passage of real text, in
+# float64 so that only the method differs, not the rounding.
+
+# %%
+smollm2 = reffuse.load_model("smollm2", dtype="float64")
+tokenizer = load_tokenizer("smollm2")
+text = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+        "it was the season of Darkness, it was the spring of hope, it was the winter of despair.")
+text_ids = np.array(tokenizer.encode(text))                   # [T]
+
+removed = drop_attention(smollm2, range(18, 24))              # blocks 18..23 attention-free
+run_groups = [(18, 22)]
+reference_log_p = log_softmax(forward(removed, text_ids))     # the sequential attention-removed model
+
+
+def kl_to_sequential(model):
+    """Mean KL(sequential || model) over tokens 1.. (token 0, the attention sink, is left out), in nats."""
+    return float(kl_per_token(reference_log_p, log_softmax(forward(model, text_ids)))[1:].mean())
+
+
+print(f"{len(text_ids)} tokens; fused blocks {run_groups}")
+print(f"KL(sequential || fused, norm='fold') = {kl_to_sequential(reffuse.fuse(removed, run_groups, 'fold')):.3f} nats")
+print(f"KL(sequential || fused, norm='last') = {kl_to_sequential(reffuse.fuse(removed, run_groups, 'last')):.3f} nats")
+
+# %% [markdown]
+# Why `last` is worse: the gains of consecutive blocks are similar but not equal. Each row below is how far block
+# $k$'s FFN gain is from the last block's, $\lVert g_k - g_{\text{last}}\rVert / \lVert g_{\text{last}}\rVert$:
+
+# %%
+gains = np.array([removed.blocks[i].ffn.norm for i in range(18, 23)])   # [5, d]
+for layer, g in zip(range(18, 23), gains):
+    print(f"block {layer}: {np.linalg.norm(g - gains[-1]) / np.linalg.norm(gains[-1]):.2f}")
+
+# %% [markdown]
+# The farther a block is from the end of the run, the more its gain differs — and `last` replaces it anyway.
+# So `last` adds an approximation of its own on top of the sequential → parallel one, for no gain in speed.
+# reffuse's default is `fold`; `last` stays available to reproduce the paper. (After fusing, the paper trains
+# the model further with distillation, which can absorb such differences; without training, `fold` is the
+# better start.)
 
 # %% [markdown]
 # ## Exercises
