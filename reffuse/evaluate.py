@@ -42,6 +42,11 @@ def _check_same_vocabulary(model: Model, base: Model) -> None:
                            f"({model.config.vocab_size}): KL and agreement need the same tokenizer")
 
 
+def _exp(mean_nll: float) -> float:
+    """exp, saturating to inf: a model can be bad enough that its perplexity exceeds float range."""
+    return math.exp(mean_nll) if mean_nll < math.log(np.finfo(np.float64).max) else math.inf
+
+
 def evaluate(model: Model, windows, base: Model | None = None, progress=None) -> dict:
     """Perplexity of `model` on token windows; with a base model also KL(base || model), top-1 agreement
     and the base model's own perplexity. `progress`, if given, is called after each window."""
@@ -66,10 +71,10 @@ def evaluate(model: Model, windows, base: Model | None = None, progress=None) ->
         predictions += len(targets)
         if progress is not None:
             progress()
-    result = {"perplexity": math.exp(nll / predictions), "mean_nll": nll / predictions,
+    result = {"perplexity": _exp(nll / predictions), "mean_nll": nll / predictions,
               "predictions": predictions}
     if base is not None:
-        result.update({"base_perplexity": math.exp(base_nll / predictions), "kl_from_base": kl / predictions,
+        result.update({"base_perplexity": _exp(base_nll / predictions), "kl_from_base": kl / predictions,
                        "top1_agreement": agree / predictions})
     return result
 

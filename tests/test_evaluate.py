@@ -1,0 +1,93 @@
+"""Perplexity, KL to a base model and top-1 agreement: definitions checked on tiny models with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from reffuse.errors import ReffuseError
+from reffuse.evaluate import CHUNK_ROWS, evaluate, perplexity
+from reffuse.model import Model, forward
+from reffuse.pruning import drop_ffns
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return np.random.default_rng(3).integers(0, 256, (3, 20))
+
+
+def direct_log_probs(logits):
+    """log-softmax by its definition, in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    return z - np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), -1, keepdims=True)) - z.max(-1, keepdims=True)
+
+
+def test_uniform_model_has_the_vocabulary_size_as_perplexity(tiny64, windows):
+    m = tiny64
+    uniform = Model(m.config, m.embed, m.blocks, np.zeros_like(m.norm), m.lm_head)  # every logit is 0
+    assert perplexity(uniform, windows) == pytest.approx(m.config.vocab_size, rel=1e-12)
+
+
+def test_perplexity_is_the_mean_next_token_likelihood_of_independent_windows(tiny64, windows):
+    nll = []
+    for ids in windows:
+        log_probs = direct_log_probs(forward(tiny64, ids))
+        nll += [-log_probs[t, ids[t + 1]] for t in range(len(ids) - 1)]  # the first token has no prediction
+    got = evaluate(tiny64, windows)
+    assert got["predictions"] == windows.shape[0] * (windows.shape[1] - 1)
+    assert got["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-12)
+
+
+def test_model_against_itself(tiny32, windows):
+    got = evaluate(tiny32, windows, base=tiny32)
+    assert got["kl_from_base"] == 0.0 and got["top1_agreement"] == 1.0
+    assert got["base_perplexity"] == got["perplexity"]
+
+
+def test_kl_and_agreement_against_a_changed_model(tiny64, windows):
+    changed = drop_ffns(tiny64, [5])
+    kl, agree = [], []
+    for ids in windows:
+        base, model = forward(tiny64, ids)[:-1], forward(changed, ids)[:-1]
+        p = direct_log_probs(base)
+        kl += list(np.sum(np.exp(p) * (p - direct_log_probs(model)), axis=-1))
+        agree += list(base.argmax(-1) == model.argmax(-1))
+    got = evaluate(changed, windows, base=tiny64)
+    assert got["kl_from_base"] > 0
+    assert got["kl_from_base"] == pytest.approx(np.mean(kl), rel=1e-9)
+    assert got["top1_agreement"] == np.mean(agree)
+    assert got["base_perplexity"] == pytest.approx(perplexity(tiny64, windows), rel=1e-12)
+
+
+def test_long_windows_are_scored_in_chunks_with_the_same_result(tiny64):
+    ids = np.random.default_rng(4).integers(0, 256, CHUNK_ROWS + 40)  # more positions than one chunk
+    changed = drop_ffns(tiny64, [2])
+    got = evaluate(changed, [ids], base=tiny64)
+    p, q = direct_log_probs(forward(tiny64, ids)[:-1]), direct_log_probs(forward(changed, ids)[:-1])
+    assert got["mean_nll"] == pytest.approx(-np.mean(q[np.arange(len(ids) - 1), ids[1:]]), rel=1e-12)
+    assert got["kl_from_base"] == pytest.approx(np.mean(np.sum(np.exp(p) * (p - q), -1)), rel=1e-9)
+
+
+def test_extreme_logits_stay_finite(tiny64, windows):
+    m = tiny64
+    loud = Model(m.config, m.embed, m.blocks, m.norm * 1e4, m.lm_head)  # logits in the tens of thousands
+    got = evaluate(loud, windows, base=m)
+    assert all(math.isfinite(got[k]) for k in ("mean_nll", "kl_from_base"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "no token windows"),
+    ([[5]], "nothing to predict"),
+    ([[1, 2, 999]], "out of range"),
+])
+def test_bad_windows(tiny32, bad, message):
+    with pytest.raises(ReffuseError, match=message):
+        evaluate(tiny32, bad)
+
+
+def test_base_with_another_vocabulary(tiny32, windows):
+    import dataclasses
+    other = Model(dataclasses.replace(tiny32.config, vocab_size=128), tiny32.embed[:128], tiny32.blocks,
+                  tiny32.norm, tiny32.lm_head[:128])
+    with pytest.raises(ReffuseError, match="vocabulary"):
+        evaluate(tiny32, windows, base=other)
