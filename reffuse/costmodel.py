@@ -428,8 +428,10 @@ def h100_sxm(precision: str = "fp8") -> Hardware:
 NUMPY_CALLS = {"attention": 37, "ffn": 16, "forward": 27}
 
 
-def _median_time(fn, repeats: int, inner: int = 1) -> float:
-    """Median seconds of one fn() call, over `repeats` timings of `inner` calls each, after one warm-up."""
+def _best_seconds(fn, repeats: int, inner: int = 1) -> float:
+    """Seconds of one fn() call: the best of `repeats` timings of `inner` calls each, after one warm-up.
+    The best, not the median: calibration asks what the machine does undisturbed, since on a shared machine
+    every other figure mixes in whatever else was running (the load average is recorded beside it)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -437,7 +439,7 @@ def _median_time(fn, repeats: int, inner: int = 1) -> float:
         for _ in range(inner):
             fn()
         times.append((time.perf_counter() - start) / inner)
-    return float(np.median(times))
+    return min(times)
 
 
 def _overhead_models(dtype) -> dict[str, Model]:
@@ -459,7 +461,7 @@ def _overhead_models(dtype) -> dict[str, Model]:
 
 
 def _decode_seconds(models: dict[str, Model], repeats: int = 9, inner: int = 40) -> dict[str, float]:
-    """Median seconds of one decode step (one token after one cached position) through each model. The models
+    """Best seconds of one decode step (one token after one cached position) through each model. The models
     take turns, so that a change in the machine's load reaches all of them alike."""
     steps = {}
     for name, model in models.items():
@@ -478,7 +480,7 @@ def _decode_seconds(models: dict[str, Model], repeats: int = 9, inner: int = 40)
             for _ in range(inner):
                 step()
             times[name].append((time.perf_counter() - start) / inner)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 # Run under `mpiexec -n 2` with one BLAS thread per rank: MPI's Allreduce of a small and a 1 MiB float32 buffer,
@@ -488,7 +490,7 @@ import json, time
 import numpy as np
 from mpi4py import MPI
 comm = MPI.COMM_WORLD
-def median_seconds(fn, calls):
+def best_seconds(fn, calls):
     fn()
     times = []
     for _ in range(7):
@@ -497,16 +499,16 @@ def median_seconds(fn, calls):
         for _ in range(calls):
             fn()
         times.append((time.perf_counter() - start) / calls)
-    return float(np.median(times))
+    return min(times)
 def allreduce_seconds(n, calls):
     buf = np.ones(n, dtype=np.float32)
-    return median_seconds(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), calls)
+    return best_seconds(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), calls)
 small, large = 8, 1 << 18
 weight = np.ones((32768, 1024), dtype=np.float32)
 x = np.ones((1, 1024), dtype=np.float32)
 result = {"ranks": comm.Get_size(), "small_bytes": 4 * small, "small_seconds": allreduce_seconds(small, 200),
           "large_bytes": 4 * large, "large_seconds": allreduce_seconds(large, 10),
-          "gemv_bandwidth_per_rank": min(comm.allgather(weight.nbytes / median_seconds(lambda: x @ weight.T, 1)))}
+          "gemv_bandwidth_per_rank": min(comm.allgather(weight.nbytes / best_seconds(lambda: x @ weight.T, 1)))}
 if comm.Get_rank() == 0:
     print(json.dumps(result))
 """
@@ -550,6 +552,7 @@ def calibrate_cpu(mpi: bool = True, dtype: str = "fp32") -> Hardware:
     - per-call overhead: decode steps through models of width 16 (no block, one attention, one FFN);
     - MPI all-reduce alpha and beta from `mpiexec -n 2` (if mpi and a launcher are present), and the bandwidth
       each of two ranks gets when both stream at once.
+    Each figure is the best of several timings; the load average at the time is recorded with them.
     """
     from .timing import blas_threads
 
@@ -563,24 +566,33 @@ def calibrate_cpu(mpi: bool = True, dtype: str = "fp32") -> Hardware:
     measured = {}
     for label, threads in (("1_thread", 1), ("all_threads", cores)):
         with blas_threads(threads):
-            measured[f"gemm_flops_{label}"] = 2 * 1024 ** 3 / _median_time(lambda: a @ b, repeats=5)
-            measured[f"gemv_bandwidth_{label}"] = weight.nbytes / _median_time(lambda: x @ weight.T, repeats=9)
+            measured[f"gemm_flops_{label}"] = 2 * 1024 ** 3 / _best_seconds(lambda: a @ b, repeats=5)
+            measured[f"gemv_bandwidth_{label}"] = weight.nbytes / _best_seconds(lambda: x @ weight.T, repeats=9)
     seconds = _decode_seconds(_overhead_models(np_dtype))
-    seconds["attention"] -= seconds["forward"]
-    seconds["ffn"] -= seconds["forward"]
+    for part in ("attention", "ffn"):  # a model with one such block, less the model with none
+        seconds[part] = max(seconds[part] - seconds["forward"], 0.0)
     per_call = sum(seconds.values()) / sum(NUMPY_CALLS.values())
     comm = measure_mpi_allreduce() if mpi else {"available": False, "reason": "not asked for"}
     # the most memory bandwidth the machine was seen to give: one process with all threads, or two ranks at once
     machine = max(measured["gemv_bandwidth_all_threads"], measured["gemv_bandwidth_1_thread"],
                   comm.get("ranks", 0) * comm.get("gemv_bandwidth_per_rank", 0.0))
-    calibration = {"cores": cores, **measured, "machine_bandwidth": machine,
+    calibration = {"cores": cores, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                   **measured, "machine_bandwidth": machine,
                    "decode_overhead_seconds": seconds, "numpy_call_seconds": per_call, "mpi_allreduce": comm,
-                   "calibration_seconds": time.perf_counter() - started}
-    return Hardware(name="cpu", peak_flops={dtype: measured["gemm_flops_all_threads"]},
-                    memory_bandwidth=measured["gemv_bandwidth_all_threads"], kernel_overhead=per_call,
-                    kernels=dict(NUMPY_CALLS), allreduce_alpha=comm.get("alpha"),
-                    link_bandwidth=comm.get("link_bandwidth"), activation_bytes=PRECISION_BYTES[dtype],
-                    precision=dtype, lm_head_vocab_parallel=False, memory_capacity=None, cores_shared_by_ranks=cores,
+                   "dtype": dtype, "calibration_seconds": time.perf_counter() - started}
+    return cpu_hardware(calibration)
+
+
+def cpu_hardware(calibration: dict) -> Hardware:
+    """The `cpu` Hardware from a calibration (calibrate_cpu's, or one recorded in a `reffuse costmodel --json`)."""
+    comm = calibration["mpi_allreduce"]
+    dtype = calibration["dtype"]
+    return Hardware(name="cpu", peak_flops={dtype: calibration["gemm_flops_all_threads"]},
+                    memory_bandwidth=calibration["gemv_bandwidth_all_threads"],
+                    kernel_overhead=calibration["numpy_call_seconds"], kernels=dict(NUMPY_CALLS),
+                    allreduce_alpha=comm.get("alpha"), link_bandwidth=comm.get("link_bandwidth"),
+                    activation_bytes=PRECISION_BYTES[dtype], precision=dtype, lm_head_vocab_parallel=False,
+                    memory_capacity=None, cores_shared_by_ranks=calibration["cores"],
                     sources=("measured on this machine by reffuse.costmodel.calibrate_cpu",), calibration=calibration)
 
 

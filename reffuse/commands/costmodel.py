@@ -23,6 +23,7 @@ examples:
   reffuse costmodel --model ultra-253b-prefusion --context 8192 --batch 4
   mpiexec -n 2 reffuse tp --model tiny --json > tp_tiny_n2.json
   reffuse costmodel --measured tp_tiny_n2.json
+  reffuse costmodel --measured tp_tiny_n2.json --calibration benchmarks/results/costmodel.json
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..costmodel import (HARDWARE_PRESETS, LEFT_OUT, MODEL_PRESETS, PAPER_TABLE2, PAPER_TP, calibrate_cpu,
+from ..costmodel import (HARDWARE_PRESETS, LEFT_OUT, MODEL_PRESETS, PAPER_TABLE2, calibrate_cpu, cpu_hardware,
                          decode_projection, get_hardware, get_layout, paper_comparison, paper_sensitivity,
                          parameter_count, predict_tp_run)
 from ..errors import ReffuseError
@@ -57,6 +58,9 @@ def add_arguments(parser):
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--measured", nargs="+", default=[], metavar="TP_JSON",
                         help="`reffuse tp --json` outputs: put this machine's predictions beside their times")
+    parser.add_argument("--calibration", metavar="COSTMODEL_JSON", default=None,
+                        help="reuse the CPU calibration recorded in an earlier `reffuse costmodel --json` output "
+                             "instead of measuring again (e.g. benchmarks/results/costmodel.json)")
     parser.add_argument("--no-mpi", action="store_true",
                         help="calibrate the CPU without timing `mpiexec -n 2` (TP>1 then cannot be predicted)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -78,6 +82,19 @@ def load_tp_results(paths) -> list[tuple[str, dict]]:
     return results
 
 
+def recorded_calibration(path) -> dict:
+    """The CPU calibration in a `reffuse costmodel --json` output."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise ReffuseError(f"--calibration {path}: cannot read it as JSON ({e})") from None
+    for hardware in ((report.get("measured") or {}).get("hardware"), report.get("hardware")):
+        if hardware and hardware.get("calibration"):
+            return hardware["calibration"]
+    raise ReffuseError(f"--calibration {path} holds no CPU calibration: it must be the --json output of a "
+                       "`reffuse costmodel` run with --hardware cpu or --measured")
+
+
 def run(args) -> int:
     if args.max_tp < 1 or args.context < 0 or args.batch < 1:
         raise ReffuseError("--max-tp and --batch must be at least 1 and --context at least 0")
@@ -88,7 +105,9 @@ def run(args) -> int:
     tp_results = load_tp_results(args.measured)
 
     cpu = None
-    if args.hardware == "cpu" or tp_results:
+    if args.calibration:
+        cpu = cpu_hardware(recorded_calibration(args.calibration))
+    elif args.hardware == "cpu" or tp_results:
         note("calibrating this CPU (GEMM, GEMV bandwidth, per-call overhead, MPI all-reduce): a few seconds")
         cpu = calibrate_cpu(mpi=not args.no_mpi)
     hardware = cpu if args.hardware == "cpu" else get_hardware(args.hardware)
