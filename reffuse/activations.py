@@ -1,0 +1,118 @@
+"""Per-block activations in a documented .npz format, to hold any implementation's numerics against reffuse's.
+
+A dump is a NumPy .npz archive written with np.savez (plain arrays only: read it with allow_pickle=False):
+
+    format         str, 0-d       "reffuse-activations-1"
+    model          str, 0-d       the model's name
+    token_ids      int64 [T]      the input tokens
+    hidden_states  float [L+1, T, d]  the residual stream after the token embedding (index 0) and after each
+                                      block l (index l + 1), before the final norm; L = number of blocks
+    logits         float [T, vocab]   next-token logits at every position
+
+Another implementation writes the same keys for the same token_ids (hidden_states may be left out: then only
+the logits are compared), e.g. from PyTorch:
+
+    np.savez("theirs.npz", format="reffuse-activations-1", model="mine", token_ids=ids,
+             hidden_states=np.stack([h[0].numpy() for h in hidden]), logits=logits[0].numpy())
+
+and `reffuse verify --model M --against theirs.npz` reports the error of every block's output and of the logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import ReffuseError
+from .model import Model, check_token_ids, forward
+
+FORMAT = "reffuse-activations-1"
+
+# The input of `reffuse verify` and `reffuse dump` when no text is given: plain prose, written for reffuse
+# (so no model was trained on it), about 135 SmolLM2 tokens.
+DEFAULT_TEXT = (
+    "The river rose before dawn, as it did every spring, and by the time the first boats left the harbour the "
+    "water had reached the steps of the old customs house. Nobody in the town was surprised. The ferrymen tied "
+    "their ropes a little higher, the baker moved his flour to the upper shelves, and the children, who had been "
+    "promised a holiday whenever the bridge was closed, walked down to the bank to watch the current carry "
+    "branches, barrels and once, to everyone's delight, a bewildered goose past the lighthouse and out towards "
+    "the sea. By noon the water began to fall, and by evening the town had quietly gone back to its work.")
+
+
+def activations(model: Model, token_ids) -> dict:
+    """token_ids, hidden_states [L+1, T, d] and logits [T, vocab] of one sequential forward pass."""
+    ids = check_token_ids(model, token_ids)
+    hidden: list = []
+    logits = forward(model, ids, hidden_states=hidden)
+    return {"token_ids": ids, "hidden_states": np.stack([to_numpy(h) for h in hidden]), "logits": to_numpy(logits)}
+
+
+def save_activations(path, acts: dict, model_name: str) -> Path:
+    """Write a dump (see the module docstring); returns its path."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ReffuseError(f"{path}: a dump is an .npz file; give a name ending in .npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, format=np.array(FORMAT), model=np.array(model_name),
+             **{k: np.asarray(acts[k]) for k in ("token_ids", "hidden_states", "logits") if k in acts})
+    return path
+
+
+def load_activations(path) -> dict:
+    """Read and check a dump: its format tag, the keys it needs and how their shapes fit together."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReffuseError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except Exception as e:  # zipfile / numpy raise several types for files that are not npz archives
+        raise ReffuseError(f"{path} could not be read as an .npz archive without pickle ({type(e).__name__}: "
+                           f"{e})") from None
+    if str(data.get("format", "")) != FORMAT:
+        raise ReffuseError(f"{path}: format is {str(data.get('format'))!r}, expected {FORMAT!r} "
+                           "(see reffuse.activations for the layout)")
+    missing = [k for k in ("token_ids", "logits") if k not in data]
+    if missing:
+        raise ReffuseError(f"{path} lacks {', '.join(missing)}")
+    ids, logits = data["token_ids"], data["logits"]
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ReffuseError(f"{path}: token_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if logits.ndim != 2 or logits.shape[0] != ids.shape[0]:
+        raise ReffuseError(f"{path}: logits must be [T={ids.shape[0]}, vocab], got {logits.shape}")
+    hidden = data.get("hidden_states")
+    if hidden is not None and (hidden.ndim != 3 or hidden.shape[1] != ids.shape[0]):
+        raise ReffuseError(f"{path}: hidden_states must be [L+1, T={ids.shape[0]}, d], got {hidden.shape}")
+    data["model"] = str(data.get("model", ""))
+    return data
+
+
+def error_row(name: str, candidate, reference) -> dict:
+    """max |candidate - reference|, max |reference|, and their ratio, computed in float64."""
+    a, b = np.asarray(candidate, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    max_abs, scale = float(np.max(np.abs(a - b))), float(np.max(np.abs(b)))
+    return {"step": name, "max_abs": max_abs, "max_reference": scale, "relative": max_abs / scale if scale else 0.0}
+
+
+def compare(candidate: dict, reference: dict) -> dict:
+    """Per-step errors of candidate against reference (both as returned by activations / load_activations).
+
+    Returns {"hidden_states": [row per step: embedding, block 0, block 1, ...], "logits": row,
+    "top1_agreement": fraction of positions whose argmax agrees}. Rows are error_row's.
+    """
+    if not np.array_equal(candidate["token_ids"], reference["token_ids"]):
+        raise ReffuseError("the two sides ran on different token ids")
+    if candidate["logits"].shape != reference["logits"].shape:
+        raise ReffuseError(f"logits shapes differ: {candidate['logits'].shape} vs {reference['logits'].shape}")
+    rows = []
+    ours, theirs = candidate.get("hidden_states"), reference.get("hidden_states")
+    if ours is not None and theirs is not None:
+        if ours.shape != theirs.shape:
+            raise ReffuseError(f"hidden_states shapes differ: {ours.shape} vs {theirs.shape} "
+                               "(steps = 1 + number of blocks, tokens, width)")
+        rows = [error_row("embedding" if i == 0 else f"block {i - 1}", ours[i], theirs[i]) for i in range(len(ours))]
+    agreement = float(np.mean(candidate["logits"].argmax(-1) == reference["logits"].argmax(-1)))
+    return {"hidden_states": rows, "logits": error_row("logits", candidate["logits"], reference["logits"]),
+            "top1_agreement": agreement}
