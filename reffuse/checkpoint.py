@@ -162,14 +162,54 @@ def config_from_json(raw: dict, source: str) -> tuple[Config, list[dict]]:
     return config, blocks
 
 
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values, given as their uint16 bit patterns, as float32 (exactly).
+
+    bfloat16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits); NumPy has no such dtype,
+    so the bits are shifted into the high half of a uint32 and reinterpreted.
+    """
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _read_bfloat16(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    """The BF16 tensors `names` of a safetensors file, read from its header's offsets, as float32."""
+    with open(path, "rb") as f:
+        header_bytes = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_bytes))
+    tensors = {}
+    for name in names:
+        start, end = header[name]["data_offsets"]
+        bits = np.fromfile(path, dtype="<u2", count=(end - start) // 2, offset=8 + header_bytes + start)
+        tensors[name] = bfloat16_to_float32(bits).reshape(header[name]["shape"])
+    return tensors
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     safe_open = require("safetensors", "real", "loading a model folder").safe_open
     try:
         with safe_open(str(path), framework="numpy") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+            bfloat16 = [name for name in f.keys() if f.get_slice(name).get_dtype() == "BF16"]
+            tensors = {name: f.get_tensor(name) for name in f.keys() if name not in bfloat16}
+        return tensors | _read_bfloat16(path, bfloat16)
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
         raise ReffuseError(f"{path} could not be read as safetensors ({type(e).__name__}: {e}); "
                            "the file may be truncated or of another format") from None
+
+
+def _check_shards(folder: Path) -> None:
+    """An HF sharded checkpoint lists its files in model.safetensors.index.json: all must be there."""
+    index_path = folder / "model.safetensors.index.json"
+    if not index_path.is_file():
+        return
+    try:
+        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ReffuseError(f"{index_path} is not a valid safetensors index (no weight_map: {e})") from None
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise ReffuseError(f"{folder} is incomplete: {len(missing)} of the {len(shards)} weight files listed in "
+                           f"{index_path.name} are missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})"
+                           "; download them into the folder")
 
 
 def load_folder(folder, dtype="float32") -> Model:
@@ -177,9 +217,12 @@ def load_folder(folder, dtype="float32") -> Model:
     folder = Path(folder)
     raw = _read_config(folder)
     config, blocks = config_from_json(raw, str(folder))
+    _check_shards(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ReffuseError(f"{folder} has config.json but no *.safetensors weights")
+        pickled = " (reffuse reads no pickled *.bin / *.pt weights: save them as safetensors)" if any(
+            folder.glob("*.bin")) or any(folder.glob("*.pt")) else ""
+        raise ReffuseError(f"{folder} has config.json but no *.safetensors weights{pickled}")
     tensors = {}
     for path in files:
         tensors.update(_read_safetensors(path))
