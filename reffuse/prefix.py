@@ -3,15 +3,21 @@
 Removing a sub-block, fusing a run or refitting a fused block changes the model from some block `first` on;
 blocks 0..first-1 are the base model's, so their output (the residual stream entering block `first`) is the
 base model's too. `cache_prefix` runs the base model once per token window and keeps the stream entering every
-block; `variant_logits` then runs only a variant's blocks from `first` on, plus the final norm and LM head.
-Scoring every block's removal costs about n²/2 block evaluations instead of n².
+block and the base model's next-token log-probabilities; `score_variant` then runs only a variant's blocks from
+`first` on, plus the final norm and LM head. Scoring every block's removal costs about n²/2 block evaluations
+instead of n² (and the base model runs once, not once per variant).
 
 A variant may have fewer blocks than the base (a fused block stands where its run began), so `first` must be
 a block at or before the first changed one, numbered the same in both models.
+
+The scores are reffuse.evaluate's, with the same definitions (a window of W tokens gives W - 1 predictions;
+perplexity, KL(base || variant) in nats, top-1 agreement), so score_variant(cache_prefix(base, windows),
+variant, first) equals evaluate(variant, windows, base) up to float rounding (tests check it).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,25 +26,15 @@ from .backend import array_module, to_numpy
 from .errors import ReffuseError
 from .model import Model, block_forward, check_token_ids, forward, rms_norm, rope_tables
 
-
-@dataclass
-class Prefix:
-    """The base model's residual stream on fixed token windows."""
-    model: Model
-    windows: list[np.ndarray]  # token ids, one 1-D array per window
-    streams: list[list]        # streams[w][i]: the stream entering block i of window w, [T, d]; [n] is after the last
-    log_probs: list[np.ndarray]  # the base model's next-token log-probabilities per window, [T, vocab]
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(w) for w in self.windows)
+CHUNK_ROWS = 128  # positions per float64 log-softmax: 128 x 49152 x 8 bytes = 50 MB for SmolLM2
 
 
 def log_softmax(logits) -> np.ndarray:
     """log p over the last axis, computed in float64 so that small KL divergences do not drown in rounding."""
     z = to_numpy(logits).astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    z -= z.max(axis=-1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z
 
 
 def kl_per_token(base_log_probs, log_probs) -> np.ndarray:
@@ -46,20 +42,42 @@ def kl_per_token(base_log_probs, log_probs) -> np.ndarray:
     return np.sum(np.exp(base_log_probs) * (base_log_probs - log_probs), axis=-1)
 
 
+@dataclass
+class Prefix:
+    """The base model's residual stream and predictions on fixed token windows."""
+    model: Model
+    windows: list[np.ndarray]    # token ids, one 1-D array per window
+    streams: list[list]          # streams[w][i]: the stream entering block i of window w, [W, d]
+    log_probs: list[np.ndarray]  # the base model's log-probabilities of each window's predictions, [W - 1, vocab]
+    base_nll: float              # the base model's summed negative log-likelihood of the next tokens
+
+    @property
+    def predictions(self) -> int:
+        return sum(len(w) - 1 for w in self.windows)
+
+
 def cache_prefix(model: Model, windows) -> Prefix:
-    """Run `model` once on every window of token ids and keep its stream entering each block."""
+    """Run `model` once on every window of token ids; keep its stream entering each block and its predictions.
+
+    The log-probabilities are stored in the model's dtype (float32 for a float32 model: its logits carry no more)
+    and used in float64.
+    """
     windows = [check_token_ids(model, w) for w in windows]
     if not windows:
         raise ReffuseError("no token windows given: pass at least one window of token ids")
-    streams, log_probs = [], []
+    if any(len(w) < 2 for w in windows):
+        raise ReffuseError("a window of 1 token has nothing to predict: windows need at least 2 tokens")
+    streams, log_probs, nll = [], [], 0.0
     for ids in windows:
         hidden = []
-        logits = forward(model, ids, hidden_states=hidden)  # hidden: after the embedding and after every block
+        logits = to_numpy(forward(model, ids, hidden_states=hidden))[:-1]  # after the embedding and every block
         if len(hidden) != len(model.blocks) + 1:
             raise ReffuseError("cache_prefix needs a model whose blocks run one by one (no parallel groups)")
         streams.append(hidden)
-        log_probs.append(log_softmax(logits))
-    return Prefix(model, windows, streams, log_probs)
+        lp = np.concatenate([log_softmax(logits[s:s + CHUNK_ROWS]) for s in range(0, len(logits), CHUNK_ROWS)])
+        nll -= float(lp[np.arange(len(lp)), ids[1:]].sum())
+        log_probs.append(lp.astype(model.dtype))
+    return Prefix(model, windows, streams, log_probs, nll)
 
 
 def run_from(model: Model, first: int, x, positions):
@@ -72,7 +90,7 @@ def run_from(model: Model, first: int, x, positions):
 
 
 def variant_logits(prefix: Prefix, variant: Model, first: int, window: int):
-    """Logits of `variant`, which equals the base model on blocks 0..first-1, on one cached window."""
+    """Logits [W, vocab] of `variant`, which equals the base model on blocks 0..first-1, on one cached window."""
     if not 0 <= first <= len(variant.blocks):
         raise ReffuseError(f"first changed block {first} is out of range for a model of {len(variant.blocks)} "
                            "blocks")
@@ -80,9 +98,32 @@ def variant_logits(prefix: Prefix, variant: Model, first: int, window: int):
     return run_from(variant, first, x, np.arange(x.shape[0]))
 
 
+def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = False) -> dict:
+    """Perplexity, KL(base || variant) and top-1 agreement of `variant` on the cached windows (as `evaluate`)."""
+    kl = nll = 0.0
+    agree = 0
+    for w, ids in enumerate(prefix.windows):
+        logits = to_numpy(variant_logits(prefix, variant, first, w))[:-1]  # [W, vocab] -> [W - 1, vocab]
+        targets = ids[1:]
+        for start in range(0, len(targets), CHUNK_ROWS):
+            rows = slice(start, start + CHUNK_ROWS)
+            log_probs = log_softmax(logits[rows])                          # [rows, vocab] float64
+            base_log_probs = prefix.log_probs[w][rows].astype(np.float64)
+            kl += float(kl_per_token(base_log_probs, log_probs).sum())
+            if not kl_only:
+                nll -= float(log_probs[np.arange(log_probs.shape[0]), targets[rows]].sum())
+                agree += int((log_probs.argmax(-1) == base_log_probs.argmax(-1)).sum())
+    n = prefix.predictions
+    if kl_only:
+        return {"kl_from_base": kl / n, "predictions": n}
+    return {"perplexity": _exp(nll / n), "mean_nll": nll / n, "predictions": n,
+            "base_perplexity": _exp(prefix.base_nll / n), "kl_from_base": kl / n, "top1_agreement": agree / n}
+
+
 def kl_from_base(prefix: Prefix, variant: Model, first: int) -> float:
-    """Mean over every cached token of KL(base || variant) of the next-token distributions, in nats."""
-    total = 0.0
-    for w in range(len(prefix.windows)):
-        total += float(kl_per_token(prefix.log_probs[w], log_softmax(variant_logits(prefix, variant, first, w))).sum())
-    return total / prefix.tokens
+    """Mean over the cached predictions of KL(base || variant) of the next-token distributions, in nats."""
+    return score_variant(prefix, variant, first, kl_only=True)["kl_from_base"]
+
+
+def _exp(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < math.log(np.finfo(np.float64).max) else math.inf
