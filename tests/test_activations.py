@@ -1,0 +1,76 @@
+"""The activation dump format and `reffuse dump` / `reffuse verify --against FILE.npz`, on the tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from reffuse.activations import FORMAT, activations, compare, load_activations, save_activations
+from reffuse.cli import build_parser, main
+from reffuse.errors import ReffuseError
+
+
+def run_raising(argv):
+    """Run a command's `run` directly, so that its ReffuseError reaches the test."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def test_dump_round_trip(tiny32, tmp_path):
+    ids = np.arange(10)
+    acts = activations(tiny32, ids)
+    assert acts["hidden_states"].shape == (len(tiny32.blocks) + 1, 10, tiny32.config.dim)
+    loaded = load_activations(save_activations(tmp_path / "a.npz", acts, "tiny"))
+    assert loaded["model"] == "tiny"
+    result = compare(loaded, acts)
+    assert result["logits"]["max_abs"] == 0 and all(r["max_abs"] == 0 for r in result["hidden_states"])
+    assert result["top1_agreement"] == 1.0
+    assert [r["step"] for r in result["hidden_states"][:3]] == ["embedding", "block 0", "block 1"]
+
+
+def test_cli_dump_then_verify_a_float32_dump_in_float64(tiny32, tmp_path, capsys):
+    out = tmp_path / "tiny.npz"
+    assert main(["dump", "--model", "tiny", "--ids", "1,2,3,4,5,6,7,8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--model", "tiny", "--against", str(out), "--dtype", "float64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["targets"] == "float32"  # the dump is float32, so float32's targets apply
+    assert result["tokens"] == 8 and all(result["targets_met"].values())
+    assert 0 < result["logits"]["relative"] < 1e-5  # float32 rounding against float64, not zero
+
+
+def test_verify_reports_a_wrong_dump(tiny32, tmp_path, capsys):
+    acts = activations(tiny32, np.arange(6))
+    acts["hidden_states"][5] += 1e-2
+    acts["logits"] = acts["logits"] + 1e-3
+    path = save_activations(tmp_path / "off.npz", acts, "someone else's kernels")
+    assert main(["verify", "--model", "tiny", "--against", str(path)]) == 1
+    text = capsys.readouterr().out
+    assert "NOT MET: logits max |diff| <= 0.0002" in text
+    assert "block 4   1.000e-02" in text  # the step that was changed (index 5 = output of block 4)
+
+
+def test_dumps_with_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "pickled.npz"
+    np.savez(path, format=np.array(FORMAT), token_ids=np.array([1, 2]), logits=np.array([None, None], dtype=object))
+    with pytest.raises(ReffuseError, match=r"pickled\.npz could not be read as an \.npz archive without pickle"):
+        load_activations(path)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"format": np.array("other"), "token_ids": np.array([1]), "logits": np.zeros((1, 4))}, "format is 'other'"),
+    ({"format": np.array(FORMAT), "token_ids": np.array([1, 2])}, "lacks logits"),
+    ({"format": np.array(FORMAT), "token_ids": np.array([1, 2]), "logits": np.zeros((3, 4))}, r"logits must be \[T=2"),
+    ({"format": np.array(FORMAT), "token_ids": np.array([1, 2]), "logits": np.zeros((2, 4)),
+      "hidden_states": np.zeros((3, 5, 8))}, r"hidden_states must be \[L\+1, T=2, d\]"),
+])
+def test_malformed_dumps(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ReffuseError, match=message):
+        load_activations(path)
+
+
+def test_dump_needs_text_or_ids_for_a_model_without_tokenizer(tmp_path):
+    with pytest.raises(ReffuseError, match="no tokenizer for 'tiny'"):
+        run_raising(["dump", "--model", "tiny", "--out", str(tmp_path / "x.npz")])
