@@ -3,7 +3,9 @@
 From a GGUF file, the tokenizer is rebuilt from what the file stores (`tokenizer.ggml.*`):
 - a byte-level BPE (GPT-2 style, `tokenizer.ggml.model` = "gpt2") from the tokens and merges, in file order;
 - the pre-tokenizer llama.cpp uses for the file's `tokenizer.ggml.pre`: for "smollm" (SmolLM2) digits are
-  split one by one before GPT-2's split pattern (no prefix space);
+  split one by one before GPT-2's split pattern (no prefix space), as in SmolLM2's own tokenizer.json.
+  (transformers' GGUF conversion leaves the digit split out, so its ids differ around numbers: 52,755 tokens
+  here vs 52,803 there on all of Hamlet, the same everywhere else);
 - tokens of type 3 (control) are special: <|endoftext|>, <|im_start|>, <|im_end|>, ... They are matched as
   whole tokens in text and can be left out when decoding;
 - the chat template (`tokenizer.chat_template`, Jinja) for instruct models.
