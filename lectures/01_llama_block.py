@@ -278,24 +278,31 @@ print(f"{per_token / 1024:.1f} KiB per token; 8192 tokens: {8192 * per_token / 2
 # %% [markdown]
 # ## 10. Does it agree with `transformers`?
 #
-# A reference implementation is only worth something if it agrees with the others. reffuse loads the same GGUF
-# into Hugging Face's `LlamaForCausalLM` (the `reference` extra: a CPU build of torch, transformers, accelerate)
-# and compares logits. The target in float32 is a max absolute logit error below 2e-4. When transformers is not
-# installed this cell says so and how to check later; from a shell,
-# `reffuse verify --model smollm2 --against transformers` prints the block-by-block comparison.
+# A reference implementation is only worth something if it agrees with the others. `reffuse.reference` loads the
+# same GGUF into Hugging Face's `LlamaForCausalLM` — transformers does its own dequantization and q/k
+# un-permutation, so agreement checks reffuse's loader as well as its forward pass — and captures the residual
+# stream after the embedding and after every decoder layer. This needs the `reference` extra (a CPU build of
+# torch, transformers, accelerate); loading takes 10–20 s. The target in float32 is a max absolute logit error
+# below 2e-4. Without the extra, this cell says so; from a shell, `reffuse verify --model smollm2 --against
+# transformers` prints the same comparison block by block.
 
 # %%
 try:
-    from reffuse.reference import transformers_logits
-except ImportError as missing:
+    from reffuse.reference import load_reference, reference_activations
+    reference = load_reference("smollm2")                            # transformers' LlamaForCausalLM, float32
+except (ImportError, reffuse.ReffuseError) as missing:
     print(f"transformers is not available here ({missing}).\n"
           "To check: pip install -e '.[reference]', then run this cell again or, from a shell,\n"
           "    reffuse verify --model smollm2 --against transformers")
 else:
-    theirs = transformers_logits("smollm2", ids)                     # [T, vocab], float32
-    print(f"max |reffuse - transformers| = {np.abs(logits - theirs).max():.2e}  "
-          f"(relative to the largest logit: {np.abs(logits - theirs).max() / np.abs(theirs).max():.1e})")
-    print("same next-token argmax everywhere:", bool((logits.argmax(-1) == theirs.argmax(-1)).all()))
+    theirs = reference_activations(reference, ids)                   # hidden_states [31, T, d], logits [T, vocab]
+    block_errors = [np.abs(ours - ref).max() / np.abs(ref).max() for ours, ref in zip(stream, theirs["hidden_states"])]
+    print("relative error of the residual stream, embedding and blocks 0, 5, 10, 15, 20, 25, 29:")
+    print(np.array(block_errors)[[0, 1, 6, 11, 16, 21, 26, 30]])
+    logit_error = np.abs(logits - theirs["logits"]).max()
+    print(f"logits: max |reffuse - transformers| = {logit_error:.2e} "
+          f"({logit_error / np.abs(theirs['logits']).max():.1e} of the largest logit)")
+    print("same next-token argmax everywhere:", bool((logits.argmax(-1) == theirs["logits"].argmax(-1)).all()))
 
 # %% [markdown]
 # ## Exercises
