@@ -1,0 +1,207 @@
+"""Measure how blocks depend on each other (PAPER.md §2), and propose which FFNs to fuse.
+
+Optionally removes attention first (--drop-attention 14-21, or --drop-attention-count N: the N blocks whose
+attention alone costs the least KL on calibration text), so that attention-free runs exist. Then, on calibration
+text (never the held-out play), it measures:
+
+- M[i, j], how much block j's contribution turns when block i is skipped, for blocks and for FFN sub-blocks;
+- per block: cosdist(X, f(X)), ||h(X)|| / ||X||, cosdist(h(X), X);
+- M_max and M_sum of every window of --window blocks, and the paper's greedy choice of windows (full blocks only
+  by default, as in the paper);
+- a fusion plan: groups inside the attention-free runs, without each run's last FFN unless --keep-last-ffn, at
+  most --max-group-size FFNs each, cut where the FFN-level dependency between neighbours is highest.
+
+DIR/analysis.json holds all of it with the token ids used (null marks an undefined matrix entry), and DIR/*.png
+the figures: dependency heatmaps (log2 colour scale, attention-removed region boxed), per-block metrics, window
+statistics with the greedy choices, and the block layout. The first token of each sequence (the attention sink)
+is run but not measured unless --include-sink. The synthetic `tiny` model gets random token ids instead of text.
+
+examples:
+  reffuse analyze --model smollm2 --out reports/analysis/smollm2
+  reffuse analyze --model smollm2 --drop-attention 14-21 --max-group-size 4 --out analysis --json
+  reffuse analyze --model smollm2 --drop-attention-count 8 --contiguous --out analysis
+  reffuse analyze --model tiny --tokens 64 --out /tmp/tiny-analysis --no-figures
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..corpus import calibration_windows
+from ..errors import ReffuseError
+from ..loading import load_model
+from ..metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
+                       dependency, full_blocks, greedy_windows, matrix_to_json, window_statistics)
+from ..model import layout
+from ..planning import propose_groups
+from ..progress import Progress
+from ..timing import blas_threads
+from ..pruning import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
+                       format_layers, parse_layers)
+from ..tokenizer import load_tokenizer
+from .common import format_table, print_json
+
+HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, with figures"
+DEFAULT_TOKENS = 512
+SYNTHETIC_MODELS = ("tiny",)  # random weights and no tokenizer: measured on random token ids
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for analysis.json and the figures")
+    removal = parser.add_mutually_exclusive_group()
+    removal.add_argument("--drop-attention", default=None, metavar="BLOCKS",
+                         help="remove the attention of these blocks first, e.g. 14-21 or 3,5,14-21 (0-based)")
+    removal.add_argument("--drop-attention-count", type=int, default=None, metavar="N",
+                         help="remove the attention of the N blocks where removing it alone costs the least KL")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="with --drop-attention-count: N consecutive blocks (least summed KL)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"calibration tokens to measure on (default {DEFAULT_TOKENS})")
+    parser.add_argument("--sequence-length", type=int, default=None,
+                        help="tokens per sequence; the tokens are cut into sequences this long (default: one "
+                             "sequence of --tokens)")
+    parser.add_argument("--include-sink", action="store_true",
+                        help="also measure the first token of each sequence (the attention sink)")
+    parser.add_argument("--window", type=int, default=4, help="blocks per window for M_max / M_sum (default 4)")
+    parser.add_argument("--greedy-blocks", choices=["full", "all"], default="full",
+                        help="windows the greedy selection may take: full blocks only (the paper) or all")
+    parser.add_argument("--max-group-size", type=int, default=None,
+                        help="at most this many FFNs per fusion group (default: no cap, one group per run)")
+    parser.add_argument("--groups-per-run", type=int, default=None, help="cut each run into at least this many groups")
+    parser.add_argument("--keep-last-ffn", action="store_true",
+                        help="let a group include its run's last FFN (the paper leaves it out)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="BLAS threads (default: the BLAS library's own choice); on a busy machine 1 is often "
+                             "faster than threads that wait for each other")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids for a synthetic model")
+    parser.add_argument("--no-figures", action="store_true", help="write analysis.json only")
+    parser.add_argument("--json", action="store_true", help="also print analysis.json to stdout")
+
+
+def analysis_tokens(args, model) -> tuple[np.ndarray, dict]:
+    """Token ids [n_sequences, sequence_length] and where they came from: calibration text, or random ids for a
+    synthetic model (which has no tokenizer and no notion of text)."""
+    length = args.sequence_length or args.tokens
+    if args.tokens < 2 or length < 2:
+        raise ReffuseError(f"--tokens {args.tokens} and --sequence-length {length} must be at least 2")
+    if length > args.tokens:
+        raise ReffuseError(f"--sequence-length {length} is longer than --tokens {args.tokens}")
+    if args.model in SYNTHETIC_MODELS and args.tokenizer is None:
+        rng = np.random.default_rng(args.seed)
+        ids = rng.integers(0, model.config.vocab_size, (args.tokens // length, length))
+        return ids, {"split": f"random token ids (seed {args.seed}): {args.model} is synthetic", "spans": []}
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
+                           f"only {model.config.vocab_size}: give the model's own --tokenizer")
+    windows = calibration_windows(tokenizer, length, args.tokens)
+    described = windows.describe()
+    return windows.ids, {"split": described["split"], "spans": described["spans"], "tokenizer": tokenizer.source}
+
+
+def remove_attention(args, model, sequences) -> tuple:
+    """The model with attention removed as asked, the removed blocks, and how they were chosen."""
+    if args.contiguous and args.drop_attention_count is None:
+        raise ReffuseError("--contiguous only applies to --drop-attention-count")
+    if args.drop_attention is not None:
+        blocks = parse_layers(args.drop_attention)
+        return drop_attention(model, blocks), blocks, {"how": "given", "blocks": format_layers(blocks)}
+    if args.drop_attention_count is not None:
+        candidates = attention_layers(model)
+        with Progress("scoring attention removal", len(candidates), "blocks") as bar:
+            scores = attention_scores(model, sequences, progress=bar.update)
+        blocks = cheapest(scores, args.drop_attention_count, contiguous=args.contiguous)
+        how = {"how": f"the {args.drop_attention_count} cheapest" + (" consecutive" if args.contiguous else "")
+                      + " by KL of removing each attention alone, on the analysis tokens",
+               "blocks": format_layers(blocks), "kl_scores": {str(k): v for k, v in scores.items()}}
+        return drop_attention(model, blocks), blocks, how
+    return model, [], {"how": "none", "blocks": "-"}
+
+
+def analyze(args) -> dict:
+    """Everything analysis.json holds (see the module docstring)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model = load_model(args.model, dtype=args.dtype)
+    check_window(args.window, len(model.blocks))
+    ids, source = analysis_tokens(args, model)
+    model, removed, removal = remove_attention(args, model, ids)
+    sequences = list(ids)
+
+    total = block_evaluations_needed(model, len(sequences), GRANULARITIES)
+    with Progress(f"measuring dependencies of {args.model}", total, "blocks") as bar:
+        measured = dependency(model, sequences, exclude_sink=not args.include_sink, progress=bar.update)
+
+    block_matrix = measured.matrices["block"]
+    eligible = full_blocks(model) if args.greedy_blocks == "full" else None
+    steps = greedy_windows(block_matrix, args.window, eligible=eligible)
+    plan = propose_groups(model, measured.matrices["ffn"], args.max_group_size,
+                          leave_out_last=not args.keep_last_ffn, groups_per_run=args.groups_per_run)
+    tokens = {**source, "sequences": len(sequences), "sequence_length": int(ids.shape[1]),
+              "total": int(ids.size), "measured": measured.tokens_measured,
+              "attention_sink_excluded": not args.include_sink, "ids": ids.tolist()}
+    return {
+        "model": {"name": args.model, "config_name": model.config.name, "dtype": args.dtype,
+                  "blocks": len(model.blocks), "layout": layout(model)},
+        "attention_removed": removed,
+        "attention_removal": removal,
+        "attention_free_runs": [list(r) for r in attention_free_runs(model)],
+        "tokens": tokens,
+        "definitions": DEFINITIONS,
+        "dependency": {g: matrix_to_json(measured.matrices[g]) for g in GRANULARITIES},
+        "per_block": {k: [float(v) for v in values] for k, values in measured.per_block.items()},
+        "windows": {"length": args.window, "granularity": "block",
+                    "rows": window_statistics(block_matrix, args.window)},
+        "greedy": {"granularity": "block", "blocks": args.greedy_blocks, "tie_tolerance": TIE_TOLERANCE,
+                   "steps": steps},
+        "plan": plan.to_json(),
+        "block_evaluations": measured.block_evaluations,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
+    }
+
+
+def summary(result: dict, paths) -> str:
+    tokens, plan = result["tokens"], result["plan"]
+    spans = "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
+                      for s in tokens["spans"]) or tokens["split"]
+    lines = [f"model: {result['model']['name']} ({result['model']['blocks']} blocks), attention removed: "
+             f"{result['attention_removal']['blocks']}",
+             f"tokens: {tokens['sequences']} x {tokens['sequence_length']} from {spans}; {tokens['measured']} measured"
+             + (" (attention sink excluded)" if tokens["attention_sink_excluded"] else ""),
+             f"{result['block_evaluations']} block evaluations in {result['seconds']:.1f} s "
+             f"({result['cpu_seconds']:.1f} s of CPU)", ""]
+    lines.append(f"greedy windows of {result['windows']['length']} ({result['greedy']['blocks']} blocks)")
+    lines.append(format_table(["step", "blocks", "M_max", "M_sum", "tied"],
+                              [[s["step"], f"{s['first']}-{s['last']}", f"{s['max']:.4f}", f"{s['sum']:.4f}",
+                                ",".join(map(str, s["tied"]))] for s in result["greedy"]["steps"]]
+                              ) if result["greedy"]["steps"] else "  no eligible window")
+    lines.append("")
+    groups = ", ".join(f"{a}-{b}" for a, b in plan["groups"]) or "none (no attention-free run long enough)"
+    lines.append(f"fusion plan ({'last FFN of each run left out' if plan['leave_out_last'] else 'last FFN kept'}, "
+                 f"max group size {plan['max_group_size'] or 'none'}): {groups}")
+    lines += ["", "written:"] + [f"  {p}" for p in paths]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    with blas_threads(args.threads):
+        result = analyze(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "analysis.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    paths = [path]
+    if not args.no_figures:
+        from ..plots.dependency import write_analysis_figures
+        paths += write_analysis_figures(result, args.out)
+    if args.json:
+        print_json(result)
+    else:
+        print(summary(result, paths))
+    return 0
