@@ -400,10 +400,11 @@ class Hardware:
 #     its ramp-up and tail, when too few thread blocks are in flight to keep HBM busy (the "wave quantization"
 #     of §5). One fixed figure per kernel stands for both.
 #   alpha 0.7 µs per ring step: one NVLink/NVSwitch hop plus the flag handshake between GPUs is of the order of
-#     a microsecond. A ring at TP8 takes 14 steps, ~10 µs, plus its launch: the order of measured small-message
-#     all-reduce on 8 H100s (single-digit µs for TensorRT-LLM's one-/two-shot kernels, 10-20 µs for NCCL).
-#   The link bandwidth is the peak; real all-reduce bus bandwidth is lower (NCCL reaches roughly 70-85% of it
-#     on large messages), but at batch 1 the message is 32 KB and the bandwidth term is ~0.1 µs of ~10 µs.
+#     a microsecond. A ring at TP8 takes 14 steps, ~10 µs, plus its launch: the order commonly reported for a
+#     small-message all-reduce on 8 NVLink-connected GPUs (an estimate; we found no one citable measurement,
+#     and the answer depends on the algorithm: ring, tree, one-shot, NVLink SHARP).
+#   The link bandwidth is the peak; a real all-reduce moves its bytes below it, but at batch 1 the message is
+#     32 KB and the bandwidth term is ~0.1 µs of ~10 µs, so the projection does not depend on it.
 #   Kernels per sub-block, as a decode engine with fused kernels launches them: attention = input RMSNorm,
 #     QKV GEMM, RoPE + KV-cache write, decode attention, O GEMM (5); FFN = RMSNorm, gate/up GEMM, SwiGLU,
 #     down GEMM (4); per forward = embedding, final RMSNorm, LM head GEMM, sampling (4); plus one per
@@ -756,11 +757,15 @@ LEFT_OUT = (
     "of host-side scheduling, sampling and detokenization, or of CUDA-graph replay. Speculative decoding is "
     "absent: the paper's 202 tokens/s on H200 uses a draft model; Table 2 does not, and neither does this. The "
     "context is fixed (KV reads are small at batch 1 and this length), and memory capacity is only flagged, not "
-    "enforced: at TP below 8, Llama-405B in FP8 does not fit 80 GB per GPU.")
+    "enforced: at TP below 8, Llama-405B in FP8 does not fit 80 GB per GPU. Finally, the 253B layouts are "
+    "reconstructions (the per-layer widths inside each fused group are assumed), though only their sums matter here.")
 
 
 def paper_comparison(hw: Hardware | None = None, context: int = 1024) -> dict:
-    """Projected Llama-405B -> 253B PreFusion -> fused at TP8 beside the paper's 41.44 / 63.38 / 70.92 tokens/s."""
+    """Projected Llama-405B -> 253B PreFusion -> fused at TP8 beside the paper's 41.44 / 63.38 / 70.92 tokens/s.
+
+    FP8 weights by default: the paper's accuracy-vs-latency frontier is measured in FP8 on one 8×H100 node at
+    TP8 (PAPER.md §4.1), and Table 2 is read here as the same setting; BF16 is in paper_sensitivity."""
     hw = hw or h100_sxm("fp8")
     rows = []
     for name, measured in PAPER_TABLE2.items():
@@ -834,11 +839,14 @@ def predict_tp_run(result: dict, hw: Hardware) -> list[dict]:
         for phase, measured, new_tokens, context in phases:
             cost = forward_cost(shapes, hw, ranks, new_tokens, context, threads=threads)
             rows.append({"model": layout.name, "ranks": ranks, "variant": variant, "phase": phase,
-                         "tokens": new_tokens, "context": context,
+                         "tokens": new_tokens, "context": context, "load_average": result.get("load_average_1min"),
                          "measured_seconds": measured["seconds"], "predicted_seconds": cost.seconds,
                          "measured_allreduce_seconds": measured["allreduce_seconds"],
                          "predicted_allreduce_seconds": cost.parts["allreduce"],
                          "measured_allreduce_count": measured["allreduce_count"],
                          "predicted_allreduce_count": cost.allreduces,
-                         "measured_over_predicted": measured["seconds"] / cost.seconds})
+                         "measured_over_predicted": measured["seconds"] / cost.seconds,
+                         # the rest of the forward: computation and per-call overheads
+                         "measured_compute_seconds": measured["seconds"] - measured["allreduce_seconds"],
+                         "predicted_compute_seconds": cost.seconds - cost.parts["allreduce"]})
     return rows

@@ -261,3 +261,18 @@ def test_figures_draw_from_the_report(tmp_path, capsys, cpu):
     first = plot_tp_projection(report, tmp_path / "projection.png").read_bytes()
     assert first == plot_tp_projection(report, tmp_path / "again.png").read_bytes()  # deterministic
     assert plot_measured_vs_predicted(report, tmp_path / "measured.png").stat().st_size > 0
+
+
+def test_measured_table_reuses_a_recorded_calibration(tmp_path, capsys, cpu):
+    calibration = cpu.calibration | {"mpi_allreduce": {"available": True, "alpha": 1e-5, "link_bandwidth": 1e9}}
+    recorded = tmp_path / "costmodel.json"
+    recorded.write_text(json.dumps({"measured": {"hardware": {"calibration": calibration}}}))
+    run = tmp_path / "tp_tiny_n2.json"
+    run.write_text(json.dumps(tp_result(2, (18, 14))))
+    assert main(["costmodel", "--json", "--measured", str(run), "--calibration", str(recorded)]) == 0
+    captured = capsys.readouterr()
+    assert "calibrating" not in captured.err                                   # nothing was measured
+    rows = json.loads(captured.out)["measured"]["rows"]
+    assert len(rows) == 4 and {r["file"] for r in rows} == {str(run)}
+    assert main(["costmodel", "--measured", str(run), "--calibration", str(run)]) == 2
+    assert "holds no CPU calibration" in capsys.readouterr().err

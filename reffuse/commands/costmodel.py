@@ -175,8 +175,8 @@ def print_report(report: dict) -> None:
                  f"{r['fusion_speedup']:.3f}x",
                  {True: "yes", False: "no", None: "-"}[r["sequential"]["fits_in_memory"]]]
                 for r in projection["rows"]]
-        print(format_table(["TP", "all-reduces seq", "fused", "ms/token seq", "fused", "tok/s seq", "fused",
-                            "fusion speedup", "fits"], rows))
+        print(format_table(["TP", "all-reduces seq", "all-reduces fused", "ms/token seq", "ms/token fused",
+                            "tok/s seq", "tok/s fused", "fusion speedup", "weights fit"], rows))
         if projection["skipped_tp"]:
             print(f"  TP {', '.join(projection['skipped_tp'])} skipped: a head count or an FFN width does not divide "
                   "by them (reasons in --json)")
@@ -203,18 +203,23 @@ def print_report(report: dict) -> None:
 def print_measured(measured: dict) -> None:
     cal = measured["hardware"]["calibration"]
     mpi = cal["mpi_allreduce"]
-    print(f"\nthis machine, calibrated in {cal['calibration_seconds']:.1f} s: {cal['cores']} cores; GEMM "
+    load = "" if cal.get("load_average") is None else f" at load average {cal['load_average']:.1f}"
+    print(f"\nthis machine, calibrated in {cal['calibration_seconds']:.1f} s{load}: {cal['cores']} cores; GEMM "
           f"{cal['gemm_flops_1_thread'] / 1e9:.3g} GFLOP/s on 1 thread, {cal['gemm_flops_all_threads'] / 1e9:.3g} on "
           f"all; GEMV {cal['gemv_bandwidth_1_thread'] / 1e9:.3g} GB/s on 1 thread, machine "
           f"{cal['machine_bandwidth'] / 1e9:.3g} GB/s; {cal['numpy_call_seconds'] * 1e6:.3g} us per NumPy call; "
           + (f"MPI all-reduce alpha {mpi['alpha'] * 1e6:.3g} us/step, beta {mpi['link_bandwidth'] / 1e9:.3g} GB/s"
              if mpi["available"] else f"MPI not measured ({mpi['reason']})"))
-    print("measured (reffuse tp, rank 0, medians) vs predicted, per forward")
-    rows = [[r["model"], r["ranks"], r["variant"], r["phase"], r["measured_allreduce_count"],
-             r["predicted_allreduce_count"], _ms(r["measured_seconds"]), _ms(r["predicted_seconds"]),
-             f"{r['measured_over_predicted']:.2f}", _ms(r["measured_allreduce_seconds"]),
-             _ms(r["predicted_allreduce_seconds"])] for r in measured["rows"]]
-    print(format_table(["model", "N", "variant", "phase", "all-reduces", "model", "measured ms", "predicted ms",
-                        "measured/predicted", "all-reduce ms", "model"], rows))
+    print("measured (reffuse tp, rank 0, medians) vs predicted, per forward; 'rest' is the forward less its "
+          "all-reduces")
+    rows = [[r["model"], r["ranks"], r["variant"], r["phase"],
+             f"{r['measured_allreduce_count']:g} / {r['predicted_allreduce_count']}",
+             f"{_ms(r['measured_seconds'])} / {_ms(r['predicted_seconds'])}", f"{r['measured_over_predicted']:.2f}",
+             f"{_ms(r['measured_compute_seconds'])} / {_ms(r['predicted_compute_seconds'])}",
+             f"{_ms(r['measured_allreduce_seconds'])} / {_ms(r['predicted_allreduce_seconds'])}",
+             "-" if r.get("load_average") is None else f"{r['load_average']:.1f}"] for r in measured["rows"]]
+    print(format_table(["model", "N", "variant", "phase", "all-reduces", "total ms", "measured/model", "rest ms",
+                        "all-reduce ms", "load"], rows))
+    print("(columns with two numbers: measured / model)")
     print("(at N=1 reffuse tp still calls MPI's Allreduce on its one rank, which returns at once; the model counts "
           "no all-reduce there)")
