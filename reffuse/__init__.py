@@ -9,11 +9,14 @@
 from .backend import gpu_available
 from .checkpoint import save_model
 from .errors import ReffuseError
+from .fetch import fetch
 from .fusion import fuse
+from .generate import generate
 from .loading import load_model
 from .model import Config, KVCache, Model, cast, forward, layout, to_device
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "ReffuseError", "cast", "forward", "fuse", "gpu_available", "layout",
-           "load_model", "save_model", "to_device"]
+__all__ = ["Config", "KVCache", "Model", "ReffuseError", "cast", "fetch", "forward", "fuse", "generate",
+           "gpu_available", "layout", "load_model", "load_tokenizer", "save_model", "to_device"]

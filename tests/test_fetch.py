@@ -7,9 +7,8 @@ import zipfile
 
 import pytest
 
-from reffuse import fetch as fetch_module
 from reffuse.errors import ReffuseError
-from reffuse.fetch import SOURCES, _extract_folder, fetch
+from reffuse.fetch import SOURCES, _extract_folder, cached_path, fetch
 
 MODEL_BYTES = b"GGUF stand-in bytes " * 1000
 
@@ -104,4 +103,4 @@ def test_extraction_of_a_broken_archive(tmp_path):
 
 def test_cache_folder_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("REFFUSE_CACHE", str(tmp_path))
-    assert fetch_module.cached_path("shakespeare") == tmp_path / "shakespeare" / "texts"
+    assert cached_path("shakespeare") == tmp_path / "shakespeare" / "texts"
