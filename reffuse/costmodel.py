@@ -20,7 +20,7 @@ and, after every row-parallel layer (o_proj, down_proj), one ring all-reduce of 
 Under Megatron tensor parallelism the weights and FLOPs of every attention and FFN divide by N, so the time a
 GPU spends on them shrinks as 1/N, while the number of all-reduces stays: 2 per block with attention and an FFN,
 1 per FFN-only block, 1 per fused FFN group. FFN Fusion turns a run of k attention-free blocks into one wide
-FFN: the same weights and FLOPs, k - 1 fewer all-reduces and 4 (k - 1) fewer kernels. At batch 1 decode is
+FFN: the same weights and FLOPs, k - 1 fewer all-reduces and k - 1 fewer FFNs' kernels. At batch 1 decode is
 memory-bound (about 1 FLOP per weight byte read, far below any machine's FLOP/byte ratio), so what fusion saves
 is the per-layer fixed cost, and that saving grows with N because the weight time it sits beside shrinks as 1/N.
 
@@ -293,8 +293,10 @@ def ultra_prefusion_layout() -> Layout:
 
 def ultra_fused_layout() -> Layout:
     """Ultra-253B after FFN Fusion: the pre-fusion layout with [66,73], [74,85], [86,100], [101,114] fused."""
-    fused = fuse_layout(ultra_prefusion_layout())
-    return dataclasses.replace(fused, name="ultra-253b-fused")
+    prefusion = ultra_prefusion_layout()
+    return dataclasses.replace(fuse_layout(prefusion), name="ultra-253b-fused",
+                               source="ultra-253b-prefusion with the paper's four groups fused (PAPER.md §4.1); "
+                                      "the fused widths are the released config's")
 
 
 def tiny_layout() -> Layout:
@@ -485,31 +487,32 @@ def _decode_seconds(models: dict[str, Model], repeats: int = 9, inner: int = 40)
 
 
 # Run under `mpiexec -n 2` with one BLAS thread per rank: MPI's Allreduce of a small and a 1 MiB float32 buffer,
-# then both ranks at once stream the calibration's 128 MB GEMV (how the machine's memory bandwidth splits between two ranks).
+# each call timed on its own, keeping the 10th percentile (on a shared machine a call now and then waits for the
+# other rank to be scheduled; that wait is the machine's load, not the all-reduce); then both ranks at once
+# stream the calibration's 128 MB GEMV (how the machine's memory bandwidth splits between two ranks).
 MPI_PROBE = """
 import json, time
 import numpy as np
 from mpi4py import MPI
 comm = MPI.COMM_WORLD
-def best_seconds(fn, calls):
+def low_seconds(fn, calls):
     fn()
+    comm.Barrier()
     times = []
-    for _ in range(7):
-        comm.Barrier()
+    for _ in range(calls):
         start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls)
-    return min(times)
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.percentile(times, 10))
 def allreduce_seconds(n, calls):
     buf = np.ones(n, dtype=np.float32)
-    return best_seconds(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), calls)
+    return low_seconds(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), calls)
 small, large = 8, 1 << 18
 weight = np.ones((32768, 1024), dtype=np.float32)
 x = np.ones((1, 1024), dtype=np.float32)
-result = {"ranks": comm.Get_size(), "small_bytes": 4 * small, "small_seconds": allreduce_seconds(small, 200),
-          "large_bytes": 4 * large, "large_seconds": allreduce_seconds(large, 10),
-          "gemv_bandwidth_per_rank": min(comm.allgather(weight.nbytes / best_seconds(lambda: x @ weight.T, 1)))}
+result = {"ranks": comm.Get_size(), "small_bytes": 4 * small, "small_seconds": allreduce_seconds(small, 400),
+          "large_bytes": 4 * large, "large_seconds": allreduce_seconds(large, 30),
+          "gemv_bandwidth_per_rank": min(comm.allgather(weight.nbytes / low_seconds(lambda: x @ weight.T, 9)))}
 if comm.Get_rank() == 0:
     print(json.dumps(result))
 """
@@ -553,7 +556,8 @@ def calibrate_cpu(mpi: bool = True, dtype: str = "fp32") -> Hardware:
     - per-call overhead: decode steps through models of width 16 (no block, one attention, one FFN);
     - MPI all-reduce alpha and beta from `mpiexec -n 2` (if mpi and a launcher are present), and the bandwidth
       each of two ranks gets when both stream at once.
-    Each figure is the best of several timings; the load average at the time is recorded with them.
+    Each figure is the best of several timings (MPI: the 10th percentile of single calls), what the machine does
+    undisturbed; the load average at the time is recorded with them.
     """
     from .timing import blas_threads
 
@@ -707,7 +711,7 @@ def forward_cost(layout: Layout, hw: Hardware, tp: int = 1, tokens: int = 1, con
     return cost
 
 
-def cost_summary(cost: Cost, layout: Layout, hw: Hardware, tp: int, batch: int = 1, tokens: int = 1) -> dict:
+def cost_summary(cost: Cost, hw: Hardware, tp: int, batch: int = 1, tokens: int = 1) -> dict:
     """A JSON-ready account of one prediction."""
     fits = None if hw.memory_capacity is None else bool(cost.weight_bytes <= hw.memory_capacity)
     return {"tp": tp, "seconds": cost.seconds, "tokens_per_second": batch * tokens / cost.seconds,
@@ -729,8 +733,8 @@ def decode_projection(layout: Layout, hw: Hardware, degrees=range(1, 9), context
         if problems:
             skipped[str(tp)] = "; ".join(problems)
             continue
-        seq = cost_summary(forward_cost(layout, hw, tp, 1, context, batch), layout, hw, tp, batch)
-        fus = cost_summary(forward_cost(fused, hw, tp, 1, context, batch), fused, hw, tp, batch)
+        seq = cost_summary(forward_cost(layout, hw, tp, 1, context, batch), hw, tp, batch)
+        fus = cost_summary(forward_cost(fused, hw, tp, 1, context, batch), hw, tp, batch)
         rows.append({"tp": tp, "sequential": seq, "fused": fus,
                      "fusion_speedup": seq["seconds"] / fus["seconds"]})
     return {"model": layout.name, "parameters": parameter_count(layout), "blocks": len(layout.blocks),
@@ -747,7 +751,7 @@ PAPER_TP = 8
 
 LEFT_OUT = (
     "What the model leaves out. It is a roofline with fixed per-kernel and per-step costs, so it is an optimistic "
-    "bound where the real system loses bandwidth: HBM streams at 80-90% of its 3.35 TB/s in practice, not 100%, "
+    "bound where the real system loses bandwidth: HBM is commonly measured at 80-90% of its 3.35 TB/s, not 100%, "
     "and NVLink all-reduces run below peak bus bandwidth with latencies that depend on the algorithm (ring, tree, "
     "one-shot, NVLink SHARP), not on one alpha. It knows nothing of kernel fusion beyond the fixed counts (an "
     "engine that fuses the residual add and RMSNorm into the all-reduce, or SwiGLU into the GEMM, pays fewer "
@@ -770,7 +774,7 @@ def paper_comparison(hw: Hardware | None = None, context: int = 1024) -> dict:
     rows = []
     for name, measured in PAPER_TABLE2.items():
         layout = MODEL_PRESETS[name]()
-        summary = cost_summary(forward_cost(layout, hw, PAPER_TP, 1, context), layout, hw, PAPER_TP)
+        summary = cost_summary(forward_cost(layout, hw, PAPER_TP, 1, context), hw, PAPER_TP)
         rows.append({"model": name, "parameters": parameter_count(layout), "paper_tokens_per_second": measured,
                      **summary})
     base = rows[0]
