@@ -13,10 +13,13 @@ from .fetch import fetch
 from .fusion import fuse
 from .generate import generate
 from .loading import load_model
+from .metrics import dependency, greedy_windows, window_statistics
 from .model import Config, KVCache, Model, cast, forward, layout, to_device
+from .planning import propose_groups
 from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "ReffuseError", "cast", "fetch", "forward", "fuse", "generate",
-           "gpu_available", "layout", "load_model", "load_tokenizer", "save_model", "to_device"]
+__all__ = ["Config", "KVCache", "Model", "ReffuseError", "cast", "dependency", "fetch", "forward", "fuse",
+           "generate", "gpu_available", "greedy_windows", "layout", "load_model", "load_tokenizer", "propose_groups",
+           "save_model", "to_device", "window_statistics"]

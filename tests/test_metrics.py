@@ -1,15 +1,19 @@
 """Dependency metrics on models whose answers are known, against straightforward re-runs, and on bad input."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 import reffuse
+from reffuse.cli import main
 from reffuse.errors import ReffuseError
 from reffuse.metrics import (block_evaluations_needed, block_steps, cosine_distance, dependency, full_blocks,
                              greedy_windows, matrix_from_json, matrix_to_json, residual_stream, window_statistics)
 from reffuse.model import FFN, Block, Config, Model, block_forward, rms_norm, rope_tables
+from reffuse.pruning import drop_attention
+from reffuse.tiny import build_tiny
 
 # Float64 rounding of a cosine distance computed from unit vectors is ~1e-32 for identical directions; anything
 # below 1e-15 is zero for these constructions, and a real dependency in them is above 1e-4.
@@ -274,3 +278,45 @@ def test_bad_input(tiny32):
         dependency(tiny32, sequences(), granularities=["layer"])
     with pytest.raises(ReffuseError, match="out of range"):
         dependency(tiny32, [np.array([1, 2, 999])])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reffuse analyze, on the synthetic tiny model (random token ids)
+
+
+def test_analyze_command_writes_what_it_measured(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model", "tiny", "--tokens", "48", "--sequence-length", "24", "--drop-attention", "1-2",
+                 "--max-group-size", "3", "--greedy-blocks", "all", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads((out / "analysis.json").read_text())
+    assert printed["dependency"] == written["dependency"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["block_metrics.png", "dependency_block.png",
+                                                         "dependency_ffn.png", "layout.png", "windows.png"]
+    tokens = written["tokens"]
+    assert (tokens["sequences"], tokens["sequence_length"], tokens["measured"]) == (2, 24, 46)
+    assert tokens["attention_sink_excluded"] is True
+    assert written["attention_removed"] == [1, 2] and written["attention_free_runs"] == [[1, 2], [4, 9]]
+    assert written["plan"]["groups"] == [[4, 5], [6, 8]] and written["plan"]["leave_out_last"] is True
+    assert [r["first"] for r in written["windows"]["rows"]] == list(range(9))
+    assert written["greedy"]["steps"][0]["step"] == 1
+    # the recorded ids reproduce the recorded matrices
+    model = drop_attention(build_tiny(), [1, 2])
+    again = dependency(model, [np.array(ids) for ids in tokens["ids"]])
+    for granularity, M in again.matrices.items():
+        np.testing.assert_array_equal(matrix_from_json(written["dependency"][granularity]), M)
+    assert written["dependency"]["block"][3][2] is None  # j < i: null in JSON
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--window", "13"], "longer than the model's 12 blocks"),
+    (["--drop-attention", "10-12"], "out of range"),
+    (["--drop-attention", "5"], "has no attention"),
+    (["--contiguous"], "--contiguous only applies"),
+    (["--tokens", "1"], "at least 2"),
+    (["--max-group-size", "1"], "at least 2"),
+])
+def test_analyze_bad_input(tmp_path, capsys, argv, message):
+    assert main(["analyze", "--model", "tiny", "--tokens", "16", "--no-figures", "--out", str(tmp_path)] + argv) == 2
+    assert message in capsys.readouterr().err

@@ -47,8 +47,7 @@ def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None):
         fig, ax = plt.subplots(figsize=(6.2, 5.2))
     else:
         fig = ax.figure
-    cmap = plt.get_cmap("coolwarm").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("coolwarm").with_extremes(bad="white")  # NaN (undefined entries) left blank
     shown = ax.imshow(np.ma.masked_invalid(image), cmap=cmap, norm=LogNorm(lo, hi), origin="upper",
                       interpolation="nearest")
     ticks = [2.0 ** k for k in range(LOG2_RANGE[0], LOG2_RANGE[1] + 1)]
