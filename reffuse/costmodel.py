@@ -730,6 +730,8 @@ def decode_projection(layout: Layout, hw: Hardware, degrees=range(1, 9), context
     rows, skipped = [], {}
     for tp in degrees:
         problems = tensor_parallel_problems(layout, tp) or tensor_parallel_problems(fused, tp)
+        if tp > 1 and hw.allreduce_alpha is None:
+            problems = [f"{hw.name} has no all-reduce calibration (MPI was not measured)"]
         if problems:
             skipped[str(tp)] = "; ".join(problems)
             continue

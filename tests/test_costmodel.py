@@ -178,6 +178,8 @@ def test_cpu_calibration_gives_a_usable_hardware(cpu, layouts):
     assert forward_cost(layouts["smollm2"], cpu, tp=1, context=64).seconds > 0
     with pytest.raises(ReffuseError, match="no all-reduce calibration"):
         forward_cost(layouts["smollm2"], cpu, tp=3)
+    projection = decode_projection(layouts["smollm2"], cpu, range(1, 4))       # TP 3 skipped, with the reason
+    assert [r["tp"] for r in projection["rows"]] == [1] and "no all-reduce" in projection["skipped_tp"]["3"]
 
 
 def tp_result(ranks, counts, attention_removed=()):

@@ -164,8 +164,9 @@ def print_report(report: dict) -> None:
 
     hw = report["hardware"]
     setting = report["setting"]
-    print(f"projected single-user decode on {hw['name']} ({hw['precision']} weights), context "
-          f"{setting['context']}, batch {setting['batch']}")
+    who = "single-user decode" if setting["batch"] == 1 else \
+        f"decode of {setting['batch']} sequences at once (tokens/s counts them all)"
+    print(f"projected {who} on {hw['name']} ({hw['precision']} weights), context {setting['context']}")
     for projection in report["projections"]:
         print(f"\n{projection['model']}: {projection['parameters'] / 1e9:.4g}B parameters, {projection['blocks']} "
               f"blocks -> {projection['fused_blocks']} after fusing {projection['fusion_groups'] or 'nothing'}")
@@ -178,8 +179,9 @@ def print_report(report: dict) -> None:
         print(format_table(["TP", "all-reduces seq", "all-reduces fused", "ms/token seq", "ms/token fused",
                             "tok/s seq", "tok/s fused", "fusion speedup", "weights fit"], rows))
         if projection["skipped_tp"]:
-            print(f"  TP {', '.join(projection['skipped_tp'])} skipped: a head count or an FFN width does not divide "
-                  "by them (reasons in --json)")
+            reasons = sorted(set(projection["skipped_tp"].values()), key=len)
+            why = reasons[0] if len(reasons) == 1 else "a head count or an FFN width does not divide by them"
+            print(f"  TP {', '.join(projection['skipped_tp'])} skipped: {why} (reasons in --json)")
 
     print("\nlayouts: where they come from and what is assumed")
     for name, info in report["layouts"].items():
