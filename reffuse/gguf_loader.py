@@ -161,13 +161,18 @@ def config_from_gguf(reader, path) -> tuple[Config, list[dict]]:
     scaling = metadata_value(reader, f"{ARCHITECTURE}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
         raise ReffuseError(f"{path}: RoPE scaling ({scaling}) is not supported (plain RoPE only)")
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    tokens = metadata_value(reader, "tokenizer.ggml.tokens")
-    vocab = key("vocab_size", len(tokens) if tokens else (int(embed.shape[1]) if embed is not None else None))
+    vocab = metadata_value(reader, f"{ARCHITECTURE}.vocab_size")
+    if vocab is None:  # files without the key: the tokenizer's length, else the embedding's rows
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        vocab = len(tokens.data) if tokens else int(embed.shape[1]) if embed is not None else key("vocab_size")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", dim // n_heads))
+    if int(key("rope.dimension_count", head_dim)) != head_dim:
+        raise ReffuseError(f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions (partial "
+                           "rotary) is not supported")
     config = Config(vocab_size=int(vocab), dim=dim, n_heads=n_heads,
-                    n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-                    head_dim=int(key("attention.key_length", dim // n_heads)),
+                    n_kv_heads=int(key("attention.head_count_kv", n_heads)), head_dim=head_dim,
                     rope_theta=float(key("rope.freq_base", 10000.0)),
                     norm_eps=float(key("attention.layer_norm_rms_epsilon")),
                     tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
