@@ -8,7 +8,9 @@
 
 from .backend import gpu_available
 from .checkpoint import save_model
+from .corpus import calibration_windows, held_out_windows
 from .errors import ReffuseError
+from .evaluate import evaluate, perplexity
 from .fetch import fetch
 from .fusion import fuse
 from .generate import generate
@@ -20,6 +22,7 @@ from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "ReffuseError", "cast", "dependency", "fetch", "forward", "fuse",
-           "generate", "gpu_available", "greedy_windows", "layout", "load_model", "load_tokenizer", "propose_groups",
-           "save_model", "to_device", "window_statistics"]
+__all__ = ["Config", "KVCache", "Model", "ReffuseError", "calibration_windows", "cast", "dependency", "evaluate",
+           "fetch", "forward", "fuse", "generate", "gpu_available", "greedy_windows", "held_out_windows", "layout",
+           "load_model", "load_tokenizer", "perplexity", "propose_groups", "save_model", "to_device",
+           "window_statistics"]

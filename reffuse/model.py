@@ -151,8 +151,33 @@ def silu(z):
 
 def swiglu(ffn: FFN, x):
     """eq. 3: FFN(x) = (silu(x W_gate^T) ⊙ x W_up^T) W_down^T."""
+    if x.shape[0] * ffn.width > HIDDEN_BLOCK_ELEMENTS and array_module(x) is np:
+        return swiglu_in_column_blocks(ffn, x)     # the same sum in cache-sized pieces, for CPU speed (below)
     hidden = silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # [T, d] -> [T, dh]
     return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
+
+
+# On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
+# there are many tokens, and every elementwise step (silu, ⊙) then streams them through main memory: a fused
+# run became slower than its blocks one by one. Column blocks of at most this many elements stay in cache.
+HIDDEN_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32 per [T, block] array: measured best among 2^16..2^20
+
+
+def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int = HIDDEN_BLOCK_ELEMENTS):
+    """swiglu summed over blocks b of hidden units: FFN(x) = Σ_b (silu(x W_gate[b]^T) ⊙ x W_up[b]^T) W_down[:, b]^T.
+
+    Equal to swiglu up to rounding, because each hidden unit acts on its own (the fact behind Theorem 3.1, used
+    the other way round). Each [T, block] intermediate has at most `block_elements` elements.
+    """
+    xp = array_module(x)
+    n_blocks = -(-x.shape[0] * ffn.width // block_elements)  # ceil: blocks of equal width
+    block = -(-ffn.width // n_blocks)
+    out = xp.zeros((x.shape[0], ffn.down.shape[0]), dtype=x.dtype)
+    for start in range(0, ffn.width, block):
+        cols = slice(start, start + block)
+        hidden = silu(x @ ffn.gate[cols].T) * (x @ ffn.up[cols].T)  # [T, d] -> [T, block]
+        out += hidden @ ffn.down[:, cols].T                          # [T, block] -> [T, d]
+    return out
 
 
 def rope_tables(positions, head_dim: int, theta: float, dtype, xp=np):
@@ -199,6 +224,16 @@ class KVCache:
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
 
+def softmax_(scores):
+    """softmax over the last axis, in place: the scores are attention's largest array, so no temporaries of
+    their size are made (the trailing _ says the argument is overwritten)."""
+    xp = array_module(scores)
+    scores -= scores.max(axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
 def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
     """Causal grouped-query self-attention with RoPE. x [T, d] (already normalised) -> [T, d]."""
     xp = array_module(x)
@@ -213,11 +248,12 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
         k, v = cache.append(layer, k, v)                        # -> [n_kv, S, hd], S = past + T
     n_heads, n_kv, S = q.shape[0], k.shape[0], k.shape[1]
     q = q.reshape(n_kv, n_heads // n_kv, T, hd)                # query heads grouped by the kv head they read
-    scores = q @ k[:, None].transpose(0, 1, 3, 2) / math.sqrt(hd)  # -> [n_kv, group, T, S]
-    future = xp.arange(S)[None, :] > (past + xp.arange(T))[:, None]  # [T, S], True where a key is in the future
-    scores = xp.where(future, -xp.inf, scores)
-    scores = xp.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)        # softmax over keys
+    scores = q @ k[:, None].transpose(0, 1, 3, 2)              # -> [n_kv, group, T, S]
+    scores /= math.sqrt(hd)
+    if T > 1:  # one new token (decoding) sees every key; otherwise hide each query's future keys
+        future = xp.arange(S)[None, :] > (past + xp.arange(T))[:, None]  # [T, S], True where a key is in the future
+        scores += xp.where(future, -xp.inf, 0).astype(scores.dtype)
+    probs = softmax_(scores)                                   # over keys
     out = (probs @ v[:, None]).reshape(n_heads, T, hd)         # -> [n_heads, T, hd]
     return out.transpose(1, 0, 2).reshape(T, n_heads * hd) @ attn.o.T  # -> [T, d]
 

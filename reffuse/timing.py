@@ -28,6 +28,21 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def compare_seconds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
+    """Median wall time of each fn() (name -> seconds), timed in alternation: every round calls each fn once,
+    so a change in the machine's load during the measurement falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            synchronize(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            synchronize(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 @contextlib.contextmanager
 def blas_threads(n: int | None):
     """Pin the BLAS thread pool to n threads inside the block (no-op when n is None or threadpoolctl is absent)."""
@@ -58,6 +73,6 @@ def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = 
             y = block_forward(model, layer, y, *no_rope)
         return y
 
-    seconds = {"sequential": median_seconds(sequential, repeats),
-               "fused": median_seconds(lambda: block_forward(fused, first, x, *no_rope), repeats)}
+    seconds = compare_seconds({"sequential": sequential,
+                               "fused": lambda: block_forward(fused, first, x, *no_rope)}, repeats)
     return {"tokens": tokens, **seconds, "speedup": seconds["sequential"] / seconds["fused"]}

@@ -1,0 +1,285 @@
+"""How fast reffuse runs a model, against transformers in the same run, and what fusing a run of FFNs saves.
+
+One run measures, one after the other, with BLAS (threadpoolctl) and torch pinned to the same thread count:
+
+- prefill: one forward over T prompt tokens (T = 64, 128, 256) into an empty KV cache, logits for every position;
+- decode: greedy generation of DECODE_TOKENS tokens after a 64-token prompt, one forward per token with the KV
+  cache (argmax of the last logits), as tokens per second; the prompt's prefill is not timed;
+- the same with transformers' LlamaForCausalLM on the same token ids (torch.inference_mode, its own KV cache),
+  when the `reference` extra is installed and the model is one transformers can load (see reference.py);
+- the fused-FFN microbenchmark: the FFNs of the model's first 8 blocks as a run of attention-free blocks,
+  sequential (eq. 4, block by block) vs fused into one wide SwiGLU (norm="fold"), at 1, 16, 128 and 512 tokens.
+
+Every time is a median over `repeats` after one untimed warm-up, and the things compared are timed in
+alternation (timing.compare_seconds), because the machines this runs on are shared: compare ratios measured
+in the same run, never absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from .errors import ReffuseError
+from .fusion import fuse
+from .model import Block, KVCache, Model, forward
+from .optional import require
+from .timing import blas_threads, compare_seconds, time_ffn_run
+
+PREFILL_TOKENS = (64, 128, 256)
+DECODE_PROMPT_TOKENS = 64
+DECODE_TOKENS = 32
+FFN_RUN_BLOCKS = 8
+FFN_RUN_TOKENS = (1, 16, 128, 512)
+
+# The targets this benchmark checks, on 2 cores in float32 (the issue's speed goals).
+TARGETS = {
+    "prefill": "prefill time <= 1.0x transformers' at every length (aim 0.8x)",
+    "decode": "decode tokens/s >= 2x transformers'",
+    "ffn_run_1": "fused FFN run >= 1.3x faster than sequential at 1 token",
+    "ffn_run_large": "fused FFN run never slower than sequential at 128 and 512 tokens",
+}
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def prompt_ids(model: Model, tokens: int, seed: int = 0) -> np.ndarray:
+    """Random token ids: speed does not depend on what the tokens say."""
+    return np.random.default_rng(seed).integers(0, model.config.vocab_size, tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reffuse and transformers, each behind the same two operations
+
+
+def reffuse_prefill(model: Model, ids):
+    """One forward over the prompt into a new KV cache; logits [T, vocab]."""
+    return forward(model, ids, cache=KVCache(model, len(ids)))
+
+
+def reffuse_decode(model: Model, prompt, new_tokens: int) -> tuple[float, list[int]]:
+    """Seconds for `new_tokens` greedy decode steps after an untimed prefill of `prompt`, and the tokens."""
+    cache = KVCache(model, len(prompt) + new_tokens)
+    token = int(forward(model, prompt, cache=cache)[-1].argmax())
+    tokens = []
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens.append(token)
+        token = int(forward(model, [token], cache=cache)[-1].argmax())  # one new position per forward
+    return time.perf_counter() - start, tokens
+
+
+class TransformersRunner:
+    """transformers' model behind the same operations, without autograd (torch.inference_mode)."""
+
+    def __init__(self, hf_model):
+        self.torch = require("torch", "reference", "comparing speed with transformers")
+        self.model = hf_model
+        # transformers 5 names the cache argument and output `cache`; 4.x called both `past_key_values`
+        self.cache_name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+    def _run(self, ids, cache=None):
+        kwargs = {self.cache_name: cache} if cache is not None else {}
+        with self.torch.inference_mode():
+            out = self.model(self.torch.from_numpy(np.asarray(ids, dtype=np.int64))[None], use_cache=True, **kwargs)
+        return out.logits[0], getattr(out, self.cache_name)
+
+    def prefill(self, ids):
+        return self._run(ids)[0]
+
+    def decode(self, prompt, new_tokens: int) -> tuple[float, list[int]]:
+        logits, cache = self._run(prompt)
+        token = int(logits[-1].argmax())
+        tokens = []
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            tokens.append(token)
+            logits, cache = self._run([token], cache)
+            token = int(logits[-1].argmax())
+        return time.perf_counter() - start, tokens
+
+
+def load_transformers(model_name: str):
+    """(TransformersRunner, None), or (None, why not) when transformers cannot run this model here."""
+    try:
+        require("transformers", "reference", "comparing speed with transformers")
+        from .reference import load_reference
+        return TransformersRunner(load_reference(model_name, "float32")), None
+    except ReffuseError as e:
+        return None, str(e)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The measurements
+
+
+def ffn_run_model(model: Model, blocks: int = FFN_RUN_BLOCKS) -> Model:
+    """The FFNs of the model's first `blocks` blocks, attention removed: a run (0, blocks - 1) to fuse."""
+    ffns = [b.ffn for b in model.blocks if b.ffn is not None][:blocks]
+    if len(ffns) < 2:
+        raise ReffuseError(f"{model.config.name} has {len(ffns)} FFN(s): the FFN-run benchmark needs at least 2")
+    return Model(model.config, model.embed, [Block(None, f) for f in ffns], model.norm, model.lm_head)
+
+
+def time_decode(runners: dict, prompt, new_tokens: int, repeats: int) -> dict:
+    """Median decode seconds per runner (name -> decode function), in alternation; and each runner's tokens."""
+    seconds, tokens = {name: [] for name in runners}, {}
+    for name, decode in runners.items():  # warm-up
+        decode(prompt, min(new_tokens, 2))
+    for _ in range(repeats):
+        for name, decode in runners.items():
+            elapsed, tokens[name] = decode(prompt, new_tokens)
+            seconds[name].append(elapsed)
+    return {name: statistics.median(s) for name, s in seconds.items()}, tokens
+
+
+def environment(threads: int) -> dict:
+    """What the numbers were measured on."""
+    env = {"machine": platform.machine(), "processor": platform.processor() or None, "cores": os.cpu_count(),
+           "threads": threads, "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        from threadpoolctl import threadpool_info
+        env["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "threading_layer")}
+                       for i in threadpool_info() if i.get("user_api") == "blas"]
+    except ImportError:
+        env["blas"] = None
+    if hasattr(os, "getloadavg"):
+        env["load_average_1min_at_start"] = os.getloadavg()[0]
+    return env
+
+
+def run_benchmark(model: Model, model_name: str, threads: int | None = None, repeats: int = 7,
+                  prefill_tokens=PREFILL_TOKENS, ffn_tokens=FFN_RUN_TOKENS, decode_tokens: int = DECODE_TOKENS,
+                  with_transformers: bool = True, progress=None) -> dict:
+    """All measurements of the module doc as one JSON-ready dict. `model` must be float32 on the CPU."""
+    if model.dtype != np.float32:
+        raise ReffuseError(f"the benchmark runs float32 models; this one is {model.dtype} (load it with dtype float32)")
+    threads = threads or default_threads()
+    note = progress or (lambda message: None)
+    result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
+              "environment": environment(threads)}
+    hf, why_not = (None, "not asked for (--no-transformers)")
+    if with_transformers:
+        note("loading transformers' model")
+        hf, why_not = load_transformers(model_name)
+    result["transformers"] = {"used": hf is not None, "reason": why_not}
+    if hf is not None:
+        import torch
+        import transformers
+        result["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        with blas_threads(threads):
+            result["prefill"] = []
+            for tokens in prefill_tokens:
+                note(f"prefill, {tokens} tokens")
+                ids = prompt_ids(model, tokens)
+                fns = {"reffuse": lambda: reffuse_prefill(model, ids)}
+                if hf is not None:
+                    fns["transformers"] = lambda: hf.prefill(ids)
+                seconds = compare_seconds(fns, repeats)
+                row = {"tokens": tokens, "reffuse_seconds": seconds["reffuse"]}
+                if hf is not None:
+                    row.update(transformers_seconds=seconds["transformers"],
+                               time_ratio=seconds["reffuse"] / seconds["transformers"])
+                result["prefill"].append(row)
+
+            note(f"decode, {decode_tokens} tokens")
+            prompt = prompt_ids(model, DECODE_PROMPT_TOKENS)
+            runners = {"reffuse": lambda p, n: reffuse_decode(model, p, n)}
+            if hf is not None:
+                runners["transformers"] = hf.decode
+            seconds, tokens = time_decode(runners, prompt, decode_tokens, repeats)
+            decode = {"prompt_tokens": len(prompt), "new_tokens": decode_tokens,
+                      "reffuse_tokens_per_second": decode_tokens / seconds["reffuse"]}
+            if hf is not None:
+                decode.update(transformers_tokens_per_second=decode_tokens / seconds["transformers"],
+                              speedup=seconds["transformers"] / seconds["reffuse"],
+                              same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
+            result["decode"] = decode
+
+            run = ffn_run_model(model)
+            group = (0, len(run.blocks) - 1)
+            rows = []
+            for tokens in ffn_tokens:
+                note(f"FFN run, {tokens} tokens")
+                rows.append(time_ffn_run(run, group, tokens, norm="fold", repeats=repeats))
+            result["ffn_run"] = {"blocks": len(run.blocks), "dim": model.config.dim,
+                                 "widths": [b.ffn.width for b in run.blocks], "norm": "fold",
+                                 "fused_width": fuse(run, [group]).blocks[0].ffn.width, "rows": rows}
+    finally:
+        if hf is not None:
+            torch.set_num_threads(torch_threads)
+    if hasattr(os, "getloadavg"):
+        result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
+    result["targets"] = check_targets(result)
+    return result
+
+
+def check_targets(result: dict) -> list[dict]:
+    """Each speed target with the measured value and whether it is met (None when it was not measured)."""
+    checks = []
+    prefill = [r["time_ratio"] for r in result["prefill"] if "time_ratio" in r]
+    checks.append({"target": TARGETS["prefill"], "measured": max(prefill) if prefill else None,
+                   "unit": "worst reffuse/transformers time ratio", "met": max(prefill) <= 1.0 if prefill else None})
+    speedup = result["decode"].get("speedup")
+    checks.append({"target": TARGETS["decode"], "measured": speedup, "unit": "reffuse/transformers tokens/s",
+                   "met": speedup >= 2.0 if speedup is not None else None})
+    by_tokens = {r["tokens"]: r["speedup"] for r in result["ffn_run"]["rows"]}
+    one = by_tokens.get(1)
+    checks.append({"target": TARGETS["ffn_run_1"], "measured": one, "unit": "sequential/fused time",
+                   "met": one >= 1.3 if one is not None else None})
+    large = [by_tokens[t] for t in (128, 512) if t in by_tokens]
+    checks.append({"target": TARGETS["ffn_run_large"], "measured": min(large) if large else None,
+                   "unit": "worst sequential/fused time", "met": min(large) >= 1.0 if large else None})
+    return checks
+
+
+def markdown(result: dict, command: str | None = None) -> str:
+    """The result as Markdown tables (for benchmarks/results/*.md and the README)."""
+    env = result["environment"]
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']})" for b in env.get("blas") or [])
+    lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
+    if command:
+        lines += ["Produced by:", "", f"    {command}", ""]
+    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation. numpy {env['numpy']}"
+              + (f", BLAS {blas}" if blas else "")
+              + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
+              + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
+              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end (on a {env['cores']}-core machine)."]
+    if not result["transformers"]["used"]:
+        lines += ["", f"transformers not measured: {result['transformers']['reason']}"]
+    lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time |", "|---:|---:|---:|---:|"]
+    for r in result["prefill"]:
+        hf = r.get("transformers_seconds")
+        lines.append(f"| {r['tokens']} | {1e3 * r['reffuse_seconds']:.1f} | "
+                     + (f"{1e3 * hf:.1f} | {r['time_ratio']:.2f}x |" if hf else "- | - |"))
+    d = result["decode"]
+    lines += ["", f"| decode ({d['new_tokens']} tokens after {d['prompt_tokens']}) | reffuse tokens/s | "
+                  "transformers tokens/s | reffuse / transformers |", "|---|---:|---:|---:|"]
+    hf = d.get("transformers_tokens_per_second")
+    lines.append(f"| greedy, KV cache | {d['reffuse_tokens_per_second']:.1f} | "
+                 + (f"{hf:.1f} | {d['speedup']:.2f}x |" if hf else "- | - |"))
+    if "same_greedy_tokens" in d:
+        lines += ["", f"Same greedy tokens from both: {'yes' if d['same_greedy_tokens'] else 'no'}."]
+    f = result["ffn_run"]
+    lines += ["", f"Fused-FFN microbenchmark: a run of {f['blocks']} FFNs (d={f['dim']}, widths "
+                  f"{'/'.join(map(str, sorted(set(f['widths']))))}), fused into one of width {f['fused_width']}.", "",
+              "| tokens | sequential ms | fused ms | sequential / fused |", "|---:|---:|---:|---:|"]
+    for r in f["rows"]:
+        lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | {r['speedup']:.2f}x |")
+    lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
+    for t in result["targets"]:
+        value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {value} | {met} |")
+    return "\n".join(lines) + "\n"

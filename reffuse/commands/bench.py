@@ -1,0 +1,76 @@
+"""Speed: prefill and decode against transformers in the same run, and the fused-FFN microbenchmark.
+
+Measures, with BLAS and torch pinned to --threads: prefill time for 64, 128 and 256 tokens; decode tokens/s
+with the KV cache (32 greedy tokens after a 64-token prompt); the same for transformers' LlamaForCausalLM on
+the same token ids when the `reference` extra is installed and transformers can load the model; and a run of
+8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 512 tokens. Medians after warm-up, timed in
+alternation. Shared machines are noisy: trust the ratios, which are measured in the same run.
+
+The speed targets (2 cores, float32) are checked and reported: prefill <= 1.0x transformers' time, decode
+>= 2x transformers' tokens/s, the fused FFN run >= 1.3x faster at 1 token and never slower at 128 and 512.
+
+--out FILE.json writes the JSON there and the Markdown tables beside it (FILE.md), with the command line.
+
+examples:
+  reffuse bench --model smollm2
+  reffuse bench --model smollm2 --threads 2 --json --out benchmarks/results/bench_smollm2.json
+  reffuse bench --model tiny --repeats 3 --no-transformers
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..bench import default_threads, markdown, run_benchmark
+from ..errors import ReffuseError
+from ..loading import load_model
+from ..progress import note
+from .common import print_json
+
+HELP = "prefill/decode speed against transformers, and fused vs sequential FFN runs"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"BLAS and torch threads (default: the cores available, here {default_threads()})")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each measurement; medians (default 7)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the JSON to this file and the Markdown tables beside it (.md)")
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run, spelled out from the parsed options."""
+    words = ["reffuse", "bench", "--model", str(args.model), "--repeats", str(args.repeats)]
+    words += ["--threads", str(args.threads)] if args.threads else []
+    words += ["--no-transformers"] if args.no_transformers else []
+    words += ["--json"] if args.json else []
+    words += ["--out", str(args.out)] if args.out else []
+    return shlex.join(words)
+
+
+def run(args) -> int:
+    if args.repeats < 1:
+        raise ReffuseError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise ReffuseError(f"--threads must be at least 1, got {args.threads}")
+    model = load_model(args.model, dtype="float32")
+    result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
+                           with_transformers=not args.no_transformers, progress=note)
+    command = command_line(args)
+    result["command"] = command
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(result, command))
+        note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    if args.json:
+        print_json(result)
+    else:
+        sys.stdout.write(markdown(result, command))
+    return 0

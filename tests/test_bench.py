@@ -1,0 +1,120 @@
+"""The speed work's correctness (never its timings): blocked SwiGLU, the benchmark's output, the speed figure."""
+
+import json
+
+import numpy as np
+import pytest
+
+from reffuse import model as model_module
+from reffuse.bench import check_targets, ffn_run_model, markdown, reffuse_decode, run_benchmark
+from reffuse.cli import main
+from reffuse.errors import ReffuseError
+from reffuse.fusion import fuse
+from reffuse.generate import generate
+from reffuse.model import FFN, forward, swiglu, swiglu_in_column_blocks
+from reffuse.plots.speed import ffn_speed_figure
+
+
+def random_ffn(rng, d, width, dtype):
+    return FFN(norm=np.ones(d, dtype), gate=rng.standard_normal((width, d)).astype(dtype),
+               up=rng.standard_normal((width, d)).astype(dtype), down=rng.standard_normal((d, width)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])  # rounding of a reordered sum
+@pytest.mark.parametrize("tokens, width, block_elements", [(7, 100, 64), (33, 992, 4096), (5, 64, 1 << 20)])
+def test_column_blocks_equal_swiglu(dtype, rtol, tokens, width, block_elements):
+    rng = np.random.default_rng(0)
+    ffn, x = random_ffn(rng, 16, width, dtype), rng.standard_normal((tokens, 16)).astype(dtype)
+    hidden = model_module.silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # eq. 3, written out
+    expected = hidden @ ffn.down.T
+    got = swiglu_in_column_blocks(ffn, x, block_elements)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def test_swiglu_uses_column_blocks_only_when_the_hidden_array_is_large(monkeypatch):
+    rng = np.random.default_rng(1)
+    ffn = random_ffn(rng, 8, 40, np.float64)
+    calls = []
+    monkeypatch.setattr(model_module, "swiglu_in_column_blocks", lambda f, x: calls.append(x.shape) or 0)
+    monkeypatch.setattr(model_module, "HIDDEN_BLOCK_ELEMENTS", 40 * 10)
+    swiglu(ffn, rng.standard_normal((10, 8)))  # 10 x 40 elements: one block
+    swiglu(ffn, rng.standard_normal((11, 8)))
+    assert calls == [(11, 8)]
+
+
+def test_fused_model_with_column_blocks_equals_parallel_form(tiny64, tiny_ids, monkeypatch):
+    monkeypatch.setattr(model_module, "HIDDEN_BLOCK_ELEMENTS", 256)  # force blocks in every FFN
+    groups = [(4, 8)]
+    fused, parallel = forward(fuse(tiny64, groups), tiny_ids), forward(tiny64, tiny_ids, groups)
+    # the acceptance bound of the fusion tests: the sums differ in order only, float64 rounding is ~1e-16
+    assert np.max(np.abs(fused - parallel)) / np.max(np.abs(parallel)) <= 1e-12
+
+
+def test_decode_step_agrees_with_generate(tiny32, tiny_ids):
+    _, tokens = reffuse_decode(tiny32, tiny_ids, 6)
+    assert tokens == generate(tiny32, tiny_ids, 6)
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    from reffuse.tiny import build_tiny
+    return run_benchmark(build_tiny(), "tiny", threads=1, repeats=1, prefill_tokens=(8, 16), ffn_tokens=(1, 128),
+                         decode_tokens=3, with_transformers=False)
+
+
+def test_benchmark_result_has_every_part(tiny_result):
+    r = tiny_result
+    assert [row["tokens"] for row in r["prefill"]] == [8, 16]
+    assert all(row["reffuse_seconds"] > 0 and "time_ratio" not in row for row in r["prefill"])
+    assert r["decode"]["new_tokens"] == 3 and r["decode"]["reffuse_tokens_per_second"] > 0
+    assert r["ffn_run"]["blocks"] == 8 and r["ffn_run"]["fused_width"] == sum(r["ffn_run"]["widths"])
+    assert {row["tokens"] for row in r["ffn_run"]["rows"]} == {1, 128}
+    assert r["transformers"] == {"used": False, "reason": "not asked for (--no-transformers)"}
+    assert r["environment"]["threads"] == 1
+    json.dumps(r)  # JSON-ready
+
+
+def test_targets_are_judged_from_the_ratios(tiny_result):
+    r = dict(tiny_result)
+    r["prefill"] = [{"tokens": 64, "reffuse_seconds": 0.8, "transformers_seconds": 1.0, "time_ratio": 0.8},
+                    {"tokens": 128, "reffuse_seconds": 1.1, "transformers_seconds": 1.0, "time_ratio": 1.1}]
+    r["decode"] = dict(r["decode"], speedup=2.5)
+    r["ffn_run"] = dict(r["ffn_run"], rows=[{"tokens": 1, "speedup": 1.4}, {"tokens": 128, "speedup": 1.01},
+                                            {"tokens": 512, "speedup": 0.97}])
+    met = [(t["measured"], t["met"]) for t in check_targets(r)]
+    assert met == [(1.1, False), (2.5, True), (1.4, True), (0.97, False)]
+    assert [t["met"] for t in check_targets(tiny_result)][:2] == [None, None]  # no transformers: not measured
+    assert "not measured" in markdown(tiny_result)
+
+
+def test_speed_figure_draws_from_the_json(tiny_result):
+    fig = ffn_speed_figure(tiny_result)
+    assert fig.axes[0].get_ylabel() == "sequential time / fused time"
+
+
+def test_ffn_run_model_needs_two_ffns(tiny32):
+    from reffuse.model import Model
+    one = Model(tiny32.config, tiny32.embed, tiny32.blocks[:1], tiny32.norm, tiny32.lm_head)
+    with pytest.raises(ReffuseError, match="at least 2"):
+        ffn_run_model(one)
+    assert all(b.attention is None for b in ffn_run_model(tiny32).blocks)
+
+
+def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys):
+    out = tmp_path / "bench_tiny.json"
+    assert main(["bench", "--model", "tiny", "--repeats", "1", "--threads", "1", "--no-transformers",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"] == f"reffuse bench --model tiny --repeats 1 --threads 1 --no-transformers --out {out}"
+    assert [row["tokens"] for row in result["ffn_run"]["rows"]] == [1, 16, 128, 512]
+    md = out.with_suffix(".md").read_text()
+    assert result["command"] in md and "| 512 |" in md
+    assert "sequential / fused" in capsys.readouterr().out
+
+
+def test_bench_command_bad_options(capsys):
+    assert main(["bench", "--model", "tiny", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
