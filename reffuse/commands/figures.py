@@ -6,17 +6,18 @@ named below). The same inputs give the same bytes: the Agg backend, fixed sizes,
 (reffuse.plots.save_figure), and sorted inputs. tests/test_figures.py runs this twice and compares the bytes with
 each other and with the committed figures/.
 
-    figure                         drawn by                                   from (made by)
-    dependency_heatmap.png         plots.dependency.dependency_heatmap        reports/analysis (reffuse analyze)
-    block_metrics.png              plots.dependency.block_metrics_figure      reports/analysis
-    windows.png                    plots.dependency.window_figure             reports/analysis
-    layout_before_after.png        plots.layout.layout_figure                 reports/analysis (its plan)
-    fusion_intensity.png           plots.experiments                          reports/experiments (reffuse experiments)
-    removal_vs_fusion.png          plots.experiments                          reports/experiments
-    ffn_speed_vs_tokens.png        plots.speed                                benchmarks/results (reffuse bench)
-    allreduce_counts.png           plots.tp.allreduce_figure                  benchmarks/results/tp_*.json (reffuse tp)
-    latency_model.png              plots.costmodel.tp_projection_figure       benchmarks/results (reffuse costmodel)
-    costmodel_measured_vs_predicted.png  plots.costmodel                      benchmarks/results (reffuse costmodel)
+    figure                               drawn by                                 from (made by)
+    dependency_heatmap.png               plots.dependency.dependency_heatmap      reports/analysis/smollm2/analysis.json
+    block_metrics.png                    plots.dependency.block_metrics_figure      (reffuse analyze)
+    windows.png                          plots.dependency.window_figure
+    layout_before_after.png              plots.layout.layout_figure               benchmarks/results/tp_smollm2_n3.json
+                                                                                    (its attention removal and groups)
+    ffn_speed_vs_tokens.png              plots.speed.ffn_speed_figure             benchmarks/results/bench_smollm2.json
+                                                                                    (reffuse bench)
+    allreduce_counts.png                 plots.tp.allreduce_figure                benchmarks/results/tp_*.json
+                                                                                    (mpiexec -n N reffuse tp)
+    latency_model.png                    plots.costmodel.tp_projection_figure     benchmarks/results/costmodel.json
+    costmodel_measured_vs_predicted.png  plots.costmodel.measured_vs_predicted      (reffuse costmodel)
 
 examples:
   reffuse figures --out figures/
@@ -77,6 +78,75 @@ def allreduce_counts(root: Path):
     return allreduce_figure(results)
 
 
+ANALYSIS_JSON = "reports/analysis/smollm2/analysis.json"
+ANALYSIS_COMMAND = "reffuse analyze --model smollm2 --out reports/analysis/smollm2"
+
+
+def analysis_title(analysis: dict) -> str:
+    return f"{analysis['model']['name']} ({analysis['tokens']['measured']} tokens)"
+
+
+def dependency_heatmap(root: Path):
+    from ..plots.dependency import dependency_heatmap as heatmap
+
+    analysis = read_json(root, ANALYSIS_JSON, ANALYSIS_COMMAND)
+    return heatmap(analysis["dependency"]["block"], f"Dependency between blocks, {analysis_title(analysis)}",
+                   analysis["attention_removed"])
+
+
+def block_metrics(root: Path):
+    from ..plots.dependency import block_metrics_figure
+
+    analysis = read_json(root, ANALYSIS_JSON, ANALYSIS_COMMAND)
+    attention_free = [row["block"] for row in analysis["model"]["layout"] if not row["attention"]]
+    return block_metrics_figure(analysis["per_block"], f"Per-block metrics, {analysis_title(analysis)}",
+                                attention_free)
+
+
+def windows(root: Path):
+    from ..plots.dependency import window_figure
+
+    analysis = read_json(root, ANALYSIS_JSON, ANALYSIS_COMMAND)
+    stats = analysis["windows"]
+    return window_figure(stats["rows"], analysis["greedy"]["steps"],
+                         f"M_max and M_sum of every window of {stats['length']} blocks, greedy choices, "
+                         f"{analysis_title(analysis)}", stats["length"])
+
+
+BENCH_JSON = "benchmarks/results/bench_smollm2.json"
+BENCH_COMMAND = "reffuse bench --model smollm2 --json --out benchmarks/results/bench_smollm2.json"
+
+
+def ffn_speed_vs_tokens(root: Path):
+    from ..plots.speed import ffn_speed_figure
+
+    return ffn_speed_figure(read_json(root, BENCH_JSON, BENCH_COMMAND),
+                            "Fused vs sequential run of 8 SmolLM2 FFNs, by token count")
+
+
+TP_SMOLLM2_JSON = "benchmarks/results/tp_smollm2_n3.json"
+TP_SMOLLM2_COMMAND = "mpiexec -n 3 reffuse tp --model smollm2 --json (benchmarks/results/tp.md)"
+
+
+def layout_before_after(root: Path):
+    """SmolLM2 as it is, with attention removed, and fused, as the committed `reffuse tp` run on SmolLM2 did it."""
+    from ..costmodel import fuse_layout, get_layout, tp_run_layout
+    from ..plots.dependency import contiguous_ranges
+    from ..plots.layout import layout_figure
+
+    result = read_json(root, TP_SMOLLM2_JSON, TP_SMOLLM2_COMMAND)
+    removed = tp_run_layout(result)                   # attention removed where the run says, its groups to fuse
+    removed_text = ",".join(f"{a}-{b}" for a, b in contiguous_ranges(result["attention_removed"]))
+    groups_text = ",".join(f"{a}-{b}" for a, b in result["groups"])
+    panels = {"SmolLM2-135M as trained": get_layout("smollm2"),
+              f"attention removed in blocks {removed_text}": removed,
+              f"FFNs {groups_text} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
+    rows = {label: [{"block": i, "attention": b.attention, "ffn_width": b.ffn_width,
+                     "fused_from": list(b.fused_from)} for i, b in enumerate(layout.blocks)]
+            for label, layout in panels.items()}
+    return layout_figure(rows, "Block layout before and after fusion (SmolLM2)")
+
+
 COSTMODEL_JSON = "benchmarks/results/costmodel.json"
 COSTMODEL_COMMAND = "reffuse costmodel --json (benchmarks/results/README.md has the exact command)"
 
@@ -94,6 +164,11 @@ def costmodel_measured_vs_predicted(root: Path):
 
 
 FIGURES = {
+    "dependency_heatmap.png": dependency_heatmap,
+    "block_metrics.png": block_metrics,
+    "windows.png": windows,
+    "layout_before_after.png": layout_before_after,
+    "ffn_speed_vs_tokens.png": ffn_speed_vs_tokens,
     "allreduce_counts.png": allreduce_counts,
     "latency_model.png": latency_model,
     "costmodel_measured_vs_predicted.png": costmodel_measured_vs_predicted,
