@@ -143,7 +143,9 @@ class Dependency:
     cos_dist_x_fx: np.ndarray  # [m] cosdist(X, f(X))
     norm_ratio: np.ndarray     # [m] ||h(X)|| / ||X||
     cos_dist_h_x: np.ndarray   # [m] cosdist(h(X), X)
-    tokens_measured: int
+    tokens_measured: int       # tokens in the averages
+    sequence_lengths: list     # tokens run per sequence
+    exclude_sink: bool         # whether the first token of each sequence was left out of the averages
     block_evaluations: int     # blocks run in all, the unmodified passes included
     per_block: dict = field(init=False)
 
@@ -239,7 +241,8 @@ def dependency(model: Model, sequences, exclude_sink: bool = True, granularities
             M[:, ~has_ffn] = np.nan  # no FFN to measure
         matrices[g] = M
     per_block = per_block_sums / tokens
-    return Dependency(matrices, per_block[0], per_block[1], per_block[2], tokens, evaluations)
+    return Dependency(matrices, per_block[0], per_block[1], per_block[2], tokens, [len(ids) for ids in sequences],
+                      exclude_sink, evaluations)
 
 
 def _skip_pass(model, stream, skipped, x, measured, contribution, granularities, sums):

@@ -86,6 +86,7 @@ def test_per_block_metrics_and_sink(tiny64):
     seqs = sequences()
     with_sink = dependency(tiny64, seqs, exclude_sink=False, granularities=["block"])
     assert with_sink.tokens_measured == 33
+    assert with_sink.sequence_lengths == [20, 13] and with_sink.exclude_sink is False
     stream = residual_stream(tiny64, seqs[1])
     x, fx = stream.inputs[3][1:], stream.inputs[4][1:]
     measured = dependency(tiny64, seqs[1:], granularities=["block"])

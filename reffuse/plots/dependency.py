@@ -69,17 +69,20 @@ def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None):
 def block_metrics_figure(per_block: dict, title: str, attention_free=()):
     """The three per-block metrics against the block index; attention-free blocks shaded."""
     plt = pyplot()
-    panels = [("cos_dist_x_fx", "cosdist(X, f(X))"), ("norm_ratio", "||h(X)|| / ||X||"),
-              ("cos_dist_h_x", "cosdist(h(X), X)")]
+    # the first blocks of a trained model turn and grow the stream far more than the rest: log scales keep the
+    # rest readable; cosdist(h, X) stays near 1 and is drawn linearly
+    panels = [("cos_dist_x_fx", "cosdist(X, f(X))", "log"), ("norm_ratio", "||h(X)|| / ||X||", "log"),
+              ("cos_dist_h_x", "cosdist(h(X), X)", "linear")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, (key, label) in zip(axes, panels):
+    for ax, (key, label, scale) in zip(axes, panels):
         values = np.array([np.nan if v is None else v for v in per_block[key]], dtype=np.float64)
         blocks = np.arange(len(values))
         for first, last in contiguous_ranges(attention_free):
             ax.axvspan(first - 0.5, last + 0.5, color="0.88", zorder=0)
         ax.plot(blocks, values, "o-", markersize=3, color=STRONG)
+        ax.set_yscale(scale)
         ax.set_xlabel("block")
-        ax.set_ylabel(label + " (mean over tokens)")
+        ax.set_ylabel(label + " (mean over tokens" + (", log scale)" if scale == "log" else ")"))
         ax.set_title(label)
         ax.grid(alpha=0.3)
     if len(attention_free):
