@@ -12,7 +12,8 @@ import sys
 
 from .errors import ReffuseError
 
-COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures"]
+COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures",
+            "fuse"]
 
 EPILOG = """examples:
   reffuse demo                      the whole FFN Fusion pipeline on the default model

@@ -1,0 +1,151 @@
+"""Remove attention, fuse runs of attention-free blocks (optionally calibrated) and save the model.
+
+Steps, each optional but the last:
+1. attention removal: --drop-attention BLOCKS removes the attention of the blocks given; --drop-attention-count N
+   scores every block's attention by the KL damage of removing it alone (on calibration text) and removes the
+   N cheapest (--contiguous: the N consecutive blocks of least summed score);
+2. the groups to fuse: --groups as given, or --plan auto, which measures FFN-level dependencies inside the
+   attention-free runs and cuts each run (without its last block, as the paper does; --include-last keeps it)
+   into groups of at most --max-group-size blocks where the least dependency crosses (reffuse.planning);
+3. fusion (Theorem 3.1) with --norm fold (exact) or last (the paper's), and with --calibrate each fused
+   down-projection refitted by ridge least squares on calibration text (reffuse.calibrate);
+4. the model is saved to --out (config.json, model.safetensors), with the tokenizer beside it and fuse.json,
+   which records every choice, score and text span, so `reffuse eval`, `generate` and `bench` take the folder.
+
+Calibration text comes from the corpus' calibration plays, never from the held-out play that `reffuse eval`
+scores. The synthetic tiny model has no tokenizer: random token ids stand in for text, and no tokenizer is saved.
+
+examples:
+  reffuse fuse --model smollm2 --drop-attention 12-19 --groups 12-15,16-18 --out fused-smollm2
+  reffuse fuse --model smollm2 --drop-attention-count 8 --contiguous --plan auto --calibrate --out fused-smollm2
+  reffuse eval --model fused-smollm2 --base smollm2
+  reffuse fuse --model tiny --groups 4-8 --norm last --out fused-tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..calibrate import DEFAULT_RIDGE, calibrated_fuse
+from ..checkpoint import save_model
+from ..errors import ReffuseError
+from ..fusion import NORM_MODES, fuse
+from ..loading import load_model
+from ..model import layout
+from ..progress import Progress, note
+from ..pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
+from ..pruning import drop_attention, format_layers, parse_layers
+from ..tokenizer import load_tokenizer
+from .common import format_table, groups_argument, print_json
+
+HELP = "remove attention, fuse runs of FFNs (optionally calibrated) and save the model"
+PROVENANCE_FILE = "fuse.json"
+
+
+def layers_argument(text: str) -> list[int]:
+    """parse_layers for argparse `type=`."""
+    try:
+        return parse_layers(text)
+    except ReffuseError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
+    drop = parser.add_mutually_exclusive_group()
+    drop.add_argument("--drop-attention", type=layers_argument, metavar="BLOCKS",
+                      help="remove the attention of these blocks, e.g. 12-19 or 3,5,12-19 (0-based, inclusive)")
+    drop.add_argument("--drop-attention-count", type=int, metavar="N",
+                      help="remove the N attentions whose removal alone costs least (KL on calibration text)")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="with --drop-attention-count: the N consecutive blocks of least summed score")
+    plan = parser.add_mutually_exclusive_group(required=True)
+    plan.add_argument("--groups", type=groups_argument, help="runs to fuse, FIRST-LAST[,FIRST-LAST...]")
+    plan.add_argument("--plan", choices=["auto"], help="auto: propose groups from FFN-level dependencies")
+    parser.add_argument("--max-group-size", type=int, default=4, help="--plan auto: most blocks per group (default 4)")
+    parser.add_argument("--include-last", action="store_true",
+                        help="--plan auto: fuse each run's last block too (the paper leaves it out)")
+    parser.add_argument("--norm", choices=NORM_MODES, default="fold",
+                        help="fold: each block's norm gain folded into its weights (exact); last: the paper's")
+    parser.add_argument("--calibrate", action="store_true", help="refit each fused down-projection on calibration text")
+    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                        help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
+    parser.add_argument("--calibration-tokens", type=int, default=2048,
+                        help="--calibrate: calibration tokens (default 2048)")
+    parser.add_argument("--scoring-tokens", type=int, default=128,
+                        help="tokens for attention scores and dependencies (default 128)")
+    parser.add_argument("--out", required=True, help="folder to write the model into")
+    parser.add_argument("--json", action="store_true", help="print what was done as one JSON object")
+
+
+def run(args) -> int:
+    if args.contiguous and args.drop_attention_count is None:
+        raise ReffuseError("--contiguous goes with --drop-attention-count N")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ReffuseError(f"{out} exists and is not empty: give a new folder to --out")
+    model = load_model(args.model)
+    needs_text = args.drop_attention_count is not None or args.plan or args.calibrate
+    texts = load_texts(args.model, model, args.calibration_tokens, 256) if needs_text else None
+    record = {"model": args.model, "model_name": model.config.name, "norm": args.norm,
+              "texts": texts.describe() if texts else None}
+
+    removal = None
+    if args.drop_attention_count is not None:
+        removal = choose_attention_removal(model, texts.scoring(args.scoring_tokens),
+                                           count=args.drop_attention_count, contiguous=args.contiguous)
+    elif args.drop_attention is not None:
+        removal = {"blocks": args.drop_attention, "blocks_text": format_layers(args.drop_attention), "rule": "given"}
+    if removal is not None:
+        model = drop_attention(model, removal["blocks"])
+    record["attention_removal"] = removal
+
+    if args.plan:
+        plan, _ = plan_fusion(model, texts.scoring(args.scoring_tokens, window=64), args.max_group_size,
+                              leave_out_last=not args.include_last)
+        groups, record["plan"] = plan.groups, plan.to_json()
+        if not groups:
+            raise ReffuseError("the plan has no group to fuse (runs too short): remove more attention")
+    else:
+        groups = args.groups
+    record["groups"] = [list(g) for g in groups]
+
+    if args.calibrate:
+        with Progress("calibrating fused groups", len(groups), "groups") as bar:
+            fused, fits = calibrated_fuse(model, groups, texts.calibration.ids, norm=args.norm, ridge=args.ridge,
+                                          progress=bar.update)
+        record["calibration"] = [f.as_dict() for f in fits]
+    else:
+        fused = fuse(model, groups, norm=args.norm)
+        record["calibration"] = None
+
+    save_model(fused, out)
+    tokenizer = texts.tokenizer if texts is not None else None
+    if tokenizer is None and not is_synthetic(args.model, model):
+        try:
+            tokenizer = load_tokenizer(args.model)
+        except ReffuseError as e:
+            note(f"no tokenizer saved beside the model: {e}")
+    if tokenizer is not None:
+        tokenizer.save(out)
+    record["layout"] = layout(fused)
+    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    note(f"saved {out} ({len(fused.blocks)} blocks)")
+
+    if args.json:
+        print_json(record)
+        return 0
+    if removal:
+        print(f"attention removed: blocks {removal['blocks_text']} ({removal['rule']})"
+              + (f"; joint KL on calibration text {removal['joint_kl']:.3e} nats" if "joint_kl" in removal else ""))
+    print(f"fused groups ({args.norm}): {', '.join(f'{a}-{b}' for a, b in groups)}")
+    for fit in record["calibration"] or []:
+        print(f"calibrated {fit['group'][0]}-{fit['group'][1]}: relative fit error on {fit['tokens']} calibration "
+              f"tokens {fit['fit_error_plain']:.3e} -> {fit['fit_error_calibrated']:.3e}")
+    print(format_table(["block", "attention", "FFN width", "fused from"],
+                       [[r["block"], "yes" if r["attention"] else "-", r["ffn_width"],
+                         ",".join(map(str, r["fused_from"])) or "-"] for r in record["layout"]]))
+    print(f"\nsaved to {out}; score it with: reffuse eval --model {out} --base {args.model}")
+    return 0

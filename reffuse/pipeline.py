@@ -1,0 +1,159 @@
+"""The steps `reffuse fuse`, `demo` and `experiments` share: text, attention removal, a fusion plan, calibration.
+
+    texts = load_texts("smollm2", model, calibration_tokens=1024, held_out_tokens=512)
+    removal = choose_attention_removal(model, texts.scoring(128), count=8, contiguous=True)
+    removed = drop_attention(model, removal["blocks"])
+    plan, record = plan_fusion(removed, texts.scoring(64), max_group_size=4)
+    fused, fits = calibrated_fuse(removed, plan.groups, texts.calibration.ids)
+
+Text. Everything fitted or chosen from data (removal scores, dependencies, calibration) reads the corpus'
+calibration plays; quality is judged on the held-out play (reffuse.corpus has the fixed split), and
+`check_disjoint` asserts from the recorded spans that the two never share a character. The synthetic `tiny`
+model has no tokenizer: it gets random token ids instead, from two different seeds, and every output says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .corpus import TokenWindows, calibration_windows, held_out_windows
+from .errors import ReffuseError
+from .metrics import block_evaluations_needed, dependency
+from .model import Model
+from .planning import propose_groups
+from .prefix import cache_prefix, kl_from_base
+from .progress import Progress
+from .pruning import (attention_free_runs, attention_layers, attention_scores, cheapest, check_layers, drop_attention,
+                      format_layers)
+from .tokenizer import load_tokenizer
+
+SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
+
+
+def is_synthetic(model_name: str, model: Model) -> bool:
+    """The synthetic tiny model (or a folder made from it): it has no tokenizer and no real text."""
+    return str(model_name) == "tiny" or model.config.name.startswith("tiny")
+
+
+def synthetic_windows(model: Model, split: str, window: int, n_tokens: int) -> TokenWindows:
+    """Random token ids in windows, one seed per split, standing in for text on the synthetic model."""
+    n_windows = max(1, n_tokens // window)
+    ids = np.random.default_rng(SYNTHETIC_SEEDS[split]).integers(0, model.config.vocab_size, (n_windows, window))
+    return TokenWindows(ids.astype(np.int64), (), f"{split} (synthetic random token ids, seed {SYNTHETIC_SEEDS[split]})")
+
+
+def check_disjoint(calibration: TokenWindows, held_out: TokenWindows) -> None:
+    """Refuse calibration text that shares a character of a play with held-out text (from the recorded spans)."""
+    for a in calibration.spans:
+        for b in held_out.spans:
+            if a.play == b.play and a.start < b.end and b.start < a.end:
+                raise ReffuseError(f"calibration text ({a.play} characters {a.start}-{a.end}) overlaps held-out "
+                                   f"text (characters {b.start}-{b.end}): results would be judged on fitted text")
+
+
+@dataclass
+class Texts:
+    """Calibration and held-out token windows of one model, disjoint."""
+    tokenizer: object | None  # reffuse.tokenizer.Tokenizer, None for the synthetic model
+    model: Model
+    synthetic: bool
+    window: int
+    calibration: TokenWindows
+    held_out: TokenWindows
+
+    def scoring(self, n_tokens: int, window: int | None = None) -> TokenWindows:
+        """A few calibration windows (for removal scores and dependencies): the calibration text's start."""
+        window = window or min(self.window, n_tokens)
+        if self.synthetic:
+            return synthetic_windows(self.model, "calibration", window, n_tokens)
+        windows = calibration_windows(self.tokenizer, window, n_tokens)
+        check_disjoint(windows, self.held_out)
+        return windows
+
+    def describe(self) -> dict:
+        return {"synthetic": self.synthetic, "calibration": self.calibration.describe(),
+                "held_out": self.held_out.describe(),
+                "disjoint": "synthetic ids from different seeds" if self.synthetic else
+                            "different plays of the fixed split (reffuse.corpus), checked from the spans"}
+
+
+def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_tokens: int, window: int = 256,
+               tokenizer=None) -> Texts:
+    """Calibration and held-out windows for `model`, tokenised by its own tokenizer (or `tokenizer`)."""
+    if is_synthetic(model_name, model):
+        return Texts(None, model, True, window, synthetic_windows(model, "calibration", window, calibration_tokens),
+                     synthetic_windows(model, "held-out", window, held_out_tokens))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_name)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
+                           f"{model_name} only {model.config.vocab_size}: give the model's own tokenizer")
+    calibration = calibration_windows(tokenizer, window, calibration_tokens)
+    held_out = held_out_windows(tokenizer, window, held_out_tokens)
+    check_disjoint(calibration, held_out)
+    return Texts(tokenizer, model, False, window, calibration, held_out)
+
+
+def choose_attention_removal(model: Model, windows, blocks=None, count: int | None = None,
+                             contiguous: bool = False) -> dict:
+    """Which attentions to remove: `blocks` as given, or the `count` cheapest by single-removal KL score
+    (reffuse.pruning), as a contiguous window of least summed score when `contiguous`.
+
+    Returns the blocks, every score, the summed score of the choice, and its KL measured jointly (all removed at
+    once) on the same windows, which shows how far the sum of single scores is from the real damage.
+    """
+    if (blocks is None) == (count is None):
+        raise ReffuseError("give either the blocks whose attention to remove or how many to remove (not both)")
+    windows = list(windows)
+    prefix = cache_prefix(model, windows)
+    scores = None
+    if blocks is None:
+        candidates = attention_layers(model)
+        with Progress("scoring attention removal", len(candidates), "blocks") as bar:
+            scores = attention_scores(model, windows, prefix=prefix, progress=bar.update)
+        blocks = cheapest(scores, count, contiguous)
+        rule = (f"the {count} consecutive blocks with the least summed single-removal score" if contiguous
+                else f"the {count} blocks with the lowest single-removal scores")
+    else:
+        blocks = check_layers(model, blocks, "attention to remove")
+        rule = "given"
+    removed = drop_attention(model, blocks)
+    return {"blocks": blocks, "blocks_text": format_layers(blocks), "rule": rule,
+            "score": "mean KL(base || base without this block's attention) over calibration predictions, nats",
+            "scores": {str(k): v for k, v in scores.items()} if scores else None,
+            "summed_score": sum(scores[b] for b in blocks) if scores else None,
+            "joint_kl": kl_from_base(prefix, removed, min(blocks)),
+            "scoring_tokens": int(sum(len(w) for w in windows))}
+
+
+def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarray:
+    """The FFN-level dependency matrix M [m, m] (reffuse.metrics), measured on blocks 0..up_to only.
+
+    Skipping block i changes nothing before it, and a plan only needs M inside the attention-free runs, so the
+    blocks after the last run's end (`up_to`) need not run: M is measured on the truncated model and the rows
+    and columns beyond it are NaN.
+    """
+    m = len(model.blocks)
+    up_to = m - 1 if up_to is None else up_to
+    truncated = Model(model.config, model.embed, model.blocks[:up_to + 1], model.norm, model.lm_head)
+    windows = list(windows)
+    total = block_evaluations_needed(truncated, len(windows), ("ffn",))
+    with Progress("measuring FFN dependencies", total, "block evaluations") as bar:
+        measured = dependency(truncated, windows, granularities=("ffn",),
+                              progress=bar.update)
+    M = np.full((m, m), np.nan)
+    M[:up_to + 1, :up_to + 1] = measured.matrices["ffn"]
+    return M
+
+
+def plan_fusion(model: Model, windows, max_group_size: int | None = 4, leave_out_last: bool = True):
+    """Fusion groups proposed from the FFN-level dependencies inside the model's attention-free runs
+    (reffuse.planning); returns the Plan and M."""
+    runs = attention_free_runs(model)
+    if not runs:
+        raise ReffuseError("the model has no run of 2 or more attention-free blocks to fuse: remove attention first "
+                           "(--drop-attention or --drop-attention-count)")
+    M = ffn_dependency(model, windows, up_to=max(last for _, last in runs))
+    return propose_groups(model, M, max_group_size=max_group_size, leave_out_last=leave_out_last), M
