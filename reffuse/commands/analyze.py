@@ -12,7 +12,7 @@ text (never the held-out play), it measures:
   most --max-group-size FFNs each, cut where the FFN-level dependency between neighbours is highest.
 
 DIR/analysis.json holds all of it with the token ids used (null marks an undefined matrix entry), and DIR/*.png
-the figures: dependency heatmaps (log2 colour scale, attention-removed region boxed), per-block metrics, window
+the figures: dependency heatmaps (log2 colour scale, attention-free blocks boxed), per-block metrics, window
 statistics with the greedy choices, and the block layout. The first token of each sequence (the attention sink)
 is run but not measured unless --include-sink. The synthetic `tiny` model gets random token ids instead of text.
 
@@ -53,7 +53,8 @@ SYNTHETIC_MODELS = ("tiny",)  # random weights and no tokenizer: measured on ran
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
-    parser.add_argument("--out", required=True, type=Path, help="folder for analysis.json and the figures")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="folder for analysis.json and the figures (created if needed)")
     removal = parser.add_mutually_exclusive_group()
     removal.add_argument("--drop-attention", default=None, metavar="BLOCKS",
                          help="remove the attention of these blocks first, e.g. 14-21 or 3,5,14-21 (0-based)")
