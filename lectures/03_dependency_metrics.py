@@ -107,7 +107,7 @@ print("least relied-on blocks:", [(int(i), round(float(reliance[i]), 3)) for i i
 # heatmap is drawn):
 
 # %%
-analysis_path = sorted(REPORTS.glob("**/analysis.json"))[0]
+analysis_path = REPORTS / "analysis" / "smollm2" / "analysis.json"       # reffuse analyze --model smollm2
 analysis = json.loads(analysis_path.read_text())
 M_512 = metrics.matrix_from_json(analysis["dependency"]["block"])
 print(f"{analysis_path}: {analysis['tokens']['measured']} tokens measured")

@@ -41,8 +41,8 @@ print(f"3. correlation of log2 M between two windows of 32 tokens: {r:.3f}")
 assert r > 0.5
 
 # 4. Greedy with windows of 3 on the committed 512-token matrix.
-analysis = json.loads(sorted((Path(__file__).resolve().parents[2] / "reports").glob("**/analysis.json"))[0]
-                      .read_text())
+analysis_path = Path(__file__).resolve().parents[2] / "reports" / "analysis" / "smollm2" / "analysis.json"
+analysis = json.loads(analysis_path.read_text())
 M_512 = metrics.matrix_from_json(analysis["dependency"]["block"])
 threes = metrics.greedy_windows(M_512, window=3, eligible=metrics.full_blocks(model), max_steps=3)
 fours = metrics.greedy_windows(M_512, window=4, eligible=metrics.full_blocks(model), max_steps=3)
