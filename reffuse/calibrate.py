@@ -72,6 +72,13 @@ class GroupCalibration:
                 "fit_error_calibrated": self.fit_error_calibrated, "form": self.form}
 
 
+def check_calibration_tokens(tokens: int) -> None:
+    """Refuse calibration text too short to refit a down-projection (before any long work, where callers can)."""
+    if tokens < MIN_CALIBRATION_TOKENS:
+        raise ReffuseError(f"calibration text is too short: {tokens} tokens, at least {MIN_CALIBRATION_TOKENS} "
+                           "are needed to refit a fused down-projection (give more calibration text)")
+
+
 def hidden_activations(ffn: FFN, x, eps: float):
     """The SwiGLU hidden activations of `ffn` on the stream x [T, d] -> [T, dh] (before the down-projection)."""
     u = rms_norm(x, ffn.norm, eps)
@@ -202,10 +209,7 @@ def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: fl
     """
     groups = check_groups(model, groups)
     windows = [check_token_ids(model, w) for w in windows]
-    tokens = sum(len(w) for w in windows)
-    if tokens < MIN_CALIBRATION_TOKENS:
-        raise ReffuseError(f"calibration text is too short: {tokens} tokens, at least {MIN_CALIBRATION_TOKENS} "
-                           "are needed to refit a fused down-projection (give more calibration text)")
+    check_calibration_tokens(sum(len(w) for w in windows))
     fused = fuse(model, groups, norm=norm)
     cfg, xp = model.config, array_module(model.embed)
     streams = [model.embed[xp.asarray(ids)] for ids in windows]  # each window's stream entering block `position`

@@ -39,8 +39,9 @@ def is_synthetic(model_name: str, model: Model) -> bool:
 
 def synthetic_windows(model: Model, split: str, window: int, n_tokens: int) -> TokenWindows:
     """Random token ids in windows, one seed per split, standing in for text on the synthetic model."""
-    n_windows = max(1, n_tokens // window)
-    ids = np.random.default_rng(SYNTHETIC_SEEDS[split]).integers(0, model.config.vocab_size, (n_windows, window))
+    window = min(window, n_tokens)
+    ids = np.random.default_rng(SYNTHETIC_SEEDS[split]).integers(0, model.config.vocab_size,
+                                                                 (n_tokens // window, window))
     return TokenWindows(ids.astype(np.int64), (), f"{split} (synthetic random token ids, seed {SYNTHETIC_SEEDS[split]})")
 
 

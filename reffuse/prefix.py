@@ -98,12 +98,24 @@ def variant_logits(prefix: Prefix, variant: Model, first: int, window: int):
     return run_from(variant, first, x, np.arange(x.shape[0]))
 
 
-def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = False) -> dict:
-    """Perplexity, KL(base || variant) and top-1 agreement of `variant` on the cached windows (as `evaluate`)."""
-    kl = nll = 0.0
-    agree = 0
+def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = False,
+                  reference: Prefix | None = None) -> dict:
+    """Perplexity, KL(base || variant) and top-1 agreement of `variant` on the cached windows (as `evaluate`).
+
+    reference: another model's Prefix on the same windows (e.g. the original model's, when the base is the
+    attention-removed one); its KL and top-1 agreement are added as kl_from_reference, top1_agreement_reference.
+    """
+    return score_logits(prefix, lambda w: variant_logits(prefix, variant, first, w), kl_only, reference)
+
+
+def score_logits(prefix: Prefix, logits_of, kl_only: bool = False, reference: Prefix | None = None) -> dict:
+    """score_variant for any way of computing a variant's logits: logits_of(window index) -> [W, vocab]."""
+    if reference is not None and [len(w) for w in reference.windows] != [len(w) for w in prefix.windows]:
+        raise ReffuseError("the reference prefix was cached on other windows than the base prefix")
+    kl = nll = kl_ref = 0.0
+    agree = agree_ref = 0
     for w, ids in enumerate(prefix.windows):
-        logits = to_numpy(variant_logits(prefix, variant, first, w))[:-1]  # [W, vocab] -> [W - 1, vocab]
+        logits = to_numpy(logits_of(w))[:-1]                               # [W, vocab] -> [W - 1, vocab]
         targets = ids[1:]
         for start in range(0, len(targets), CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
@@ -113,11 +125,19 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
             if not kl_only:
                 nll -= float(log_probs[np.arange(log_probs.shape[0]), targets[rows]].sum())
                 agree += int((log_probs.argmax(-1) == base_log_probs.argmax(-1)).sum())
+            if reference is not None:
+                reference_log_probs = reference.log_probs[w][rows].astype(np.float64)
+                kl_ref += float(kl_per_token(reference_log_probs, log_probs).sum())
+                agree_ref += int((log_probs.argmax(-1) == reference_log_probs.argmax(-1)).sum())
     n = prefix.predictions
-    if kl_only:
-        return {"kl_from_base": kl / n, "predictions": n}
-    return {"perplexity": _exp(nll / n), "mean_nll": nll / n, "predictions": n,
-            "base_perplexity": _exp(prefix.base_nll / n), "kl_from_base": kl / n, "top1_agreement": agree / n}
+    scores = {"kl_from_base": kl / n, "predictions": n}
+    if not kl_only:
+        scores.update({"perplexity": _exp(nll / n), "mean_nll": nll / n, "base_perplexity": _exp(prefix.base_nll / n),
+                       "top1_agreement": agree / n})
+    if reference is not None:
+        scores.update({"kl_from_reference": kl_ref / n, "top1_agreement_reference": agree_ref / n,
+                       "reference_perplexity": _exp(reference.base_nll / n)})
+    return scores
 
 
 def kl_from_base(prefix: Prefix, variant: Model, first: int) -> float:

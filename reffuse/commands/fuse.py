@@ -28,7 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..calibrate import DEFAULT_RIDGE, calibrated_fuse
+from ..calibrate import DEFAULT_RIDGE, calibrated_fuse, check_calibration_tokens
 from ..checkpoint import save_model
 from ..errors import ReffuseError
 from ..fusion import NORM_MODES, fuse
@@ -89,6 +89,8 @@ def run(args) -> int:
     model = load_model(args.model)
     needs_text = args.drop_attention_count is not None or args.plan or args.calibrate
     texts = load_texts(args.model, model, args.calibration_tokens, 256) if needs_text else None
+    if args.calibrate:
+        check_calibration_tokens(texts.calibration.ids.size)
     record = {"model": args.model, "model_name": model.config.name, "norm": args.norm,
               "texts": texts.describe() if texts else None}
 

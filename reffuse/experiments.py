@@ -1,0 +1,491 @@
+"""The paper's experiments (PAPER.md §3-4) at small scale, on one model with an attention-removed region.
+
+Setup. The region: attention is removed from the `drop_count` consecutive blocks whose single removals cost
+least (reffuse.pruning, scored on calibration text), which makes an attention-free run [a, b]. The model with
+that attention removed is the "pre-fusion" model, the paper's PreFusion: every fusion experiment below is
+judged against it, by KL(pre-fusion || variant) of the next-token distributions on held-out text, by
+perplexity, and by top-1 agreement; the same against the original model is recorded too. The paper's
+accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL and perplexity are the proxy
+(PAPER.md §7 suggests logit KL). The span fused is the run without its last block, [a, b-1], as in the paper.
+
+(a) fusion intensity: the span as k sequential FFN steps, k = ceil(L/2) .. 1 (L = b - a blocks), cut where
+    the least FFN-level dependency is left inside the groups (reffuse.planning), plain fusion, norm "fold";
+(b) FFN removal vs fusion at equal depth reduction: removing the L - k least important FFNs of the span (by the
+    KL of removing each alone, on calibration text) against fusing the span into k steps; decode latency of
+    every model in the same run, in alternation (reffuse.bench.time_decode);
+(c) the last FFN: fusing [a, b-1] vs [a+1, b] vs [a, b] (one group each);
+(d) reversed order: the blocks of a span run sequentially in reverse order, against fusing them;
+(e) full-block parallelization: the paper's greedy selection (reffuse.metrics.greedy_windows) of windows of 4
+    blocks that have both attention and an FFN, on the block-level dependency matrix of the pre-fusion model,
+    1 to 4 steps, each window run as x + Σ_j h_j(x) with h_j(x) = f_j(x) - x the whole block's update. This
+    combination rule is [INF]: the paper does not write it down (PAPER.md §3); it is eq. 5 for whole blocks;
+(f) norm "fold" (exact, each block's gain folded in) vs "last" (the paper's), at every k of (a);
+(g) calibrated vs plain fusion at every k of (a) (reffuse.calibrate), the ridge chosen from a sweep judged on
+    a validation part of the calibration text (never on held-out text), then refitted on all of it.
+
+Variants are scored from cached prefix streams (reffuse.prefix): the blocks before the first change never run
+twice. Each finding gets a verdict against the paper's observation, by a rule stated in `verdicts`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+
+import numpy as np
+
+from .bench import prompt_ids, reffuse_decode, time_decode
+from .calibrate import DEFAULT_RIDGE, calibrated_fuse
+from .fusion import fuse
+from .loading import load_model
+from .metrics import block_evaluations_needed, dependency, full_blocks, greedy_windows, matrix_to_json
+from .model import Model, block_forward, layout, rms_norm, rope_tables
+from .pipeline import choose_attention_removal, ffn_dependency, load_texts
+from .planning import propose_groups
+from .prefix import cache_prefix, score_logits, score_variant
+from .progress import Progress, note
+from .pruning import attention_free_runs, cheapest, drop_attention, drop_ffns, ffn_scores
+from .timing import blas_threads
+
+RIDGE_SWEEP = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+WINDOW = 4        # full-block windows (the paper's hardware choice)
+MAX_STEPS = 4     # greedy full-block steps, as the paper's Table 7
+
+DEFINITIONS = {
+    "kl": "mean over held-out predictions of KL(reference || variant) of the next-token distributions, nats",
+    "reference": "the pre-fusion model (attention removed, nothing fused) unless marked 'vs original'",
+    "perplexity": "exp of the mean next-token negative log-likelihood on the held-out windows",
+    "steps": "sequential FFN steps left in the fused span (a fused group is one step)",
+    "full_block_rule": "[INF] a window of whole blocks [s, e] runs as x + Σ_{j=s..e} (f_j(x) - x), the analogue of "
+                       "eq. 5; the paper does not write its rule down",
+    "decode": "greedy decode with the KV cache after a 32-token prompt, median over repeats, models timed in "
+              "alternation in one run; float32, BLAS pinned to the process's cores",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants of a model
+
+
+def reversed_run(model: Model, first: int, last: int) -> Model:
+    """Blocks first..last in reverse order (attention-free blocks hold no position-dependent state)."""
+    blocks = list(model.blocks)
+    blocks[first:last + 1] = blocks[first:last + 1][::-1]
+    return Model(model.config, model.embed, blocks, model.norm, model.lm_head)
+
+
+def block_parallel_logits(model: Model, first: int, x, windows) -> np.ndarray:
+    """Blocks first.. on the stream x [T, d] entering block `first`, each window (s, e) of whole blocks run in
+    parallel as x + Σ_j (f_j(x) - x) ([INF] rule, see DEFINITIONS); logits [T, vocab]."""
+    cfg = model.config
+    cos, sin = rope_tables(np.arange(x.shape[0]), cfg.head_dim, cfg.rope_theta, model.dtype)
+    ends = dict(windows)
+    layer = first
+    while layer < len(model.blocks):
+        if layer in ends:
+            x = x + sum(block_forward(model, j, x, cos, sin) - x for j in range(layer, ends[layer] + 1))
+            layer = ends[layer] + 1
+        else:
+            x = block_forward(model, layer, x, cos, sin)
+            layer += 1
+    return rms_norm(x, model.norm, cfg.norm_eps) @ model.lm_head.T  # [T, d] -> [T, vocab]
+
+
+def _scores(prefix, variant, first, reference):
+    s = score_variant(prefix, variant, first, reference=reference)
+    return {"kl": s["kl_from_base"], "perplexity": s["perplexity"], "top1": s["top1_agreement"],
+            "kl_vs_original": s["kl_from_reference"], "top1_vs_original": s["top1_agreement_reference"]}
+
+
+def _kl(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.2e}"
+
+
+def _ppl(x: float) -> str:
+    return f"{x:.2f}" if x < 1e6 else f"{x:.3e}"
+
+
+def _text(groups) -> str:
+    return ",".join(f"{a}-{b}" for a, b in groups) or "-"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_tokens: int = 1024,
+                    calibration_tokens: int = 2048, scoring_tokens: int = 256, dependency_tokens: int = 128,
+                    window: int = 256, decode_tokens: int = 16, repeats: int = 3, threads: int | None = None) -> dict:
+    """Every experiment of the module docstring; a JSON-ready dict."""
+    started = time.perf_counter()
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    result = {"model": model_name, "definitions": DEFINITIONS,
+              "environment": {"machine": platform.machine(), "cores": os.cpu_count(), "threads": threads,
+                              "python": platform.python_version(), "numpy": np.__version__,
+                              "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+              "settings": {"drop_count": drop_count, "held_out_tokens": held_out_tokens,
+                           "calibration_tokens": calibration_tokens, "scoring_tokens": scoring_tokens,
+                           "dependency_tokens": dependency_tokens, "window": window, "decode_tokens": decode_tokens,
+                           "repeats": repeats}}
+    with blas_threads(threads):
+        original = load_model(model_name)
+        result["model_name"] = original.config.name
+        texts = load_texts(model_name, original, calibration_tokens, held_out_tokens, window)
+        result["texts"] = texts.describe()
+
+        note("[1/8] attention removal")
+        removal = choose_attention_removal(original, texts.scoring(scoring_tokens, min(window, 128)), count=drop_count,
+                                           contiguous=True)
+        pre = drop_attention(original, removal["blocks"])
+        a, b = next(run for run in attention_free_runs(pre) if run[0] <= removal["blocks"][0] <= run[1])
+        span = (a, b - 1)
+        length = span[1] - span[0] + 1
+        result.update(attention_removal=removal, region=[a, b], span=list(span),
+                      layouts={"original": layout(original), "pre_fusion": layout(pre)})
+
+        note("[2/8] held-out references: the original and the pre-fusion model")
+        original_prefix = cache_prefix(original, texts.held_out.ids)
+        prefix = cache_prefix(pre, texts.held_out.ids)
+        removed = score_variant(original_prefix, pre, removal["blocks"][0])
+        result["original"] = {"perplexity": removed["base_perplexity"]}
+        result["pre_fusion"] = {"perplexity": removed["perplexity"], "kl_vs_original": removed["kl_from_base"],
+                                "top1_vs_original": removed["top1_agreement"]}
+
+        note("[3/8] FFN-level dependencies in the run")
+        M = ffn_dependency(pre, texts.scoring(dependency_tokens, min(window, 64)), up_to=b)
+        result["ffn_dependency"] = {"matrix": matrix_to_json(M[a:b + 1, a:b + 1]), "blocks": [a, b],
+                                    "tokens": dependency_tokens}
+
+        counts = sorted({math.ceil(length / 2), *range(1, math.ceil(length / 2) + 1)}, reverse=True)
+        plans = {k: propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups for k in counts}
+        note(f"[4/8] (a, f) fusion intensity: span {span[0]}-{span[1]} into {', '.join(map(str, counts))} steps, "
+             "fold and last")
+        intensity = []
+        with Progress("fusion variants", 2 * len(counts), "models") as bar:
+            for k in counts:
+                row = {"steps": k, "groups": [list(g) for g in plans[k]], "groups_text": _text(plans[k]),
+                       "depth_reduction": length - k}
+                for norm in ("fold", "last"):
+                    row[norm] = _scores(prefix, fuse(pre, plans[k], norm=norm), a, original_prefix)
+                    bar.update()
+                intensity.append(row)
+
+        note("[5/8] (g) calibrated fusion: ridge sweep on validation calibration text, then every k")
+        fit_windows, validation_windows = texts.calibration.ids[:-2], texts.calibration.ids[-2:]
+        validation = cache_prefix(pre, validation_windows)
+        sweep_k = counts[len(counts) // 2]
+        sweep = []
+        with Progress("ridge sweep", len(RIDGE_SWEEP), "ridges") as bar:
+            for ridge in RIDGE_SWEEP:
+                calibrated, _ = calibrated_fuse(pre, plans[sweep_k], fit_windows, ridge=ridge)
+                sweep.append({"ridge": ridge, "validation_kl": score_variant(validation, calibrated, a,
+                                                                             kl_only=True)["kl_from_base"]})
+                bar.update()
+        ridge = min(sweep, key=lambda r: r["validation_kl"])["ridge"]
+        plain_validation = score_variant(validation, fuse(pre, plans[sweep_k]), a, kl_only=True)["kl_from_base"]
+        with Progress("calibrated variants", len(counts), "models") as bar:
+            for row in intensity:
+                calibrated, fits = calibrated_fuse(pre, [tuple(g) for g in row["groups"]], texts.calibration.ids,
+                                                   ridge=ridge)
+                row["calibrated"] = _scores(prefix, calibrated, a, original_prefix)
+                row["calibration_fits"] = [f.as_dict() for f in fits]
+                bar.update()
+        result["calibration"] = {"sweep": sweep, "sweep_steps": sweep_k, "sweep_groups": _text(plans[sweep_k]),
+                                 "plain_validation_kl": plain_validation, "ridge": ridge,
+                                 "default_ridge": DEFAULT_RIDGE, "fit_tokens": int(fit_windows.size),
+                                 "validation_tokens": int(validation_windows.size),
+                                 "tokens": int(texts.calibration.ids.size)}
+        result["intensity"] = intensity
+
+        note("[6/8] (b) FFN removal at equal depth reduction")
+        importance = ffn_scores(pre, texts.scoring(scoring_tokens, min(window, 128)), layers=range(span[0], span[1] + 1))
+        removal_rows = []
+        for row in intensity:
+            dropped = cheapest(importance, row["depth_reduction"])
+            variant = drop_ffns(pre, dropped)
+            removal_rows.append({"depth_reduction": row["depth_reduction"], "removed": dropped,
+                                 **_scores(prefix, variant, a, original_prefix)})
+        result["removal"] = {"ffn_scores": {str(k): v for k, v in importance.items()}, "rows": removal_rows}
+
+        note("[7/8] (c) last FFN, (d) reversed order, (e) full-block parallelization")
+        last_rows = []
+        for label, group in [("leave out the last FFN", (a, b - 1)), ("leave out the first FFN", (a + 1, b)),
+                             ("the whole run, last FFN included", (a, b))]:
+            last_rows.append({"label": label, "group": list(group), **_scores(prefix, fuse(pre, [group]), a,
+                                                                            original_prefix)})
+        result["last_ffn"] = last_rows
+
+        half = min(4, length)
+        reverse_spans = sorted({(span[0], span[0] + half - 1), (span[1] - half + 1, span[1]), span})
+        reverse_rows = []
+        for first, last in reverse_spans:
+            reverse_rows.append({"span": [first, last],
+                                 "fused": _scores(prefix, fuse(pre, [(first, last)]), first, original_prefix),
+                                 "reversed": _scores(prefix, reversed_run(pre, first, last), first, original_prefix)})
+        result["reversed"] = reverse_rows
+
+        eligible = full_blocks(pre)
+        block_windows = texts.scoring(dependency_tokens, min(window, 64))
+        with Progress("block-level dependencies", block_evaluations_needed(pre, len(block_windows), ("block",)),
+                      "block evaluations") as bar:
+            block_M = dependency(pre, list(block_windows), granularities=("block",),
+                                 progress=bar.update).matrices["block"]
+        steps = greedy_windows(block_M, WINDOW, eligible=eligible, max_steps=MAX_STEPS)
+        full_rows = []
+        for n in range(1, len(steps) + 1):
+            chosen = [(s["first"], s["last"]) for s in steps[:n]]
+            first = min(s for s, _ in chosen)
+            scores = score_logits(prefix, lambda w: block_parallel_logits(pre, first, prefix.streams[w][first],
+                                                                          chosen), reference=original_prefix)
+            full_rows.append({"steps": n, "windows": [list(w) for w in chosen], "windows_text": _text(chosen),
+                              "kl": scores["kl_from_base"], "perplexity": scores["perplexity"],
+                              "top1": scores["top1_agreement"], "kl_vs_original": scores["kl_from_reference"]})
+        result["full_block"] = {"window": WINDOW, "greedy": steps, "rows": full_rows,
+                                "matrix": matrix_to_json(block_M), "tokens": dependency_tokens,
+                                "eligible_blocks": [i for i, e in enumerate(eligible) if e]}
+
+        note(f"[8/8] decode latency of {2 + 2 * len(counts)} models, in alternation")
+        models = {"original": original, "pre-fusion": pre}
+        for row in intensity:
+            models[f"fused, {row['steps']} steps"] = fuse(pre, [tuple(g) for g in row["groups"]])
+        for row in removal_rows:
+            models[f"{row['depth_reduction']} FFNs removed"] = drop_ffns(pre, row["removed"])
+        prompt = prompt_ids(original, 32)
+        seconds, _ = time_decode({name: (lambda p, n, m=m: reffuse_decode(m, p, n)) for name, m in models.items()},
+                                 prompt, decode_tokens, repeats)
+        result["decode"] = {name: {"ms_per_token": 1e3 * s / decode_tokens, "tokens_per_second": decode_tokens / s}
+                            for name, s in seconds.items()}
+    result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result["seconds"] = time.perf_counter() - started
+    result["verdicts"] = verdicts(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdicts: the paper's observation, what was measured here, and whether it held
+
+
+def verdicts(r: dict) -> list[dict]:
+    """One entry per finding (a)-(g): the paper's observation, the numbers here, and whether it held (by the rule
+    stated in each entry)."""
+    rows = r["intensity"]
+    by_steps = sorted(rows, key=lambda row: -row["steps"])
+    kls = [row["fold"]["kl"] for row in by_steps]
+    out = []
+
+    monotone = all(x <= y * 1.05 for x, y in zip(kls, kls[1:]))
+    out.append({"finding": "a", "title": "fusion intensity",
+                "paper": "Puzzle-49B, 26 FFNs fused into 12/6/3/2: accuracy falls gradually, about 1% at 12 and "
+                         "about 4% at 2 (84.71 -> 83.92 -> 82.84 -> 81.69 -> 81.24)",
+                "here": "KL to the pre-fusion model " + ", ".join(f"{row['steps']} steps {_kl(row['fold']['kl'])}"
+                                                               for row in by_steps)
+                        + "; perplexity " + ", ".join(f"{_ppl(row['fold']['perplexity'])}" for row in by_steps)
+                        + f" (pre-fusion {_ppl(r['pre_fusion']['perplexity'])})",
+                "rule": "held if the damage grows as the groups get fewer (each KL at most 5% below the one before)",
+                "held": monotone})
+
+    pairs = []
+    latency = r["decode"]
+    for row, removal in zip(rows, r["removal"]["rows"]):
+        fused_ms = latency[f"fused, {row['steps']} steps"]["ms_per_token"]
+        removed_ms = latency[f"{removal['depth_reduction']} FFNs removed"]["ms_per_token"]
+        pairs.append((row, removal, fused_ms, removed_ms))
+    fusion_better = all(row["fold"]["kl"] < removal["kl"] for row, removal, _, _ in pairs)
+    base_ms = latency["pre-fusion"]["ms_per_token"]
+    out.append({"finding": "b", "title": "FFN removal vs fusion",
+                "paper": "at a similar latency, fusion keeps more accuracy than removal (fusion step 3: -10% latency, "
+                         "-3.5% accuracy; removing 15 FFNs: -7.5% latency, -5% accuracy; 20 FFNs: -11%, -8.7%)",
+                "here": "; ".join(f"depth -{row['depth_reduction']}: fusion KL {_kl(row['fold']['kl'])} "
+                                  f"({100 * (fm / base_ms - 1):+.1f}% decode latency), removal KL "
+                                  f"{_kl(removal['kl'])} ({100 * (rm / base_ms - 1):+.1f}%)"
+                                  for row, removal, fm, rm in pairs),
+                "rule": "held if plain fusion has the lower KL at every equal depth reduction (latency is reported, "
+                        "but a CPU decode of a 135M model is bound by weight reads, which fusion does not reduce)",
+                "held": fusion_better})
+
+    last = {row["label"]: row for row in r["last_ffn"]}
+    left_out = last["leave out the last FFN"]["kl"]
+    others = [row["kl"] for label, row in last.items() if label != "leave out the last FFN"]
+    whole = last["the whole run, last FFN included"]["kl"]
+    out.append({"finding": "c", "title": "the last FFN of a run",
+                "paper": "including the run's last FFN hurts most (MT-Bench 8.25 -> 7.30 when layers 51 and 70 are "
+                         "included); shifting the group by one to include it is worse than leaving it out",
+                "here": "; ".join(f"{row['label']} ({row['group'][0]}-{row['group'][1]}) KL {_kl(row['kl'])}"
+                                  for row in r["last_ffn"]),
+                "rule": "held if leaving out the last FFN gives the lowest KL and including it (the whole run) "
+                        "is worse than leaving it out",
+                "held": left_out <= min(others) and whole > left_out})
+
+    close = [max(row["fused"]["kl"], row["reversed"]["kl"]) <= 2 * min(row["fused"]["kl"], row["reversed"]["kl"])
+             for row in r["reversed"]]
+    out.append({"finding": "d", "title": "reversed order vs fusion",
+                "paper": "running a span's FFNs in reverse order costs about as much as fusing them (combined "
+                         "accuracy within 0.25 points, e.g. [42,49] 83.74 fused vs 83.52 reversed)",
+                "here": "; ".join(f"{row['span'][0]}-{row['span'][1]}: fused KL {_kl(row['fused']['kl'])}, reversed "
+                                  f"{_kl(row['reversed']['kl'])}" for row in r["reversed"]),
+                "rule": "held if, for every span, the two KLs are within a factor 2 of each other",
+                "held": all(close)})
+
+    full = r["full_block"]["rows"]
+    if full:
+        ffn_four = next((row["fused"]["kl"] for row in r["reversed"]
+                         if row["span"][1] - row["span"][0] + 1 == WINDOW), None)
+        sharp = len(full) >= 3 and full[-1]["kl"] > 3 * full[1]["kl"]
+        harder = ffn_four is not None and full[0]["kl"] > ffn_four
+        here = "; ".join(f"step {row['steps']} (+{row['windows_text'].split(',')[-1]}) KL {_kl(row['kl'])}"
+                         for row in full)
+        if ffn_four is not None:
+            here += f"; for comparison, fusing {WINDOW} attention-free FFNs: KL {_kl(ffn_four)}"
+        out.append({"finding": "e", "title": "full-block parallelization",
+                    "paper": "greedy windows of 4 whole blocks: the first two steps are cheap (MMLU 80.73 -> 80.51 -> "
+                             "80.04), the third and fourth collapse (77.86, 56.12); whole blocks are harder to "
+                             "parallelize than FFNs",
+                    "here": here,
+                    "rule": f"held if the KL after the last step is over 3x the KL after step 2, and one window of "
+                            f"{WINDOW} whole blocks costs more than fusing {WINDOW} attention-free FFNs",
+                    "held": sharp and harder})
+    else:
+        out.append({"finding": "e", "title": "full-block parallelization", "paper": "see PAPER.md §3",
+                    "here": "no window of 4 consecutive blocks with attention and FFN exists", "rule": "-",
+                    "held": None})
+
+    fold_better = [row["fold"]["kl"] <= row["last"]["kl"] for row in rows]
+    out.append({"finding": "f", "title": "fold vs last norm",
+                "paper": "the paper feeds every fused FFN the last block's norm (its §3) and does not ablate it; "
+                         "folding each block's gain into its weights is exact for the parallel form [INF]",
+                "here": "; ".join(f"{row['steps']} steps: fold KL {_kl(row['fold']['kl'])}, last {_kl(row['last']['kl'])}"
+                                  for row in by_steps),
+                "rule": "reported, not a test of the paper: 'held' here means fold is at least as good at every k",
+                "held": all(fold_better)})
+
+    closed = [1 - row["calibrated"]["kl"] / row["fold"]["kl"] for row in by_steps]
+    out.append({"finding": "g", "title": "calibrated vs plain fusion",
+                "paper": "not in the paper: it recovers fused models by knowledge distillation on billions of "
+                         "tokens (Step 3 + KD beats the baseline: 85.28 vs 84.71)",
+                "here": "; ".join(f"{row['steps']} steps: plain KL {_kl(row['fold']['kl'])} -> calibrated "
+                                  f"{_kl(row['calibrated']['kl'])} ({100 * c:.0f}% of the gap closed)"
+                                  for row, c in zip(by_steps, closed))
+                        + f"; ridge {r['calibration']['ridge']:g} chosen on validation calibration text",
+                "rule": "our addition: 'held' means calibration lowers the held-out KL at every k",
+                "held": all(c > 0 for c in closed)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def _verdict_word(held) -> str:
+    return {True: "held", False: "did not hold", None: "not measured"}[held]
+
+
+def markdown(r: dict, command: str) -> str:
+    """The report as Markdown: setup, one section per finding with its table and verdict."""
+    removal, env = r["attention_removal"], r["environment"]
+    a, b = r["region"]
+    span = r["span"]
+    texts = r["texts"]
+    cal, held = texts["calibration"], texts["held_out"]
+
+    def spans(part):
+        return "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
+                         for s in part["spans"]) or part["split"]
+
+    def row_scores(s):
+        return f"{_kl(s['kl'])} | {_ppl(s['perplexity'])} | {100 * s['top1']:.1f}% | {_kl(s['kl_vs_original'])}"
+
+    lines = [f"# FFN Fusion experiments at small scale: {r['model_name']}", "",
+             "Produced by:", "", f"    {command}", "",
+             f"{r['seconds'] / 60:.1f} minutes on {env['cores']} cores ({env['threads']} BLAS threads), load average "
+             f"{env['load_average_1min_at_start']:.1f} at the start and {env['load_average_1min_at_end']:.1f} at the "
+             f"end. The JSON beside this file holds every number; `reffuse.plots.experiments` draws the figures "
+             "from it.", "",
+             "## Setup", "",
+             f"- **Attention removal** (standing in for Puzzle): every block's attention scored by the KL of removing "
+             f"it alone on {removal['scoring_tokens']} calibration tokens; removed: blocks **{removal['blocks_text']}**"
+             f" ({removal['rule']}). Summed single scores {removal['summed_score']:.3f} nats, measured jointly "
+             f"{removal['joint_kl']:.3f} nats: removals interact.",
+             f"- The attention-free run is **{a}-{b}**; the span fused is **{span[0]}-{span[1]}** (the run without "
+             "its last block, as in the paper).",
+             f"- **Held-out text**: {spans(held)}: {held['windows']} windows of {held['window']} tokens. "
+             f"**Calibration text** (scores, dependencies, calibration): {spans(cal)}. Disjoint: {texts['disjoint']}.",
+             f"- Original model perplexity {_ppl(r['original']['perplexity'])}; pre-fusion (attention removed) "
+             f"{_ppl(r['pre_fusion']['perplexity'])}, KL to the original {_kl(r['pre_fusion']['kl_vs_original'])}, "
+             f"top-1 agreement {100 * r['pre_fusion']['top1_vs_original']:.1f}%.",
+             "- Quality proxy: KL(pre-fusion || variant) in nats on held-out text (0 = the pre-fusion model), "
+             "perplexity, top-1 agreement with the pre-fusion model, and KL to the original model. The paper's "
+             "MMLU / MT-Bench have no counterpart at this scale.", "",
+             "## Verdicts", "", "| finding | paper | here | verdict |", "|---|---|---|---|"]
+    for v in r["verdicts"]:
+        lines.append(f"| ({v['finding']}) {v['title']} | {v['paper']} | {v['here']} | **{_verdict_word(v['held'])}**"
+                     f" ({v['rule']}) |")
+
+    header = "| KL | perplexity | top-1 | KL vs original |"
+    lines += ["", "## (a) Fusion intensity, (f) fold vs last, (g) calibrated", "",
+              f"The span {span[0]}-{span[1]} ({span[1] - span[0] + 1} FFNs) as k sequential steps, cut where the "
+              "least FFN-level dependency stays inside the groups.", "",
+              "| steps | groups | fusion " + header[1:] + " last: KL | calibrated: KL | calibrated perplexity | "
+              "gap closed |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| {span[1] - span[0] + 1} (pre-fusion) | - | 0 | {_ppl(r['pre_fusion']['perplexity'])} | 100% | "
+                 f"{_kl(r['pre_fusion']['kl_vs_original'])} | 0 | 0 | {_ppl(r['pre_fusion']['perplexity'])} | - |")
+    for row in r["intensity"]:
+        closed = 1 - row["calibrated"]["kl"] / row["fold"]["kl"]
+        lines.append(f"| {row['steps']} | {row['groups_text']} | {row_scores(row['fold'])} | {_kl(row['last']['kl'])} | "
+                     f"{_kl(row['calibrated']['kl'])} | {_ppl(row['calibrated']['perplexity'])} | {100 * closed:.0f}% |")
+    c = r["calibration"]
+    ridges = ", ".join(f"{s['ridge']:g}" for s in c["sweep"])
+    lines += ["", f"Calibration: ridge chosen from {ridges} by the KL on "
+                  f"{c['validation_tokens']} validation tokens of the calibration text (plan {c['sweep_groups']}, "
+                  f"fitted on the other {c['fit_tokens']}): "
+                  + ", ".join(f"{s['ridge']:g} -> {_kl(s['validation_kl'])}" for s in c["sweep"])
+                  + f" (plain fusion {_kl(c['plain_validation_kl'])}). Chosen **{c['ridge']:g}** (the library default "
+                    f"is {c['default_ridge']:g}), then refitted on all {c['tokens']} calibration tokens."]
+
+    lat = r["decode"]
+    base_ms = lat["pre-fusion"]["ms_per_token"]
+    lines += ["", "## (b) FFN removal vs fusion at equal depth reduction", "",
+              "FFNs of the span scored by the KL of removing each alone (calibration text); the least important "
+              "removed. Decode latency of every model measured in the same run, in alternation.", "",
+              "| model | depth reduction | " + header[1:] + " decode ms/token | vs pre-fusion |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| original | - | - | {_ppl(r['original']['perplexity'])} | - | 0 | {lat['original']['ms_per_token']:.2f} "
+                 f"| {100 * (lat['original']['ms_per_token'] / base_ms - 1):+.1f}% |")
+    lines.append(f"| pre-fusion | 0 | 0 | {_ppl(r['pre_fusion']['perplexity'])} | 100% | "
+                 f"{_kl(r['pre_fusion']['kl_vs_original'])} | {base_ms:.2f} | 0% |")
+    for row, removal_row in zip(r["intensity"], r["removal"]["rows"]):
+        fused_ms = lat[f"fused, {row['steps']} steps"]["ms_per_token"]
+        removed_ms = lat[f"{removal_row['depth_reduction']} FFNs removed"]["ms_per_token"]
+        lines.append(f"| fused {row['groups_text']} | {row['depth_reduction']} | {row_scores(row['fold'])} | "
+                     f"{fused_ms:.2f} | {100 * (fused_ms / base_ms - 1):+.1f}% |")
+        lines.append(f"| removed FFNs {','.join(map(str, removal_row['removed']))} | {removal_row['depth_reduction']}"
+                     f" | {row_scores(removal_row)} | {removed_ms:.2f} | {100 * (removed_ms / base_ms - 1):+.1f}% |")
+
+    lines += ["", "## (c) The last FFN", "", "| group | " + header[1:], "|---|---:|---:|---:|---:|"]
+    for row in r["last_ffn"]:
+        lines.append(f"| {row['label']}: {row['group'][0]}-{row['group'][1]} | {row_scores(row)} |")
+
+    lines += ["", "## (d) Reversed order vs fusion", "",
+              "| span | fused KL | reversed KL | fused perplexity | reversed perplexity |", "|---|---:|---:|---:|---:|"]
+    for row in r["reversed"]:
+        lines.append(f"| {row['span'][0]}-{row['span'][1]} | {_kl(row['fused']['kl'])} | {_kl(row['reversed']['kl'])} | "
+                     f"{_ppl(row['fused']['perplexity'])} | {_ppl(row['reversed']['perplexity'])} |")
+
+    full = r["full_block"]
+    lines += ["", "## (e) Full-block parallelization", "",
+              f"Rule: {DEFINITIONS['full_block_rule']}. Greedy selection (lowest M_max, ties by M_sum) over windows "
+              f"of {full['window']} blocks that have both attention and an FFN, on the block-level dependency matrix "
+              f"of the pre-fusion model ({full['tokens']} calibration tokens).", "",
+              "| steps | windows in parallel | M_max of the new window | KL | perplexity | top-1 | KL vs original |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for row, step in zip(full["rows"], full["greedy"]):
+        lines.append(f"| {row['steps']} | {row['windows_text']} | {step['max']:.4f} | {_kl(row['kl'])} | "
+                     f"{_ppl(row['perplexity'])} | {100 * row['top1']:.1f}% | {_kl(row['kl_vs_original'])} |")
+    lines += ["", "## Figures", "",
+              "![fusion intensity](fusion_intensity.png)", "",
+              "![removal vs fusion](removal_vs_fusion.png)", "",
+              "![ablations](ablations.png)", "",
+              "![full-block parallelization](full_block.png)", "",
+              "![attention removal scores](attention_scores.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Figures of `reffuse experiments` (reffuse.experiments), drawn from its JSON so they can be redrawn from the
+committed reports/experiments/smollm2/experiments.json without measuring again.
+
+- fusion intensity (the paper's Table 4 as a plot): KL to the pre-fusion model and perplexity against the number
+  of sequential FFN steps left in the span, for plain fusion (fold, last) and calibrated fusion;
+- removal vs fusion (the paper's Fig 6): quality against decode latency, fusion and FFN removal at equal depth
+  reductions, the pre-fusion and original models as reference points;
+- ablations: the last FFN of a run (Table 5) and reversed order vs fusion (Table 6);
+- full-block parallelization (Table 7): KL after each greedy step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import pyplot, save_figure
+from .removal import attention_scores_figure
+
+FOLD, LAST, CALIBRATED, REMOVAL, REFERENCE = "tab:blue", "tab:orange", "tab:green", "tab:red", "black"
+
+
+def _span_text(result: dict) -> str:
+    first, last = result["span"]
+    return f"{result['model_name']}, span {first}-{last}"
+
+
+def fusion_intensity_figure(result: dict):
+    """KL (log scale) and perplexity vs sequential FFN steps in the span, plain (fold, last) and calibrated."""
+    plt = pyplot()
+    rows = sorted(result["intensity"], key=lambda r: -r["steps"])
+    length = result["span"][1] - result["span"][0] + 1
+    steps = [r["steps"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for key, colour, label in [("fold", FOLD, "plain fusion, norm fold"), ("last", LAST, "plain fusion, norm last"),
+                               ("calibrated", CALIBRATED, "calibrated fusion (fold)")]:
+        left.plot(steps, [r[key]["kl"] for r in rows], marker="o", color=colour, label=label)
+        right.plot([length] + steps, [result["pre_fusion"]["perplexity"]] + [r[key]["perplexity"] for r in rows],
+                   marker="o", color=colour, label=label)
+    right.axhline(result["pre_fusion"]["perplexity"], color=REFERENCE, linestyle="--", linewidth=0.8,
+                  label="pre-fusion (attention removed)")
+    right.axhline(result["original"]["perplexity"], color=REFERENCE, linestyle=":", linewidth=0.8, label="original")
+    left.set_yscale("log")
+    left.set_ylabel("KL(pre-fusion || fused), nats (log scale)")
+    right.set_ylabel("held-out perplexity")
+    for ax in (left, right):
+        ax.set_xlabel(f"sequential FFN steps left of {length} (fewer = more fused)")
+        ax.set_xticks([length] + steps)
+        ax.invert_xaxis()
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Fusion intensity: {_span_text(result)} fused into fewer groups")
+    fig.tight_layout()
+    return fig
+
+
+def removal_vs_fusion_figure(result: dict):
+    """Quality vs decode latency: fusion (plain, calibrated) and FFN removal at equal depth reductions."""
+    plt = pyplot()
+    decode = result["decode"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.9))
+    fused = sorted(result["intensity"], key=lambda r: r["depth_reduction"])
+    removed = sorted(result["removal"]["rows"], key=lambda r: r["depth_reduction"])
+    fused_ms = [decode[f"fused, {r['steps']} steps"]["ms_per_token"] for r in fused]
+    removed_ms = [decode[f"{r['depth_reduction']} FFNs removed"]["ms_per_token"] for r in removed]
+    base_ms = decode["pre-fusion"]["ms_per_token"]
+    for ax, key, label in [(left, "kl", "KL(pre-fusion || model), nats (log scale)"),
+                           (right, "perplexity", "held-out perplexity")]:
+        ax.plot(fused_ms, [r["fold"][key] for r in fused], marker="o", color=FOLD, label="plain fusion")
+        ax.plot(fused_ms, [r["calibrated"][key] for r in fused], marker="^", color=CALIBRATED,
+                label="calibrated fusion")
+        ax.plot(removed_ms, [r[key] for r in removed], marker="s", color=REMOVAL, label="FFN removal")
+        for ms, r in zip(fused_ms, fused):
+            ax.annotate(f"-{r['depth_reduction']}", (ms, r["fold"][key]), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7, color=FOLD)
+        for ms, r in zip(removed_ms, removed):
+            ax.annotate(f"-{r['depth_reduction']}", (ms, r[key]), textcoords="offset points", xytext=(4, -9),
+                        fontsize=7, color=REMOVAL)
+        ax.set_xlabel("decode latency, ms per token (measured in one run)")
+        ax.set_ylabel(label)
+    left.set_yscale("log")
+    right.scatter([base_ms], [result["pre_fusion"]["perplexity"]], color=REFERENCE, marker="D", zorder=3,
+                  label="pre-fusion")
+    right.scatter([decode["original"]["ms_per_token"]], [result["original"]["perplexity"]], color=REFERENCE,
+                  marker="*", s=70, zorder=3, label="original")
+    left.axvline(base_ms, color=REFERENCE, linestyle="--", linewidth=0.8, label="pre-fusion latency")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.suptitle(f"FFN removal vs fusion at equal depth reduction (labels: FFN steps saved), {_span_text(result)}")
+    fig.tight_layout()
+    return fig
+
+
+def ablations_figure(result: dict):
+    """Left: fusing with or without the run's last FFN. Right: reversed order vs fusion, per span."""
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rows = result["last_ffn"]
+    labels = [f"{r['group'][0]}-{r['group'][1]}\n{r['label']}" for r in rows]
+    left.bar(range(len(rows)), [r["kl"] for r in rows], color=[FOLD, LAST, REMOVAL][:len(rows)])
+    left.set_xticks(range(len(rows)), labels, fontsize=7)
+    left.set_ylabel("KL(pre-fusion || fused), nats")
+    left.set_title("fused as one group: with or without the last FFN")
+    spans = result["reversed"]
+    x = range(len(spans))
+    right.bar([i - 0.2 for i in x], [r["fused"]["kl"] for r in spans], width=0.4, color=FOLD, label="fused")
+    right.bar([i + 0.2 for i in x], [r["reversed"]["kl"] for r in spans], width=0.4, color=LAST,
+              label="sequential, reversed order")
+    right.set_xticks(list(x), [f"{r['span'][0]}-{r['span'][1]}" for r in spans])
+    right.set_xlabel("span of attention-free blocks")
+    right.set_ylabel("KL(pre-fusion || variant), nats")
+    right.set_title("reversed order vs fusion")
+    right.legend(fontsize=7)
+    fig.suptitle(f"Ablations, {result['model_name']}")
+    fig.tight_layout()
+    return fig
+
+
+def full_block_figure(result: dict):
+    """KL after each greedy step of full-block parallelization, against fusing 4 attention-free FFNs."""
+    plt = pyplot()
+    full = result["full_block"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    steps = [r["steps"] for r in full["rows"]]
+    ax.plot(steps, [r["kl"] for r in full["rows"]], marker="o", color=REMOVAL,
+            label=f"windows of {full['window']} whole blocks in parallel (greedy)")
+    for r in full["rows"]:
+        ax.annotate(r["windows_text"].split(",")[-1], (r["steps"], r["kl"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7)
+    four = [r["fused"]["kl"] for r in result["reversed"] if r["span"][1] - r["span"][0] + 1 == full["window"]]
+    if four:
+        ax.axhline(min(four), color=FOLD, linestyle="--", linewidth=0.9,
+                   label=f"fusing {full['window']} attention-free FFNs (best span)")
+    ax.set_yscale("log")
+    ax.set_xticks(steps)
+    ax.set_xlabel("greedy steps (windows parallelized, cumulative)")
+    ax.set_ylabel("KL(pre-fusion || model), nats (log scale)")
+    ax.set_title(f"Full-block parallelization, {result['model_name']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_experiment_figures(result: dict, folder) -> list[Path]:
+    """Every figure of the report into `folder`, under the names the report links."""
+    folder = Path(folder)
+    figures = {"fusion_intensity.png": fusion_intensity_figure(result),
+               "removal_vs_fusion.png": removal_vs_fusion_figure(result),
+               "ablations.png": ablations_figure(result),
+               "attention_scores.png": attention_scores_figure(
+                   result["attention_removal"], f"Attention removal scores, {result['model_name']}")}
+    if result["full_block"]["rows"]:
+        figures["full_block.png"] = full_block_figure(result)
+    return [save_figure(fig, folder / name) for name, fig in figures.items()]

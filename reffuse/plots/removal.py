@@ -1,0 +1,34 @@
+"""Attention removal (reffuse.pruning): each block's single-removal score, the blocks chosen marked.
+
+Drawn from the "attention_removal" record that `reffuse fuse`, `demo` and `experiments` write
+({"scores": {block: KL}, "blocks": [...], "rule": ..., "joint_kl": ...}).
+"""
+
+from __future__ import annotations
+
+from . import pyplot
+
+CHOSEN, KEPT = "tab:red", "0.6"
+
+
+def attention_scores_figure(removal: dict, title: str):
+    """Bars of KL(base || without block i's attention) per block, log scale; the removed blocks in red."""
+    plt = pyplot()
+    scores = {int(k): v for k, v in removal["scores"].items()}
+    blocks = sorted(scores)
+    chosen = set(removal["blocks"])
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    colours = [CHOSEN if b in chosen else KEPT for b in blocks]
+    ax.bar(blocks, [scores[b] for b in blocks], color=colours, width=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("KL when removed alone (nats, log scale)")
+    ax.set_xticks(blocks)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.bar([float("nan")], [float("nan")], color=CHOSEN,
+           label=f"removed ({removal['rule']}); jointly {removal['joint_kl']:.3g} nats")
+    ax.bar([float("nan")], [float("nan")], color=KEPT, label="kept")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,94 @@
+"""`reffuse demo` and `reffuse fuse`: the offline pipeline on tiny, the saved model, SmolLM2 round trip, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+import reffuse
+from reffuse.calibrate import calibrated_fuse
+from reffuse.cli import main
+from reffuse.commands.fuse import PROVENANCE_FILE
+from reffuse.pipeline import synthetic_windows
+from reffuse.pruning import drop_attention
+from reffuse.tiny import build_tiny
+
+FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--repeats", "1", "--decode-tokens", "2",
+        "--sample-tokens", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["demo", "--model", "tiny", "--json", "--figures", str(folder), *FAST]) == 0
+    return json.loads(out.getvalue()), folder
+
+
+def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
+    report, folder = tiny_demo
+    assert report["synthetic"] is True
+    for key in ("attention_removal", "plan", "groups", "layout_before", "layout_removed", "layout_after",
+                "fused_vs_parallel_relative_error", "sequential_vs_parallel", "calibration", "quality", "speed",
+                "samples", "figures", "texts"):
+        assert key in report, key
+    # Theorem 3.1: fused == parallel up to rounding (float64 ~1e-16, float32 ~1e-7)
+    assert report["fused_vs_parallel_relative_error"]["float64"] <= 1e-12
+    assert report["fused_vs_parallel_relative_error"]["float32"] <= 1e-5
+    assert set(report["quality"]["models"]) == {"original", "attention removed", "fused", "fused, calibrated"}
+    assert set(report["speed"]["decode"]) == {"original", "attention removed", "fused"}
+    assert report["attention_removal"]["blocks"] == [2, 3]  # tiny's cheapest pair (seeded, synthetic)
+    assert all(len(g) == 2 and g[1] - g[0] + 1 <= 4 for g in report["groups"])
+    for name in ("layout.png", "quality_speed.png", "attention_scores.png", "ffn_dependency.png"):
+        assert (folder / name).is_file()
+
+
+def test_fuse_saves_a_model_that_loads_and_matches(tmp_path, capsys):
+    out = tmp_path / "fused"
+    assert main(["fuse", "--model", "tiny", "--drop-attention", "2-3", "--groups", "2-4,5-8", "--calibrate",
+                 "--calibration-tokens", "256", "--out", str(out)]) == 0
+    loaded = reffuse.load_model(out)
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    assert record["groups"] == [[2, 4], [5, 8]] and record["attention_removal"]["blocks"] == [2, 3]
+    assert [r["fused_from"] for r in reffuse.layout(loaded)][2:4] == [[2, 3, 4], [5, 6, 7, 8]]
+    # the same steps in memory give the same weights, bit for bit (float32 saved and read back as float32)
+    expected, _ = calibrated_fuse(drop_attention(build_tiny(), [2, 3]), [(2, 4), (5, 8)],
+                                  synthetic_windows(build_tiny(), "calibration", 256, 256).ids)
+    ids = np.arange(20)
+    np.testing.assert_array_equal(reffuse.forward(loaded, ids), reffuse.forward(expected, ids))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fuse", "--model", "tiny", "--drop-attention", "40-41", "--groups", "4-8"], "block 40 is out of range"),
+    (["fuse", "--model", "tiny", "--groups", "2-5"], "contains block 2, which has attention"),
+    (["fuse", "--model", "tiny", "--groups", "4-13"], "out of range"),
+    (["fuse", "--model", "tiny", "--groups", "4-8", "--calibrate", "--calibration-tokens", "64"],
+     "calibration text is too short"),
+    (["fuse", "--model", "tiny", "--plan", "auto", "--drop-attention-count", "7"], "only 6 are candidates"),
+    (["demo", "--model", "tiny", "--groups", "2-5"], "contains block 2, which has attention"),
+    (["demo", "--model", "tiny", "--calibration-tokens", "100"], "calibration text is too short"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
+    args = args + (["--out", str(tmp_path / "out")] if args[0] == "fuse" else ["--figures", str(tmp_path)])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_fuse_smollm2_round_trip(tmp_path, smollm2, smollm2_tokenizer, capsys):
+    """A fused SmolLM2 folder loads with its tokenizer, and generate and eval take it."""
+    out = tmp_path / "fused"
+    assert main(["fuse", "--model", "smollm2", "--drop-attention", "12-19", "--groups", "12-15,16-18",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    loaded = reffuse.load_model(out)
+    expected = reffuse.fuse(drop_attention(smollm2, range(12, 20)), [(12, 15), (16, 18)])
+    ids = smollm2_tokenizer.encode("The capital of France is")
+    np.testing.assert_array_equal(reffuse.forward(loaded, ids), reffuse.forward(expected, ids))
+    assert main(["generate", "--model", str(out), "The capital of France is", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("The capital of France is")
+    assert main(["eval", "--model", str(out), "--tokens", "32", "--window", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
