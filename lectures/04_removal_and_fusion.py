@@ -32,9 +32,8 @@
 # with decode latency measured; we read its findings at the end. Runs in about a minute.
 
 # %%
+import json
 from pathlib import Path
-
-import numpy as np
 
 import reffuse
 from reffuse.calibrate import calibrated_fuse
@@ -176,13 +175,15 @@ print("calibrated, against the original:", judged(calibrated, first))
 # Its verdicts:
 
 # %%
-report = sorted(REPORTS.glob("**/experiments*.md"))
-if report:
-    text = report[0].read_text()
-    print(f"{report[0]}:\n")
-    print("\n".join(line for line in text.splitlines() if "held" in line.lower() or line.startswith("#"))[:4000])
-else:
-    print("no committed experiments report found under reports/: run `reffuse experiments --out reports/experiments`")
+experiments = json.loads((REPORTS / "experiments" / "smollm2" / "experiments.json").read_text())
+print(f"{experiments['command']}\n")
+for verdict in experiments["verdicts"]:
+    held = {True: "held", False: "did not hold", None: "not measured"}[verdict["held"]]
+    print(f"({verdict['finding']}) {verdict['title']}: {held}\n    here: {verdict['here']}")
+
+# %% [markdown]
+# The full report, with every number and the rule behind each verdict, is `reports/experiments/smollm2/README.md`;
+# `figures/removal_vs_fusion.png` is the paper's accuracy-vs-latency plot at this scale.
 
 # %% [markdown]
 # ## Exercises

@@ -12,6 +12,8 @@ each other and with the committed figures/.
     windows.png                          plots.dependency.window_figure
     layout_before_after.png              plots.layout.layout_figure               benchmarks/results/tp_smollm2_n3.json
                                                                                     (its attention removal and groups)
+    fusion_intensity.png                 plots.experiments.fusion_intensity_figure  reports/experiments/smollm2/
+    removal_vs_fusion.png                plots.experiments.removal_vs_fusion_figure   experiments.json (reffuse experiments)
     ffn_speed_vs_tokens.png              plots.speed.ffn_speed_figure             benchmarks/results/bench_smollm2.json
                                                                                     (reffuse bench)
     allreduce_counts.png                 plots.tp.allreduce_figure                benchmarks/results/tp_*.json
@@ -124,6 +126,22 @@ def ffn_speed_vs_tokens(root: Path):
                             "Fused vs sequential run of 8 SmolLM2 FFNs, by token count")
 
 
+EXPERIMENTS_JSON = "reports/experiments/smollm2/experiments.json"
+EXPERIMENTS_COMMAND = "reffuse experiments --out reports/experiments/smollm2"
+
+
+def fusion_intensity(root: Path):
+    from ..plots.experiments import fusion_intensity_figure
+
+    return fusion_intensity_figure(read_json(root, EXPERIMENTS_JSON, EXPERIMENTS_COMMAND))
+
+
+def removal_vs_fusion(root: Path):
+    from ..plots.experiments import removal_vs_fusion_figure
+
+    return removal_vs_fusion_figure(read_json(root, EXPERIMENTS_JSON, EXPERIMENTS_COMMAND))
+
+
 TP_SMOLLM2_JSON = "benchmarks/results/tp_smollm2_n3.json"
 TP_SMOLLM2_COMMAND = "mpiexec -n 3 reffuse tp --model smollm2 --json (benchmarks/results/tp.md)"
 
@@ -168,6 +186,8 @@ FIGURES = {
     "block_metrics.png": block_metrics,
     "windows.png": windows,
     "layout_before_after.png": layout_before_after,
+    "fusion_intensity.png": fusion_intensity,
+    "removal_vs_fusion.png": removal_vs_fusion,
     "ffn_speed_vs_tokens.png": ffn_speed_vs_tokens,
     "allreduce_counts.png": allreduce_counts,
     "latency_model.png": latency_model,
