@@ -159,8 +159,10 @@ def swiglu(ffn: FFN, x):
 
 # On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
 # there are many tokens, and every elementwise step (silu, ⊙) then streams them through main memory: a fused
-# run became slower than its blocks one by one. Column blocks of at most this many elements stay in cache.
-HIDDEN_BLOCK_ELEMENTS = 1 << 18  # 1 MiB of float32 per [T, block] array: measured best among 2^16..2^20
+# run became slower than its blocks one by one. Column blocks of at most this many elements stay in the
+# last-level cache (4 MiB of float32 per [T, block] array); smaller blocks mean more, smaller matrix products,
+# each of which synchronises the BLAS threads, and measured slower.
+HIDDEN_BLOCK_ELEMENTS = 1 << 20
 
 
 def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int = HIDDEN_BLOCK_ELEMENTS):
