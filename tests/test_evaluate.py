@@ -133,3 +133,16 @@ def test_eval_command_perplexity_agrees_with_transformers(smollm2, smollm2_token
     # 4 significant digits: within half a unit of the 4th digit (the acceptance asks for 0.1%, 20x looser).
     # Both run float32 forwards (logits differ by ~1e-4 absolute), which moves the perplexity by ~1e-6 relative.
     assert abs(result["perplexity"] - expected) <= 5e-5 * expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "tiny"], "no tokenizer found for 'tiny'"),
+    (["--model", "tiny", "--tokenizer", "smollm2"], "has 49152 tokens but the model tiny only 256"),
+    (["--model", "smollm2", "--tokens", "100", "--window", "256"], "100 tokens do not fill one window of 256"),
+    (["--model", "smollm2", "--window", "1"], "nothing to predict"),
+    (["--model", "smollm2", "--tokens", "10000000"], "gives only"),
+])
+def test_eval_command_bad_input(argv, message, capsys):
+    from reffuse.cli import main
+    assert main(["eval", *argv]) == 2
+    assert message in capsys.readouterr().err
