@@ -65,13 +65,20 @@ class Texts:
     held_out: TokenWindows
 
     def scoring(self, n_tokens: int, window: int | None = None) -> TokenWindows:
-        """A few calibration windows (for removal scores and dependencies): the calibration text's start."""
-        window = window or min(self.window, n_tokens)
-        if self.synthetic:
-            return synthetic_windows(self.model, "calibration", window, n_tokens)
-        windows = calibration_windows(self.tokenizer, window, n_tokens)
-        check_disjoint(windows, self.held_out)
-        return windows
+        """A few short windows of the calibration text (for removal scores and dependencies): the first `window`
+        tokens of calibration windows spread evenly over it, so that they read the plays' dialogue rather than
+        only the list of characters each play opens with."""
+        window = min(window or self.window, n_tokens, self.calibration.window)
+        count = n_tokens // window
+        available = len(self.calibration)
+        if count > available:
+            raise ReffuseError(f"{n_tokens} scoring tokens in windows of {window} need {count} calibration windows, "
+                               f"but there are {available}: ask for fewer scoring tokens or more calibration tokens")
+        chosen = [int((i + 0.5) * available / count) for i in range(count)]  # evenly spread, away from the start
+        ids = self.calibration.ids[chosen, :window]                          # [count, window]
+        split = (f"{self.calibration.split}: the first {window} tokens of windows {', '.join(map(str, chosen))} "
+                 f"of {available}")
+        return TokenWindows(ids, self.calibration.spans, split)
 
     def describe(self) -> dict:
         return {"synthetic": self.synthetic, "calibration": self.calibration.describe(),
@@ -107,6 +114,7 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
     """
     if (blocks is None) == (count is None):
         raise ReffuseError("give either the blocks whose attention to remove or how many to remove (not both)")
+    text = windows.split if isinstance(windows, TokenWindows) else "token ids given"
     windows = list(windows)
     prefix = cache_prefix(model, windows)
     scores = None
@@ -126,7 +134,7 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
             "scores": {str(k): v for k, v in scores.items()} if scores else None,
             "summed_score": sum(scores[b] for b in blocks) if scores else None,
             "joint_kl": kl_from_base(prefix, removed, min(blocks)),
-            "scoring_tokens": int(sum(len(w) for w in windows))}
+            "scoring_tokens": int(sum(len(w) for w in windows)), "scoring_text": text}
 
 
 def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarray:
