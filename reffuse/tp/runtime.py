@@ -8,12 +8,17 @@ and calls `comm.Abort`, and the MPI launcher then ends every process of the job 
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ReffuseError
+
+# The launcher forwards each rank's stderr through a pipe; Abort kills the job at once and what is still in
+# the pipe is lost. Half a second lets the failing rank's message reach the terminal first.
+ABORT_GRACE_SECONDS = 0.5
 
 
 def mpi():
@@ -91,10 +96,12 @@ def rank_zero_first(comm, fn, what: str):
 def report_and_abort(comm, error: BaseException, program: str) -> None:
     """Print `error` with this rank's number to stderr, then end every rank of the job (status 1)."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    if not isinstance(error, ReffuseError):  # a bug or a failed library call: show where
-        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-    print(f"{program}: rank {rank} of {size} failed: {type(error).__name__}: {error}", file=sys.stderr)
-    sys.stderr.flush()  # Abort ends the process without flushing Python's buffers
+    message = f"{program}: rank {rank} of {size} failed: {type(error).__name__}: {error}\n"
+    if not isinstance(error, ReffuseError):  # a bug or a failed library call: show where, then what
+        message = "".join(traceback.format_exception(type(error), error, error.__traceback__)) + message
+    sys.stderr.write(message)  # one write, so that the message is never cut in the middle
+    sys.stderr.flush()         # Abort ends the process without flushing Python's buffers
+    time.sleep(ABORT_GRACE_SECONDS)
     comm.Abort(1)
 
 
