@@ -426,8 +426,8 @@ def markdown(r: dict, command: str) -> str:
     lines += ["", "## (a) Fusion intensity, (f) fold vs last, (g) calibrated", "",
               f"The span {span[0]}-{span[1]} ({span[1] - span[0] + 1} FFNs) as k sequential steps, cut where the "
               "least FFN-level dependency stays inside the groups.", "",
-              "| steps | groups | fusion " + header[1:] + " last: KL | calibrated: KL | calibrated perplexity | "
-              "gap closed |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| steps | groups | plain fusion: KL | perplexity | top-1 | KL vs original | norm last: KL | "
+              "calibrated: KL | calibrated perplexity | gap closed |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines.append(f"| {span[1] - span[0] + 1} (pre-fusion) | - | 0 | {_ppl(r['pre_fusion']['perplexity'])} | 100% | "
                  f"{_kl(r['pre_fusion']['kl_vs_original'])} | 0 | 0 | {_ppl(r['pre_fusion']['perplexity'])} | - |")
     for row in r["intensity"]:
