@@ -38,7 +38,7 @@ from .errors import ReffuseError
 from .fusion import fuse
 from .model import FFN, Block, Model, block_forward, check_groups, check_token_ids, rms_norm, rope_tables, silu
 
-DEFAULT_RIDGE = 1e-1
+DEFAULT_RIDGE = 1.0
 MIN_CALIBRATION_TOKENS = 128  # fewer tokens than this fit noise more than the run: a clear error, not a weak fit
 
 

@@ -37,7 +37,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, type=Path, help="folder for README.md, experiments.json, figures")
     parser.add_argument("--drop-attention-count", type=int, default=None,
                         help="consecutive attentions to remove (default: 8 for smollm2, 2 for tiny)")
-    parser.add_argument("--held-out-tokens", type=int, default=1024, help="held-out tokens scored (default 1024)")
+    parser.add_argument("--held-out-tokens", type=int, default=2048, help="held-out tokens scored (default 2048)")
     parser.add_argument("--calibration-tokens", type=int, default=2048,
                         help="calibration tokens for calibrated fusion (default 2048)")
     parser.add_argument("--scoring-tokens", type=int, default=256,
@@ -45,8 +45,8 @@ def add_arguments(parser):
     parser.add_argument("--dependency-tokens", type=int, default=128,
                         help="calibration tokens for dependency matrices (default 128)")
     parser.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens per decode timing (default 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="decode timing repeats, median (default 3)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="decode timing repeats, median (default 5)")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
 
 
@@ -69,6 +69,5 @@ def run(args) -> int:
         print_json(result)
     else:
         for v in result["verdicts"]:
-            held = {True: "held", False: "did not hold", None: "not measured"}[v["held"]]
-            print(f"({v['finding']}) {v['title']}: {held}\n    here: {v['here']}")
+            print(f"({v['finding']}) {v['title']}: {v['verdict']}\n    here: {v['here']}")
     return 0
