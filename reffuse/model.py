@@ -151,21 +151,22 @@ def silu(z):
 
 def swiglu(ffn: FFN, x):
     """eq. 3: FFN(x) = (silu(x W_gate^T) ⊙ x W_up^T) W_down^T."""
-    if x.shape[0] * ffn.width > HIDDEN_BLOCK_ELEMENTS and array_module(x) is np:
-        return swiglu_in_column_blocks(ffn, x)     # the same sum in cache-sized pieces, for CPU speed (below)
+    if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
+        return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)  # the same sum in cache-sized pieces (below)
     hidden = silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # [T, d] -> [T, dh]
     return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
 
 
 # On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
 # there are many tokens, and every elementwise step (silu, ⊙) then streams them through main memory: a fused
-# run became slower than its blocks one by one. Column blocks of at most this many elements stay in the
-# last-level cache (4 MiB of float32 per [T, block] array); smaller blocks mean more, smaller matrix products,
-# each of which synchronises the BLAS threads, and measured slower.
-HIDDEN_BLOCK_ELEMENTS = 1 << 20
+# run became slower than its blocks one by one. Above HIDDEN_ELEMENTS_IN_CACHE elements (4 MiB of float32; one
+# SmolLM2 FFN reaches it at 683 tokens) swiglu works in column blocks of HIDDEN_BLOCK_ELEMENTS (1 MiB): the sizes
+# that measured fastest on 2 cores, for fused runs and for single FFNs alike.
+HIDDEN_ELEMENTS_IN_CACHE = 1 << 20
+HIDDEN_BLOCK_ELEMENTS = 1 << 18
 
 
-def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int = HIDDEN_BLOCK_ELEMENTS):
+def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int):
     """swiglu summed over blocks b of hidden units: FFN(x) = Σ_b (silu(x W_gate[b]^T) ⊙ x W_up[b]^T) W_down[:, b]^T.
 
     Equal to swiglu up to rounding, because each hidden unit acts on its own (the fact behind Theorem 3.1, used
@@ -177,7 +178,8 @@ def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int = HIDDEN_BLOCK_ELEM
     out = xp.zeros((x.shape[0], ffn.down.shape[0]), dtype=x.dtype)
     for start in range(0, ffn.width, block):
         cols = slice(start, start + block)
-        hidden = silu(x @ ffn.gate[cols].T) * (x @ ffn.up[cols].T)  # [T, d] -> [T, block]
+        hidden = silu(x @ ffn.gate[cols].T)                          # [T, d] -> [T, block]
+        hidden *= x @ ffn.up[cols].T
         out += hidden @ ffn.down[:, cols].T                          # [T, block] -> [T, d]
     return out
 

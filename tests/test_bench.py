@@ -36,15 +36,16 @@ def test_swiglu_uses_column_blocks_only_when_the_hidden_array_is_large(monkeypat
     rng = np.random.default_rng(1)
     ffn = random_ffn(rng, 8, 40, np.float64)
     calls = []
-    monkeypatch.setattr(model_module, "swiglu_in_column_blocks", lambda f, x: calls.append(x.shape) or 0)
-    monkeypatch.setattr(model_module, "HIDDEN_BLOCK_ELEMENTS", 40 * 10)
+    monkeypatch.setattr(model_module, "swiglu_in_column_blocks", lambda f, x, block: calls.append(x.shape) or 0)
+    monkeypatch.setattr(model_module, "HIDDEN_ELEMENTS_IN_CACHE", 40 * 10)
     swiglu(ffn, rng.standard_normal((10, 8)))  # 10 x 40 elements: one block
     swiglu(ffn, rng.standard_normal((11, 8)))
     assert calls == [(11, 8)]
 
 
 def test_fused_model_with_column_blocks_equals_parallel_form(tiny64, tiny_ids, monkeypatch):
-    monkeypatch.setattr(model_module, "HIDDEN_BLOCK_ELEMENTS", 256)  # force blocks in every FFN
+    monkeypatch.setattr(model_module, "HIDDEN_ELEMENTS_IN_CACHE", 256)  # force blocks in every FFN
+    monkeypatch.setattr(model_module, "HIDDEN_BLOCK_ELEMENTS", 256)
     groups = [(4, 8)]
     fused, parallel = forward(fuse(tiny64, groups), tiny_ids), forward(tiny64, tiny_ids, groups)
     # the acceptance bound of the fusion tests: the sums differ in order only, float64 rounding is ~1e-16
