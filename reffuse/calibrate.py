@@ -17,10 +17,16 @@ so λ → ∞ gives plain fusion back and λ → 0 the unregularised least-squar
 are solved in float64. HᵀH [Σdh, Σdh], HᵀR [Σdh, d] and ||R||² are accumulated over `chunk` tokens at a time,
 so memory is bounded by the Gram matrix, whatever the amount of text. With fewer calibration tokens T than hidden
 units Σdh (a fused SmolLM2 group of 7 FFNs has Σdh = 10752), the same solution comes cheaper from the T x T form,
-(W - W0)ᵀ = Hᵀ (HHᵀ + λI)⁻¹ (R - H W0ᵀ), whose memory, H itself, is then below the Gram matrix's. The ridge is relative to the trace:
-λ = ridge · tr(HᵀH) / Σdh, i.e. `ridge` times the mean squared hidden activation times T, so one value suits
-groups of every width and any number of tokens. DEFAULT_RIDGE was chosen on a validation part of the
-calibration split (reffuse experiments, finding (g), records the sweep); it is never tuned on held-out text.
+(W - W0)ᵀ = Hᵀ (HHᵀ + λI)⁻¹ (R - H W0ᵀ), whose memory, H itself, is then below the Gram matrix's. The ridge
+is relative to the trace: λ = ridge · tr(HᵀH) / Σdh, i.e. `ridge` times the mean squared hidden activation
+times T, so one value suits groups of every width and any number of tokens.
+
+Token weighting. The first token of every sequence (the attention sink) carries a massive activation in trained
+Llamas (in SmolLM2 its stream reaches a norm near 30000, other tokens' about 150), so in absolute squared error a
+few sink tokens outweigh thousands of ordinary ones. weighting="relative" divides token t's rows of H and R by
+||x_t + R_t||, the norm of the stream the update lands on, which is what the next RMSNorm divides by anyway.
+DEFAULT_RIDGE and DEFAULT_WEIGHTING were chosen together on a validation part of the calibration split
+(`reffuse experiments`, finding (g), records the sweep); they are never tuned on held-out text.
 
 Groups are calibrated in order, each on the stream that the already calibrated groups before it produce, so
 that a later group corrects for what an earlier one left. Calibration text must not overlap the held-out text
@@ -39,6 +45,8 @@ from .fusion import fuse
 from .model import FFN, Block, Model, block_forward, check_groups, check_token_ids, rms_norm, rope_tables, silu
 
 DEFAULT_RIDGE = 1.0
+WEIGHTINGS = ("none", "relative")
+DEFAULT_WEIGHTING = "none"
 MIN_CALIBRATION_TOKENS = 128  # fewer tokens than this fit noise more than the run: a clear error, not a weak fit
 
 
@@ -65,11 +73,12 @@ class GroupCalibration:
     fit_error_plain: float        # ||H W0^T - R||² / ||R||² on the calibration tokens
     fit_error_calibrated: float   # the same with the refitted W*
     form: str                     # which form of the normal equations was solved
+    weighting: str                # "none" or "relative" (see collect)
 
     def as_dict(self) -> dict:
         return {"group": list(self.group), "tokens": self.tokens, "ridge": self.ridge,
                 "ridge_absolute": self.ridge_absolute, "fit_error_plain": self.fit_error_plain,
-                "fit_error_calibrated": self.fit_error_calibrated, "form": self.form}
+                "fit_error_calibrated": self.fit_error_calibrated, "form": self.form, "weighting": self.weighting}
 
 
 def check_calibration_tokens(tokens: int) -> None:
@@ -93,26 +102,43 @@ def sequential_update(model: Model, first: int, last: int, x):
     return y - x
 
 
-def collect(model: Model, group: tuple[int, int], fused_ffn: FFN, x, chunk: int = 512):
+def collect(model: Model, group: tuple[int, int], fused_ffn: FFN, x, chunk: int = 512, weighting: str = "none"):
     """H [T, Σdh] and R [T, d] (float64) for one group on the stream x [T, d] entering it, `chunk` tokens at a
-    time (the sequential run and the wide FFN never see more than `chunk` tokens at once)."""
+    time (the sequential run and the wide FFN never see more than `chunk` tokens at once).
+
+    weighting="relative" scales token t's row of both by 1 / ||x_t + R_t||, so that the fit counts each token's
+    error relative to the stream it lands on (what the next RMSNorm sees), not in absolute units.
+    """
+    check_weighting(weighting)
     first, last = group
     eps = model.config.norm_eps
     hidden, targets = [], []
     for start in range(0, x.shape[0], chunk):
         xs = x[start:start + chunk]
-        hidden.append(to_numpy(hidden_activations(fused_ffn, xs, eps)).astype(np.float64))     # [c, Σdh]
-        targets.append(to_numpy(sequential_update(model, first, last, xs)).astype(np.float64))  # [c, d]
+        h = to_numpy(hidden_activations(fused_ffn, xs, eps)).astype(np.float64)       # [c, Σdh]
+        r = to_numpy(sequential_update(model, first, last, xs)).astype(np.float64)    # [c, d]
+        if weighting == "relative":
+            scale = 1.0 / np.linalg.norm(to_numpy(xs).astype(np.float64) + r, axis=-1, keepdims=True)  # [c, 1]
+            h, r = h * scale, r * scale
+        hidden.append(h)
+        targets.append(r)
     return np.concatenate(hidden), np.concatenate(targets)
 
 
-def run_statistics(model: Model, group: tuple[int, int], fused_ffn: FFN, x, chunk: int = 512) -> RunStatistics:
+def check_weighting(weighting: str) -> str:
+    if weighting not in WEIGHTINGS:
+        raise ReffuseError(f"weighting {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    return weighting
+
+
+def run_statistics(model: Model, group: tuple[int, int], fused_ffn: FFN, x, chunk: int = 512,
+                   weighting: str = "none") -> RunStatistics:
     """HᵀH, HᵀR and ||R||² for one group on the stream x [T, d] entering it, accumulated `chunk` tokens at a
     time: memory is the Gram matrix plus one chunk, however many tokens."""
     width, d = fused_ffn.width, model.config.dim
     stats = RunStatistics(np.zeros((width, width)), np.zeros((width, d)), 0.0, 0)
     for start in range(0, x.shape[0], chunk):
-        h, r = collect(model, group, fused_ffn, x[start:start + chunk], chunk)  # [c, Σdh], [c, d]
+        h, r = collect(model, group, fused_ffn, x[start:start + chunk], chunk, weighting)  # [c, Σdh], [c, d]
         stats = stats + RunStatistics(h.T @ h, h.T @ r, float(np.sum(r * r)), h.shape[0])
     return stats
 
@@ -166,7 +192,7 @@ def relative_fit_error(hidden: np.ndarray, targets: np.ndarray, down) -> float:
 
 
 def refit_down(model: Model, group: tuple[int, int], ffn: FFN, streams: list, ridge: float = DEFAULT_RIDGE,
-               chunk: int = 512) -> tuple[np.ndarray, GroupCalibration]:
+               chunk: int = 512, weighting: str = DEFAULT_WEIGHTING) -> tuple[np.ndarray, GroupCalibration]:
     """W* for one fused group from the streams [T_w, d] entering it, and what the fit did.
 
     The normal equations are solved in whichever form is smaller: the Σdh x Σdh form (HᵀH accumulated chunk by
@@ -176,22 +202,22 @@ def refit_down(model: Model, group: tuple[int, int], ffn: FFN, streams: list, ri
     ridge = check_ridge(ridge)
     tokens = sum(x.shape[0] for x in streams)
     if tokens >= ffn.width:
-        stats = run_statistics(model, group, ffn, streams[0], chunk)
+        stats = run_statistics(model, group, ffn, streams[0], chunk, weighting)
         for x in streams[1:]:
-            stats = stats + run_statistics(model, group, ffn, x, chunk)
+            stats = stats + run_statistics(model, group, ffn, x, chunk, weighting)
         down = solve_down(stats, ffn.down, ridge)
         lam = ridge_absolute(np.trace(stats.gram), ffn.width, ridge)
         errors = fit_error(stats, ffn.down), fit_error(stats, down)
         form = "normal equations, Σdh x Σdh"
     else:
-        pairs = [collect(model, group, ffn, x, chunk) for x in streams]
+        pairs = [collect(model, group, ffn, x, chunk, weighting) for x in streams]
         hidden = np.concatenate([h for h, _ in pairs])                   # [T, Σdh]
         targets = np.concatenate([r for _, r in pairs])                  # [T, d]
         down = solve_down_dual(hidden, targets, ffn.down, ridge)
         lam = ridge_absolute(float(np.sum(hidden * hidden)), ffn.width, ridge)
         errors = relative_fit_error(hidden, targets, ffn.down), relative_fit_error(hidden, targets, down)
         form = "normal equations, T x T"
-    return down, GroupCalibration(tuple(group), tokens, ridge, lam, errors[0], errors[1], form)
+    return down, GroupCalibration(tuple(group), tokens, ridge, lam, errors[0], errors[1], form, weighting)
 
 
 def fused_index(groups: list[tuple[int, int]], group: tuple[int, int]) -> int:
@@ -200,7 +226,8 @@ def fused_index(groups: list[tuple[int, int]], group: tuple[int, int]) -> int:
 
 
 def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: float = DEFAULT_RIDGE,
-                    chunk: int = 512, progress=None) -> tuple[Model, list[GroupCalibration]]:
+                    chunk: int = 512, progress=None, weighting: str = DEFAULT_WEIGHTING
+                    ) -> tuple[Model, list[GroupCalibration]]:
     """fuse(model, groups, norm) with every fused down-projection refitted on the calibration `windows`.
 
     windows: token ids, one 1-D array per window (each window is its own sequence, positions from 0).
@@ -222,7 +249,7 @@ def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: fl
                 streams[w] = block_forward(fused, layer, streams[w], *rope[w])
         position = index
         ffn = fused.blocks[index].ffn
-        down, report = refit_down(model, group, ffn, streams, ridge, chunk)
+        down, report = refit_down(model, group, ffn, streams, ridge, chunk, weighting)
         reports.append(report)
         blocks = list(fused.blocks)
         refitted = FFN(ffn.norm, ffn.gate, ffn.up, xp.asarray(down, dtype=ffn.down.dtype))

@@ -21,8 +21,9 @@ accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL 
     1 to 4 steps, each window run as x + Σ_j h_j(x) with h_j(x) = f_j(x) - x the whole block's update. This
     combination rule is [INF]: the paper does not write it down (PAPER.md §3); it is eq. 5 for whole blocks;
 (f) norm "fold" (exact, each block's gain folded in) vs "last" (the paper's), at every k of (a);
-(g) calibrated vs plain fusion at every k of (a) (reffuse.calibrate), the ridge chosen from a sweep judged on
-    a validation part of the calibration text (never on held-out text), then refitted on all of it.
+(g) calibrated vs plain fusion at every k of (a) (reffuse.calibrate), the token weighting and ridge chosen by
+    a sweep judged on a validation part of the calibration text (never on held-out text), then refitted on all
+    of it.
 
 Variants are scored from cached prefix streams (reffuse.prefix): the blocks before the first change never run
 twice. Each finding gets a verdict against the paper's observation, by a rule stated in `verdicts`.
@@ -39,7 +40,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .bench import prompt_ids, reffuse_decode, time_decode
-from .calibrate import DEFAULT_RIDGE, calibrated_fuse
+from .calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
 from .errors import ReffuseError
 from .fusion import fuse
 from .loading import load_model
@@ -52,7 +53,7 @@ from .progress import Progress, note
 from .pruning import attention_free_runs, cheapest, drop_attention, drop_ffns, ffn_scores
 from .timing import blas_threads
 
-RIDGE_SWEEP = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RIDGE_SWEEP = (0.1, 1.0, 10.0)
 WINDOW = 4        # full-block windows (the paper's hardware choice)
 MAX_STEPS = 4     # greedy full-block steps, as the paper's Table 7
 
@@ -196,35 +197,44 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
                     bar.update()
                 intensity.append(row)
 
-        note("[5/8] (g) calibrated fusion: ridge sweep on validation calibration text, then every k")
+        note("[5/8] (g) calibrated fusion: weighting and ridge chosen on validation calibration text, then every k")
         fit_windows, validation_windows = texts.calibration.ids[:-2], texts.calibration.ids[-2:]
         validation = cache_prefix(pre, validation_windows)
-        sweep_k = counts[len(counts) // 2]
+        plain_validation = {k: score_variant(validation, fuse(pre, plans[k]), a, kl_only=True)["kl_from_base"]
+                            for k in counts}
         sweep = []
-        with Progress("ridge sweep", len(RIDGE_SWEEP), "ridges") as bar:
-            for ridge in RIDGE_SWEEP:
-                calibrated, _ = calibrated_fuse(pre, plans[sweep_k], fit_windows, ridge=ridge)
-                sweep.append({"ridge": ridge, "validation_kl": score_variant(validation, calibrated, a,
-                                                                             kl_only=True)["kl_from_base"]})
-                bar.update()
-        ridge = min(sweep, key=lambda r: r["validation_kl"])["ridge"]
-        plain_validation = score_variant(validation, fuse(pre, plans[sweep_k]), a, kl_only=True)["kl_from_base"]
+        with Progress("calibration sweep", len(WEIGHTINGS) * len(RIDGE_SWEEP) * len(counts), "fits") as bar:
+            for weighting in WEIGHTINGS:
+                for ridge in RIDGE_SWEEP:
+                    ratios = {}
+                    for k in counts:
+                        calibrated, _ = calibrated_fuse(pre, plans[k], fit_windows, ridge=ridge, weighting=weighting)
+                        kl = score_variant(validation, calibrated, a, kl_only=True)["kl_from_base"]
+                        ratios[k] = kl / plain_validation[k]
+                        bar.update()
+                    sweep.append({"weighting": weighting, "ridge": ridge, "kl_ratio": {str(k): v for k, v in
+                                                                                        ratios.items()},
+                                  "geometric_mean_ratio": float(np.exp(np.mean(np.log(list(ratios.values())))))})
+        best = min(sweep, key=lambda r: r["geometric_mean_ratio"])
+        ridge, weighting = best["ridge"], best["weighting"]
         with Progress("calibrated variants", len(counts), "models") as bar:
             for row in intensity:
                 calibrated, fits = calibrated_fuse(pre, [tuple(g) for g in row["groups"]], texts.calibration.ids,
-                                                   ridge=ridge)
+                                                   ridge=ridge, weighting=weighting)
                 row["calibrated"] = _scores(prefix, calibrated, a, original_prefix, b + 1)
                 row["calibration_fits"] = [f.as_dict() for f in fits]
                 bar.update()
-        result["calibration"] = {"sweep": sweep, "sweep_steps": sweep_k, "sweep_groups": _text(plans[sweep_k]),
-                                 "plain_validation_kl": plain_validation, "ridge": ridge,
-                                 "default_ridge": DEFAULT_RIDGE, "fit_tokens": int(fit_windows.size),
+        result["calibration"] = {"sweep": sweep, "plain_validation_kl": {str(k): v for k, v in
+                                                                          plain_validation.items()},
+                                 "ridge": ridge, "weighting": weighting, "default_ridge": DEFAULT_RIDGE,
+                                 "default_weighting": DEFAULT_WEIGHTING, "fit_tokens": int(fit_windows.size),
                                  "validation_tokens": int(validation_windows.size),
                                  "tokens": int(texts.calibration.ids.size)}
         result["intensity"] = intensity
 
         note("[6/8] (b) FFN removal at equal depth reduction")
-        importance = ffn_scores(pre, texts.scoring(scoring_tokens, min(window, 128)), layers=range(span[0], span[1] + 1))
+        importance = ffn_scores(pre, texts.scoring(scoring_tokens, min(window, 128)),
+                                layers=range(span[0], span[1] + 1))
         removal_rows = []
         for row in intensity:
             dropped = cheapest(importance, row["depth_reduction"])
@@ -403,7 +413,8 @@ def verdicts(r: dict) -> list[dict]:
                                   f"{_kl(row['calibrated']['kl'])} ({100 * c:.0f}% of the gap closed), perplexity "
                                   f"{_ppl(row['fold']['perplexity'])} -> {_ppl(row['calibrated']['perplexity'])}"
                                   for row, c in zip(rows, closed))
-                        + f"; ridge {r['calibration']['ridge']:g} chosen on validation calibration text",
+                        + f"; weighting {r['calibration']['weighting']}, ridge {r['calibration']['ridge']:g}, "
+                          "chosen on validation calibration text",
                 "rule": "our addition: 'held' means calibration lowers the held-out KL at every k",
                 "verdict": verdict(all(c > 0 for c in closed), any(c > 0 for c in closed))})
     return out
@@ -469,22 +480,24 @@ def markdown(r: dict, command: str) -> str:
               f"The span {span[0]}-{span[1]} ({span[1] - span[0] + 1} FFNs) as k sequential steps, cut where the "
               "least FFN-level dependency stays inside the groups.", "",
               "| steps | groups | plain fusion: KL | perplexity | top-1 | KL vs original | sink norm | norm last: KL | "
-              "calibrated: KL | calibrated perplexity | gap closed |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "calibrated: KL | calibrated perplexity | gap closed |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines.append(f"| {span[1] - span[0] + 1} (pre-fusion) | - | 0 | {_ppl(r['pre_fusion']['perplexity'])} | 100% | "
                  f"{_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | 0 | 0 | "
                  f"{_ppl(r['pre_fusion']['perplexity'])} | - |")
     for row in r["intensity"]:
         closed = 1 - row["calibrated"]["kl"] / row["fold"]["kl"]
-        lines.append(f"| {row['steps']} | {row['groups_text']} | {row_scores(row['fold'])} | {_kl(row['last']['kl'])} | "
-                     f"{_kl(row['calibrated']['kl'])} | {_ppl(row['calibrated']['perplexity'])} | {100 * closed:.0f}% |")
+        lines.append(f"| {row['steps']} | {row['groups_text']} | {row_scores(row['fold'])} | "
+                     f"{_kl(row['last']['kl'])} | {_kl(row['calibrated']['kl'])} | "
+                     f"{_ppl(row['calibrated']['perplexity'])} | {100 * closed:.0f}% |")
     c = r["calibration"]
-    ridges = ", ".join(f"{s['ridge']:g}" for s in c["sweep"])
-    lines += ["", f"Calibration: ridge chosen from {ridges} by the KL on "
-                  f"{c['validation_tokens']} validation tokens of the calibration text (plan {c['sweep_groups']}, "
-                  f"fitted on the other {c['fit_tokens']}): "
-                  + ", ".join(f"{s['ridge']:g} -> {_kl(s['validation_kl'])}" for s in c["sweep"])
-                  + f" (plain fusion {_kl(c['plain_validation_kl'])}). Chosen **{c['ridge']:g}** (the library default "
-                    f"is {c['default_ridge']:g}), then refitted on all {c['tokens']} calibration tokens."]
+    sweep = ", ".join(f"{s['weighting']} {s['ridge']:g}: {s['geometric_mean_ratio']:.3f}" for s in c["sweep"])
+    lines += ["", "Calibration: token weighting (none or relative, see reffuse.calibrate) and ridge chosen together on "
+                  f"{c['validation_tokens']} validation tokens of the calibration text, every plan above fitted on "
+                  f"the other {c['fit_tokens']}; the score is the geometric mean over the plans of KL(calibrated) / "
+                  f"KL(plain): {sweep}. Chosen: **{c['weighting']}, ridge {c['ridge']:g}** (the library defaults are "
+                  f"{c['default_weighting']}, {c['default_ridge']:g}), then refitted on all {c['tokens']} calibration "
+                  "tokens. Held-out text played no part in the choice."]
 
     lat = r["decode"]
     base_ms = lat["pre-fusion"]["ms_per_token"]
@@ -493,7 +506,8 @@ def markdown(r: dict, command: str) -> str:
               "removed. Decode latency of every model measured in the same run, in alternation.", "",
               "| model | depth reduction | " + header[1:] + " decode ms/token | vs pre-fusion |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| original | - | - | {_ppl(r['original']['perplexity'])} | - | 0 | - | {lat['original']['ms_per_token']:.2f} "
+    lines.append(f"| original | - | - | {_ppl(r['original']['perplexity'])} | - | 0 | - | "
+                 f"{lat['original']['ms_per_token']:.2f} "
                  f"| {100 * (lat['original']['ms_per_token'] / base_ms - 1):+.1f}% |")
     lines.append(f"| pre-fusion | 0 | 0 | {_ppl(r['pre_fusion']['perplexity'])} | 100% | "
                  f"{_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | {base_ms:.2f} | 0% |")
@@ -515,7 +529,8 @@ def markdown(r: dict, command: str) -> str:
               "| span | fused KL | reversed KL | fused perplexity | reversed perplexity | fused sink norm | "
               "reversed sink norm |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in r["reversed"]:
-        lines.append(f"| {row['span'][0]}-{row['span'][1]} | {_kl(row['fused']['kl'])} | {_kl(row['reversed']['kl'])} | "
+        lines.append(f"| {row['span'][0]}-{row['span'][1]} | {_kl(row['fused']['kl'])} | "
+                     f"{_kl(row['reversed']['kl'])} | "
                      f"{_ppl(row['fused']['perplexity'])} | {_ppl(row['reversed']['perplexity'])} | "
                      f"{row['fused']['sink_norm']:.0f} | {row['reversed']['sink_norm']:.0f} |")
 

@@ -42,7 +42,8 @@ def synthetic_windows(model: Model, split: str, window: int, n_tokens: int) -> T
     window = min(window, n_tokens)
     ids = np.random.default_rng(SYNTHETIC_SEEDS[split]).integers(0, model.config.vocab_size,
                                                                  (n_tokens // window, window))
-    return TokenWindows(ids.astype(np.int64), (), f"{split} (synthetic random token ids, seed {SYNTHETIC_SEEDS[split]})")
+    return TokenWindows(ids.astype(np.int64), (),
+                        f"{split} (synthetic random token ids, seed {SYNTHETIC_SEEDS[split]})")
 
 
 def check_disjoint(calibration: TokenWindows, held_out: TokenWindows) -> None:

@@ -120,3 +120,12 @@ def test_float32_model_stays_float32():
     assert calibrated.blocks[4].ffn.down.dtype == np.float32
     assert np.isfinite(forward(calibrated, calibration_ids()[0])).all()
     assert reffuse.layout(calibrated)[4]["fused_from"] == [4, 5, 6, 7, 8, 9]
+
+
+def test_relative_weighting_fits_and_bad_weighting_is_refused(tiny64):
+    windows = calibration_ids()
+    _, fits = calibrated_fuse(tiny64, [(4, 9)], windows, ridge=1e-3, weighting="relative")
+    assert fits[0].weighting == "relative"
+    assert fits[0].fit_error_calibrated < 0.1 * fits[0].fit_error_plain  # errors in the weighted norm
+    with pytest.raises(ReffuseError, match="weighting 'loud' is not one of none, relative"):
+        calibrated_fuse(tiny64, [(4, 9)], windows, weighting="loud")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bench import reffuse_decode, time_decode
-from ..calibrate import DEFAULT_RIDGE, calibrated_fuse, check_calibration_tokens
+from ..calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
 from ..errors import ReffuseError
 from ..fusion import NORM_MODES, fuse, with_last_norm
 from ..generate import generate
@@ -69,6 +69,9 @@ def add_arguments(parser):
     parser.add_argument("--max-group-size", type=int, default=4, help="most blocks per planned group (default 4)")
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",
                         help="fold: each block's norm gain folded into its weights (exact); last: the paper's")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
+                        help=f"calibration: weigh each token's error relative to its stream norm, or not "
+                             f"(default {DEFAULT_WEIGHTING}; see reffuse.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
     parser.add_argument("--held-out-tokens", type=int, default=512, help="held-out tokens scored (default 512)")
@@ -202,7 +205,7 @@ def run(args) -> int:
         step(5, "calibration of the fused down-projections")
         with Progress("calibrating fused groups", len(groups), "groups") as bar:
             calibrated, fits = calibrated_fuse(removed, groups, texts.calibration.ids, norm=args.norm,
-                                               ridge=args.ridge, progress=bar.update)
+                                               ridge=args.ridge, progress=bar.update, weighting=args.weighting)
         result["calibration"] = [f.as_dict() for f in fits]
 
         step(6, "quality on held-out text")
@@ -296,8 +299,8 @@ def layout_table(rows) -> str:
 def print_report(r: dict) -> None:
     out = sys.stdout
     texts = r["texts"]
-    print(f"model: {r['model']} ({r['model_name']})" + ("  [SYNTHETIC: random weights and random token ids, "
-                                                        "shows the mechanics only]" if r["synthetic"] else ""), file=out)
+    synthetic = "  [SYNTHETIC: random weights and random token ids, shows the mechanics only]"
+    print(f"model: {r['model']} ({r['model_name']})" + (synthetic if r["synthetic"] else ""), file=out)
     for part in ("calibration", "held_out"):
         t = texts[part]
         spans = "; ".join(f"{s['title']} chars {s['start']}-{s['end']}" for s in t["spans"]) or t["split"]

@@ -28,7 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..calibrate import DEFAULT_RIDGE, calibrated_fuse, check_calibration_tokens
+from ..calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
 from ..checkpoint import save_model
 from ..errors import ReffuseError
 from ..fusion import NORM_MODES, fuse
@@ -70,6 +70,9 @@ def add_arguments(parser):
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",
                         help="fold: each block's norm gain folded into its weights (exact); last: the paper's")
     parser.add_argument("--calibrate", action="store_true", help="refit each fused down-projection on calibration text")
+    parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
+                        help=f"calibration: weigh each token's error relative to its stream norm, or not "
+                             f"(default {DEFAULT_WEIGHTING}; see reffuse.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
     parser.add_argument("--calibration-tokens", type=int, default=2048,
@@ -117,7 +120,7 @@ def run(args) -> int:
     if args.calibrate:
         with Progress("calibrating fused groups", len(groups), "groups") as bar:
             fused, fits = calibrated_fuse(model, groups, texts.calibration.ids, norm=args.norm, ridge=args.ridge,
-                                          progress=bar.update)
+                                          progress=bar.update, weighting=args.weighting)
         record["calibration"] = [f.as_dict() for f in fits]
     else:
         fused = fuse(model, groups, norm=args.norm)
