@@ -44,9 +44,9 @@ from .errors import ReffuseError
 from .fusion import fuse
 from .model import FFN, Block, Model, block_forward, check_groups, check_token_ids, rms_norm, rope_tables, silu
 
-DEFAULT_RIDGE = 1.0
+DEFAULT_RIDGE = 0.1
 WEIGHTINGS = ("none", "relative")
-DEFAULT_WEIGHTING = "none"
+DEFAULT_WEIGHTING = "relative"
 MIN_CALIBRATION_TOKENS = 128  # fewer tokens than this fit noise more than the run: a clear error, not a weak fit
 
 

@@ -41,7 +41,8 @@ def fusion_intensity_figure(result: dict):
     right.axhline(result["original"]["perplexity"], color=REFERENCE, linestyle=":", linewidth=0.8, label="original")
     left.set_yscale("log")
     left.set_ylabel("KL(pre-fusion || fused), nats (log scale)")
-    right.set_ylabel("held-out perplexity")
+    right.set_yscale("log")
+    right.set_ylabel("held-out perplexity (log scale)")
     for ax in (left, right):
         ax.set_xlabel(f"sequential FFN steps left of {length} (fewer = more fused)")
         ax.set_xticks([length] + steps)
@@ -63,11 +64,10 @@ def removal_vs_fusion_figure(result: dict):
     removed_ms = [decode[f"{r['depth_reduction']} FFNs removed"]["ms_per_token"] for r in removed]
     base_ms = decode["pre-fusion"]["ms_per_token"]
     for ax, key, label in [(left, "kl", "KL(pre-fusion || model), nats (log scale)"),
-                           (right, "perplexity", "held-out perplexity")]:
-        ax.plot(fused_ms, [r["fold"][key] for r in fused], marker="o", color=FOLD, label="plain fusion")
-        ax.plot(fused_ms, [r["calibrated"][key] for r in fused], marker="^", color=CALIBRATED,
-                label="calibrated fusion")
-        ax.plot(removed_ms, [r[key] for r in removed], marker="s", color=REMOVAL, label="FFN removal")
+                           (right, "perplexity", "held-out perplexity (log scale)")]:
+        ax.plot(fused_ms, [r["fold"][key] for r in fused], "o", color=FOLD, label="plain fusion")
+        ax.plot(fused_ms, [r["calibrated"][key] for r in fused], "^", color=CALIBRATED, label="calibrated fusion")
+        ax.plot(removed_ms, [r[key] for r in removed], "s", color=REMOVAL, label="FFN removal")
         for ms, r in zip(fused_ms, fused):
             ax.annotate(f"-{r['depth_reduction']}", (ms, r["fold"][key]), textcoords="offset points", xytext=(4, 3),
                         fontsize=7, color=FOLD)
@@ -76,7 +76,7 @@ def removal_vs_fusion_figure(result: dict):
                         fontsize=7, color=REMOVAL)
         ax.set_xlabel("decode latency, ms per token (measured in one run)")
         ax.set_ylabel(label)
-    left.set_yscale("log")
+        ax.set_yscale("log")
     right.scatter([base_ms], [result["pre_fusion"]["perplexity"]], color=REFERENCE, marker="D", zorder=3,
                   label="pre-fusion")
     right.scatter([decode["original"]["ms_per_token"]], [result["original"]["perplexity"]], color=REFERENCE,
@@ -115,26 +115,38 @@ def ablations_figure(result: dict):
 
 
 def full_block_figure(result: dict):
-    """KL after each greedy step of full-block parallelization, against fusing 4 attention-free FFNs."""
+    """Left: KL after each greedy step of full-block parallelization, against fusing 4 attention-free FFNs.
+    Right: every eligible window alone, its M_max against its KL (does M predict the damage?)."""
     plt = pyplot()
     full = result["full_block"]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [r["steps"] for r in full["rows"]]
-    ax.plot(steps, [r["kl"] for r in full["rows"]], marker="o", color=REMOVAL,
-            label=f"windows of {full['window']} whole blocks in parallel (greedy)")
+    left.plot(steps, [r["kl"] for r in full["rows"]], marker="o", color=REMOVAL,
+              label=f"windows of {full['window']} whole blocks in parallel (greedy)")
     for r in full["rows"]:
-        ax.annotate(r["windows_text"].split(",")[-1], (r["steps"], r["kl"]), textcoords="offset points",
-                    xytext=(4, -10), fontsize=7)
+        left.annotate(r["windows_text"].split(",")[-1], (r["steps"], r["kl"]), textcoords="offset points",
+                      xytext=(4, -10), fontsize=7)
     four = [r["fused"]["kl"] for r in result["reversed"] if r["span"][1] - r["span"][0] + 1 == full["window"]]
     if four:
-        ax.axhline(min(four), color=FOLD, linestyle="--", linewidth=0.9,
-                   label=f"fusing {full['window']} attention-free FFNs (best span)")
-    ax.set_yscale("log")
-    ax.set_xticks(steps)
-    ax.set_xlabel("greedy steps (windows parallelized, cumulative)")
-    ax.set_ylabel("KL(pre-fusion || model), nats (log scale)")
-    ax.set_title(f"Full-block parallelization, {result['model_name']}")
-    ax.legend(fontsize=7)
+        left.axhline(min(four), color=FOLD, linestyle="--", linewidth=0.9,
+                     label=f"fusing {full['window']} attention-free FFNs (best span)")
+    left.set_yscale("log")
+    left.set_xticks(steps)
+    left.set_xlabel("greedy steps (windows parallelized, cumulative)")
+    left.set_ylabel("KL(pre-fusion || model), nats (log scale)")
+    left.set_title("greedy selection, cumulative")
+    left.legend(fontsize=7)
+    single = full.get("single_windows") or []
+    right.scatter([w["max"] for w in single], [w["kl"] for w in single], color=REMOVAL, s=14)
+    for w in single:
+        right.annotate(f"{w['first']}-{w['last']}", (w["max"], w["kl"]), textcoords="offset points",
+                       xytext=(3, 2), fontsize=6)
+    right.set_yscale("log")
+    right.set_xlabel("M_max of the window (cosine distance)")
+    right.set_ylabel("KL(pre-fusion || model), nats (log scale)")
+    rho = full.get("rank_correlation_max_kl")
+    right.set_title("each window alone" + (f" (rank correlation {rho:.2f})" if rho is not None else ""))
+    fig.suptitle(f"Full-block parallelization, {result['model_name']}")
     fig.tight_layout()
     return fig
 
