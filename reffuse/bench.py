@@ -255,7 +255,8 @@ def markdown(result: dict, command: str | None = None) -> str:
               + (f", BLAS {blas}" if blas else "")
               + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
-              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end (on a {env['cores']}-core machine)."]
+              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a {env['cores']}-core "
+              "machine)."]
     if not result["transformers"]["used"]:
         lines += ["", f"transformers not measured: {result['transformers']['reason']}"]
     lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time |", "|---:|---:|---:|---:|"]
