@@ -94,7 +94,9 @@ def ablations_figure(result: dict):
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     rows = result["last_ffn"]
-    labels = [f"{r['group'][0]}-{r['group'][1]}\n{r['label']}" for r in rows]
+    short = {"leave out the last FFN": "without the last FFN", "leave out the first FFN": "without the first FFN",
+             "the whole run, last FFN included": "the whole run"}
+    labels = [f"{r['group'][0]}-{r['group'][1]}\n{short.get(r['label'], r['label'])}" for r in rows]
     left.bar(range(len(rows)), [r["kl"] for r in rows], color=[FOLD, LAST, REMOVAL][:len(rows)])
     left.set_xticks(range(len(rows)), labels, fontsize=7)
     left.set_ylabel("KL(pre-fusion || fused), nats")
