@@ -276,9 +276,12 @@ def write_figures(result: dict, folder: Path) -> list[Path]:
     if removal and removal.get("scores"):
         figures["attention_scores.png"] = attention_scores_figure(removal, f"Attention removal scores, {name}")
     if "ffn_dependency" in result:
+        matrix = result["ffn_dependency"]["matrix"]
+        measured = 1 + max(i for i, row in enumerate(matrix) if any(v is not None for v in row[i + 1:]))
+        matrix = [row[:measured + 1] for row in matrix[:measured + 1]]  # blocks 0..measured (the rest not run)
         figures["ffn_dependency.png"] = dependency_heatmap(
-            result["ffn_dependency"]["matrix"], f"{name}: FFN-level dependency, attention removed "
-            f"({result['ffn_dependency']['tokens']} tokens)", removed_blocks)
+            matrix, f"{name}: FFN-level dependency, attention removed ({result['ffn_dependency']['tokens']} tokens)",
+            removed_blocks)
     return [save_figure(fig, folder / file) for file, fig in figures.items()]
 
 
