@@ -92,3 +92,16 @@ def test_fuse_smollm2_round_trip(tmp_path, smollm2, smollm2_tokenizer, capsys):
     assert capsys.readouterr().out.startswith("The capital of France is")
     assert main(["eval", "--model", str(out), "--tokens", "32", "--window", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
+def test_calibration_and_held_out_spans_must_not_overlap():
+    from reffuse.corpus import Span, TokenWindows
+    from reffuse.errors import ReffuseError
+    from reffuse.pipeline import check_disjoint
+
+    ids = np.zeros((1, 4), dtype=np.int64)
+    held = TokenWindows(ids, (Span("hamlet_gut", "Hamlet", 0, 100, 4),), "held-out")
+    check_disjoint(TokenWindows(ids, (Span("hamlet_gut", "Hamlet", 100, 200, 4),), "calibration"), held)
+    check_disjoint(TokenWindows(ids, (Span("macbeth_gut", "Macbeth", 0, 100, 4),), "calibration"), held)
+    with pytest.raises(ReffuseError, match="overlaps held-out text"):
+        check_disjoint(TokenWindows(ids, (Span("hamlet_gut", "Hamlet", 50, 150, 4),), "calibration"), held)

@@ -26,6 +26,7 @@ examples:
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -249,7 +250,11 @@ def run(args) -> int:
         result["samples"] = samples({"original": original, **models}, texts.tokenizer, args.prompt,
                                     args.sample_tokens, original.config.vocab_size)
 
-    result["figures"] = [str(p) for p in write_figures(result, args.figures)]
+    if importlib.util.find_spec("matplotlib") is None:  # the core install has no plotting; the rest still runs
+        note("figures skipped: drawing them needs matplotlib (pip install 'reffuse[real]')")
+        result["figures"] = []
+    else:
+        result["figures"] = [str(p) for p in write_figures(result, args.figures)]
     result["seconds"] = time.perf_counter() - started
     note(f"done in {result['seconds']:.0f} s; figures in {args.figures}/")
     if args.json:
@@ -357,4 +362,5 @@ def print_report(r: dict) -> None:
     print(f"greedy samples, prompt {sample['prompt']!r}")
     for name, text in sample["continuations"].items():
         print(f"  {name:>18}: {text!r}")
-    print(f"\nfigures: {', '.join(r['figures'])}")
+    if r["figures"]:
+        print(f"\nfigures: {', '.join(r['figures'])}")
