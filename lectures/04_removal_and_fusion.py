@@ -178,8 +178,7 @@ print("calibrated, against the original:", judged(calibrated, first))
 experiments = json.loads((REPORTS / "experiments" / "smollm2" / "experiments.json").read_text())
 print(f"{experiments['command']}\n")
 for verdict in experiments["verdicts"]:
-    held = {True: "held", False: "did not hold", None: "not measured"}[verdict["held"]]
-    print(f"({verdict['finding']}) {verdict['title']}: {held}\n    here: {verdict['here']}")
+    print(f"({verdict['finding']}) {verdict['title']}: {verdict['verdict']}\n    here: {verdict['here']}")
 
 # %% [markdown]
 # The full report, with every number and the rule behind each verdict, is `reports/experiments/smollm2/README.md`;
