@@ -24,10 +24,10 @@
 #
 # | piece | paper | reffuse |
 # |---|---|---|
-# | RMSNorm | $\eta(x) = \frac{x}{\lVert x\rVert} \odot s$ | `reffuse.model.rms_norm` |
+# | RMSNorm | $\eta(x) = \frac{x}{\lVert x\rVert} \odot s$ | `reffuse.core.model.rms_norm` |
 # | rotary position embedding (RoPE) | — | `rope_tables`, `apply_rope` |
-# | grouped-query attention | $\mathrm{Attn}$ | `reffuse.model.attention` |
-# | SwiGLU | eq. 3 | `reffuse.model.swiglu` |
+# | grouped-query attention | $\mathrm{Attn}$ | `reffuse.core.model.attention` |
+# | SwiGLU | eq. 3 | `reffuse.core.model.swiglu` |
 # | the block | eq. 1–2: $g(X) = X + \mathrm{Attn}(\eta_1(X))$, $f(X) = g(X) + \mathrm{FFN}(\eta_2(g(X)))$ | `block_forward` |
 # | the KV cache | — | `reffuse.KVCache` |
 #
@@ -40,8 +40,8 @@ import dataclasses
 import numpy as np
 
 import reffuse
-from reffuse.model import Attention, apply_rope, attention, block_forward, rms_norm, rope_tables, silu, swiglu
-from reffuse.tokenizer import load_tokenizer
+from reffuse.core.model import Attention, apply_rope, attention, block_forward, rms_norm, rope_tables, silu, swiglu
+from reffuse.formats.tokenizer import load_tokenizer
 
 model = reffuse.load_model("smollm2")           # float32; downloads the 98 MB GGUF once, then reads the cache
 cfg = model.config
@@ -144,7 +144,7 @@ for m, n in [(3, 1), (10, 8), (1000, 998)]:
 #
 # SmolLM2 has 9 query heads but only 3 key/value heads: each key/value head serves a **group** of 3 query heads
 # (query head $j$ reads kv head $j // 3$, HF's `repeat_kv`). Keys and values are what the KV cache stores, so
-# this cuts the cache 3×. Shapes through `reffuse.model.attention` for our $T$ tokens:
+# this cuts the cache 3×. Shapes through `reffuse.core.model.attention` for our $T$ tokens:
 #
 # ```
 # q = x @ W_q.T   [T, d] -> [T, 9·64] -> [9, T, 64]
@@ -278,7 +278,7 @@ print(f"{per_token / 1024:.1f} KiB per token; 8192 tokens: {8192 * per_token / 2
 # %% [markdown]
 # ## 10. Does it agree with `transformers`?
 #
-# A reference implementation is only worth something if it agrees with the others. `reffuse.reference` loads the
+# A reference implementation is only worth something if it agrees with the others. `reffuse.evaluation.reference` loads the
 # same GGUF into Hugging Face's `LlamaForCausalLM` — transformers does its own dequantization and q/k
 # un-permutation, so agreement checks reffuse's loader as well as its forward pass — and captures the residual
 # stream after the embedding and after every decoder layer. This needs the `reference` extra (a CPU build of
@@ -288,7 +288,7 @@ print(f"{per_token / 1024:.1f} KiB per token; 8192 tokens: {8192 * per_token / 2
 
 # %%
 try:
-    from reffuse.reference import load_reference, reference_activations
+    from reffuse.evaluation.reference import load_reference, reference_activations
     reference = load_reference("smollm2")                            # transformers' LlamaForCausalLM, float32
 except (ImportError, reffuse.ReffuseError) as missing:
     print(f"transformers is not available here ({missing}).\n"

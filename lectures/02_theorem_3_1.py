@@ -30,18 +30,18 @@
 # it at different levels, shows how each block's RMSNorm gain can be kept exactly by *folding* it into the
 # weights, and measures what the paper's own choice — every FFN reads the **last** block's norm — costs.
 #
-# Everything here calls reffuse: `reffuse.fusion.fuse_ffns` builds the wide FFN, `reffuse.fuse` fuses runs of a
-# whole model, `reffuse.model.swiglu` and `rms_norm` are the model's own pieces. Runs in a few seconds.
+# Everything here calls reffuse: `reffuse.core.fusion.fuse_ffns` builds the wide FFN, `reffuse.fuse` fuses runs of a
+# whole model, `reffuse.core.model.swiglu` and `rms_norm` are the model's own pieces. Runs in a few seconds.
 
 # %%
 import numpy as np
 
 import reffuse
-from reffuse.fusion import fuse_ffns, with_last_norm
-from reffuse.model import FFN, forward, rms_norm, silu, swiglu
-from reffuse.prefix import kl_per_token, log_softmax
-from reffuse.pruning import drop_attention
-from reffuse.tokenizer import load_tokenizer
+from reffuse.core.fusion import fuse_ffns, with_last_norm
+from reffuse.core.model import FFN, forward, rms_norm, silu, swiglu
+from reffuse.evaluation.prefix import kl_per_token, log_softmax
+from reffuse.method.removal import drop_attention
+from reffuse.formats.tokenizer import load_tokenizer
 
 np.set_printoptions(precision=4, suppress=False)
 
@@ -189,13 +189,13 @@ print(f"tiny  parallel(last) vs sequential: {relative_gap(parallel_last, sequent
 
 # %% [markdown]
 # The question that matters is a trained model. SmolLM2 has attention in every block, so we first make an
-# attention-free run by removing the attention of blocks 18–23 (`reffuse.pruning.drop_attention`; *which*
+# attention-free run by removing the attention of blocks 18–23 (`reffuse.method.removal.drop_attention`; *which*
 # attention to remove, and what that costs, is lecture 04's subject). The attention-removed model, run
 # sequentially, is the reference here: fusion should reproduce *it*. We fuse blocks 18–22 and leave the run's
 # last block alone, as the paper does (lecture 04 shows why).
 #
 # We compare next-token distributions with the KL divergence $\mathrm{KL}(p_{\text{sequential}} \,\|\,
-# p_{\text{fused}})$ in nats per token (`reffuse.prefix.kl_per_token`), on a short passage of real text, in
+# p_{\text{fused}})$ in nats per token (`reffuse.evaluation.prefix.kl_per_token`), on a short passage of real text, in
 # float64 so that only the method differs, not the rounding.
 
 # %%

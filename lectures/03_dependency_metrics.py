@@ -22,7 +22,7 @@
 # * $M_{ij} = \mathrm{CosineDist}\big(h^j(X), \tilde h^j_i(X)\big)$ for $j > i$: how much block $j$'s update
 #   changes direction when block $i$ is not there. Small means $j$ barely notices $i$.
 #
-# The paper does not say how it averages over tokens; `reffuse.metrics` takes the cosine distance per token and
+# The paper does not say how it averages over tokens; `reffuse.method.metrics` takes the cosine distance per token and
 # then the mean, leaves out the first token (the *attention sink*, see its docstring), and records these choices
 # in its `DEFINITIONS`. We compute $M$ for SmolLM2, read the heatmap the way the paper does, look at the
 # per-block metrics of §5.5, run the greedy window selection of App. B, and then ask the question that matters:
@@ -41,13 +41,13 @@ import numpy as np
 from IPython.display import Image, display
 
 import reffuse
-from reffuse import metrics
-from reffuse.corpus import calibration_windows, held_out_windows
-from reffuse.planning import inside_dependency, propose_groups
+from reffuse.method import metrics
+from reffuse.formats.corpus import calibration_windows, held_out_windows
+from reffuse.method.planning import inside_dependency, propose_groups
 from reffuse.plots.dependency import block_metrics_figure, dependency_heatmap, window_figure
-from reffuse.prefix import cache_prefix, kl_from_base
-from reffuse.pruning import drop_attention
-from reffuse.tokenizer import load_tokenizer
+from reffuse.evaluation.prefix import cache_prefix, kl_from_base
+from reffuse.method.removal import drop_attention
+from reffuse.formats.tokenizer import load_tokenizer
 
 REPORTS = Path("..") / "reports"
 
@@ -67,7 +67,7 @@ for name, text in metrics.DEFINITIONS.items():
 # ## 1. The matrix, live, on 32 tokens
 #
 # Text for measuring comes from the *calibration* plays (Macbeth first); the *held-out* play (Hamlet) is kept for
-# judging results (`reffuse.corpus` fixes the split).
+# judging results (`reffuse.formats.corpus` fixes the split).
 
 # %%
 model = reffuse.load_model("smollm2")
@@ -149,7 +149,7 @@ show(window_figure(windows, steps, "SmolLM2: window statistics (512 tokens), gre
 #
 # FFN Fusion works on runs of attention-free blocks. Lecture 04 chooses which attention to remove; here we take
 # blocks 14–21 (the region `reffuse tp` uses) and measure the dependency between their FFNs only
-# (`granularities=("ffn",)`: only FFN sub-blocks are skipped and measured). Then `reffuse.planning` proposes
+# (`granularities=("ffn",)`: only FFN sub-blocks are skipped and measured). Then `reffuse.method.planning` proposes
 # groups: inside the run, without its last block, at most 4 per group, cut where the dependency crossing the cut
 # is largest.
 
@@ -169,7 +169,7 @@ show(dependency_heatmap(ffn_level, "SmolLM2, attention removed in 14-21: FFN-lev
 # The metric is only useful if it predicts the damage. For every pair of neighbouring blocks of the run, and for
 # every window of 4, we run them in parallel (`reffuse.fuse`, exact for the parallel form) and measure the KL
 # divergence from the sequential attention-removed model on **held-out** text (Hamlet), scoring only the blocks
-# that changed (`reffuse.prefix` caches the stream before them). Then we compare the rank order of the damage
+# that changed (`reffuse.evaluation.prefix` caches the stream before them). Then we compare the rank order of the damage
 # with the rank order of the dependency left inside the group, $\sum_{i<j} M_{ij}$.
 
 # %%

@@ -19,11 +19,11 @@
 # 1. **Attention removal.** Puzzle, a neural architecture search, removes about half of Llama-405B's attention
 #    layers, leaving a run of 50 consecutive attention-free blocks. reffuse stands in for Puzzle with the
 #    simplest score of the same kind: the damage (KL divergence of the next-token distribution) of removing one
-#    block's attention alone (`reffuse.pruning`).
+#    block's attention alone (`reffuse.method.removal`).
 # 2. **Fusion.** Each attention-free run, *without its last FFN*, becomes one or a few wide FFNs.
 # 3. **Recovery.** The paper distils the fused model for billions of tokens. reffuse offers something far
 #    cheaper that the paper does not have: **calibrated fusion**, a closed-form refit of each fused
-#    down-projection on calibration text (`reffuse.calibrate`).
+#    down-projection on calibration text (`reffuse.method.calibrate`).
 #
 # The paper's baseline for step 2 is **FFN removal**: reduce the depth by the same number of sequential steps by
 # dropping the least important FFNs instead. We run every step on SmolLM2 with few tokens, so everything is
@@ -36,11 +36,11 @@ import json
 from pathlib import Path
 
 import reffuse
-from reffuse.calibrate import calibrated_fuse
-from reffuse.corpus import calibration_windows, held_out_windows
-from reffuse.prefix import cache_prefix, score_variant
-from reffuse.pruning import attention_scores, cheapest, drop_attention, drop_ffns, ffn_scores
-from reffuse.tokenizer import load_tokenizer
+from reffuse.method.calibrate import calibrated_fuse
+from reffuse.formats.corpus import calibration_windows, held_out_windows
+from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.method.removal import attention_scores, cheapest, drop_attention, drop_ffns, ffn_scores
+from reffuse.formats.tokenizer import load_tokenizer
 
 REPORTS = Path("..") / "reports"
 
@@ -50,7 +50,7 @@ calibration = list(calibration_windows(tokenizer, window=64, n_tokens=128))   # 
 held_out = list(held_out_windows(tokenizer, window=64, n_tokens=128))
 
 # the original model's stream on the held-out windows, cached once: each variant below re-runs only the blocks
-# from its first change on (reffuse.prefix)
+# from its first change on (reffuse.evaluation.prefix)
 judge = cache_prefix(model, held_out)
 
 
@@ -152,7 +152,7 @@ print(f"removal of FFNs {dropped} (saves 3 steps): KL to the attention-removed m
 # Plain fusion replaces the run's sequential update by the parallel one and nothing corrects it. Calibration
 # keeps the fused gate and up projections and refits only each fused down-projection $W^*$ by ridge least
 # squares, so that on calibration text the fused block's update matches the sequential run's (the docstring of
-# `reffuse.calibrate` has the equations). It is one linear solve per group — seconds, not GPU-days — and it is
+# `reffuse.method.calibrate` has the equations). It is one linear solve per group — seconds, not GPU-days — and it is
 # judged, like everything here, on held-out text it never saw. (With 128 calibration tokens and 3072 hidden units
 # per pair, the fit can match its own text almost exactly; the ridge keeps the solution near plain fusion, and
 # the held-out KL is the honest test.)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from IPython.display import Image, display
 
-from reffuse import costmodel
+from reffuse.speed import costmodel
 from reffuse.plots import pyplot
 from reffuse.plots.costmodel import tp_projection_figure
 
@@ -62,7 +62,7 @@ def show(fig):
 # A kernel that performs $F$ floating-point operations and moves $B$ bytes takes at least
 # $\max(F / P, B / W)$ seconds on a machine with peak arithmetic rate $P$ and memory bandwidth $W$. Its
 # **arithmetic intensity** $F/B$ decides which bound binds: below the *ridge point* $P/W$ it is memory-bound,
-# above it compute-bound. `reffuse.costmodel.calibrate_cpu` measures $P$ (a 1024² GEMM), $W$ (a decode-shaped
+# above it compute-bound. `reffuse.speed.costmodel.calibrate_cpu` measures $P$ (a 1024² GEMM), $W$ (a decode-shaped
 # GEMV over 128 MB of weights, beyond the caches) and the fixed cost of one NumPy call:
 
 # %%
@@ -138,7 +138,7 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # become 1, 1 and 3 — which is a large part of a sub-millisecond run. At many tokens both are compute-bound
 # and do the same FLOPs, so the ratio tends to 1; a naive fused GEMM even loses there, because its wide
 # intermediate `[T, 8·1536]` falls out of cache, which is why reffuse computes wide SwiGLUs in cache-sized column
-# blocks (`reffuse.model.swiglu`). The measured times sit above the roofline bound: the bound ignores every
+# blocks (`reffuse.core.model.swiglu`). The measured times sit above the roofline bound: the bound ignores every
 # fixed cost, and the roofline here was measured *now*, the benchmark on another day.
 #
 # ## 3. Model decode speed
@@ -167,7 +167,7 @@ for check in bench["targets"]:
 # ## 4. The latency model at the paper's scale
 #
 # The paper measures single-user decode of Llama-3.1-405B, its 253B PreFusion descendant (half the attention
-# removed by Puzzle) and the fused Ultra-253B on one node of 8 H100s at TP8 (Table 2). `reffuse.costmodel` puts
+# removed by Puzzle) and the fused Ultra-253B on one node of 8 H100s at TP8 (Table 2). `reffuse.speed.costmodel` puts
 # the same three layouts through a per-layer roofline with a fixed cost per kernel and an alpha-beta ring
 # all-reduce after every row-parallel layer — every number sourced or named in `reffuse/costmodel.py`:
 
@@ -222,12 +222,12 @@ if not recorded:
 # ## Exercises
 #
 # 1. **Your own roofline point.** Time `x @ W.T` for `W` of shape [1536, 576] (float32) at T = 1 and T = 512
-#    with `reffuse.timing.median_seconds`, compute the attained GFLOP/s and GB/s, and place both on the roofline.
+#    with `reffuse.speed.timing.median_seconds`, compute the attained GFLOP/s and GB/s, and place both on the roofline.
 # 2. **The crossover.** From the calibration above, at how many tokens does one SmolLM2 FFN become
 #    compute-bound on this machine? And an FFN of Llama-405B (d = 16384, d_h = 53248) on an H100 in FP8
 #    (P = 1979 TFLOP/s, W = 3.35 TB/s)?
-# 3. **Re-measure the microbenchmark.** Run `reffuse.timing.time_ffn_run` on SmolLM2 with attention removed in
-#    14–21 (`reffuse.pruning.drop_attention`) for the group (14, 21) at 1 and 128 tokens. Compare your ratios with
+# 3. **Re-measure the microbenchmark.** Run `reffuse.speed.timing.time_ffn_run` on SmolLM2 with attention removed in
+#    14–21 (`reffuse.method.removal.drop_attention`) for the group (14, 21) at 1 and 128 tokens. Compare your ratios with
 #    the committed ones and explain any difference.
 # 4. **Sensitivity.** `costmodel.paper_sensitivity()` moves one chosen number at a time. Which choice moves the
 #    projected "fusion alone" ratio the most, and why that one?

@@ -44,9 +44,9 @@ from queue import Queue
 import numpy as np
 
 import reffuse
-from reffuse import costmodel
-from reffuse.model import attention, rms_norm, rope_tables, swiglu
-from reffuse.pruning import drop_attention
+from reffuse.speed import costmodel
+from reffuse.core.model import attention, rms_norm, rope_tables, swiglu
+from reffuse.method.removal import drop_attention
 from reffuse.tp import allreduces_per_forward, rank_counts_that_work, ring_allreduce, shard_model, sharding_problems
 
 RESULTS = Path("..") / "benchmarks" / "results"      # committed `reffuse tp --json` results
@@ -253,7 +253,7 @@ for variant in ("sequential", "fused"):
           f"(all-reduce {1e3 * r['decode']['allreduce_seconds']:6.2f} ms)")
 
 # %% [markdown]
-# At the paper's scale the same arithmetic is `reffuse.costmodel`: Llama-3.1-405B has 126 full blocks; the
+# At the paper's scale the same arithmetic is `reffuse.speed.costmodel`: Llama-3.1-405B has 126 full blocks; the
 # 253B PreFusion model lost about half its attention layers (a run of 50 attention-free blocks); FFN Fusion then
 # turned 49 of those 50 FFNs into 4. Under TP8 on one 8×H100 node, with the cost model's alpha-beta ring
 # (0.7 µs per step, NVLink), one all-reduce of a decode step's `[1, 16384]` bf16 activations costs:

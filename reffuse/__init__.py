@@ -6,19 +6,19 @@
     fused = reffuse.fuse(model, [(4, 8)], norm="fold")        # the run as one wide SwiGLU, Theorem 3.1
 """
 
-from .backend import gpu_available
-from .checkpoint import save_model
-from .corpus import calibration_windows, held_out_windows
-from .errors import ReffuseError
-from .evaluate import evaluate, perplexity
-from .fetch import fetch
-from .fusion import fuse
-from .generate import generate
-from .loading import load_model
-from .metrics import dependency, greedy_windows, window_statistics
-from .model import Config, KVCache, Model, cast, forward, layout, to_device
-from .planning import propose_groups
-from .tokenizer import load_tokenizer
+from reffuse.core.backend import gpu_available
+from reffuse.formats.checkpoint import save_model
+from reffuse.formats.corpus import calibration_windows, held_out_windows
+from reffuse.errors import ReffuseError
+from reffuse.evaluation.scoring import evaluate, perplexity
+from reffuse.formats.fetch import fetch
+from reffuse.core.fusion import fuse
+from reffuse.core.generate import generate
+from reffuse.formats.registry import load_model
+from reffuse.method.metrics import dependency, greedy_windows, window_statistics
+from reffuse.core.model import Config, KVCache, Model, cast, forward, layout, to_device
+from reffuse.method.planning import propose_groups
+from reffuse.formats.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 

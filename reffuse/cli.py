@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import ReffuseError
+from reffuse.errors import ReffuseError
 
 COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures",
             "fuse", "experiments"]

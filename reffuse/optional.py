@@ -2,7 +2,7 @@
 
 import importlib
 
-from .errors import ReffuseError
+from reffuse.errors import ReffuseError
 
 
 def require(module: str, extra: str, purpose: str):

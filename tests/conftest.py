@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.tiny import build_tiny
+from reffuse.core.tiny import build_tiny
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from reffuse.tokenizer import load_tokenizer
+    from reffuse.formats.tokenizer import load_tokenizer
     return load_tokenizer("smollm2")
 
 
@@ -44,5 +44,5 @@ def reference_llama():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from reffuse.reference import load_reference
+    from reffuse.evaluation.reference import load_reference
     return load_reference("smollm2")

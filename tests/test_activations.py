@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from reffuse.activations import FORMAT, activations, compare, load_activations, save_activations
+from reffuse.evaluation.activations import FORMAT, activations, compare, load_activations, save_activations
 from reffuse.cli import build_parser, main
 from reffuse.errors import ReffuseError
 

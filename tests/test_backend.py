@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.backend import array_module, device_of, gpu_available, to_numpy
+from reffuse.core.backend import array_module, device_of, gpu_available, to_numpy
 from reffuse.errors import ReffuseError
-from reffuse.model import KVCache, forward
+from reffuse.core.model import KVCache, forward
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no usable GPU (CuPy missing or no CUDA device)")
 

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from reffuse import model as model_module
-from reffuse.bench import check_targets, ffn_run_model, markdown, reffuse_decode, run_benchmark
+from reffuse.core import model as model_module
+from reffuse.speed.bench import check_targets, ffn_run_model, markdown, reffuse_decode, run_benchmark
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
-from reffuse.fusion import fuse
-from reffuse.generate import generate
-from reffuse.model import FFN, forward, swiglu, swiglu_in_column_blocks
+from reffuse.core.fusion import fuse
+from reffuse.core.generate import generate
+from reffuse.core.model import FFN, forward, swiglu, swiglu_in_column_blocks
 from reffuse.plots.speed import ffn_speed_figure
 
 
@@ -59,7 +59,7 @@ def test_decode_step_agrees_with_generate(tiny32, tiny_ids):
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    from reffuse.tiny import build_tiny
+    from reffuse.core.tiny import build_tiny
     return run_benchmark(build_tiny(), "tiny", threads=1, repeats=1, prefill_tokens=(8, 16), ffn_tokens=(1, 128),
                          decode_tokens=3, with_transformers=False)
 
@@ -95,7 +95,7 @@ def test_speed_figure_draws_from_the_json(tiny_result):
 
 
 def test_ffn_run_model_needs_two_ffns(tiny32):
-    from reffuse.model import Model
+    from reffuse.core.model import Model
     one = Model(tiny32.config, tiny32.embed, tiny32.blocks[:1], tiny32.norm, tiny32.lm_head)
     with pytest.raises(ReffuseError, match="at least 2"):
         ffn_run_model(one)

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.calibrate import (MIN_CALIBRATION_TOKENS, RunStatistics, calibrated_fuse, fit_error, fused_index,
+from reffuse.method.calibrate import (MIN_CALIBRATION_TOKENS, RunStatistics, calibrated_fuse, fit_error, fused_index,
                                relative_fit_error, solve_down, solve_down_dual)
 from reffuse.errors import ReffuseError
-from reffuse.evaluate import evaluate
-from reffuse.fusion import fuse
-from reffuse.model import FFN, Block, Model, forward
-from reffuse.tiny import build_tiny
+from reffuse.evaluation.scoring import evaluate
+from reffuse.core.fusion import fuse
+from reffuse.core.model import FFN, Block, Model, forward
+from reffuse.core.tiny import build_tiny
 
 
 def problem(tokens, width=40, dim=6, seed=0):

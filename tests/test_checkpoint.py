@@ -7,9 +7,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import reffuse
-from reffuse.checkpoint import model_to_tensors
+from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.errors import ReffuseError
-from reffuse.model import forward
+from reffuse.core.model import forward
 
 
 def test_round_trip_is_bit_exact(tmp_path, tiny32, tiny_ids):

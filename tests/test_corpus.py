@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reffuse.corpus import (CALIBRATION, HELD_OUT, TITLES, Span, corpus_folder, held_out_windows, play_text,
+from reffuse.formats.corpus import (CALIBRATION, HELD_OUT, TITLES, Span, corpus_folder, held_out_windows, play_text,
                             split_texts, token_windows, windows)
 from reffuse.errors import ReffuseError
 

@@ -10,13 +10,13 @@ import json
 import pytest
 
 from reffuse.cli import main
-from reffuse.costmodel import (MODEL_PRESETS, PAPER_TABLE2, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS, BlockShape,
+from reffuse.speed.costmodel import (MODEL_PRESETS, PAPER_TABLE2, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS, BlockShape,
                                Hardware, allreduce_count, attention_free_runs, calibrate_cpu, cpu_hardware,
                                deci_ffn_width, decode_projection, forward_cost, fuse_layout, get_hardware,
                                get_layout, h100_sxm, layout_from_model, paper_comparison, parameter_count,
                                predict_tp_run, tensor_parallel_degrees)
 from reffuse.errors import ReffuseError
-from reffuse.fusion import fuse
+from reffuse.core.fusion import fuse
 from reffuse.tp.sharding import allreduces_per_forward
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.calibrate import calibrated_fuse
+from reffuse.method.calibrate import calibrated_fuse
 from reffuse.cli import main
 from reffuse.commands.fuse import PROVENANCE_FILE
-from reffuse.pipeline import synthetic_windows
-from reffuse.pruning import drop_attention
-from reffuse.tiny import build_tiny
+from reffuse.method.pipeline import synthetic_windows
+from reffuse.method.removal import drop_attention
+from reffuse.core.tiny import build_tiny
 
 FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--repeats", "1", "--decode-tokens", "2",
         "--sample-tokens", "2"]
@@ -95,9 +95,9 @@ def test_fuse_smollm2_round_trip(tmp_path, smollm2, smollm2_tokenizer, capsys):
 
 
 def test_calibration_and_held_out_spans_must_not_overlap():
-    from reffuse.corpus import Span, TokenWindows
+    from reffuse.formats.corpus import Span, TokenWindows
     from reffuse.errors import ReffuseError
-    from reffuse.pipeline import check_disjoint
+    from reffuse.method.pipeline import check_disjoint
 
     ids = np.zeros((1, 4), dtype=np.int64)
     held = TokenWindows(ids, (Span("hamlet_gut", "Hamlet", 0, 100, 4),), "held-out")

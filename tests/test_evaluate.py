@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from reffuse.errors import ReffuseError
-from reffuse.evaluate import CHUNK_ROWS, evaluate, perplexity
-from reffuse.model import Model, forward
-from reffuse.pruning import drop_ffns
-from reffuse.timing import blas_threads
+from reffuse.evaluation.scoring import CHUNK_ROWS, evaluate, perplexity
+from reffuse.core.model import Model, forward
+from reffuse.method.removal import drop_ffns
+from reffuse.speed.timing import blas_threads
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_eval_command_perplexity_agrees_with_transformers(smollm2, smollm2_token
     import json
 
     from reffuse.cli import main
-    from reffuse.corpus import held_out_windows
+    from reffuse.formats.corpus import held_out_windows
 
     torch = pytest.importorskip("torch")
     torch_threads = torch.get_num_threads()

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from reffuse.errors import ReffuseError
-from reffuse.fetch import SOURCES, _extract_folder, cached_path, fetch
+from reffuse.formats.fetch import SOURCES, _extract_folder, cached_path, fetch
 
 MODEL_BYTES = b"GGUF stand-in bytes " * 1000
 

@@ -5,9 +5,9 @@ import pytest
 
 import reffuse
 from reffuse.errors import ReffuseError
-from reffuse.fusion import fuse, fuse_ffns, with_last_norm
-from reffuse.model import FFN, Block, Model, forward, rms_norm, swiglu
-from reffuse.tiny import TINY_FFN_WIDTHS, build_tiny
+from reffuse.core.fusion import fuse, fuse_ffns, with_last_norm
+from reffuse.core.model import FFN, Block, Model, forward, rms_norm, swiglu
+from reffuse.core.tiny import TINY_FFN_WIDTHS, build_tiny
 
 
 def relative_error(a, b):

@@ -5,7 +5,7 @@ import pytest
 
 import reffuse
 from reffuse.errors import ReffuseError
-from reffuse.generate import generate, next_token
+from reffuse.core.generate import generate, next_token
 
 
 def test_greedy_with_cache_equals_argmax_of_full_forward(tiny64):

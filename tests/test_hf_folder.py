@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.checkpoint import bfloat16_to_float32, tensor_shapes
+from reffuse.formats.checkpoint import bfloat16_to_float32, tensor_shapes
 from reffuse.errors import ReffuseError
-from reffuse.model import Config
+from reffuse.core.model import Config
 
 CONFIG = Config(vocab_size=96, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=10000.0, norm_eps=1e-5,
                 tie_embeddings=False, name="hf-test")

@@ -9,11 +9,11 @@ import pytest
 import reffuse
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
-from reffuse.metrics import (block_evaluations_needed, block_steps, cosine_distance, dependency, full_blocks,
+from reffuse.method.metrics import (block_evaluations_needed, block_steps, cosine_distance, dependency, full_blocks,
                              greedy_windows, matrix_from_json, matrix_to_json, residual_stream, window_statistics)
-from reffuse.model import FFN, Block, Config, Model, block_forward, rms_norm, rope_tables
-from reffuse.pruning import drop_attention
-from reffuse.tiny import build_tiny
+from reffuse.core.model import FFN, Block, Config, Model, block_forward, rms_norm, rope_tables
+from reffuse.method.removal import drop_attention
+from reffuse.core.tiny import build_tiny
 
 # Float64 rounding of a cosine distance computed from unit vectors is ~1e-32 for identical directions; anything
 # below 1e-15 is zero for these constructions, and a real dependency in them is above 1e-4.

@@ -1,6 +1,6 @@
 """`reffuse analyze` on SmolLM2, checked by an independent implementation from the tokens it recorded.
 
-The independent side shares nothing with reffuse.metrics: for M[i, j] it re-runs the whole model with block i
+The independent side shares nothing with reffuse.method.metrics: for M[i, j] it re-runs the whole model with block i
 deleted (plain `reffuse.forward` with `hidden_states`, no cached prefix, no skip passes), takes block j's
 contribution in both runs from the residual streams, and averages 1 - a·b / (|a| |b|) in float64 over the
 positions analyze measured (all but the first, the attention sink). The acceptance criterion is agreement to 1e-3;

@@ -5,7 +5,7 @@ import pytest
 
 import reffuse
 from reffuse.errors import ReffuseError
-from reffuse.model import (KVCache, apply_rope, attention, check_token_ids, forward, rms_norm, rope_tables, silu)
+from reffuse.core.model import (KVCache, apply_rope, attention, check_token_ids, forward, rms_norm, rope_tables, silu)
 
 
 def loop_attention(attn, x, cfg):

@@ -5,8 +5,8 @@ import pytest
 
 import reffuse
 from reffuse.errors import ReffuseError
-from reffuse.planning import inside_dependency, propose_groups, split_run
-from reffuse.pruning import drop_attention
+from reffuse.method.planning import inside_dependency, propose_groups, split_run
+from reffuse.method.removal import drop_attention
 
 
 def flat_matrix(m=12, value=0.01):
@@ -73,7 +73,7 @@ def test_runs_made_by_attention_removal(tiny32):
 
 
 def test_no_attention_free_runs_gives_no_groups(tiny32):
-    blocks = [reffuse.model.Block(b.attention or tiny32.blocks[0].attention, b.ffn) for b in tiny32.blocks]
+    blocks = [reffuse.core.model.Block(b.attention or tiny32.blocks[0].attention, b.ffn) for b in tiny32.blocks]
     model = reffuse.Model(tiny32.config, tiny32.embed, blocks, tiny32.norm, tiny32.lm_head)
     assert propose_groups(model, flat_matrix()).groups == []
 

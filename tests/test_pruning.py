@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from reffuse.errors import ReffuseError
-from reffuse.evaluate import evaluate
-from reffuse.model import FFN, Block, Model
-from reffuse.prefix import cache_prefix, score_variant
-from reffuse.pruning import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
+from reffuse.evaluation.scoring import evaluate
+from reffuse.core.model import FFN, Block, Model
+from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.method.removal import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
                              drop_ffns, ffn_scores, format_layers, parse_layers)
 
 

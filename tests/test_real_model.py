@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.activations import DEFAULT_TEXT, activations, compare
+from reffuse.evaluation.activations import DEFAULT_TEXT, activations, compare
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
-from reffuse.generate import generate
+from reffuse.core.generate import generate
 
 
 def test_config(smollm2):
@@ -36,7 +36,7 @@ def passage_ids(smollm2_tokenizer):
 
 
 def test_parity_with_transformers(smollm2, reference_llama, passage_ids):
-    from reffuse.reference import reference_activations
+    from reffuse.evaluation.reference import reference_activations
     result = compare(activations(smollm2, passage_ids), reference_activations(reference_llama, passage_ids))
     # The float32 targets over >= 64 tokens (measured here: 1.0e-4 absolute, 3e-6 relative)
     assert result["logits"]["max_abs"] <= 2e-4
@@ -48,7 +48,7 @@ def test_parity_with_transformers(smollm2, reference_llama, passage_ids):
 
 
 def test_greedy_ids_agree_with_transformers_for_32_tokens(smollm2, reference_llama, passage_ids):
-    from reffuse.reference import reference_greedy
+    from reffuse.evaluation.reference import reference_greedy
     assert generate(smollm2, passage_ids, 32) == reference_greedy(reference_llama, passage_ids, 32)
 
 

@@ -4,7 +4,7 @@ streaming, bad input, and the same ids as transformers' tokenizer."""
 import pytest
 
 from reffuse.errors import ReffuseError
-from reffuse.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from reffuse.formats.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 PASSAGE = ("HAMLET. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
            "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles,\n"
@@ -81,7 +81,7 @@ def test_bad_input(smollm2_tokenizer, tmp_path):
 
 def test_same_ids_as_transformers(smollm2_tokenizer):
     transformers = pytest.importorskip("transformers")
-    from reffuse.fetch import fetch
+    from reffuse.formats.fetch import fetch
     gguf_path = fetch("smollm2")
     theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # A passage without digits: transformers' GGUF conversion leaves out the "smollm" digit split (above)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.backend import gpu_available, to_numpy
+from reffuse.core.backend import gpu_available, to_numpy
 from reffuse.errors import ReffuseError
-from reffuse.fusion import fuse
-from reffuse.model import FFN, Attention, Block, Config, KVCache, Model, attention, rope_tables, swiglu
+from reffuse.core.fusion import fuse
+from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, attention, rope_tables, swiglu
 from reffuse.tp import (AllReduce, allreduces_per_forward, check_shardable, kv_heads, query_heads,
                         rank_counts_that_work, ring_allreduce, shard_model, sharding_problems)
 

@@ -19,8 +19,8 @@ except Exception as e:
     pytest.skip(f"mpi4py with an MPI runtime is not usable here ({e}): pip install 'reffuse[mpi]'",
                 allow_module_level=True)
 
-from reffuse.backend import gpu_available
-from reffuse.loading import NAMED_MODELS
+from reffuse.core.backend import gpu_available
+from reffuse.formats.registry import NAMED_MODELS
 
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 if not os.path.exists(MPIEXEC):

@@ -3,8 +3,8 @@
 import numpy as np
 
 import reffuse
-from reffuse.model import rms_norm
-from reffuse.tokenizer import load_tokenizer
+from reffuse.core.model import rms_norm
+from reffuse.formats.tokenizer import load_tokenizer
 
 model = reffuse.load_model("smollm2")
 cfg = model.config

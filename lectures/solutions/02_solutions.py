@@ -3,8 +3,8 @@
 import numpy as np
 
 import reffuse
-from reffuse.fusion import fuse_ffns
-from reffuse.model import FFN, Block, Model, forward, rms_norm, swiglu
+from reffuse.core.fusion import fuse_ffns
+from reffuse.core.model import FFN, Block, Model, forward, rms_norm, swiglu
 
 tiny = reffuse.load_model("tiny", dtype="float64")
 run = [b.ffn for b in tiny.blocks[4:9]]

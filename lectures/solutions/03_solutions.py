@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 
 import reffuse
-from reffuse import metrics
-from reffuse.corpus import calibration_windows
-from reffuse.planning import propose_groups
-from reffuse.pruning import drop_attention
-from reffuse.tokenizer import load_tokenizer
+from reffuse.method import metrics
+from reffuse.formats.corpus import calibration_windows
+from reffuse.method.planning import propose_groups
+from reffuse.method.removal import drop_attention
+from reffuse.formats.tokenizer import load_tokenizer
 
 model = reffuse.load_model("smollm2")
 tokenizer = load_tokenizer("smollm2")

@@ -3,12 +3,12 @@
 import numpy as np
 
 import reffuse
-from reffuse.calibrate import calibrated_fuse
-from reffuse.corpus import calibration_windows, held_out_windows
-from reffuse.model import Block, Model
-from reffuse.prefix import cache_prefix, kl_from_base
-from reffuse.pruning import attention_scores, cheapest, drop_attention
-from reffuse.tokenizer import load_tokenizer
+from reffuse.method.calibrate import calibrated_fuse
+from reffuse.formats.corpus import calibration_windows, held_out_windows
+from reffuse.core.model import Block, Model
+from reffuse.evaluation.prefix import cache_prefix, kl_from_base
+from reffuse.method.removal import attention_scores, cheapest, drop_attention
+from reffuse.formats.tokenizer import load_tokenizer
 
 model = reffuse.load_model("smollm2")
 tokenizer = load_tokenizer("smollm2")

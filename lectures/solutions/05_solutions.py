@@ -3,9 +3,9 @@
 import numpy as np
 
 import reffuse
-from reffuse import costmodel
-from reffuse.pruning import drop_attention
-from reffuse.timing import blas_threads, median_seconds, time_ffn_run
+from reffuse.speed import costmodel
+from reffuse.method.removal import drop_attention
+from reffuse.speed.timing import blas_threads, median_seconds, time_ffn_run
 
 # 1. Attained rates of one projection: at T = 1 the time is the weight read (few GFLOP/s); at T = 512 the same
 #    weights serve 512 tokens and the GEMM approaches the peak FLOP rate. Note: one [1536, 576] float32 weight

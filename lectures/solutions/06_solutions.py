@@ -10,9 +10,9 @@ from queue import Queue
 import numpy as np
 
 import reffuse
-from reffuse import costmodel
-from reffuse.model import FFN, rms_norm, swiglu
-from reffuse.pruning import drop_attention
+from reffuse.speed import costmodel
+from reffuse.core.model import FFN, rms_norm, swiglu
+from reffuse.method.removal import drop_attention
 from reffuse.tp import ring_allreduce, sharding_problems
 
 # 1. Any cut of the hidden units is exact: the FFN is a sum over hidden units, whatever the grouping.

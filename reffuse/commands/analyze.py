@@ -31,19 +31,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..corpus import calibration_windows
-from ..errors import ReffuseError
-from ..loading import load_model
-from ..metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
+from reffuse.formats.corpus import calibration_windows
+from reffuse.errors import ReffuseError
+from reffuse.formats.registry import load_model
+from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
                        dependency, full_blocks, greedy_windows, matrix_to_json, window_statistics)
-from ..model import layout
-from ..planning import propose_groups
-from ..progress import Progress
-from ..timing import blas_threads
-from ..pruning import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
+from reffuse.core.model import layout
+from reffuse.method.planning import propose_groups
+from reffuse.progress import Progress
+from reffuse.speed.timing import blas_threads
+from reffuse.method.removal import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
                        format_layers, parse_layers)
-from ..tokenizer import load_tokenizer
-from .common import format_table, print_json
+from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.commands.common import format_table, print_json
 
 HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, with figures"
 DEFAULT_TOKENS = 512
@@ -200,7 +200,7 @@ def run(args) -> int:
     path.write_text(json.dumps(result, indent=1) + "\n")
     paths = [path]
     if not args.no_figures:
-        from ..plots.dependency import write_analysis_figures
+        from reffuse.plots.dependency import write_analysis_figures
         paths += write_analysis_figures(result, args.out)
     if args.json:
         print_json(result)

@@ -24,11 +24,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..bench import default_threads, markdown, run_benchmark
-from ..errors import ReffuseError
-from ..loading import load_model
-from ..progress import note
-from .common import print_json
+from reffuse.speed.bench import default_threads, markdown, run_benchmark
+from reffuse.errors import ReffuseError
+from reffuse.formats.registry import load_model
+from reffuse.progress import note
+from reffuse.commands.common import print_json
 
 HELP = "prefill/decode speed against transformers, and fused vs sequential FFN runs"
 

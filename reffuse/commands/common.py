@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..errors import ReffuseError
+from reffuse.errors import ReffuseError
 
 
 def parse_groups(text: str) -> list[tuple[int, int]]:

@@ -31,12 +31,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..costmodel import (HARDWARE_PRESETS, LEFT_OUT, MODEL_PRESETS, PAPER_TABLE2, calibrate_cpu, cpu_hardware,
+from reffuse.speed.costmodel import (HARDWARE_PRESETS, LEFT_OUT, MODEL_PRESETS, PAPER_TABLE2, calibrate_cpu, cpu_hardware,
                          decode_projection, get_hardware, get_layout, paper_comparison, paper_sensitivity,
                          parameter_count, predict_tp_run)
-from ..errors import ReffuseError
-from ..progress import note
-from .common import format_table, groups_argument, print_json
+from reffuse.errors import ReffuseError
+from reffuse.progress import note
+from reffuse.commands.common import format_table, groups_argument, print_json
 
 HELP = "project decode latency at TP 1-8, sequential vs fused, beside the paper's numbers and measured runs"
 DEFAULT_MODELS = ["llama-3.1-405b", "ultra-253b-prefusion"]

@@ -2,9 +2,9 @@
 
 1. attention removal (standing in for Puzzle): every block's attention scored by the KL damage of removing it
    alone on calibration text; the --drop-attention-count consecutive blocks of least summed score removed;
-2. dependencies: the FFN-level dependency matrix M inside the attention-free run (reffuse.metrics);
+2. dependencies: the FFN-level dependency matrix M inside the attention-free run (reffuse.method.metrics);
 3. a fusion plan from M: the run without its last block, cut into groups of at most --max-group-size blocks
-   where the least dependency crosses (reffuse.planning), or --groups as given;
+   where the least dependency crosses (reffuse.method.planning), or --groups as given;
 4. fusion (Theorem 3.1), exact: fused vs parallel form, float32 and float64; the approximation fusion makes,
    sequential vs parallel; the block layout before and after;
 5. calibration: each fused down-projection refitted by ridge least squares on calibration text;
@@ -33,22 +33,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench import reffuse_decode, time_decode
-from ..calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
-from ..errors import ReffuseError
-from ..fusion import NORM_MODES, fuse, with_last_norm
-from ..generate import generate
-from ..loading import load_model
-from ..metrics import matrix_to_json
-from ..model import Model, block_forward, cast, forward, layout, original_layers, rope_tables
-from ..pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
-from ..plots import save_figure
-from ..prefix import cache_prefix, score_variant
-from ..progress import Progress, note
-from ..pruning import attention_free_runs, drop_attention
-from ..timing import blas_threads, compare_seconds
-from .common import format_table, groups_argument, print_json
-from .fuse import layers_argument
+from reffuse.speed.bench import reffuse_decode, time_decode
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
+from reffuse.errors import ReffuseError
+from reffuse.core.fusion import NORM_MODES, fuse, with_last_norm
+from reffuse.core.generate import generate
+from reffuse.formats.registry import load_model
+from reffuse.method.metrics import matrix_to_json
+from reffuse.core.model import Model, block_forward, cast, forward, layout, original_layers, rope_tables
+from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
+from reffuse.plots import save_figure
+from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.progress import Progress, note
+from reffuse.method.removal import attention_free_runs, drop_attention
+from reffuse.speed.timing import blas_threads, compare_seconds
+from reffuse.commands.common import format_table, groups_argument, print_json
+from reffuse.commands.fuse import layers_argument
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
 DEFAULT_DROP = {"smollm2": 8, "tiny": 2}
@@ -72,7 +72,7 @@ def add_arguments(parser):
                         help="fold: each block's norm gain folded into its weights (exact); last: the paper's")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
                         help=f"calibration: weigh each token's error relative to its stream norm, or not "
-                             f"(default {DEFAULT_WEIGHTING}; see reffuse.calibrate)")
+                             f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
     parser.add_argument("--held-out-tokens", type=int, default=512, help="held-out tokens scored (default 512)")
@@ -265,10 +265,10 @@ def run(args) -> int:
 
 
 def write_figures(result: dict, folder: Path) -> list[Path]:
-    from ..plots.dependency import dependency_heatmap
-    from ..plots.layout import layout_figure
-    from ..plots.pipeline import pipeline_summary_figure
-    from ..plots.removal import attention_scores_figure
+    from reffuse.plots.dependency import dependency_heatmap
+    from reffuse.plots.layout import layout_figure
+    from reffuse.plots.pipeline import pipeline_summary_figure
+    from reffuse.plots.removal import attention_scores_figure
 
     name = result["model_name"]
     removed_blocks = [r["block"] for r in result["layout_removed"] if not r["attention"]]

@@ -1,5 +1,5 @@
 """Write reffuse's per-block activations and logits for some tokens to an .npz file, in the documented format
-of reffuse.activations (no pickle; read with np.load(path, allow_pickle=False)):
+of reffuse.evaluation.activations (no pickle; read with np.load(path, allow_pickle=False)):
 
   format "reffuse-activations-1", model, token_ids [T], hidden_states [L+1, T, d] (after the embedding and after
   each block), logits [T, vocab]
@@ -15,9 +15,9 @@ examples:
 
 from __future__ import annotations
 
-from ..activations import activations, save_activations
-from ..loading import load_model
-from .verify import add_input_arguments, input_ids
+from reffuse.evaluation.activations import activations, save_activations
+from reffuse.formats.registry import load_model
+from reffuse.commands.verify import add_input_arguments, input_ids
 
 HELP = "write per-block activations and logits to an .npz file (documented format)"
 

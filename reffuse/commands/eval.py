@@ -1,6 +1,6 @@
 """Perplexity on held-out Shakespeare, and with --base the distance from a base model.
 
-The text is Hamlet, the corpus' held-out play (reffuse.corpus has the fixed split), tokenised whole; its first
+The text is Hamlet, the corpus' held-out play (reffuse.formats.corpus has the fixed split), tokenised whole; its first
 --tokens tokens are cut into non-overlapping windows of --window tokens, each scored on its own (its first
 token gets no prediction, so a window of W tokens scores W - 1). The output records the model, the text span
 (play, character offsets, token count) and the windowing, so a number can be reproduced.
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import time
 
-from ..corpus import held_out_windows
-from ..errors import ReffuseError
-from ..evaluate import evaluate
-from ..loading import load_model
-from ..progress import Progress
-from ..tokenizer import load_tokenizer
-from .common import format_table, print_json
+from reffuse.formats.corpus import held_out_windows
+from reffuse.errors import ReffuseError
+from reffuse.evaluation.scoring import evaluate
+from reffuse.formats.registry import load_model
+from reffuse.progress import Progress
+from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.commands.common import format_table, print_json
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
 DEFAULT_TOKENS = 2048

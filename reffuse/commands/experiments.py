@@ -6,7 +6,7 @@ single removals cost least; the attention-free run this makes, without its last 
 reduction, with decode latency measured in the same run; (c) including vs leaving out the run's last FFN;
 (d) reversed FFN order vs fusion; (e) full-block parallelization by the paper's greedy windows, 1 to 4 steps;
 (f) norm fold vs last; (g) calibrated vs plain fusion. Quality is KL to the pre-fusion model and perplexity on
-held-out text; everything fitted or chosen reads calibration text only. reffuse.experiments documents each choice.
+held-out text; everything fitted or chosen reads calibration text only. reffuse.experiments.run documents each choice.
 
 The report (README.md) says, finding by finding, whether the paper's observation held here, with the numbers.
 It takes minutes on 2 cores (progress on stderr). The synthetic tiny model runs the same code in seconds, to
@@ -24,10 +24,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..experiments import markdown, run_experiments
-from ..plots.experiments import write_experiment_figures
-from ..progress import note
-from .common import print_json
+from reffuse.experiments.run import markdown, run_experiments
+from reffuse.plots.experiments import write_experiment_figures
+from reffuse.progress import note
+from reffuse.commands.common import print_json
 
 HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures"
 

@@ -15,7 +15,7 @@ examples:
 
 from __future__ import annotations
 
-from ..fetch import SOURCES, fetch
+from reffuse.formats.fetch import SOURCES, fetch
 
 HELP = "download the SmolLM2 model or the Shakespeare texts into the cache folder"
 

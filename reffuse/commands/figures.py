@@ -31,8 +31,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ReffuseError
-from ..plots import save_figure
+from reffuse.errors import ReffuseError
+from reffuse.plots import save_figure
 
 HELP = "redraw every figure in figures/ from the committed results (deterministic PNGs)"
 
@@ -69,7 +69,7 @@ def read_json(root: Path, relative: str, made_by: str):
 
 
 def allreduce_counts(root: Path):
-    from ..plots.tp import allreduce_figure
+    from reffuse.plots.tp import allreduce_figure
 
     paths = sorted((root / "benchmarks" / "results").glob("tp_*.json"))
     if not paths:
@@ -89,7 +89,7 @@ def analysis_title(analysis: dict) -> str:
 
 
 def dependency_heatmap(root: Path):
-    from ..plots.dependency import dependency_heatmap as heatmap
+    from reffuse.plots.dependency import dependency_heatmap as heatmap
 
     analysis = read_json(root, ANALYSIS_JSON, ANALYSIS_COMMAND)
     return heatmap(analysis["dependency"]["block"], f"Dependency between blocks, {analysis_title(analysis)}",
@@ -97,7 +97,7 @@ def dependency_heatmap(root: Path):
 
 
 def block_metrics(root: Path):
-    from ..plots.dependency import block_metrics_figure
+    from reffuse.plots.dependency import block_metrics_figure
 
     analysis = read_json(root, ANALYSIS_JSON, ANALYSIS_COMMAND)
     attention_free = [row["block"] for row in analysis["model"]["layout"] if not row["attention"]]
@@ -106,7 +106,7 @@ def block_metrics(root: Path):
 
 
 def windows(root: Path):
-    from ..plots.dependency import window_figure
+    from reffuse.plots.dependency import window_figure
 
     analysis = read_json(root, ANALYSIS_JSON, ANALYSIS_COMMAND)
     stats = analysis["windows"]
@@ -120,7 +120,7 @@ BENCH_COMMAND = "reffuse bench --model smollm2 --json --out benchmarks/results/b
 
 
 def ffn_speed_vs_tokens(root: Path):
-    from ..plots.speed import ffn_speed_figure
+    from reffuse.plots.speed import ffn_speed_figure
 
     return ffn_speed_figure(read_json(root, BENCH_JSON, BENCH_COMMAND),
                             "Fused vs sequential run of 8 SmolLM2 FFNs, by token count")
@@ -131,13 +131,13 @@ EXPERIMENTS_COMMAND = "reffuse experiments --out reports/experiments/smollm2"
 
 
 def fusion_intensity(root: Path):
-    from ..plots.experiments import fusion_intensity_figure
+    from reffuse.plots.experiments import fusion_intensity_figure
 
     return fusion_intensity_figure(read_json(root, EXPERIMENTS_JSON, EXPERIMENTS_COMMAND))
 
 
 def removal_vs_fusion(root: Path):
-    from ..plots.experiments import removal_vs_fusion_figure
+    from reffuse.plots.experiments import removal_vs_fusion_figure
 
     return removal_vs_fusion_figure(read_json(root, EXPERIMENTS_JSON, EXPERIMENTS_COMMAND))
 
@@ -148,9 +148,9 @@ TP_SMOLLM2_COMMAND = "mpiexec -n 3 reffuse tp --model smollm2 --json (benchmarks
 
 def layout_before_after(root: Path):
     """SmolLM2 as it is, with attention removed, and fused, as the committed `reffuse tp` run on SmolLM2 did it."""
-    from ..costmodel import fuse_layout, get_layout, tp_run_layout
-    from ..plots.dependency import contiguous_ranges
-    from ..plots.layout import layout_figure
+    from reffuse.speed.costmodel import fuse_layout, get_layout, tp_run_layout
+    from reffuse.plots.dependency import contiguous_ranges
+    from reffuse.plots.layout import layout_figure
 
     result = read_json(root, TP_SMOLLM2_JSON, TP_SMOLLM2_COMMAND)
     removed = tp_run_layout(result)                   # attention removed where the run says, its groups to fuse
@@ -170,13 +170,13 @@ COSTMODEL_COMMAND = "reffuse costmodel --json (benchmarks/results/README.md has 
 
 
 def latency_model(root: Path):
-    from ..plots.costmodel import tp_projection_figure
+    from reffuse.plots.costmodel import tp_projection_figure
 
     return tp_projection_figure(read_json(root, COSTMODEL_JSON, COSTMODEL_COMMAND))
 
 
 def costmodel_measured_vs_predicted(root: Path):
-    from ..plots.costmodel import measured_vs_predicted_figure
+    from reffuse.plots.costmodel import measured_vs_predicted_figure
 
     return measured_vs_predicted_figure(read_json(root, COSTMODEL_JSON, COSTMODEL_COMMAND))
 

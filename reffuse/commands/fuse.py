@@ -6,9 +6,9 @@ Steps, each optional but the last:
    N cheapest (--contiguous: the N consecutive blocks of least summed score);
 2. the groups to fuse: --groups as given, or --plan auto, which measures FFN-level dependencies inside the
    attention-free runs and cuts each run (without its last block, as the paper does; --include-last keeps it)
-   into groups of at most --max-group-size blocks where the least dependency crosses (reffuse.planning);
+   into groups of at most --max-group-size blocks where the least dependency crosses (reffuse.method.planning);
 3. fusion (Theorem 3.1) with --norm fold (exact) or last (the paper's), and with --calibrate each fused
-   down-projection refitted by ridge least squares on calibration text (reffuse.calibrate);
+   down-projection refitted by ridge least squares on calibration text (reffuse.method.calibrate);
 4. the model is saved to --out (config.json, model.safetensors), with the tokenizer beside it and fuse.json,
    which records every choice, score and text span, so `reffuse eval`, `generate` and `bench` take the folder.
 
@@ -28,17 +28,17 @@ import argparse
 import json
 from pathlib import Path
 
-from ..calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
-from ..checkpoint import save_model
-from ..errors import ReffuseError
-from ..fusion import NORM_MODES, fuse
-from ..loading import load_model
-from ..model import layout
-from ..progress import Progress, note
-from ..pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
-from ..pruning import drop_attention, format_layers, parse_layers
-from ..tokenizer import load_tokenizer
-from .common import format_table, groups_argument, print_json
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
+from reffuse.formats.checkpoint import save_model
+from reffuse.errors import ReffuseError
+from reffuse.core.fusion import NORM_MODES, fuse
+from reffuse.formats.registry import load_model
+from reffuse.core.model import layout
+from reffuse.progress import Progress, note
+from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
+from reffuse.method.removal import drop_attention, format_layers, parse_layers
+from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.commands.common import format_table, groups_argument, print_json
 
 HELP = "remove attention, fuse runs of FFNs (optionally calibrated) and save the model"
 PROVENANCE_FILE = "fuse.json"
@@ -72,7 +72,7 @@ def add_arguments(parser):
     parser.add_argument("--calibrate", action="store_true", help="refit each fused down-projection on calibration text")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
                         help=f"calibration: weigh each token's error relative to its stream norm, or not "
-                             f"(default {DEFAULT_WEIGHTING}; see reffuse.calibrate)")
+                             f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
     parser.add_argument("--calibration-tokens", type=int, default=2048,

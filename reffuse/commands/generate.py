@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 import time
 
-from ..generate import generate
-from ..loading import load_model
-from ..tokenizer import StreamDecoder, load_tokenizer
+from reffuse.core.generate import generate
+from reffuse.formats.registry import load_model
+from reffuse.formats.tokenizer import StreamDecoder, load_tokenizer
 
 HELP = "continue a prompt with a model, streaming the tokens"
 

@@ -47,17 +47,17 @@ import time
 
 import numpy as np
 
-from ..backend import synchronize, to_numpy
-from ..errors import ReffuseError
-from ..fusion import NORM_MODES, fuse
-from ..loading import load_model
-from ..model import KVCache, Model, forward, to_device
-from ..pruning import attention_free_runs, drop_attention, format_layers, parse_layers
-from ..timing import blas_threads
-from ..tp import (ALLREDUCE_KINDS, AllReduce, ParallelState, allreduces_per_forward, check_shardable,
+from reffuse.core.backend import synchronize, to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.fusion import NORM_MODES, fuse
+from reffuse.formats.registry import load_model
+from reffuse.core.model import KVCache, Model, forward, to_device
+from reffuse.method.removal import attention_free_runs, drop_attention, format_layers, parse_layers
+from reffuse.speed.timing import blas_threads
+from reffuse.tp import (ALLREDUCE_KINDS, AllReduce, ParallelState, allreduces_per_forward, check_shardable,
                   parallel_state, rank_zero_first, run_or_abort, setup_on_every_rank, shard_model)
-from ..tp.runtime import mpi
-from .common import format_table, groups_argument, print_json
+from reffuse.tp.runtime import mpi
+from reffuse.commands.common import format_table, groups_argument, print_json
 
 HELP = "run the sequential and fused model tensor-parallel under mpiexec; count and time the all-reduces"
 PROGRAM = "reffuse tp"

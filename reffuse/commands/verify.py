@@ -6,7 +6,7 @@ the token embedding and of every block (max |diff|, and that over the largest |v
 logits, and the ids of a greedy continuation (reffuse with its KV cache, transformers with its own).
 
 --against FILE.npz compares with a dump written by any implementation in reffuse's documented format
-(reffuse.activations; `reffuse dump` writes one). The dump's token ids are used; reffuse is the reference.
+(reffuse.evaluation.activations; `reffuse dump` writes one). The dump's token ids are used; reffuse is the reference.
 
 Targets (float32): logits max |diff| <= 2e-4 and <= 1e-5 of the largest |logit|, identical greedy ids.
 float64 (--dtype float64 and a float64 dump): logits max |diff| <= 1e-9 of the largest |logit|. transformers
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..activations import DEFAULT_TEXT, activations, compare, load_activations
-from ..errors import ReffuseError
-from ..generate import generate
-from ..loading import load_model
-from ..tokenizer import load_tokenizer
-from .common import format_table, print_json
+from reffuse.evaluation.activations import DEFAULT_TEXT, activations, compare, load_activations
+from reffuse.errors import ReffuseError
+from reffuse.core.generate import generate
+from reffuse.formats.registry import load_model
+from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.commands.common import format_table, print_json
 
 HELP = "compare reffuse's per-block activations and logits with transformers or with a dump (.npz)"
 
@@ -81,7 +81,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     if args.against == "transformers":
-        from ..reference import load_reference, reference_activations, reference_greedy
+        from reffuse.evaluation.reference import load_reference, reference_activations, reference_greedy
         ids = input_ids(args, args.model)
         model = load_model(args.model, dtype=args.dtype)
         reference_model = load_reference(args.model, dtype=args.dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..optional import require
+from reffuse.optional import require
 
 DPI = 110
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import pyplot, save_figure
+from reffuse.plots import pyplot, save_figure
 
 SEQUENTIAL, FUSED, PAPER = "tab:blue", "tab:orange", "black"
 PARTS = (("roofline_seconds", "weights and KV cache (roofline)", "tab:gray"),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metrics import matrix_from_json
-from . import pyplot, save_figure
-from .layout import layout_figure
+from reffuse.method.metrics import matrix_from_json
+from reffuse.plots import pyplot, save_figure
+from reffuse.plots.layout import layout_figure
 
 LOG2_RANGE = (-9, -1)  # the paper's colour bar: 2^-9 .. 2^-1
 WEAK, STRONG, EXCLUDED = "tab:blue", "tab:red", "0.75"

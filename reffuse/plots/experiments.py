@@ -1,4 +1,4 @@
-"""Figures of `reffuse experiments` (reffuse.experiments), drawn from its JSON so they can be redrawn from the
+"""Figures of `reffuse experiments` (reffuse.experiments.run), drawn from its JSON so they can be redrawn from the
 committed reports/experiments/smollm2/experiments.json without measuring again.
 
 - fusion intensity (the paper's Table 4 as a plot): KL to the pre-fusion model and perplexity against the number
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import pyplot, save_figure
-from .removal import attention_scores_figure
+from reffuse.plots import pyplot, save_figure
+from reffuse.plots.removal import attention_scores_figure
 
 FOLD, LAST, CALIBRATED, REMOVAL, REFERENCE = "tab:blue", "tab:orange", "tab:green", "tab:red", "black"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import pyplot
+from reffuse.plots import pyplot
 
 ATTENTION, NO_ATTENTION, FUSED = "tab:red", "0.8", "tab:purple"
 

@@ -6,7 +6,7 @@ rows (decode tokens/s, all models timed in one run).
 
 from __future__ import annotations
 
-from . import pyplot
+from reffuse.plots import pyplot
 
 COLOURS = {"original": "black", "attention removed": "tab:red", "fused": "tab:blue",
            "fused, calibrated": "tab:green"}

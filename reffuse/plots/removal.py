@@ -1,4 +1,4 @@
-"""Attention removal (reffuse.pruning): each block's single-removal score, the blocks chosen marked.
+"""Attention removal (reffuse.method.removal): each block's single-removal score, the blocks chosen marked.
 
 Drawn from the "attention_removal" record that `reffuse fuse`, `demo` and `experiments` write
 ({"scores": {block: KL}, "blocks": [...], "rule": ..., "joint_kl": ...}).
@@ -6,7 +6,7 @@ Drawn from the "attention_removal" record that `reffuse fuse`, `demo` and `exper
 
 from __future__ import annotations
 
-from . import pyplot
+from reffuse.plots import pyplot
 
 CHOSEN, KEPT = "tab:red", "0.6"
 

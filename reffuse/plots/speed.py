@@ -7,7 +7,7 @@ overhead (norms, residual adds, small matrix products); many tokens: both are co
 
 from __future__ import annotations
 
-from . import pyplot
+from reffuse.plots import pyplot
 
 
 def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):

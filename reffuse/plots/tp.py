@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import pyplot
+from reffuse.plots import pyplot
 
 SEQUENTIAL, FUSED = "tab:blue", "tab:orange"
 

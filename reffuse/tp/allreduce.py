@@ -1,6 +1,6 @@
 """The all-reduce after each row-parallel layer: MPI's own or the hand-written ring, counted and timed.
 
-`AllReduce(comm, kind)` is the `allreduce` argument of `reffuse.model.forward`: the core calls it on each
+`AllReduce(comm, kind)` is the `allreduce` argument of `reffuse.core.model.forward`: the core calls it on each
 row-parallel output (o_proj, down_proj, and once per parallel run of FFNs) and adds what it returns to the
 residual stream. It sums the partial output over the ranks of `comm` in place, and records in `stats` how many
 all-reduces ran, how many bytes they summed and how long they took: the communication, including the wait for
@@ -16,9 +16,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from ..backend import array_module, device_of, synchronize, to_numpy
-from ..errors import ReffuseError
-from .ring import ring_allreduce
+from reffuse.core.backend import array_module, device_of, synchronize, to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.tp.ring import ring_allreduce
 
 ALLREDUCE_KINDS = ("mpi", "ring")
 

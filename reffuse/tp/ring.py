@@ -30,7 +30,7 @@ small messages (a decode step's [1, d] activations) are latency-bound, and libra
 
 from __future__ import annotations
 
-from ..backend import array_module, synchronize
+from reffuse.core.backend import array_module, synchronize
 
 
 def ring_allreduce(comm, buf):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ReffuseError
+from reffuse.errors import ReffuseError
 
 # The launcher forwards each rank's stderr through a pipe; Abort kills the job at once and what is still in
 # the pipe is lost. Half a second lets the failing rank's message reach the terminal first.
@@ -53,7 +53,7 @@ def parallel_state(comm, device: str = "cpu") -> ParallelState:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this machine's memory
     local_rank = node.Get_rank()
     if device == "gpu":
-        from ..backend import gpu_available
+        from reffuse.core.backend import gpu_available
         if not gpu_available():
             raise ReffuseError(f"--device gpu on rank {comm.Get_rank()}, but no GPU is usable there: install the "
                                "`gpu` extra (CuPy) on a machine with a CUDA device, or use --device cpu")

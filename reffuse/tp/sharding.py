@@ -12,7 +12,7 @@
 Why the sum of the partial outputs is the unsharded output: heads are independent until o, and
 o(concat_h head_h) = Σ_r o[:, cols_r] head_r; SwiGLU acts on each hidden unit on its own, so
 FFN(x) = Σ_r down[:, units_r] (silu(gate[units_r] x) ⊙ up[units_r] x). The shard runs through the ordinary
-`reffuse.model.forward(shard, ids, allreduce=...)`, which applies the all-reduce after each row-parallel output.
+`reffuse.core.model.forward(shard, ids, allreduce=...)`, which applies the all-reduce after each row-parallel output.
 
 A fused wide FFN (Theorem 3.1) shards the same way: rank r gets a contiguous slice of the wide hidden
 dimension, which may cut across the original blocks. Any split of the hidden units is exact, since the fused
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..backend import array_module
-from ..errors import ReffuseError
-from ..model import FFN, Attention, Block, Config, Model
+from reffuse.core.backend import array_module
+from reffuse.errors import ReffuseError
+from reffuse.core.model import FFN, Attention, Block, Config, Model
 
 
 def query_heads(config: Config, rank: int, n_ranks: int) -> range:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import load_folder
-from .errors import ReffuseError
-from .gguf_loader import load_gguf
-from .model import Model, cast
-from .smollm2 import load_smollm2
-from .tiny import build_tiny
+from reffuse.formats.checkpoint import load_folder
+from reffuse.errors import ReffuseError
+from reffuse.formats.gguf import load_gguf
+from reffuse.core.model import Model, cast
+from reffuse.formats.smollm2 import load_smollm2
+from reffuse.core.tiny import build_tiny
 
 # name -> builder(dtype) for the models reffuse can make or fetch by name.
 NAMED_MODELS: dict[str, Callable[[str], Model]] = {

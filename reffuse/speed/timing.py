@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 
-from .backend import array_module, synchronize
-from .fusion import fuse
-from .model import Model, block_forward, check_groups
+from reffuse.core.backend import array_module, synchronize
+from reffuse.core.fusion import fuse
+from reffuse.core.model import Model, block_forward, check_groups
 
 
 def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import ReffuseError
-from .model import FFN, Attention, Block, Config, Model, cast
-from .optional import require
+from reffuse.core.backend import to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.model import FFN, Attention, Block, Config, Model, cast
+from reffuse.optional import require
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

@@ -18,12 +18,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .checkpoint import load_folder, save_model
-from .fetch import fetch
-from .gguf_loader import load_gguf, open_gguf
-from .model import Model, cast
-from .progress import note
-from .tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+from reffuse.formats.checkpoint import load_folder, save_model
+from reffuse.formats.fetch import fetch
+from reffuse.formats.gguf import load_gguf, open_gguf
+from reffuse.core.model import Model, cast
+from reffuse.progress import note
+from reffuse.formats.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 CONVERSION_VERSION = 1  # raise when the GGUF -> float32 conversion changes, so old folders are made again
 FOLDER_NAME = "float32"

@@ -17,9 +17,9 @@ What the FFNs read is a choice (PAPER.md §1, "RMSNorm handling"):
 
 from __future__ import annotations
 
-from .backend import array_module
-from .errors import ReffuseError
-from .model import FFN, Block, Model, check_groups, original_layers
+from reffuse.core.backend import array_module
+from reffuse.errors import ReffuseError
+from reffuse.core.model import FFN, Block, Model, check_groups, original_layers
 
 NORM_MODES = ("fold", "last")
 

@@ -7,7 +7,7 @@
     fused, fits = calibrated_fuse(removed, plan.groups, texts.calibration.ids)
 
 Text. Everything fitted or chosen from data (removal scores, dependencies, calibration) reads the corpus'
-calibration plays; quality is judged on the held-out play (reffuse.corpus has the fixed split), and
+calibration plays; quality is judged on the held-out play (reffuse.formats.corpus has the fixed split), and
 `check_disjoint` asserts from the recorded spans that the two never share a character. The synthetic `tiny`
 model has no tokenizer: it gets random token ids instead, from two different seeds, and every output says so.
 """
@@ -18,16 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .corpus import TokenWindows, calibration_windows, held_out_windows
-from .errors import ReffuseError
-from .metrics import block_evaluations_needed, dependency
-from .model import Model
-from .planning import propose_groups
-from .prefix import cache_prefix, kl_from_base
-from .progress import Progress
-from .pruning import (attention_free_runs, attention_layers, attention_scores, cheapest, check_layers, drop_attention,
+from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows
+from reffuse.errors import ReffuseError
+from reffuse.method.metrics import block_evaluations_needed, dependency
+from reffuse.core.model import Model
+from reffuse.method.planning import propose_groups
+from reffuse.evaluation.prefix import cache_prefix, kl_from_base
+from reffuse.progress import Progress
+from reffuse.method.removal import (attention_free_runs, attention_layers, attention_scores, cheapest, check_layers, drop_attention,
                       format_layers)
-from .tokenizer import load_tokenizer
+from reffuse.formats.tokenizer import load_tokenizer
 
 SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
 
@@ -58,7 +58,7 @@ def check_disjoint(calibration: TokenWindows, held_out: TokenWindows) -> None:
 @dataclass
 class Texts:
     """Calibration and held-out token windows of one model, disjoint."""
-    tokenizer: object | None  # reffuse.tokenizer.Tokenizer, None for the synthetic model
+    tokenizer: object | None  # reffuse.formats.tokenizer.Tokenizer, None for the synthetic model
     model: Model
     synthetic: bool
     window: int
@@ -85,7 +85,7 @@ class Texts:
         return {"synthetic": self.synthetic, "calibration": self.calibration.describe(),
                 "held_out": self.held_out.describe(),
                 "disjoint": "synthetic ids from different seeds" if self.synthetic else
-                            "different plays of the fixed split (reffuse.corpus), checked from the spans"}
+                            "different plays of the fixed split (reffuse.formats.corpus), checked from the spans"}
 
 
 def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_tokens: int, window: int = 256,
@@ -108,7 +108,7 @@ def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_
 def choose_attention_removal(model: Model, windows, blocks=None, count: int | None = None,
                              contiguous: bool = False) -> dict:
     """Which attentions to remove: `blocks` as given, or the `count` cheapest by single-removal KL score
-    (reffuse.pruning), as a contiguous window of least summed score when `contiguous`.
+    (reffuse.method.removal), as a contiguous window of least summed score when `contiguous`.
 
     Returns the blocks, every score, the summed score of the choice, and its KL measured jointly (all removed at
     once) on the same windows, which shows how far the sum of single scores is from the real damage.
@@ -139,7 +139,7 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
 
 
 def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarray:
-    """The FFN-level dependency matrix M [m, m] (reffuse.metrics), measured on blocks 0..up_to only.
+    """The FFN-level dependency matrix M [m, m] (reffuse.method.metrics), measured on blocks 0..up_to only.
 
     Skipping block i changes nothing before it, and a plan only needs M inside the attention-free runs, so the
     blocks after the last run's end (`up_to`) need not run: M is measured on the truncated model and the rows
@@ -160,7 +160,7 @@ def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarra
 
 def plan_fusion(model: Model, windows, max_group_size: int | None = 4, leave_out_last: bool = True):
     """Fusion groups proposed from the FFN-level dependencies inside the model's attention-free runs
-    (reffuse.planning); returns the Plan and M."""
+    (reffuse.method.planning); returns the Plan and M."""
     runs = attention_free_runs(model)
     if not runs:
         raise ReffuseError("the model has no run of 2 or more attention-free blocks to fuse: remove attention first "

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, to_numpy
-from .errors import ReffuseError
-from .fusion import fuse
-from .model import FFN, Block, Model, block_forward, check_groups, check_token_ids, rms_norm, rope_tables, silu
+from reffuse.core.backend import array_module, to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.fusion import fuse
+from reffuse.core.model import FFN, Block, Model, block_forward, check_groups, check_token_ids, rms_norm, rope_tables, silu
 
 DEFAULT_RIDGE = 0.1
 WEIGHTINGS = ("none", "relative")

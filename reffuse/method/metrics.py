@@ -43,9 +43,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .backend import array_module, to_numpy
-from .errors import ReffuseError
-from .model import Model, attention, check_token_ids, rms_norm, rope_tables, swiglu
+from reffuse.core.backend import array_module, to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.model import Model, attention, check_token_ids, rms_norm, rope_tables, swiglu
 
 GRANULARITIES = ("block", "ffn")
 

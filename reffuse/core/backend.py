@@ -9,7 +9,7 @@ import importlib
 
 import numpy as np
 
-from .errors import ReffuseError
+from reffuse.errors import ReffuseError
 
 
 @functools.cache

@@ -17,16 +17,16 @@ FFNs, by the same kind of score, inside a region (the attention-free run), and c
 A block left with neither attention nor FFN is a no-op (DeciLM's "dummy" layer) and costs nothing.
 
 Scores are computed on calibration text, never on the held-out text used to evaluate the result. Scoring
-caches the base model's residual stream and re-runs only the blocks from the removed one on (reffuse.prefix).
+caches the base model's residual stream and re-runs only the blocks from the removed one on (reffuse.evaluation.prefix).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import ReffuseError
-from .model import Block, Model
-from .prefix import Prefix, cache_prefix, kl_from_base
+from reffuse.errors import ReffuseError
+from reffuse.core.model import Block, Model
+from reffuse.evaluation.prefix import Prefix, cache_prefix, kl_from_base
 
 
 def check_layers(model: Model, layers, what: str) -> list[int]:

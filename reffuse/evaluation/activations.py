@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import ReffuseError
-from .model import Model, check_token_ids, forward
+from reffuse.core.backend import to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.model import Model, check_token_ids, forward
 
 FORMAT = "reffuse-activations-1"
 
@@ -73,7 +73,7 @@ def load_activations(path) -> dict:
                            f"{e})") from None
     if str(data.get("format", "")) != FORMAT:
         raise ReffuseError(f"{path}: format is {str(data.get('format'))!r}, expected {FORMAT!r} "
-                           "(see reffuse.activations for the layout)")
+                           "(see reffuse.evaluation.activations for the layout)")
     missing = [k for k in ("token_ids", "logits") if k not in data]
     if missing:
         raise ReffuseError(f"{path} lacks {', '.join(missing)}")

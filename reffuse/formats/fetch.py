@@ -31,8 +31,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import ReffuseError
-from .progress import Progress, note
+from reffuse.errors import ReffuseError
+from reffuse.progress import Progress, note
 
 CACHE_ENV = "REFFUSE_CACHE"
 CHUNK_BYTES = 1 << 20

@@ -18,10 +18,10 @@ import math
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import ReffuseError
-from .model import Model, check_token_ids, forward
-from .prefix import kl_per_token, log_softmax
+from reffuse.core.backend import to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.model import Model, check_token_ids, forward
+from reffuse.evaluation.prefix import kl_per_token, log_softmax
 
 CHUNK_ROWS = 128  # positions per float64 log-softmax: 128 x 49152 x 8 bytes = 50 MB for SmolLM2
 

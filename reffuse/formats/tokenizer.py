@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import ReffuseError
-from .optional import require
+from reffuse.errors import ReffuseError
+from reffuse.optional import require
 
 # SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
 CHATML_TEMPLATE = (
@@ -122,7 +122,7 @@ class StreamDecoder:
 
 def tokenizer_from_gguf(path, reader=None) -> Tokenizer:
     """The tokenizer stored in a GGUF file (byte-level BPE vocabularies, llama.cpp's "gpt2" model)."""
-    from .gguf_loader import metadata_value, open_gguf
+    from reffuse.formats.gguf import metadata_value, open_gguf
     tk = require("tokenizers", "real", "tokenizing text")
     reader = reader or open_gguf(path)
 
@@ -191,7 +191,7 @@ def load_tokenizer(name_or_path) -> Tokenizer:
     """The tokenizer of "smollm2", of a .gguf file, or of a model folder holding tokenizer.json."""
     key = str(name_or_path)
     if key == "smollm2":
-        from .smollm2 import smollm2_tokenizer
+        from reffuse.formats.smollm2 import smollm2_tokenizer
         return smollm2_tokenizer()
     path = Path(key)
     if path.suffix == ".gguf":

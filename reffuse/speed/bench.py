@@ -25,11 +25,11 @@ import time
 
 import numpy as np
 
-from .errors import ReffuseError
-from .fusion import fuse
-from .model import Block, KVCache, Model, forward
-from .optional import require
-from .timing import blas_threads, compare_seconds, time_ffn_run
+from reffuse.errors import ReffuseError
+from reffuse.core.fusion import fuse
+from reffuse.core.model import Block, KVCache, Model, forward
+from reffuse.optional import require
+from reffuse.speed.timing import blas_threads, compare_seconds, time_ffn_run
 
 PREFILL_TOKENS = (64, 128, 256)
 DECODE_PROMPT_TOKENS = 64
@@ -111,7 +111,7 @@ def load_transformers(model_name: str):
     """(TransformersRunner, None), or (None, why not) when transformers cannot run this model here."""
     try:
         require("transformers", "reference", "comparing speed with transformers")
-        from .reference import load_reference
+        from reffuse.evaluation.reference import load_reference
         return TransformersRunner(load_reference(model_name, "float32")), None
     except ReffuseError as e:
         return None, str(e)

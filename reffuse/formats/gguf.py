@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import model_from_tensors
-from .errors import ReffuseError
-from .model import Config, Model, cast
-from .optional import require
+from reffuse.formats.checkpoint import model_from_tensors
+from reffuse.errors import ReffuseError
+from reffuse.core.model import Config, Model, cast
+from reffuse.optional import require
 
 ARCHITECTURE = "llama"
 

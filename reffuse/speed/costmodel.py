@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ReffuseError
-from .model import FFN, Attention, Block, Config, KVCache, Model, forward
+from reffuse.errors import ReffuseError
+from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, forward
 
 # bytes per weight in each precision the presets use
 PRECISION_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4, "fp64": 8}
@@ -125,7 +125,7 @@ def default_fusion_groups(layout: Layout) -> tuple[tuple[int, int], ...]:
 
 
 def check_layout_groups(layout: Layout, groups) -> tuple[tuple[int, int], ...]:
-    """Validate fusion groups against a layout, as reffuse.model.check_groups does against a Model."""
+    """Validate fusion groups against a layout, as reffuse.core.model.check_groups does against a Model."""
     n, checked = len(layout.blocks), []
     for group in groups:
         first, last = (int(i) for i in group)
@@ -301,7 +301,7 @@ def ultra_fused_layout() -> Layout:
 
 def tiny_layout() -> Layout:
     """reffuse's synthetic tiny model; its fused variant fuses the attention-free run without its last block."""
-    from .tiny import build_tiny
+    from reffuse.core.tiny import build_tiny
 
     return layout_from_model(build_tiny(), name="tiny")
 
@@ -322,7 +322,7 @@ def get_layout(name: str, fusion_groups=None) -> Layout:
         if fusion_groups is not None:
             layout = dataclasses.replace(layout, fusion_groups=check_layout_groups(layout, fusion_groups))
         return layout
-    from .loading import NAMED_MODELS, load_model
+    from reffuse.formats.registry import NAMED_MODELS, load_model
 
     if name in NAMED_MODELS or os.path.isdir(name):
         return layout_from_model(load_model(name), fusion_groups, name=name)
@@ -424,7 +424,7 @@ def h100_sxm(precision: str = "fp8") -> Hardware:
     return hw.with_precision(precision)
 
 
-# NumPy calls reffuse.model makes per sub-block at decode (one token, with a KV cache), counted in its code:
+# NumPy calls reffuse.core.model makes per sub-block at decode (one token, with a KV cache), counted in its code:
 # attention 37 (RMSNorm 6, q/k/v 3, RoPE 10, cache 2, scores and mask 7, softmax 5, p·v, o and residual 4),
 # FFN 16 (RMSNorm 6, gate, SiLU 5, up, product, down, residual), per forward 27 (token checks, RoPE tables,
 # embedding, final RMSNorm, LM head). Calibration sets the cost of one call from a model of tiny width.
@@ -559,7 +559,7 @@ def calibrate_cpu(mpi: bool = True, dtype: str = "fp32") -> Hardware:
     Each figure is the best of several timings (MPI: the 10th percentile of single calls), what the machine does
     undisturbed; the load average at the time is recorded with them.
     """
-    from .timing import blas_threads
+    from reffuse.speed.timing import blas_threads
 
     started = time.perf_counter()
     np_dtype = np.float32 if dtype == "fp32" else np.float64
@@ -598,7 +598,7 @@ def cpu_hardware(calibration: dict) -> Hardware:
                     allreduce_alpha=comm.get("alpha"), link_bandwidth=comm.get("link_bandwidth"),
                     activation_bytes=PRECISION_BYTES[dtype], precision=dtype, lm_head_vocab_parallel=False,
                     memory_capacity=None, cores_shared_by_ranks=calibration["cores"],
-                    sources=("measured on this machine by reffuse.costmodel.calibrate_cpu",), calibration=calibration)
+                    sources=("measured on this machine by reffuse.speed.costmodel.calibrate_cpu",), calibration=calibration)
 
 
 HARDWARE_PRESETS = ("h100-sxm", "h100-sxm-bf16", "cpu")

@@ -1,7 +1,7 @@
 """The paper's experiments (PAPER.md §3-4) at small scale, on one model with an attention-removed region.
 
 Setup. The region: attention is removed from the `drop_count` consecutive blocks whose single removals cost
-least (reffuse.pruning, scored on calibration text); the longest attention-free run of the result, [a, b], is
+least (reffuse.method.removal, scored on calibration text); the longest attention-free run of the result, [a, b], is
 the run studied (on SmolLM2, whose blocks all have attention, it is exactly the removed region). The model with
 that attention removed is the "pre-fusion" model, the paper's PreFusion: every fusion experiment below is
 judged against it, by KL(pre-fusion || variant) of the next-token distributions on held-out text, by
@@ -10,22 +10,22 @@ accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL 
 (PAPER.md §7 suggests logit KL). The span fused is the run without its last block, [a, b-1], as in the paper.
 
 (a) fusion intensity: the span as k sequential FFN steps, k = ceil(L/2) .. 1 (L = b - a blocks), cut where
-    the least FFN-level dependency is left inside the groups (reffuse.planning), plain fusion, norm "fold";
+    the least FFN-level dependency is left inside the groups (reffuse.method.planning), plain fusion, norm "fold";
 (b) FFN removal vs fusion at equal depth reduction: removing the L - k least important FFNs of the span (by the
     KL of removing each alone, on calibration text) against fusing the span into k steps; decode latency of
-    every model in the same run, in alternation (reffuse.bench.time_decode);
+    every model in the same run, in alternation (reffuse.speed.bench.time_decode);
 (c) the last FFN: fusing [a, b-1] vs [a+1, b] vs [a, b] (one group each);
 (d) reversed order: the blocks of a span run sequentially in reverse order, against fusing them;
-(e) full-block parallelization: the paper's greedy selection (reffuse.metrics.greedy_windows) of windows of 4
+(e) full-block parallelization: the paper's greedy selection (reffuse.method.metrics.greedy_windows) of windows of 4
     blocks that have both attention and an FFN, on the block-level dependency matrix of the pre-fusion model,
     1 to 4 steps, each window run as x + Σ_j h_j(x) with h_j(x) = f_j(x) - x the whole block's update. This
     combination rule is [INF]: the paper does not write it down (PAPER.md §3); it is eq. 5 for whole blocks;
 (f) norm "fold" (exact, each block's gain folded in) vs "last" (the paper's), at every k of (a);
-(g) calibrated vs plain fusion at every k of (a) (reffuse.calibrate), the token weighting and ridge chosen by
+(g) calibrated vs plain fusion at every k of (a) (reffuse.method.calibrate), the token weighting and ridge chosen by
     a sweep judged on a validation part of the calibration text (never on held-out text), then refitted on all
     of it.
 
-Variants are scored from cached prefix streams (reffuse.prefix): the blocks before the first change never run
+Variants are scored from cached prefix streams (reffuse.evaluation.prefix): the blocks before the first change never run
 twice. Each finding gets a verdict against the paper's observation, by a rule stated in `verdicts`.
 """
 
@@ -38,21 +38,21 @@ import time
 
 import numpy as np
 
-from .backend import to_numpy
-from .bench import prompt_ids, reffuse_decode, time_decode
-from .calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
-from .errors import ReffuseError
-from .fusion import fuse
-from .loading import load_model
-from .metrics import (block_evaluations_needed, dependency, full_blocks, greedy_windows, matrix_to_json,
+from reffuse.core.backend import to_numpy
+from reffuse.speed.bench import prompt_ids, reffuse_decode, time_decode
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
+from reffuse.errors import ReffuseError
+from reffuse.core.fusion import fuse
+from reffuse.formats.registry import load_model
+from reffuse.method.metrics import (block_evaluations_needed, dependency, full_blocks, greedy_windows, matrix_to_json,
                       window_statistics)
-from .model import Model, block_forward, forward, layout, original_layers, rms_norm, rope_tables
-from .pipeline import choose_attention_removal, ffn_dependency, load_texts
-from .planning import propose_groups
-from .prefix import cache_prefix, score_logits, score_variant
-from .progress import Progress, note
-from .pruning import attention_free_runs, cheapest, drop_attention, drop_ffns, ffn_scores
-from .timing import blas_threads
+from reffuse.core.model import Model, block_forward, forward, layout, original_layers, rms_norm, rope_tables
+from reffuse.method.pipeline import choose_attention_removal, ffn_dependency, load_texts
+from reffuse.method.planning import propose_groups
+from reffuse.evaluation.prefix import cache_prefix, score_logits, score_variant
+from reffuse.progress import Progress, note
+from reffuse.method.removal import attention_free_runs, cheapest, drop_attention, drop_ffns, ffn_scores
+from reffuse.speed.timing import blas_threads
 
 RIDGE_SWEEP = (0.1, 1.0, 10.0)
 WINDOW = 4        # full-block windows (the paper's hardware choice)
@@ -529,7 +529,7 @@ def markdown(r: dict, command: str) -> str:
                      f"{_ppl(row['calibrated']['perplexity'])} | {100 * closed:.0f}% |")
     c = r["calibration"]
     sweep = ", ".join(f"{s['weighting']} {s['ridge']:g}: {s['geometric_mean_ratio']:.3f}" for s in c["sweep"])
-    lines += ["", "Calibration: token weighting (none or relative, see reffuse.calibrate) and ridge chosen together on "
+    lines += ["", "Calibration: token weighting (none or relative, see reffuse.method.calibrate) and ridge chosen together on "
                   f"{c['validation_tokens']} validation tokens of the calibration text, every plan above fitted on "
                   f"the other {c['fit_tokens']}; the score is the geometric mean over the plans of KL(calibrated) / "
                   f"KL(plain): {sweep}. Chosen: **{c['weighting']}, ridge {c['ridge']:g}** (the library defaults are "

@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .backend import array_module, to_device as _array_to_device
-from .errors import ReffuseError
+from reffuse.core.backend import array_module, to_device as _array_to_device
+from reffuse.errors import ReffuseError
 
 
 # ---------------------------------------------------------------------------------------------------------------

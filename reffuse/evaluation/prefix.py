@@ -10,7 +10,7 @@ instead of n² (and the base model runs once, not once per variant).
 A variant may have fewer blocks than the base (a fused block stands where its run began), so `first` must be
 a block at or before the first changed one, numbered the same in both models.
 
-The scores are reffuse.evaluate's, with the same definitions (a window of W tokens gives W - 1 predictions;
+The scores are reffuse.evaluation.scoring's, with the same definitions (a window of W tokens gives W - 1 predictions;
 perplexity, KL(base || variant) in nats, top-1 agreement), so score_variant(cache_prefix(base, windows),
 variant, first) equals evaluate(variant, windows, base) up to float rounding (tests check it).
 """
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, to_numpy
-from .errors import ReffuseError
-from .model import Model, block_forward, check_token_ids, forward, rms_norm, rope_tables
+from reffuse.core.backend import array_module, to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.model import Model, block_forward, check_token_ids, forward, rms_norm, rope_tables
 
 CHUNK_ROWS = 128  # positions per float64 log-softmax: 128 x 49152 x 8 bytes = 50 MB for SmolLM2
 

@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import ReffuseError
-from .model import KVCache, Model, check_token_ids, forward
+from reffuse.core.backend import to_numpy
+from reffuse.errors import ReffuseError
+from reffuse.core.model import KVCache, Model, check_token_ids, forward
 
 
 def next_token(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
