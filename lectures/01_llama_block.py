@@ -40,8 +40,8 @@ import dataclasses
 import numpy as np
 
 import reffuse
-from reffuse.core.model import Attention, apply_rope, attention, block_forward, rms_norm, rope_tables, silu, swiglu
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse import (Attention, apply_rope, attention, block_forward, load_tokenizer, rms_norm, rope_tables, silu,
+                     swiglu)
 
 model = reffuse.load_model("smollm2")           # float32; downloads the 98 MB GGUF once, then reads the cache
 cfg = model.config
@@ -100,7 +100,7 @@ print("residual stream", x.shape, x.dtype)
 #   (lecture 02).
 
 # %%
-gain, eps = block.attention.norm, cfg.norm_eps
+gain, eps = block.attention.norm_gain, cfg.norm_eps
 unit = rms_norm(x, np.ones(cfg.dim, dtype=x.dtype), eps)     # [T, d], gain 1
 print("rms of each token after normalising:", np.sqrt(np.mean(unit ** 2, axis=-1))[:5].round(4))
 print("scale invariance, max |η(10x) - η(x)|:", np.abs(rms_norm(10 * x, gain, eps) - rms_norm(x, gain, eps)).max())
@@ -158,7 +158,7 @@ for m, n in [(3, 1), (10, 8), (1000, 998)]:
 
 # %%
 a = block.attention
-h_in = rms_norm(x, a.norm, eps)                                      # η1(x)  [T, d]
+h_in = rms_norm(x, a.norm_gain, eps)                                      # η1(x)  [T, d]
 gqa = attention(a, h_in, cfg, cos, sin)                              # [T, d]
 
 group = cfg.n_heads // cfg.n_kv_heads
@@ -169,7 +169,7 @@ def repeat_heads(w):
     return np.repeat(w.reshape(cfg.n_kv_heads, cfg.head_dim, -1), group, axis=0).reshape(-1, w.shape[1])
 
 
-mha = attention(Attention(a.norm, a.q, repeat_heads(a.k), repeat_heads(a.v), a.o), h_in,
+mha = attention(Attention(a.norm_gain, a.q, repeat_heads(a.k), repeat_heads(a.v), a.o), h_in,
                 dataclasses.replace(cfg, n_kv_heads=cfg.n_heads), cos, sin)
 print(f"group size {group}; max |GQA - MHA with repeated kv heads| = {np.abs(gqa - mha).max():.2e}")
 
@@ -199,7 +199,7 @@ print("largest change per position:", moved.round(6))
 
 # %%
 f = block.ffn
-u = rms_norm(x, f.norm, eps)                                         # η2  [T, d]
+u = rms_norm(x, f.norm_gain, eps)                                         # η2  [T, d]
 hidden = silu(u @ f.gate.T) * (u @ f.up.T)                           # [T, d] -> [T, dh]
 print("hidden", hidden.shape, " output", swiglu(f, u).shape)
 print("fraction of hidden activations with |value| < 0.01:", float(np.mean(np.abs(hidden) < 0.01)).__round__(3))

@@ -37,11 +37,8 @@
 import numpy as np
 
 import reffuse
-from reffuse.core.fusion import fuse_ffns, with_last_norm
-from reffuse.core.model import FFN, forward, rms_norm, silu, swiglu
-from reffuse.evaluation.prefix import kl_per_token, log_softmax
-from reffuse.method.removal import drop_attention
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse import (FFN, drop_attention, forward, fuse_ffns, kl_per_token, load_tokenizer, log_softmax, rms_norm,
+                     silu, swiglu, with_last_norm)
 
 np.set_printoptions(precision=4, suppress=False)
 
@@ -113,7 +110,7 @@ print("H* shape", hidden(wide, u).shape, " max |H* - [H^1..H^n]| =", np.abs(hidd
 
 # %%
 for dtype in (np.float64, np.float32):
-    run_d = [FFN(*(a.astype(dtype) for a in (f.norm, f.gate, f.up, f.down))) for f in run]
+    run_d = [FFN(*(a.astype(dtype) for a in (f.norm_gain, f.gate, f.up, f.down))) for f in run]
     u_d = u.astype(dtype)
     reference = sum(swiglu(f, u_d) for f in run_d)
     err = np.abs(swiglu(fuse_ffns(run_d, norm="last"), u_d) - reference).max() / np.abs(reference).max()
@@ -146,8 +143,8 @@ for dtype in (np.float64, np.float32):
 # %%
 block = tiny.blocks[5].ffn
 x = rng.standard_normal((T, d))                                 # a residual stream [T, d]
-with_own_gain = rms_norm(x, block.norm, tiny.config.norm_eps) @ block.gate.T          # η_k(x) W_gate^T
-folded = rms_norm(x, np.ones(d), tiny.config.norm_eps) @ (block.gate * block.norm).T  # U (W_gate diag g_k)^T
+with_own_gain = rms_norm(x, block.norm_gain, tiny.config.norm_eps) @ block.gate.T          # η_k(x) W_gate^T
+folded = rms_norm(x, np.ones(d), tiny.config.norm_eps) @ (block.gate * block.norm_gain).T  # U (W_gate diag g_k)^T
 print("max |η_k(x) W^T - U (W diag g_k)^T| =", np.abs(with_own_gain - folded).max())
 
 # %% [markdown]
@@ -225,7 +222,7 @@ print(f"KL(sequential || fused, norm='last') = {kl_to_sequential(reffuse.fuse(re
 # $k$'s FFN gain is from the last block's, $\lVert g_k - g_{\text{last}}\rVert / \lVert g_{\text{last}}\rVert$:
 
 # %%
-gains = np.array([removed.blocks[i].ffn.norm for i in range(18, 23)])   # [5, d]
+gains = np.array([removed.blocks[i].ffn.norm_gain for i in range(18, 23)])   # [5, d]
 for layer, g in zip(range(18, 23), gains):
     print(f"block {layer}: {np.linalg.norm(g - gains[-1]) / np.linalg.norm(gains[-1]):.2f}")
 

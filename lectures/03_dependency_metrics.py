@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -42,12 +44,9 @@ from IPython.display import Image, display
 
 import reffuse
 from reffuse.method import metrics
-from reffuse.formats.corpus import calibration_windows, held_out_windows
-from reffuse.method.planning import inside_dependency, propose_groups
+from reffuse import (cache_prefix, calibration_windows, drop_attention, held_out_windows, inside_dependency,
+                     kl_from_base, load_tokenizer, propose_groups)
 from reffuse.plots.dependency import block_metrics_figure, dependency_heatmap, window_figure
-from reffuse.evaluation.prefix import cache_prefix, kl_from_base
-from reffuse.method.removal import drop_attention
-from reffuse.formats.tokenizer import load_tokenizer
 
 REPORTS = Path("..") / "reports"
 
@@ -139,7 +138,7 @@ print("cosdist(h(X), X), blocks 1..29: median %.2f" % np.median(measured.cos_dis
 
 # %%
 windows = metrics.window_statistics(M_512, window=4)
-steps = metrics.greedy_windows(M_512, window=4, eligible=metrics.full_blocks(model))
+steps = metrics.greedy_windows(M_512, window=4, eligible=reffuse.full_blocks(model))
 for s in steps[:4]:
     print(f"step {s['step']}: blocks {s['first']}-{s['last']}  M_max {s['max']:.3f}  M_sum {s['sum']:.3f}")
 show(window_figure(windows, steps, "SmolLM2: window statistics (512 tokens), greedy choices", 4))

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -36,11 +38,8 @@ import json
 from pathlib import Path
 
 import reffuse
-from reffuse.method.calibrate import calibrated_fuse
-from reffuse.formats.corpus import calibration_windows, held_out_windows
-from reffuse.evaluation.prefix import cache_prefix, score_variant
-from reffuse.method.removal import attention_scores, cheapest, drop_attention, drop_ffns, ffn_scores
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse import (attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,
+                     drop_attention, drop_ffns, ffn_scores, held_out_windows, load_tokenizer, score_variant)
 
 REPORTS = Path("..") / "reports"
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -45,8 +47,7 @@ import numpy as np
 
 import reffuse
 from reffuse.speed import costmodel
-from reffuse.core.model import attention, rms_norm, rope_tables, swiglu
-from reffuse.method.removal import drop_attention
+from reffuse import attention, drop_attention, rms_norm, rope_tables, swiglu
 from reffuse.tp import allreduces_per_forward, rank_counts_that_work, ring_allreduce, shard_model, sharding_problems
 
 RESULTS = Path("..") / "benchmarks" / "results"      # committed `reffuse tp --json` results
@@ -88,12 +89,12 @@ print("rank 0 holds: q", shards[0].blocks[0].attention.q.shape, " o", shards[0].
 
 ids = np.arange(1, 17)                                              # 16 token ids, any will do here
 x = model.embed[ids]                                                # [T, d], replicated on every rank
-u = rms_norm(x, block.ffn.norm, cfg.norm_eps)                        # norms are replicated too
+u = rms_norm(x, block.ffn.norm_gain, cfg.norm_eps)                        # norms are replicated too
 partial_ffn = [swiglu(s.blocks[0].ffn, u) for s in shards]          # N partial sums, each [T, d]
 print(f"FFN: max |Σ_r partial_r - FFN(u)| = {np.abs(sum(partial_ffn) - swiglu(block.ffn, u)).max():.1e}")
 
 cos, sin = rope_tables(np.arange(len(ids)), cfg.head_dim, cfg.rope_theta, model.dtype)
-h = rms_norm(x, block.attention.norm, cfg.norm_eps)
+h = rms_norm(x, block.attention.norm_gain, cfg.norm_eps)
 partial_attn = [attention(s.blocks[0].attention, h, s.config, cos, sin) for s in shards]   # 3 heads per rank
 print(f"attention: max |Σ_r partial_r - Attn(h)| = "
       f"{np.abs(sum(partial_attn) - attention(block.attention, h, cfg, cos, sin)).max():.1e}")

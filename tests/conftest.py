@@ -34,7 +34,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from reffuse.formats.tokenizer import load_tokenizer
+    from reffuse.formats.registry import load_tokenizer
     return load_tokenizer("smollm2")
 
 

@@ -11,12 +11,12 @@ from reffuse.cli import main
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.core.generate import generate
-from reffuse.core.model import FFN, forward, swiglu, swiglu_in_column_blocks
+from reffuse.core.model import FFN, ffn_output, forward, swiglu, swiglu_in_column_blocks
 from reffuse.plots.speed import ffn_speed_figure
 
 
 def random_ffn(rng, d, width, dtype):
-    return FFN(norm=np.ones(d, dtype), gate=rng.standard_normal((width, d)).astype(dtype),
+    return FFN(norm_gain=np.ones(d, dtype), gate=rng.standard_normal((width, d)).astype(dtype),
                up=rng.standard_normal((width, d)).astype(dtype), down=rng.standard_normal((d, width)).astype(dtype))
 
 
@@ -32,14 +32,14 @@ def test_column_blocks_equal_swiglu(dtype, rtol, tokens, width, block_elements):
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 
-def test_swiglu_uses_column_blocks_only_when_the_hidden_array_is_large(monkeypatch):
+def test_ffn_output_uses_column_blocks_only_when_the_hidden_array_is_large(monkeypatch):
     rng = np.random.default_rng(1)
     ffn = random_ffn(rng, 8, 40, np.float64)
     calls = []
     monkeypatch.setattr(model_module, "swiglu_in_column_blocks", lambda f, x, block: calls.append(x.shape) or 0)
     monkeypatch.setattr(model_module, "HIDDEN_ELEMENTS_IN_CACHE", 40 * 10)
-    swiglu(ffn, rng.standard_normal((10, 8)))  # 10 x 40 elements: one block
-    swiglu(ffn, rng.standard_normal((11, 8)))
+    ffn_output(ffn, rng.standard_normal((10, 8)))  # 10 x 40 elements: one block
+    ffn_output(ffn, rng.standard_normal((11, 8)))
     assert calls == [(11, 8)]
 
 
@@ -96,7 +96,7 @@ def test_speed_figure_draws_from_the_json(tiny_result):
 
 def test_ffn_run_model_needs_two_ffns(tiny32):
     from reffuse.core.model import Model
-    one = Model(tiny32.config, tiny32.embed, tiny32.blocks[:1], tiny32.norm, tiny32.lm_head)
+    one = Model(tiny32.config, tiny32.embed, tiny32.blocks[:1], tiny32.norm_gain, tiny32.lm_head)
     with pytest.raises(ReffuseError, match="at least 2"):
         ffn_run_model(one)
     assert all(b.attention is None for b in ffn_run_model(tiny32).blocks)

@@ -79,7 +79,7 @@ def test_calibration_lowers_the_fit_error_on_its_own_data(tiny64, norm):
     for group in groups:
         index = fused_index(groups, group)
         before, after = plain.blocks[index].ffn, calibrated.blocks[index].ffn
-        for name in ("gate", "up", "norm"):
+        for name in ("gate", "up", "norm_gain"):
             np.testing.assert_array_equal(getattr(after, name), getattr(before, name))
         assert not np.array_equal(after.down, before.down)
 
@@ -88,8 +88,8 @@ def test_calibration_keeps_a_down_projection_that_is_already_exact(tiny64):
     """A run whose first FFN writes nothing: sequential and parallel coincide, so the fit has nothing to fix."""
     blocks = list(tiny64.blocks)
     f = blocks[4].ffn
-    blocks[4] = Block(None, FFN(f.norm, f.gate, f.up, np.zeros_like(f.down)))
-    model = Model(tiny64.config, tiny64.embed, blocks, tiny64.norm, tiny64.lm_head)
+    blocks[4] = Block(None, FFN(f.norm_gain, f.gate, f.up, np.zeros_like(f.down)))
+    model = Model(tiny64.config, tiny64.embed, blocks, tiny64.norm_gain, tiny64.lm_head)
     calibrated, (fit,) = calibrated_fuse(model, [(4, 5)], calibration_ids(), ridge=1e-3)
     assert fit.fit_error_plain < 1e-25  # float64 rounding of an exact equality
     np.testing.assert_allclose(calibrated.blocks[4].ffn.down, fuse(model, [(4, 5)]).blocks[4].ffn.down, atol=1e-12)
@@ -119,7 +119,7 @@ def test_float32_model_stays_float32():
     calibrated, _ = calibrated_fuse(model, [(4, 9)], calibration_ids())
     assert calibrated.blocks[4].ffn.down.dtype == np.float32
     assert np.isfinite(forward(calibrated, calibration_ids()[0])).all()
-    assert reffuse.layout(calibrated)[4]["fused_from"] == [4, 5, 6, 7, 8, 9]
+    assert reffuse.layout(calibrated).rows()[4]["fused_from"] == [4, 5, 6, 7, 8, 9]
 
 
 def test_relative_weighting_fits_and_bad_weighting_is_refused(tiny64):

@@ -32,8 +32,8 @@ def test_saved_fused_block_holds_folded_stacked_weights(tmp_path, tiny64):
     tensors = load_file(str(folder / "model.safetensors"))
     run = [tiny64.blocks[i].ffn for i in range(a, b + 1)]
     prefix = f"model.layers.{a}"
-    np.testing.assert_array_equal(tensors[f"{prefix}.mlp.gate_proj.weight"], np.vstack([f.gate * f.norm for f in run]))
-    np.testing.assert_array_equal(tensors[f"{prefix}.mlp.up_proj.weight"], np.vstack([f.up * f.norm for f in run]))
+    np.testing.assert_array_equal(tensors[f"{prefix}.mlp.gate_proj.weight"], np.vstack([f.gate * f.norm_gain for f in run]))
+    np.testing.assert_array_equal(tensors[f"{prefix}.mlp.up_proj.weight"], np.vstack([f.up * f.norm_gain for f in run]))
     np.testing.assert_array_equal(tensors[f"{prefix}.mlp.down_proj.weight"], np.hstack([f.down for f in run]))
     np.testing.assert_array_equal(tensors[f"{prefix}.post_attention_layernorm.weight"], np.ones(tiny64.config.dim))
     config = json.loads((folder / "config.json").read_text())

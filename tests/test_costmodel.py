@@ -10,11 +10,12 @@ import json
 import pytest
 
 from reffuse.cli import main
-from reffuse.speed.costmodel import (MODEL_PRESETS, PAPER_TABLE2, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS, BlockShape,
-                               Hardware, allreduce_count, attention_free_runs, calibrate_cpu, cpu_hardware,
+from reffuse.speed.costmodel import (MODEL_PRESETS, PAPER_TABLE2, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS,
+                               Hardware, allreduce_count, calibrate_cpu, cpu_hardware,
                                deci_ffn_width, decode_projection, forward_cost, fuse_layout, get_hardware,
                                get_layout, h100_sxm, layout_from_model, paper_comparison, parameter_count,
                                predict_tp_run, tensor_parallel_degrees)
+from reffuse.core.layout import BlockLayout, attention_free_runs
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.tp.sharding import allreduces_per_forward
@@ -73,7 +74,7 @@ def test_parameter_counts(layouts, tiny32):
     # SmolLM2-135M: 134,515,008 weights of which 34,560 + 576 are norm gains, which the count leaves out
     assert parameter_count(layouts["smollm2"]) == 134_515_008 - 30 * 2 * 576 - 576
     weights = tiny32.embed.size + sum(a.size for b in tiny32.blocks for part in (b.attention, b.ffn) if part
-                                      for name, a in vars(part).items() if name != "norm")
+                                      for name, a in vars(part).items() if name != "norm_gain")
     assert parameter_count(layouts["tiny"]) == weights  # tied embeddings: the LM head is the embedding
 
 
@@ -227,7 +228,7 @@ def test_costmodel_text_shows_the_paper_beside_the_model(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-    (["--model", "tiny", "--groups", "2-5"], "contains block 2 of tiny, which has attention"),
+    (["--model", "tiny", "--groups", "2-5"], "contains block 2, which has attention"),
     (["--model", "tiny", "--model", "smollm2", "--groups", "4-8"], "--groups applies to one model"),
     (["--measured", "no-such-file.json"], "no such file"),
 ])
@@ -242,14 +243,14 @@ def test_unknown_presets_and_bad_tp_degrees_raise(layouts, h100):
         get_hardware("tpu")
     with pytest.raises(ReffuseError, match="unknown model"):
         get_layout("gpt-5")
-    with pytest.raises(ReffuseError, match=r"128 query heads do not divide by TP=3.*that work: 1, 2, 4, 8"):
+    with pytest.raises(ReffuseError, match=r"128 query heads \(n_heads\) do not divide by N=3.*that work: 1, 2, 4, 8"):
         forward_cost(layouts["llama-3.1-405b"], h100, tp=3)
-    with pytest.raises(ReffuseError, match=r"9 query heads do not divide by TP=2.*that work: 1, 3\b"):
+    with pytest.raises(ReffuseError, match=r"9 query heads \(n_heads\) do not divide by N=2.*that work: 1, 3\b"):
         forward_cost(layouts["smollm2"], h100, tp=2)
     with pytest.raises(ReffuseError, match="overlap"):
         fuse_layout(layouts["ultra-253b-prefusion"], [(66, 73), (70, 80)])
     with pytest.raises(ReffuseError, match="has no FFN"):
-        fuse_layout(dataclasses.replace(layouts["tiny"], blocks=(BlockShape(False, 0),) * 3), [(0, 2)])
+        fuse_layout(dataclasses.replace(layouts["tiny"], blocks=(BlockLayout(False, 0),) * 3), [(0, 2)])
 
 
 def test_figures_draw_from_the_report(tmp_path, capsys, cpu):

@@ -53,7 +53,7 @@ def test_fuse_saves_a_model_that_loads_and_matches(tmp_path, capsys):
     loaded = reffuse.load_model(out)
     record = json.loads((out / PROVENANCE_FILE).read_text())
     assert record["groups"] == [[2, 4], [5, 8]] and record["attention_removal"]["blocks"] == [2, 3]
-    assert [r["fused_from"] for r in reffuse.layout(loaded)][2:4] == [[2, 3, 4], [5, 6, 7, 8]]
+    assert [r["fused_from"] for r in reffuse.layout(loaded).rows()][2:4] == [[2, 3, 4], [5, 6, 7, 8]]
     # the same steps in memory give the same weights, bit for bit (float32 saved and read back as float32)
     expected, _ = calibrated_fuse(drop_attention(build_tiny(), [2, 3]), [(2, 4), (5, 8)],
                                   synthetic_windows(build_tiny(), "calibration", 256, 256).ids)

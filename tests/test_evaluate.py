@@ -25,7 +25,7 @@ def direct_log_probs(logits):
 
 def test_uniform_model_has_the_vocabulary_size_as_perplexity(tiny64, windows):
     m = tiny64
-    uniform = Model(m.config, m.embed, m.blocks, np.zeros_like(m.norm), m.lm_head)  # every logit is 0
+    uniform = Model(m.config, m.embed, m.blocks, np.zeros_like(m.norm_gain), m.lm_head)  # every logit is 0
     assert perplexity(uniform, windows) == pytest.approx(m.config.vocab_size, rel=1e-12)
 
 
@@ -71,7 +71,7 @@ def test_long_windows_are_scored_in_chunks_with_the_same_result(tiny64):
 
 def test_extreme_logits_stay_finite(tiny64, windows):
     m = tiny64
-    loud = Model(m.config, m.embed, m.blocks, m.norm * 1e4, m.lm_head)  # logits in the tens of thousands
+    loud = Model(m.config, m.embed, m.blocks, m.norm_gain * 1e4, m.lm_head)  # logits in the tens of thousands
     got = evaluate(loud, windows, base=m)
     assert all(math.isfinite(got[k]) for k in ("mean_nll", "kl_from_base"))
 
@@ -89,7 +89,7 @@ def test_bad_windows(tiny32, bad, message):
 def test_base_with_another_vocabulary(tiny32, windows):
     import dataclasses
     other = Model(dataclasses.replace(tiny32.config, vocab_size=128), tiny32.embed[:128], tiny32.blocks,
-                  tiny32.norm, tiny32.lm_head[:128])
+                  tiny32.norm_gain, tiny32.lm_head[:128])
     with pytest.raises(ReffuseError, match="vocabulary"):
         evaluate(tiny32, windows, base=other)
 

@@ -20,8 +20,8 @@ def equal_width_tiny(dtype):
     blocks = list(model.blocks)
     for i in range(4, 10):
         f = blocks[i].ffn
-        blocks[i] = Block(None, FFN(f.norm, f.gate[:64], f.up[:64], f.down[:, :64]))
-    return Model(model.config, model.embed, blocks, model.norm, model.lm_head)
+        blocks[i] = Block(None, FFN(f.norm_gain, f.gate[:64], f.up[:64], f.down[:, :64]))
+    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
 
 
 # Tolerances: the fused and parallel forms sum the same products in a different order, so they differ by
@@ -58,9 +58,9 @@ def test_single_block_fold_equals_the_block(tiny64):
     ffn = tiny64.blocks[5].ffn
     x = np.random.default_rng(0).standard_normal((9, tiny64.config.dim))
     folded = fuse_ffns([ffn], norm="fold")
-    np.testing.assert_array_equal(folded.norm, np.ones_like(ffn.norm))
+    np.testing.assert_array_equal(folded.norm_gain, np.ones_like(ffn.norm_gain))
     eps = tiny64.config.norm_eps
-    np.testing.assert_allclose(swiglu(folded, rms_norm(x, folded.norm, eps)), swiglu(ffn, rms_norm(x, ffn.norm, eps)),
+    np.testing.assert_allclose(swiglu(folded, rms_norm(x, folded.norm_gain, eps)), swiglu(ffn, rms_norm(x, ffn.norm_gain, eps)),
                                rtol=1e-13, atol=1e-14)
 
 

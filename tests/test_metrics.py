@@ -9,7 +9,8 @@ import pytest
 import reffuse
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
-from reffuse.method.metrics import (block_evaluations_needed, block_steps, cosine_distance, dependency, full_blocks,
+from reffuse.core.layout import full_blocks
+from reffuse.method.metrics import (block_evaluations_needed, cosine_distance, dependency,
                              greedy_windows, matrix_from_json, matrix_to_json, residual_stream, window_statistics)
 from reffuse.core.model import FFN, Block, Config, Model, block_forward, rms_norm, rope_tables
 from reffuse.method.removal import drop_attention
@@ -32,7 +33,7 @@ def without(model, layer, part):
         del blocks[layer]
     else:
         blocks[layer] = Block(blocks[layer].attention, None)
-    return Model(model.config, model.embed, blocks, model.norm, model.lm_head)
+    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
 
 
 def rerun_entry(model, seqs, i, j, granularity):
@@ -55,14 +56,6 @@ def test_cosine_distance_definition():
     a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [2.0, 0.0]])
     b = np.array([[0.0, 3.0], [2.0, 2.0], [0.0, 0.0], [1.0, 0.0], [-1.0, 0.0]])
     np.testing.assert_allclose(cosine_distance(a, b), [1.0, 0.0, 0.0, 1.0, 2.0], atol=1e-15)
-
-
-def test_block_steps_is_block_forward(tiny64):
-    x = np.random.default_rng(0).standard_normal((9, 64))
-    cos, sin = rope_tables(np.arange(9), 16, 10000.0, np.float64)
-    for layer in (0, 5):
-        np.testing.assert_array_equal(block_steps(tiny64, layer, x, cos, sin)[1],
-                                      block_forward(tiny64, layer, x, cos, sin))
 
 
 def test_cached_matrix_equals_full_reruns(tiny64):
@@ -99,8 +92,8 @@ def test_per_block_metrics_and_sink(tiny64):
 def zeroed_ffn(model, layer):
     blocks = list(model.blocks)
     ffn = blocks[layer].ffn
-    blocks[layer] = Block(blocks[layer].attention, FFN(ffn.norm, ffn.gate, ffn.up, np.zeros_like(ffn.down)))
-    return Model(model.config, model.embed, blocks, model.norm, model.lm_head)
+    blocks[layer] = Block(blocks[layer].attention, FFN(ffn.norm_gain, ffn.gate, ffn.up, np.zeros_like(ffn.down)))
+    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
 
 
 def test_zero_ffn_contributes_nothing_and_nothing_depends_on_it(tiny64):
@@ -145,7 +138,7 @@ def test_disjoint_subspaces_have_zero_dependency():
     model = subspace_model(sets, sets)
     stream = residual_stream(model, ids[0])
     for block, x in zip(model.blocks, stream.inputs):  # the construction's premise: silu in its exact-linear range
-        assert np.min(rms_norm(x, block.ffn.norm, 1e-5) @ block.ffn.gate.T) > 40
+        assert np.min(rms_norm(x, block.ffn.norm_gain, 1e-5) @ block.ffn.gate.T) > 40
     result = dependency(model, ids)
     for M in result.matrices.values():
         assert np.nanmax(M) <= ZERO
@@ -165,8 +158,8 @@ def linear_toy(reads, writes, d=10, seed=1):
     maps = []
     for block in model.blocks:
         f = block.ffn
-        z = f.gate[:, 0] * 1e-15 * f.norm[0]       # the constant gate pre-activation (and silu's output)
-        maps.append(f.down @ np.diag(z) @ f.up @ np.diag(1e-15 * f.norm))  # [d, d]
+        z = f.gate[:, 0] * 1e-15 * f.norm_gain[0]       # the constant gate pre-activation (and silu's output)
+        maps.append(f.down @ np.diag(z) @ f.up @ np.diag(1e-15 * f.norm_gain))  # [d, d]
     return model, maps
 
 

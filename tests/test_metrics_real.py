@@ -20,7 +20,7 @@ PAIRS = [(3, 4), (9, 22)]  # a neighbour and a distant pair
 
 def independent_entry(model, sequences, i, j, exclude_sink=True) -> float:
     """M[i, j] from two full forward passes per sequence: the model as it is, and without block i."""
-    without_i = reffuse.Model(model.config, model.embed, model.blocks[:i] + model.blocks[i + 1:], model.norm,
+    without_i = reffuse.Model(model.config, model.embed, model.blocks[:i] + model.blocks[i + 1:], model.norm_gain,
                               model.lm_head)
     first = 1 if exclude_sink else 0
     distances = []

@@ -74,7 +74,7 @@ def test_runs_made_by_attention_removal(tiny32):
 
 def test_no_attention_free_runs_gives_no_groups(tiny32):
     blocks = [reffuse.core.model.Block(b.attention or tiny32.blocks[0].attention, b.ffn) for b in tiny32.blocks]
-    model = reffuse.Model(tiny32.config, tiny32.embed, blocks, tiny32.norm, tiny32.lm_head)
+    model = reffuse.Model(tiny32.config, tiny32.embed, blocks, tiny32.norm_gain, tiny32.lm_head)
     assert propose_groups(model, flat_matrix()).groups == []
 
 

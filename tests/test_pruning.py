@@ -7,8 +7,9 @@ from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
 from reffuse.core.model import FFN, Block, Model
 from reffuse.evaluation.prefix import cache_prefix, score_variant
-from reffuse.method.removal import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
-                             drop_ffns, ffn_scores, format_layers, parse_layers)
+from reffuse.core.layout import attention_free_runs, attention_layers, format_layers, parse_layers
+from reffuse.method.removal import (attention_scores, cheapest, drop_attention,
+                             drop_ffns, ffn_scores)
 
 
 @pytest.fixture
@@ -45,8 +46,8 @@ def test_attention_scores_are_the_kl_of_each_removal(tiny64, windows):
 def test_a_zero_ffn_costs_nothing_to_remove(tiny64, windows):
     blocks = list(tiny64.blocks)
     f = blocks[6].ffn
-    blocks[6] = Block(None, FFN(f.norm, f.gate, f.up, np.zeros_like(f.down)))
-    model = Model(tiny64.config, tiny64.embed, blocks, tiny64.norm, tiny64.lm_head)
+    blocks[6] = Block(None, FFN(f.norm_gain, f.gate, f.up, np.zeros_like(f.down)))
+    model = Model(tiny64.config, tiny64.embed, blocks, tiny64.norm_gain, tiny64.lm_head)
     scores = ffn_scores(model, windows, layers=range(4, 10))
     assert scores[6] == 0.0
     assert cheapest(scores, 1) == [6]

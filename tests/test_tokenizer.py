@@ -4,7 +4,8 @@ streaming, bad input, and the same ids as transformers' tokenizer."""
 import pytest
 
 from reffuse.errors import ReffuseError
-from reffuse.formats.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from reffuse.formats.registry import load_tokenizer
+from reffuse.formats.tokenizer import StreamDecoder, Tokenizer
 
 PASSAGE = ("HAMLET. To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
            "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles,\n"

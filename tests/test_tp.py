@@ -122,7 +122,7 @@ def test_shards_hold_1_over_n_of_each_sharded_weight_and_replicate_the_rest(tiny
     np.testing.assert_array_equal(ffn.gate, full_ffn.gate[48:96])  # gate and up: the same hidden units
     np.testing.assert_array_equal(ffn.up, full_ffn.up[48:96])
     np.testing.assert_array_equal(ffn.down, full_ffn.down[:, 48:96])
-    assert shard.embed is tiny32.embed and shard.lm_head is tiny32.lm_head and shard.norm is tiny32.norm
+    assert shard.embed is tiny32.embed and shard.lm_head is tiny32.lm_head and shard.norm_gain is tiny32.norm_gain
     assert (shard.config.n_heads, shard.config.n_kv_heads) == (2, 1)
 
 
@@ -154,7 +154,7 @@ def test_a_dimension_that_does_not_divide_is_named_with_the_n_that_work():
     with pytest.raises(ReffuseError, match="FFN width 128"):
         shard_model(Model(model.config, model.embed,
                           [Block(None, FFN(np.zeros(8), np.zeros((128, 8)), np.zeros((128, 8)), np.zeros((8, 128))))],
-                          model.norm, model.lm_head), 0, 3)
+                          model.norm_gain, model.lm_head), 0, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,8 +3,7 @@
 import numpy as np
 
 import reffuse
-from reffuse.core.model import rms_norm
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse import load_tokenizer, rms_norm
 
 model = reffuse.load_model("smollm2")
 cfg = model.config
@@ -13,7 +12,7 @@ ids = np.array(tokenizer.encode("The capital of France is Paris. The capital of 
 x = model.embed[ids].astype(np.float64)                              # [T, d]
 
 # 1. rms(x) = ||x|| / sqrt(d), so x / rms(x) ⊙ g = x / ||x|| ⊙ (sqrt(d) g): the paper's s is sqrt(d) g.
-g = model.blocks[0].attention.norm.astype(np.float64)
+g = model.blocks[0].attention.norm_gain.astype(np.float64)
 ours = rms_norm(x, g, 0.0)
 papers = x / np.linalg.norm(x, axis=-1, keepdims=True) * (np.sqrt(cfg.dim) * g)
 print(f"1. max |rms_norm(x, g, 0) - x/||x|| ⊙ sqrt(d) g| = {np.abs(ours - papers).max():.1e}")

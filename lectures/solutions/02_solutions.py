@@ -3,8 +3,7 @@
 import numpy as np
 
 import reffuse
-from reffuse.core.fusion import fuse_ffns
-from reffuse.core.model import FFN, Block, Model, forward, rms_norm, swiglu
+from reffuse import Block, FFN, Model, forward, fuse_ffns, rms_norm, swiglu
 
 tiny = reffuse.load_model("tiny", dtype="float64")
 run = [b.ffn for b in tiny.blocks[4:9]]
@@ -36,7 +35,7 @@ assert err < 1e-13
 #    Summing the slices' outputs is the all-reduce of a row-parallel down projection (lecture 06).
 bounds = np.cumsum([0, 200, 240, 200])
 assert bounds[-1] == wide.width
-slices = [FFN(wide.norm, wide.gate[a:b], wide.up[a:b], wide.down[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+slices = [FFN(wide.norm_gain, wide.gate[a:b], wide.up[a:b], wide.down[:, a:b]) for a, b in zip(bounds, bounds[1:])]
 err = relative_error(sum(swiglu(s, u) for s in slices), swiglu(wide, u))
 print(f"2. three unequal slices summed vs wide, relative error {err:.1e} (the sum is where the all-reduce goes)")
 assert err < 1e-13
@@ -46,19 +45,19 @@ assert err < 1e-13
 for dtype in (np.float32, np.float64):
     errors = []
     for n in range(1, 6):
-        run_d = [FFN(*(a.astype(dtype) for a in (f.norm, f.gate, f.up, f.down))) for f in run[:n]]
+        run_d = [FFN(*(a.astype(dtype) for a in (f.norm_gain, f.gate, f.up, f.down))) for f in run[:n]]
         u_d = u.astype(dtype)
         errors.append(relative_error(swiglu(fuse_ffns(run_d, norm="last"), u_d), sum(swiglu(f, u_d) for f in run_d)))
     print(f"3. {np.dtype(dtype).name}: relative error for n = 1..5:", " ".join(f"{e:.1e}" for e in errors))
     assert max(errors) < 50 * np.finfo(dtype).eps
 
 # 4. With equal gains, dropping all but the last gain drops nothing: fold and last compute the same function.
-shared_gain = tiny.blocks[8].ffn.norm
+shared_gain = tiny.blocks[8].ffn.norm_gain
 blocks = list(tiny.blocks)
 for i in range(4, 9):
     f = blocks[i].ffn
     blocks[i] = Block(None, FFN(shared_gain, f.gate, f.up, f.down))
-same_gains = Model(tiny.config, tiny.embed, blocks, tiny.norm, tiny.lm_head)
+same_gains = Model(tiny.config, tiny.embed, blocks, tiny.norm_gain, tiny.lm_head)
 ids = rng.integers(0, tiny.config.vocab_size, 24)
 fold = forward(reffuse.fuse(same_gains, [(4, 8)], norm="fold"), ids)
 last = forward(reffuse.fuse(same_gains, [(4, 8)], norm="last"), ids)
@@ -72,8 +71,8 @@ assert err < 1e-12
 for scale in (0.1, 1.0):
     blocks = list(tiny.blocks)
     f = blocks[4].ffn
-    blocks[4] = Block(None, FFN(f.norm, f.gate, f.up, f.down * scale))
-    scaled = Model(tiny.config, tiny.embed, blocks, tiny.norm, tiny.lm_head)
+    blocks[4] = Block(None, FFN(f.norm_gain, f.gate, f.up, f.down * scale))
+    scaled = Model(tiny.config, tiny.embed, blocks, tiny.norm_gain, tiny.lm_head)
     gap = relative_error(forward(scaled, ids, parallel_groups=[(4, 5)]), forward(scaled, ids))
     print(f"5. run (4, 5), block 4's update scaled by {scale}: parallel vs sequential gap {gap:.2e}")
     assert gap > 1e-6

@@ -3,12 +3,8 @@
 import numpy as np
 
 import reffuse
-from reffuse.method.calibrate import calibrated_fuse
-from reffuse.formats.corpus import calibration_windows, held_out_windows
-from reffuse.core.model import Block, Model
-from reffuse.evaluation.prefix import cache_prefix, kl_from_base
-from reffuse.method.removal import attention_scores, cheapest, drop_attention
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse import (Block, Model, attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,
+                     drop_attention, held_out_windows, kl_from_base, load_tokenizer)
 
 model = reffuse.load_model("smollm2")
 tokenizer = load_tokenizer("smollm2")
@@ -53,7 +49,7 @@ print(f"3. one group of 7: KL fold {fold:.3f}, last {last_norm:.3f}")
 group = (first, first + 3)
 blocks = list(removed.blocks)
 blocks[group[0]:group[1] + 1] = [Block(None, b.ffn) for b in reversed(removed.blocks[group[0]:group[1] + 1])]
-reversed_model = Model(removed.config, removed.embed, blocks, removed.norm, removed.lm_head)
+reversed_model = Model(removed.config, removed.embed, blocks, removed.norm_gain, removed.lm_head)
 fused = kl(reffuse.fuse(removed, [group]), first)
 reverse = kl(reversed_model, first)
 print(f"4. blocks {group[0]}-{group[1]}: KL fused {fused:.3f}, reversed order {reverse:.3f}")

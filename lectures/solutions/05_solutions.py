@@ -4,7 +4,7 @@ import numpy as np
 
 import reffuse
 from reffuse.speed import costmodel
-from reffuse.method.removal import drop_attention
+from reffuse import drop_attention
 from reffuse.speed.timing import blas_threads, median_seconds, time_ffn_run
 
 # 1. Attained rates of one projection: at T = 1 the time is the weight read (few GFLOP/s); at T = 512 the same

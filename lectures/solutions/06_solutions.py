@@ -11,8 +11,7 @@ import numpy as np
 
 import reffuse
 from reffuse.speed import costmodel
-from reffuse.core.model import FFN, rms_norm, swiglu
-from reffuse.method.removal import drop_attention
+from reffuse import FFN, drop_attention, rms_norm, swiglu
 from reffuse.tp import ring_allreduce, sharding_problems
 
 # 1. Any cut of the hidden units is exact: the FFN is a sum over hidden units, whatever the grouping.
@@ -21,8 +20,8 @@ from reffuse.tp import ring_allreduce, sharding_problems
 tiny = reffuse.load_model("tiny", dtype="float64")
 wide = reffuse.fuse(tiny, [(4, 8)]).blocks[4].ffn
 x = np.random.default_rng(0).standard_normal((8, tiny.config.dim))
-u = rms_norm(x, wide.norm, tiny.config.norm_eps)
-parts = [swiglu(FFN(wide.norm, wide.gate[r::4], wide.up[r::4], wide.down[:, r::4]), u) for r in range(4)]
+u = rms_norm(x, wide.norm_gain, tiny.config.norm_eps)
+parts = [swiglu(FFN(wide.norm_gain, wide.gate[r::4], wide.up[r::4], wide.down[:, r::4]), u) for r in range(4)]
 err = np.abs(sum(parts) - swiglu(wide, u)).max()
 print(f"1. interleaved shards over 4 ranks: max |Σ partial - full| = {err:.1e}")
 assert err < 1e-12

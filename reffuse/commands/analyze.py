@@ -35,14 +35,14 @@ from reffuse.formats.corpus import calibration_windows
 from reffuse.errors import ReffuseError
 from reffuse.formats.registry import load_model
 from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
-                       dependency, full_blocks, greedy_windows, matrix_to_json, window_statistics)
+                       dependency, greedy_windows, matrix_to_json, window_statistics)
 from reffuse.core.model import layout
 from reffuse.method.planning import propose_groups
 from reffuse.progress import Progress
 from reffuse.speed.timing import blas_threads
-from reffuse.method.removal import (attention_free_runs, attention_layers, attention_scores, cheapest, drop_attention,
-                       format_layers, parse_layers)
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.core.layout import attention_free_runs, attention_layers, format_layers, full_blocks, parse_layers
+from reffuse.method.removal import attention_scores, cheapest, drop_attention
+from reffuse.formats.registry import load_tokenizer
 from reffuse.commands.common import format_table, print_json
 
 HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, with figures"
@@ -150,7 +150,7 @@ def analyze(args) -> dict:
               "attention_sink_excluded": not args.include_sink, "ids": ids.tolist()}
     return {
         "model": {"name": args.model, "config_name": model.config.name, "dtype": args.dtype,
-                  "blocks": len(model.blocks), "layout": layout(model)},
+                  "blocks": len(model.blocks), "layout": layout(model).rows()},
         "attention_removed": removed,
         "attention_removal": removal,
         "attention_free_runs": [list(r) for r in attention_free_runs(model)],

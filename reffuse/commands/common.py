@@ -7,6 +7,7 @@ import json
 import sys
 
 from reffuse.errors import ReffuseError
+from reffuse.core.layout import parse_layers
 
 
 def parse_groups(text: str) -> list[tuple[int, int]]:
@@ -27,6 +28,14 @@ def groups_argument(text: str) -> list[tuple[int, int]]:
     """parse_groups for argparse `type=`, so that a bad value is reported with its reason."""
     try:
         return parse_groups(text)
+    except ReffuseError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def layers_argument(text: str) -> list[int]:
+    """parse_layers for argparse `type=`: "14-21" or "3,5,14-21" -> block indices."""
+    try:
+        return parse_layers(text)
     except ReffuseError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

@@ -28,32 +28,15 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-from reffuse.speed.bench import reffuse_decode, time_decode
-from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
-from reffuse.errors import ReffuseError
-from reffuse.core.fusion import NORM_MODES, fuse, with_last_norm
-from reffuse.core.generate import generate
-from reffuse.formats.registry import load_model
-from reffuse.method.metrics import matrix_to_json
-from reffuse.core.model import Model, block_forward, cast, forward, layout, original_layers, rope_tables
-from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
-from reffuse.plots import save_figure
-from reffuse.evaluation.prefix import cache_prefix, score_variant
-from reffuse.progress import Progress, note
-from reffuse.method.removal import attention_free_runs, drop_attention
-from reffuse.speed.timing import blas_threads, compare_seconds
-from reffuse.commands.common import format_table, groups_argument, print_json
-from reffuse.commands.fuse import layers_argument
+from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
+from reffuse.experiments.demo import DEFAULT_DROP, PROMPT, DemoOptions, run_demo
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
+from reffuse.core.fusion import NORM_MODES
+from reffuse.progress import note
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
-DEFAULT_DROP = {"smollm2": 8, "tiny": 2}
-PROMPT = "The capital of France is"
-STEPS = 7
 
 
 def add_arguments(parser):
@@ -93,201 +76,21 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def relative_error(a, b) -> float:
-    """max |a - b| / max |b|."""
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def step(number: int, text: str) -> None:
-    note(f"[{number}/{STEPS}] {text}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Measurements
-
-
-def exactness(removed: Model, groups, norm: str, tokens: int, seed: int) -> dict:
-    """Fused vs the parallel form (Theorem 3.1: equal) in float32 and float64, and sequential vs parallel
-    (the approximation) in float64, on random token ids."""
-    ids = np.random.default_rng(seed).integers(0, removed.config.vocab_size, tokens)
-    errors = {}
-    model64 = cast(removed, "float64")
-    for dtype, model in (("float32", removed), ("float64", model64)):
-        reference = model if norm == "fold" else with_last_norm(model, groups)
-        parallel = forward(reference, ids, parallel_groups=groups)
-        errors[dtype] = relative_error(forward(fuse(model, groups, norm=norm), ids), parallel)
-    sequential = forward(model64, ids)
-    parallel = forward(model64 if norm == "fold" else with_last_norm(model64, groups), ids, parallel_groups=groups)
-    gap = {"max_abs_logit_difference": float(np.max(np.abs(parallel - sequential))),
-           "relative_logit_difference": relative_error(parallel, sequential),
-           "top1_agreement": float(np.mean(parallel.argmax(-1) == sequential.argmax(-1))), "tokens": tokens}
-    return {"fused_vs_parallel_relative_error": errors, "sequential_vs_parallel": gap}
-
-
-def region_seconds(models: dict, region: tuple[int, int], tokens: int, repeats: int, dim: int) -> dict:
-    """Median seconds to run the blocks of `region` (numbered as in the unfused model) on `tokens` positions,
-    per model, timed in alternation. Fused models run the blocks that stand for those layers."""
-    rng = np.random.default_rng(0)
-    fns = {}
-    for name, model in models.items():
-        x = rng.standard_normal((tokens, dim)).astype(model.dtype)
-        cos, sin = rope_tables(np.arange(tokens), model.config.head_dim, model.config.rope_theta, model.dtype)
-        layers = [i for i, span in enumerate(original_layers(model)) if region[0] <= span[0] <= region[1]]
-
-        def run(model=model, x=x, cos=cos, sin=sin, layers=layers):
-            for layer in layers:
-                x = block_forward(model, layer, x, cos, sin)
-            return x
-        fns[name] = run
-    return compare_seconds(fns, repeats)
-
-
-def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> dict:
-    """A greedy continuation of the prompt from each model (token ids for the synthetic model)."""
-    ids = tokenizer.encode(prompt) if tokenizer else list(np.random.default_rng(3).integers(0, vocab, 8))
-    out = {"prompt": prompt if tokenizer else [int(i) for i in ids], "continuations": {}}
-    for name, model in models.items():
-        new = generate(model, ids, tokens)
-        out["continuations"][name] = tokenizer.decode(new) if tokenizer else [int(i) for i in new]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run
-
-
 def run(args) -> int:
-    started = time.perf_counter()
-    count = args.drop_attention_count
-    if args.drop_attention is None and count is None and args.groups is None:
-        count = DEFAULT_DROP.get(args.model, DEFAULT_DROP["smollm2"])
-    if count is not None and count < 1:
-        raise ReffuseError(f"--drop-attention-count {count} must be at least 1")
-    original = load_model(args.model)
-    synthetic = is_synthetic(args.model, original)
-    result = {"model": args.model, "model_name": original.config.name, "synthetic": synthetic, "norm": args.norm}
-    with blas_threads(None):
-        step(1, "text: calibration and held-out windows")
-        texts = load_texts(args.model, original, args.calibration_tokens, args.held_out_tokens)
-        check_calibration_tokens(texts.calibration.ids.size)
-        result["texts"] = texts.describe()
-
-        step(2, "attention removal")
-        removal = None
-        if args.drop_attention is not None or count is not None:
-            removal = choose_attention_removal(original, texts.scoring(args.scoring_tokens, 128),
-                                               blocks=args.drop_attention, count=count,
-                                               contiguous=args.drop_attention is None)
-        removed = drop_attention(original, removal["blocks"]) if removal else original
-        result["attention_removal"] = removal
-
-        step(3, "dependencies and the fusion plan")
-        if args.groups is not None:
-            groups, M = args.groups, None
-            result["plan"] = {"groups": [list(g) for g in groups], "rule": "given (--groups)"}
-        else:
-            plan, M = plan_fusion(removed, texts.scoring(args.dependency_tokens, 64), args.max_group_size)
-            groups = plan.groups
-            result["plan"] = plan.to_json()
-            if not groups:
-                raise ReffuseError("the plan has no group to fuse (the attention-free runs are too short): remove more "
-                                   "attention (--drop-attention-count)")
-        fused = fuse(removed, groups, norm=args.norm)  # checks the groups: clear errors before any long work
-        runs = attention_free_runs(removed)
-        region = next(r for r in runs if r[0] <= groups[0][0] <= r[1])
-        result.update(groups=[list(g) for g in groups], region=list(region))
-        if M is not None:
-            result["ffn_dependency"] = {"matrix": matrix_to_json(M), "tokens": args.dependency_tokens}
-
-        step(4, "fusion: exactness and the sequential-vs-parallel gap")
-        result.update(exactness(removed, groups, args.norm, args.tokens, args.seed))
-        result.update(layout_before=layout(original), layout_removed=layout(removed), layout_after=layout(fused))
-
-        step(5, "calibration of the fused down-projections")
-        with Progress("calibrating fused groups", len(groups), "groups") as bar:
-            calibrated, fits = calibrated_fuse(removed, groups, texts.calibration.ids, norm=args.norm,
-                                               ridge=args.ridge, progress=bar.update, weighting=args.weighting)
-        result["calibration"] = [f.as_dict() for f in fits]
-
-        step(6, "quality on held-out text")
-        first = min(removal["blocks"][0], groups[0][0]) if removal else groups[0][0]
-        with Progress("scoring on held-out text", 5, "models") as bar:
-            judge = cache_prefix(original, texts.held_out.ids)
-            bar.update()
-            before_fusion = cache_prefix(removed, texts.held_out.ids)
-            bar.update()
-            models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated}
-            quality = {"original": {"perplexity": score_variant(judge, original, len(original.blocks))["perplexity"]}}
-            for name, model in models.items():
-                s = score_variant(judge, model, first, reference=before_fusion)
-                quality[name] = {"perplexity": s["perplexity"], "kl_vs_original": s["kl_from_base"],
-                                 "top1_vs_original": s["top1_agreement"],
-                                 "kl_vs_attention_removed": s["kl_from_reference"] if model is not removed else 0.0}
-                bar.update()
-        plain, cal = quality["fused"], quality["fused, calibrated"]
-        ppl_gap = plain["perplexity"] - quality["attention removed"]["perplexity"]
-        result["quality"] = {
-            "models": quality, "predictions": judge.predictions,
-            "calibration_closes": {
-                "kl_vs_attention_removed": 1 - cal["kl_vs_attention_removed"] / plain["kl_vs_attention_removed"],
-                "perplexity": (plain["perplexity"] - cal["perplexity"]) / ppl_gap if ppl_gap else None},
-            "calibrated_beats_plain_kl_vs_original": cal["kl_vs_original"] < plain["kl_vs_original"]}
-
-        step(7, "speed (one run, in alternation) and greedy samples")
-        speed_models = {"original": original, "attention removed": removed, "fused": calibrated}
-        prompt = texts.held_out.ids[0][:32]
-        seconds, _ = time_decode({name: (lambda p, n, m=m: reffuse_decode(m, p, n))
-                                  for name, m in speed_models.items()}, prompt, args.decode_tokens, args.repeats)
-        decode = {name: {"tokens_per_second": args.decode_tokens / s, "ms_per_token": 1e3 * s / args.decode_tokens,
-                         "speedup": seconds["original"] / s} for name, s in seconds.items()}
-        region_rows = []
-        for tokens in (1, 128):
-            times = region_seconds(speed_models, region, tokens, args.repeats, original.config.dim)
-            region_rows.append({"tokens": tokens, **{name: {"ms": 1e3 * t, "speedup": times["original"] / t}
-                                                     for name, t in times.items()}})
-        result["speed"] = {"decode": decode, "decode_tokens": args.decode_tokens, "prompt_tokens": len(prompt),
-                           "region": list(region), "region_rows": region_rows, "repeats": args.repeats}
-        result["samples"] = samples({"original": original, **models}, texts.tokenizer, args.prompt,
-                                    args.sample_tokens, original.config.vocab_size)
-
+    result = run_demo(DemoOptions.from_namespace(args))
     if importlib.util.find_spec("matplotlib") is None:  # the core install has no plotting; the rest still runs
         note("figures skipped: drawing them needs matplotlib (pip install 'reffuse[real]')")
         result["figures"] = []
     else:
-        result["figures"] = [str(p) for p in write_figures(result, args.figures)]
-    result["seconds"] = time.perf_counter() - started
+        from reffuse.plots.pipeline import write_demo_figures
+
+        result["figures"] = [str(p) for p in write_demo_figures(result, args.figures)]
     note(f"done in {result['seconds']:.0f} s; figures in {args.figures}/")
     if args.json:
         print_json(result)
     else:
         print_report(result)
     return 0
-
-
-def write_figures(result: dict, folder: Path) -> list[Path]:
-    from reffuse.plots.dependency import dependency_heatmap
-    from reffuse.plots.layout import layout_figure
-    from reffuse.plots.pipeline import pipeline_summary_figure
-    from reffuse.plots.removal import attention_scores_figure
-
-    name = result["model_name"]
-    removed_blocks = [r["block"] for r in result["layout_removed"] if not r["attention"]]
-    figures = {"layout.png": layout_figure({f"{name} as loaded": result["layout_before"],
-                                            "attention removed": result["layout_removed"],
-                                            f"fused ({result['norm']}): {_groups_text(result['groups'])}":
-                                                result["layout_after"]}, "Block layout before and after fusion"),
-               "quality_speed.png": pipeline_summary_figure(result)}
-    removal = result["attention_removal"]
-    if removal and removal.get("scores"):
-        figures["attention_scores.png"] = attention_scores_figure(removal, f"Attention removal scores, {name}")
-    if "ffn_dependency" in result:
-        matrix = result["ffn_dependency"]["matrix"]
-        measured = 1 + max(i for i, row in enumerate(matrix) if any(v is not None for v in row[i + 1:]))
-        matrix = [row[:measured + 1] for row in matrix[:measured + 1]]  # blocks 0..measured (the rest not run)
-        figures["ffn_dependency.png"] = dependency_heatmap(
-            matrix, f"{name}: FFN-level dependency, attention removed ({result['ffn_dependency']['tokens']} tokens)",
-            removed_blocks)
-    return [save_figure(fig, folder / file) for file, fig in figures.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
 from reffuse.formats.registry import load_model
 from reffuse.progress import Progress
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.formats.registry import load_tokenizer
 from reffuse.commands.common import format_table, print_json
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"

@@ -24,7 +24,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from reffuse.experiments.run import markdown, run_experiments
+from reffuse.experiments.report import markdown
+from reffuse.experiments.run import run_experiments
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
 from reffuse.commands.common import print_json

@@ -36,20 +36,13 @@ from reffuse.formats.registry import load_model
 from reffuse.core.model import layout
 from reffuse.progress import Progress, note
 from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
-from reffuse.method.removal import drop_attention, format_layers, parse_layers
-from reffuse.formats.tokenizer import load_tokenizer
-from reffuse.commands.common import format_table, groups_argument, print_json
+from reffuse.core.layout import format_layers, parse_layers
+from reffuse.method.removal import drop_attention
+from reffuse.formats.registry import load_tokenizer
+from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
 
 HELP = "remove attention, fuse runs of FFNs (optionally calibrated) and save the model"
 PROVENANCE_FILE = "fuse.json"
-
-
-def layers_argument(text: str) -> list[int]:
-    """parse_layers for argparse `type=`."""
-    try:
-        return parse_layers(text)
-    except ReffuseError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser):
@@ -135,7 +128,7 @@ def run(args) -> int:
             note(f"no tokenizer saved beside the model: {e}")
     if tokenizer is not None:
         tokenizer.save(out)
-    record["layout"] = layout(fused)
+    record["layout"] = layout(fused).rows()
     (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     note(f"saved {out} ({len(fused.blocks)} blocks)")
 

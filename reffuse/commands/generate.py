@@ -17,7 +17,8 @@ import time
 
 from reffuse.core.generate import generate
 from reffuse.formats.registry import load_model
-from reffuse.formats.tokenizer import StreamDecoder, load_tokenizer
+from reffuse.formats.registry import load_tokenizer
+from reffuse.formats.tokenizer import StreamDecoder
 
 HELP = "continue a prompt with a model, streaming the tokens"
 

@@ -52,7 +52,8 @@ from reffuse.errors import ReffuseError
 from reffuse.core.fusion import NORM_MODES, fuse
 from reffuse.formats.registry import load_model
 from reffuse.core.model import KVCache, Model, forward, to_device
-from reffuse.method.removal import attention_free_runs, drop_attention, format_layers, parse_layers
+from reffuse.core.layout import attention_free_runs, format_layers, parse_layers
+from reffuse.method.removal import drop_attention
 from reffuse.speed.timing import blas_threads
 from reffuse.tp import (ALLREDUCE_KINDS, AllReduce, ParallelState, allreduces_per_forward, check_shardable,
                   parallel_state, rank_zero_first, run_or_abort, setup_on_every_rank, shard_model)

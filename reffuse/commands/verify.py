@@ -27,7 +27,7 @@ from reffuse.evaluation.activations import DEFAULT_TEXT, activations, compare, l
 from reffuse.errors import ReffuseError
 from reffuse.core.generate import generate
 from reffuse.formats.registry import load_model
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.formats.registry import load_tokenizer
 from reffuse.commands.common import format_table, print_json
 
 HELP = "compare reffuse's per-block activations and logits with transformers or with a dump (.npz)"

@@ -8,7 +8,8 @@ Theorem 3.1: Σ_k FFN_k(u) = FFN*(u) exactly, where FFN* stacks the blocks along
 
 It holds because silu and ⊙ act on each hidden unit on its own. Widths may differ.
 
-What the FFNs read is a choice (PAPER.md §1, "RMSNorm handling"):
+What the FFNs read is a choice (the paper's eq. 5 takes η2 from the run's last block; §5.5 notes that a norm's
+diagonal gain can be pushed into the module that follows it):
 - norm="fold": η_k(x) = u ⊙ g_k with u = x / rms(x), and u ⊙ g_k @ W^T = u @ (W diag(g_k))^T, so each block's
   gain g_k is folded into its own gate/up input columns and the fused block normalises with unit gain.
   The fused model then equals the parallel form x + Σ_k FFN_k(η_k(x)) exactly.
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 from reffuse.core.backend import array_module
 from reffuse.errors import ReffuseError
-from reffuse.core.model import FFN, Block, Model, check_groups, original_layers
+from reffuse.core.layout import check_groups, fused_layers, steps
+from reffuse.core.model import FFN, Block, Model
 
 NORM_MODES = ("fold", "last")
 
@@ -30,15 +32,15 @@ def fuse_ffns(ffns: list[FFN], norm: str = "fold") -> FFN:
         raise ReffuseError(f"norm={norm!r} is not a fusion norm mode: use one of {', '.join(NORM_MODES)}")
     xp = array_module(ffns[0].gate)
     if norm == "fold":
-        gate = xp.concatenate([f.gate * f.norm for f in ffns], axis=0)  # [Σ dh, d], gain g_k scales input columns
-        up = xp.concatenate([f.up * f.norm for f in ffns], axis=0)      # [Σ dh, d]
-        gain = xp.ones_like(ffns[0].norm)
+        gate = xp.concatenate([f.gate * f.norm_gain for f in ffns], axis=0)  # [Σ dh, d], gain g_k scales input columns
+        up = xp.concatenate([f.up * f.norm_gain for f in ffns], axis=0)      # [Σ dh, d]
+        gain = xp.ones_like(ffns[0].norm_gain)
     else:
         gate = xp.concatenate([f.gate for f in ffns], axis=0)           # [Σ dh, d]
         up = xp.concatenate([f.up for f in ffns], axis=0)               # [Σ dh, d]
-        gain = ffns[-1].norm.copy()
+        gain = ffns[-1].norm_gain.copy()
     down = xp.concatenate([f.down for f in ffns], axis=1)               # [d, Σ dh]
-    return FFN(norm=gain, gate=gate, up=up, down=down)
+    return FFN(norm_gain=gain, gate=gate, up=up, down=down)
 
 
 def fuse(model: Model, groups, norm: str = "fold") -> Model:
@@ -49,20 +51,14 @@ def fuse(model: Model, groups, norm: str = "fold") -> Model:
     """
     if norm not in NORM_MODES:
         raise ReffuseError(f"norm={norm!r} is not a fusion norm mode: use one of {', '.join(NORM_MODES)}")
-    runs = {first: last for first, last in check_groups(model, groups)}
-    sources = original_layers(model)
-    blocks, layer = [], 0
-    while layer < len(model.blocks):
-        if layer in runs:
-            last = runs[layer]
-            ffn = fuse_ffns([b.ffn for b in model.blocks[layer:last + 1]], norm)
-            fused_from = tuple(i for span in sources[layer:last + 1] for i in span)
-            blocks.append(Block(attention=None, ffn=ffn, fused_from=fused_from))
-            layer = last + 1
+    blocks = []
+    for first, last in steps(len(model.blocks), check_groups(model, groups)):
+        if first == last:
+            blocks.append(model.blocks[first])  # shared, not copied: fused models never write to weights
         else:
-            blocks.append(model.blocks[layer])  # shared, not copied: fused models never write to weights
-            layer += 1
-    return Model(model.config, model.embed, blocks, model.norm, model.lm_head)
+            ffn = fuse_ffns([b.ffn for b in model.blocks[first:last + 1]], norm)
+            blocks.append(Block(attention=None, ffn=ffn, fused_from=fused_layers(model, first, last)))
+    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
 
 
 def with_last_norm(model: Model, groups) -> Model:
@@ -71,9 +67,9 @@ def with_last_norm(model: Model, groups) -> Model:
     runs = check_groups(model, groups)
     blocks = list(model.blocks)
     for first, last in runs:
-        gain = model.blocks[last].ffn.norm
+        gain = model.blocks[last].ffn.norm_gain
         for i in range(first, last):
             b = blocks[i]
             blocks[i] = Block(b.attention, FFN(gain, b.ffn.gate, b.ffn.up, b.ffn.down), b.fused_from)
-    return Model(model.config, model.embed, blocks, model.norm, model.lm_head)
+    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
 

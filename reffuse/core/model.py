@@ -1,4 +1,4 @@
-"""A Llama-style decoder in NumPy, written against the paper's equations (PAPER.md §1).
+"""A Llama-style decoder in NumPy, written against the paper's equations (§2, eq. 1-5).
 
     X ∈ R^{T×d}                                     T tokens, model width d
     g(X) = X + Attn(η1(X))                           eq. 1, the attention sub-block
@@ -26,7 +26,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from reffuse.core import layout as layouts
 from reffuse.core.backend import array_module, to_device as _array_to_device
+from reffuse.core.layout import BlockLayout, Layout
 from reffuse.errors import ReffuseError
 
 
@@ -50,19 +52,19 @@ class Config:
 
 @dataclass
 class Attention:
-    norm: np.ndarray  # [d]                  η1's gain (HF input_layernorm)
-    q: np.ndarray     # [n_heads*head_dim, d]
-    k: np.ndarray     # [n_kv_heads*head_dim, d]
-    v: np.ndarray     # [n_kv_heads*head_dim, d]
-    o: np.ndarray     # [d, n_heads*head_dim]
+    norm_gain: np.ndarray  # [d]             η1's gain (HF input_layernorm)
+    q: np.ndarray          # [n_heads*head_dim, d]
+    k: np.ndarray          # [n_kv_heads*head_dim, d]
+    v: np.ndarray          # [n_kv_heads*head_dim, d]
+    o: np.ndarray          # [d, n_heads*head_dim]
 
 
 @dataclass
 class FFN:
-    norm: np.ndarray  # [d]      η2's gain (HF post_attention_layernorm)
-    gate: np.ndarray  # [dh, d]  the paper's W2 (HF gate_proj)
-    up: np.ndarray    # [dh, d]  the paper's W1 (HF up_proj)
-    down: np.ndarray  # [d, dh]  the paper's W3 (HF down_proj)
+    norm_gain: np.ndarray  # [d]      η2's gain (HF post_attention_layernorm)
+    gate: np.ndarray       # [dh, d]  the paper's W2 (HF gate_proj)
+    up: np.ndarray         # [dh, d]  the paper's W1 (HF up_proj)
+    down: np.ndarray       # [d, dh]  the paper's W3 (HF down_proj)
 
     @property
     def width(self) -> int:
@@ -80,14 +82,22 @@ class Block:
 @dataclass
 class Model:
     config: Config
-    embed: np.ndarray    # [vocab, d]
+    embed: np.ndarray      # [vocab, d]
     blocks: list[Block]
-    norm: np.ndarray     # [d]      final RMSNorm gain
-    lm_head: np.ndarray  # [vocab, d] (the same array as `embed` when tied)
+    norm_gain: np.ndarray  # [d]      the final RMSNorm's gain (HF model.norm)
+    lm_head: np.ndarray    # [vocab, d] (the same array as `embed` when tied)
 
     @property
     def dtype(self):
         return self.embed.dtype
+
+    def layout(self) -> Layout:
+        """Its shapes without weights (reffuse.core.layout): attention present, FFN width, fused_from per block."""
+        cfg = self.config
+        blocks = tuple(BlockLayout(b.attention is not None, b.ffn.width if b.ffn is not None else 0,
+                                   tuple(b.fused_from)) for b in self.blocks)
+        return Layout(cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
+                      cfg.tie_embeddings, blocks, source="a reffuse Model's shapes")
 
 
 def map_arrays(model: Model, fn: Callable) -> Model:
@@ -100,7 +110,7 @@ def map_arrays(model: Model, fn: Callable) -> Model:
     embed = fn(model.embed)
     lm_head = embed if model.config.tie_embeddings else fn(model.lm_head)
     blocks = [Block(sub(b.attention), sub(b.ffn), b.fused_from) for b in model.blocks]
-    return Model(model.config, embed, blocks, fn(model.norm), lm_head)
+    return Model(model.config, embed, blocks, fn(model.norm_gain), lm_head)
 
 
 def cast(model: Model, dtype) -> Model:
@@ -116,20 +126,9 @@ def to_device(model: Model, device: str) -> Model:
     return map_arrays(model, lambda a: _array_to_device(a, device))
 
 
-def original_layers(model: Model) -> list[tuple[int, ...]]:
-    """For every block, the layers of the unfused model it stands for (one for a plain block)."""
-    layers, next_layer = [], 0
-    for block in model.blocks:
-        span = block.fused_from or (next_layer,)
-        layers.append(tuple(span))
-        next_layer = max(span) + 1
-    return layers
-
-
-def layout(model: Model) -> list[dict]:
-    """One row per block: attention present, FFN width, and the original layers a fused block replaces."""
-    return [{"block": i, "attention": b.attention is not None, "ffn_width": b.ffn.width if b.ffn else 0,
-             "fused_from": list(b.fused_from)} for i, b in enumerate(model.blocks)]
+def layout(model: Model) -> Layout:
+    """The model's layout (reffuse.core.layout): attention present, FFN width and fused_from, block by block."""
+    return model.layout()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,16 +150,22 @@ def silu(z):
 
 def swiglu(ffn: FFN, x):
     """eq. 3: FFN(x) = (silu(x W_gate^T) ⊙ x W_up^T) W_down^T."""
-    if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
-        return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)  # the same sum in cache-sized pieces (below)
     hidden = silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # [T, d] -> [T, dh]
     return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
+
+
+def ffn_output(ffn: FFN, x):
+    """eq. 3 as the forward pass computes it: swiglu, or on the CPU, once the hidden activations outgrow the
+    cache, the same sum in column blocks (below). The one place where that choice is made."""
+    if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
+        return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
+    return swiglu(ffn, x)
 
 
 # On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
 # there are many tokens, and every elementwise step (silu, ⊙) then streams them through main memory: a fused
 # run became slower than its blocks one by one. Above HIDDEN_ELEMENTS_IN_CACHE elements (4 MiB of float32; one
-# SmolLM2 FFN reaches it at 683 tokens) swiglu works in column blocks of HIDDEN_BLOCK_ELEMENTS (1 MiB): the sizes
+# SmolLM2 FFN reaches it at 683 tokens) ffn_output works in column blocks of HIDDEN_BLOCK_ELEMENTS (1 MiB): the sizes
 # that measured fastest on 2 cores, for fused runs and for single FFNs alike.
 HIDDEN_ELEMENTS_IN_CACHE = 1 << 20
 HIDDEN_BLOCK_ELEMENTS = 1 << 18
@@ -270,55 +275,73 @@ def _identity(x):
     return x
 
 
+def lm_logits(model: Model, x):
+    """The final RMSNorm and the LM head: the stream x [T, d] leaving the last block -> next-token logits [T, vocab]."""
+    x = rms_norm(x, model.norm_gain, model.config.norm_eps)
+    return x @ model.lm_head.T                                            # [T, d] -> [T, vocab]
+
+
 def block_forward(model: Model, layer: int, x, cos, sin, cache: KVCache | None = None,
-                  allreduce: Callable = _identity):
+                  allreduce: Callable = _identity, mids: list | None = None):
     """One block, eq. 1-2 (eq. 4 when its attention is absent). x [T, d] -> [T, d].
 
     `allreduce` is applied to each row-parallel output (o_proj, down_proj) before it joins the residual stream:
     the identity in one process, a sum over ranks under tensor parallelism (reffuse.tp).
+    mids: if a list, the stream between the two sub-blocks (after attention) is appended to it.
     """
     block, eps = model.blocks[layer], model.config.norm_eps
     if block.attention is not None:
-        x = x + allreduce(attention(block.attention, rms_norm(x, block.attention.norm, eps),
-                                    model.config, cos, sin, cache, layer))                   # eq. 1
+        x = x + allreduce(attention(block.attention, rms_norm(x, block.attention.norm_gain, eps),
+                                    model.config, cos, sin, cache, layer))                    # eq. 1
+    if mids is not None:
+        mids.append(x)
     if block.ffn is not None:
-        x = x + allreduce(swiglu(block.ffn, rms_norm(x, block.ffn.norm, eps)))              # eq. 2 / eq. 4
+        x = x + allreduce(ffn_output(block.ffn, rms_norm(x, block.ffn.norm_gain, eps)))     # eq. 2 / eq. 4
     return x
 
 
-def parallel_ffn_forward(model: Model, first: int, last: int, x, allreduce: Callable = _identity):
-    """eq. 5 with every block's own norm: x + Σ_k FFN_k(η2^k(x)). All FFNs read the same x, so one all-reduce."""
-    eps = model.config.norm_eps
-    update = sum(swiglu(b.ffn, rms_norm(x, b.ffn.norm, eps)) for b in model.blocks[first:last + 1])
-    return x + allreduce(update)
+def parallel_forward(model: Model, first: int, last: int, x, cos, sin, allreduce: Callable = _identity):
+    """Blocks first..last all reading the same x [T, d] -> [T, d].
+
+    Attention-free blocks: eq. 5 with every block's own norm, x + Σ_k FFN_k(η2^k(x)); all FFNs read the same x,
+    so one all-reduce. Whole blocks (a run with attention, the paper's App. B): x + Σ_k (f_k(x) - x), eq. 5's
+    analogue for blocks, which the paper does not write down [inferred].
+    """
+    blocks = model.blocks[first:last + 1]
+    if all(b.attention is None for b in blocks):
+        eps = model.config.norm_eps
+        update = sum(ffn_output(b.ffn, rms_norm(x, b.ffn.norm_gain, eps)) for b in blocks)   # eq. 5
+        return x + allreduce(update)
+    return x + sum(block_forward(model, k, x, cos, sin, allreduce=allreduce) - x for k in range(first, last + 1))
 
 
-def check_groups(model: Model, groups) -> list[tuple[int, int]]:
-    """Validate runs (first, last) of blocks, 0-based and inclusive; return them sorted."""
-    n, checked = len(model.blocks), []
-    for group in groups:
-        try:
-            first, last = (int(i) for i in group)
-        except (TypeError, ValueError):
-            raise ReffuseError(f"group {group!r} is not a pair (first, last) of block indices") from None
-        if not (0 <= first < n and 0 <= last < n):
-            raise ReffuseError(f"group ({first}, {last}) is out of range: the model has blocks 0..{n - 1}")
-        if last <= first:
-            raise ReffuseError(f"group ({first}, {last}) has fewer than 2 blocks: a run is (first, last) "
-                               "with first < last, both inclusive")
-        for i in range(first, last + 1):
-            block = model.blocks[i]
-            if block.attention is not None:
-                raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has attention: only runs "
-                                   "of attention-free blocks can run in parallel (remove its attention first)")
-            if block.ffn is None:
-                raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has no FFN")
-        checked.append((first, last))
-    checked.sort()
-    for (a, b), (c, d) in zip(checked, checked[1:]):
-        if c <= b:
-            raise ReffuseError(f"groups ({a}, {b}) and ({c}, {d}) overlap: each block belongs to at most one group")
-    return checked
+def run_blocks(model: Model, x, cos=None, sin=None, start: int = 0, stop: int | None = None, parallel=(),
+               cache: KVCache | None = None, allreduce: Callable = _identity, streams: list | None = None,
+               mids: list | None = None, whole_blocks: bool = False):
+    """Blocks start..stop-1 on the stream x [T, d] entering block `start`; the stream leaving block stop-1, [T, d].
+
+    The one walk over blocks that every forward pass, partial run and measurement uses.
+    cos, sin: the RoPE tables of x's positions (None where no block with attention runs).
+    parallel: runs (first, last) inside start..stop-1 computed in the parallel form (parallel_forward): runs of
+        attention-free blocks, or of whole blocks when whole_blocks is True.
+    cache: positions continue from cache.length (the caller advances it once the pass is done).
+    streams: if a list, the stream after every step is appended (a parallel run is one step).
+    mids: if a list, each block's stream after its attention sub-block is appended (blocks run one by one only).
+    """
+    stop = len(model.blocks) if stop is None else stop
+    runs = layouts.check_runs(len(model.blocks), parallel) if whole_blocks else layouts.check_groups(model, parallel)
+    if any(first < start or last >= stop for first, last in runs):
+        raise ReffuseError(f"parallel runs {runs} must lie inside blocks {start}..{stop - 1}")
+    for first, last in layouts.steps(stop, runs):
+        if last < start:
+            continue
+        if first == last:
+            x = block_forward(model, first, x, cos, sin, cache, allreduce, mids)                 # eq. 1-4
+        else:
+            x = parallel_forward(model, first, last, x, cos, sin, allreduce)                     # eq. 5
+        if streams is not None:
+            streams.append(x)
+    return x
 
 
 def check_token_ids(model: Model, token_ids) -> np.ndarray:
@@ -335,6 +358,12 @@ def check_token_ids(model: Model, token_ids) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+def rope_for(model: Model, positions, xp=np):
+    """RoPE tables cos, sin [T, head_dim] of the model's heads at `positions`, in its dtype, on xp's device."""
+    cfg = model.config
+    return rope_tables(positions, cfg.head_dim, cfg.rope_theta, model.dtype, xp)
+
+
 def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache: KVCache | None = None,
             allreduce: Callable = _identity, hidden_states: list | None = None):
     """Next-token logits [T, vocab] for token_ids [T].
@@ -345,25 +374,15 @@ def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache:
         every block (after every parallel run as a whole): 1 + number of steps arrays [T, d].
     """
     ids = check_token_ids(model, token_ids)
-    xp, cfg = array_module(model.embed), model.config
-    runs = {first: last for first, last in check_groups(model, parallel_groups or [])}
+    xp = array_module(model.embed)
     start = cache.length if cache is not None else 0
-    cos, sin = rope_tables(start + np.arange(len(ids)), cfg.head_dim, cfg.rope_theta, model.dtype, xp)
+    cos, sin = rope_for(model, start + np.arange(len(ids)), xp)
 
-    x = model.embed[xp.asarray(ids)]                                # [T] -> [T, d]
+    x = model.embed[xp.asarray(ids)]                                      # [T] -> [T, d]
     if hidden_states is not None:
         hidden_states.append(x)
-    layer = 0
-    while layer < len(model.blocks):
-        if layer in runs:
-            x = parallel_ffn_forward(model, layer, runs[layer], x, allreduce)   # eq. 5
-            layer = runs[layer] + 1
-        else:
-            x = block_forward(model, layer, x, cos, sin, cache, allreduce)      # eq. 1-4
-            layer += 1
-        if hidden_states is not None:
-            hidden_states.append(x)
+    x = run_blocks(model, x, cos, sin, parallel=parallel_groups or (), cache=cache, allreduce=allreduce,
+                   streams=hidden_states)                                 # [T, d] -> [T, d], eq. 1-5
     if cache is not None:
         cache.length += len(ids)
-    x = rms_norm(x, model.norm, cfg.norm_eps)
-    return x @ model.lm_head.T                                      # [T, d] -> [T, vocab]
+    return lm_logits(model, x)                                            # [T, d] -> [T, vocab]

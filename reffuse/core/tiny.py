@@ -33,11 +33,11 @@ def build_tiny(seed: int = 0, dtype=np.float32) -> Model:
     for has_attention, width in zip(TINY_ATTENTION, TINY_FFN_WIDTHS):
         attention = None
         if has_attention:
-            attention = Attention(norm=gain(), q=normal(cfg.n_heads * hd, d, scale=d ** -0.5),
+            attention = Attention(norm_gain=gain(), q=normal(cfg.n_heads * hd, d, scale=d ** -0.5),
                                   k=normal(cfg.n_kv_heads * hd, d, scale=d ** -0.5),
                                   v=normal(cfg.n_kv_heads * hd, d, scale=d ** -0.5),
                                   o=normal(d, cfg.n_heads * hd, scale=0.25 * (cfg.n_heads * hd) ** -0.5))
-        ffn = FFN(norm=gain(), gate=normal(width, d, scale=d ** -0.5), up=normal(width, d, scale=d ** -0.5),
+        ffn = FFN(norm_gain=gain(), gate=normal(width, d, scale=d ** -0.5), up=normal(width, d, scale=d ** -0.5),
                   down=normal(d, width, scale=0.25 * width ** -0.5))
         blocks.append(Block(attention, ffn))
     embed = normal(cfg.vocab_size, d, scale=1.0)

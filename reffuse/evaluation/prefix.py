@@ -17,29 +17,14 @@ variant, first) equals evaluate(variant, windows, base) up to float rounding (te
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from reffuse.core.backend import array_module, to_numpy
+from reffuse.core.model import Model, forward, lm_logits, rope_for, run_blocks
 from reffuse.errors import ReffuseError
-from reffuse.core.model import Model, block_forward, check_token_ids, forward, rms_norm, rope_tables
-
-CHUNK_ROWS = 128  # positions per float64 log-softmax: 128 x 49152 x 8 bytes = 50 MB for SmolLM2
-
-
-def log_softmax(logits) -> np.ndarray:
-    """log p over the last axis, computed in float64 so that small KL divergences do not drown in rounding."""
-    z = to_numpy(logits).astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return z
-
-
-def kl_per_token(base_log_probs, log_probs) -> np.ndarray:
-    """KL(base || variant) at every position, [T], in nats."""
-    return np.sum(np.exp(base_log_probs) * (base_log_probs - log_probs), axis=-1)
+from reffuse.evaluation.scoring import check_windows, chunked_log_softmax, exp_saturating, score_windows
 
 
 @dataclass
@@ -62,11 +47,7 @@ def cache_prefix(model: Model, windows) -> Prefix:
     The log-probabilities are stored in the model's dtype (float32 for a float32 model: its logits carry no more)
     and used in float64.
     """
-    windows = [check_token_ids(model, w) for w in windows]
-    if not windows:
-        raise ReffuseError("no token windows given: pass at least one window of token ids")
-    if any(len(w) < 2 for w in windows):
-        raise ReffuseError("a window of 1 token has nothing to predict: windows need at least 2 tokens")
+    windows = check_windows(model, windows)
     streams, log_probs, nll = [], [], 0.0
     for ids in windows:
         hidden = []
@@ -74,76 +55,55 @@ def cache_prefix(model: Model, windows) -> Prefix:
         if len(hidden) != len(model.blocks) + 1:
             raise ReffuseError("cache_prefix needs a model whose blocks run one by one (no parallel groups)")
         streams.append(hidden)
-        lp = np.concatenate([log_softmax(logits[s:s + CHUNK_ROWS]) for s in range(0, len(logits), CHUNK_ROWS)])
+        lp = chunked_log_softmax(logits)
         nll -= float(lp[np.arange(len(lp)), ids[1:]].sum())
         log_probs.append(lp.astype(model.dtype))
     return Prefix(model, windows, streams, log_probs, nll)
 
 
-def run_from(model: Model, first: int, x, positions):
-    """Blocks first.. of `model` on the stream x [T, d] entering block `first`; the next-token logits [T, vocab]."""
-    cfg = model.config
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, model.dtype, array_module(x))
-    for layer in range(first, len(model.blocks)):
-        x = block_forward(model, layer, x, cos, sin)
-    return rms_norm(x, model.norm, cfg.norm_eps) @ model.lm_head.T  # [T, d] -> [T, vocab]
+def run_from(model: Model, first: int, x, positions, parallel=(), whole_blocks: bool = False):
+    """Blocks first.. of `model` on the stream x [T, d] entering block `first` (runs `parallel` in the parallel
+    form, whole blocks if `whole_blocks`); the next-token logits [T, vocab]."""
+    cos, sin = rope_for(model, positions, array_module(x))
+    return lm_logits(model, run_blocks(model, x, cos, sin, start=first, parallel=parallel, whole_blocks=whole_blocks))
 
 
-def variant_logits(prefix: Prefix, variant: Model, first: int, window: int):
+def variant_logits(prefix: Prefix, variant: Model, first: int, window: int, parallel=(), whole_blocks=False):
     """Logits [W, vocab] of `variant`, which equals the base model on blocks 0..first-1, on one cached window."""
     if not 0 <= first <= len(variant.blocks):
         raise ReffuseError(f"first changed block {first} is out of range for a model of {len(variant.blocks)} "
                            "blocks")
     x = prefix.streams[window][first]
-    return run_from(variant, first, x, np.arange(x.shape[0]))
+    return run_from(variant, first, x, np.arange(x.shape[0]), parallel, whole_blocks)
 
 
 def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = False,
-                  reference: Prefix | None = None) -> dict:
+                  reference: Prefix | None = None, parallel=(), whole_blocks: bool = False) -> dict:
     """Perplexity, KL(base || variant) and top-1 agreement of `variant` on the cached windows (as `evaluate`).
 
     reference: another model's Prefix on the same windows (e.g. the original model's, when the base is the
     attention-removed one); its KL and top-1 agreement are added as kl_from_reference, top1_agreement_reference.
+    parallel, whole_blocks: runs of the variant computed in the parallel form (reffuse.core.model.run_blocks).
     """
-    return score_logits(prefix, lambda w: variant_logits(prefix, variant, first, w), kl_only, reference)
-
-
-def score_logits(prefix: Prefix, logits_of, kl_only: bool = False, reference: Prefix | None = None) -> dict:
-    """score_variant for any way of computing a variant's logits: logits_of(window index) -> [W, vocab]."""
     if reference is not None and [len(w) for w in reference.windows] != [len(w) for w in prefix.windows]:
         raise ReffuseError("the reference prefix was cached on other windows than the base prefix")
-    kl = nll = kl_ref = 0.0
-    agree = agree_ref = 0
-    for w, ids in enumerate(prefix.windows):
-        logits = to_numpy(logits_of(w))[:-1]                               # [W, vocab] -> [W - 1, vocab]
-        targets = ids[1:]
-        for start in range(0, len(targets), CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            log_probs = log_softmax(logits[rows])                          # [rows, vocab] float64
-            base_log_probs = prefix.log_probs[w][rows].astype(np.float64)
-            kl += float(kl_per_token(base_log_probs, log_probs).sum())
-            if not kl_only:
-                nll -= float(log_probs[np.arange(log_probs.shape[0]), targets[rows]].sum())
-                agree += int((log_probs.argmax(-1) == base_log_probs.argmax(-1)).sum())
-            if reference is not None:
-                reference_log_probs = reference.log_probs[w][rows].astype(np.float64)
-                kl_ref += float(kl_per_token(reference_log_probs, log_probs).sum())
-                agree_ref += int((log_probs.argmax(-1) == reference_log_probs.argmax(-1)).sum())
-    n = prefix.predictions
-    scores = {"kl_from_base": kl / n, "predictions": n}
+
+    def cached(p: Prefix):
+        return lambda w: (lambda rows: p.log_probs[w][rows].astype(np.float64))
+
+    t = score_windows(prefix.windows, lambda w: variant_logits(prefix, variant, first, w, parallel, whole_blocks),
+                      cached(prefix), cached(reference) if reference is not None else None, kl_only)
+    n = t.predictions
+    scores = {"kl_from_base": t.kl / n, "predictions": n}
     if not kl_only:
-        scores.update({"perplexity": _exp(nll / n), "mean_nll": nll / n, "base_perplexity": _exp(prefix.base_nll / n),
-                       "top1_agreement": agree / n})
+        scores.update({"perplexity": exp_saturating(t.nll / n), "mean_nll": t.nll / n,
+                       "base_perplexity": exp_saturating(prefix.base_nll / n), "top1_agreement": t.agree / n})
     if reference is not None:
-        scores.update({"kl_from_reference": kl_ref / n, "top1_agreement_reference": agree_ref / n,
-                       "reference_perplexity": _exp(reference.base_nll / n)})
+        scores.update({"kl_from_reference": t.kl_reference / n, "top1_agreement_reference": t.agree_reference / n,
+                       "reference_perplexity": exp_saturating(reference.base_nll / n)})
     return scores
 
 
 def kl_from_base(prefix: Prefix, variant: Model, first: int) -> float:
     """Mean over the cached predictions of KL(base || variant) of the next-token distributions, in nats."""
     return score_variant(prefix, variant, first, kl_only=True)["kl_from_base"]
-
-
-def _exp(mean_nll: float) -> float:
-    return math.exp(mean_nll) if mean_nll < math.log(np.finfo(np.float64).max) else math.inf

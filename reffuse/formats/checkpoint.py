@@ -47,17 +47,17 @@ def tensor_shapes(config: Config, blocks: list[dict]) -> dict[str, tuple]:
 
 def model_to_tensors(model: Model) -> dict[str, np.ndarray]:
     """HF Llama names -> NumPy arrays."""
-    tensors = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm}
+    tensors = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm_gain}
     for i, block in enumerate(model.blocks):
         prefix = f"model.layers.{i}"
         if block.attention is not None:
             a = block.attention
-            tensors[f"{prefix}.input_layernorm.weight"] = a.norm
+            tensors[f"{prefix}.input_layernorm.weight"] = a.norm_gain
             for name in "qkvo":
                 tensors[f"{prefix}.self_attn.{name}_proj.weight"] = getattr(a, name)
         if block.ffn is not None:
             f = block.ffn
-            tensors[f"{prefix}.post_attention_layernorm.weight"] = f.norm
+            tensors[f"{prefix}.post_attention_layernorm.weight"] = f.norm_gain
             for name in ("gate", "up", "down"):
                 tensors[f"{prefix}.mlp.{name}_proj.weight"] = getattr(f, name)
     if not model.config.tie_embeddings:
@@ -90,10 +90,10 @@ def model_from_tensors(config: Config, blocks: list[dict], tensors: dict[str, np
         prefix = f"model.layers.{i}"
         attention = ffn = None
         if block["attention"]:
-            attention = Attention(norm=tensors[f"{prefix}.input_layernorm.weight"],
+            attention = Attention(norm_gain=tensors[f"{prefix}.input_layernorm.weight"],
                                   **{n: tensors[f"{prefix}.self_attn.{n}_proj.weight"] for n in "qkvo"})
         if block["ffn_width"]:
-            ffn = FFN(norm=tensors[f"{prefix}.post_attention_layernorm.weight"],
+            ffn = FFN(norm_gain=tensors[f"{prefix}.post_attention_layernorm.weight"],
                       **{n: tensors[f"{prefix}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down")})
         model_blocks.append(Block(attention, ffn, tuple(block.get("fused_from", ()))))
     embed = tensors["model.embed_tokens.weight"]

@@ -1,16 +1,20 @@
-"""`load_model`: one entry point for every model reffuse knows, by name or by path."""
+"""The registry of named models: `load_model` and `load_tokenizer`, one entry point each, by name or by path.
+
+Named models are resolved here and nowhere else; the formats below know files, not names.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from reffuse.formats.checkpoint import load_folder
-from reffuse.errors import ReffuseError
-from reffuse.formats.gguf import load_gguf
 from reffuse.core.model import Model, cast
-from reffuse.formats.smollm2 import load_smollm2
 from reffuse.core.tiny import build_tiny
+from reffuse.errors import ReffuseError
+from reffuse.formats.checkpoint import load_folder
+from reffuse.formats.gguf import load_gguf
+from reffuse.formats.smollm2 import load_smollm2, smollm2_tokenizer
+from reffuse.formats.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 # name -> builder(dtype) for the models reffuse can make or fetch by name.
 NAMED_MODELS: dict[str, Callable[[str], Model]] = {
@@ -32,3 +36,20 @@ def load_model(name_or_path, dtype="float32") -> Model:
         return load_gguf(path, dtype)
     raise ReffuseError(f"unknown model {key!r}: use one of {', '.join(NAMED_MODELS)}, the path of a model folder "
                        "(config.json + *.safetensors), or a Llama .gguf file")
+
+# name -> tokenizer loader for the named models that have one (tiny is synthetic: it has none).
+NAMED_TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"smollm2": smollm2_tokenizer}
+
+
+def load_tokenizer(name_or_path) -> Tokenizer:
+    """The tokenizer of a named model (see NAMED_TOKENIZERS), of a .gguf file, or of a model folder holding
+    tokenizer.json."""
+    key = str(name_or_path)
+    if key in NAMED_TOKENIZERS:
+        return NAMED_TOKENIZERS[key]()
+    path = Path(key)
+    if path.suffix == ".gguf":
+        return tokenizer_from_gguf(path)
+    if path.is_dir():
+        return tokenizer_from_folder(path)
+    raise ReffuseError(f"no tokenizer for {key!r}: give 'smollm2', a .gguf file, or a folder with tokenizer.json")

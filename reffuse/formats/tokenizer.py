@@ -185,17 +185,3 @@ def tokenizer_from_folder(folder) -> Tokenizer:
 
     return Tokenizer(backend, token("bos_token"), token("eos_token"), config.get("chat_template"),
                      bool(config.get("add_bos_token", False)), str(folder))
-
-
-def load_tokenizer(name_or_path) -> Tokenizer:
-    """The tokenizer of "smollm2", of a .gguf file, or of a model folder holding tokenizer.json."""
-    key = str(name_or_path)
-    if key == "smollm2":
-        from reffuse.formats.smollm2 import smollm2_tokenizer
-        return smollm2_tokenizer()
-    path = Path(key)
-    if path.suffix == ".gguf":
-        return tokenizer_from_gguf(path)
-    if path.is_dir():
-        return tokenizer_from_folder(path)
-    raise ReffuseError(f"no tokenizer for {key!r}: give 'smollm2', a .gguf file, or a folder with tokenizer.json")

@@ -42,7 +42,8 @@ import numpy as np
 from reffuse.core.backend import array_module, to_numpy
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
-from reffuse.core.model import FFN, Block, Model, block_forward, check_groups, check_token_ids, rms_norm, rope_tables, silu
+from reffuse.core.layout import check_groups
+from reffuse.core.model import FFN, Block, Model, check_token_ids, rms_norm, rope_for, run_blocks, silu
 
 DEFAULT_RIDGE = 0.1
 WEIGHTINGS = ("none", "relative")
@@ -90,16 +91,13 @@ def check_calibration_tokens(tokens: int) -> None:
 
 def hidden_activations(ffn: FFN, x, eps: float):
     """The SwiGLU hidden activations of `ffn` on the stream x [T, d] -> [T, dh] (before the down-projection)."""
-    u = rms_norm(x, ffn.norm, eps)
+    u = rms_norm(x, ffn.norm_gain, eps)
     return silu(u @ ffn.gate.T) * (u @ ffn.up.T)
 
 
 def sequential_update(model: Model, first: int, last: int, x):
     """The total residual update of attention-free blocks first..last run one after another, [T, d]."""
-    y = x
-    for layer in range(first, last + 1):
-        y = block_forward(model, layer, y, None, None)  # attention-free blocks never read the rotary tables
-    return y - x
+    return run_blocks(model, x, start=first, stop=last + 1) - x  # attention-free blocks read no rotary tables
 
 
 def collect(model: Model, group: tuple[int, int], fused_ffn: FFN, x, chunk: int = 512, weighting: str = "none"):
@@ -238,23 +236,21 @@ def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: fl
     windows = [check_token_ids(model, w) for w in windows]
     check_calibration_tokens(sum(len(w) for w in windows))
     fused = fuse(model, groups, norm=norm)
-    cfg, xp = model.config, array_module(model.embed)
+    xp = array_module(model.embed)
     streams = [model.embed[xp.asarray(ids)] for ids in windows]  # each window's stream entering block `position`
-    rope = [rope_tables(np.arange(len(ids)), cfg.head_dim, cfg.rope_theta, model.dtype, xp) for ids in windows]
+    rope = [rope_for(model, np.arange(len(ids)), xp) for ids in windows]
     position, reports = 0, []
     for group in groups:
         index = fused_index(groups, group)
-        for w in range(len(windows)):
-            for layer in range(position, index):
-                streams[w] = block_forward(fused, layer, streams[w], *rope[w])
+        streams = [run_blocks(fused, x, *rope[w], start=position, stop=index) for w, x in enumerate(streams)]
         position = index
         ffn = fused.blocks[index].ffn
         down, report = refit_down(model, group, ffn, streams, ridge, chunk, weighting)
         reports.append(report)
         blocks = list(fused.blocks)
-        refitted = FFN(ffn.norm, ffn.gate, ffn.up, xp.asarray(down, dtype=ffn.down.dtype))
+        refitted = FFN(ffn.norm_gain, ffn.gate, ffn.up, xp.asarray(down, dtype=ffn.down.dtype))
         blocks[index] = Block(None, refitted, fused.blocks[index].fused_from)
-        fused = Model(fused.config, fused.embed, blocks, fused.norm, fused.lm_head)
+        fused = Model(fused.config, fused.embed, blocks, fused.norm_gain, fused.lm_head)
         if progress is not None:
             progress(1)
     return fused, reports

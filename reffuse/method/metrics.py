@@ -44,8 +44,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from reffuse.core.backend import array_module, to_numpy
+from reffuse.core.model import Model, check_token_ids, rope_for, run_blocks
 from reffuse.errors import ReffuseError
-from reffuse.core.model import Model, attention, check_token_ids, rms_norm, rope_tables, swiglu
 
 GRANULARITIES = ("block", "ffn")
 
@@ -95,20 +95,6 @@ def cosine_distance(a, b) -> np.ndarray:
 # The residual stream, kept at every block boundary
 
 
-def block_steps(model: Model, layer: int, x, cos, sin):
-    """Block `layer` on x [T, d], keeping the stream between its sub-blocks: (after attention, after FFN).
-
-    The same arithmetic as model.block_forward (eq. 1, eq. 2); a missing sub-block leaves the stream as it is.
-    """
-    block, eps = model.blocks[layer], model.config.norm_eps
-    if block.attention is not None:
-        x = x + attention(block.attention, rms_norm(x, block.attention.norm, eps), model.config, cos, sin)  # eq. 1
-    mid = x
-    if block.ffn is not None:
-        x = x + swiglu(block.ffn, rms_norm(x, block.ffn.norm, eps))                                        # eq. 2
-    return mid, x
-
-
 @dataclass
 class Stream:
     """The unmodified model's residual stream on one sequence."""
@@ -121,14 +107,11 @@ class Stream:
 def residual_stream(model: Model, token_ids) -> Stream:
     """Run `model` once on one sequence and keep the stream at every block boundary and between sub-blocks."""
     ids = check_token_ids(model, token_ids)
-    xp, cfg = array_module(model.embed), model.config
-    cos, sin = rope_tables(np.arange(len(ids)), cfg.head_dim, cfg.rope_theta, model.dtype, xp)
+    xp = array_module(model.embed)
+    cos, sin = rope_for(model, np.arange(len(ids)), xp)
     x = model.embed[xp.asarray(ids)]  # [T] -> [T, d]
     inputs, mids = [x], []
-    for layer in range(len(model.blocks)):
-        mid, x = block_steps(model, layer, x, cos, sin)
-        mids.append(mid)
-        inputs.append(x)
+    run_blocks(model, x, cos, sin, streams=inputs, mids=mids)
     return Stream(inputs, mids, cos, sin)
 
 
@@ -248,13 +231,14 @@ def dependency(model: Model, sequences, exclude_sink: bool = True, granularities
 def _skip_pass(model, stream, skipped, x, measured, contribution, granularities, sums):
     """Run blocks skipped+1.. from x (the stream leaving the skipped block) and add, for every later block j, the
     summed per-token cosine distance of its contribution from the unmodified one to sums[g][skipped, j]."""
-    for j in range(skipped + 1, len(model.blocks)):
-        mid, out = block_steps(model, j, x, stream.cos, stream.sin)
+    inputs, mids = [x], []
+    run_blocks(model, x, stream.cos, stream.sin, start=skipped + 1, streams=inputs, mids=mids)
+    for k, j in enumerate(range(skipped + 1, len(model.blocks))):
+        x, mid, out = inputs[k], mids[k], inputs[k + 1]
         if "block" in granularities:
             sums["block"][skipped, j] += cosine_distance((out - x)[measured], contribution["block"][j]).sum()
         if "ffn" in granularities and model.blocks[j].ffn is not None:
             sums["ffn"][skipped, j] += cosine_distance((out - mid)[measured], contribution["ffn"][j]).sum()
-        x = out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +284,7 @@ def greedy_windows(M, window: int = 4, eligible: Sequence[bool] | None = None,
     """The paper's greedy selection of non-overlapping windows to parallelize (PAPER.md §2, App. B).
 
     eligible[b] False keeps block b out of every window (the paper's greedy uses full blocks only: pass
-    full_blocks(model)). Each step returns the chosen window, its M_max and M_sum, the windows that tied with it on
+    reffuse.core.layout.full_blocks(model)). Each step returns the chosen window, its M_max and M_sum, the windows that tied with it on
     M_max, and how many candidate windows were left before it was chosen.
     """
     M = check_matrix(M)
@@ -322,11 +306,6 @@ def greedy_windows(M, window: int = 4, eligible: Sequence[bool] | None = None,
                       "tied": [r["first"] for r in tied]})
         candidates = [r for r in candidates if r["last"] < chosen["first"] or r["first"] > chosen["last"]]
     return steps
-
-
-def full_blocks(model: Model) -> list[bool]:
-    """Per block: True when it has both attention and an FFN (the blocks the paper's greedy selection considers)."""
-    return [b.attention is not None and b.ffn is not None for b in model.blocks]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from reffuse.core.model import Model
 from reffuse.method.planning import propose_groups
 from reffuse.evaluation.prefix import cache_prefix, kl_from_base
 from reffuse.progress import Progress
-from reffuse.method.removal import (attention_free_runs, attention_layers, attention_scores, cheapest, check_layers, drop_attention,
-                      format_layers)
-from reffuse.formats.tokenizer import load_tokenizer
+from reffuse.core.layout import attention_free_runs, attention_layers, format_layers
+from reffuse.method.removal import attention_scores, cheapest, check_layers, drop_attention
+from reffuse.formats.registry import load_tokenizer
 
 SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
 
@@ -147,7 +147,7 @@ def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarra
     """
     m = len(model.blocks)
     up_to = m - 1 if up_to is None else up_to
-    truncated = Model(model.config, model.embed, model.blocks[:up_to + 1], model.norm, model.lm_head)
+    truncated = Model(model.config, model.embed, model.blocks[:up_to + 1], model.norm_gain, model.lm_head)
     windows = list(windows)
     total = block_evaluations_needed(truncated, len(windows), ("ffn",))
     with Progress("measuring FFN dependencies", total, "block evaluations") as bar:

@@ -27,8 +27,8 @@ import numpy as np
 
 from reffuse.errors import ReffuseError
 from reffuse.method.metrics import check_matrix
-from reffuse.core.model import Model, check_groups
-from reffuse.method.removal import attention_free_runs
+from reffuse.core.layout import attention_free_runs, check_groups
+from reffuse.core.model import Model
 
 SPLIT_RULE = ("per run (without its last block by default): the fewest groups the size cap allows, cut where the "
               "summed dependency M[i, j] left inside the groups is least")

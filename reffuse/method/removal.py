@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from reffuse.errors import ReffuseError
+from reffuse.core.layout import attention_layers, format_layers
 from reffuse.core.model import Block, Model
 from reffuse.evaluation.prefix import Prefix, cache_prefix, kl_from_base
 
@@ -51,7 +52,7 @@ def drop_attention(model: Model, blocks) -> Model:
     new = list(model.blocks)
     for layer in layers:
         new[layer] = Block(None, new[layer].ffn, new[layer].fused_from)
-    return Model(model.config, model.embed, new, model.norm, model.lm_head)
+    return Model(model.config, model.embed, new, model.norm_gain, model.lm_head)
 
 
 def drop_ffns(model: Model, blocks) -> Model:
@@ -63,55 +64,7 @@ def drop_ffns(model: Model, blocks) -> Model:
     new = list(model.blocks)
     for layer in layers:
         new[layer] = Block(new[layer].attention, None, new[layer].fused_from)
-    return Model(model.config, model.embed, new, model.norm, model.lm_head)
-
-
-def attention_layers(model: Model) -> list[int]:
-    return [i for i, b in enumerate(model.blocks) if b.attention is not None]
-
-
-def attention_free_runs(model: Model) -> list[tuple[int, int]]:
-    """Maximal runs (first, last) of >= 2 consecutive blocks that have an FFN and no attention."""
-    runs, start = [], None
-    for i, block in enumerate(model.blocks + [None]):
-        free = block is not None and block.attention is None and block.ffn is not None
-        if free and start is None:
-            start = i
-        elif not free and start is not None:
-            if i - 1 > start:
-                runs.append((start, i - 1))
-            start = None
-    return runs
-
-
-def format_layers(layers) -> str:
-    """[3, 4, 5, 9] -> "3-5,9": the inverse of `parse_layers`."""
-    layers, parts = sorted(layers), []
-    i = 0
-    while i < len(layers):
-        j = i
-        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
-            j += 1
-        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
-        i = j + 1
-    return ",".join(parts) or "-"
-
-
-def parse_layers(text: str) -> list[int]:
-    """"14-21" or "3,5,14-21" -> sorted block indices (0-based, ranges inclusive)."""
-    layers = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        first, sep, last = part.partition("-")
-        try:
-            lo, hi = int(first), int(last if sep else first)
-        except ValueError:
-            raise ReffuseError(f"{part!r} is not a block index or a range FIRST-LAST (e.g. 14-21)") from None
-        if hi < lo:
-            raise ReffuseError(f"range {part!r} is empty: write FIRST-LAST with FIRST <= LAST")
-        layers.update(range(lo, hi + 1))
-    if not layers:
-        raise ReffuseError(f"{text!r} names no blocks: write e.g. 14-21 or 3,5,14-21")
-    return sorted(layers)
+    return Model(model.config, model.embed, new, model.norm_gain, model.lm_head)
 
 
 def removal_scores(prefix: Prefix, replacements: dict[int, Block]) -> dict[int, float]:
@@ -123,7 +76,7 @@ def removal_scores(prefix: Prefix, replacements: dict[int, Block]) -> dict[int, 
     for layer in sorted(replacements):
         blocks = list(base.blocks)
         blocks[layer] = replacements[layer]
-        variant = Model(base.config, base.embed, blocks, base.norm, base.lm_head)
+        variant = Model(base.config, base.embed, blocks, base.norm_gain, base.lm_head)
         scores[layer] = kl_from_base(prefix, variant, layer)
     return scores
 

@@ -6,7 +6,9 @@ rows (decode tokens/s, all models timed in one run).
 
 from __future__ import annotations
 
-from reffuse.plots import pyplot
+from pathlib import Path
+
+from reffuse.plots import pyplot, save_figure
 
 COLOURS = {"original": "black", "attention removed": "tab:red", "fused": "tab:blue",
            "fused, calibrated": "tab:green"}
@@ -39,3 +41,29 @@ def pipeline_summary_figure(result: dict):
     fig.suptitle(f"Attention removal and FFN Fusion on {result['model_name']}")
     fig.tight_layout()
     return fig
+
+
+def write_demo_figures(result: dict, folder: Path) -> list[Path]:
+    """The demo's figures, drawn from its result, written to `folder`."""
+    from reffuse.plots.dependency import dependency_heatmap
+    from reffuse.plots.layout import layout_figure
+    from reffuse.plots.removal import attention_scores_figure
+
+    name = result["model_name"]
+    removed_blocks = [r["block"] for r in result["layout_removed"] if not r["attention"]]
+    figures = {"layout.png": layout_figure({f"{name} as loaded": result["layout_before"],
+                                            "attention removed": result["layout_removed"],
+                                            f"fused ({result['norm']}): {','.join(f'{a}-{b}' for a, b in result['groups'])}":
+                                                result["layout_after"]}, "Block layout before and after fusion"),
+               "quality_speed.png": pipeline_summary_figure(result)}
+    removal = result["attention_removal"]
+    if removal and removal.get("scores"):
+        figures["attention_scores.png"] = attention_scores_figure(removal, f"Attention removal scores, {name}")
+    if "ffn_dependency" in result:
+        matrix = result["ffn_dependency"]["matrix"]
+        measured = 1 + max(i for i, row in enumerate(matrix) if any(v is not None for v in row[i + 1:]))
+        matrix = [row[:measured + 1] for row in matrix[:measured + 1]]  # blocks 0..measured (the rest not run)
+        figures["ffn_dependency.png"] = dependency_heatmap(
+            matrix, f"{name}: FFN-level dependency, attention removed ({result['ffn_dependency']['tokens']} tokens)",
+            removed_blocks)
+    return [save_figure(fig, folder / file) for file, fig in figures.items()]

@@ -126,7 +126,7 @@ def ffn_run_model(model: Model, blocks: int = FFN_RUN_BLOCKS) -> Model:
     ffns = [b.ffn for b in model.blocks if b.ffn is not None][:blocks]
     if len(ffns) < 2:
         raise ReffuseError(f"{model.config.name} has {len(ffns)} FFN(s): the FFN-run benchmark needs at least 2")
-    return Model(model.config, model.embed, [Block(None, f) for f in ffns], model.norm, model.lm_head)
+    return Model(model.config, model.embed, [Block(None, f) for f in ffns], model.norm_gain, model.lm_head)
 
 
 def time_decode(runners: dict, prompt, new_tokens: int, repeats: int) -> dict:

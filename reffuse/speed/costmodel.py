@@ -52,114 +52,30 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reffuse.errors import ReffuseError
+from reffuse.core.layout import (BlockLayout, Layout, attention_free_runs, check_groups, fuse_layout,
+                                 sharding_problems)
 from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, forward
+from reffuse.errors import ReffuseError
 
 # bytes per weight in each precision the presets use
 PRECISION_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4, "fp64": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layouts: what the cost model needs to know about a model
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """One block as the cost model sees it: attention present or not, and the FFN width (0: no FFN)."""
-    attention: bool
-    ffn_width: int
-    fused_from: tuple[int, ...] = ()  # a fused block: the layers of the unfused model it replaces
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A model's shapes, without weights. `fusion_groups` are the runs its fused variant fuses."""
-    name: str
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_embeddings: bool
-    blocks: tuple[BlockShape, ...]
-    fusion_groups: tuple[tuple[int, int], ...] = ()
-    source: str = ""
-    assumptions: tuple[str, ...] = ()
-
-    def attention_weights(self) -> int:
-        """Weights of one attention sub-block: q [H·hd, d], k and v [Hkv·hd, d], o [d, H·hd]."""
-        return self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+# Layouts (reffuse.core.layout): what the cost model needs to know about a model
 
 
 def layout_from_model(model: Model, fusion_groups=None, name: str | None = None) -> Layout:
-    """The layout of a reffuse Model (fused or not): attention present and FFN width, block by block.
-
-    fusion_groups: the runs to fuse for the "fused" variant; by default, each attention-free run of 3 or more
-    blocks without its last block (the paper's rule, PAPER.md §2: the last FFN of a run is left alone).
-    """
-    cfg = model.config
-    blocks = tuple(BlockShape(b.attention is not None, b.ffn.width if b.ffn is not None else 0, tuple(b.fused_from))
-                   for b in model.blocks)
-    layout = Layout(name or cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
-                    cfg.tie_embeddings, blocks, source="a reffuse Model's shapes")
+    """The layout of a reffuse Model (fused or not), with the runs its fused variant fuses: by default, each
+    attention-free run of 3 or more blocks without its last block (the paper leaves a run's last FFN alone, §4)."""
+    layout = dataclasses.replace(model.layout(), name=name or model.config.name)
     groups = default_fusion_groups(layout) if fusion_groups is None else fusion_groups
-    return dataclasses.replace(layout, fusion_groups=check_layout_groups(layout, groups))
-
-
-def attention_free_runs(layout: Layout) -> list[tuple[int, int]]:
-    """Maximal runs (first, last) of consecutive blocks that have an FFN and no attention."""
-    runs, start = [], None
-    for i, block in enumerate(layout.blocks + (BlockShape(True, 0),)):  # a sentinel closes the last run
-        free = not block.attention and block.ffn_width > 0
-        if free and start is None:
-            start = i
-        elif not free and start is not None:
-            runs.append((start, i - 1))
-            start = None
-    return runs
+    return dataclasses.replace(layout, fusion_groups=tuple(check_groups(layout, groups)))
 
 
 def default_fusion_groups(layout: Layout) -> tuple[tuple[int, int], ...]:
     """Each attention-free run of at least 3 blocks, without its last block."""
     return tuple((first, last - 1) for first, last in attention_free_runs(layout) if last - first >= 2)
-
-
-def check_layout_groups(layout: Layout, groups) -> tuple[tuple[int, int], ...]:
-    """Validate fusion groups against a layout, as reffuse.core.model.check_groups does against a Model."""
-    n, checked = len(layout.blocks), []
-    for group in groups:
-        first, last = (int(i) for i in group)
-        if not (0 <= first < last < n):
-            raise ReffuseError(f"group ({first}, {last}) does not fit {layout.name}: a group is (first, last) with "
-                               f"0 <= first < last <= {n - 1}")
-        for i in range(first, last + 1):
-            if layout.blocks[i].attention or layout.blocks[i].ffn_width == 0:
-                raise ReffuseError(f"group ({first}, {last}) contains block {i} of {layout.name}, which "
-                                   f"{'has attention' if layout.blocks[i].attention else 'has no FFN'}: only "
-                                   "runs of attention-free FFN blocks fuse")
-        checked.append((first, last))
-    checked.sort()
-    for (a, b), (c, d) in zip(checked, checked[1:]):
-        if c <= b:
-            raise ReffuseError(f"groups ({a}, {b}) and ({c}, {d}) overlap")
-    return tuple(checked)
-
-
-def fuse_layout(layout: Layout, groups=None) -> Layout:
-    """The layout after fusing each group into one FFN whose width is the sum of the group's widths (Theorem 3.1)."""
-    runs = {first: last for first, last in check_layout_groups(layout, layout.fusion_groups if groups is None
-                                                                else groups)}
-    blocks, layer = [], 0
-    while layer < len(layout.blocks):
-        if layer in runs:
-            group = layout.blocks[layer:runs[layer] + 1]
-            fused_from = tuple(i for k, b in enumerate(group) for i in (b.fused_from or (layer + k,)))
-            blocks.append(BlockShape(False, sum(b.ffn_width for b in group), fused_from))
-            layer = runs[layer] + 1
-        else:
-            blocks.append(layout.blocks[layer])
-            layer += 1
-    return dataclasses.replace(layout, name=f"{layout.name} (fused)", blocks=tuple(blocks), fusion_groups=())
 
 
 def parameter_count(layout: Layout) -> int:
@@ -178,32 +94,15 @@ def allreduce_count(layout: Layout, tp: int) -> int:
     return sum(b.attention for b in layout.blocks) + sum(b.ffn_width > 0 for b in layout.blocks)
 
 
-def tensor_parallel_problems(layout: Layout, tp: int) -> list[str]:
-    """Why `layout` cannot be split over tp devices (empty when it can); the rule of reffuse.tp.sharding."""
-    problems = []
-    if tp < 1:
-        return [f"the tensor-parallel degree must be at least 1, not {tp}"]
-    if any(b.attention for b in layout.blocks):
-        if layout.n_heads % tp:
-            problems.append(f"its {layout.n_heads} query heads do not divide by TP={tp}")
-        if layout.n_kv_heads % tp and tp % layout.n_kv_heads:
-            problems.append(f"its {layout.n_kv_heads} key/value heads neither divide by TP={tp} nor divide it")
-    widths = sorted({b.ffn_width for b in layout.blocks if b.ffn_width % tp})
-    if widths:
-        problems.append(f"FFN width{'s' if len(widths) > 1 else ''} {', '.join(map(str, widths))} "
-                        f"do{'' if len(widths) > 1 else 'es'} not divide by TP={tp}")
-    return problems
-
-
 def tensor_parallel_degrees(layout: Layout, up_to: int = 8) -> list[int]:
     """The degrees 1..up_to over which the layout (and its fused variant) can be split."""
     fused = fuse_layout(layout) if layout.fusion_groups else layout
     return [n for n in range(1, up_to + 1)
-            if not tensor_parallel_problems(layout, n) and not tensor_parallel_problems(fused, n)]
+            if not sharding_problems(layout, n) and not sharding_problems(fused, n)]
 
 
 def check_tensor_parallel(layout: Layout, tp: int) -> None:
-    problems = tensor_parallel_problems(layout, tp)
+    problems = sharding_problems(layout, tp)
     if problems:
         raise ReffuseError(f"{layout.name} cannot be split over TP={tp}: {'; '.join(problems)}. Degrees up to 64 "
                            f"that work: {', '.join(map(str, tensor_parallel_degrees(layout, 64)))}")
@@ -213,9 +112,9 @@ def check_tensor_parallel(layout: Layout, tp: int) -> None:
 # Model presets
 
 
-def _blocks(runs) -> tuple[BlockShape, ...]:
+def _blocks(runs) -> tuple[BlockLayout, ...]:
     """Blocks from runs (count, attention, FFN width)."""
-    return tuple(BlockShape(attention, width) for count, attention, width in runs for _ in range(count))
+    return tuple(BlockLayout(attention, width) for count, attention, width in runs for _ in range(count))
 
 
 def smollm2_layout() -> Layout:
@@ -320,7 +219,7 @@ def get_layout(name: str, fusion_groups=None) -> Layout:
     if name in MODEL_PRESETS:
         layout = MODEL_PRESETS[name]()
         if fusion_groups is not None:
-            layout = dataclasses.replace(layout, fusion_groups=check_layout_groups(layout, fusion_groups))
+            layout = dataclasses.replace(layout, fusion_groups=tuple(check_groups(layout, fusion_groups)))
         return layout
     from reffuse.formats.registry import NAMED_MODELS, load_model
 
@@ -455,8 +354,8 @@ def _overhead_models(dtype) -> dict[str, Model]:
     def w(*shape):
         return rng.standard_normal(shape).astype(dtype)
 
-    attention = Attention(norm=w(d), q=w(2 * hd, d), k=w(hd, d), v=w(hd, d), o=w(d, 2 * hd))
-    ffn = FFN(norm=w(d), gate=w(d, d), up=w(d, d), down=w(d, d))
+    attention = Attention(norm_gain=w(d), q=w(2 * hd, d), k=w(hd, d), v=w(hd, d), o=w(d, 2 * hd))
+    ffn = FFN(norm_gain=w(d), gate=w(d, d), up=w(d, d), down=w(d, d))
     embed = w(16, d)
     return {"forward": Model(cfg, embed, [], w(d), embed),
             "attention": Model(cfg, embed, [Block(attention, None)], w(d), embed),
@@ -729,7 +628,7 @@ def decode_projection(layout: Layout, hw: Hardware, degrees=range(1, 9), context
     fused = fuse_layout(layout) if layout.fusion_groups else layout
     rows, skipped = [], {}
     for tp in degrees:
-        problems = tensor_parallel_problems(layout, tp) or tensor_parallel_problems(fused, tp)
+        problems = sharding_problems(layout, tp) or sharding_problems(fused, tp)
         if tp > 1 and hw.allreduce_alpha is None:
             problems = [f"{hw.name} has no all-reduce calibration (MPI was not measured)"]
         if problems:
@@ -823,10 +722,10 @@ def tp_run_layout(result: dict) -> Layout:
                            "the tp results of tiny and smollm2")
     layout = MODEL_PRESETS[preset]()
     removed = set(result.get("attention_removed") or ())
-    blocks = tuple(BlockShape(b.attention and i not in removed, b.ffn_width, b.fused_from)
+    blocks = tuple(BlockLayout(b.attention and i not in removed, b.ffn_width, b.fused_from)
                    for i, b in enumerate(layout.blocks))
     layout = dataclasses.replace(layout, blocks=blocks, fusion_groups=())
-    return dataclasses.replace(layout, fusion_groups=check_layout_groups(layout, result["groups"]))
+    return dataclasses.replace(layout, fusion_groups=tuple(check_groups(layout, result["groups"])))
 
 
 def predict_tp_run(result: dict, hw: Hardware) -> list[dict]:

@@ -13,7 +13,8 @@ import numpy as np
 
 from reffuse.core.backend import array_module, synchronize
 from reffuse.core.fusion import fuse
-from reffuse.core.model import Model, block_forward, check_groups
+from reffuse.core.layout import check_groups, original_layers
+from reffuse.core.model import Model, rope_for, run_blocks
 
 
 def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
@@ -65,14 +66,22 @@ def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = 
     fused = fuse(model, [group], norm=norm)
     xp = array_module(model.embed)
     x = xp.asarray(np.random.default_rng(seed).standard_normal((tokens, model.config.dim)), dtype=model.dtype)
-    no_rope = (None, None)  # attention-free blocks never read the rotary tables
-
-    def sequential():
-        y = x
-        for layer in range(first, last + 1):
-            y = block_forward(model, layer, y, *no_rope)
-        return y
-
-    seconds = compare_seconds({"sequential": sequential,
-                               "fused": lambda: block_forward(fused, first, x, *no_rope)}, repeats)
+    seconds = compare_seconds({"sequential": lambda: run_blocks(model, x, start=first, stop=last + 1),  # eq. 4, k times
+                               "fused": lambda: run_blocks(fused, x, start=first, stop=first + 1)}, repeats)
     return {"tokens": tokens, **seconds, "speedup": seconds["sequential"] / seconds["fused"]}
+
+
+def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int = 7, seed: int = 0) -> dict:
+    """Median seconds to run the blocks of `region` (first, last), numbered as in the unfused model, on `tokens`
+    random positions, per model (name -> Model), timed in alternation. A fused model runs the blocks that stand
+    for those layers."""
+    rng = np.random.default_rng(seed)
+    fns = {}
+    for name, model in models.items():
+        xp = array_module(model.embed)
+        x = xp.asarray(rng.standard_normal((tokens, model.config.dim)), dtype=model.dtype)
+        cos, sin = rope_for(model, np.arange(tokens), xp)
+        layers = [i for i, span in enumerate(original_layers(model)) if region[0] <= span[0] <= region[1]]
+        fns[name] = (lambda model=model, x=x, cos=cos, sin=sin, start=layers[0], stop=layers[-1] + 1:
+                     run_blocks(model, x, cos, sin, start=start, stop=stop))
+    return compare_seconds(fns, repeats)

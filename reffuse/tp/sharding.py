@@ -26,6 +26,7 @@ import dataclasses
 
 from reffuse.core.backend import array_module
 from reffuse.errors import ReffuseError
+from reffuse.core.layout import sharding_problems
 from reffuse.core.model import FFN, Attention, Block, Config, Model
 
 
@@ -69,7 +70,7 @@ def shard_attention(attn: Attention, config: Config, rank: int, n_ranks: int) ->
     """Rank r's heads: q, k, v column-parallel by head groups, o row-parallel over the same query heads."""
     q_features = _feature_range(query_heads(config, rank, n_ranks), config.head_dim)
     kv_features = _feature_range(kv_heads(config, rank, n_ranks), config.head_dim)
-    return Attention(norm=attn.norm,
+    return Attention(norm_gain=attn.norm_gain,
                      q=column_parallel(attn.q, rank, n_ranks, q_features),    # [n_heads/N * hd, d]
                      k=column_parallel(attn.k, rank, n_ranks, kv_features),   # [n_kv_local * hd, d]
                      v=column_parallel(attn.v, rank, n_ranks, kv_features),   # [n_kv_local * hd, d]
@@ -78,31 +79,10 @@ def shard_attention(attn: Attention, config: Config, rank: int, n_ranks: int) ->
 
 def shard_ffn(ffn: FFN, rank: int, n_ranks: int) -> FFN:
     """Rank r's hidden units, a contiguous dh/N: gate and up column-parallel (the same units), down row-parallel."""
-    return FFN(norm=ffn.norm,
+    return FFN(norm_gain=ffn.norm_gain,
                gate=column_parallel(ffn.gate, rank, n_ranks),   # [dh/N, d]
                up=column_parallel(ffn.up, rank, n_ranks),       # [dh/N, d]
                down=row_parallel(ffn.down, rank, n_ranks))      # [d, dh/N]
-
-
-def sharding_problems(model: Model, n_ranks: int) -> list[str]:
-    """Why `model` cannot be split over n_ranks (empty when it can)."""
-    cfg, problems = model.config, []
-    if any(b.attention is not None for b in model.blocks):
-        if cfg.n_heads % n_ranks:
-            problems.append(f"its {cfg.n_heads} query heads (n_heads) do not divide by N={n_ranks}")
-        if cfg.n_kv_heads % n_ranks and n_ranks % cfg.n_kv_heads:
-            problems.append(f"its {cfg.n_kv_heads} key/value heads (n_kv_heads) neither divide by N={n_ranks} "
-                            f"nor divide N (to be replicated)")
-    widths = {}
-    for i, block in enumerate(model.blocks):
-        if block.ffn is not None and block.ffn.width % n_ranks:
-            widths.setdefault(block.ffn.width, []).append(i)
-    if widths:
-        listed = ", ".join(f"{width} (block{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))})"
-                           for width, layers in widths.items())
-        problems.append(f"FFN width{'s' if len(widths) > 1 else ''} {listed} do{'es' if len(widths) == 1 else ''} "
-                        f"not divide by N={n_ranks}")
-    return problems
 
 
 def rank_counts_that_work(model: Model, up_to: int = 64) -> list[int]:
@@ -133,7 +113,7 @@ def shard_model(model: Model, rank: int, n_ranks: int) -> Model:
                     ffn=None if b.ffn is None else shard_ffn(b.ffn, rank, n_ranks),
                     fused_from=b.fused_from)
               for b in model.blocks]
-    return Model(config, model.embed, blocks, model.norm, model.lm_head)  # embeddings, norm, LM head replicated
+    return Model(config, model.embed, blocks, model.norm_gain, model.lm_head)  # embeddings, norm, LM head replicated
 
 
 def allreduces_per_forward(model: Model, parallel_groups=None) -> int:

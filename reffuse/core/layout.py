@@ -1,0 +1,235 @@
+"""A model's layout: which blocks have attention, how wide each FFN is, which layers a fused block replaces.
+
+One description, used wherever the structure matters and the weights do not: the saved config (reffuse.formats),
+the cost model's presets (reffuse.speed.costmodel, including layouts of models that are never loaded, such as
+Llama-3.1-405B), the plots, and every question about structure asked below (attention-free runs, attention
+layers, full blocks, whether a list of runs may be fused). `model.layout()` (or `reffuse.layout(model)`) gives a loaded model's layout.
+
+Vocabulary, shared with DeciLM / Nemotron-NAS configs: a block's attention or FFN may be absent (`no_op`); an
+attention-free run is a maximal run of two or more consecutive blocks that have an FFN and no attention (only
+such runs can run in parallel, eq. 5, and fuse, Theorem 3.1); a group is a run (first, last), 0-based and
+inclusive, chosen to be fused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from reffuse.errors import ReffuseError
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One block: attention present or not, the FFN width (0: no FFN), and for a fused block the layers of the
+    unfused model it replaces."""
+    attention: bool
+    ffn_width: int
+    fused_from: tuple[int, ...] = ()
+
+    @property
+    def has_ffn(self) -> bool:
+        return self.ffn_width > 0
+
+    def to_json(self) -> dict:
+        return {"attention": self.attention, "ffn_width": self.ffn_width, "fused_from": list(self.fused_from)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model's shapes without its weights. `fusion_groups` are the runs its fused variant fuses (the cost
+    model's presets carry the paper's); `source` and `assumptions` say where the shapes come from."""
+    name: str
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    blocks: tuple[BlockLayout, ...]
+    fusion_groups: tuple[tuple[int, int], ...] = ()
+    source: str = ""
+    assumptions: tuple[str, ...] = ()
+
+    def attention_weights(self) -> int:
+        """Weights of one attention sub-block: q [H·hd, d], k and v [Hkv·hd, d], o [d, H·hd]."""
+        return self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+
+    def rows(self) -> list[dict]:
+        """One JSON row per block: its index, attention present, FFN width, the layers a fused block replaces."""
+        return [{"block": i, **b.to_json()} for i, b in enumerate(self.blocks)]
+
+
+def blocks_from_json(rows, source: str) -> tuple[BlockLayout, ...]:
+    """BlockLayouts from JSON rows ({"attention", "ffn_width", "fused_from"}), as saved configs hold them."""
+    try:
+        return tuple(BlockLayout(bool(r["attention"]), int(r["ffn_width"]),
+                                 tuple(int(i) for i in r.get("fused_from", ()))) for r in rows)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ReffuseError(f"{source}: a block entry is malformed ({e}): each needs attention and ffn_width") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Questions about structure: each takes a Layout or a reffuse Model (whose .layout() gives its Layout)
+
+
+def as_layout(structure) -> Layout:
+    """A Layout as it is; a Model's layout."""
+    return structure if isinstance(structure, Layout) else structure.layout()
+
+
+def attention_layers(structure) -> list[int]:
+    """Blocks that have attention."""
+    return [i for i, b in enumerate(as_layout(structure).blocks) if b.attention]
+
+
+def full_blocks(structure) -> list[bool]:
+    """Per block: True when it has both attention and an FFN (the blocks the paper's greedy selection considers)."""
+    return [b.attention and b.has_ffn for b in as_layout(structure).blocks]
+
+
+def attention_free_runs(structure) -> list[tuple[int, int]]:
+    """Maximal runs (first, last) of >= 2 consecutive blocks that have an FFN and no attention."""
+    runs, start = [], None
+    for i, block in enumerate(as_layout(structure).blocks + (None,)):  # None closes the last run
+        free = block is not None and not block.attention and block.has_ffn
+        if free and start is None:
+            start = i
+        elif not free and start is not None:
+            if i - 1 > start:
+                runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def original_layers(structure) -> list[tuple[int, ...]]:
+    """For every block, the layers of the unfused model it stands for (one for a plain block)."""
+    layers, next_layer = [], 0
+    for block in as_layout(structure).blocks:
+        span = block.fused_from or (next_layer,)
+        layers.append(tuple(span))
+        next_layer = max(span) + 1
+    return layers
+
+
+def check_runs(n_blocks: int, groups) -> list[tuple[int, int]]:
+    """Runs (first, last) of blocks, 0-based and inclusive, in range, of 2 or more blocks, not overlapping;
+    returned sorted. Says nothing of what the blocks hold (see check_groups)."""
+    checked = []
+    for group in groups:
+        try:
+            first, last = (int(i) for i in group)
+        except (TypeError, ValueError):
+            raise ReffuseError(f"group {group!r} is not a pair (first, last) of block indices") from None
+        if not (0 <= first < n_blocks and 0 <= last < n_blocks):
+            raise ReffuseError(f"group ({first}, {last}) is out of range: the model has blocks 0..{n_blocks - 1}")
+        if last <= first:
+            raise ReffuseError(f"group ({first}, {last}) has fewer than 2 blocks: a run is (first, last) "
+                               "with first < last, both inclusive")
+        checked.append((first, last))
+    checked.sort()
+    for (a, b), (c, d) in zip(checked, checked[1:]):
+        if c <= b:
+            raise ReffuseError(f"groups ({a}, {b}) and ({c}, {d}) overlap: each block belongs to at most one group")
+    return checked
+
+
+def check_groups(structure, groups) -> list[tuple[int, int]]:
+    """check_runs, and every block of every group attention-free with an FFN: the runs that may run in parallel
+    (eq. 5) and fuse (Theorem 3.1)."""
+    layout = as_layout(structure)
+    checked = check_runs(len(layout.blocks), groups)
+    for first, last in checked:
+        for i in range(first, last + 1):
+            if layout.blocks[i].attention:
+                raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has attention: only runs "
+                                   "of attention-free blocks can run in parallel (remove its attention first)")
+            if not layout.blocks[i].has_ffn:
+                raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has no FFN")
+    return checked
+
+
+def format_layers(layers) -> str:
+    """[3, 4, 5, 9] -> "3-5,9": the inverse of `parse_layers`."""
+    layers, parts = sorted(layers), []
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(parts) or "-"
+
+
+def parse_layers(text: str) -> list[int]:
+    """"14-21" or "3,5,14-21" -> sorted block indices (0-based, ranges inclusive)."""
+    layers = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, sep, last = part.partition("-")
+        try:
+            lo, hi = int(first), int(last if sep else first)
+        except ValueError:
+            raise ReffuseError(f"{part!r} is not a block index or a range FIRST-LAST (e.g. 14-21)") from None
+        if hi < lo:
+            raise ReffuseError(f"range {part!r} is empty: write FIRST-LAST with FIRST <= LAST")
+        layers.update(range(lo, hi + 1))
+    if not layers:
+        raise ReffuseError(f"{text!r} names no blocks: write e.g. 14-21 or 3,5,14-21")
+    return sorted(layers)
+
+
+def sharding_problems(structure, n_ranks: int) -> list[str]:
+    """Why a model cannot be split over n_ranks tensor-parallel ranks the Megatron way (empty when it can): query
+    heads must divide by N; key/value heads must divide by N or divide N (then they are replicated); every FFN
+    width must divide by N. reffuse.tp.sharding splits by this rule and the cost model predicts by it."""
+    layout, problems = as_layout(structure), []
+    if n_ranks < 1:
+        return [f"the tensor-parallel degree N must be at least 1, not {n_ranks}"]
+    if any(b.attention for b in layout.blocks):
+        if layout.n_heads % n_ranks:
+            problems.append(f"its {layout.n_heads} query heads (n_heads) do not divide by N={n_ranks}")
+        if layout.n_kv_heads % n_ranks and n_ranks % layout.n_kv_heads:
+            problems.append(f"its {layout.n_kv_heads} key/value heads (n_kv_heads) neither divide by N={n_ranks} "
+                            f"nor divide N (to be replicated)")
+    widths = {}
+    for i, block in enumerate(layout.blocks):
+        if block.has_ffn and block.ffn_width % n_ranks:
+            widths.setdefault(block.ffn_width, []).append(i)
+    if widths:
+        listed = ", ".join(f"{width} (block{'s' if len(layers) > 1 else ''} {format_layers(layers)})"
+                           for width, layers in widths.items())
+        problems.append(f"FFN width{'s' if len(widths) > 1 else ''} {listed} do{'es' if len(widths) == 1 else ''} "
+                        f"not divide by N={n_ranks}")
+    return problems
+
+
+def steps(n_blocks: int, runs) -> list[tuple[int, int]]:
+    """The steps of a walk over blocks 0..n_blocks-1: each run (first, last) is one step, every other block a step
+    (b, b) of its own. `runs` must be checked (sorted, in range, not overlapping)."""
+    ends = dict(runs)
+    walk, layer = [], 0
+    while layer < n_blocks:
+        last = ends.get(layer, layer)
+        walk.append((layer, last))
+        layer = last + 1
+    return walk
+
+
+def fused_layers(structure, first: int, last: int) -> tuple[int, ...]:
+    """The layers of the unfused model that blocks first..last stand for, once fused into one block."""
+    return tuple(i for span in original_layers(structure)[first:last + 1] for i in span)
+
+
+def fuse_layout(layout: Layout, groups=None) -> Layout:
+    """The layout after fusing each group (default: its fusion_groups) into one FFN whose width is the sum of the
+    group's widths (Theorem 3.1). reffuse.fuse does the same to weights."""
+    groups = check_groups(layout, layout.fusion_groups if groups is None else groups)
+    blocks = []
+    for first, last in steps(len(layout.blocks), groups):
+        if first == last:
+            blocks.append(layout.blocks[first])
+        else:
+            width = sum(b.ffn_width for b in layout.blocks[first:last + 1])
+            blocks.append(BlockLayout(False, width, fused_layers(layout, first, last)))
+    return dataclasses.replace(layout, name=f"{layout.name} (fused)", blocks=tuple(blocks), fusion_groups=())

@@ -1,0 +1,199 @@
+"""The whole FFN Fusion pipeline on one model, as `reffuse demo` runs it (see that command's help for the steps).
+
+1. text: calibration and held-out windows from disjoint plays (reffuse.method.pipeline.load_texts);
+2. attention removal, standing in for Puzzle (reffuse.method.removal);
+3. the FFN-level dependencies in the attention-free run and a fusion plan from them (reffuse.method.planning);
+4. fusion (Theorem 3.1) and its exactness; the approximation it makes, sequential vs parallel;
+5. calibration of the fused down-projections (reffuse.method.calibrate);
+6. quality on held-out text; 7. speed, all models in one run, and a greedy sample from each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from reffuse.core.fusion import fuse, with_last_norm
+from reffuse.core.generate import generate
+from reffuse.core.layout import attention_free_runs
+from reffuse.core.model import Model, cast, forward, layout
+from reffuse.errors import ReffuseError
+from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.formats.registry import load_model
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
+from reffuse.method.metrics import matrix_to_json
+from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
+from reffuse.method.removal import drop_attention
+from reffuse.progress import Progress, note
+from reffuse.speed.bench import reffuse_decode, time_decode
+from reffuse.speed.timing import blas_threads, time_region
+
+DEFAULT_DROP = {"smollm2": 8, "tiny": 2}
+PROMPT = "The capital of France is"
+STEPS = 7
+
+
+@dataclass
+class DemoOptions:
+    """What `reffuse demo` takes (its --help says what each means)."""
+    model: str = "smollm2"
+    drop_attention: list | None = None
+    drop_attention_count: int | None = None
+    groups: list | None = None
+    max_group_size: int = 4
+    norm: str = "fold"
+    weighting: str = DEFAULT_WEIGHTING
+    ridge: float = DEFAULT_RIDGE
+    held_out_tokens: int = 512
+    calibration_tokens: int = 1024
+    scoring_tokens: int = 128
+    dependency_tokens: int = 64
+    tokens: int = 32
+    decode_tokens: int = 16
+    repeats: int = 5
+    sample_tokens: int = 12
+    prompt: str = PROMPT
+    seed: int = 0
+
+    @classmethod
+    def from_namespace(cls, args) -> "DemoOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def relative_error(a, b) -> float:
+    """max |a - b| / max |b|."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def step(number: int, text: str) -> None:
+    note(f"[{number}/{STEPS}] {text}")
+
+
+def exactness(removed: Model, groups, norm: str, tokens: int, seed: int) -> dict:
+    """Fused vs the parallel form (Theorem 3.1: equal) in float32 and float64, and sequential vs parallel
+    (the approximation) in float64, on random token ids."""
+    ids = np.random.default_rng(seed).integers(0, removed.config.vocab_size, tokens)
+    errors = {}
+    model64 = cast(removed, "float64")
+    for dtype, model in (("float32", removed), ("float64", model64)):
+        reference = model if norm == "fold" else with_last_norm(model, groups)
+        parallel = forward(reference, ids, parallel_groups=groups)
+        errors[dtype] = relative_error(forward(fuse(model, groups, norm=norm), ids), parallel)
+    sequential = forward(model64, ids)
+    parallel = forward(model64 if norm == "fold" else with_last_norm(model64, groups), ids, parallel_groups=groups)
+    gap = {"max_abs_logit_difference": float(np.max(np.abs(parallel - sequential))),
+           "relative_logit_difference": relative_error(parallel, sequential),
+           "top1_agreement": float(np.mean(parallel.argmax(-1) == sequential.argmax(-1))), "tokens": tokens}
+    return {"fused_vs_parallel_relative_error": errors, "sequential_vs_parallel": gap}
+
+
+def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> dict:
+    """A greedy continuation of the prompt from each model (token ids for the synthetic model)."""
+    ids = tokenizer.encode(prompt) if tokenizer else list(np.random.default_rng(3).integers(0, vocab, 8))
+    out = {"prompt": prompt if tokenizer else [int(i) for i in ids], "continuations": {}}
+    for name, model in models.items():
+        new = generate(model, ids, tokens)
+        out["continuations"][name] = tokenizer.decode(new) if tokenizer else [int(i) for i in new]
+    return out
+
+
+def run_demo(options: DemoOptions) -> dict:
+    """Every step of the module docstring; a JSON-ready dict (without figures)."""
+    started = time.perf_counter()
+    count = options.drop_attention_count
+    if options.drop_attention is None and count is None and options.groups is None:
+        count = DEFAULT_DROP.get(options.model, DEFAULT_DROP["smollm2"])
+    if count is not None and count < 1:
+        raise ReffuseError(f"--drop-attention-count {count} must be at least 1")
+    original = load_model(options.model)
+    synthetic = is_synthetic(options.model, original)
+    result = {"model": options.model, "model_name": original.config.name, "synthetic": synthetic, "norm": options.norm}
+    with blas_threads(None):
+        step(1, "text: calibration and held-out windows")
+        texts = load_texts(options.model, original, options.calibration_tokens, options.held_out_tokens)
+        check_calibration_tokens(texts.calibration.ids.size)
+        result["texts"] = texts.describe()
+
+        step(2, "attention removal")
+        removal = None
+        if options.drop_attention is not None or count is not None:
+            removal = choose_attention_removal(original, texts.scoring(options.scoring_tokens, 128),
+                                               blocks=options.drop_attention, count=count,
+                                               contiguous=options.drop_attention is None)
+        removed = drop_attention(original, removal["blocks"]) if removal else original
+        result["attention_removal"] = removal
+
+        step(3, "dependencies and the fusion plan")
+        if options.groups is not None:
+            groups, M = options.groups, None
+            result["plan"] = {"groups": [list(g) for g in groups], "rule": "given (--groups)"}
+        else:
+            plan, M = plan_fusion(removed, texts.scoring(options.dependency_tokens, 64), options.max_group_size)
+            groups = plan.groups
+            result["plan"] = plan.to_json()
+            if not groups:
+                raise ReffuseError("the plan has no group to fuse (the attention-free runs are too short): remove more "
+                                   "attention (--drop-attention-count)")
+        fused = fuse(removed, groups, norm=options.norm)  # checks the groups: clear errors before any long work
+        runs = attention_free_runs(removed)
+        region = next(r for r in runs if r[0] <= groups[0][0] <= r[1])
+        result.update(groups=[list(g) for g in groups], region=list(region))
+        if M is not None:
+            result["ffn_dependency"] = {"matrix": matrix_to_json(M), "tokens": options.dependency_tokens}
+
+        step(4, "fusion: exactness and the sequential-vs-parallel gap")
+        result.update(exactness(removed, groups, options.norm, options.tokens, options.seed))
+        result.update(layout_before=layout(original).rows(), layout_removed=layout(removed).rows(),
+                      layout_after=layout(fused).rows())
+
+        step(5, "calibration of the fused down-projections")
+        with Progress("calibrating fused groups", len(groups), "groups") as bar:
+            calibrated, fits = calibrated_fuse(removed, groups, texts.calibration.ids, norm=options.norm,
+                                               ridge=options.ridge, progress=bar.update, weighting=options.weighting)
+        result["calibration"] = [f.as_dict() for f in fits]
+
+        step(6, "quality on held-out text")
+        first = min(removal["blocks"][0], groups[0][0]) if removal else groups[0][0]
+        with Progress("scoring on held-out text", 5, "models") as bar:
+            judge = cache_prefix(original, texts.held_out.ids)
+            bar.update()
+            before_fusion = cache_prefix(removed, texts.held_out.ids)
+            bar.update()
+            models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated}
+            quality = {"original": {"perplexity": score_variant(judge, original, len(original.blocks))["perplexity"]}}
+            for name, model in models.items():
+                s = score_variant(judge, model, first, reference=before_fusion)
+                quality[name] = {"perplexity": s["perplexity"], "kl_vs_original": s["kl_from_base"],
+                                 "top1_vs_original": s["top1_agreement"],
+                                 "kl_vs_attention_removed": s["kl_from_reference"] if model is not removed else 0.0}
+                bar.update()
+        plain, cal = quality["fused"], quality["fused, calibrated"]
+        ppl_gap = plain["perplexity"] - quality["attention removed"]["perplexity"]
+        result["quality"] = {
+            "models": quality, "predictions": judge.predictions,
+            "calibration_closes": {
+                "kl_vs_attention_removed": 1 - cal["kl_vs_attention_removed"] / plain["kl_vs_attention_removed"],
+                "perplexity": (plain["perplexity"] - cal["perplexity"]) / ppl_gap if ppl_gap else None},
+            "calibrated_beats_plain_kl_vs_original": cal["kl_vs_original"] < plain["kl_vs_original"]}
+
+        step(7, "speed (one run, in alternation) and greedy samples")
+        speed_models = {"original": original, "attention removed": removed, "fused": calibrated}
+        prompt = texts.held_out.ids[0][:32]
+        seconds, _ = time_decode({name: (lambda p, n, m=m: reffuse_decode(m, p, n))
+                                  for name, m in speed_models.items()}, prompt, options.decode_tokens, options.repeats)
+        decode = {name: {"tokens_per_second": options.decode_tokens / s, "ms_per_token": 1e3 * s / options.decode_tokens,
+                         "speedup": seconds["original"] / s} for name, s in seconds.items()}
+        region_rows = []
+        for tokens in (1, 128):
+            times = time_region(speed_models, region, tokens, options.repeats)
+            region_rows.append({"tokens": tokens, **{name: {"ms": 1e3 * t, "speedup": times["original"] / t}
+                                                     for name, t in times.items()}})
+        result["speed"] = {"decode": decode, "decode_tokens": options.decode_tokens, "prompt_tokens": len(prompt),
+                           "region": list(region), "region_rows": region_rows, "repeats": options.repeats}
+        result["samples"] = samples({"original": original, **models}, texts.tokenizer, options.prompt,
+                                    options.sample_tokens, original.config.vocab_size)
+
+    result["seconds"] = time.perf_counter() - started
+    return result

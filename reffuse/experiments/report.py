@@ -1,0 +1,143 @@
+"""The report of `reffuse experiments` as Markdown, from the run's JSON result."""
+
+from __future__ import annotations
+
+from reffuse.experiments.verdicts import DEFINITIONS, format_kl, format_perplexity
+
+
+def markdown(r: dict, command: str) -> str:
+    """The report as Markdown: setup, one section per finding with its table and verdict."""
+    removal, env = r["attention_removal"], r["environment"]
+    a, b = r["region"]
+    span = r["span"]
+    texts = r["texts"]
+    cal, held = texts["calibration"], texts["held_out"]
+
+    def spans(part):
+        return "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
+                         for s in part["spans"]) or part["split"]
+
+    def row_scores(s):
+        return (f"{format_kl(s['kl'])} | {format_perplexity(s['perplexity'])} | {100 * s['top1']:.1f}% | {format_kl(s['kl_vs_original'])} | "
+                f"{s['sink_norm']:.0f}")
+
+    sink = r["sink"]
+    norms = sink["pre_fusion_norms"]
+    jump = max(range(1, len(norms)), key=lambda i: norms[i] / norms[i - 1])  # the block whose output jumps most
+
+    lines = [f"# FFN Fusion experiments at small scale: {r['model_name']}", "",
+             "Produced by:", "", f"    {command}", "",
+             f"{r['seconds'] / 60:.1f} minutes on {env['cores']} cores ({env['threads']} BLAS threads), load average "
+             f"{env['load_average_1min_at_start']:.1f} at the start and {env['load_average_1min_at_end']:.1f} at the "
+             f"end. The JSON beside this file holds every number; `reffuse.plots.experiments` draws the figures "
+             "from it.", "",
+             "## Setup", "",
+             f"- **Attention removal** (standing in for Puzzle): every block's attention scored by the KL of removing "
+             f"it alone on {removal['scoring_tokens']} calibration tokens; removed: blocks **{removal['blocks_text']}**"
+             f" ({removal['rule']}). Summed single scores {removal['summed_score']:.3f} nats, measured jointly "
+             f"{removal['joint_kl']:.3f} nats: removals interact.",
+             f"- The attention-free run is **{a}-{b}**; the span fused is **{span[0]}-{span[1]}** (the run without "
+             "its last block, as in the paper).",
+             f"- **Held-out text**: {spans(held)}: {held['windows']} windows of {held['window']} tokens. "
+             f"**Calibration text** (scores, dependencies, calibration): {spans(cal)}. Disjoint: {texts['disjoint']}.",
+             f"- Original model perplexity {format_perplexity(r['original']['perplexity'])}; pre-fusion (attention removed) "
+             f"{format_perplexity(r['pre_fusion']['perplexity'])}, KL to the original {format_kl(r['pre_fusion']['kl_vs_original'])}, "
+             f"top-1 agreement {100 * r['pre_fusion']['top1_vs_original']:.1f}%.",
+             "- Quality proxy: KL(pre-fusion || variant) in nats on held-out text (0 = the pre-fusion model), "
+             "perplexity, top-1 agreement with the pre-fusion model, and KL to the original model. The paper's "
+             "MMLU / MT-Bench have no counterpart at this scale.",
+             f"- The attention sink: the first token's stream norm in the pre-fusion model grows from "
+             f"{norms[jump - 1]:.0f} to {norms[jump]:.0f} in block {jump - 1} (massive activations; later attention "
+             f"leans on it). The tables give that norm where the stream leaves the run (entering block "
+             f"{sink['layer']}; pre-fusion {norms[sink['layer']]:.0f}) as 'sink norm'.", "",
+             "## Verdicts", "", "| finding | paper | here | verdict |", "|---|---|---|---|"]
+    for v in r["verdicts"]:
+        note = f"; {v['note']}" if v.get("note") else ""
+        lines.append(f"| ({v['finding']}) {v['title']} | {v['paper']} | {v['here']} | **{v['verdict']}** "
+                     f"({v['rule']}{note}) |")
+
+    header = "| KL | perplexity | top-1 | KL vs original | sink norm |"
+    lines += ["", "## (a) Fusion intensity, (f) fold vs last, (g) calibrated", "",
+              f"The span {span[0]}-{span[1]} ({span[1] - span[0] + 1} FFNs) as k sequential steps, cut where the "
+              "least FFN-level dependency stays inside the groups.", "",
+              "| steps | groups | plain fusion: KL | perplexity | top-1 | KL vs original | sink norm | norm last: KL | "
+              "calibrated: KL | calibrated perplexity | gap closed |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| {span[1] - span[0] + 1} (pre-fusion) | - | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | 100% | "
+                 f"{format_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | 0 | 0 | "
+                 f"{format_perplexity(r['pre_fusion']['perplexity'])} | - |")
+    for row in r["intensity"]:
+        closed = 1 - row["calibrated"]["kl"] / row["fold"]["kl"]
+        lines.append(f"| {row['steps']} | {row['groups_text']} | {row_scores(row['fold'])} | "
+                     f"{format_kl(row['last']['kl'])} | {format_kl(row['calibrated']['kl'])} | "
+                     f"{format_perplexity(row['calibrated']['perplexity'])} | {100 * closed:.0f}% |")
+    c = r["calibration"]
+    sweep = ", ".join(f"{s['weighting']} {s['ridge']:g}: {s['geometric_mean_ratio']:.3f}" for s in c["sweep"])
+    lines += ["", "Calibration: token weighting (none or relative, see reffuse.method.calibrate) and ridge chosen together on "
+                  f"{c['validation_tokens']} validation tokens of the calibration text, every plan above fitted on "
+                  f"the other {c['fit_tokens']}; the score is the geometric mean over the plans of KL(calibrated) / "
+                  f"KL(plain): {sweep}. Chosen: **{c['weighting']}, ridge {c['ridge']:g}** (the library defaults are "
+                  f"{c['default_weighting']}, {c['default_ridge']:g}), then refitted on all {c['tokens']} calibration "
+                  "tokens. Held-out text played no part in the choice."]
+
+    lat = r["decode"]
+    base_ms = lat["pre-fusion"]["ms_per_token"]
+    lines += ["", "## (b) FFN removal vs fusion at equal depth reduction", "",
+              "FFNs of the span scored by the KL of removing each alone (calibration text); the least important "
+              "removed. Decode latency of every model measured in the same run, in alternation.", "",
+              "| model | depth reduction | " + header[1:] + " decode ms/token | vs pre-fusion |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| original | - | - | {format_perplexity(r['original']['perplexity'])} | - | 0 | - | "
+                 f"{lat['original']['ms_per_token']:.2f} "
+                 f"| {100 * (lat['original']['ms_per_token'] / base_ms - 1):+.1f}% |")
+    lines.append(f"| pre-fusion | 0 | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | 100% | "
+                 f"{format_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | {base_ms:.2f} | 0% |")
+    for row, removal_row in zip(r["intensity"], r["removal"]["rows"]):
+        fused_ms = lat[f"fused, {row['steps']} steps"]["ms_per_token"]
+        removed_ms = lat[f"{removal_row['depth_reduction']} FFNs removed"]["ms_per_token"]
+        lines.append(f"| fused {row['groups_text']} | {row['depth_reduction']} | {row_scores(row['fold'])} | "
+                     f"{fused_ms:.2f} | {100 * (fused_ms / base_ms - 1):+.1f}% |")
+        lines.append(f"| fused {row['groups_text']}, calibrated | {row['depth_reduction']} | "
+                     f"{row_scores(row['calibrated'])} | {fused_ms:.2f} | {100 * (fused_ms / base_ms - 1):+.1f}% |")
+        lines.append(f"| removed FFNs {','.join(map(str, removal_row['removed']))} | {removal_row['depth_reduction']}"
+                     f" | {row_scores(removal_row)} | {removed_ms:.2f} | {100 * (removed_ms / base_ms - 1):+.1f}% |")
+
+    lines += ["", "## (c) The last FFN", "", "| group | " + header[1:], "|---|---:|---:|---:|---:|---:|"]
+    for row in r["last_ffn"]:
+        lines.append(f"| {row['label']}: {row['group'][0]}-{row['group'][1]} | {row_scores(row)} |")
+
+    lines += ["", "## (d) Reversed order vs fusion", "",
+              "| span | fused KL | reversed KL | fused perplexity | reversed perplexity | fused sink norm | "
+              "reversed sink norm |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in r["reversed"]:
+        lines.append(f"| {row['span'][0]}-{row['span'][1]} | {format_kl(row['fused']['kl'])} | "
+                     f"{format_kl(row['reversed']['kl'])} | "
+                     f"{format_perplexity(row['fused']['perplexity'])} | {format_perplexity(row['reversed']['perplexity'])} | "
+                     f"{row['fused']['sink_norm']:.0f} | {row['reversed']['sink_norm']:.0f} |")
+
+    full = r["full_block"]
+    lines += ["", "## (e) Full-block parallelization", "",
+              f"Rule: {DEFINITIONS['full_block_rule']}. Greedy selection (lowest M_max, ties by M_sum) over windows "
+              f"of {full['window']} blocks that have both attention and an FFN, on the block-level dependency matrix "
+              f"of the pre-fusion model ({full['tokens']} calibration tokens).", "",
+              "| steps | windows in parallel | M_max of the new window | KL | perplexity | top-1 | KL vs original |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for row, step in zip(full["rows"], full["greedy"]):
+        lines.append(f"| {row['steps']} | {row['windows_text']} | {step['max']:.4f} | {format_kl(row['kl'])} | "
+                     f"{format_perplexity(row['perplexity'])} | {100 * row['top1']:.1f}% | {format_kl(row['kl_vs_original'])} |")
+    if full["single_windows"]:
+        lines += ["", f"Every eligible window alone (first {full['single_window_tokens']} held-out tokens), to see "
+                      "whether M_max predicts the damage:", "", "| window | M_max | M_sum | KL |",
+                  "|---|---:|---:|---:|"]
+        for w in sorted(full["single_windows"], key=lambda w: w["max"]):
+            lines.append(f"| {w['first']}-{w['last']} | {w['max']:.4f} | {w['sum']:.4f} | {format_kl(w['kl'])} |")
+        rho = full["rank_correlation_max_kl"]
+        if rho is not None:
+            lines += ["", f"Spearman rank correlation between M_max and KL: **{rho:.2f}**."]
+    lines += ["", "## Figures", "",
+              "![fusion intensity](fusion_intensity.png)", "",
+              "![removal vs fusion](removal_vs_fusion.png)", "",
+              "![ablations](ablations.png)", "",
+              "![full-block parallelization](full_block.png)", "",
+              "![attention removal scores](attention_scores.png)", ""]
+    return "\n".join(lines)
