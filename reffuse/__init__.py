@@ -10,8 +10,8 @@ The package is layered; each layer imports only the ones above it in this list:
     formats      weights and tokenizers on disk (safetensors, GGUF), fetching, the text corpus, named models
     evaluation   scoring on text (perplexity, KL), the stream cache, activation dumps, the transformers reference
     method       dependency metrics, attention and FFN removal, fusion planning, calibration, the shared pipeline
-    tp           tensor parallelism: sharding, all-reduce, the MPI runtime and job
     speed        timing, benchmarks, the decode-latency cost model
+    tp           tensor parallelism: sharding, all-reduce, the MPI runtime and job
     experiments  whole studies: the demo pipeline and the paper's findings at small scale
     plots, cli   figures from results; the `reffuse` command
 """

@@ -11,7 +11,7 @@ from reffuse.cli import main
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.core.generate import generate
-from reffuse.core.model import FFN, ffn_output, forward, swiglu, swiglu_in_column_blocks
+from reffuse.core.model import FFN, ffn_output, forward, swiglu_in_column_blocks
 from reffuse.plots.speed import ffn_speed_figure
 
 

@@ -12,7 +12,7 @@ from reffuse.errors import ReffuseError
 from reffuse.core.layout import full_blocks
 from reffuse.method.metrics import (block_evaluations_needed, cosine_distance, dependency,
                              greedy_windows, matrix_from_json, matrix_to_json, residual_stream, window_statistics)
-from reffuse.core.model import FFN, Block, Config, Model, block_forward, rms_norm, rope_tables
+from reffuse.core.model import FFN, Block, Config, Model, rms_norm
 from reffuse.method.removal import drop_attention
 from reffuse.core.tiny import build_tiny
 

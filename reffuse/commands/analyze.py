@@ -26,28 +26,13 @@ examples:
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import numpy as np
-
-from reffuse.formats.corpus import calibration_windows
-from reffuse.errors import ReffuseError
-from reffuse.formats.registry import load_model
-from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
-                       dependency, greedy_windows, matrix_to_json, window_statistics)
-from reffuse.core.model import layout
-from reffuse.method.planning import propose_groups
-from reffuse.progress import Progress
+from reffuse.commands.common import format_table, layers_argument, print_json
+from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
-from reffuse.core.layout import attention_free_runs, attention_layers, format_layers, full_blocks, parse_layers
-from reffuse.method.removal import attention_scores, cheapest, drop_attention
-from reffuse.formats.registry import load_tokenizer
-from reffuse.commands.common import format_table, print_json
 
 HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, with figures"
-DEFAULT_TOKENS = 512
-SYNTHETIC_MODELS = ("tiny",)  # random weights and no tokenizer: measured on random token ids
 
 
 def add_arguments(parser):
@@ -56,7 +41,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="folder for analysis.json and the figures (created if needed)")
     removal = parser.add_mutually_exclusive_group()
-    removal.add_argument("--drop-attention", default=None, metavar="BLOCKS",
+    removal.add_argument("--drop-attention", default=None, metavar="BLOCKS", type=layers_argument,
                          help="remove the attention of these blocks first, e.g. 14-21 or 3,5,14-21 (0-based)")
     removal.add_argument("--drop-attention-count", type=int, default=None, metavar="N",
                          help="remove the attention of the N blocks where removing it alone costs the least KL")
@@ -87,88 +72,6 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="also print analysis.json to stdout")
 
 
-def analysis_tokens(args, model) -> tuple[np.ndarray, dict]:
-    """Token ids [n_sequences, sequence_length] and where they came from: calibration text, or random ids for a
-    synthetic model (which has no tokenizer and no notion of text)."""
-    length = args.sequence_length or args.tokens
-    if args.tokens < 2 or length < 2:
-        raise ReffuseError(f"--tokens {args.tokens} and --sequence-length {length} must be at least 2")
-    if length > args.tokens:
-        raise ReffuseError(f"--sequence-length {length} is longer than --tokens {args.tokens}")
-    if args.model in SYNTHETIC_MODELS and args.tokenizer is None:
-        rng = np.random.default_rng(args.seed)
-        ids = rng.integers(0, model.config.vocab_size, (args.tokens // length, length))
-        return ids, {"split": f"random token ids (seed {args.seed}): {args.model} is synthetic", "spans": []}
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
-                           f"only {model.config.vocab_size}: give the model's own --tokenizer")
-    windows = calibration_windows(tokenizer, length, args.tokens)
-    described = windows.describe()
-    return windows.ids, {"split": described["split"], "spans": described["spans"], "tokenizer": tokenizer.source}
-
-
-def remove_attention(args, model, sequences) -> tuple:
-    """The model with attention removed as asked, the removed blocks, and how they were chosen."""
-    if args.contiguous and args.drop_attention_count is None:
-        raise ReffuseError("--contiguous only applies to --drop-attention-count")
-    if args.drop_attention is not None:
-        blocks = parse_layers(args.drop_attention)
-        return drop_attention(model, blocks), blocks, {"how": "given", "blocks": format_layers(blocks)}
-    if args.drop_attention_count is not None:
-        candidates = attention_layers(model)
-        with Progress("scoring attention removal", len(candidates), "blocks") as bar:
-            scores = attention_scores(model, sequences, progress=bar.update)
-        blocks = cheapest(scores, args.drop_attention_count, contiguous=args.contiguous)
-        how = {"how": f"the {args.drop_attention_count} cheapest" + (" consecutive" if args.contiguous else "")
-                      + " by KL of removing each attention alone, on the analysis tokens",
-               "blocks": format_layers(blocks), "kl_scores": {str(k): v for k, v in scores.items()}}
-        return drop_attention(model, blocks), blocks, how
-    return model, [], {"how": "none", "blocks": "-"}
-
-
-def analyze(args) -> dict:
-    """Everything analysis.json holds (see the module docstring)."""
-    start, cpu_start = time.perf_counter(), time.process_time()
-    model = load_model(args.model, dtype=args.dtype)
-    check_window(args.window, len(model.blocks))
-    ids, source = analysis_tokens(args, model)
-    model, removed, removal = remove_attention(args, model, ids)
-    sequences = list(ids)
-
-    total = block_evaluations_needed(model, len(sequences), GRANULARITIES)
-    with Progress(f"measuring dependencies of {args.model}", total, "blocks") as bar:
-        measured = dependency(model, sequences, exclude_sink=not args.include_sink, progress=bar.update)
-
-    block_matrix = measured.matrices["block"]
-    eligible = full_blocks(model) if args.greedy_blocks == "full" else None
-    steps = greedy_windows(block_matrix, args.window, eligible=eligible)
-    plan = propose_groups(model, measured.matrices["ffn"], args.max_group_size,
-                          leave_out_last=not args.keep_last_ffn, groups_per_run=args.groups_per_run)
-    tokens = {**source, "sequences": len(sequences), "sequence_length": int(ids.shape[1]),
-              "total": int(ids.size), "measured": measured.tokens_measured,
-              "attention_sink_excluded": not args.include_sink, "ids": ids.tolist()}
-    return {
-        "model": {"name": args.model, "config_name": model.config.name, "dtype": args.dtype,
-                  "blocks": len(model.blocks), "layout": layout(model).rows()},
-        "attention_removed": removed,
-        "attention_removal": removal,
-        "attention_free_runs": [list(r) for r in attention_free_runs(model)],
-        "tokens": tokens,
-        "definitions": DEFINITIONS,
-        "dependency": {g: matrix_to_json(measured.matrices[g]) for g in GRANULARITIES},
-        "per_block": {k: [float(v) for v in values] for k, values in measured.per_block.items()},
-        "windows": {"length": args.window, "granularity": "block",
-                    "rows": window_statistics(block_matrix, args.window)},
-        "greedy": {"granularity": "block", "blocks": args.greedy_blocks, "tie_tolerance": TIE_TOLERANCE,
-                   "steps": steps},
-        "plan": plan.to_json(),
-        "block_evaluations": measured.block_evaluations,
-        "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - cpu_start,
-    }
-
-
 def summary(result: dict, paths) -> str:
     tokens, plan = result["tokens"], result["plan"]
     spans = "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
@@ -194,7 +97,7 @@ def summary(result: dict, paths) -> str:
 
 def run(args) -> int:
     with blas_threads(args.threads or None):
-        result = analyze(args)
+        result = analyze(AnalysisOptions.from_namespace(args))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "analysis.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

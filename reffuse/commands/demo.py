@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
-from reffuse.experiments.demo import DEFAULT_DROP, PROMPT, DemoOptions, run_demo
+from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.core.fusion import NORM_MODES
 from reffuse.progress import note

@@ -24,7 +24,6 @@ examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from reffuse.formats.registry import load_model
 from reffuse.core.model import layout
 from reffuse.progress import Progress, note
 from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
-from reffuse.core.layout import format_layers, parse_layers
+from reffuse.core.layout import format_layers
 from reffuse.method.removal import drop_attention
 from reffuse.formats.registry import load_tokenizer
 from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json

@@ -1,0 +1,197 @@
+"""A tensor-parallel job (what `reffuse tp` runs on every rank): the sequential and the fused model sharded the
+Megatron way, a prefill and decode steps under tensor parallelism, timed, with the all-reduces counted and the
+logits checked against one process on rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from reffuse.core.backend import synchronize, to_numpy
+from reffuse.core.fusion import fuse
+from reffuse.core.layout import attention_free_runs
+from reffuse.core.model import KVCache, Model, forward, to_device
+from reffuse.errors import ReffuseError
+from reffuse.formats.registry import load_model
+from reffuse.method.removal import drop_attention
+from reffuse.speed.timing import blas_threads
+from reffuse.tp.allreduce import AllReduce
+from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
+from reffuse.tp.sharding import allreduces_per_forward, check_shardable, shard_model
+
+# Parity bounds, relative to max |logit|. Sharding is exact in exact arithmetic; what remains is rounding from
+# summing the partial outputs in another order, the size of the model's own float32 rounding (SmolLM2 with
+# attention removed: ~6e-6 under TP, ~6e-6 float32 vs float64 in one process; in float64, TP agrees to ~1e-14).
+RELATIVE_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+CUDA_AWARE = {"auto": None, "yes": True, "no": False}
+
+
+@dataclass
+class JobOptions:
+    """What `reffuse tp` takes (its --help says what each means)."""
+    model: str = "tiny"
+    groups: list | None = None
+    remove_attention: list | None = None
+    norm: str = "fold"
+    allreduce: str = "mpi"
+    dtype: str = "float32"
+    tokens: int = 64
+    decode_tokens: int = 8
+    repeats: int = 3
+    device: str = "cpu"
+    cuda_aware: str = "auto"
+    threads: int = 1
+    seed: int = 0
+    fail_on_rank: int | None = None
+
+    @classmethod
+    def from_namespace(cls, args) -> "JobOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def default_attention_removal(model: Model) -> list[int]:
+    """Blocks n/2-1 .. 3n/4-1, a contiguous region just past the middle, where the paper's fusion regions lie too
+    (Ultra: blocks 66-114 of 126); for SmolLM2's 30 blocks, 14-21."""
+    n = len(model.blocks)
+    return list(range(n // 2 - 1, 3 * n // 4))
+
+
+def default_groups(model: Model) -> list[tuple[int, int]]:
+    """The longest attention-free run, without its last block when it has three or more."""
+    runs = attention_free_runs(model)
+    if not runs:
+        raise ReffuseError(f"{model.config.name} has no run of attention-free blocks to fuse: "
+                           "pass --remove-attention FIRST-LAST")
+    first, last = max(runs, key=lambda run: run[1] - run[0])
+    return [(first, last - 1 if last - first >= 2 else last)]
+
+
+class FailingAllReduce(AllReduce):
+    """--fail-on-rank: raises at its third call, while the other ranks wait inside their all-reduce."""
+
+    def __call__(self, partial):
+        if self.stats.count == 2:
+            raise RuntimeError(f"simulated failure at the third all-reduce (--fail-on-rank {self.comm.Get_rank()})")
+        return super().__call__(partial)
+
+
+def prepare(options: JobOptions, comm) -> dict:
+    """Everything each rank needs before communicating: its device, the models, its shards, the token ids."""
+    state = parallel_state(comm, options.device)
+    for name in ("tokens", "repeats", "threads"):
+        if getattr(options, name) < 1:
+            raise ReffuseError(f"--{name} must be at least 1")
+    if options.decode_tokens < 0:
+        raise ReffuseError("--decode-tokens must be 0 or more")
+    if options.fail_on_rank is not None and not 0 <= options.fail_on_rank < state.size:
+        raise ReffuseError(f"--fail-on-rank {options.fail_on_rank} is not a rank: ranks are 0..{state.size - 1}")
+    # one rank per machine loads first: a model fetched and converted on first use is then cached for the others
+    model = rank_zero_first(state.node, lambda: load_model(options.model, dtype=options.dtype), f"loading {options.model}")
+    if options.remove_attention is not None:
+        removed = list(options.remove_attention)
+    else:
+        removed = [] if attention_free_runs(model) else default_attention_removal(model)
+    if removed:
+        model = drop_attention(model, removed)
+    groups = options.groups or default_groups(model)
+    models = {"sequential": model, "fused": fuse(model, groups, norm=options.norm)}
+    for m in models.values():
+        check_shardable(m, state.size)
+    ids = np.random.default_rng(options.seed).integers(0, model.config.vocab_size, options.tokens + options.decode_tokens)
+    # the full model is needed on rank 0 only, for the single-process reference
+    return {"state": state, "removed": removed, "groups": groups, "ids": ids,
+            "models": {name: to_device(m, state.device) if state.rank == 0 else m for name, m in models.items()},
+            "shards": {name: to_device(shard_model(m, state.rank, state.size), state.device)
+                       for name, m in models.items()}}
+
+
+def run_forwards(model: Model, ids, tokens: int, allreduce: AllReduce | None = None, comm=None):
+    """Prefill ids[:tokens], then decode the rest one token at a time through a KV cache.
+
+    Returns the logits of every forward (as NumPy) and, per forward, its seconds and all-reduce stats.
+    With a communicator, every rank enters each forward together (a barrier, outside the timing).
+    """
+    cache = KVCache(model, len(ids))
+    steps = [ids[:tokens]] + [ids[t:t + 1] for t in range(tokens, len(ids))]
+    logits, records = [], []
+    for step_ids in steps:
+        if comm is not None:
+            comm.Barrier()
+        if allreduce is not None:
+            allreduce.stats.reset()
+        start = time.perf_counter()
+        out = forward(model, step_ids, cache=cache, allreduce=allreduce or (lambda x: x))
+        synchronize(out)
+        seconds = time.perf_counter() - start
+        logits.append(to_numpy(out))
+        stats = allreduce.stats.as_dict() if allreduce is not None else {}
+        records.append({f"allreduce_{k}": v for k, v in stats.items()} | {"seconds": seconds})
+    return logits, records
+
+
+def errors(outputs: list, references: list) -> dict:
+    """max |tp - single process| over the given forwards, and that over max |single process|."""
+    max_abs = max(float(np.max(np.abs(o - r))) for o, r in zip(outputs, references))
+    scale = max(float(np.max(np.abs(r))) for r in references)
+    return {"max_abs_error": max_abs, "max_rel_error": max_abs / scale}
+
+
+def median_record(records: list[dict]) -> dict:
+    """Median seconds over forwards of one kind; counts and bytes are the same in each of them."""
+    return {key: statistics.median(r[key] for r in records) if isinstance(value, float) else value
+            for key, value in records[0].items()}
+
+
+def measure(options: JobOptions, model: Model, shard: Model, state: ParallelState, allreduce: AllReduce, ids) -> dict:
+    """Tensor-parallel prefill and decode of one model, timed over repeats; on rank 0, errors against one process."""
+    prefills, decodes = [], []
+    for _ in range(options.repeats):
+        logits, records = run_forwards(shard, ids, options.tokens, allreduce, state.comm)
+        prefills.append(records[0])
+        decodes.extend(records[1:])
+    result = {"blocks": len(model.blocks),
+              "blocks_with_attention": sum(b.attention is not None for b in model.blocks),
+              "ffn_blocks": sum(b.ffn is not None for b in model.blocks),
+              "expected_allreduce_count": allreduces_per_forward(model),
+              **median_record(prefills)}
+    if decodes:
+        result["decode"] = median_record(decodes)
+    if state.rank == 0:
+        reference, _ = run_forwards(model, ids, options.tokens)  # one process, no all-reduce
+        result |= errors(logits, reference)
+        result["prefill_errors"] = errors(logits[:1], reference[:1])
+        if decodes:
+            result["decode_errors"] = errors(logits[1:], reference[1:])
+    return result
+
+
+def report(options: JobOptions, prepared: dict, results: dict, threads: int, cuda_aware) -> dict:
+    state = prepared["state"]
+    max_abs = max(r["max_abs_error"] for r in results.values())
+    max_rel = max(r["max_rel_error"] for r in results.values())
+    return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": options.device,
+            "allreduce": options.allreduce, "cuda_aware": cuda_aware if options.device == "gpu" else None,
+            "dtype": options.dtype, "tokens": options.tokens, "decode_tokens": options.decode_tokens, "repeats": options.repeats,
+            "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0],
+            "attention_removed": prepared["removed"], "groups": [list(g) for g in prepared["groups"]], "norm": options.norm,
+            "max_abs_error": max_abs, "max_rel_error": max_rel, "tolerance_rel": RELATIVE_TOLERANCE[options.dtype],
+            "parity": max_rel <= RELATIVE_TOLERANCE[options.dtype], **results}
+
+
+def run_job(options: JobOptions, prepared: dict) -> dict | None:
+    """Both models measured on every rank; rank 0's report (report), None on the other ranks."""
+    state = prepared["state"]
+    kind = FailingAllReduce if options.fail_on_rank == state.rank else AllReduce
+    allreduce = kind(state.comm, options.allreduce, CUDA_AWARE[options.cuda_aware])
+    with blas_threads(options.threads):
+        results = {name: measure(options, prepared["models"][name], prepared["shards"][name], state, allreduce,
+                                 prepared["ids"])
+                   for name in ("sequential", "fused")}
+    if state.rank != 0:
+        return None
+    return report(options, prepared, results, options.threads, allreduce.cuda_aware)
