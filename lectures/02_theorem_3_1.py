@@ -248,6 +248,6 @@ for layer, g in zip(range(18, 23), gains):
 #    that `fuse(..., norm="last")` and `fuse(..., norm="fold")` then give the same logits (to rounding).
 # 5. **Not a theorem.** Even the smallest run, blocks (4, 5), computed in parallel differs from the sequential
 #    model. Scale block 4's down projection by 0.1 (a smaller update to the residual stream) and compare the
-#    gap before and after. Explain the change with the first-order view in PAPER.md §1.
+#    gap before and after. Explain the change with the first-order view in `docs/paper.md` (section "Why the parallel form is close").
 #
 # Solutions: `lectures/solutions/02_solutions.py` (run it: `python lectures/solutions/02_solutions.py`).

@@ -17,7 +17,7 @@
 # # Lecture 03 — Which blocks depend on which? Dependency metrics on SmolLM2
 #
 # Running blocks in parallel (eq. 5) is exact only when no block of the group needs the output of another. The
-# paper measures how much they do with the **block-wise dependency matrix** (§3, PAPER.md §2):
+# paper measures how much they do with the **block-wise dependency matrix** (the paper's §3):
 #
 # * $h^j(X) = f_j(x_j) - x_j$ is block $j$'s **contribution**, its update of the residual stream;
 # * $\tilde h^j_i(X)$ is block $j$'s contribution when block $i$ is **skipped** ($x_{i+1} = x_i$);

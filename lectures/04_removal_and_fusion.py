@@ -16,7 +16,7 @@
 # %% [markdown]
 # # Lecture 04 — From attention removal to fusion: what each step costs
 #
-# FFN Fusion is the last step of a pipeline (PAPER.md §4):
+# FFN Fusion is the last step of a pipeline (the paper's §4):
 #
 # 1. **Attention removal.** Puzzle, a neural architecture search, removes about half of Llama-405B's attention
 #    layers, leaving a run of 50 consecutive attention-free blocks. reffuse stands in for Puzzle with the
@@ -107,7 +107,7 @@ for layers, groups in plans.items():
 # %% [markdown]
 # The damage grows quickly with the group size. In a model this small each FFN's update is a large fraction of
 # the residual stream (lecture 01), and the first-order error of running $k$ FFNs in parallel grows with the
-# updates accumulated inside the group (PAPER.md §1). The paper's 49B and 253B models have far smaller
+# updates accumulated inside the group (the first-order view in `docs/paper.md`). The paper's 49B and 253B models have far smaller
 # per-layer updates in their fusion regions (its Fig. 11), which is why it can fuse 8–15 FFNs per group.
 #
 # ## 3. The last FFN

@@ -46,3 +46,15 @@ def reference_llama():
     pytest.importorskip("accelerate")
     from reffuse.evaluation.reference import load_reference
     return load_reference("smollm2")
+
+
+# `pytest -m "not slow"` runs the unit tests in seconds. Slow: what needs the real model or its tokenizer, a
+# reference implementation, an MPI launcher, or a notebook kernel.
+SLOW_FIXTURES = {"smollm2", "smollm2_tokenizer", "reference_llama"}
+SLOW_MODULES = {"test_lectures", "test_tp_mpi", "test_real_model", "test_metrics_real"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

@@ -26,7 +26,7 @@ MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 if not os.path.exists(MPIEXEC):
     pytest.skip(f"no mpiexec beside {sys.executable}: pip install 'reffuse[mpi]'", allow_module_level=True)
 
-TOLERANCE = 1e-5  # the parity bound, relative, float32 (measured: ~2e-7 on tiny)
+TOLERANCE = 1e-5  # reffuse's parity bound, relative, float32 (measured: ~2e-7 on tiny)
 SMALL = ["--tokens", "16", "--decode-tokens", "2", "--repeats", "1"]
 
 

@@ -1,4 +1,4 @@
-"""Measure how blocks depend on each other (PAPER.md §2), and propose which FFNs to fuse.
+"""Measure how blocks depend on each other (the paper's §3), and propose which FFNs to fuse.
 
 Optionally removes attention first (--drop-attention 14-21, or --drop-attention-count N: the N blocks whose
 attention alone costs the least KL on calibration text), so that attention-free runs exist. Then, on calibration

@@ -1,4 +1,4 @@
-"""The paper's experiments (PAPER.md §3-4) at small scale, on one model with an attention-removed region.
+"""The paper's experiments (its §4-5, App. B) at small scale, on one model with an attention-removed region.
 
 Setup. The region: attention is removed from the `drop_count` consecutive blocks whose single removals cost
 least (reffuse.method.removal, scored on calibration text); the longest attention-free run of the result, [a, b], is
@@ -7,7 +7,7 @@ that attention removed is the "pre-fusion" model, the paper's PreFusion: every f
 judged against it, by KL(pre-fusion || variant) of the next-token distributions on held-out text, by
 perplexity, and by top-1 agreement; the same against the original model is recorded too. The paper's
 accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL and perplexity are the proxy
-(PAPER.md §7 suggests logit KL). The span fused is the run without its last block, [a, b-1], as in the paper.
+(KL of the logits is reffuse's choice of proxy). The span fused is the run without its last block, [a, b-1], as in the paper.
 
 (a) fusion intensity: the span as k sequential FFN steps, k = ceil(L/2) .. 1 (L = b - a blocks), cut where
     the least FFN-level dependency is left inside the groups (reffuse.method.planning), plain fusion, norm "fold";
@@ -19,7 +19,7 @@ accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL 
 (e) full-block parallelization: the paper's greedy selection (reffuse.method.metrics.greedy_windows) of windows of 4
     blocks that have both attention and an FFN, on the block-level dependency matrix of the pre-fusion model,
     1 to 4 steps, each window run as x + Σ_j h_j(x) with h_j(x) = f_j(x) - x the whole block's update. This
-    combination rule is [INF]: the paper does not write it down (PAPER.md §3); it is eq. 5 for whole blocks;
+    combination rule is [INF]: the paper does not write it down (its App. B); it is eq. 5 for whole blocks;
 (f) norm "fold" (exact, each block's gain folded in) vs "last" (the paper's), at every k of (a);
 (g) calibrated vs plain fusion at every k of (a) (reffuse.method.calibrate), the token weighting and ridge chosen by
     a sweep judged on a validation part of the calibration text (never on held-out text), then refitted on all

@@ -136,7 +136,7 @@ def verdicts(r: dict) -> list[dict]:
                     "verdict": verdict(cheap_start and harder, harder),
                     "note": _prediction_note(r["full_block"])})
     else:
-        out.append({"finding": "e", "title": "full-block parallelization", "paper": "see PAPER.md §3",
+        out.append({"finding": "e", "title": "full-block parallelization", "paper": "see the paper's App. B, Table 7",
                     "here": "no window of 4 consecutive blocks with attention and FFN exists", "rule": "-",
                     "verdict": "not measured"})
 

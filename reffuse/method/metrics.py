@@ -1,4 +1,4 @@
-"""Dependency metrics (PAPER.md §2): how much each block's contribution changes when an earlier block is skipped.
+"""Dependency metrics (the paper's §3): how much each block's contribution changes when an earlier block is skipped.
 
 In the paper's notation, for blocks f_0 .. f_{m-1} and the residual stream x_0 (the embedding), x_{j+1} = f_j(x_j):
 
@@ -15,7 +15,7 @@ granularities agree there, and one skip pass serves both.
 Per block, on the unmodified model: cosdist(X, f(X)) (how much the block turns the token direction),
 ||h(X)|| / ||X|| (how large its update is next to the stream) and cosdist(h(X), X) (the paper reports ≈ 0.95).
 
-Choices where the paper is silent (PAPER.md §2, [NOT FOUND]); each is recorded in every output (`DEFINITIONS`):
+Choices where the paper is silent (see docs/paper.md); each is recorded in every output (`DEFINITIONS`):
 - Aggregation: the cosine distance is taken per token, then averaged over every measured token of every sequence
   (pooled, so a longer sequence weighs more). ||h|| / ||X|| is likewise a per-token ratio, then the mean.
 - The attention sink: the first token of each sequence is run (every later token attends to it) but by default not
@@ -30,7 +30,7 @@ No redundant work: the unmodified model runs once per sequence and keeps the str
 from the cached x_i and runs blocks i+1..m-1 once, which gives h~^j_i for every j > i. The whole matrix costs
 m(m-1)/2 block evaluations per granularity instead of m² full forward passes.
 
-Windows (PAPER.md §2, App. B): for each run of w consecutive blocks [s, s+w-1], the w x w submatrix of M, of which
+Windows (the paper's App. B): for each run of w consecutive blocks [s, s+w-1], the w x w submatrix of M, of which
 the entries j > i are used: M_max is their largest, M_sum their sum. The greedy selection takes the window with
 the lowest M_max, breaks ties by the lowest M_sum, removes every window overlapping it, and repeats.
 """
@@ -281,7 +281,7 @@ def window_statistics(M, window: int = 4) -> list[dict]:
 
 def greedy_windows(M, window: int = 4, eligible: Sequence[bool] | None = None,
                    tie_tolerance: float = TIE_TOLERANCE, max_steps: int | None = None) -> list[dict]:
-    """The paper's greedy selection of non-overlapping windows to parallelize (PAPER.md §2, App. B).
+    """The paper's greedy selection of non-overlapping windows to parallelize (the paper's App. B).
 
     eligible[b] False keeps block b out of every window (the paper's greedy uses full blocks only: pass
     reffuse.core.layout.full_blocks(model)). Each step returns the chosen window, its M_max and M_sum, the windows that tied with it on

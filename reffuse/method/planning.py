@@ -1,9 +1,9 @@
 """Fusion planning: from a model's attention-free runs and the FFN-level dependency matrix M, propose the groups
-to fuse (PAPER.md §2, "How FFN sequences were chosen").
+to fuse (the paper's §3-4: contiguous groups inside the attention-free runs).
 
 The paper fuses contiguous groups inside attention-free runs, caps their size (by per-GPU memory), and leaves out
 each run's last FFN, which is unusually sensitive (§4.2). It gives no rule for where to cut a run into groups
-([NOT FOUND]; its 49B steps were hand-designed). reffuse's rule, per run:
+(its 49B steps were designed by hand). reffuse's rule, per run:
 
 1. The span: the run, without its last block when leave_out_last (the default, as in the paper).
 2. The number of groups k: the fewest the size cap allows, ceil(length / max_group_size) (one group when there is

@@ -1,7 +1,7 @@
 """Removing sub-blocks: attention removal (standing in for Puzzle) and FFN removal (the paper's baseline).
 
 FFN Fusion needs runs of attention-free blocks. The paper gets them from Puzzle, a neural architecture search
-that removes about half of Llama-405B's attention layers (PAPER.md §4.1). reffuse stands in for Puzzle with
+that removes about half of Llama-405B's attention layers (the paper's §4). reffuse stands in for Puzzle with
 the simplest score of the same kind: the damage that removing one sub-block alone does to the model's output,
 
     score(i) = mean over calibration tokens t of KL( p_base(· | t) || p_without_i(· | t) )    (nats)

@@ -1,4 +1,4 @@
-"""Figures of the dependency analysis (PAPER.md §2), drawn from the JSON-able data `reffuse analyze` writes, so
+"""Figures of the dependency analysis (the paper's §3, App. B and Fig. 11), drawn from the JSON-able data `reffuse analyze` writes, so
 that `reffuse figures` can redraw them from a committed analysis.json.
 
 - dependency heatmap: M[i, j] on a log2 colour scale 2^-9 .. 2^-1 (the paper's Fig 3), blue weak, red strong,

@@ -37,7 +37,7 @@ DECODE_TOKENS = 32
 FFN_RUN_BLOCKS = 8
 FFN_RUN_TOKENS = (1, 16, 128, 512)
 
-# The targets this benchmark checks, on 2 cores in float32 (the issue's speed goals).
+# The targets this benchmark checks, on 2 cores in float32 (reffuse's speed goals).
 TARGETS = {
     "prefill": "prefill time <= 1.0x transformers' at every length (aim 0.8x)",
     "decode": "decode tokens/s >= 2x transformers'",

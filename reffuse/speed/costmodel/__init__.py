@@ -1,4 +1,4 @@
-"""A decode-latency model: why fewer, wider FFN layers decode faster under tensor parallelism (PAPER.md §5).
+"""A decode-latency model: why fewer, wider FFN layers decode faster under tensor parallelism (the paper's §3, "Efficiency motivation", and App. E).
 
 A teaching model, not a simulator. Every term is a line of arithmetic and every number has a stated source.
 

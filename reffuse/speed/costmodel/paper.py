@@ -10,7 +10,7 @@ from reffuse.speed.costmodel.presets import MODEL_PRESETS
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's Table 2 (PAPER.md §4.1): single-user decode, TP8, one 8×H100 node, tokens/s
+# The paper's Table 2 (its §4): single-user decode, TP8, one 8×H100 node, tokens/s
 
 
 PAPER_TABLE2 = {"llama-3.1-405b": 41.44, "ultra-253b-prefusion": 63.38, "ultra-253b-fused": 70.92}
@@ -36,7 +36,7 @@ def paper_comparison(hw: Hardware | None = None, context: int = 1024) -> dict:
     """Projected Llama-405B -> 253B PreFusion -> fused at TP8 beside the paper's 41.44 / 63.38 / 70.92 tokens/s.
 
     FP8 weights by default: the paper's accuracy-vs-latency frontier is measured in FP8 on one 8×H100 node at
-    TP8 (PAPER.md §4.1), and Table 2 is read here as the same setting; BF16 is in paper_sensitivity."""
+    TP8 (the paper's §4, Fig. 5), and Table 2 is read here as the same setting; BF16 is in paper_sensitivity."""
     hw = hw or h100_sxm("fp8")
     rows = []
     for name, measured in PAPER_TABLE2.items():

@@ -39,7 +39,7 @@ def _blocks(runs) -> tuple[BlockLayout, ...]:
 
 
 def smollm2_layout() -> Layout:
-    """SmolLM2-135M (the GGUF reffuse runs, ../ENV-NOTES): 30 full blocks, d 576, FFN 1536, 9 heads / 3 kv."""
+    """SmolLM2-135M (the GGUF reffuse runs): 30 full blocks, d 576, FFN 1536, 9 heads / 3 kv."""
     return Layout("smollm2", dim=576, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152, tie_embeddings=True,
                   blocks=_blocks([(30, True, 1536)]), source="SmolLM2-135M-Instruct GGUF metadata")
 
@@ -48,7 +48,7 @@ def llama_405b_layout() -> Layout:
     """Llama-3.1-405B: 126 full blocks, d 16384, FFN 53248, 128 query heads / 8 kv heads of 128, vocab 128256."""
     return Layout("llama-3.1-405b", dim=16384, n_heads=128, n_kv_heads=8, head_dim=128, vocab_size=128256,
                   tie_embeddings=False, blocks=_blocks([(126, True, 53248)]),
-                  source="meta-llama/Llama-3.1-405B config.json (the parent of Ultra-253B, PAPER.md §4.1)")
+                  source="meta-llama/Llama-3.1-405B config.json (the parent of Ultra-253B, the paper's §4)")
 
 
 def deci_ffn_width(ffn_mult: float, dim: int = 16384) -> int:
@@ -57,7 +57,7 @@ def deci_ffn_width(ffn_mult: float, dim: int = 16384) -> int:
     return -(-width // 256) * 256
 
 
-# The four fusion groups of Ultra-253B (PAPER.md §4.1) and the width of each fused FFN, as ffn_mult in the
+# The four fusion groups of Ultra-253B (the paper's §4) and the width of each fused FFN, as ffn_mult in the
 # released config (huggingface.co/nvidia/Llama-3_1-Nemotron-Ultra-253B-v1, config.json, block_configs).
 ULTRA_FUSION_GROUPS = ((66, 73), (74, 85), (86, 100), (101, 114))
 ULTRA_FUSED_MULTS = (36.5625, 39.0, 31.40625, 27.5625)
@@ -97,7 +97,7 @@ def ultra_prefusion_layout() -> Layout:
     return Layout("ultra-253b-prefusion", dim=16384, n_heads=128, n_kv_heads=8, head_dim=128, vocab_size=128256,
                   tie_embeddings=False, blocks=blocks, fusion_groups=ULTRA_FUSION_GROUPS,
                   source="huggingface.co/nvidia/Llama-3_1-Nemotron-Ultra-253B-v1 config.json, un-fused into the "
-                         "paper's 126 layers (PAPER.md §4.1)",
+                         "paper's 126 layers (the paper's §4)",
                   assumptions=(
                       "Every attention that Puzzle kept has 128 query heads and 8 kv heads (n_heads_in_group 16 "
                       "in every active block of the released config).",
@@ -115,7 +115,7 @@ def ultra_fused_layout() -> Layout:
     """Ultra-253B after FFN Fusion: the pre-fusion layout with [66,73], [74,85], [86,100], [101,114] fused."""
     prefusion = ultra_prefusion_layout()
     return dataclasses.replace(fuse_layout(prefusion), name="ultra-253b-fused",
-                               source="ultra-253b-prefusion with the paper's four groups fused (PAPER.md §4.1); "
+                               source="ultra-253b-prefusion with the paper's four groups fused (the paper's §4); "
                                       "the fused widths are the released config's")
 
 
