@@ -5,11 +5,11 @@ import pytest
 
 import reffuse
 from reffuse.method.calibrate import (MIN_CALIBRATION_TOKENS, RunStatistics, calibrated_fuse, fit_error, fused_index,
-                               relative_fit_error, solve_down, solve_down_dual)
+                                      refit_down, relative_fit_error, solve_down, solve_down_dual)
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
 from reffuse.core.fusion import fuse
-from reffuse.core.model import FFN, Block, Model, forward
+from reffuse.core.model import FFN, Block, Model, forward, rope_for, run_blocks
 from reffuse.core.tiny import build_tiny
 
 
@@ -95,13 +95,22 @@ def test_calibration_keeps_a_down_projection_that_is_already_exact(tiny64):
     np.testing.assert_allclose(calibrated.blocks[4].ffn.down, fuse(model, [(4, 5)]).blocks[4].ffn.down, atol=1e-12)
 
 
-def test_later_groups_see_the_calibrated_stream(tiny64):
+def test_later_groups_are_fitted_on_the_stream_the_calibrated_earlier_groups_produce(tiny64):
     groups = [(4, 6), (7, 9)]
     windows = calibration_ids()
     calibrated, _ = calibrated_fuse(tiny64, groups, windows, ridge=1e-3)
     first_only, _ = calibrated_fuse(tiny64, groups[:1], windows, ridge=1e-3)
     np.testing.assert_array_equal(calibrated.blocks[4].ffn.down, first_only.blocks[4].ffn.down)
     assert calibrated.blocks[5].fused_from == (7, 8, 9)
+
+    def entering_second_group(model):  # the stream entering block 5 (group (7, 9) in the fused numbering)
+        return [run_blocks(model, model.embed[ids], *rope_for(model, np.arange(len(ids))), stop=5) for ids in windows]
+
+    wide = fuse(tiny64, [groups[1]]).blocks[7].ffn
+    expected, _ = refit_down(tiny64, groups[1], wide, entering_second_group(first_only), ridge=1e-3)
+    np.testing.assert_array_equal(calibrated.blocks[5].ffn.down, expected)
+    on_plain, _ = refit_down(tiny64, groups[1], wide, entering_second_group(fuse(tiny64, groups[:1])), ridge=1e-3)
+    assert not np.allclose(calibrated.blocks[5].ffn.down, on_plain)  # the first group's refit is seen
 
 
 def test_calibration_text_too_short(tiny64):

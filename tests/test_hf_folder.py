@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import reffuse
+from reffuse.core.layout import BlockLayout
 from reffuse.formats.checkpoint import bfloat16_to_float32, tensor_shapes
 from reffuse.errors import ReffuseError
 from reffuse.core.model import Config
@@ -29,7 +30,7 @@ def bfloat16_bits(x: np.ndarray) -> np.ndarray:
 
 def random_weights(seed=0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    shapes = tensor_shapes(CONFIG, [{"attention": True, "ffn_width": FFN_WIDTH}] * N_BLOCKS)
+    shapes = tensor_shapes(CONFIG, [BlockLayout(True, FFN_WIDTH)] * N_BLOCKS)
     return {name: (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else
                    rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
             for name, shape in shapes.items()}

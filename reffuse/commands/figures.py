@@ -159,10 +159,8 @@ def layout_before_after(root: Path):
     panels = {"SmolLM2-135M as trained": get_layout("smollm2"),
               f"attention removed in blocks {removed_text}": removed,
               f"FFNs {groups_text} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
-    rows = {label: [{"block": i, "attention": b.attention, "ffn_width": b.ffn_width,
-                     "fused_from": list(b.fused_from)} for i, b in enumerate(layout.blocks)]
-            for label, layout in panels.items()}
-    return layout_figure(rows, "Block layout before and after fusion (SmolLM2)")
+    return layout_figure({label: layout.rows() for label, layout in panels.items()},
+                         "Block layout before and after fusion (SmolLM2)")
 
 
 COSTMODEL_JSON = "benchmarks/results/costmodel.json"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.core.backend import to_numpy
+from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
 from reffuse.core.model import FFN, Attention, Block, Config, Model, cast
 from reffuse.optional import require
@@ -22,20 +23,20 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 
 
-def tensor_shapes(config: Config, blocks: list[dict]) -> dict[str, tuple]:
+def tensor_shapes(config: Config, blocks) -> dict[str, tuple]:
     """The name and shape of every tensor a model with this config and block layout has."""
     d, hd = config.dim, config.head_dim
     shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
     for i, block in enumerate(blocks):
         prefix = f"model.layers.{i}"
-        if block["attention"]:
+        if block.attention:
             shapes[f"{prefix}.input_layernorm.weight"] = (d,)
             shapes[f"{prefix}.self_attn.q_proj.weight"] = (config.n_heads * hd, d)
             shapes[f"{prefix}.self_attn.k_proj.weight"] = (config.n_kv_heads * hd, d)
             shapes[f"{prefix}.self_attn.v_proj.weight"] = (config.n_kv_heads * hd, d)
             shapes[f"{prefix}.self_attn.o_proj.weight"] = (d, config.n_heads * hd)
-        if block["ffn_width"]:
-            width = block["ffn_width"]
+        if block.ffn_width:
+            width = block.ffn_width
             shapes[f"{prefix}.post_attention_layernorm.weight"] = (d,)
             shapes[f"{prefix}.mlp.gate_proj.weight"] = (width, d)
             shapes[f"{prefix}.mlp.up_proj.weight"] = (width, d)
@@ -65,7 +66,7 @@ def model_to_tensors(model: Model) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
 
 
-def model_from_tensors(config: Config, blocks: list[dict], tensors: dict[str, np.ndarray], source: str) -> Model:
+def model_from_tensors(config: Config, blocks, tensors: dict[str, np.ndarray], source: str) -> Model:
     """Build a Model from HF-named tensors after checking that names and shapes match exactly.
 
     `source` names the file or folder in error messages. Other loaders (GGUF, HF folders) end here too.
@@ -89,13 +90,13 @@ def model_from_tensors(config: Config, blocks: list[dict], tensors: dict[str, np
     for i, block in enumerate(blocks):
         prefix = f"model.layers.{i}"
         attention = ffn = None
-        if block["attention"]:
+        if block.attention:
             attention = Attention(norm_gain=tensors[f"{prefix}.input_layernorm.weight"],
                                   **{n: tensors[f"{prefix}.self_attn.{n}_proj.weight"] for n in "qkvo"})
-        if block["ffn_width"]:
+        if block.ffn_width:
             ffn = FFN(norm_gain=tensors[f"{prefix}.post_attention_layernorm.weight"],
                       **{n: tensors[f"{prefix}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down")})
-        model_blocks.append(Block(attention, ffn, tuple(block.get("fused_from", ()))))
+        model_blocks.append(Block(attention, ffn, block.fused_from))
     embed = tensors["model.embed_tokens.weight"]
     lm_head = embed if config.tie_embeddings else tensors["lm_head.weight"]
     return Model(config, embed, model_blocks, tensors["model.norm.weight"], lm_head)
@@ -114,8 +115,7 @@ def save_model(model: Model, folder) -> Path:
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": str(model.dtype), "num_hidden_layers": len(model.blocks),
-        "blocks": [{"attention": b.attention is not None, "ffn_width": b.ffn.width if b.ffn else 0,
-                    "fused_from": list(b.fused_from)} for b in model.blocks],
+        "blocks": [b.to_json() for b in model.layout().blocks],
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "np"})
@@ -133,7 +133,7 @@ def _read_config(folder: Path) -> dict:
         raise ReffuseError(f"{path} is not valid JSON: {e}") from None
 
 
-def config_from_json(raw: dict, source: str) -> tuple[Config, list[dict]]:
+def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout, ...]]:
     """Config and per-block layout from a reffuse or HF Llama config.json."""
     if raw.get("model_type", "llama") != "llama":
         raise ReffuseError(f"{source}: model_type {raw.get('model_type')!r} is not supported; reffuse loads "
@@ -148,11 +148,9 @@ def config_from_json(raw: dict, source: str) -> tuple[Config, list[dict]]:
                         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
                         name=str(raw.get("name") or raw.get("_name_or_path") or source))
         if "blocks" in raw:
-            blocks = [{"attention": bool(b["attention"]), "ffn_width": int(b["ffn_width"]),
-                       "fused_from": [int(i) for i in b.get("fused_from", [])]} for b in raw["blocks"]]
+            blocks = blocks_from_json(raw["blocks"], source)
         else:
-            blocks = [{"attention": True, "ffn_width": int(raw["intermediate_size"]), "fused_from": []}
-                      for _ in range(int(raw["num_hidden_layers"]))]
+            blocks = (BlockLayout(True, int(raw["intermediate_size"])),) * int(raw["num_hidden_layers"])
     except KeyError as e:
         raise ReffuseError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:

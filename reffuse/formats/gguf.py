@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reffuse.core.layout import BlockLayout
 from reffuse.formats.checkpoint import model_from_tensors
 from reffuse.errors import ReffuseError
 from reffuse.core.model import Config, Model, cast
@@ -137,7 +138,7 @@ def metadata_value(reader, key: str, default=None):
     return scalar(field.parts[field.data[0]], field.types[0])
 
 
-def config_from_gguf(reader, path) -> tuple[Config, list[dict]]:
+def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
     """Config and per-block layout from a Llama GGUF's metadata."""
     architecture = metadata_value(reader, "general.architecture")
     if architecture != ARCHITECTURE:
@@ -177,8 +178,7 @@ def config_from_gguf(reader, path) -> tuple[Config, list[dict]]:
                     norm_eps=float(key("attention.layer_norm_rms_epsilon")),
                     tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
                     name=Path(path).stem)
-    blocks = [{"attention": True, "ffn_width": int(key("feed_forward_length")), "fused_from": []}
-              for _ in range(int(key("block_count")))]
+    blocks = (BlockLayout(True, int(key("feed_forward_length"))),) * int(key("block_count"))
     return config, blocks
 
 

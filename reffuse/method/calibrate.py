@@ -28,8 +28,9 @@ few sink tokens outweigh thousands of ordinary ones. weighting="relative" divide
 DEFAULT_RIDGE and DEFAULT_WEIGHTING were chosen together on a validation part of the calibration split
 (`reffuse experiments`, finding (g), records the sweep); they are never tuned on held-out text.
 
-Groups are calibrated in order, each on the stream that the already calibrated groups before it produce, so
-that a later group corrects for what an earlier one left. Calibration text must not overlap the held-out text
+Groups are calibrated in order, each on the stream that the already calibrated groups before it produce. The
+target of each is still its own run's sequential update on that stream, R = f_last(...f_first(x)) - x: a later
+group is fitted where the earlier ones leave the stream, but it is not asked to undo their error. Calibration text must not overlap the held-out text
 the result is evaluated on; `reffuse fuse`, `demo` and `experiments` take both from disjoint corpus splits.
 """
 

@@ -84,36 +84,30 @@ def removal_scores(prefix: Prefix, replacements: dict[int, Block]) -> dict[int, 
 def attention_scores(model: Model, windows, layers=None, prefix: Prefix | None = None,
                      progress=None) -> dict[int, float]:
     """KL damage of removing each block's attention alone (blocks `layers`, default: all with attention)."""
-    layers = attention_layers(model) if layers is None else check_layers(model, layers, "attention to score")
-    prefix = prefix or cache_prefix(model, windows)
-    replacements = {}
-    for layer in layers:
-        block = model.blocks[layer]
-        if block.attention is None:
-            raise ReffuseError(f"block {layer} has no attention to score")
-        replacements[layer] = Block(None, block.ffn, block.fused_from)
-    return _scored(prefix, replacements, progress)
+    return _sub_block_scores(model, windows, "attention", layers, prefix, progress)
 
 
 def ffn_scores(model: Model, windows, layers=None, prefix: Prefix | None = None, progress=None) -> dict[int, float]:
     """KL damage of removing each block's FFN alone (blocks `layers`, default: all with an FFN)."""
+    return _sub_block_scores(model, windows, "ffn", layers, prefix, progress)
+
+
+def _sub_block_scores(model: Model, windows, sub_block: str, layers, prefix: Prefix | None,
+                      progress) -> dict[int, float]:
+    """Each block's score with its `sub_block` ("attention" or "ffn") removed alone, one block at a time."""
+    name = "attention" if sub_block == "attention" else "FFN"
     if layers is None:
-        layers = [i for i, b in enumerate(model.blocks) if b.ffn is not None]
-    layers = check_layers(model, layers, "FFNs to score")
+        layers = [i for i, b in enumerate(model.blocks) if getattr(b, sub_block) is not None]
+    layers = check_layers(model, layers, f"{'attention' if sub_block == 'attention' else 'FFNs'} to score")
     prefix = prefix or cache_prefix(model, windows)
-    replacements = {}
+    scores = {}
     for layer in layers:
         block = model.blocks[layer]
-        if block.ffn is None:
-            raise ReffuseError(f"block {layer} has no FFN to score")
-        replacements[layer] = Block(block.attention, None, block.fused_from)
-    return _scored(prefix, replacements, progress)
-
-
-def _scored(prefix: Prefix, replacements: dict[int, Block], progress) -> dict[int, float]:
-    scores = {}
-    for layer in sorted(replacements):
-        scores.update(removal_scores(prefix, {layer: replacements[layer]}))
+        if getattr(block, sub_block) is None:
+            raise ReffuseError(f"block {layer} has no {name} to score")
+        without = Block(None, block.ffn, block.fused_from) if sub_block == "attention" else \
+            Block(block.attention, None, block.fused_from)
+        scores.update(removal_scores(prefix, {layer: without}))
         if progress is not None:
             progress(1)
     return scores
