@@ -3,8 +3,9 @@
 Nothing is measured again: figures of timings are drawn from the benchmark results committed in
 benchmarks/results/, figures of model analysis from the JSON committed in reports/ (both written by the commands
 named below). The same inputs give the same bytes: the Agg backend, fixed sizes, no PNG metadata
-(reffuse.plots.save_figure), and sorted inputs. tests/test_figures.py runs this twice and compares the bytes with
-each other and with the committed figures/.
+(reffuse.plots.save_figure), and sorted inputs. figures.json beside the PNGs records the matplotlib and FreeType
+versions that drew them and a digest of the data each shows. tests/test_figures.py runs this twice and compares
+the bytes with each other, and with the committed figures/ where the versions match (else the data shown).
 
     figure                               drawn by                                 from (made by)
     dependency_heatmap.png               plots.dependency.dependency_heatmap      reports/analysis/smollm2/analysis.json
@@ -32,7 +33,9 @@ import json
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
-from reffuse.plots import save_figure
+from reffuse.plots import data_digest, drawing_versions, save_figure
+
+MANIFEST = "figures.json"  # the versions that drew the PNGs, and a digest of the data each one shows
 
 HELP = "redraw every figure in figures/ from the committed results (deterministic PNGs)"
 
@@ -201,7 +204,11 @@ def run(args) -> int:
         unknown = [n for n in names if n not in FIGURES]
         if unknown:
             raise ReffuseError(f"unknown figure(s) {', '.join(unknown)}: choose from {', '.join(FIGURES)}")
+    manifest = {"versions": drawing_versions(), "data_sha256": {}}
     for name in names:
-        path = save_figure(FIGURES[name](root), args.out / name)
-        print(path)
+        fig = FIGURES[name](root)
+        manifest["data_sha256"][name] = data_digest(fig)
+        print(save_figure(fig, args.out / name))
+    (args.out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    print(args.out / MANIFEST)
     return 0

@@ -6,6 +6,8 @@ sizes and fonts, and PNG metadata stripped, so that the same data gives the same
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from reffuse.optional import require
@@ -22,6 +24,43 @@ def pyplot():
     plt.rcParams.update({"figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 9, "axes.titlesize": 10,
                          "svg.hashsalt": "reffuse", "path.simplify": True})
     return plt
+
+
+def drawing_versions() -> dict:
+    """The libraries whose versions decide the PNG bytes: the same data can rasterise differently in another."""
+    import matplotlib
+    from matplotlib import ft2font
+
+    return {"matplotlib": matplotlib.__version__, "freetype": ft2font.__freetype_version__}
+
+
+def _rounded(values) -> list:
+    import numpy as np
+
+    array = np.ma.filled(np.ma.asarray(values, dtype=float), np.nan)
+    return [None if not np.isfinite(v) else float(f"{v:.6g}") for v in array.ravel()]
+
+
+def figure_data(fig) -> dict:
+    """What a figure shows, independent of how it is rasterised or laid out: per axes its title and labels, the
+    data of its lines and bars, scatter offsets, images and texts, in data coordinates, to 6 significant digits."""
+    from matplotlib.patches import Rectangle
+
+    axes = []
+    for ax in fig.axes:
+        axes.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                     "lines": [_rounded(line.get_xydata()) for line in ax.get_lines()],
+                     "bars": [_rounded([p.get_x(), p.get_y(), p.get_width(), p.get_height()])
+                              for p in ax.patches if isinstance(p, Rectangle)],
+                     "collections": [_rounded(c.get_offsets()) for c in ax.collections],
+                     "images": [_rounded(image.get_array()) for image in ax.images],
+                     "texts": [t.get_text() for t in ax.texts]})
+    return {"axes": axes, "texts": [t.get_text() for t in fig.texts]}
+
+
+def data_digest(fig) -> str:
+    """sha256 of figure_data(fig)."""
+    return hashlib.sha256(json.dumps(figure_data(fig), sort_keys=True).encode()).hexdigest()
 
 
 def save_figure(fig, path) -> Path:
