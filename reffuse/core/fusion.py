@@ -19,9 +19,9 @@ diagonal gain can be pushed into the module that follows it):
 from __future__ import annotations
 
 from reffuse.core.backend import array_module
-from reffuse.errors import ReffuseError
 from reffuse.core.layout import check_groups, fused_layers, steps
 from reffuse.core.model import FFN, Block, Model
+from reffuse.errors import ReffuseError
 
 NORM_MODES = ("fold", "last")
 

@@ -3,7 +3,8 @@
 One description, used wherever the structure matters and the weights do not: the saved config (reffuse.formats),
 the cost model's presets (reffuse.speed.costmodel, including layouts of models that are never loaded, such as
 Llama-3.1-405B), the plots, and every question about structure asked below (attention-free runs, attention
-layers, full blocks, whether a list of runs may be fused). `model.layout()` (or `reffuse.layout(model)`) gives a loaded model's layout.
+layers, full blocks, whether a list of runs may be fused). `model.layout()` (or `reffuse.layout(model)`) gives
+a loaded model's layout; `.rows()` gives it as JSON rows.
 
 Vocabulary, shared with DeciLM / Nemotron-NAS configs: a block's attention or FFN may be absent (`no_op`); an
 attention-free run is a maximal run of two or more consecutive blocks that have an FFN and no attention (only

@@ -1,6 +1,6 @@
 """The block layout (the paper's Fig 9): per block, whether it has attention and how wide its FFN is.
 
-Drawn from `reffuse.layout(model)` rows ({"block", "attention", "ffn_width", "fused_from"}), one panel per model,
+Drawn from `reffuse.layout(model).rows()` ({"block", "attention", "ffn_width", "fused_from"}), one panel per model,
 so a layout before and after fusion can be compared.
 """
 
