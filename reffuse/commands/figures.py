@@ -4,7 +4,7 @@ Nothing is measured again: figures of timings are drawn from the benchmark resul
 benchmarks/results/, figures of model analysis from the JSON committed in reports/ (both written by the commands
 named below). The same inputs give the same bytes: the Agg backend, fixed sizes, no PNG metadata
 (reffuse.plots.save_figure), and sorted inputs. figures.json beside the PNGs records the matplotlib and FreeType
-versions that drew them and a digest of the data each shows. tests/test_figures.py runs this twice and compares
+versions that drew them and a digest of the data each shows. tests/plots/test_figures.py runs this twice and compares
 the bytes with each other, and with the committed figures/ where the versions match (else the data shown).
 
     figure                               drawn by                                 from (made by)

@@ -1,7 +1,7 @@
 """Tensor parallelism without MPI: sharding math, the ring all-reduce and the all-reduce count, in one process.
 
 N ranks run as N threads with a small stand-in for an mpi4py communicator (ThreadComm: Sendrecv and Barrier,
-what the ring all-reduce needs), so the whole sharded forward is checked here; tests/test_tp_mpi.py runs the
+what the ring all-reduce needs), so the whole sharded forward is checked here; tests/tp/test_tp_mpi.py runs the
 same code under a real `mpiexec`.
 """
 
