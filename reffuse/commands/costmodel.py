@@ -2,7 +2,7 @@
 
 Per layer, time = max(FLOPs / peak, bytes / bandwidth) + kernels × kernel overhead, plus an alpha-beta ring
 all-reduce after every row-parallel layer (2 per full block, 1 per FFN-only block, 1 per fused FFN group).
-The model is in reffuse/costmodel.py, every assumption named there.
+The model is in reffuse.speed.costmodel, every assumption named there.
 
 It prints:
   - the projection of Llama-3.1-405B -> 253B PreFusion -> 253B fused at TP8 on 8 H100 SXM (FP8 weights, the
@@ -28,15 +28,9 @@ examples:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from reffuse.speed.costmodel import (HARDWARE_PRESETS, LEFT_OUT, MODEL_PRESETS, PAPER_TABLE2, calibrate_cpu, cpu_hardware,
-                         decode_projection, get_hardware, get_layout, paper_comparison, paper_sensitivity,
-                         parameter_count, predict_tp_run)
-from reffuse.errors import ReffuseError
-from reffuse.progress import note
 from reffuse.commands.common import format_table, groups_argument, print_json
+from reffuse.speed.costmodel import HARDWARE_PRESETS, MODEL_PRESETS
+from reffuse.speed.costmodel.report import costmodel_report
 
 HELP = "project decode latency at TP 1-8, sequential vs fused, beside the paper's numbers and measured runs"
 DEFAULT_MODELS = ["llama-3.1-405b", "ultra-253b-prefusion"]
@@ -66,70 +60,9 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def load_tp_results(paths) -> list[tuple[str, dict]]:
-    results = []
-    for path in paths:
-        try:
-            result = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ReffuseError(f"{path}: no such file (write it with `mpiexec -n N reffuse tp ... --json > FILE`)")
-        except json.JSONDecodeError as e:
-            raise ReffuseError(f"{path} is not the JSON that `reffuse tp --json` prints: {e}") from None
-        missing = [key for key in ("ranks", "model", "tokens", "groups", "sequential", "fused") if key not in result]
-        if missing:
-            raise ReffuseError(f"{path} lacks {', '.join(missing)}: is it the output of `reffuse tp --json`?")
-        results.append((str(path), result))
-    return results
-
-
-def recorded_calibration(path) -> dict:
-    """The CPU calibration in a `reffuse costmodel --json` output."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        raise ReffuseError(f"--calibration {path}: cannot read it as JSON ({e})") from None
-    for hardware in ((report.get("measured") or {}).get("hardware"), report.get("hardware")):
-        if hardware and hardware.get("calibration"):
-            return hardware["calibration"]
-    raise ReffuseError(f"--calibration {path} holds no CPU calibration: it must be the --json output of a "
-                       "`reffuse costmodel` run with --hardware cpu or --measured")
-
-
 def run(args) -> int:
-    if args.max_tp < 1 or args.context < 0 or args.batch < 1:
-        raise ReffuseError("--max-tp and --batch must be at least 1 and --context at least 0")
-    names = args.model or DEFAULT_MODELS
-    if args.groups is not None and len(names) != 1:
-        raise ReffuseError("--groups applies to one model: give exactly one --model with it")
-    layouts = [get_layout(name, args.groups) for name in names]
-    tp_results = load_tp_results(args.measured)
-
-    cpu = None
-    if args.calibration:
-        cpu = cpu_hardware(recorded_calibration(args.calibration))
-    elif args.hardware == "cpu" or tp_results:
-        note("calibrating this CPU (GEMM, GEMV bandwidth, per-call overhead, MPI all-reduce): a few seconds")
-        cpu = calibrate_cpu(mpi=not args.no_mpi)
-    hardware = cpu if args.hardware == "cpu" else get_hardware(args.hardware)
-
-    report = {
-        "setting": {"context": args.context, "batch": args.batch, "max_tp": args.max_tp},
-        "paper_comparison": paper_comparison(context=args.context),
-        "paper_sensitivity": paper_sensitivity(context=args.context),
-        "hardware": hardware.describe(),
-        "projections": [decode_projection(layout, hardware, range(1, args.max_tp + 1), args.context, args.batch)
-                        for layout in layouts],
-        "layouts": {layout.name: {"source": layout.source, "assumptions": list(layout.assumptions),
-                                  "parameters": parameter_count(layout), "blocks": len(layout.blocks),
-                                  "blocks_with_attention": sum(b.attention for b in layout.blocks),
-                                  "fusion_groups": [list(g) for g in layout.fusion_groups]}
-                    for layout in layouts + [get_layout(name) for name in PAPER_TABLE2]},
-        "measured": None,
-        "left_out": LEFT_OUT,
-    }
-    if tp_results:
-        rows = [row | {"file": path} for path, result in tp_results for row in predict_tp_run(result, cpu)]
-        report["measured"] = {"hardware": cpu.describe(), "rows": rows}
+    report = costmodel_report(args.model or DEFAULT_MODELS, args.groups, args.hardware, args.max_tp, args.context,
+                              args.batch, args.measured, args.calibration, mpi=not args.no_mpi)
     if args.json:
         print_json(report)
     else:

@@ -150,17 +150,20 @@ def check_groups(structure, groups) -> list[tuple[int, int]]:
     return checked
 
 
+def contiguous_ranges(layers) -> list[tuple[int, int]]:
+    """[14, 15, 16, 20] -> [(14, 16), (20, 20)]."""
+    ranges = []
+    for layer in sorted(layers):
+        if ranges and layer == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], layer)
+        else:
+            ranges.append((layer, layer))
+    return ranges
+
+
 def format_layers(layers) -> str:
     """[3, 4, 5, 9] -> "3-5,9": the inverse of `parse_layers`."""
-    layers, parts = sorted(layers), []
-    i = 0
-    while i < len(layers):
-        j = i
-        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
-            j += 1
-        parts.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
-        i = j + 1
-    return ",".join(parts) or "-"
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in contiguous_ranges(layers)) or "-"
 
 
 def parse_layers(text: str) -> list[int]:

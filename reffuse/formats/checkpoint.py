@@ -16,6 +16,7 @@ import numpy as np
 from reffuse.core.backend import to_numpy
 from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
+from reffuse.files import read_json
 from reffuse.core.model import FFN, Attention, Block, Config, Model, cast
 from reffuse.optional import require
 
@@ -123,14 +124,8 @@ def save_model(model: Model, folder) -> Path:
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ReffuseError(f"{folder} has no config.json: a model folder holds config.json and *.safetensors "
-                           "(write one with reffuse.save_model)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReffuseError(f"{path} is not valid JSON: {e}") from None
+    return read_json(folder / "config.json", "a model folder holds config.json and *.safetensors (write one with "
+                     "reffuse.save_model)")
 
 
 def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout, ...]]:

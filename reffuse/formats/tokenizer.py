@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
+from reffuse.files import read_json
 from reffuse.optional import require
 
 # SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
@@ -174,10 +175,8 @@ def tokenizer_from_folder(folder) -> Tokenizer:
         raise ReffuseError(f"{path} could not be read as a tokenizer ({e})") from None
     config = {}
     if (folder / "tokenizer_config.json").is_file():
-        try:
-            config = json.loads((folder / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise ReffuseError(f"{folder / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        config = read_json(folder / "tokenizer_config.json", "write it again, or remove it to use the tokenizer "
+                           "without special tokens and chat template")
 
     def token(key):  # HF writes a special token as a string or as {"content": ...}
         entry = config.get(key)

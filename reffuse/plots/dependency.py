@@ -13,23 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from reffuse.core.layout import contiguous_ranges
 from reffuse.method.metrics import matrix_from_json
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.layout import layout_figure
 
 LOG2_RANGE = (-9, -1)  # the paper's colour bar: 2^-9 .. 2^-1
 WEAK, STRONG, EXCLUDED = "tab:blue", "tab:red", "0.75"
-
-
-def contiguous_ranges(blocks) -> list[tuple[int, int]]:
-    """[14, 15, 16, 20] -> [(14, 16), (20, 20)]."""
-    ranges = []
-    for b in sorted(blocks):
-        if ranges and b == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], b)
-        else:
-            ranges.append((b, b))
-    return ranges
 
 
 def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None):

@@ -39,7 +39,8 @@ calibrated by a short measurement (`calibrate_cpu`). Model layouts: "tiny", "smo
 "ultra-253b-prefusion", "ultra-253b-fused", or any reffuse Model (`layout_from_model`).
 
 The package reads in that order: `latency` (the equations above), `hardware` (the presets and their sources),
-`calibration` (this machine), `presets` (model layouts), `paper` (Table 2), `tp_runs` (this machine's runs).
+`calibration` (this machine), `presets` (model layouts), `paper` (Table 2), `tp_runs` (this machine's runs),
+`report` (what `reffuse costmodel` prints).
 """
 
 from reffuse.speed.costmodel.calibration import (HARDWARE_PRESETS, calibrate_cpu, get_hardware, measure_mpi_allreduce,

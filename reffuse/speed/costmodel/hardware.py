@@ -96,7 +96,7 @@ class Hardware:
 #     all-reduce or all-gather.
 H100_SOURCES = ("NVIDIA H100 Tensor Core GPU datasheet (SXM5 80GB): FP8 1979 / BF16 989 dense TFLOP/s, "
                 "HBM3 3.35 TB/s, NVLink 900 GB/s bidirectional per GPU",
-                "chosen: kernel overhead 3 us, all-reduce alpha 0.7 us per ring step (see reffuse/costmodel.py)")
+                "chosen: kernel overhead 3 us, all-reduce alpha 0.7 us per ring step (see reffuse.speed.costmodel)")
 
 
 def h100_sxm(precision: str = "fp8") -> Hardware:
