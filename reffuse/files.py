@@ -13,8 +13,8 @@ def read_json(path, remedy: str):
     (what the user should do, e.g. "rerun `reffuse analyze` to write it")."""
     path = Path(path)
     if not path.is_file():
-        what = "a folder, not a file" if path.is_dir() else "missing"
-        raise ReffuseError(f"{path} is {what}: {remedy}")
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ReffuseError(f"{path} {problem}: {remedy}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -67,7 +67,7 @@ def test_folder_that_does_not_match_its_config(tmp_path, tiny32, change, message
 
 
 def test_missing_and_corrupt_files(tmp_path, tiny32):
-    with pytest.raises(ReffuseError, match="config.json is missing"):
+    with pytest.raises(ReffuseError, match="config.json does not exist"):
         reffuse.load_model(tmp_path)
     folder = reffuse.save_model(tiny32, tmp_path / "m")
     data = (folder / "model.safetensors").read_bytes()

@@ -230,7 +230,7 @@ def test_costmodel_text_shows_the_paper_beside_the_model(capsys):
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--model", "tiny", "--groups", "2-5"], "contains block 2, which has attention"),
     (["--model", "tiny", "--model", "smollm2", "--groups", "4-8"], "--groups applies to one model"),
-    (["--measured", "no-such-file.json"], "no such file"),
+    (["--measured", "no-such-file.json"], "does not exist"),
 ])
 def test_bad_input_is_one_clear_line(args, message, capsys):
     assert main(["costmodel", *args]) == 2
