@@ -6,22 +6,12 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from reffuse.errors import ReffuseError
-from reffuse.core.layout import parse_layers
-
-
-def parse_groups(text: str) -> list[tuple[int, int]]:
-    """"14-17,18-20" -> [(14, 17), (18, 20)]: 0-based, inclusive block ranges."""
-    groups = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        first, sep, last = part.partition("-")
-        try:
-            groups.append((int(first), int(last)))
-        except ValueError:
-            raise ReffuseError(f"group {part!r} is not a range FIRST-LAST of block indices (e.g. 4-8)") from None
-        if not sep:
-            raise ReffuseError(f"group {part!r} is not a range FIRST-LAST of block indices (e.g. 4-8)")
-    return groups
+from reffuse.evaluation.activations import DEFAULT_TEXT
+from reffuse.formats.registry import load_tokenizer
+from reffuse.core.layout import parse_groups, parse_layers
 
 
 def groups_argument(text: str) -> list[tuple[int, int]]:
@@ -53,3 +43,33 @@ def format_table(header: list[str], rows: list[list]) -> str:
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+def ids_argument(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise ReffuseError(f"--ids {text!r} is not a list of integers (e.g. 504,3575,282)") from None
+
+
+def add_input_arguments(parser, default_tokens: int = 64) -> None:
+    """--text / --ids / --tokens / --tokenizer, shared with `reffuse dump`."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--text", default=None, help="input text (default: a built-in passage of ~135 tokens)")
+    source.add_argument("--ids", type=ids_argument, default=None, help="input token ids, e.g. 504,3575,282")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help=f"use the first N tokens of the text (default: all of --text, or the first "
+                             f"{default_tokens} of the built-in passage)")
+    parser.set_defaults(default_tokens=default_tokens)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer for --text (default: the model's)")
+
+
+def input_ids(args, model_name) -> np.ndarray:
+    """The token ids the arguments ask for: --ids as given, else the first --tokens tokens of the text."""
+    if args.ids is not None:
+        return np.asarray(args.ids, dtype=np.int64)
+    ids = load_tokenizer(args.tokenizer or model_name).encode(DEFAULT_TEXT if args.text is None else args.text)
+    tokens = args.tokens or (len(ids) if args.text is not None else args.default_tokens)
+    if tokens < 1 or len(ids) < tokens:
+        raise ReffuseError(f"--tokens {tokens}: the text has {len(ids)} tokens; give a longer --text or fewer tokens")
+    return np.asarray(ids[:tokens], dtype=np.int64)

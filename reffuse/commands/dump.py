@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from reffuse.evaluation.activations import activations, save_activations
 from reffuse.formats.registry import load_model
-from reffuse.commands.verify import add_input_arguments, input_ids
+from reffuse.commands.common import add_input_arguments, input_ids
 
 HELP = "write per-block activations and logits to an .npz file (documented format)"
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 import time
 
 from reffuse.formats.corpus import held_out_windows
-from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
-from reffuse.formats.registry import load_model
+from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, load_tokenizer
 from reffuse.progress import Progress
-from reffuse.formats.registry import load_tokenizer
 from reffuse.commands.common import format_table, print_json
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
@@ -45,28 +43,13 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def tokenizer_for(args):
-    """The --tokenizer, else the model's own, else the base model's."""
-    if args.tokenizer:
-        return load_tokenizer(args.tokenizer)
-    candidates = [args.model] + ([args.base] if args.base else [])
-    for source in candidates:
-        try:
-            return load_tokenizer(source)
-        except ReffuseError:
-            continue
-    raise ReffuseError(f"no tokenizer found for {' or '.join(map(repr, candidates))}: give --tokenizer "
-                       "(smollm2, a .gguf file, or a folder with tokenizer.json)")
-
-
 def run(args) -> int:
-    tokenizer = tokenizer_for(args)
+    tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer else
+                 find_tokenizer(*[source for source in (args.model, args.base) if source]))
     windows = held_out_windows(tokenizer, args.window, args.tokens)
     model = load_model(args.model, dtype=args.dtype)
     base = load_model(args.base, dtype=args.dtype) if args.base else None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
-                           f"{args.model} only {model.config.vocab_size}: give the model's own --tokenizer")
+    check_tokenizer(tokenizer, model, args.model)
     start = time.perf_counter()
     with Progress(f"scoring {args.model}" + (f" against {args.base}" if base else ""), len(windows),
                   "windows") as bar:

@@ -24,24 +24,14 @@ examples:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, check_calibration_tokens
-from reffuse.formats.checkpoint import save_model
-from reffuse.errors import ReffuseError
-from reffuse.core.fusion import NORM_MODES, fuse
-from reffuse.formats.registry import load_model
-from reffuse.core.model import layout
-from reffuse.progress import Progress, note
-from reffuse.method.pipeline import choose_attention_removal, is_synthetic, load_texts, plan_fusion
-from reffuse.core.layout import format_layers
-from reffuse.method.removal import drop_attention
-from reffuse.formats.registry import load_tokenizer
 from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
+from reffuse.core.fusion import NORM_MODES
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
+from reffuse.method.pipeline import FuseOptions, fuse_and_save
 
 HELP = "remove attention, fuse runs of FFNs (optionally calibrated) and save the model"
-PROVENANCE_FILE = "fuse.json"
 
 
 def add_arguments(parser):
@@ -76,68 +66,16 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    if args.contiguous and args.drop_attention_count is None:
-        raise ReffuseError("--contiguous goes with --drop-attention-count N")
+    record = fuse_and_save(FuseOptions.from_namespace(args))
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ReffuseError(f"{out} exists and is not empty: give a new folder to --out")
-    model = load_model(args.model)
-    needs_text = args.drop_attention_count is not None or args.plan or args.calibrate
-    texts = load_texts(args.model, model, args.calibration_tokens, 256) if needs_text else None
-    if args.calibrate:
-        check_calibration_tokens(texts.calibration.ids.size)
-    record = {"model": args.model, "model_name": model.config.name, "norm": args.norm,
-              "texts": texts.describe() if texts else None}
-
-    removal = None
-    if args.drop_attention_count is not None:
-        removal = choose_attention_removal(model, texts.scoring(args.scoring_tokens),
-                                           count=args.drop_attention_count, contiguous=args.contiguous)
-    elif args.drop_attention is not None:
-        removal = {"blocks": args.drop_attention, "blocks_text": format_layers(args.drop_attention), "rule": "given"}
-    if removal is not None:
-        model = drop_attention(model, removal["blocks"])
-    record["attention_removal"] = removal
-
-    if args.plan:
-        plan, _ = plan_fusion(model, texts.scoring(args.scoring_tokens, window=64), args.max_group_size,
-                              leave_out_last=not args.include_last)
-        groups, record["plan"] = plan.groups, plan.to_json()
-        if not groups:
-            raise ReffuseError("the plan has no group to fuse (runs too short): remove more attention")
-    else:
-        groups = args.groups
-    record["groups"] = [list(g) for g in groups]
-
-    if args.calibrate:
-        with Progress("calibrating fused groups", len(groups), "groups") as bar:
-            fused, fits = calibrated_fuse(model, groups, texts.calibration.ids, norm=args.norm, ridge=args.ridge,
-                                          progress=bar.update, weighting=args.weighting)
-        record["calibration"] = [f.as_dict() for f in fits]
-    else:
-        fused = fuse(model, groups, norm=args.norm)
-        record["calibration"] = None
-
-    save_model(fused, out)
-    tokenizer = texts.tokenizer if texts is not None else None
-    if tokenizer is None and not is_synthetic(args.model, model):
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except ReffuseError as e:
-            note(f"no tokenizer saved beside the model: {e}")
-    if tokenizer is not None:
-        tokenizer.save(out)
-    record["layout"] = layout(fused).rows()
-    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    note(f"saved {out} ({len(fused.blocks)} blocks)")
-
     if args.json:
         print_json(record)
         return 0
+    removal = record["attention_removal"]
     if removal:
         print(f"attention removed: blocks {removal['blocks_text']} ({removal['rule']})"
               + (f"; joint KL on calibration text {removal['joint_kl']:.3e} nats" if "joint_kl" in removal else ""))
-    print(f"fused groups ({args.norm}): {', '.join(f'{a}-{b}' for a, b in groups)}")
+    print(f"fused groups ({args.norm}): {', '.join(f'{a}-{b}' for a, b in record['groups'])}")
     for fit in record["calibration"] or []:
         print(f"calibrated {fit['group'][0]}-{fit['group'][1]}: relative fit error on {fit['tokens']} calibration "
               f"tokens {fit['fit_error_plain']:.3e} -> {fit['fit_error_calibrated']:.3e}")

@@ -183,6 +183,20 @@ def parse_layers(text: str) -> list[int]:
     return sorted(layers)
 
 
+def parse_groups(text: str) -> list[tuple[int, int]]:
+    """"14-17,18-20" -> [(14, 17), (18, 20)]: 0-based, inclusive block ranges."""
+    groups = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, sep, last = part.partition("-")
+        try:
+            groups.append((int(first), int(last)))
+        except ValueError:
+            raise ReffuseError(f"group {part!r} is not a range FIRST-LAST of block indices (e.g. 4-8)") from None
+        if not sep:
+            raise ReffuseError(f"group {part!r} is not a range FIRST-LAST of block indices (e.g. 4-8)")
+    return groups
+
+
 def sharding_problems(structure, n_ranks: int) -> list[str]:
     """Why a model cannot be split over n_ranks tensor-parallel ranks the Megatron way (empty when it can): query
     heads must divide by N; key/value heads must divide by N or divide N (then they are replicated); every FFN

@@ -53,3 +53,22 @@ def load_tokenizer(name_or_path) -> Tokenizer:
     if path.is_dir():
         return tokenizer_from_folder(path)
     raise ReffuseError(f"no tokenizer for {key!r}: give 'smollm2', a .gguf file, or a folder with tokenizer.json")
+
+
+def find_tokenizer(*sources) -> Tokenizer:
+    """The tokenizer of the first of `sources` (names, folders, .gguf files) that has one."""
+    for source in sources:
+        try:
+            return load_tokenizer(source)
+        except ReffuseError:
+            continue
+    raise ReffuseError(f"no tokenizer found for {' or '.join(map(repr, map(str, sources)))}: give --tokenizer "
+                       "(smollm2, a .gguf file, or a folder with tokenizer.json)")
+
+
+def check_tokenizer(tokenizer: Tokenizer, model: Model, model_name) -> None:
+    """Refuse a tokenizer whose vocabulary is not the model's: ids beyond the embedding would fail, and a
+    smaller vocabulary means another tokenizer whose ids mean other tokens."""
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
+                           f"{model_name} has {model.config.vocab_size}: give the model's own tokenizer")

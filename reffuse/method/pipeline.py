@@ -1,4 +1,5 @@
-"""The steps `reffuse fuse`, `demo` and `experiments` share: text, attention removal, a fusion plan, calibration.
+"""The steps `reffuse fuse`, `demo` and `experiments` share: text, attention removal, a fusion plan, calibration;
+and `fuse_and_save`, the whole of `reffuse fuse`.
 
     texts = load_texts("smollm2", model, calibration_tokens=1024, held_out_tokens=512)
     removal = choose_attention_removal(model, texts.scoring(128), count=8, contiguous=True)
@@ -14,20 +15,26 @@ model has no tokenizer: it gets random token ids instead, from two different see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
+from reffuse.core.fusion import fuse
+from reffuse.core.model import layout
+from reffuse.formats.checkpoint import save_model
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows
 from reffuse.errors import ReffuseError
 from reffuse.method.metrics import block_evaluations_needed, dependency
 from reffuse.core.model import Model
 from reffuse.method.planning import propose_groups
 from reffuse.evaluation.prefix import cache_prefix, kl_from_base
-from reffuse.progress import Progress
+from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
+from reffuse.progress import Progress, note
 from reffuse.core.layout import attention_free_runs, attention_layers, format_layers
 from reffuse.method.removal import attention_scores, cheapest, check_layers, drop_attention
-from reffuse.formats.registry import load_tokenizer
+from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 
 SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
 
@@ -96,9 +103,7 @@ def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_
                      synthetic_windows(model, "held-out", window, held_out_tokens))
     if tokenizer is None:
         tokenizer = load_tokenizer(model_name)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ReffuseError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the model "
-                           f"{model_name} only {model.config.vocab_size}: give the model's own tokenizer")
+    check_tokenizer(tokenizer, model, model_name)
     calibration = calibration_windows(tokenizer, window, calibration_tokens)
     held_out = held_out_windows(tokenizer, window, held_out_tokens)
     check_disjoint(calibration, held_out)
@@ -167,3 +172,91 @@ def plan_fusion(model: Model, windows, max_group_size: int | None = 4, leave_out
                            "(--drop-attention or --drop-attention-count)")
     M = ffn_dependency(model, windows, up_to=max(last for _, last in runs))
     return propose_groups(model, M, max_group_size=max_group_size, leave_out_last=leave_out_last), M
+
+
+PROVENANCE_FILE = "fuse.json"  # beside a fused model: every choice, score and text span that made it
+
+
+@dataclass
+class FuseOptions:
+    """What `reffuse fuse` takes (its --help says what each means)."""
+    model: str
+    out: str
+    groups: list | None = None
+    plan: str | None = None
+    drop_attention: list | None = None
+    drop_attention_count: int | None = None
+    contiguous: bool = False
+    max_group_size: int = 4
+    include_last: bool = False
+    norm: str = "fold"
+    calibrate: bool = False
+    weighting: str = DEFAULT_WEIGHTING
+    ridge: float = DEFAULT_RIDGE
+    calibration_tokens: int = 2048
+    scoring_tokens: int = 128
+
+    @classmethod
+    def from_namespace(cls, args) -> "FuseOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def fuse_and_save(options: FuseOptions) -> dict:
+    """Every step of `reffuse fuse` (its --help lists them), the model saved to `options.out` with its tokenizer
+    and fuse.json; returns what fuse.json records."""
+    if options.contiguous and options.drop_attention_count is None:
+        raise ReffuseError("--contiguous goes with --drop-attention-count N")
+    out = Path(options.out)
+    if out.exists() and any(out.iterdir()):
+        raise ReffuseError(f"{out} exists and is not empty: give a new folder to --out")
+    model = load_model(options.model)
+    needs_text = options.drop_attention_count is not None or options.plan or options.calibrate
+    texts = load_texts(options.model, model, options.calibration_tokens, 256) if needs_text else None
+    if options.calibrate:
+        check_calibration_tokens(texts.calibration.ids.size)
+    record = {"model": options.model, "model_name": model.config.name, "norm": options.norm,
+              "texts": texts.describe() if texts else None}
+
+    removal = None
+    if options.drop_attention_count is not None:
+        removal = choose_attention_removal(model, texts.scoring(options.scoring_tokens),
+                                           count=options.drop_attention_count, contiguous=options.contiguous)
+    elif options.drop_attention is not None:
+        removal = {"blocks": options.drop_attention, "blocks_text": format_layers(options.drop_attention),
+                   "rule": "given"}
+    if removal is not None:
+        model = drop_attention(model, removal["blocks"])
+    record["attention_removal"] = removal
+
+    if options.plan:
+        plan, _ = plan_fusion(model, texts.scoring(options.scoring_tokens, window=64), options.max_group_size,
+                              leave_out_last=not options.include_last)
+        groups, record["plan"] = plan.groups, plan.to_json()
+        if not groups:
+            raise ReffuseError("the plan has no group to fuse (runs too short): remove more attention")
+    else:
+        groups = options.groups
+    record["groups"] = [list(g) for g in groups]
+
+    if options.calibrate:
+        with Progress("calibrating fused groups", len(groups), "groups") as bar:
+            fused, fits = calibrated_fuse(model, groups, texts.calibration.ids, norm=options.norm, ridge=options.ridge,
+                                          progress=bar.update, weighting=options.weighting)
+        record["calibration"] = [f.as_dict() for f in fits]
+    else:
+        fused = fuse(model, groups, norm=options.norm)
+        record["calibration"] = None
+
+    save_model(fused, out)
+    tokenizer = texts.tokenizer if texts is not None else None
+    if tokenizer is None and not is_synthetic(options.model, model):
+        try:
+            tokenizer = load_tokenizer(options.model)
+        except ReffuseError as e:
+            note(f"no tokenizer saved beside the model: {e}")
+    if tokenizer is not None:
+        tokenizer.save(out)
+    record["layout"] = layout(fused).rows()
+    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    note(f"saved {out} ({len(fused.blocks)} blocks)")
+    return record

@@ -8,7 +8,7 @@ import pytest
 import reffuse
 from reffuse.method.calibrate import calibrated_fuse
 from reffuse.cli import main
-from reffuse.commands.fuse import PROVENANCE_FILE
+from reffuse.method.pipeline import PROVENANCE_FILE
 from reffuse.method.pipeline import synthetic_windows
 from reffuse.method.removal import drop_attention
 from reffuse.core.tiny import build_tiny

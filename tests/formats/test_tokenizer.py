@@ -89,3 +89,13 @@ def test_same_ids_as_transformers(smollm2_tokenizer):
     assert smollm2_tokenizer.encode(PASSAGE) == theirs.encode(PASSAGE, add_special_tokens=False)
     assert smollm2_tokenizer.chat_prompt("Hi") == theirs.apply_chat_template(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_a_tokenizer_of_another_vocabulary_size_is_refused_either_way(tiny32):
+    from types import SimpleNamespace
+
+    from reffuse.formats.registry import check_tokenizer
+    for size in (tiny32.config.vocab_size - 1, tiny32.config.vocab_size + 1):
+        with pytest.raises(ReffuseError, match=f"has {size} tokens but the model tiny has 256"):
+            check_tokenizer(SimpleNamespace(vocab_size=size, source="a test"), tiny32, "tiny")
+    check_tokenizer(SimpleNamespace(vocab_size=256, source="a test"), tiny32, "tiny")
