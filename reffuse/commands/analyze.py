@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reffuse.core.layout import format_groups
 from reffuse.commands.common import format_table, layers_argument, print_json
 from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
@@ -88,7 +89,7 @@ def summary(result: dict, paths) -> str:
                                 ",".join(map(str, s["tied"]))] for s in result["greedy"]["steps"]]
                               ) if result["greedy"]["steps"] else "  no eligible window")
     lines.append("")
-    groups = ", ".join(f"{a}-{b}" for a, b in plan["groups"]) or "none (no attention-free run long enough)"
+    groups = format_groups(plan["groups"], ", ") if plan["groups"] else "none (no attention-free run long enough)"
     lines.append(f"fusion plan ({'last FFN of each run left out' if plan['leave_out_last'] else 'last FFN kept'}, "
                  f"max group size {plan['max_group_size'] or 'none'}): {groups}")
     lines += ["", "written:"] + [f"  {p}" for p in paths]

@@ -30,6 +30,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from reffuse.core.layout import format_groups
 from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
 from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
@@ -97,10 +98,6 @@ def run(args) -> int:
 # Printing
 
 
-def _groups_text(groups) -> str:
-    return ",".join(f"{a}-{b}" for a, b in groups)
-
-
 def layout_table(rows) -> str:
     return format_table(["block", "attention", "FFN width", "fused from"],
                         [[r["block"], "yes" if r["attention"] else "-", r["ffn_width"],
@@ -121,7 +118,7 @@ def print_report(r: dict) -> None:
         joint = f"; KL when removed together {removal['joint_kl']:.3g} nats" if "joint_kl" in removal else ""
         summed = f", summed single scores {removal['summed_score']:.3g}" if removal.get("summed_score") else ""
         print(f"\nattention removed: blocks {removal['blocks_text']} ({removal['rule']}{summed}{joint})")
-    print(f"fusion plan: {_groups_text(r['groups'])} ({r['plan'].get('rule', 'given')}), norm {r['norm']}\n")
+    print(f"fusion plan: {format_groups(r['groups'])} ({r['plan'].get('rule', 'given')}), norm {r['norm']}\n")
     print("layout before fusion (attention removed)\n" + layout_table(r["layout_removed"]) + "\n")
     print("layout after fusion\n" + layout_table(r["layout_after"]) + "\n")
     errors, gap = r["fused_vs_parallel_relative_error"], r["sequential_vs_parallel"]

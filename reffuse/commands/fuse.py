@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reffuse.core.layout import format_groups
 from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
 from reffuse.core.fusion import NORM_MODES
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
@@ -75,7 +76,7 @@ def run(args) -> int:
     if removal:
         print(f"attention removed: blocks {removal['blocks_text']} ({removal['rule']})"
               + (f"; joint KL on calibration text {removal['joint_kl']:.3e} nats" if "joint_kl" in removal else ""))
-    print(f"fused groups ({args.norm}): {', '.join(f'{a}-{b}' for a, b in record['groups'])}")
+    print(f"fused groups ({args.norm}): {format_groups(record['groups'], ', ')}")
     for fit in record["calibration"] or []:
         print(f"calibrated {fit['group'][0]}-{fit['group'][1]}: relative fit error on {fit['tokens']} calibration "
               f"tokens {fit['fit_error_plain']:.3e} -> {fit['fit_error_calibrated']:.3e}")

@@ -197,6 +197,11 @@ def parse_groups(text: str) -> list[tuple[int, int]]:
     return groups
 
 
+def format_groups(groups, separator: str = ",") -> str:
+    """[(14, 17), (18, 20)] -> "14-17,18-20": the inverse of `parse_groups` ("-" for none)."""
+    return separator.join(f"{a}-{b}" for a, b in groups) or "-"
+
+
 def sharding_problems(structure, n_ranks: int) -> list[str]:
     """Why a model cannot be split over n_ranks tensor-parallel ranks the Megatron way (empty when it can): query
     heads must divide by N; key/value heads must divide by N or divide N (then they are replicated); every FFN

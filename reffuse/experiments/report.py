@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from reffuse.experiments.verdicts import DEFINITIONS, format_kl, format_perplexity
+from reffuse.experiments.study import DEFINITIONS, format_kl, format_perplexity, fused_name, removed_name
 
 
 def markdown(r: dict, command: str) -> str:
@@ -93,8 +93,8 @@ def markdown(r: dict, command: str) -> str:
     lines.append(f"| pre-fusion | 0 | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | 100% | "
                  f"{format_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | {base_ms:.2f} | 0% |")
     for row, removal_row in zip(r["intensity"], r["removal"]["rows"]):
-        fused_ms = lat[f"fused, {row['steps']} steps"]["ms_per_token"]
-        removed_ms = lat[f"{removal_row['depth_reduction']} FFNs removed"]["ms_per_token"]
+        fused_ms = lat[fused_name(row["steps"])]["ms_per_token"]
+        removed_ms = lat[removed_name(removal_row["depth_reduction"])]["ms_per_token"]
         lines.append(f"| fused {row['groups_text']} | {row['depth_reduction']} | {row_scores(row['fold'])} | "
                      f"{fused_ms:.2f} | {100 * (fused_ms / base_ms - 1):+.1f}% |")
         lines.append(f"| fused {row['groups_text']}, calibrated | {row['depth_reduction']} | "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from reffuse.core.layout import contiguous_ranges
+from reffuse.core.layout import contiguous_ranges, format_groups
 from reffuse.errors import ReffuseError
 from reffuse.files import read_json
 from reffuse.plots import data_digest, drawing_versions, save_figure
@@ -140,10 +140,9 @@ def layout_before_after(root: Path):
     result = committed(root, TP_SMOLLM2_JSON, TP_SMOLLM2_COMMAND)
     removed = tp_run_layout(result)                   # attention removed where the run says, its groups to fuse
     removed_text = ",".join(f"{a}-{b}" for a, b in contiguous_ranges(result["attention_removed"]))
-    groups_text = ",".join(f"{a}-{b}" for a, b in result["groups"])
     panels = {"SmolLM2-135M as trained": get_layout("smollm2"),
               f"attention removed in blocks {removed_text}": removed,
-              f"FFNs {groups_text} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
+              f"FFNs {format_groups(result['groups'])} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
     return layout_figure({label: layout.rows() for label, layout in panels.items()},
                          "Block layout before and after fusion (SmolLM2)")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reffuse.experiments.study import fused_name, removed_name
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.removal import attention_scores_figure
 
@@ -60,8 +61,8 @@ def removal_vs_fusion_figure(result: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.9))
     fused = sorted(result["intensity"], key=lambda r: r["depth_reduction"])
     removed = sorted(result["removal"]["rows"], key=lambda r: r["depth_reduction"])
-    fused_ms = [decode[f"fused, {r['steps']} steps"]["ms_per_token"] for r in fused]
-    removed_ms = [decode[f"{r['depth_reduction']} FFNs removed"]["ms_per_token"] for r in removed]
+    fused_ms = [decode[fused_name(r["steps"])]["ms_per_token"] for r in fused]
+    removed_ms = [decode[removed_name(r["depth_reduction"])]["ms_per_token"] for r in removed]
     base_ms = decode["pre-fusion"]["ms_per_token"]
     for ax, key, label in [(left, "kl", "KL(pre-fusion || model), nats (log scale)"),
                            (right, "perplexity", "held-out perplexity (log scale)")]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from reffuse.core.layout import format_groups
 from reffuse.plots import pyplot, save_figure
 
 COLOURS = {"original": "black", "attention removed": "tab:red", "fused": "tab:blue",
@@ -53,7 +54,7 @@ def write_demo_figures(result: dict, folder: Path) -> list[Path]:
     removed_blocks = [r["block"] for r in result["layout_removed"] if not r["attention"]]
     figures = {"layout.png": layout_figure({f"{name} as loaded": result["layout_before"],
                                             "attention removed": result["layout_removed"],
-                                            f"fused ({result['norm']}): {','.join(f'{a}-{b}' for a, b in result['groups'])}":
+                                            f"fused ({result['norm']}): {format_groups(result['groups'])}":
                                                 result["layout_after"]}, "Block layout before and after fusion"),
                "quality_speed.png": pipeline_summary_figure(result)}
     removal = result["attention_removal"]

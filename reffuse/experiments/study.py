@@ -1,0 +1,170 @@
+"""What every finding of `reffuse experiments` starts from: the pre-fusion model, its attention-free run, the
+held-out references, the FFN-level dependencies and the fusion plans; and the vocabulary the findings share
+(definitions, number formats, the names of the decode-timed models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from reffuse.core.backend import to_numpy
+from reffuse.core.layout import attention_free_runs, original_layers
+from reffuse.core.model import Model, forward, layout
+from reffuse.errors import ReffuseError
+from reffuse.evaluation.prefix import Prefix, cache_prefix, score_variant
+from reffuse.method.metrics import matrix_to_json
+from reffuse.method.pipeline import Texts, choose_attention_removal, ffn_dependency
+from reffuse.method.planning import propose_groups
+from reffuse.method.removal import drop_attention
+from reffuse.progress import note
+
+WINDOW = 4        # full-block windows (the paper's hardware choice)
+MAX_STEPS = 4     # greedy full-block steps, as the paper's Table 7
+STEPS = 8         # the numbered steps `run_experiments` reports as it goes
+
+DEFINITIONS = {
+    "kl": "mean over held-out predictions of KL(reference || variant) of the next-token distributions, nats",
+    "reference": "the pre-fusion model (attention removed, nothing fused) unless marked 'vs original'",
+    "perplexity": "exp of the mean next-token negative log-likelihood on the held-out windows",
+    "steps": "sequential FFN steps left in the fused span (a fused group is one step)",
+    "full_block_rule": "[INF] a window of whole blocks [s, e] runs as x + Σ_{j=s..e} (f_j(x) - x), the analogue of "
+                       "eq. 5; the paper does not write its rule down",
+    "decode": "greedy decode with the KV cache after a 32-token prompt, median over repeats, models timed in "
+              "alternation in one run; float32, BLAS pinned to the process's cores",
+}
+
+
+def format_kl(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.2e}"
+
+
+def format_perplexity(x: float) -> str:
+    return f"{x:.2f}" if x < 1e6 else f"{x:.3e}"
+
+
+def fused_name(steps: int) -> str:
+    """The name under which the span fused into `steps` groups is decode-timed."""
+    return f"fused, {steps} steps"
+
+
+def removed_name(depth_reduction: int) -> str:
+    """The name under which the span with `depth_reduction` FFNs removed is decode-timed."""
+    return f"{depth_reduction} FFNs removed"
+
+
+def step(number: int, text: str) -> None:
+    note(f"[{number}/{STEPS}] {text}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants of a model and what is measured on each
+
+
+def reversed_run(model: Model, first: int, last: int) -> Model:
+    """Blocks first..last in reverse order (attention-free blocks hold no position-dependent state)."""
+    blocks = list(model.blocks)
+    blocks[first:last + 1] = blocks[first:last + 1][::-1]
+    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+
+
+def sink_norm(model: Model, token: int, layer: int) -> float:
+    """||x|| of the first token's stream entering the block that stands for `layer` of the unfused model.
+
+    The first token of a sequence is the attention sink: trained Llamas give its stream a huge norm in one early
+    FFN ("massive activations"), and later attention leans on it. Causality makes its stream independent of the
+    tokens after it, so a one-token forward gives it exactly.
+    """
+    hidden = []
+    forward(model, [token], hidden_states=hidden)       # hidden[i]: the stream entering block i
+    starts = [span[0] for span in original_layers(model)]
+    return float(np.linalg.norm(to_numpy(hidden[starts.index(layer)] if layer in starts else hidden[-1])))
+
+
+def rank_correlation(a, b) -> float | None:
+    """Spearman's rank correlation of two equally long sequences (None for fewer than 3 values)."""
+    if len(a) < 3:
+        return None
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The study
+
+
+@dataclass
+class Study:
+    """The pre-fusion model and everything measured once for all findings."""
+    original: Model
+    pre: Model                   # attention removed: the paper's PreFusion, the reference of every finding
+    texts: Texts
+    region: tuple[int, int]      # the longest attention-free run [a, b]
+    prefix: Prefix               # the pre-fusion model's held-out stream, cached
+    original_prefix: Prefix      # the original model's
+    ffn_dependency: np.ndarray   # M at FFN level, [m, m], NaN outside blocks 0..b
+    plans: dict                  # steps k -> the span's groups, for every k of finding (a)
+    scoring_tokens: int
+    dependency_tokens: int
+    window: int
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The span fused: the run without its last block, as in the paper."""
+        return self.region[0], self.region[1] - 1
+
+    @property
+    def length(self) -> int:
+        return self.span[1] - self.span[0] + 1
+
+    @property
+    def counts(self) -> list[int]:
+        """The step counts of finding (a), most first."""
+        return sorted(self.plans, reverse=True)
+
+    def scores(self, variant: Model, first: int) -> dict:
+        """A variant (blocks before `first` unchanged) against the pre-fusion model and the original."""
+        s = score_variant(self.prefix, variant, first, reference=self.original_prefix)
+        return {"kl": s["kl_from_base"], "perplexity": s["perplexity"], "top1": s["top1_agreement"],
+                "kl_vs_original": s["kl_from_reference"], "top1_vs_original": s["top1_agreement_reference"],
+                "sink_norm": sink_norm(variant, int(self.prefix.windows[0][0]), self.region[1] + 1)}
+
+
+def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens: int, dependency_tokens: int,
+                  window: int, result: dict) -> Study:
+    """Steps 1-3: attention removal, the held-out references, the FFN-level dependencies in the run and the
+    plans; what they find is recorded in `result`."""
+    step(1, "attention removal")
+    removal = choose_attention_removal(original, texts.scoring(scoring_tokens, min(window, 128)), count=drop_count,
+                                       contiguous=True)
+    pre = drop_attention(original, removal["blocks"])
+    a, b = max(attention_free_runs(pre), key=lambda run: (run[1] - run[0], -run[0]))  # the longest run
+    if b - a < 2:
+        raise ReffuseError(f"the longest attention-free run, {a}-{b}, leaves fewer than 2 FFNs to fuse once its "
+                           "last block is left out: remove more attention (--drop-attention-count)")
+    result.update(attention_removal=removal, region=[a, b], span=[a, b - 1],
+                  layouts={"original": layout(original).rows(), "pre_fusion": layout(pre).rows()})
+
+    step(2, "held-out references: the original and the pre-fusion model")
+    original_prefix = cache_prefix(original, texts.held_out.ids)
+    prefix = cache_prefix(pre, texts.held_out.ids)
+    removed = score_variant(original_prefix, pre, removal["blocks"][0])
+    result["original"] = {"perplexity": removed["base_perplexity"]}
+    sink = int(texts.held_out.ids[0][0])
+    result["sink"] = {"token": sink, "layer": b + 1,
+                      "pre_fusion_norms": [sink_norm(pre, sink, layer) for layer in range(len(pre.blocks) + 1)]}
+    result["pre_fusion"] = {"perplexity": removed["perplexity"], "kl_vs_original": removed["kl_from_base"],
+                            "top1_vs_original": removed["top1_agreement"]}
+
+    step(3, "FFN-level dependencies in the run")
+    M = ffn_dependency(pre, texts.scoring(dependency_tokens, min(window, 64)), up_to=b)
+    result["ffn_dependency"] = {"matrix": matrix_to_json(M[a:b + 1, a:b + 1]), "blocks": [a, b],
+                                "tokens": dependency_tokens}
+    length = b - a
+    counts = sorted({math.ceil(length / 2), *range(1, math.ceil(length / 2) + 1)}, reverse=True)
+    plans = {k: propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups for k in counts}
+    return Study(original, pre, texts, (a, b), prefix, original_prefix, M, plans, scoring_tokens,
+                 dependency_tokens, window)
+
