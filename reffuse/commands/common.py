@@ -30,6 +30,33 @@ def layers_argument(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type=` for counts: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count: give 1 or more")
+    return value
+
+
+# The text a command reads, by what it is for; one flag and one meaning in every command that takes it.
+TOKEN_ARGUMENTS = {
+    "held_out": ("--held-out-tokens", "held-out tokens that quality is judged on"),
+    "calibration": ("--calibration-tokens", "calibration tokens (every fit and choice reads only these)"),
+    "scoring": ("--scoring-tokens", "calibration tokens for the single-removal scores"),
+    "dependency": ("--dependency-tokens", "calibration tokens for the dependency matrices"),
+}
+
+
+def add_token_arguments(parser, **defaults: int) -> None:
+    """--held-out-tokens, --calibration-tokens, ... (the keys of TOKEN_ARGUMENTS given), with their defaults."""
+    for key, default in defaults.items():
+        flag, meaning = TOKEN_ARGUMENTS[key]
+        parser.add_argument(flag, type=positive_int, default=default, help=f"{meaning} (default {default})")
+
+
 def format_table(header: list[str], rows: list[list]) -> str:
     """A plain-text table with right-aligned columns."""
     cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float)

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
+from reffuse.commands.common import add_token_arguments, format_table, groups_argument, layers_argument, print_json
 from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.core.fusion import NORM_MODES
@@ -59,13 +59,7 @@ def add_arguments(parser):
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
-    parser.add_argument("--held-out-tokens", type=int, default=512, help="held-out tokens scored (default 512)")
-    parser.add_argument("--calibration-tokens", type=int, default=1024,
-                        help="calibration tokens for the refit (default 1024)")
-    parser.add_argument("--scoring-tokens", type=int, default=128,
-                        help="calibration tokens for the removal scores (default 128)")
-    parser.add_argument("--dependency-tokens", type=int, default=64,
-                        help="calibration tokens for the dependency matrix (default 64)")
+    add_token_arguments(parser, held_out=512, calibration=1024, scoring=128, dependency=64)
     parser.add_argument("--tokens", type=int, default=32, help="tokens of the exactness check (default 32)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="tokens per decode timing (default 16)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats; the median is reported (default 5)")

@@ -28,7 +28,7 @@ from reffuse.experiments.report import markdown
 from reffuse.experiments.run import run_experiments
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
-from reffuse.commands.common import print_json
+from reffuse.commands.common import add_token_arguments, print_json
 
 HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures"
 
@@ -38,13 +38,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, type=Path, help="folder for README.md, experiments.json, figures")
     parser.add_argument("--drop-attention-count", type=int, default=None,
                         help="consecutive attentions to remove (default: 8 for smollm2, 2 for tiny)")
-    parser.add_argument("--held-out-tokens", type=int, default=2048, help="held-out tokens scored (default 2048)")
-    parser.add_argument("--calibration-tokens", type=int, default=2048,
-                        help="calibration tokens for calibrated fusion (default 2048)")
-    parser.add_argument("--scoring-tokens", type=int, default=256,
-                        help="calibration tokens for removal scores (default 256)")
-    parser.add_argument("--dependency-tokens", type=int, default=128,
-                        help="calibration tokens for dependency matrices (default 128)")
+    add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128)
     parser.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="decode timing repeats, median (default 5)")

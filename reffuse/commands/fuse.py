@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
+from reffuse.commands.common import add_token_arguments, format_table, groups_argument, layers_argument, print_json
 from reffuse.core.fusion import NORM_MODES
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.method.pipeline import FuseOptions, fuse_and_save
@@ -58,10 +58,7 @@ def add_arguments(parser):
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
-    parser.add_argument("--calibration-tokens", type=int, default=2048,
-                        help="--calibrate: calibration tokens (default 2048)")
-    parser.add_argument("--scoring-tokens", type=int, default=128,
-                        help="tokens for attention scores and dependencies (default 128)")
+    add_token_arguments(parser, calibration=2048, scoring=128)
     parser.add_argument("--out", required=True, help="folder to write the model into")
     parser.add_argument("--json", action="store_true", help="print what was done as one JSON object")
 

@@ -69,12 +69,11 @@ def removal_vs_fusion_figure(result: dict):
         ax.plot(fused_ms, [r["fold"][key] for r in fused], "o", color=FOLD, label="plain fusion")
         ax.plot(fused_ms, [r["calibrated"][key] for r in fused], "^", color=CALIBRATED, label="calibrated fusion")
         ax.plot(removed_ms, [r[key] for r in removed], "s", color=REMOVAL, label="FFN removal")
-        for ms, r in zip(fused_ms, fused):
-            ax.annotate(f"-{r['depth_reduction']}", (ms, r["fold"][key]), textcoords="offset points", xytext=(4, 3),
-                        fontsize=7, color=FOLD)
-        for ms, r in zip(removed_ms, removed):
-            ax.annotate(f"-{r['depth_reduction']}", (ms, r[key]), textcoords="offset points", xytext=(4, -9),
-                        fontsize=7, color=REMOVAL)
+        for xs, rows, values, colour, below in [(fused_ms, fused, [r["fold"][key] for r in fused], FOLD, 3),
+                                                 (removed_ms, removed, [r[key] for r in removed], REMOVAL, -9)]:
+            for ms, r, value in zip(xs, rows, values):
+                ax.annotate(f"-{r['depth_reduction']}", (ms, value), textcoords="offset points", xytext=(4, below),
+                            fontsize=7, color=colour)
         ax.set_xlabel("decode latency, ms per token (measured in one run)")
         ax.set_ylabel(label)
         ax.set_yscale("log")

@@ -15,28 +15,26 @@ COLOURS = {"original": "black", "attention removed": "tab:red", "fused": "tab:bl
            "fused, calibrated": "tab:green"}
 
 
+def _labelled_bars(ax, names, heights, labels) -> None:
+    bars = ax.bar(range(len(names)), heights, color=[COLOURS.get(n, "0.5") for n in names])
+    for bar, label in zip(bars, labels):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+
+
 def pipeline_summary_figure(result: dict):
     """Left: KL to the original (bars) with perplexity written on them. Right: decode tokens/s."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     quality = result["quality"]["models"]
     names = [n for n in quality if n != "original"]
-    bars = left.bar(range(len(names)), [quality[n]["kl_vs_original"] for n in names],
-                    color=[COLOURS.get(n, "0.5") for n in names])
-    for bar, name in zip(bars, names):
-        left.annotate(f"ppl {quality[name]['perplexity']:.4g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      ha="center", va="bottom", fontsize=7)
-    left.set_xticks(range(len(names)), names, fontsize=8)
+    _labelled_bars(left, names, [quality[n]["kl_vs_original"] for n in names],
+                   [f"ppl {quality[n]['perplexity']:.4g}" for n in names])
     left.set_ylabel("KL(original || model), nats")
     left.set_title(f"held-out quality (original perplexity {quality['original']['perplexity']:.4g})")
     decode = result["speed"]["decode"]
-    speed_names = list(decode)
-    bars = right.bar(range(len(speed_names)), [decode[n]["tokens_per_second"] for n in speed_names],
-                     color=[COLOURS.get(n, "0.5") for n in speed_names])
-    for bar, name in zip(bars, speed_names):
-        right.annotate(f"{decode[name]['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                       ha="center", va="bottom", fontsize=7)
-    right.set_xticks(range(len(speed_names)), speed_names, fontsize=8)
+    _labelled_bars(right, list(decode), [d["tokens_per_second"] for d in decode.values()],
+                   [f"{d['speedup']:.2f}x" for d in decode.values()])
     right.set_ylabel("decode tokens per second")
     right.set_title("greedy decode with the KV cache, one run (ratio to the original)")
     fig.suptitle(f"Attention removal and FFN Fusion on {result['model_name']}")
