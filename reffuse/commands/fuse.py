@@ -59,7 +59,9 @@ def add_arguments(parser):
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
     add_token_arguments(parser, calibration=2048, scoring=128)
-    parser.add_argument("--out", required=True, help="folder to write the model into")
+    parser.add_argument("--out", required=True, help="folder to write the model into (new or empty)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model already in --out (only a folder that reffuse saved is replaced)")
     parser.add_argument("--json", action="store_true", help="print what was done as one JSON object")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from reffuse.core.backend import to_numpy
 from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
-from reffuse.files import read_json
+from reffuse.files import read_json, staged_folder
 from reffuse.core.model import FFN, Attention, Block, Config, Model, cast
 from reffuse.optional import require
 
@@ -103,11 +103,17 @@ def model_from_tensors(config: Config, blocks, tensors: dict[str, np.ndarray], s
     return Model(config, embed, model_blocks, tensors["model.norm.weight"], lm_head)
 
 
-def save_model(model: Model, folder) -> Path:
-    """Write `config.json` and `model.safetensors` into `folder` (created if needed)."""
+def is_model_folder(folder) -> bool:
+    """A folder that save_model wrote (its config.json says so): one that save_model may replace."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("format") == "reffuse"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_model_files(model: Model, folder: Path) -> None:
+    """config.json and model.safetensors, written into the existing folder `folder`."""
     save_file = require("safetensors.numpy", "real", "saving a model").save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     config = {
         "format": "reffuse", "format_version": FORMAT_VERSION,
@@ -120,6 +126,20 @@ def save_model(model: Model, folder) -> Path:
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "np"})
+
+
+def save_model(model: Model, folder, overwrite: bool = False, tokenizer=None, files: dict | None = None) -> Path:
+    """Write the model as a folder: config.json and model.safetensors, with the tokenizer's files when given
+    and `files` (name -> text). All or nothing: the folder is built under a temporary name and renamed into
+    place, so an interrupted save leaves the old folder (or none) and a finished one leaves no stale file.
+    A folder holding another reffuse model is replaced only when `overwrite`; one holding anything else, never."""
+    folder = Path(folder)
+    with staged_folder(folder, overwrite, is_model_folder, "model") as staging:
+        write_model_files(model, staging)
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text)
     return folder
 
 

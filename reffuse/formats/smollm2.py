@@ -4,60 +4,72 @@ The GGUF (Q4_1) takes seconds to parse and dequantize. The first load therefore 
 float32 weights as a reffuse model folder beside it (safetensors, no pickle), with the tokenizer:
 
     <cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    <cache>/smollm2/float32/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json, source.json}
+    <cache>/smollm2/float32-v2/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json, source.json}
 
-source.json records which GGUF (name and size) and which conversion made the folder; a folder that does not
-match is made again. If the cache cannot be written, the model loads from the GGUF every time.
+source.json records which GGUF (name and sha256) and which conversion made the folder. A class of students or
+the ranks of an MPI job loading at once on a fresh cache convert once: the others wait for the conversion
+and read the folder it published, which is renamed into place whole and never removed (a new conversion gets a
+new folder name). If the cache cannot be written, the model loads from the GGUF every time.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from reffuse.formats.checkpoint import load_folder, save_model
-from reffuse.formats.fetch import fetch
-from reffuse.formats.gguf import load_gguf, open_gguf
 from reffuse.core.model import Model, cast
-from reffuse.progress import note
+from reffuse.errors import ReffuseError
+from reffuse.files import locked, partial_name, publish_once, read_json, remove_abandoned, share_tree, write_json_atomic
+from reffuse.formats.checkpoint import load_folder, write_model_files
+from reffuse.formats.fetch import SOURCES, fetch
+from reffuse.formats.gguf import load_gguf, open_gguf
 from reffuse.formats.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+from reffuse.progress import note
 
-CONVERSION_VERSION = 1  # raise when the GGUF -> float32 conversion changes, so old folders are made again
-FOLDER_NAME = "float32"
+CONVERSION_VERSION = 2  # raise when the GGUF -> float32 conversion changes: the new one gets a new folder
+FOLDER_NAME = f"float32-v{CONVERSION_VERSION}"
 
 
 def _stamp(gguf_path: Path) -> dict:
-    return {"gguf": gguf_path.name, "gguf_bytes": gguf_path.stat().st_size, "conversion": CONVERSION_VERSION}
+    return {"gguf": gguf_path.name, "gguf_sha256": SOURCES["smollm2"].cached_sha256, "conversion": CONVERSION_VERSION}
 
 
 def converted_folder() -> Path | None:
     """The float32 folder of SmolLM2 (fetching and converting first if needed); None if it cannot be written."""
-    gguf_path = fetch("smollm2")
+    gguf_path = fetch("smollm2")  # checked against its pinned sha256
     folder = gguf_path.parent / FOLDER_NAME
-    stamp_path = folder / "source.json"
-    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == _stamp(gguf_path):
-        return folder
+    if not folder.exists():
+        with locked(gguf_path.parent / ".convert.lock"):
+            if not folder.exists() and not _convert(gguf_path, folder):
+                return None
+    remedy = f"remove the folder {folder}; reffuse converts the GGUF again"
+    stamp = read_json(folder / "source.json", remedy)
+    if stamp != _stamp(gguf_path):
+        raise ReffuseError(f"{folder} was not made from this GGUF by this conversion (its source.json says {stamp}): "
+                           f"{remedy}")
+    return folder
+
+
+def _convert(gguf_path: Path, folder: Path) -> bool:
+    """Write the float32 folder under a temporary name and publish it; False if the cache cannot be written."""
     note(f"converting {gguf_path.name} to float32 safetensors (once) ...")
+    remove_abandoned(folder.parent)
     reader = open_gguf(gguf_path)
     model, tokenizer = load_gguf(gguf_path, reader=reader), tokenizer_from_gguf(gguf_path, reader=reader)
+    staging = partial_name(folder)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=gguf_path.parent))
-        try:
-            save_model(model, staging)
-            tokenizer.save(staging)
-            (staging / "source.json").write_text(json.dumps(_stamp(gguf_path)) + "\n")
-            staging.chmod(0o755)  # mkdtemp makes it private; the cache is readable like the GGUF beside it
-            shutil.rmtree(folder, ignore_errors=True)  # an outdated conversion
-            os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        write_model_files(model, staging)
+        tokenizer.save(staging)
+        write_json_atomic(staging / "source.json", _stamp(gguf_path))
+        share_tree(staging)
+        publish_once(staging, folder)
     except OSError as e:
         note(f"could not write {folder} ({e}); SmolLM2 will load from the GGUF each time")
-        return None
-    return folder
+        return False
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 def load_smollm2(dtype="float32") -> Model:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 
 from reffuse.core.fusion import fuse
 from reffuse.core.model import layout
-from reffuse.formats.checkpoint import save_model
+from reffuse.files import check_output_folder
+from reffuse.formats.checkpoint import is_model_folder, save_model
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows
 from reffuse.errors import ReffuseError
 from reffuse.method.metrics import block_evaluations_needed, dependency
@@ -195,6 +195,7 @@ class FuseOptions:
     ridge: float = DEFAULT_RIDGE
     calibration_tokens: int = 2048
     scoring_tokens: int = 128
+    overwrite: bool = False
 
     @classmethod
     def from_namespace(cls, args) -> "FuseOptions":
@@ -206,9 +207,7 @@ def fuse_and_save(options: FuseOptions) -> dict:
     and fuse.json; returns what fuse.json records."""
     if options.contiguous and options.drop_attention_count is None:
         raise ReffuseError("--contiguous goes with --drop-attention-count N")
-    out = Path(options.out)
-    if out.exists() and any(out.iterdir()):
-        raise ReffuseError(f"{out} exists and is not empty: give a new folder to --out")
+    out = check_output_folder(options.out, options.overwrite, is_model_folder, "model")  # before any long work
     model = load_model(options.model)
     needs_text = options.drop_attention_count is not None or options.plan or options.calibrate
     texts = load_texts(options.model, model, options.calibration_tokens, 256) if needs_text else None
@@ -247,16 +246,13 @@ def fuse_and_save(options: FuseOptions) -> dict:
         fused = fuse(model, groups, norm=options.norm)
         record["calibration"] = None
 
-    save_model(fused, out)
     tokenizer = texts.tokenizer if texts is not None else None
     if tokenizer is None and not is_synthetic(options.model, model):
         try:
             tokenizer = load_tokenizer(options.model)
         except ReffuseError as e:
             note(f"no tokenizer saved beside the model: {e}")
-    if tokenizer is not None:
-        tokenizer.save(out)
     record["layout"] = layout(fused).rows()
-    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    save_model(fused, out, options.overwrite, tokenizer, {PROVENANCE_FILE: json.dumps(record, indent=1) + "\n"})
     note(f"saved {out} ({len(fused.blocks)} blocks)")
     return record

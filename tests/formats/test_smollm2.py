@@ -1,0 +1,36 @@
+"""The shared cache: processes that load SmolLM2 at once into a fresh cache convert it once and all get it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from reffuse.formats.fetch import cached_path
+
+LOADER = ("import sys, numpy as np, reffuse; m = reffuse.load_model('smollm2'); "
+          "print(m.config.name, len(m.blocks), float(np.abs(m.embed).sum()))")
+
+
+def test_four_first_loads_into_one_fresh_cache_all_succeed_three_times(tmp_path):
+    gguf = cached_path("smollm2")
+    if not gguf.is_file():
+        pytest.skip("the SmolLM2 GGUF is not in the cache (it is fetched by the other real-model tests)")
+    for round_ in range(3):
+        cache = tmp_path / f"cache{round_}"
+        (cache / "smollm2").mkdir(parents=True)
+        os.link(gguf, cache / "smollm2" / gguf.name) if os.stat(gguf).st_dev == os.stat(tmp_path).st_dev else \
+            (cache / "smollm2" / gguf.name).write_bytes(gguf.read_bytes())
+        env = os.environ | {"REFFUSE_CACHE": str(cache)}
+        loaders = [subprocess.Popen([sys.executable, "-c", LOADER], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        results = [(p.wait(timeout=300), *p.communicate()) for p in loaders]
+        assert all(code == 0 for code, _, _ in results), [err[-500:] for _, _, err in results]
+        assert len({out for _, out, _ in results}) == 1                       # the same model, every process
+        converted = [err.count("converting") for _, _, err in results]
+        assert sum(converted) == 1                                            # converted once, the rest waited
+        folder = cache / "smollm2" / "float32-v2"
+        assert json.loads((folder / "source.json").read_text())["conversion"] == 2
+        assert sorted(p.name for p in (cache / "smollm2").iterdir() if p.name.startswith(".")) == \
+            [".convert.lock"]                                                 # no temporary folder left
