@@ -18,6 +18,9 @@ from reffuse.errors import ReffuseError
 from reffuse.core.model import KVCache, Model, check_token_ids, forward
 
 
+MIN_TEMPERATURE = 1e-100  # below it, logits of ~1e2 divided by it would overflow float64's 1.8e308
+
+
 def next_token(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
     """Pick one token from the logits [vocab] of one position."""
     logits = to_numpy(logits).astype(np.float64)
@@ -46,6 +49,11 @@ def generate(model: Model, token_ids, max_new_tokens: int, temperature: float = 
         raise ReffuseError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and int(top_k) < 1:
         raise ReffuseError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ReffuseError(f"temperature {temperature} is so small that logits / temperature overflow: use 0 for "
+                           f"greedy decoding, or a temperature of at least {MIN_TEMPERATURE:g}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ReffuseError(f"seed must be an integer >= 0 (or None), got {seed!r}")
     stop = set(int(i) for i in stop_ids)
     rng = np.random.default_rng(seed)
     cache = KVCache(model, len(ids) + int(max_new_tokens))

@@ -62,12 +62,30 @@ class Layout:
 
 
 def blocks_from_json(rows, source: str) -> tuple[BlockLayout, ...]:
-    """BlockLayouts from JSON rows ({"attention", "ffn_width", "fused_from"}), as saved configs hold them."""
-    try:
-        return tuple(BlockLayout(bool(r["attention"]), int(r["ffn_width"]),
-                                 tuple(int(i) for i in r.get("fused_from", ()))) for r in rows)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ReffuseError(f"{source}: a block entry is malformed ({e}): each needs attention and ffn_width") from None
+    """BlockLayouts from JSON rows ({"attention", "ffn_width", "fused_from"}), as saved configs hold them; each
+    field checked, and no original layer claimed by two blocks."""
+    if not isinstance(rows, list) or not rows:
+        raise ReffuseError(f"{source}: blocks must be a non-empty list of block entries")
+    blocks, claimed = [], {}
+    for i, row in enumerate(rows):
+        where = f"{source}: block {i}"
+        if not isinstance(row, dict) or "attention" not in row or "ffn_width" not in row:
+            raise ReffuseError(f"{where} is malformed ({row!r}): each needs attention and ffn_width")
+        attention, width, fused_from = row["attention"], row["ffn_width"], row.get("fused_from", [])
+        if not isinstance(attention, bool):
+            raise ReffuseError(f"{where}: attention must be true or false, got {attention!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 0:
+            raise ReffuseError(f"{where}: ffn_width must be an integer >= 0, got {width!r}")
+        if not isinstance(fused_from, list) or not all(isinstance(j, int) and not isinstance(j, bool) and j >= 0
+                                                       for j in fused_from) or fused_from != sorted(set(fused_from)):
+            raise ReffuseError(f"{where}: fused_from must list original layer indices >= 0 in increasing order, "
+                               f"got {fused_from!r}")
+        for j in fused_from:
+            if j in claimed:
+                raise ReffuseError(f"{where}: fused_from names layer {j}, which block {claimed[j]} already stands for")
+            claimed[j] = i
+        blocks.append(BlockLayout(attention, width, tuple(fused_from)))
+    return tuple(blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -48,6 +49,29 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # the LM head reuses the token embedding
     name: str = "model"
+    max_positions: int | None = None  # the context length it was trained for (None: not recorded)
+
+
+def check_config(config: Config, source: str) -> Config:
+    """Refuse a config that would build a model that fails later or computes something else, naming the key."""
+    problems = []
+    for key in ("vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+    if not problems and config.n_heads % config.n_kv_heads:
+        problems.append(f"n_kv_heads {config.n_kv_heads} does not divide n_heads {config.n_heads}")
+    for key in ("norm_eps", "rope_theta"):
+        value = getattr(config, key)
+        if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
+            problems.append(f"{key} must be a finite number > 0, got {value!r}")
+    if not isinstance(config.tie_embeddings, (bool, np.bool_)):
+        problems.append(f"tie_embeddings must be true or false, got {config.tie_embeddings!r}")
+    if config.max_positions is not None and (isinstance(config.max_positions, bool) or config.max_positions < 1):
+        problems.append(f"max_positions must be a positive integer, got {config.max_positions!r}")
+    if problems:
+        raise ReffuseError(f"{source}: " + "; ".join(problems))
+    return config
 
 
 @dataclass
@@ -205,6 +229,28 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+def check_context(model: Model, positions: int) -> int:
+    """Refuse more positions than the model's context length, or a KV cache for them that cannot fit in memory."""
+    limit = model.config.max_positions
+    if limit is not None and positions > limit:
+        raise ReffuseError(f"{positions} positions (prompt and new tokens) exceed the context length of "
+                           f"{model.config.name}, {limit}: shorten the prompt or ask for fewer new tokens")
+    attention = sum(b.attention is not None for b in model.blocks)
+    kv_bytes = 2 * attention * positions * model.config.n_kv_heads * model.config.head_dim * model.dtype.itemsize
+    memory = _physical_memory()
+    if memory is not None and kv_bytes > memory:
+        raise ReffuseError(f"a KV cache of {positions} positions needs {kv_bytes / 2 ** 30:.1f} GiB, more than this "
+                           f"machine's {memory / 2 ** 30:.1f} GiB: ask for fewer new tokens")
+    return positions
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 class KVCache:
     """Keys and values of the positions seen so far, one pair per attention block, preallocated.
 
@@ -214,6 +260,7 @@ class KVCache:
 
     def __init__(self, model: Model, max_tokens: int):
         xp, hd = array_module(model.embed), model.config.head_dim
+        max_tokens = check_context(model, int(max_tokens))
         self.max_tokens, self.length = max_tokens, 0
         self.keys, self.values = {}, {}
         for i, block in enumerate(model.blocks):
@@ -221,6 +268,16 @@ class KVCache:
                 n_kv = block.attention.k.shape[0] // hd  # a tensor-parallel shard holds fewer heads
                 self.keys[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
                 self.values[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
+
+    def check(self, model: Model) -> None:
+        """Refuse a cache that was made for a model of another structure."""
+        hd = model.config.head_dim
+        wanted = {i: (b.attention.k.shape[0] // hd, hd) for i, b in enumerate(model.blocks) if b.attention is not None}
+        held = {i: (k.shape[0], k.shape[2]) for i, k in self.keys.items()}
+        if wanted != held or any(k.dtype != model.dtype for k in self.keys.values()):
+            raise ReffuseError(f"this KV cache was made for another model ({len(held)} attention blocks, not the "
+                               f"{len(wanted)} of {model.config.name}, or other heads or dtype): make one with "
+                               "KVCache(model, max_tokens)")
 
     def append(self, layer: int, k, v):
         """Store k, v [n_kv, T, hd] after the cached positions; return all keys and values so far [n_kv, S, hd]."""
@@ -375,6 +432,8 @@ def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache:
     """
     ids = check_token_ids(model, token_ids)
     xp = array_module(model.embed)
+    if cache is not None:
+        cache.check(model)
     start = cache.length if cache is not None else 0
     cos, sin = rope_for(model, start + np.arange(len(ids)), xp)
 

@@ -17,7 +17,7 @@ from reffuse.core.backend import to_numpy
 from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
 from reffuse.files import read_json, staged_folder
-from reffuse.core.model import FFN, Attention, Block, Config, Model, cast
+from reffuse.core.model import FFN, Attention, Block, Config, Model, cast, check_config
 from reffuse.optional import require
 
 FORMAT_VERSION = 1
@@ -120,10 +120,12 @@ def write_model_files(model: Model, folder: Path) -> None:
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "name": cfg.name,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "torch_dtype": str(model.dtype), "num_hidden_layers": len(model.blocks),
         "blocks": [b.to_json() for b in model.layout().blocks],
     }
+    if cfg.max_positions is not None:
+        config["max_position_embeddings"] = cfg.max_positions
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "np"})
 
@@ -148,31 +150,68 @@ def _read_config(folder: Path) -> dict:
                      "reffuse.save_model)")
 
 
+def _boolean(raw: dict, key: str, default: bool, source: str) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ReffuseError(f"{source}: config.json's {key} must be true or false, got {value!r}")
+    return value
+
+
 def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout, ...]]:
-    """Config and per-block layout from a reffuse or HF Llama config.json."""
+    """Config and per-block layout from a reffuse or HF Llama config.json, checked before any weight is read."""
+    if not isinstance(raw, dict):
+        raise ReffuseError(f"{source}: config.json must hold a JSON object")
     if raw.get("model_type", "llama") != "llama":
         raise ReffuseError(f"{source}: model_type {raw.get('model_type')!r} is not supported; reffuse loads "
                            "Llama-architecture models (model_type 'llama')")
-    try:
-        n_heads = int(raw["num_attention_heads"])
-        dim = int(raw["hidden_size"])
-        config = Config(vocab_size=int(raw["vocab_size"]), dim=dim, n_heads=n_heads,
-                        n_kv_heads=int(raw.get("num_key_value_heads", n_heads)),
-                        head_dim=int(raw.get("head_dim") or dim // n_heads),
-                        rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                        name=str(raw.get("name") or raw.get("_name_or_path") or source))
-        if "blocks" in raw:
-            blocks = blocks_from_json(raw["blocks"], source)
-        else:
-            blocks = (BlockLayout(True, int(raw["intermediate_size"])),) * int(raw["num_hidden_layers"])
-    except KeyError as e:
-        raise ReffuseError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ReffuseError(f"{source}: config.json has a value of the wrong type ({e})") from None
+    if raw.get("format") == "reffuse" and raw.get("format_version") != FORMAT_VERSION:
+        raise ReffuseError(f"{source}: format_version {raw.get('format_version')!r} is not one this reffuse reads "
+                           f"({FORMAT_VERSION}): save the model again with this version, or upgrade reffuse")
+    activation = raw.get("hidden_act", "silu")
+    if activation != "silu":
+        raise ReffuseError(f"{source}: hidden_act {activation!r} is not supported: reffuse's FFN is SwiGLU (silu)")
     if raw.get("rope_scaling"):
         raise ReffuseError(f"{source}: rope_scaling {raw['rope_scaling']!r} is not supported (plain RoPE only)")
-    return config, blocks
+
+    def integer(key, default=None):
+        value = raw.get(key, default)
+        if value is None:
+            raise KeyError(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ReffuseError(f"{source}: config.json's {key} must be an integer, got {value!r}")
+        return value
+
+    def number(key, default):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ReffuseError(f"{source}: config.json's {key} must be a number, got {value!r}")
+        return float(value)
+
+    try:
+        n_heads, dim = integer("num_attention_heads"), integer("hidden_size")
+        if raw.get("head_dim") is not None:
+            head_dim = integer("head_dim")
+        elif n_heads >= 1 and dim % n_heads == 0:
+            head_dim = dim // n_heads
+        else:
+            raise ReffuseError(f"{source}: num_attention_heads {n_heads} does not divide hidden_size {dim} "
+                               "(and no head_dim is given)")
+        config = Config(vocab_size=integer("vocab_size"), dim=dim, n_heads=n_heads,
+                        n_kv_heads=integer("num_key_value_heads", n_heads), head_dim=head_dim,
+                        rope_theta=number("rope_theta", 10000.0), norm_eps=number("rms_norm_eps", 1e-5),
+                        tie_embeddings=_boolean(raw, "tie_word_embeddings", False, source),
+                        name=str(raw.get("name") or raw.get("_name_or_path") or source),
+                        max_positions=raw.get("max_position_embeddings") and integer("max_position_embeddings"))
+        layers = integer("num_hidden_layers")
+        if "blocks" in raw:
+            blocks = blocks_from_json(raw["blocks"], source)
+            if len(blocks) != layers:
+                raise ReffuseError(f"{source}: num_hidden_layers is {layers} but blocks lists {len(blocks)}")
+        else:
+            blocks = (BlockLayout(True, integer("intermediate_size")),) * layers
+    except KeyError as e:
+        raise ReffuseError(f"{source}: config.json lacks the key {e.args[0]!r}") from None
+    return check_config(config, source), blocks
 
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -209,20 +248,25 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
                            "the file may be truncated or of another format") from None
 
 
-def _check_shards(folder: Path) -> None:
-    """An HF sharded checkpoint lists its files in model.safetensors.index.json: all must be there."""
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: those its model.safetensors.index.json lists (an HF sharded checkpoint, all
+    of which must be there), else every *.safetensors in it."""
     index_path = folder / "model.safetensors.index.json"
     if not index_path.is_file():
-        return
-    try:
-        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ReffuseError(f"{index_path} is not a valid safetensors index (no weight_map: {e})") from None
+        return sorted(folder.glob("*.safetensors"))
+    index = read_json(index_path, "download the checkpoint's index again")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ReffuseError(f"{index_path} is not a valid safetensors index (it needs a weight_map of tensor -> file)")
+    shards = sorted(set(map(str, weight_map.values())))
+    if any(Path(name).name != name for name in shards):
+        raise ReffuseError(f"{index_path} names weight files outside its folder ({shards[:3]}): refused")
     missing = [name for name in shards if not (folder / name).is_file()]
     if missing:
         raise ReffuseError(f"{folder} is incomplete: {len(missing)} of the {len(shards)} weight files listed in "
                            f"{index_path.name} are missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})"
                            "; download them into the folder")
+    return [folder / name for name in shards]
 
 
 def load_folder(folder, dtype="float32") -> Model:
@@ -230,8 +274,7 @@ def load_folder(folder, dtype="float32") -> Model:
     folder = Path(folder)
     raw = _read_config(folder)
     config, blocks = config_from_json(raw, str(folder))
-    _check_shards(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         pickled = " (reffuse reads no pickled *.bin / *.pt weights: save them as safetensors)" if any(
             folder.glob("*.bin")) or any(folder.glob("*.pt")) else ""
@@ -239,6 +282,9 @@ def load_folder(folder, dtype="float32") -> Model:
     tensors = {}
     for path in files:
         tensors.update(_read_safetensors(path))
+    bad = next((name for name, t in tensors.items() if t.dtype.kind == "f" and not np.isfinite(t).all()), None)
+    if bad is not None:
+        raise ReffuseError(f"{folder}: tensor {bad} holds non-finite values (NaN or inf): the weights are corrupt")
     if raw.get("format") != "reffuse":  # HF folders: tolerate what HF itself ignores
         tensors = {n: t for n, t in tensors.items() if not n.endswith("rotary_emb.inv_freq")}
         if config.tie_embeddings:

@@ -24,7 +24,7 @@ import numpy as np
 from reffuse.core.layout import BlockLayout
 from reffuse.formats.checkpoint import model_from_tensors
 from reffuse.errors import ReffuseError
-from reffuse.core.model import Config, Model, cast
+from reffuse.core.model import Config, Model, cast, check_config
 from reffuse.optional import require
 
 ARCHITECTURE = "llama"
@@ -168,6 +168,8 @@ def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
         embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         vocab = len(tokens.data) if tokens else int(embed.shape[1]) if embed is not None else key("vocab_size")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
+    if n_heads < 1:
+        raise ReffuseError(f"{path}: {ARCHITECTURE}.attention.head_count is {n_heads}: it must be at least 1")
     head_dim = int(key("attention.key_length", dim // n_heads))
     if int(key("rope.dimension_count", head_dim)) != head_dim:
         raise ReffuseError(f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions (partial "
@@ -177,9 +179,9 @@ def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
                     rope_theta=float(key("rope.freq_base", 10000.0)),
                     norm_eps=float(key("attention.layer_norm_rms_epsilon")),
                     tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
-                    name=Path(path).stem)
+                    name=Path(path).stem, max_positions=int(key("context_length", 0)) or None)
     blocks = (BlockLayout(True, int(key("feed_forward_length"))),) * int(key("block_count"))
-    return config, blocks
+    return check_config(config, str(path)), blocks
 
 
 def dequantize(tensor, path) -> np.ndarray:

@@ -146,7 +146,7 @@ def test_load_gives_back_the_hf_weights_exactly(tmp_path):
     weights = hf_weights()
     model = load_gguf(write_gguf(tmp_path / "m.gguf", weights))
     # GGUF stores eps as float32, and the loader keeps the stored value (transformers does the same)
-    assert model.config == Config(**{**CONFIG.__dict__, "name": "m", "norm_eps": float(np.float32(CONFIG.norm_eps))})
+    assert model.config == Config(**{**CONFIG.__dict__, "name": "m", "norm_eps": float(np.float32(CONFIG.norm_eps)), "max_positions": 128})
     layout = [reffuse.BlockLayout(True, FFN_WIDTH)] * N_BLOCKS
     expected = model_from_tensors(model.config, layout, weights, "test")
     ids = np.arange(20) % CONFIG.vocab_size
