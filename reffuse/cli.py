@@ -51,6 +51,11 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as e:  # the machine refused: a full disk, a permission, a vanished file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"reffuse {args.command}: error: {where}{e.strerror or e} (the operating system refused; check the path, "
+              "its permissions and the free space)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"reffuse {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -46,3 +46,23 @@ def test_bad_input_is_one_clear_line(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dump", "--model", "tiny", "--ids", "1,2", "--tokens", "0", "--out", "x.npz"],
+     "argument --tokens: 0 is not a count: give 1 or more"),
+    (["eval", "--model", "tiny", "--tokens", "-5"], "argument --tokens: -5 is not a count"),
+    (["generate", "--model", "tiny", "hello", "--seed", "-1"], "argument --seed: -1 is negative"),
+    (["demo", "--model", "tiny", "--groups", ""], "no group given"),
+    (["demo", "--model", "tiny", "--groups", "8-4"], "is reversed: first > last"),
+    (["fuse", "--model", "tiny", "--groups", "4-8", "--out", "README.md"], "README.md is a file: give a folder"),
+    (["analyze", "--model", "tiny", "--out", "README.md"], "README.md is a file: give a folder"),
+    (["dump", "--model", "tiny", "--ids", "1,2", "--out", "reffuse"], "reffuse is a folder: give the path of a file"),
+    (["bench", "--model", "tiny", "--out", "README.md/x.json"], "README.md is a file, so README.md/x.json cannot be "
+                                                                 "written"),
+])
+def test_bad_values_fail_fast_in_one_line(args, message):
+    result = reffuse(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -25,11 +25,11 @@ examples:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import format_table, layers_argument, print_json
+from reffuse.files import check_output_folder, write_json_atomic
+from reffuse.commands.common import format_table, layers_argument, non_negative_int, positive_int, print_json
 from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
 
@@ -44,31 +44,34 @@ def add_arguments(parser):
     removal = parser.add_mutually_exclusive_group()
     removal.add_argument("--drop-attention", default=None, metavar="BLOCKS", type=layers_argument,
                          help="remove the attention of these blocks first, e.g. 14-21 or 3,5,14-21 (0-based)")
-    removal.add_argument("--drop-attention-count", type=int, default=None, metavar="N",
+    removal.add_argument("--drop-attention-count", type=positive_int, default=None, metavar="N",
                          help="remove the attention of the N blocks where removing it alone costs the least KL")
     parser.add_argument("--contiguous", action="store_true",
                         help="with --drop-attention-count: N consecutive blocks (least summed KL)")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+    parser.add_argument("--tokens", type=positive_int, default=DEFAULT_TOKENS,
                         help=f"calibration tokens to measure on (default {DEFAULT_TOKENS})")
-    parser.add_argument("--sequence-length", type=int, default=None,
+    parser.add_argument("--sequence-length", type=positive_int, default=None,
                         help="tokens per sequence; the tokens are cut into sequences this long (default: one "
                              "sequence of --tokens)")
     parser.add_argument("--include-sink", action="store_true",
                         help="also measure the first token of each sequence (the attention sink)")
-    parser.add_argument("--window", type=int, default=4, help="blocks per window for M_max / M_sum (default 4)")
+    parser.add_argument("--window", type=positive_int, default=4,
+                        help="blocks per window for M_max / M_sum (default 4)")
     parser.add_argument("--greedy-blocks", choices=["full", "all"], default="full",
                         help="windows the greedy selection may take: full blocks only (the paper) or all")
-    parser.add_argument("--max-group-size", type=int, default=None,
+    parser.add_argument("--max-group-size", type=positive_int, default=None,
                         help="at most this many FFNs per fusion group (default: no cap, one group per run)")
-    parser.add_argument("--groups-per-run", type=int, default=None, help="cut each run into at least this many groups")
+    parser.add_argument("--groups-per-run", type=positive_int, default=None,
+                        help="cut each run into at least this many groups")
     parser.add_argument("--keep-last-ffn", action="store_true",
                         help="let a group include its run's last FFN (the paper leaves it out)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="BLAS threads, 0 for the BLAS library's own choice (default 1: the work is ~900 "
                              "mid-sized products, and on a shared machine BLAS threads that wait for each other "
                              "were measured 4x slower than one)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids for a synthetic model")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the random token ids for a synthetic model")
     parser.add_argument("--no-figures", action="store_true", help="write analysis.json only")
     parser.add_argument("--json", action="store_true", help="also print analysis.json to stdout")
 
@@ -97,11 +100,10 @@ def summary(result: dict, paths) -> str:
 
 
 def run(args) -> int:
+    check_output_folder(args.out, overwrite=True, what="analysis")  # before the long work
     with blas_threads(args.threads or None):
         result = analyze(AnalysisOptions.from_namespace(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "analysis.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json_atomic(args.out / "analysis.json", result)
     paths = [path]
     if not args.no_figures:
         from reffuse.plots.dependency import write_analysis_figures

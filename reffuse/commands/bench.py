@@ -19,25 +19,25 @@ examples:
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
 
 from reffuse.speed.bench import default_threads, markdown, run_benchmark
-from reffuse.errors import ReffuseError
 from reffuse.formats.registry import load_model
 from reffuse.progress import note
-from reffuse.commands.common import print_json
+from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
+from reffuse.commands.common import positive_int, print_json
 
 HELP = "prefill/decode speed against transformers, and fused vs sequential FFN runs"
 
 
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help=f"BLAS and torch threads (default: the cores available, here {default_threads()})")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each measurement; medians (default 7)")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timed repeats of each measurement; medians (default 7)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     parser.add_argument("--out", type=Path, default=None,
@@ -55,19 +55,16 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    if args.repeats < 1:
-        raise ReffuseError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise ReffuseError(f"--threads must be at least 1, got {args.threads}")
+    if args.out is not None:
+        check_writable_file(args.out)  # before the long work
     model = load_model(args.model, dtype="float32")
     result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
                            with_transformers=not args.no_transformers, progress=note)
     command = command_line(args)
     result["command"] = command
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(result, command))
+        write_json_atomic(args.out, result)
+        write_text_atomic(args.out.with_suffix(".md"), markdown(result, command))
         note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if args.json:
         print_json(result)

@@ -41,6 +41,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse `type=` for a seed, an index or a count that may be 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
+    return value
+
+
 # The text a command reads, by what it is for; one flag and one meaning in every command that takes it.
 TOKEN_ARGUMENTS = {
     "held_out": ("--held-out-tokens", "held-out tokens that quality is judged on"),
@@ -84,7 +95,7 @@ def add_input_arguments(parser, default_tokens: int = 64) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--text", default=None, help="input text (default: a built-in passage of ~135 tokens)")
     source.add_argument("--ids", type=ids_argument, default=None, help="input token ids, e.g. 504,3575,282")
-    parser.add_argument("--tokens", type=int, default=None,
+    parser.add_argument("--tokens", type=positive_int, default=None,
                         help=f"use the first N tokens of the text (default: all of --text, or the first "
                              f"{default_tokens} of the built-in passage)")
     parser.set_defaults(default_tokens=default_tokens)

@@ -28,7 +28,7 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import format_table, groups_argument, print_json
+from reffuse.commands.common import format_table, groups_argument, non_negative_int, positive_int, print_json
 from reffuse.speed.costmodel import HARDWARE_PRESETS, MODEL_PRESETS
 from reffuse.speed.costmodel.report import costmodel_report
 
@@ -46,10 +46,10 @@ def add_arguments(parser):
     parser.add_argument("--hardware", choices=HARDWARE_PRESETS, default="h100-sxm",
                         help="hardware of the TP projections (default h100-sxm, FP8 weights); the paper "
                              "comparison is always on h100-sxm")
-    parser.add_argument("--max-tp", type=int, default=8, help="project TP degrees 1..MAX_TP (default 8)")
-    parser.add_argument("--context", type=int, default=1024,
+    parser.add_argument("--max-tp", type=positive_int, default=8, help="project TP degrees 1..MAX_TP (default 8)")
+    parser.add_argument("--context", type=non_negative_int, default=1024,
                         help="positions in the KV cache while decoding (default 1024)")
-    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences decoded together (default 1)")
     parser.add_argument("--measured", nargs="+", default=[], metavar="TP_JSON",
                         help="`reffuse tp --json` outputs: put this machine's predictions beside their times")
     parser.add_argument("--calibration", metavar="COSTMODEL_JSON", default=None,

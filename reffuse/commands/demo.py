@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import add_token_arguments, format_table, groups_argument, layers_argument, print_json
+from reffuse.commands.common import (add_token_arguments, format_table, groups_argument, layers_argument,
+                                     non_negative_int, positive_int, print_json)
 from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.core.fusion import NORM_MODES
@@ -46,12 +47,13 @@ def add_arguments(parser):
     drop = parser.add_mutually_exclusive_group()
     drop.add_argument("--drop-attention", type=layers_argument, metavar="BLOCKS",
                       help="remove the attention of these blocks (e.g. 12-19) instead of choosing by score")
-    drop.add_argument("--drop-attention-count", type=int, metavar="N",
+    drop.add_argument("--drop-attention-count", type=positive_int, metavar="N",
                       help="remove the N consecutive attentions of least summed removal score "
                            "(default: 8 for smollm2, 2 for tiny; none when --groups is given)")
     parser.add_argument("--groups", type=groups_argument, default=None,
                         help="runs to fuse, FIRST-LAST[,...] (default: planned from the dependencies)")
-    parser.add_argument("--max-group-size", type=int, default=4, help="most blocks per planned group (default 4)")
+    parser.add_argument("--max-group-size", type=positive_int, default=4,
+                        help="most blocks per planned group (default 4)")
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",
                         help="fold: each block's norm gain folded into its weights (exact); last: the paper's")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
@@ -60,12 +62,15 @@ def add_arguments(parser):
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
     add_token_arguments(parser, held_out=512, calibration=1024, scoring=128, dependency=64)
-    parser.add_argument("--tokens", type=int, default=32, help="tokens of the exactness check (default 32)")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="tokens per decode timing (default 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repeats; the median is reported (default 5)")
-    parser.add_argument("--sample-tokens", type=int, default=12, help="tokens of each greedy sample (default 12)")
+    parser.add_argument("--tokens", type=positive_int, default=32, help="tokens of the exactness check (default 32)")
+    parser.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens per decode timing (default 16)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timing repeats; the median is reported (default 5)")
+    parser.add_argument("--sample-tokens", type=positive_int, default=12,
+                        help="tokens of each greedy sample (default 12)")
     parser.add_argument("--prompt", default=PROMPT, help=f"prompt of the greedy samples (default {PROMPT!r})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random ids of the exactness check")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the random ids of the exactness check")
     parser.add_argument("--figures", type=Path, default=Path("reffuse-demo"),
                         help="folder for the figures (default ./reffuse-demo)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from reffuse.evaluation.activations import activations, save_activations
 from reffuse.formats.registry import load_model
+from reffuse.files import check_writable_file
 from reffuse.commands.common import add_input_arguments, input_ids
 
 HELP = "write per-block activations and logits to an .npz file (documented format)"
@@ -30,6 +31,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    check_writable_file(args.out)
     model = load_model(args.model, dtype=args.dtype)
     ids = input_ids(args, args.model)
     path = save_activations(args.out, activations(model, ids), model.config.name)

@@ -22,7 +22,7 @@ from reffuse.formats.corpus import held_out_windows
 from reffuse.evaluation.scoring import evaluate
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, load_tokenizer
 from reffuse.progress import Progress
-from reffuse.commands.common import format_table, print_json
+from reffuse.commands.common import format_table, positive_int, print_json
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
 DEFAULT_TOKENS = 2048
@@ -35,9 +35,9 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer: smollm2, a .gguf file or a folder with tokenizer.json "
                              "(default: the model's, else the base model's)")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+    parser.add_argument("--tokens", type=positive_int, default=DEFAULT_TOKENS,
                         help=f"held-out tokens to score, from the start of the text (default {DEFAULT_TOKENS})")
-    parser.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+    parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW,
                         help=f"tokens per window; windows do not overlap (default {DEFAULT_WINDOW})")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

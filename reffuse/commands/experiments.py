@@ -19,7 +19,6 @@ examples:
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -28,7 +27,8 @@ from reffuse.experiments.report import markdown
 from reffuse.experiments.run import run_experiments
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
-from reffuse.commands.common import add_token_arguments, print_json
+from reffuse.files import check_output_folder, write_json_atomic, write_text_atomic
+from reffuse.commands.common import add_token_arguments, positive_int, print_json
 
 HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures"
 
@@ -36,16 +36,17 @@ HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
     parser.add_argument("--out", required=True, type=Path, help="folder for README.md, experiments.json, figures")
-    parser.add_argument("--drop-attention-count", type=int, default=None,
+    parser.add_argument("--drop-attention-count", type=positive_int, default=None,
                         help="consecutive attentions to remove (default: 8 for smollm2, 2 for tiny)")
     add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128)
-    parser.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode timing (default 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="decode timing repeats, median (default 5)")
+    parser.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--decode-tokens", type=positive_int, default=32, help="tokens per decode timing (default 32)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="decode timing repeats, median (default 5)")
     parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
 
 
 def run(args) -> int:
+    check_output_folder(args.out, overwrite=True, what="report")  # before the long work
     count = args.drop_attention_count or (2 if args.model == "tiny" else 8)
     result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
                              calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
@@ -54,9 +55,8 @@ def run(args) -> int:
     command = "reffuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiments"] else \
         f"reffuse experiments --model {args.model} --out {args.out}"
     result["command"] = command
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "experiments.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "README.md").write_text(markdown(result, command))
+    write_json_atomic(args.out / "experiments.json", result)
+    write_text_atomic(args.out / "README.md", markdown(result, command))
     figures = write_experiment_figures(result, args.out)
     note(f"wrote {args.out / 'README.md'}, {args.out / 'experiments.json'} and {len(figures)} figures "
          f"({result['seconds'] / 60:.1f} minutes)")

@@ -27,7 +27,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import add_token_arguments, format_table, groups_argument, layers_argument, print_json
+from reffuse.commands.common import (add_token_arguments, format_table, groups_argument, layers_argument, positive_int,
+                                     print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.method.pipeline import FuseOptions, fuse_and_save
@@ -40,14 +41,15 @@ def add_arguments(parser):
     drop = parser.add_mutually_exclusive_group()
     drop.add_argument("--drop-attention", type=layers_argument, metavar="BLOCKS",
                       help="remove the attention of these blocks, e.g. 12-19 or 3,5,12-19 (0-based, inclusive)")
-    drop.add_argument("--drop-attention-count", type=int, metavar="N",
+    drop.add_argument("--drop-attention-count", type=positive_int, metavar="N",
                       help="remove the N attentions whose removal alone costs least (KL on calibration text)")
     parser.add_argument("--contiguous", action="store_true",
                         help="with --drop-attention-count: the N consecutive blocks of least summed score")
     plan = parser.add_mutually_exclusive_group(required=True)
     plan.add_argument("--groups", type=groups_argument, help="runs to fuse, FIRST-LAST[,FIRST-LAST...]")
     plan.add_argument("--plan", choices=["auto"], help="auto: propose groups from FFN-level dependencies")
-    parser.add_argument("--max-group-size", type=int, default=4, help="--plan auto: most blocks per group (default 4)")
+    parser.add_argument("--max-group-size", type=positive_int, default=4,
+                        help="--plan auto: most blocks per group (default 4)")
     parser.add_argument("--include-last", action="store_true",
                         help="--plan auto: fuse each run's last block too (the paper leaves it out)")
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",

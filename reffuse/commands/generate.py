@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
+from reffuse.commands.common import positive_int, non_negative_int
 from reffuse.core.generate import generate
 from reffuse.formats.registry import load_model
 from reffuse.formats.registry import load_tokenizer
@@ -28,11 +29,12 @@ def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer: smollm2, a .gguf file or a folder with tokenizer.json (default: the model's)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=64,
+                        help="most tokens to generate (default 64)")
     parser.add_argument("--chat", action="store_true", help="apply the model's chat format to the prompt")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample only among the K most likely tokens")
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample only among the K most likely tokens")
+    parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed for sampling")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
 
 

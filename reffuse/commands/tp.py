@@ -41,7 +41,8 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import format_table, groups_argument, layers_argument, print_json
+from reffuse.commands.common import (format_table, groups_argument, layers_argument, non_negative_int, positive_int,
+                                     print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
@@ -64,18 +65,20 @@ def add_arguments(parser):
                         help="mpi: MPI's own Allreduce; ring: the hand-written ring (reffuse/tp/ring.py)")
     parser.add_argument("--dtype", choices=tuple(RELATIVE_TOLERANCE), default="float32",
                         help="float32 (parity: <= 1e-5 relative) or float64 (<= 1e-12: sharding is exact)")
-    parser.add_argument("--tokens", type=int, default=64, help="prefill length T (default 64)")
-    parser.add_argument("--decode-tokens", type=int, default=8, help="decode steps K after the prefill (default 8)")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of prefill and decode; medians reported")
+    parser.add_argument("--tokens", type=positive_int, default=64, help="prefill length T (default 64)")
+    parser.add_argument("--decode-tokens", type=positive_int, default=8,
+                        help="decode steps K after the prefill (default 8)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="repeats of prefill and decode; medians reported")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: each rank on GPU (its rank on its machine) mod (GPUs there), with CuPy")
     parser.add_argument("--cuda-aware", choices=tuple(CUDA_AWARE), default="auto",
                         help="GPU buffers straight to MPI (yes) or staged through host memory (no); "
                              "auto asks MPI (its mpi_memory_alloc_kinds)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="BLAS threads per rank (default 1: N ranks use N cores, as N devices would)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
-    parser.add_argument("--fail-on-rank", type=int, default=None, metavar="R",
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random token ids")
+    parser.add_argument("--fail-on-rank", type=non_negative_int, default=None, metavar="R",
                         help="testing aid: rank R raises at its third all-reduce, to show the job ending")
     parser.add_argument("--json", action="store_true", help="rank 0 prints one JSON object instead of tables")
 

@@ -21,7 +21,7 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import add_input_arguments, format_table, input_ids, print_json
+from reffuse.commands.common import add_input_arguments, format_table, input_ids, non_negative_int, print_json
 from reffuse.evaluation.verify import verify
 
 HELP = "compare reffuse's per-block activations and logits with transformers or with a dump (.npz)"
@@ -32,7 +32,7 @@ def add_arguments(parser):
     parser.add_argument("--against", required=True, metavar="transformers|FILE.npz",
                         help="the other implementation: transformers, or a dump file")
     add_input_arguments(parser)
-    parser.add_argument("--generate", type=int, default=32,
+    parser.add_argument("--generate", type=non_negative_int, default=32,
                         help="greedy tokens to compare against transformers (default 32)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

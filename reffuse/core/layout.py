@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from reffuse.errors import ReffuseError
 
 
@@ -137,12 +139,17 @@ def check_runs(n_blocks: int, groups) -> list[tuple[int, int]]:
     checked = []
     for group in groups:
         try:
-            first, last = (int(i) for i in group)
+            first, last = group
         except (TypeError, ValueError):
             raise ReffuseError(f"group {group!r} is not a pair (first, last) of block indices") from None
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in (first, last)):
+            raise ReffuseError(f"group {tuple(group)!r} is not a pair of integer block indices")
+        first, last = int(first), int(last)
         if not (0 <= first < n_blocks and 0 <= last < n_blocks):
             raise ReffuseError(f"group ({first}, {last}) is out of range: the model has blocks 0..{n_blocks - 1}")
-        if last <= first:
+        if last < first:
+            raise ReffuseError(f"group ({first}, {last}) is reversed: first > last; write it as ({last}, {first})")
+        if last == first:
             raise ReffuseError(f"group ({first}, {last}) has fewer than 2 blocks: a run is (first, last) "
                                "with first < last, both inclusive")
         checked.append((first, last))
@@ -203,6 +210,8 @@ def parse_layers(text: str) -> list[int]:
 
 def parse_groups(text: str) -> list[tuple[int, int]]:
     """"14-17,18-20" -> [(14, 17), (18, 20)]: 0-based, inclusive block ranges."""
+    if not text.strip():
+        raise ReffuseError("no group given: write the runs to fuse as FIRST-LAST[,FIRST-LAST...], e.g. 4-8")
     groups = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         first, sep, last = part.partition("-")

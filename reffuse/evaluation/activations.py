@@ -20,12 +20,14 @@ and `reffuse verify --model M --against theirs.npz` reports the error of every b
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
 from reffuse.core.backend import to_numpy
 from reffuse.errors import ReffuseError
+from reffuse.files import write_bytes_atomic
 from reffuse.core.model import Model, check_token_ids, forward
 
 FORMAT = "reffuse-activations-1"
@@ -54,10 +56,10 @@ def save_activations(path, acts: dict, model_name: str) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise ReffuseError(f"{path}: a dump is an .npz file; give a name ending in .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, format=np.array(FORMAT), model=np.array(model_name),
+    archive = io.BytesIO()
+    np.savez(archive, format=np.array(FORMAT), model=np.array(model_name),
              **{k: np.asarray(acts[k]) for k in ("token_ids", "hidden_states", "logits") if k in acts})
-    return path
+    return write_bytes_atomic(path, archive.getvalue())
 
 
 def load_activations(path) -> dict:

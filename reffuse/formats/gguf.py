@@ -131,7 +131,13 @@ def metadata_value(reader, key: str, default=None):
         return default
 
     def scalar(part, kind):
-        return bytes(part).decode("utf-8") if kind == gguf.GGUFValueType.STRING else part[0].item()
+        if kind != gguf.GGUFValueType.STRING:
+            return part[0].item()
+        try:
+            return bytes(part).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ReffuseError(f"{getattr(getattr(reader, 'data', None), 'filename', 'the GGUF file')}: metadata {key} is not valid UTF-8 text "
+                               f"(byte {e.start}): the file is corrupt or was written wrongly") from None
 
     if field.types[0] == gguf.GGUFValueType.ARRAY:
         return [scalar(field.parts[i], field.types[-1]) for i in field.data]

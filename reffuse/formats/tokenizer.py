@@ -17,6 +17,7 @@ loads too; `Tokenizer.save(folder)` writes both, so a fused model folder carries
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
@@ -24,6 +25,8 @@ from reffuse.files import read_json
 from reffuse.optional import require
 
 # SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
+CHAT_TEMPLATE_SECONDS = 2.0        # a chat template that takes longer, or writes more, is refused
+CHAT_TEMPLATE_CHARS = 1_000_000
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -78,16 +81,44 @@ class Tokenizer:
             messages = [{"role": "user", "content": messages}]
         if not messages or any(not m.get("content") for m in messages):
             raise ReffuseError("a chat needs at least one message, each with non-empty content")
-        sandbox = require("jinja2.sandbox", "real", "the chat format")
-        env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        jinja2 = require("jinja2", "real", "the chat format")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        deadline = time.monotonic() + CHAT_TEMPLATE_SECONDS
+        source = self.source
+
+        def check_time():
+            if time.monotonic() > deadline:
+                raise ReffuseError(f"the chat template of {source} ran longer than {CHAT_TEMPLATE_SECONDS:g} s: it "
+                                   "is not a usable chat format (give another tokenizer)")
+
+        class Bounded(ImmutableSandboxedEnvironment):
+            """The sandbox, with the time limit checked at every call the template makes (a loop needs one)."""
+
+            def call(self, context, obj, *args, **kwargs):
+                check_time()
+                return super().call(context, obj, *args, **kwargs)
 
         def raise_exception(message):
             raise ReffuseError(f"the chat template of {self.source} refused the messages: {message}")
 
+        env = Bounded(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template or CHATML_TEMPLATE)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        try:
+            template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+            pieces, size = [], 0
+            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                size += len(piece)
+                if size > CHAT_TEMPLATE_CHARS:
+                    raise ReffuseError(f"the chat template of {self.source} wrote more than {CHAT_TEMPLATE_CHARS} "
+                                       "characters: it is not a usable chat format (give another tokenizer)")
+                check_time()
+                pieces.append(piece)
+        except (jinja2.TemplateError, OverflowError, RecursionError) as e:
+            raise ReffuseError(f"the chat template of {self.source} could not be rendered "
+                               f"({type(e).__name__}: {e}): give another tokenizer") from None
+        return "".join(pieces)
 
     def save(self, folder) -> Path:
         """Write tokenizer.json and tokenizer_config.json (HF's layout) into `folder`."""
@@ -141,9 +172,14 @@ def tokenizer_from_gguf(path, reader=None) -> Tokenizer:
     if not tokens or not merges:
         raise ReffuseError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
     types = value("ggml.token_type") or [1] * len(tokens)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    pairs = [tuple(merge.split(" ", 1)) for merge in merges]
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise ReffuseError(f"{path}: tokenizer.ggml.merges entry {i} ({merges[i]!r}) names a token that is not "
+                               "in tokenizer.ggml.tokens: the tokenizer in this file is corrupt")
 
-    bpe = tk.models.BPE(vocab={token: i for i, token in enumerate(tokens)},
-                        merges=[tuple(merge.split(" ", 1)) for merge in merges])
+    bpe = tk.models.BPE(vocab=vocab, merges=pairs)
     backend = tk.Tokenizer(bpe)
     byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.pre_tokenizer = (tk.pre_tokenizers.Sequence([tk.pre_tokenizers.Digits(individual_digits=True),

@@ -7,9 +7,11 @@ sizes and fonts, and PNG metadata stripped, so that the same data gives the same
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
+from reffuse.files import write_bytes_atomic
 from reffuse.optional import require
 
 DPI = 110
@@ -66,8 +68,7 @@ def data_digest(fig) -> str:
 def save_figure(fig, path) -> Path:
     """Write `fig` as a PNG with no metadata (no date, no version string), then close it."""
     plt = pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", metadata={"Software": None}, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return write_bytes_atomic(path, png.getvalue())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from reffuse.core.layout import contiguous_ranges, format_groups
 from reffuse.errors import ReffuseError
-from reffuse.files import read_json
+from reffuse.files import check_output_folder, read_json, write_text_atomic
 from reffuse.plots import data_digest, drawing_versions, save_figure
 from reffuse.plots.costmodel import measured_vs_predicted_figure, tp_projection_figure
 from reffuse.plots.dependency import block_metrics_figure, window_figure
@@ -134,11 +134,12 @@ def draw_figures(out: Path, root: Path, names=None) -> list[Path]:
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise ReffuseError(f"unknown figure(s) {', '.join(unknown)}: choose from {', '.join(FIGURES)}")
+    check_output_folder(out, overwrite=True, what="figure set")
     manifest = {"versions": drawing_versions(), "data_sha256": {}}
     written = []
     for name in names:
         fig = FIGURES[name](root)
         manifest["data_sha256"][name] = data_digest(fig)
         written.append(save_figure(fig, out / name))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return written + [out / MANIFEST]

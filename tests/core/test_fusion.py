@@ -89,7 +89,8 @@ def test_fusing_a_fused_model_records_original_layers(tiny64, tiny_ids):
     ([(4, 12)], r"out of range: the model has blocks 0..11"),
     ([(-1, 5)], r"out of range"),
     ([(5, 5)], r"fewer than 2 blocks"),
-    ([(7, 5)], r"fewer than 2 blocks"),
+    ([(7, 5)], r"is reversed: first > last"),
+    ([(4.7, 8.9)], r"not a pair of integer block indices"),
     ([(4,)], r"not a pair"),
 ])
 def test_bad_groups(tiny64, tiny_ids, groups, message):

@@ -1,6 +1,7 @@
 """SmolLM2's tokenizer rebuilt from its GGUF: round trips, special tokens, digits, the chat format, saving,
 streaming, bad input, and the same ids as transformers' tokenizer."""
 
+import numpy as np
 import pytest
 
 from reffuse.errors import ReffuseError
@@ -99,3 +100,50 @@ def test_a_tokenizer_of_another_vocabulary_size_is_refused_either_way(tiny32):
         with pytest.raises(ReffuseError, match=f"has {size} tokens but the model tiny has 256"):
             check_tokenizer(SimpleNamespace(vocab_size=size, source="a test"), tiny32, "tiny")
     check_tokenizer(SimpleNamespace(vocab_size=256, source="a test"), tiny32, "tiny")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% if j.real %}{% endif %}{% endfor %}{% endfor %}",
+     "ran longer than 2 s"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "wrote more than 1000000 characters"),
+    ("{% for m in messages %}{{ m.content", "could not be rendered \\(TemplateSyntaxError"),
+    ("{{ ''.__class__.__mro__ }}", "could not be rendered \\(SecurityError"),
+])
+def test_chat_templates_are_bounded_and_their_errors_are_one_line(template, message):
+    from reffuse.formats.tokenizer import Tokenizer
+    tokenizer = Tokenizer(None, None, None, template, False, "a test template")
+    with pytest.raises(ReffuseError, match=f"the chat template of a test template .*{message}"):
+        tokenizer.chat_prompt("hello")
+
+
+def gguf_with_tokenizer(path, tokens, merges, chat_template="{{ messages[0].content }}"):
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_chat_template(chat_template)
+    writer.add_tensor("dummy", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_merges_that_name_unknown_tokens_are_refused(tmp_path):
+    from reffuse.formats.tokenizer import tokenizer_from_gguf
+    path = gguf_with_tokenizer(tmp_path / "t.gguf", ["a", "b", "ab"], ["a b", "a z"])
+    with pytest.raises(ReffuseError, match=r"merges entry 1 \('a z'\) names a token that is not in "
+                                           "tokenizer.ggml.tokens"):
+        tokenizer_from_gguf(path)
+
+
+def test_gguf_text_that_is_not_utf8_is_named(tmp_path):
+    from reffuse.formats.tokenizer import tokenizer_from_gguf
+    path = gguf_with_tokenizer(tmp_path / "t.gguf", ["a", "b", "ab"], ["a b"], chat_template="{{ CHATTEMPLATE }}")
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"CHATTEMPLATE", b"CHAT\xff\xfeMPLATE"))
+    with pytest.raises(ReffuseError, match="metadata tokenizer.chat_template is not valid UTF-8 text"):
+        tokenizer_from_gguf(path)

@@ -115,7 +115,8 @@ def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_bench_command_bad_options(capsys):
-    assert main(["bench", "--model", "tiny", "--repeats", "0"]) == 2
-    assert "--repeats must be at least 1" in capsys.readouterr().err
-    assert main(["bench", "--model", "tiny", "--threads", "0"]) == 2
-    assert "--threads must be at least 1" in capsys.readouterr().err
+    for flag in ("--repeats", "--threads"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--model", "tiny", flag, "0"])
+        assert exit_.value.code == 2
+        assert f"argument {flag}: 0 is not a count: give 1 or more" in capsys.readouterr().err
