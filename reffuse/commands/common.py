@@ -52,6 +52,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse `type=` for a duration: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} is not a duration: give a number of seconds > 0")
+    return value
+
+
 # The text a command reads, by what it is for; one flag and one meaning in every command that takes it.
 TOKEN_ARGUMENTS = {
     "held_out": ("--held-out-tokens", "held-out tokens that quality is judged on"),

@@ -42,12 +42,13 @@ examples:
 from __future__ import annotations
 
 from reffuse.commands.common import (format_table, groups_argument, layers_argument, non_negative_int, positive_int,
-                                     print_json)
+                                     positive_seconds, print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
 from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, prepare, run_job
 from reffuse.tp.runtime import mpi
+from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog
 
 HELP = "run the sequential and fused model tensor-parallel under mpiexec; count and time the all-reduces"
 PROGRAM = "reffuse tp"
@@ -66,10 +67,13 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=tuple(RELATIVE_TOLERANCE), default="float32",
                         help="float32 (parity: <= 1e-5 relative) or float64 (<= 1e-12: sharding is exact)")
     parser.add_argument("--tokens", type=positive_int, default=64, help="prefill length T (default 64)")
-    parser.add_argument("--decode-tokens", type=positive_int, default=8,
+    parser.add_argument("--decode-tokens", type=non_negative_int, default=8,
                         help="decode steps K after the prefill (default 8)")
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="repeats of prefill and decode; medians reported")
+    parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+                        help=f"how long a rank waits for the others at one collective before it names the ranks "
+                             f"that did not arrive and ends the job (default {DEFAULT_TIMEOUT_SECONDS:g})")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="gpu: each rank on GPU (its rank on its machine) mod (GPUs there), with CuPy")
     parser.add_argument("--cuda-aware", choices=tuple(CUDA_AWARE), default="auto",
@@ -119,12 +123,13 @@ def print_tables(result: dict) -> None:
 def run(args) -> int:
     comm = mpi().COMM_WORLD
     options = JobOptions.from_namespace(args)
-    prepared = setup_on_every_rank(comm, lambda: prepare(options, comm), PROGRAM)
-    return run_or_abort(comm, lambda: run_prepared(args, options, prepared), PROGRAM)
+    watchdog = Watchdog(comm, options.timeout, PROGRAM)
+    prepared = setup_on_every_rank(comm, lambda: prepare(options, comm, watchdog), PROGRAM, watchdog)
+    return run_or_abort(comm, lambda: run_prepared(args, options, prepared, watchdog), PROGRAM)
 
 
-def run_prepared(args, options: JobOptions, prepared: dict) -> int:
-    result = run_job(options, prepared)
+def run_prepared(args, options: JobOptions, prepared: dict, watchdog: Watchdog) -> int:
+    result = run_job(options, prepared, watchdog)
     if result is None:  # ranks other than 0 report nothing
         return 0
     if args.json:

@@ -37,10 +37,13 @@ class AllReduceStats:
         return asdict(self)
 
 
-def mpi_allreduce(comm, buf):
-    """Sum `buf` over the ranks of `comm` in place with MPI's own Allreduce (the buffer API: no pickling)."""
+def mpi_allreduce(comm, buf, watchdog=None):
+    """Sum `buf` over the ranks of `comm` in place with MPI's own Allreduce (the buffer API: no pickling);
+    with a watchdog, waited on with its deadline."""
     from mpi4py import MPI
 
+    if watchdog is not None:
+        return watchdog.allreduce(buf)
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
     return buf
 
@@ -64,14 +67,16 @@ class AllReduce:
 
     cuda_aware: for CuPy buffers, True hands device memory to MPI, False stages through host memory,
     None asks MPI (mpi_is_cuda_aware). Unused for NumPy buffers.
+    watchdog: a reffuse.tp.watchdog.Watchdog, so that no all-reduce waits forever for a rank that stopped.
     """
 
-    def __init__(self, comm, kind: str = "mpi", cuda_aware: bool | None = None):
+    def __init__(self, comm, kind: str = "mpi", cuda_aware: bool | None = None, watchdog=None):
         if kind not in ALLREDUCE_KINDS:
             raise ReffuseError(f"all-reduce kind {kind!r} is unknown: use one of {', '.join(ALLREDUCE_KINDS)}")
         self.comm, self.kind = comm, kind
         self.cuda_aware = mpi_is_cuda_aware(comm) if cuda_aware is None else cuda_aware
         self.stats = AllReduceStats()
+        self.watchdog = watchdog
         self._sum_in_place = mpi_allreduce if kind == "mpi" else ring_allreduce
 
     def __call__(self, partial):
@@ -82,10 +87,10 @@ class AllReduce:
         start = time.perf_counter()          # from here on: communication, staging, waiting for other ranks
         if device_of(buf) != "cpu" and not self.cuda_aware:
             host = to_numpy(buf)             # staged: device -> host, sum on the host, host -> device
-            self._sum_in_place(self.comm, host)
+            self._sum_in_place(self.comm, host, self.watchdog)
             buf = xp.asarray(host)
         else:
-            self._sum_in_place(self.comm, buf)
+            self._sum_in_place(self.comm, buf, self.watchdog)
         self.stats.count += 1
         self.stats.bytes += buf.nbytes
         self.stats.seconds += time.perf_counter() - start

@@ -5,10 +5,11 @@ logits checked against one process on rank 0.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import statistics
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from reffuse.method.removal import drop_attention
 from reffuse.speed.timing import blas_threads
 from reffuse.tp.allreduce import AllReduce
 from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
+from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
 from reffuse.tp.sharding import allreduces_per_forward, check_shardable, shard_model
 
 # Parity bounds, relative to max |logit|. Sharding is exact in exact arithmetic; what remains is rounding from
@@ -48,6 +50,7 @@ class JobOptions:
     threads: int = 1
     seed: int = 0
     fail_on_rank: int | None = None
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
 
     @classmethod
     def from_namespace(cls, args) -> "JobOptions":
@@ -80,8 +83,19 @@ class FailingAllReduce(AllReduce):
         return super().__call__(partial)
 
 
-def prepare(options: JobOptions, comm) -> dict:
-    """Everything each rank needs before communicating: its device, the models, its shards, the token ids."""
+def weights_digest(model: Model) -> str:
+    """sha256 of a model's weights, in block order: ranks that loaded different files tell apart by it."""
+    digest = hashlib.sha256()
+    for array in [model.embed, model.norm_gain] + [a for block in model.blocks for part in (block.attention, block.ffn)
+                                                   if part is not None for a in vars(part).values()]:
+        digest.update(np.ascontiguousarray(to_numpy(array)).tobytes())
+    return digest.hexdigest()
+
+
+def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
+    """Everything each rank needs before communicating: its device, the models, its shards, the token ids; and
+    the check that every rank was started with the same arguments and loaded the same model."""
+    check_same_job(comm, asdict(options), watchdog, "arguments")
     state = parallel_state(comm, options.device)
     for name in ("tokens", "repeats", "threads"):
         if getattr(options, name) < 1:
@@ -98,6 +112,8 @@ def prepare(options: JobOptions, comm) -> dict:
         removed = [] if attention_free_runs(model) else default_attention_removal(model)
     if removed:
         model = drop_attention(model, removed)
+    check_same_job(comm, {"model": options.model, "config": asdict(model.config), "weights": weights_digest(model)},
+                   watchdog, "model")
     groups = options.groups or default_groups(model)
     models = {"sequential": model, "fused": fuse(model, groups, norm=options.norm)}
     for m in models.values():
@@ -110,18 +126,18 @@ def prepare(options: JobOptions, comm) -> dict:
                        for name, m in models.items()}}
 
 
-def run_forwards(model: Model, ids, tokens: int, allreduce: AllReduce | None = None, comm=None):
+def run_forwards(model: Model, ids, tokens: int, allreduce: AllReduce | None = None, watchdog=None):
     """Prefill ids[:tokens], then decode the rest one token at a time through a KV cache.
 
     Returns the logits of every forward (as NumPy) and, per forward, its seconds and all-reduce stats.
-    With a communicator, every rank enters each forward together (a barrier, outside the timing).
+    With a watchdog, every rank enters each forward together (a barrier, outside the timing).
     """
     cache = KVCache(model, len(ids))
     steps = [ids[:tokens]] + [ids[t:t + 1] for t in range(tokens, len(ids))]
     logits, records = [], []
     for step_ids in steps:
-        if comm is not None:
-            comm.Barrier()
+        if watchdog is not None:
+            watchdog.barrier("the barrier before a forward")
         if allreduce is not None:
             allreduce.stats.reset()
         start = time.perf_counter()
@@ -151,7 +167,7 @@ def measure(options: JobOptions, model: Model, shard: Model, state: ParallelStat
     """Tensor-parallel prefill and decode of one model, timed over repeats; on rank 0, errors against one process."""
     prefills, decodes = [], []
     for _ in range(options.repeats):
-        logits, records = run_forwards(shard, ids, options.tokens, allreduce, state.comm)
+        logits, records = run_forwards(shard, ids, options.tokens, allreduce, allreduce.watchdog)
         prefills.append(records[0])
         decodes.extend(records[1:])
     result = {"blocks": len(model.blocks),
@@ -183,11 +199,11 @@ def report(options: JobOptions, prepared: dict, results: dict, threads: int, cud
             "parity": max_rel <= RELATIVE_TOLERANCE[options.dtype], **results}
 
 
-def run_job(options: JobOptions, prepared: dict) -> dict | None:
+def run_job(options: JobOptions, prepared: dict, watchdog: Watchdog) -> dict | None:
     """Both models measured on every rank; rank 0's report (report), None on the other ranks."""
     state = prepared["state"]
     kind = FailingAllReduce if options.fail_on_rank == state.rank else AllReduce
-    allreduce = kind(state.comm, options.allreduce, CUDA_AWARE[options.cuda_aware])
+    allreduce = kind(state.comm, options.allreduce, CUDA_AWARE[options.cuda_aware], watchdog)
     with blas_threads(options.threads):
         results = {name: measure(options, prepared["models"][name], prepared["shards"][name], state, allreduce,
                                  prepared["ids"])

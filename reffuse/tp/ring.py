@@ -33,8 +33,9 @@ from __future__ import annotations
 from reffuse.core.backend import array_module, synchronize
 
 
-def ring_allreduce(comm, buf):
-    """Sum `buf` (a C-contiguous array) over the ranks of `comm`, in place, by a ring; returns `buf`."""
+def ring_allreduce(comm, buf, watchdog=None):
+    """Sum `buf` (a C-contiguous array) over the ranks of `comm`, in place, by a ring; returns `buf`.
+    With a watchdog (reffuse.tp.watchdog), each step's exchange is waited on with its deadline."""
     n_ranks, rank = comm.Get_size(), comm.Get_rank()
     if n_ranks == 1:
         return buf
@@ -47,17 +48,19 @@ def ring_allreduce(comm, buf):
         return flat[bounds[c]:bounds[c + 1]]
 
     right, left = (rank + 1) % n_ranks, (rank - 1) % n_ranks
+    exchange = watchdog.exchange if watchdog is not None else \
+        lambda send, dest, recv, source: comm.Sendrecv(send, dest=dest, recvbuf=recv, source=source)
     received = xp.empty(bounds[1] - bounds[0] + 1, dtype=buf.dtype)  # room for the largest chunk
 
     # reduce-scatter: after step s, chunk (r - s - 1) holds the sum of s + 2 ranks' contributions
     for step in range(n_ranks - 1):
         outgoing, incoming = chunk(rank - step), chunk(rank - step - 1)
         synchronize(buf)  # on a GPU, the previous step's addition must be done before MPI reads memory
-        comm.Sendrecv(outgoing, dest=right, recvbuf=received[:incoming.size], source=left)
+        exchange(outgoing, right, received[:incoming.size], left)
         incoming += received[:incoming.size]
 
     # all-gather: pass the complete chunks around the ring, overwriting the partial ones
     for step in range(n_ranks - 1):
         synchronize(buf)
-        comm.Sendrecv(chunk(rank + 1 - step), dest=right, recvbuf=chunk(rank - step), source=left)
+        exchange(chunk(rank + 1 - step), right, chunk(rank - step), left)
     return buf

@@ -2,23 +2,20 @@
 
 MPI collectives wait for every rank, so a rank that dies with an exception leaves the others blocked in their
 next all-reduce forever. `run_or_abort` prevents that hang: the failing rank prints its error (with its rank)
-and calls `comm.Abort`, and the MPI launcher then ends every process of the job with a non-zero status.
+and ends the job (reffuse.tp.watchdog.abort_job), and the MPI launcher then ends every process of the job with
+a non-zero status. A rank that stops without an error is the watchdog's to find.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 
 import numpy as np
 
 from reffuse.errors import ReffuseError
-
-# The launcher forwards each rank's stderr through a pipe; Abort kills the job at once and what is still in
-# the pipe is lost. Half a second lets the failing rank's message reach the terminal first.
-ABORT_GRACE_SECONDS = 0.5
+from reffuse.tp.watchdog import abort_job
 
 
 def mpi():
@@ -100,9 +97,7 @@ def report_and_abort(comm, error: BaseException, program: str) -> None:
     if not isinstance(error, ReffuseError):  # a bug or a failed library call: show where, then what
         message = "".join(traceback.format_exception(type(error), error, error.__traceback__)) + message
     sys.stderr.write(message)  # one write, so that the message is never cut in the middle
-    sys.stderr.flush()         # Abort ends the process without flushing Python's buffers
-    time.sleep(ABORT_GRACE_SECONDS)
-    comm.Abort(1)
+    abort_job(comm)
 
 
 def run_or_abort(comm, fn, program: str):
@@ -113,7 +108,7 @@ def run_or_abort(comm, fn, program: str):
         report_and_abort(comm, error, program)
 
 
-def setup_on_every_rank(comm, fn, program: str):
+def setup_on_every_rank(comm, fn, program: str, watchdog=None):
     """fn() on every rank, where nothing communicates yet (loading, checking, sharding); returns its result.
 
     If fn raised the same kind of bad-input error (ReffuseError) on every rank, say a dimension that does not
@@ -136,4 +131,7 @@ def setup_on_every_rank(comm, fn, program: str):
         raise SystemExit(2)
     if error is not None:
         report_and_abort(comm, error, program)
-    comm.Barrier()  # a rank that did not fail waits here for the failing ones to abort the job
+    if watchdog is not None:  # a rank that did not fail waits here for the failing ones to end the job
+        watchdog.barrier("the end of the setup")
+    else:
+        comm.Barrier()

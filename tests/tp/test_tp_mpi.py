@@ -133,3 +133,60 @@ def test_smollm2_over_three_ranks_matches_one_process():
 @pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
 def test_gpu_ranks_match_one_process():
     check_parity(reffuse_tp(2, "--model", "tiny", "--device", "gpu"))
+
+
+def rank_pid(marker: str, rank: int, timeout: float = 60.0) -> int:
+    """The pid of rank `rank` of the job whose processes carry REFFUSE_TEST_JOB=marker in their environment."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"REFFUSE_TEST_JOB={marker}".encode() in environ and f"PMI_RANK={rank}".encode() in environ:
+                return int(entry)
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} of the job found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+def test_a_stopped_rank_is_named_and_the_job_ends_within_the_watchdogs_time():
+    if "smollm2" not in NAMED_MODELS:
+        pytest.skip("needs SmolLM2, whose heads divide by 3")
+    marker = f"stopped-{os.getpid()}"
+    command = [MPIEXEC, "-n", "3", sys.executable, "-m", "reffuse", "tp", "--model", "smollm2", "--tokens", "16",
+               "--decode-tokens", "32", "--repeats", "10000", "--timeout", "5"]
+    job = subprocess.Popen(command, env=os.environ | {"REFFUSE_TEST_JOB": marker}, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    stopped = rank_pid(marker, 1)
+    try:
+        time.sleep(20)                       # loading and sharding done: the ranks are in their forwards
+        os.kill(stopped, 19)                 # SIGSTOP
+        start = time.monotonic()
+        _, stderr = job.communicate(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        job.kill()
+        try:
+            os.kill(stopped, 9)
+        except ProcessLookupError:
+            pass
+    assert job.returncode != 0
+    assert "rank 1 did not arrive" in stderr, stderr[-2000:]
+    assert "waited 5 s at" in stderr
+    assert elapsed < 5 + 3 + 10             # the timeout, the grace for the answers, the launcher's teardown
+
+
+def test_ranks_started_with_different_arguments_fail_at_setup_with_one_message():
+    one = [sys.executable, "-m", "reffuse", "tp", "--model", "tiny", *SMALL]
+    result = subprocess.run([MPIEXEC, "-n", "1", *one, "--groups", "4-8", ":", "-n", "1", *one, "--groups", "4-7"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert "the ranks were started with different arguments: groups is [[4, 8]] on rank 0 but [[4, 7]] on rank 1" \
+        in errors[0]
+    assert "Traceback" not in result.stderr
