@@ -34,3 +34,18 @@ def test_four_first_loads_into_one_fresh_cache_all_succeed_three_times(tmp_path)
         assert json.loads((folder / "source.json").read_text())["conversion"] == 2
         assert sorted(p.name for p in (cache / "smollm2").iterdir() if p.name.startswith(".")) == \
             [".convert.lock"]                                                 # no temporary folder left
+
+
+def test_a_corrupt_conversion_stamp_is_named_with_what_to_do(tmp_path, monkeypatch):
+    gguf = cached_path("smollm2")
+    if not gguf.is_file():
+        pytest.skip("the SmolLM2 GGUF is not in the cache")
+    import reffuse
+    from reffuse.errors import ReffuseError
+    (tmp_path / "smollm2" / "float32-v2").mkdir(parents=True)
+    os.symlink(gguf, tmp_path / "smollm2" / gguf.name)
+    (tmp_path / "smollm2" / "float32-v2" / "source.json").write_text("{not json")
+    monkeypatch.setenv("REFFUSE_CACHE", str(tmp_path))
+    with pytest.raises(ReffuseError, match=r"source.json is not valid JSON .*: remove the folder .*float32-v2; "
+                                           "reffuse converts the GGUF again"):
+        reffuse.load_model("smollm2")
