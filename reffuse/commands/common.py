@@ -30,37 +30,24 @@ def layers_argument(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def positive_int(text: str) -> int:
-    """An argparse `type=` for counts: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a count: give 1 or more")
-    return value
+def number_argument(convert, kind: str, accept, refusal):
+    """An argparse `type=`: `convert(text)`, refused with "'x' is not <kind>" or with `refusal(value)` when
+    `accept(value)` is false, so that argparse names the flag and the reason in one line."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(refusal(value))
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse `type=` for a seed, an index or a count that may be 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse `type=` for a duration: a finite number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value:g} is not a duration: give a number of seconds > 0")
-    return value
+positive_int = number_argument(int, "an integer", lambda v: v >= 1, lambda v: f"{v} is not a count: give 1 or more")
+non_negative_int = number_argument(int, "an integer", lambda v: v >= 0, lambda v: f"{v} is negative: give 0 or more")
+positive_seconds = number_argument(float, "a number of seconds", lambda v: 0 < v < float("inf"),
+                                   lambda v: f"{v:g} is not a duration: give a number of seconds > 0")
 
 
 # The text a command reads, by what it is for; one flag and one meaning in every command that takes it.
