@@ -51,7 +51,7 @@ def test_bad_input_is_one_clear_line(args, message):
 @pytest.mark.parametrize("args, message", [
     (["dump", "--model", "tiny", "--ids", "1,2", "--tokens", "0", "--out", "x.npz"],
      "argument --tokens: 0 is not a count: give 1 or more"),
-    (["eval", "--model", "tiny", "--tokens", "-5"], "argument --tokens: -5 is not a count"),
+    (["eval", "--model", "tiny", "--held-out-tokens", "-5"], "argument --held-out-tokens: -5 is not a count"),
     (["generate", "--model", "tiny", "hello", "--seed", "-1"], "argument --seed: -1 is negative"),
     (["demo", "--model", "tiny", "--groups", ""], "no group given"),
     (["demo", "--model", "tiny", "--groups", "8-4"], "is reversed: first > last"),

@@ -1,15 +1,16 @@
 """Measure how blocks depend on each other (the paper's §3), and propose which FFNs to fuse.
 
-Optionally removes attention first (--drop-attention 14-21, or --drop-attention-count N: the N blocks whose
-attention alone costs the least KL on calibration text), so that attention-free runs exist. Then, on calibration
-text (never the held-out play), it measures:
+Optionally removes attention first (--drop-attention 14-21, or --drop-attention-count N: the N consecutive
+blocks whose attentions, each removed alone, cost the least summed KL on calibration text), so that
+attention-free runs exist. Then, on calibration text (never the held-out play), it measures:
 
 - M[i, j], how much block j's contribution turns when block i is skipped, for blocks and for FFN sub-blocks;
 - per block: cosdist(X, f(X)), ||h(X)|| / ||X||, cosdist(h(X), X);
-- M_max and M_sum of every window of --window blocks, and the paper's greedy choice of windows (full blocks only
-  by default, as in the paper);
-- a fusion plan: groups inside the attention-free runs, without each run's last FFN unless --keep-last-ffn, at
-  most --max-group-size FFNs each, cut where the FFN-level dependency between neighbours is highest.
+- M_max and M_sum of every window of --window-blocks blocks, and the paper's greedy choice of windows (full
+  blocks only by default, as in the paper);
+- a fusion plan: groups inside the attention-free runs, without each run's last FFN unless --include-last, at
+  most --max-group-size FFNs each, cut where the least FFN-level dependency is left inside the groups (the
+  most crosses the cuts).
 
 DIR/analysis.json holds all of it with the token ids used (null marks an undefined matrix entry), and DIR/*.png
 the figures: dependency heatmaps (log2 colour scale, attention-free blocks boxed), per-block metrics, window
@@ -17,10 +18,10 @@ statistics with the greedy choices, and the block layout. The first token of eac
 is run but not measured unless --include-sink. The synthetic `tiny` model gets random token ids instead of text.
 
 examples:
-  reffuse analyze --model smollm2 --out reports/analysis/smollm2
-  reffuse analyze --model smollm2 --drop-attention 14-21 --max-group-size 4 --out analysis --json
-  reffuse analyze --model smollm2 --drop-attention-count 8 --contiguous --out analysis
-  reffuse analyze --model tiny --tokens 64 --out /tmp/tiny-analysis --no-figures
+  reffuse analyze --model smollm2 --out out/analysis
+  reffuse analyze --model smollm2 --drop-attention 14-21 --max-group-size 4 --out out/analysis --json
+  reffuse analyze --model smollm2 --drop-attention-count 8 --out out/analysis
+  reffuse analyze --model tiny --dependency-tokens 64 --out out/tiny-analysis --no-figures
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from reffuse.core.layout import format_groups
 from reffuse.files import check_output_folder, write_json_atomic
-from reffuse.commands.common import format_table, layers_argument, non_negative_int, positive_int, print_json
+from reffuse.commands.common import (add_attention_removal_arguments, add_dtype_argument, add_json_argument,
+                                     add_token_arguments, format_table, non_negative_int,
+                                     positive_int, print_json)
 from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
 
@@ -41,39 +44,32 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="folder for analysis.json and the figures (created if needed)")
-    removal = parser.add_mutually_exclusive_group()
-    removal.add_argument("--drop-attention", default=None, metavar="BLOCKS", type=layers_argument,
-                         help="remove the attention of these blocks first, e.g. 14-21 or 3,5,14-21 (0-based)")
-    removal.add_argument("--drop-attention-count", type=positive_int, default=None, metavar="N",
-                         help="remove the attention of the N blocks where removing it alone costs the least KL")
-    parser.add_argument("--contiguous", action="store_true",
-                        help="with --drop-attention-count: N consecutive blocks (least summed KL)")
-    parser.add_argument("--tokens", type=positive_int, default=DEFAULT_TOKENS,
-                        help=f"calibration tokens to measure on (default {DEFAULT_TOKENS})")
+    add_attention_removal_arguments(parser)
+    add_token_arguments(parser, dependency=DEFAULT_TOKENS)
     parser.add_argument("--sequence-length", type=positive_int, default=None,
                         help="tokens per sequence; the tokens are cut into sequences this long (default: one "
-                             "sequence of --tokens)")
+                             "sequence of --dependency-tokens)")
     parser.add_argument("--include-sink", action="store_true",
                         help="also measure the first token of each sequence (the attention sink)")
-    parser.add_argument("--window", type=positive_int, default=4,
+    parser.add_argument("--window-blocks", type=positive_int, default=4,
                         help="blocks per window for M_max / M_sum (default 4)")
     parser.add_argument("--greedy-blocks", choices=["full", "all"], default="full",
                         help="windows the greedy selection may take: full blocks only (the paper) or all")
-    parser.add_argument("--max-group-size", type=positive_int, default=None,
-                        help="at most this many FFNs per fusion group (default: no cap, one group per run)")
+    parser.add_argument("--max-group-size", type=positive_int, default=4,
+                        help="at most this many FFNs per fusion group (default 4)")
     parser.add_argument("--groups-per-run", type=positive_int, default=None,
                         help="cut each run into at least this many groups")
-    parser.add_argument("--keep-last-ffn", action="store_true",
+    parser.add_argument("--include-last", action="store_true",
                         help="let a group include its run's last FFN (the paper leaves it out)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--threads", type=positive_int, default=1,
+    add_dtype_argument(parser)
+    parser.add_argument("--threads", type=non_negative_int, default=1,
                         help="BLAS threads, 0 for the BLAS library's own choice (default 1: the work is ~900 "
                              "mid-sized products, and on a shared machine BLAS threads that wait for each other "
                              "were measured 4x slower than one)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the random token ids for a synthetic model")
     parser.add_argument("--no-figures", action="store_true", help="write analysis.json only")
-    parser.add_argument("--json", action="store_true", help="also print analysis.json to stdout")
+    add_json_argument(parser)
 
 
 def summary(result: dict, paths) -> str:

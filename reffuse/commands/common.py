@@ -66,6 +66,30 @@ def add_token_arguments(parser, **defaults: int) -> None:
         parser.add_argument(flag, type=positive_int, default=default, help=f"{meaning} (default {default})")
 
 
+DROP_ATTENTION_HELP = "remove the attention of these blocks, e.g. 5-12 or 3,5,12-19 (0-based, inclusive)"
+DROP_ATTENTION_COUNT_HELP = ("remove the attention of the N consecutive blocks whose single removals cost the least "
+                             "summed KL on calibration text")
+
+
+def add_attention_removal_arguments(parser, count_default: str = "none") -> None:
+    """--drop-attention BLOCKS or --drop-attention-count N, one of the two."""
+    drop = parser.add_mutually_exclusive_group()
+    drop.add_argument("--drop-attention", type=layers_argument, metavar="BLOCKS", help=DROP_ATTENTION_HELP)
+    drop.add_argument("--drop-attention-count", type=positive_int, metavar="N",
+                      help=f"{DROP_ATTENTION_COUNT_HELP} (default: {count_default})")
+
+
+def add_dtype_argument(parser) -> None:
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="precision of the weights and the arithmetic (default float32; float64 shows what is "
+                             "exact)")
+
+
+def add_json_argument(parser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout instead of the tables (files are written either way)")
+
+
 def format_table(header: list[str], rows: list[list]) -> str:
     """A plain-text table with right-aligned columns."""
     cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.4g}" if isinstance(c, float)

@@ -28,7 +28,8 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import format_table, groups_argument, non_negative_int, positive_int, print_json
+from reffuse.commands.common import (add_json_argument, format_table, groups_argument, non_negative_int, positive_int,
+                                     print_json)
 from reffuse.speed.costmodel import HARDWARE_PRESETS, MODEL_PRESETS
 from reffuse.speed.costmodel.report import costmodel_report
 
@@ -57,7 +58,7 @@ def add_arguments(parser):
                              "instead of measuring again (e.g. benchmarks/results/costmodel.json)")
     parser.add_argument("--no-mpi", action="store_true",
                         help="calibrate the CPU without timing `mpiexec -n 2` (TP>1 then cannot be predicted)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_json_argument(parser)
 
 
 def run(args) -> int:

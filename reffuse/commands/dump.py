@@ -18,7 +18,7 @@ from __future__ import annotations
 from reffuse.evaluation.activations import activations, save_activations
 from reffuse.formats.registry import load_model
 from reffuse.files import check_writable_file
-from reffuse.commands.common import add_input_arguments, input_ids
+from reffuse.commands.common import add_dtype_argument, add_input_arguments, input_ids
 
 HELP = "write per-block activations and logits to an .npz file (documented format)"
 
@@ -27,7 +27,7 @@ def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     add_input_arguments(parser)
     parser.add_argument("--out", required=True, help="the .npz file to write")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    add_dtype_argument(parser)
 
 
 def run(args) -> int:

@@ -1,7 +1,7 @@
 """Perplexity on held-out Shakespeare, and with --base the distance from a base model.
 
 The text is Hamlet, the corpus' held-out play (reffuse.formats.corpus has the fixed split), tokenised whole; its first
---tokens tokens are cut into non-overlapping windows of --window tokens, each scored on its own (its first
+--held-out-tokens tokens are cut into non-overlapping windows of --window tokens, each scored on its own (its first
 token gets no prediction, so a window of W tokens scores W - 1). The output records the model, the text span
 (play, character offsets, token count) and the windowing, so a number can be reproduced.
 
@@ -11,7 +11,7 @@ distributions (nats), top-1 agreement, and the base model's own perplexity.
 examples:
   reffuse eval --model smollm2
   reffuse eval --model fused_folder --base smollm2 --json
-  reffuse eval --model smollm2 --tokens 8192 --window 512
+  reffuse eval --model smollm2 --held-out-tokens 8192 --window 512
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from reffuse.formats.corpus import held_out_windows
 from reffuse.evaluation.scoring import evaluate
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, load_tokenizer
 from reffuse.progress import Progress
-from reffuse.commands.common import format_table, positive_int, print_json
+from reffuse.commands.common import (add_dtype_argument, add_json_argument, add_token_arguments, format_table,
+                                     positive_int, print_json)
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
 DEFAULT_TOKENS = 2048
@@ -35,18 +36,17 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer: smollm2, a .gguf file or a folder with tokenizer.json "
                              "(default: the model's, else the base model's)")
-    parser.add_argument("--tokens", type=positive_int, default=DEFAULT_TOKENS,
-                        help=f"held-out tokens to score, from the start of the text (default {DEFAULT_TOKENS})")
+    add_token_arguments(parser, held_out=DEFAULT_TOKENS)
     parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW,
                         help=f"tokens per window; windows do not overlap (default {DEFAULT_WINDOW})")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_dtype_argument(parser)
+    add_json_argument(parser)
 
 
 def run(args) -> int:
     tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer else
                  find_tokenizer(*[source for source in (args.model, args.base) if source]))
-    windows = held_out_windows(tokenizer, args.window, args.tokens)
+    windows = held_out_windows(tokenizer, args.window, args.held_out_tokens)
     model = load_model(args.model, dtype=args.dtype)
     base = load_model(args.base, dtype=args.dtype) if args.base else None
     check_tokenizer(tokenizer, model, args.model)

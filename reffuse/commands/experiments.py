@@ -28,7 +28,8 @@ from reffuse.experiments.run import run_experiments
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
 from reffuse.files import check_output_folder, write_json_atomic, write_text_atomic
-from reffuse.commands.common import add_token_arguments, positive_int, print_json
+from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_token_arguments, positive_int,
+                                     print_json)
 
 HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures"
 
@@ -36,13 +37,13 @@ HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
     parser.add_argument("--out", required=True, type=Path, help="folder for README.md, experiments.json, figures")
-    parser.add_argument("--drop-attention-count", type=positive_int, default=None,
-                        help="consecutive attentions to remove (default: 8 for smollm2, 2 for tiny)")
+    parser.add_argument("--drop-attention-count", type=positive_int, default=None, metavar="N",
+                        help=f"{DROP_ATTENTION_COUNT_HELP} (default: 8 for smollm2, 2 for tiny)")
     add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128)
     parser.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--decode-tokens", type=positive_int, default=32, help="tokens per decode timing (default 32)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="decode timing repeats, median (default 5)")
-    parser.add_argument("--json", action="store_true", help="also print the JSON on stdout")
+    add_json_argument(parser)
 
 
 def run(args) -> int:

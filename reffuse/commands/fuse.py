@@ -3,10 +3,11 @@
 Steps, each optional but the last:
 1. attention removal: --drop-attention BLOCKS removes the attention of the blocks given; --drop-attention-count N
    scores every block's attention by the KL damage of removing it alone (on calibration text) and removes the
-   N cheapest (--contiguous: the N consecutive blocks of least summed score);
+   N consecutive blocks of least summed score (as `reffuse demo` does, on the same text);
 2. the groups to fuse: --groups as given, or --plan auto, which measures FFN-level dependencies inside the
    attention-free runs and cuts each run (without its last block, as the paper does; --include-last keeps it)
-   into groups of at most --max-group-size blocks where the least dependency crosses (reffuse.method.planning);
+   into groups of at most --max-group-size blocks where the least dependency is left inside the groups
+   (reffuse.method.planning);
 3. fusion (Theorem 3.1) with --norm fold (exact) or last (the paper's), and with --calibrate each fused
    down-projection refitted by ridge least squares on calibration text (reffuse.method.calibrate);
 4. the model is saved to --out (config.json, model.safetensors), with the tokenizer beside it and fuse.json,
@@ -16,10 +17,10 @@ Calibration text comes from the corpus' calibration plays, never from the held-o
 scores. The synthetic tiny model has no tokenizer: random token ids stand in for text, and no tokenizer is saved.
 
 examples:
-  reffuse fuse --model smollm2 --drop-attention 12-19 --groups 12-15,16-18 --out fused-smollm2
-  reffuse fuse --model smollm2 --drop-attention-count 8 --contiguous --plan auto --calibrate --out fused-smollm2
-  reffuse eval --model fused-smollm2 --base smollm2
-  reffuse fuse --model tiny --groups 4-8 --norm last --out fused-tiny
+  reffuse fuse --model smollm2 --drop-attention 5-12 --groups 5-8,9-11 --out out/fused-smollm2
+  reffuse fuse --model smollm2 --drop-attention-count 8 --plan auto --calibrate --out out/fused-smollm2
+  reffuse eval --model out/fused-smollm2 --base smollm2
+  reffuse fuse --model tiny --groups 4-8 --norm last --out out/fused-tiny
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import (add_token_arguments, format_table, groups_argument, layers_argument, positive_int,
-                                     print_json)
+from reffuse.commands.common import (add_attention_removal_arguments, add_json_argument, add_token_arguments,
+                                     format_table, groups_argument, positive_int, print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.method.pipeline import FuseOptions, fuse_and_save
@@ -38,13 +39,7 @@ HELP = "remove attention, fuse runs of FFNs (optionally calibrated) and save the
 
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
-    drop = parser.add_mutually_exclusive_group()
-    drop.add_argument("--drop-attention", type=layers_argument, metavar="BLOCKS",
-                      help="remove the attention of these blocks, e.g. 12-19 or 3,5,12-19 (0-based, inclusive)")
-    drop.add_argument("--drop-attention-count", type=positive_int, metavar="N",
-                      help="remove the N attentions whose removal alone costs least (KL on calibration text)")
-    parser.add_argument("--contiguous", action="store_true",
-                        help="with --drop-attention-count: the N consecutive blocks of least summed score")
+    add_attention_removal_arguments(parser)
     plan = parser.add_mutually_exclusive_group(required=True)
     plan.add_argument("--groups", type=groups_argument, help="runs to fuse, FIRST-LAST[,FIRST-LAST...]")
     plan.add_argument("--plan", choices=["auto"], help="auto: propose groups from FFN-level dependencies")
@@ -60,11 +55,11 @@ def add_arguments(parser):
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
-    add_token_arguments(parser, calibration=2048, scoring=128)
+    add_token_arguments(parser, calibration=2048, scoring=256, dependency=128)
     parser.add_argument("--out", required=True, help="folder to write the model into (new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model already in --out (only a folder that reffuse saved is replaced)")
-    parser.add_argument("--json", action="store_true", help="print what was done as one JSON object")
+    add_json_argument(parser)
 
 
 def run(args) -> int:

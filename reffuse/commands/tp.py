@@ -10,7 +10,7 @@ down_proj) is summed over the ranks by one all-reduce, so a forward pass makes (
 (FFN blocks) all-reduces. A fused run of k FFNs is one wide FFN, sharded the same way: one all-reduce where
 the sequential blocks made k.
 
-For the sequential model and the fused one, it runs a prefill of --tokens random token ids and then
+For the sequential model and the fused one, it runs a prefill of --prefill-tokens random token ids and then
 --decode-tokens decode steps of one token each (KV cache), under tensor parallelism, and checks every forward's
 logits against the single-process forward of the same model on rank 0: parity means max |error| <= 1e-5 of
 max |logit| in float32 (1e-12 in float64, where float32 rounding no longer hides that sharding is exact).
@@ -19,7 +19,7 @@ Times are rank 0's, medians of --repeats; ranks start each forward together (a b
 
 The fused plan: --groups, or else the longest attention-free run without its last block (the paper finds a
 run's last FFN the most sensitive); for tiny that is 4-8. A model without an attention-free run (SmolLM2)
-first loses the attention of --remove-attention blocks (default: from n/2-1 to 3n/4-1, for SmolLM2 14-21),
+first loses the attention of --drop-attention blocks (default: from n/2-1 to 3n/4-1, for SmolLM2 14-21),
 and both the sequential and the fused model are that model; the output says which blocks lost attention.
 
 With --json, rank 0 prints one object: {"ranks", "max_abs_error", "max_rel_error", "parity", "sequential": {...},
@@ -34,15 +34,15 @@ examples:
   reffuse tp --model tiny
   mpiexec -n 2 reffuse tp --model tiny --groups 4-8 --json
   mpiexec -n 4 reffuse tp --model tiny --allreduce ring
-  mpiexec -n 3 reffuse tp --model smollm2 --remove-attention 14-21 --groups 14-20
+  mpiexec -n 3 reffuse tp --model smollm2 --drop-attention 14-21 --groups 14-20
   mpiexec -n 2 reffuse tp --model tiny --device gpu          (rank r on GPU r % GPUs)
   mpiexec -n 2 reffuse tp --model tiny --fail-on-rank 1      (see the job end when one rank fails)
 """
 
 from __future__ import annotations
 
-from reffuse.commands.common import (format_table, groups_argument, layers_argument, non_negative_int, positive_int,
-                                     positive_seconds, print_json)
+from reffuse.commands.common import (DROP_ATTENTION_HELP, add_json_argument, format_table, groups_argument,
+                                     layers_argument, non_negative_int, positive_int, positive_seconds, print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
@@ -53,20 +53,22 @@ from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog
 HELP = "run the sequential and fused model tensor-parallel under mpiexec; count and time the all-reduces"
 PROGRAM = "reffuse tp"
 def add_arguments(parser):
-    parser.add_argument("--model", default="tiny", help="tiny (synthetic), smollm2, or a model folder (default tiny)")
+    parser.add_argument("--model", default="smollm2",
+                        help="model name, folder or .gguf file (default: smollm2; tiny is the synthetic one)")
     parser.add_argument("--groups", type=groups_argument, default=None,
                         help="runs to fuse, FIRST-LAST[,FIRST-LAST...], 0-based inclusive (default: the longest "
                              "attention-free run without its last block; tiny: 4-8)")
-    parser.add_argument("--remove-attention", metavar="LAYERS", default=None, type=layers_argument,
-                        help="remove the attention of these blocks first, e.g. 14-21 (default: none if the model "
-                             "has an attention-free run, else blocks n/2-1 to 3n/4-1)")
+    parser.add_argument("--drop-attention", metavar="BLOCKS", default=None, type=layers_argument,
+                        help=f"{DROP_ATTENTION_HELP} (default: none if the model has an attention-free run, else "
+                             "blocks n/2-1 to 3n/4-1)")
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",
                         help="fused norm: fold (each block's gain folded in, exact) or last (the paper's)")
     parser.add_argument("--allreduce", choices=ALLREDUCE_KINDS, default="mpi",
                         help="mpi: MPI's own Allreduce; ring: the hand-written ring (reffuse/tp/ring.py)")
     parser.add_argument("--dtype", choices=tuple(RELATIVE_TOLERANCE), default="float32",
                         help="float32 (parity: <= 1e-5 relative) or float64 (<= 1e-12: sharding is exact)")
-    parser.add_argument("--tokens", type=positive_int, default=64, help="prefill length T (default 64)")
+    parser.add_argument("--prefill-tokens", type=positive_int, default=64,
+                        help="random token ids in the prefill, T (default 64)")
     parser.add_argument("--decode-tokens", type=non_negative_int, default=8,
                         help="decode steps K after the prefill (default 8)")
     parser.add_argument("--repeats", type=positive_int, default=3,
@@ -84,7 +86,7 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random token ids")
     parser.add_argument("--fail-on-rank", type=non_negative_int, default=None, metavar="R",
                         help="testing aid: rank R raises at its third all-reduce, to show the job ending")
-    parser.add_argument("--json", action="store_true", help="rank 0 prints one JSON object instead of tables")
+    add_json_argument(parser)
 
 
 def print_tables(result: dict) -> None:

@@ -21,7 +21,8 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import add_input_arguments, format_table, input_ids, non_negative_int, print_json
+from reffuse.commands.common import (add_dtype_argument, add_input_arguments, add_json_argument, format_table,
+                                     input_ids, non_negative_int, print_json)
 from reffuse.evaluation.verify import verify
 
 HELP = "compare reffuse's per-block activations and logits with transformers or with a dump (.npz)"
@@ -34,8 +35,8 @@ def add_arguments(parser):
     add_input_arguments(parser)
     parser.add_argument("--generate", type=non_negative_int, default=32,
                         help="greedy tokens to compare against transformers (default 32)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_dtype_argument(parser)
+    add_json_argument(parser)
 
 
 def run(args) -> int:

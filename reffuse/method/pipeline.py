@@ -143,6 +143,25 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
             "scoring_tokens": int(sum(len(w) for w in windows)), "scoring_text": text}
 
 
+SCORING_WINDOW = 128      # tokens per window of the attention-removal scores
+DEPENDENCY_WINDOW = 64    # tokens per window of the dependency matrices
+
+
+def remove_attention(model: Model, texts: Texts | None, blocks=None, count: int | None = None,
+                     scoring_tokens: int = 256) -> tuple[Model, dict | None]:
+    """The attention removal `fuse` and `demo` share: `blocks` as given, or the `count` consecutive blocks whose
+    single removals cost least in sum, scored on `scoring_tokens` of calibration text; neither: nothing removed.
+    Returns the model and what was removed and why (None for nothing)."""
+    if blocks is None and count is None:
+        return model, None
+    if texts is None:  # blocks as given, nothing to score them on
+        blocks = check_layers(model, blocks, "attention to remove")
+        return drop_attention(model, blocks), {"blocks": blocks, "blocks_text": format_layers(blocks), "rule": "given"}
+    removal = choose_attention_removal(model, texts.scoring(scoring_tokens, SCORING_WINDOW), blocks=blocks,
+                                       count=count, contiguous=True)
+    return drop_attention(model, removal["blocks"]), removal
+
+
 def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarray:
     """The FFN-level dependency matrix M [m, m] (reffuse.method.metrics), measured on blocks 0..up_to only.
 
@@ -186,7 +205,6 @@ class FuseOptions:
     plan: str | None = None
     drop_attention: list | None = None
     drop_attention_count: int | None = None
-    contiguous: bool = False
     max_group_size: int = 4
     include_last: bool = False
     norm: str = "fold"
@@ -194,7 +212,8 @@ class FuseOptions:
     weighting: str = DEFAULT_WEIGHTING
     ridge: float = DEFAULT_RIDGE
     calibration_tokens: int = 2048
-    scoring_tokens: int = 128
+    scoring_tokens: int = 256
+    dependency_tokens: int = 128
     overwrite: bool = False
 
     @classmethod
@@ -205,8 +224,6 @@ class FuseOptions:
 def fuse_and_save(options: FuseOptions) -> dict:
     """Every step of `reffuse fuse` (its --help lists them), the model saved to `options.out` with its tokenizer
     and fuse.json; returns what fuse.json records."""
-    if options.contiguous and options.drop_attention_count is None:
-        raise ReffuseError("--contiguous goes with --drop-attention-count N")
     out = check_output_folder(options.out, options.overwrite, is_model_folder, "model")  # before any long work
     model = load_model(options.model)
     needs_text = options.drop_attention_count is not None or options.plan or options.calibrate
@@ -216,20 +233,12 @@ def fuse_and_save(options: FuseOptions) -> dict:
     record = {"model": options.model, "model_name": model.config.name, "norm": options.norm,
               "texts": texts.describe() if texts else None}
 
-    removal = None
-    if options.drop_attention_count is not None:
-        removal = choose_attention_removal(model, texts.scoring(options.scoring_tokens),
-                                           count=options.drop_attention_count, contiguous=options.contiguous)
-    elif options.drop_attention is not None:
-        removal = {"blocks": options.drop_attention, "blocks_text": format_layers(options.drop_attention),
-                   "rule": "given"}
-    if removal is not None:
-        model = drop_attention(model, removal["blocks"])
-    record["attention_removal"] = removal
+    model, record["attention_removal"] = remove_attention(model, texts, options.drop_attention,
+                                                          options.drop_attention_count, options.scoring_tokens)
 
     if options.plan:
-        plan, _ = plan_fusion(model, texts.scoring(options.scoring_tokens, window=64), options.max_group_size,
-                              leave_out_last=not options.include_last)
+        plan, _ = plan_fusion(model, texts.scoring(options.dependency_tokens, DEPENDENCY_WINDOW),
+                              options.max_group_size, leave_out_last=not options.include_last)
         groups, record["plan"] = plan.groups, plan.to_json()
         if not groups:
             raise ReffuseError("the plan has no group to fuse (runs too short): remove more attention")

@@ -129,8 +129,9 @@ def ffn_run_model(model: Model, blocks: int = FFN_RUN_BLOCKS) -> Model:
     return Model(model.config, model.embed, [Block(None, f) for f in ffns], model.norm_gain, model.lm_head)
 
 
-def time_decode(runners: dict, prompt, new_tokens: int, repeats: int) -> dict:
-    """Median decode seconds per runner (name -> decode function), in alternation; and each runner's tokens."""
+def time_decode(runners: dict, prompt, new_tokens: int, repeats: int, progress=None) -> dict:
+    """Median decode seconds per runner (name -> decode function), in alternation; and each runner's tokens.
+    progress() is called after each timed decode (repeats x runners calls)."""
     seconds, tokens = {name: [] for name in runners}, {}
     for name, decode in runners.items():  # warm-up
         decode(prompt, min(new_tokens, 2))
@@ -138,6 +139,8 @@ def time_decode(runners: dict, prompt, new_tokens: int, repeats: int) -> dict:
         for name, decode in runners.items():
             elapsed, tokens[name] = decode(prompt, new_tokens)
             seconds[name].append(elapsed)
+            if progress is not None:
+                progress()
     return {name: statistics.median(s) for name, s in seconds.items()}, tokens
 
 

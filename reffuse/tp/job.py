@@ -38,11 +38,11 @@ class JobOptions:
     """What `reffuse tp` takes (its --help says what each means)."""
     model: str = "tiny"
     groups: list | None = None
-    remove_attention: list | None = None
+    drop_attention: list | None = None
     norm: str = "fold"
     allreduce: str = "mpi"
     dtype: str = "float32"
-    tokens: int = 64
+    prefill_tokens: int = 64
     decode_tokens: int = 8
     repeats: int = 3
     device: str = "cpu"
@@ -69,7 +69,7 @@ def default_groups(model: Model) -> list[tuple[int, int]]:
     runs = attention_free_runs(model)
     if not runs:
         raise ReffuseError(f"{model.config.name} has no run of attention-free blocks to fuse: "
-                           "pass --remove-attention FIRST-LAST")
+                           "pass --drop-attention FIRST-LAST")
     first, last = max(runs, key=lambda run: run[1] - run[0])
     return [(first, last - 1 if last - first >= 2 else last)]
 
@@ -97,17 +97,17 @@ def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
     the check that every rank was started with the same arguments and loaded the same model."""
     check_same_job(comm, asdict(options), watchdog, "arguments")
     state = parallel_state(comm, options.device)
-    for name in ("tokens", "repeats", "threads"):
+    for name in ("prefill_tokens", "repeats", "threads"):
         if getattr(options, name) < 1:
-            raise ReffuseError(f"--{name} must be at least 1")
+            raise ReffuseError(f"--{name.replace('_', '-')} must be at least 1")
     if options.decode_tokens < 0:
         raise ReffuseError("--decode-tokens must be 0 or more")
     if options.fail_on_rank is not None and not 0 <= options.fail_on_rank < state.size:
         raise ReffuseError(f"--fail-on-rank {options.fail_on_rank} is not a rank: ranks are 0..{state.size - 1}")
     # one rank per machine loads first: a model fetched and converted on first use is then cached for the others
     model = rank_zero_first(state.node, lambda: load_model(options.model, dtype=options.dtype), f"loading {options.model}")
-    if options.remove_attention is not None:
-        removed = list(options.remove_attention)
+    if options.drop_attention is not None:
+        removed = list(options.drop_attention)
     else:
         removed = [] if attention_free_runs(model) else default_attention_removal(model)
     if removed:
@@ -118,7 +118,7 @@ def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
     models = {"sequential": model, "fused": fuse(model, groups, norm=options.norm)}
     for m in models.values():
         check_shardable(m, state.size)
-    ids = np.random.default_rng(options.seed).integers(0, model.config.vocab_size, options.tokens + options.decode_tokens)
+    ids = np.random.default_rng(options.seed).integers(0, model.config.vocab_size, options.prefill_tokens + options.decode_tokens)
     # the full model is needed on rank 0 only, for the single-process reference
     return {"state": state, "removed": removed, "groups": groups, "ids": ids,
             "models": {name: to_device(m, state.device) if state.rank == 0 else m for name, m in models.items()},
@@ -167,7 +167,7 @@ def measure(options: JobOptions, model: Model, shard: Model, state: ParallelStat
     """Tensor-parallel prefill and decode of one model, timed over repeats; on rank 0, errors against one process."""
     prefills, decodes = [], []
     for _ in range(options.repeats):
-        logits, records = run_forwards(shard, ids, options.tokens, allreduce, allreduce.watchdog)
+        logits, records = run_forwards(shard, ids, options.prefill_tokens, allreduce, allreduce.watchdog)
         prefills.append(records[0])
         decodes.extend(records[1:])
     result = {"blocks": len(model.blocks),
@@ -178,7 +178,7 @@ def measure(options: JobOptions, model: Model, shard: Model, state: ParallelStat
     if decodes:
         result["decode"] = median_record(decodes)
     if state.rank == 0:
-        reference, _ = run_forwards(model, ids, options.tokens)  # one process, no all-reduce
+        reference, _ = run_forwards(model, ids, options.prefill_tokens)  # one process, no all-reduce
         result |= errors(logits, reference)
         result["prefill_errors"] = errors(logits[:1], reference[:1])
         if decodes:
@@ -192,7 +192,7 @@ def report(options: JobOptions, prepared: dict, results: dict, threads: int, cud
     max_rel = max(r["max_rel_error"] for r in results.values())
     return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": options.device,
             "allreduce": options.allreduce, "cuda_aware": cuda_aware if options.device == "gpu" else None,
-            "dtype": options.dtype, "tokens": options.tokens, "decode_tokens": options.decode_tokens, "repeats": options.repeats,
+            "dtype": options.dtype, "tokens": options.prefill_tokens, "decode_tokens": options.decode_tokens, "repeats": options.repeats,
             "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0],
             "attention_removed": prepared["removed"], "groups": [list(g) for g in prepared["groups"]], "norm": options.norm,
             "max_abs_error": max_abs, "max_rel_error": max_rel, "tolerance_rel": RELATIVE_TOLERANCE[options.dtype],

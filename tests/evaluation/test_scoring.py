@@ -138,9 +138,9 @@ def test_eval_command_perplexity_agrees_with_transformers(smollm2, smollm2_token
 @pytest.mark.parametrize("argv, message", [
     (["--model", "tiny"], "no tokenizer found for 'tiny'"),
     (["--model", "tiny", "--tokenizer", "smollm2"], "has 49152 tokens but the model tiny has 256"),
-    (["--model", "smollm2", "--tokens", "100", "--window", "256"], "100 tokens do not fill one window of 256"),
+    (["--model", "smollm2", "--held-out-tokens", "100", "--window", "256"], "100 tokens do not fill one window of 256"),
     (["--model", "smollm2", "--window", "1"], "nothing to predict"),
-    (["--model", "smollm2", "--tokens", "10000000"], "gives only"),
+    (["--model", "smollm2", "--held-out-tokens", "10000000"], "gives only"),
 ])
 def test_eval_command_bad_input(argv, message, capsys):
     from reffuse.cli import main

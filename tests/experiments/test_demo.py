@@ -24,7 +24,7 @@ def tiny_demo(tmp_path_factory):
     import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["demo", "--model", "tiny", "--json", "--figures", str(folder), *FAST]) == 0
+        assert main(["demo", "--model", "tiny", "--json", "--out", str(folder), *FAST]) == 0
     return json.loads(out.getvalue()), folder
 
 
@@ -39,7 +39,7 @@ def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
     assert report["fused_vs_parallel_relative_error"]["float64"] <= 1e-12
     assert report["fused_vs_parallel_relative_error"]["float32"] <= 1e-5
     assert set(report["quality"]["models"]) == {"original", "attention removed", "fused", "fused, calibrated"}
-    assert set(report["speed"]["decode"]) == {"original", "attention removed", "fused"}
+    assert set(report["speed"]["decode"]) == {"original", "attention removed", "fused, calibrated"}
     assert report["attention_removal"]["blocks"] == [2, 3]  # tiny's cheapest pair (seeded, synthetic)
     assert all(len(g) == 2 and g[1] - g[0] + 1 <= 4 for g in report["groups"])
     for name in ("layout.png", "quality_speed.png", "attention_scores.png", "ffn_dependency.png"):
@@ -72,7 +72,7 @@ def test_fuse_saves_a_model_that_loads_and_matches(tmp_path, capsys):
     (["demo", "--model", "tiny", "--calibration-tokens", "100"], "calibration text is too short"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys):
-    args = args + (["--out", str(tmp_path / "out")] if args[0] == "fuse" else ["--figures", str(tmp_path)])
+    args = args + (["--out", str(tmp_path / "out")] if args[0] == "fuse" else ["--out", str(tmp_path)])
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -90,7 +90,7 @@ def test_fuse_smollm2_round_trip(tmp_path, smollm2, smollm2_tokenizer, capsys):
     np.testing.assert_array_equal(reffuse.forward(loaded, ids), reffuse.forward(expected, ids))
     assert main(["generate", "--model", str(out), "The capital of France is", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("The capital of France is")
-    assert main(["eval", "--model", str(out), "--tokens", "32", "--window", "32", "--json"]) == 0
+    assert main(["eval", "--model", str(out), "--held-out-tokens", "32", "--window", "32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["perplexity"] > 1
 
 

@@ -281,7 +281,7 @@ def test_bad_input(tiny32):
 def test_analyze_command_writes_what_it_measured(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "analysis"
-    assert main(["analyze", "--model", "tiny", "--tokens", "48", "--sequence-length", "24", "--drop-attention", "1-2",
+    assert main(["analyze", "--model", "tiny", "--dependency-tokens", "48", "--sequence-length", "24", "--drop-attention", "1-2",
                  "--max-group-size", "3", "--greedy-blocks", "all", "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "analysis.json").read_text())
@@ -304,13 +304,12 @@ def test_analyze_command_writes_what_it_measured(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--window", "13"], "longer than the model's 12 blocks"),
+    (["--window-blocks", "13"], "longer than the model's 12 blocks"),
     (["--drop-attention", "10-12"], "out of range"),
     (["--drop-attention", "5"], "has no attention"),
-    (["--contiguous"], "--contiguous only applies"),
-    (["--tokens", "1"], "at least 2"),
+    (["--dependency-tokens", "1"], "at least 2"),
     (["--max-group-size", "1"], "at least 2"),
 ])
 def test_analyze_bad_input(tmp_path, capsys, argv, message):
-    assert main(["analyze", "--model", "tiny", "--tokens", "16", "--no-figures", "--out", str(tmp_path)] + argv) == 2
+    assert main(["analyze", "--model", "tiny", "--dependency-tokens", "16", "--no-figures", "--out", str(tmp_path)] + argv) == 2
     assert message in capsys.readouterr().err

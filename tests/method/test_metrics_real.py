@@ -36,7 +36,7 @@ def independent_entry(model, sequences, i, j, exclude_sink=True) -> float:
 
 
 def test_analyze_entries_agree_with_full_reruns(smollm2, tmp_path, capsys):
-    assert main(["analyze", "--model", "smollm2", "--tokens", "48", "--out", str(tmp_path), "--no-figures"]) == 0
+    assert main(["analyze", "--model", "smollm2", "--dependency-tokens", "48", "--out", str(tmp_path), "--no-figures"]) == 0
     capsys.readouterr()
     analysis = json.loads((tmp_path / "analysis.json").read_text())
     tokens = analysis["tokens"]

@@ -27,7 +27,7 @@ if not os.path.exists(MPIEXEC):
     pytest.skip(f"no mpiexec beside {sys.executable}: pip install 'reffuse[mpi]'", allow_module_level=True)
 
 TOLERANCE = 1e-5  # reffuse's parity bound, relative, float32 (measured: ~2e-7 on tiny)
-SMALL = ["--tokens", "16", "--decode-tokens", "2", "--repeats", "1"]
+SMALL = ["--prefill-tokens", "16", "--decode-tokens", "2", "--repeats", "1"]
 
 
 def launch(n_ranks, *args, timeout=120):
@@ -157,7 +157,7 @@ def test_a_stopped_rank_is_named_and_the_job_ends_within_the_watchdogs_time():
     if "smollm2" not in NAMED_MODELS:
         pytest.skip("needs SmolLM2, whose heads divide by 3")
     marker = f"stopped-{os.getpid()}"
-    command = [MPIEXEC, "-n", "3", sys.executable, "-m", "reffuse", "tp", "--model", "smollm2", "--tokens", "16",
+    command = [MPIEXEC, "-n", "3", sys.executable, "-m", "reffuse", "tp", "--model", "smollm2", "--prefill-tokens", "16",
                "--decode-tokens", "32", "--repeats", "10000", "--timeout", "5"]
     job = subprocess.Popen(command, env=os.environ | {"REFFUSE_TEST_JOB": marker}, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
