@@ -13,7 +13,8 @@ from reffuse.method.pipeline import synthetic_windows
 from reffuse.method.removal import drop_attention
 from reffuse.core.tiny import build_tiny
 
-FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--repeats", "1", "--decode-tokens", "2",
+FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--scoring-tokens", "128", "--dependency-tokens", "64",
+        "--repeats", "1", "--decode-tokens", "2",
         "--sample-tokens", "2"]
 
 
@@ -49,7 +50,7 @@ def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
 def test_fuse_saves_a_model_that_loads_and_matches(tmp_path, capsys):
     out = tmp_path / "fused"
     assert main(["fuse", "--model", "tiny", "--drop-attention", "2-3", "--groups", "2-4,5-8", "--calibrate",
-                 "--calibration-tokens", "256", "--out", str(out)]) == 0
+                 "--calibration-tokens", "256", "--scoring-tokens", "128", "--out", str(out)]) == 0
     loaded = reffuse.load_model(out)
     record = json.loads((out / PROVENANCE_FILE).read_text())
     assert record["groups"] == [[2, 4], [5, 8]] and record["attention_removal"]["blocks"] == [2, 3]
