@@ -35,28 +35,21 @@
 # Runs in about a minute.
 
 # %%
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-from IPython.display import Image, display
 
 import reffuse
 from reffuse.method import metrics
 from reffuse import (cache_prefix, calibration_windows, drop_attention, held_out_windows, inside_dependency,
                      kl_from_base, load_tokenizer, propose_groups)
+from reffuse.plots import show
 from reffuse.plots.dependency import block_metrics_figure, dependency_heatmap, window_figure
 
-REPORTS = Path("..") / "reports"
+REPORTS = reffuse.checkout_root() / "reports"
 
 
-def show(fig):
-    """Display a reffuse figure here (reffuse draws on matplotlib's Agg backend, which has no window)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    fig.clf()
-    display(Image(buffer.getvalue()))
 
 
 for name, text in metrics.DEFINITIONS.items():

@@ -41,7 +41,7 @@ import reffuse
 from reffuse import (attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,
                      drop_attention, drop_ffns, ffn_scores, held_out_windows, load_tokenizer, score_variant)
 
-REPORTS = Path("..") / "reports"
+REPORTS = reffuse.checkout_root() / "reports"
 
 model = reffuse.load_model("smollm2")
 tokenizer = load_tokenizer("smollm2")

@@ -33,27 +33,19 @@
 # Runs in under half a minute.
 
 # %%
-import io
 import json
-from pathlib import Path
 
 import numpy as np
-from IPython.display import Image, display
 
+import reffuse
 from reffuse.speed import costmodel
-from reffuse.plots import pyplot
+from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
 
-RESULTS = Path("..") / "benchmarks" / "results"
+RESULTS = reffuse.checkout_root() / "benchmarks" / "results"
 plt = pyplot()
 
 
-def show(fig):
-    """Display a figure here (reffuse draws on matplotlib's Agg backend, which has no window)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    display(Image(buffer.getvalue()))
 
 
 # %% [markdown]

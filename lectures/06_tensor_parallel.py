@@ -50,7 +50,7 @@ from reffuse.speed import costmodel
 from reffuse import attention, drop_attention, rms_norm, rope_tables, swiglu
 from reffuse.tp import allreduces_per_forward, rank_counts_that_work, ring_allreduce, shard_model, sharding_problems
 
-RESULTS = Path("..") / "benchmarks" / "results"      # committed `reffuse tp --json` results
+RESULTS = reffuse.checkout_root() / "benchmarks" / "results"      # committed `reffuse tp --json` results
 MPIEXEC = Path(sys.executable).parent / "mpiexec"     # the virtual environment's own launcher (the `mpi` extra)
 
 # %% [markdown]

@@ -25,6 +25,7 @@ from reffuse.core.model import (FFN, Attention, Block, Config, KVCache, Model, a
                                 cast, forward, layout, rms_norm, rope_tables, run_blocks, silu, swiglu, to_device)
 from reffuse.core.tiny import build_tiny
 from reffuse.errors import ReffuseError
+from reffuse.files import checkout_root
 from reffuse.evaluation.prefix import cache_prefix, kl_from_base, score_variant
 from reffuse.evaluation.scoring import evaluate, kl_per_token, log_softmax, perplexity
 from reffuse.formats.checkpoint import save_model
@@ -40,7 +41,8 @@ __version__ = "0.1.0"
 
 __all__ = ["FFN", "Attention", "Block", "BlockLayout", "Config", "KVCache", "Layout", "Model", "ReffuseError",
            "apply_rope", "attention", "attention_free_runs", "attention_layers", "attention_scores", "block_forward",
-           "build_tiny", "cache_prefix", "calibrated_fuse", "calibration_windows", "cast", "cheapest", "dependency",
+           "build_tiny", "cache_prefix", "calibrated_fuse", "calibration_windows", "cast", "cheapest", "checkout_root",
+           "dependency",
            "drop_attention", "drop_ffns", "evaluate", "fetch", "ffn_scores", "format_layers", "forward",
            "full_blocks", "fuse", "fuse_ffns", "generate", "gpu_available", "greedy_windows", "held_out_windows",
            "inside_dependency", "kl_from_base", "kl_per_token", "layout", "load_model", "load_tokenizer",

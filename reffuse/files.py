@@ -44,6 +44,15 @@ def read_json(path, remedy: str):
         raise ReffuseError(f"{path} cannot be read ({e.strerror}): {remedy}") from None
 
 
+def checkout_root() -> Path:
+    """The checkout whose benchmarks/ and reports/ hold the committed results: the one this package lives in,
+    else the working folder (an installed package has no results of its own)."""
+    package_checkout = Path(__file__).resolve().parents[1]
+    if (package_checkout / "benchmarks").is_dir():
+        return package_checkout
+    return Path.cwd()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Permissions
 

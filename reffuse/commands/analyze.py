@@ -30,6 +30,8 @@ from pathlib import Path
 
 from reffuse.core.layout import format_groups
 from reffuse.files import check_output_folder, write_json_atomic
+from reffuse.optional import available, install_hint
+from reffuse.progress import note
 from reffuse.commands.common import (add_attention_removal_arguments, add_dtype_argument, add_json_argument,
                                      add_token_arguments, format_table, non_negative_int,
                                      positive_int, print_json)
@@ -97,11 +99,14 @@ def summary(result: dict, paths) -> str:
 
 def run(args) -> int:
     check_output_folder(args.out, overwrite=True, what="analysis")  # before the long work
+    figures = not args.no_figures and available("matplotlib")
+    if not args.no_figures and not figures:
+        note(f"figures will be skipped: drawing them needs matplotlib ({install_hint('real')})")
     with blas_threads(args.threads or None):
         result = analyze(AnalysisOptions.from_namespace(args))
     path = write_json_atomic(args.out / "analysis.json", result)
     paths = [path]
-    if not args.no_figures:
+    if figures:
         from reffuse.plots.dependency import write_analysis_figures
         paths += write_analysis_figures(result, args.out)
     if args.json:

@@ -27,7 +27,6 @@ examples:
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from reffuse.commands.common import (add_attention_removal_arguments, add_json_a
 from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.core.fusion import NORM_MODES
+from reffuse.optional import available, install_hint
 from reffuse.progress import note
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
@@ -73,8 +73,8 @@ def add_arguments(parser):
 def run(args) -> int:
     check_output_folder(args.out, overwrite=True, what="figure set")  # before the long work
     result = run_demo(DemoOptions.from_namespace(args))
-    if importlib.util.find_spec("matplotlib") is None:  # the core install has no plotting; the rest still runs
-        note("figures skipped: drawing them needs matplotlib (pip install 'reffuse[real]')")
+    if not available("matplotlib"):  # the core install has no plotting; the rest still runs
+        note(f"figures skipped: drawing them needs matplotlib ({install_hint('real')})")
         result["figures"] = []
     else:
         from reffuse.plots.pipeline import write_demo_figures

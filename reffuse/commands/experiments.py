@@ -25,6 +25,7 @@ from pathlib import Path
 
 from reffuse.experiments.report import markdown
 from reffuse.experiments.run import run_experiments
+from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
 from reffuse.files import check_output_folder, write_json_atomic, write_text_atomic
@@ -48,6 +49,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     check_output_folder(args.out, overwrite=True, what="report")  # before the long work
+    figures = available("matplotlib")
+    if not figures:
+        note(f"figures will be skipped: drawing them needs matplotlib ({install_hint('real')})")
     count = args.drop_attention_count or (2 if args.model == "tiny" else 8)
     result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
                              calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
@@ -58,7 +62,7 @@ def run(args) -> int:
     result["command"] = command
     write_json_atomic(args.out / "experiments.json", result)
     write_text_atomic(args.out / "README.md", markdown(result, command))
-    figures = write_experiment_figures(result, args.out)
+    figures = write_experiment_figures(result, args.out) if figures else []
     note(f"wrote {args.out / 'README.md'}, {args.out / 'experiments.json'} and {len(figures)} figures "
          f"({result['seconds'] / 60:.1f} minutes)")
     if args.json:

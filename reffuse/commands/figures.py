@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reffuse.plots.committed import FIGURES, default_root, draw_figures
+from reffuse.files import checkout_root
+from reffuse.plots.committed import FIGURES, draw_figures
 
 HELP = "redraw every figure in figures/ from the committed results (deterministic PNGs)"
 
@@ -46,6 +47,6 @@ def add_arguments(parser):
 
 def run(args) -> int:
     names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    for path in draw_figures(args.out, (args.root or default_root()).resolve(), names):
+    for path in draw_figures(args.out, (args.root or checkout_root()).resolve(), names):
         print(path)
     return 0

@@ -11,6 +11,7 @@ from typing import Callable
 from reffuse.core.model import Model, cast
 from reffuse.core.tiny import build_tiny
 from reffuse.errors import ReffuseError
+from reffuse.optional import require_all
 from reffuse.formats.checkpoint import load_folder
 from reffuse.formats.gguf import load_gguf
 from reffuse.formats.smollm2 import load_smollm2, smollm2_tokenizer
@@ -27,6 +28,8 @@ def load_model(name_or_path, dtype="float32") -> Model:
     """A model by name (see NAMED_MODELS), from a Llama .gguf file, or from a folder written by save_model /
     an HF Llama folder."""
     key = str(name_or_path)
+    if key == "smollm2":  # before the download: everything loading it needs
+        require_all(("gguf", "safetensors", "tokenizers", "jinja2"), "real", "loading smollm2")
     if key in NAMED_MODELS:
         return NAMED_MODELS[key](dtype)
     path = Path(key)

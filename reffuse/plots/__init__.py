@@ -65,6 +65,15 @@ def data_digest(fig) -> str:
     return hashlib.sha256(json.dumps(figure_data(fig), sort_keys=True).encode()).hexdigest()
 
 
+def show(fig) -> None:
+    """Display a figure in a notebook (reffuse draws on the Agg backend, which has no window), then close it."""
+    display = require("IPython.display", "lectures", "showing figures in a notebook")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", bbox_inches="tight")
+    pyplot().close(fig)
+    display.display(display.Image(png.getvalue()))
+
+
 def save_figure(fig, path) -> Path:
     """Write `fig` as a PNG with no metadata (no date, no version string), then close it."""
     plt = pyplot()

@@ -27,14 +27,6 @@ from reffuse.speed.costmodel import fuse_layout, get_layout, tp_run_layout
 MANIFEST = "figures.json"  # the versions that drew the PNGs, and a digest of the data each one shows
 
 
-def default_root() -> Path:
-    """The checkout that holds benchmarks/ and reports/: the one this package lives in, else the working folder."""
-    package_checkout = Path(__file__).resolve().parents[2]
-    if (package_checkout / "benchmarks").is_dir():
-        return package_checkout
-    return Path.cwd()
-
-
 # The committed results the figures are drawn from: name -> (path under the checkout, the command that made it).
 SOURCES = {
     "analysis": ("reports/analysis/smollm2/analysis.json",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reffuse.errors import ReffuseError
+from reffuse.optional import install_hint
 from reffuse.tp.watchdog import abort_job
 
 
@@ -23,9 +24,9 @@ def mpi():
     try:
         from mpi4py import MPI
     except ImportError:
-        raise ReffuseError("tensor parallelism needs mpi4py and an MPI runtime: pip install 'reffuse[mpi]'") from None
+        raise ReffuseError(f"tensor parallelism needs mpi4py and an MPI runtime: {install_hint('mpi')}") from None
     except RuntimeError as e:  # mpi4py is installed but finds no MPI library
-        raise ReffuseError(f"mpi4py found no usable MPI library ({e}): pip install 'reffuse[mpi]'") from None
+        raise ReffuseError(f"mpi4py found no usable MPI library ({e}): {install_hint('mpi')}") from None
     return MPI
 
 

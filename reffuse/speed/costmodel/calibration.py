@@ -15,6 +15,7 @@ import numpy as np
 
 from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, forward
 from reffuse.errors import ReffuseError
+from reffuse.optional import install_hint
 from reffuse.speed.costmodel.hardware import NUMPY_CALLS, Hardware, cpu_hardware, h100_sxm
 from reffuse.speed.timing import blas_threads
 
@@ -88,7 +89,7 @@ def measure_mpi_allreduce(timeout: float = 12.0) -> dict:
     bandwidth each of 2 ranks gets when both stream at once."""
     launcher = mpiexec_path()
     if launcher is None:
-        return {"available": False, "reason": "no mpiexec (pip install 'reffuse[mpi]')"}
+        return {"available": False, "reason": f"no mpiexec ({install_hint('mpi')})"}
     try:
         one_thread = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         done = subprocess.run([launcher, "-n", "2", sys.executable, str(MPI_PROBE)], capture_output=True,
