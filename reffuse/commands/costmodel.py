@@ -21,9 +21,9 @@ examples:
   reffuse costmodel --json
   reffuse costmodel --model smollm2 --model tiny --hardware cpu
   reffuse costmodel --model ultra-253b-prefusion --context 8192 --batch 4
-  mpiexec -n 2 reffuse tp --model tiny --json > tp_tiny_n2.json
-  reffuse costmodel --measured tp_tiny_n2.json
-  reffuse costmodel --measured tp_tiny_n2.json --calibration benchmarks/results/costmodel.json
+  mpiexec -n 2 reffuse tp --model tiny --json > out/tp_tiny_n2.json
+  reffuse costmodel --measured out/tp_tiny_n2.json
+  reffuse costmodel --measured out/tp_tiny_n2.json --calibration benchmarks/results/costmodel.json
 """
 
 from __future__ import annotations

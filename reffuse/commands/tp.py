@@ -66,7 +66,8 @@ def add_arguments(parser):
     parser.add_argument("--allreduce", choices=ALLREDUCE_KINDS, default="mpi",
                         help="mpi: MPI's own Allreduce; ring: the hand-written ring (reffuse/tp/ring.py)")
     parser.add_argument("--dtype", choices=tuple(RELATIVE_TOLERANCE), default="float32",
-                        help="float32 (parity: <= 1e-5 relative) or float64 (<= 1e-12: sharding is exact)")
+                        help="precision of the weights and the arithmetic (default float32; parity: <= 1e-5 "
+                             "relative in float32, <= 1e-12 in float64, where sharding is exact)")
     parser.add_argument("--prefill-tokens", type=positive_int, default=64,
                         help="random token ids in the prefill, T (default 64)")
     parser.add_argument("--decode-tokens", type=non_negative_int, default=8,
