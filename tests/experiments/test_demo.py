@@ -106,3 +106,18 @@ def test_calibration_and_held_out_spans_must_not_overlap():
     check_disjoint(TokenWindows(ids, (Span("macbeth_gut", "Macbeth", 0, 100, 4),), "calibration"), held)
     with pytest.raises(ReffuseError, match="overlaps held-out text"):
         check_disjoint(TokenWindows(ids, (Span("hamlet_gut", "Hamlet", 50, 150, 4),), "calibration"), held)
+
+
+def test_demo_and_fuse_given_the_same_flags_remove_the_same_blocks(smollm2):
+    from reffuse.cli import build_parser
+    from reffuse.method.pipeline import load_texts, remove_attention
+    parser = build_parser()
+    chosen = []
+    for argv in (["demo", "--drop-attention-count", "8"],
+                 ["fuse", "--model", "smollm2", "--drop-attention-count", "8", "--plan", "auto", "--out", "x"]):
+        args = parser.parse_args(argv)
+        texts = load_texts("smollm2", smollm2, args.calibration_tokens, 256)
+        _, removal = remove_attention(smollm2, texts, count=args.drop_attention_count,
+                                      scoring_tokens=args.scoring_tokens)
+        chosen.append(removal["blocks"])
+    assert chosen[0] == chosen[1] == list(range(5, 13))  # as the committed experiments chose, on the same text
