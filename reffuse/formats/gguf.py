@@ -24,6 +24,7 @@ import numpy as np
 from reffuse.core.layout import BlockLayout
 from reffuse.formats.checkpoint import model_from_tensors
 from reffuse.errors import ReffuseError
+from reffuse.progress import Progress
 from reffuse.core.model import Config, Model, cast, check_config
 from reffuse.optional import require
 
@@ -218,11 +219,13 @@ def load_gguf(path, dtype="float32", reader=None) -> Model:
     reader = reader or open_gguf(path)
     config, blocks = config_from_gguf(reader, path)
     tensors = {}
-    for tensor in reader.tensors:
-        name, values = hf_name(tensor.name), dequantize(tensor, path)
-        heads = (config.n_heads if name.endswith("q_proj.weight") else
-                 config.n_kv_heads if name.endswith("k_proj.weight") else None)
-        if heads and values.shape[0] == heads * config.head_dim:  # a misshaped one is reported below
-            values = rope_rows_to_rotate_half(values, heads)
-        tensors[name] = values
+    with Progress(f"dequantizing {path.name}", len(reader.tensors), "tensors") as bar:
+        for tensor in reader.tensors:
+            name, values = hf_name(tensor.name), dequantize(tensor, path)
+            heads = (config.n_heads if name.endswith("q_proj.weight") else
+                     config.n_kv_heads if name.endswith("k_proj.weight") else None)
+            if heads and values.shape[0] == heads * config.head_dim:  # a misshaped one is reported below
+                values = rope_rows_to_rotate_half(values, heads)
+            tensors[name] = values
+            bar.update()
     return cast(model_from_tensors(config, blocks, tensors, str(path)), dtype)

@@ -22,10 +22,11 @@ LOG2_RANGE = (-9, -1)  # the paper's colour bar: 2^-9 .. 2^-1
 WEAK, STRONG, EXCLUDED = "tab:blue", "tab:red", "0.75"
 
 
-def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None):
+def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None, groups=()):
     """M (nested lists with None, or an array) as the paper draws it; returns the figure.
 
-    attention_removed: the blocks without attention, each contiguous range boxed with a dotted line."""
+    attention_removed: the blocks without attention, each contiguous range boxed with a dotted line.
+    groups: fusion groups (first, last), each boxed with a solid line."""
     plt = pyplot()
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
@@ -48,7 +49,11 @@ def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None):
         ax.add_patch(Rectangle((first - 0.5, first - 0.5), last - first + 1, last - first + 1, fill=False,
                                linestyle=":", linewidth=1.6, edgecolor="black",
                                label="attention-free blocks" if first == min(attention_removed) else None))
-    if len(attention_removed):
+    for k, (first, last) in enumerate(groups):
+        ax.add_patch(Rectangle((first - 0.5, first - 0.5), last - first + 1, last - first + 1, fill=False,
+                               linestyle="-", linewidth=1.8, edgecolor="black",
+                               label="planned fusion groups" if k == 0 else None))
+    if len(attention_removed) or len(groups):
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("dropped block (i)")
     ax.set_ylabel("measured block (j)")

@@ -27,16 +27,21 @@ def pipeline_summary_figure(result: dict):
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     quality = result["quality"]["models"]
-    names = [n for n in quality if n != "original"]
-    _labelled_bars(left, names, [quality[n]["kl_vs_original"] for n in names],
-                   [f"ppl {quality[n]['perplexity']:.4g}" for n in names])
-    left.set_ylabel("KL(original || model), nats")
-    left.set_title(f"held-out quality (original perplexity {quality['original']['perplexity']:.4g})")
+    if result["quality"].get("meaningful", True):
+        names = [n for n in quality if n != "original"]
+        _labelled_bars(left, names, [quality[n]["kl_vs_original"] for n in names],
+                       [f"ppl {quality[n]['perplexity']:.4g}" for n in names])
+        left.set_ylabel("KL(original || model), nats")
+        left.set_title(f"held-out quality (original perplexity {quality['original']['perplexity']:.4g})")
+    else:
+        left.axis("off")
+        left.text(0.5, 0.5, "quality left out: a synthetic model has random\nweights and reads random ids, so its "
+                  "perplexity\nand KL measure nothing", ha="center", va="center", fontsize=9)
     decode = result["speed"]["decode"]
     _labelled_bars(right, list(decode), [d["tokens_per_second"] for d in decode.values()],
                    [f"{d['speedup']:.2f}x" for d in decode.values()])
     right.set_ylabel("decode tokens per second")
-    right.set_title("greedy decode with the KV cache, one run (ratio to the original)")
+    right.set_title("decode with the KV cache: original, attention removed, fused and calibrated")
     fig.suptitle(f"Attention removal and FFN Fusion on {result['model_name']}")
     fig.tight_layout()
     return fig
@@ -64,5 +69,5 @@ def write_demo_figures(result: dict, folder: Path) -> list[Path]:
         matrix = [row[:measured + 1] for row in matrix[:measured + 1]]  # blocks 0..measured (the rest not run)
         figures["ffn_dependency.png"] = dependency_heatmap(
             matrix, f"{name}: FFN-level dependency, attention removed ({result['ffn_dependency']['tokens']} tokens)",
-            removed_blocks)
+            removed_blocks, groups=result["groups"])
     return [save_figure(fig, folder / file) for file, fig in figures.items()]

@@ -15,14 +15,15 @@ SEQUENTIAL, FUSED = "tab:blue", "tab:orange"
 
 
 def run_label(result: dict) -> str:
-    """"tiny, N=2, mpi" from a `reffuse tp --json` result (the model name up to its first " (" or ".")."""
-    return f"{result['model'].split(' (')[0].split('.')[0]}, N={result['ranks']}, {result['allreduce']}"
+    """"tiny\nN=2 mpi" from a `reffuse tp --json` result (the model name up to its first " (", "." or "-")."""
+    model = result["model"].split(" (")[0].split(".")[0].split("-")[0]
+    return f"{model}\nN={result['ranks']} {result['allreduce']}"
 
 
 def allreduce_figure(results: list[dict], title: str = "All-reduces per forward under tensor parallelism"):
     """results: `reffuse tp --json` objects. Bars: sequential vs fused for each run."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     x = np.arange(len(results))
     width = 0.38
     labels = [run_label(r) for r in results]
@@ -46,9 +47,12 @@ def allreduce_figure(results: list[dict], title: str = "All-reduces per forward 
     for ax in axes[1:]:
         ax.set_ylabel("time per forward (ms)")
     for ax in axes:
-        ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(x, labels, fontsize=7)
         ax.set_xlabel("run (model, ranks, all-reduce)")
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room above the tallest bar for its label
+    axes[0].legend(fontsize=7, loc="upper right")
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=4, fontsize=8, frameon=False)  # below, over no bar
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
