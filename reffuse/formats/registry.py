@@ -55,6 +55,9 @@ def load_tokenizer(name_or_path) -> Tokenizer:
         return tokenizer_from_gguf(path)
     if path.is_dir():
         return tokenizer_from_folder(path)
+    if key in NAMED_MODELS:  # a synthetic model: random weights, no text
+        raise ReffuseError(f"{key!r} is synthetic and has no tokenizer: give token ids instead (--ids 1,2,3 for "
+                           "dump and verify), or a tokenizer (--tokenizer smollm2)")
     raise ReffuseError(f"no tokenizer for {key!r}: give 'smollm2', a .gguf file, or a folder with tokenizer.json")
 
 
@@ -65,7 +68,9 @@ def find_tokenizer(*sources) -> Tokenizer:
             return load_tokenizer(source)
         except ReffuseError:
             continue
-    raise ReffuseError(f"no tokenizer found for {' or '.join(map(repr, map(str, sources)))}: give --tokenizer "
+    synthetic = [str(s) for s in sources if str(s) in NAMED_MODELS and str(s) not in NAMED_TOKENIZERS]
+    hint = f" ({', '.join(synthetic)} is synthetic: it reads token ids, not text)" if synthetic else ""
+    raise ReffuseError(f"no tokenizer found for {' or '.join(map(repr, map(str, sources)))}{hint}: give --tokenizer "
                        "(smollm2, a .gguf file, or a folder with tokenizer.json)")
 
 

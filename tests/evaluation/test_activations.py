@@ -72,5 +72,5 @@ def test_malformed_dumps(tmp_path, arrays, message):
 
 
 def test_dump_needs_text_or_ids_for_a_model_without_tokenizer(tmp_path):
-    with pytest.raises(ReffuseError, match="no tokenizer for 'tiny'"):
+    with pytest.raises(ReffuseError, match="'tiny' is synthetic and has no tokenizer: give token ids instead"):
         run_raising(["dump", "--model", "tiny", "--out", str(tmp_path / "x.npz")])
