@@ -75,7 +75,7 @@ def test_bad_input(smollm2_tokenizer, tmp_path):
         smollm2_tokenizer.decode([1, 49152])
     with pytest.raises(ReffuseError, match="has no tokenizer.json"):
         load_tokenizer(tmp_path)
-    with pytest.raises(ReffuseError, match="no tokenizer for 'tiny'"):
+    with pytest.raises(ReffuseError, match="'tiny' is synthetic and has no tokenizer"):
         load_tokenizer("tiny")
     with pytest.raises(ReffuseError, match="non-empty content"):
         smollm2_tokenizer.chat_prompt("")
