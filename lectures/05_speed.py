@@ -30,7 +30,7 @@
 # Timing is slow and noisy on a shared 2-core machine, so apart from the short machine calibration this lecture
 # reads the committed benchmark results (`benchmarks/results/`, written by `reffuse bench` and
 # `reffuse costmodel`, with their commands) instead of measuring again. The exercises show how to re-measure.
-# Runs in under half a minute.
+# Runs in a few seconds.
 
 # %%
 import json
