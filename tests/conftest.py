@@ -1,10 +1,27 @@
 """Shared fixtures. Expensive ones (real models, reference implementations) are session-scoped: load once."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import reffuse
 from reffuse.core.tiny import build_tiny
+
+
+SUPPORT = Path(__file__).resolve().parent / "support"  # the strict CuPy stand-in lives here
+sys.path.insert(0, str(SUPPORT))
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """The strict CuPy stand-in (tests/support/strict_cupy) as reffuse's GPU module, its counters zeroed."""
+    import strict_cupy
+
+    monkeypatch.setenv("REFFUSE_GPU_MODULE", "strict_cupy")
+    strict_cupy.reset()
+    return strict_cupy
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,8 @@ from reffuse.core.layout import format_groups
 from reffuse.files import check_output_folder, write_json_atomic
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
-from reffuse.commands.common import (add_attention_removal_arguments, add_dtype_argument, add_json_argument,
-                                     add_token_arguments, format_table, non_negative_int,
+from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_dtype_argument,
+                                     add_json_argument, add_token_arguments, format_table, non_negative_int,
                                      positive_int, print_json)
 from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
@@ -71,6 +71,7 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the random token ids for a synthetic model")
     parser.add_argument("--no-figures", action="store_true", help="write analysis.json only")
+    add_device_argument(parser)
     add_json_argument(parser)
 
 

@@ -27,7 +27,7 @@ from reffuse.speed.bench import default_threads, markdown, run_benchmark
 from reffuse.formats.registry import load_model
 from reffuse.progress import note
 from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
-from reffuse.commands.common import add_json_argument, positive_int, print_json
+from reffuse.commands.common import add_device_argument, add_json_argument, positive_int, print_json
 
 HELP = "prefill/decode speed against transformers, and fused vs sequential FFN runs"
 
@@ -39,6 +39,7 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed repeats of each measurement; medians (default 7)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    add_device_argument(parser)
     add_json_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
                         help="also write the JSON to this file and the Markdown tables beside it (.md)")
@@ -57,7 +58,7 @@ def command_line(args) -> str:
 def run(args) -> int:
     if args.out is not None:
         check_writable_file(args.out)  # before the long work
-    model = load_model(args.model, dtype="float32")
+    model = load_model(args.model, dtype="float32", device=args.device)
     result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
                            with_transformers=not args.no_transformers, progress=note)
     command = command_line(args)

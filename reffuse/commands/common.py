@@ -79,6 +79,12 @@ def add_attention_removal_arguments(parser, count_default: str = "none") -> None
                       help=f"{DROP_ATTENTION_COUNT_HELP} (default: {count_default})")
 
 
+def add_device_argument(parser) -> None:
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where the arrays live and the arithmetic runs: cpu (NumPy) or gpu (CuPy, the `gpu` "
+                             "extra; default cpu)")
+
+
 def add_dtype_argument(parser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                         help="precision of the weights and the arithmetic (default float32; float64 shows what is "

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from reffuse.core.layout import format_groups
 from reffuse.files import check_output_folder
-from reffuse.commands.common import (add_attention_removal_arguments, add_json_argument, add_token_arguments,
-                                     format_table, groups_argument, positive_int, print_json)
+from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_json_argument,
+                                     add_token_arguments, format_table, groups_argument, positive_int, print_json)
 from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.core.fusion import NORM_MODES
@@ -67,6 +67,7 @@ def add_arguments(parser):
     parser.add_argument("--prompt", default=PROMPT, help=f"prompt of the greedy samples (default {PROMPT!r})")
     parser.add_argument("--out", type=Path, default=Path("out") / "demo",
                         help="folder for the figures (default out/demo)")
+    add_device_argument(parser)
     add_json_argument(parser)
 
 

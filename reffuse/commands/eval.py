@@ -22,8 +22,8 @@ from reffuse.formats.corpus import held_out_windows
 from reffuse.evaluation.scoring import evaluate
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, load_tokenizer
 from reffuse.progress import Progress
-from reffuse.commands.common import (add_dtype_argument, add_json_argument, add_token_arguments, format_table,
-                                     positive_int, print_json)
+from reffuse.commands.common import (add_device_argument, add_dtype_argument, add_json_argument, add_token_arguments,
+                                     format_table, positive_int, print_json)
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
 DEFAULT_TOKENS = 2048
@@ -40,6 +40,7 @@ def add_arguments(parser):
     parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW,
                         help=f"tokens per window; windows do not overlap (default {DEFAULT_WINDOW})")
     add_dtype_argument(parser)
+    add_device_argument(parser)
     add_json_argument(parser)
 
 
@@ -47,8 +48,8 @@ def run(args) -> int:
     tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer else
                  find_tokenizer(*[source for source in (args.model, args.base) if source]))
     windows = held_out_windows(tokenizer, args.window, args.held_out_tokens)
-    model = load_model(args.model, dtype=args.dtype)
-    base = load_model(args.base, dtype=args.dtype) if args.base else None
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    base = load_model(args.base, dtype=args.dtype, device=args.device) if args.base else None
     check_tokenizer(tokenizer, model, args.model)
     start = time.perf_counter()
     with Progress(f"scoring {args.model}" + (f" against {args.base}" if base else ""), len(windows),

@@ -28,8 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.commands.common import (add_attention_removal_arguments, add_json_argument, add_token_arguments,
-                                     format_table, groups_argument, positive_int, print_json)
+from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_json_argument,
+                                     add_token_arguments, format_table, groups_argument, positive_int, print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.method.pipeline import FuseOptions, fuse_and_save
@@ -59,6 +59,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="folder to write the model into (new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model already in --out (only a folder that reffuse saved is replaced)")
+    add_device_argument(parser)
     add_json_argument(parser)
 
 

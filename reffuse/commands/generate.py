@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 
-from reffuse.commands.common import add_dtype_argument, non_negative_int, positive_int
+from reffuse.commands.common import add_device_argument, add_dtype_argument, non_negative_int, positive_int
 from reffuse.core.generate import generate
 from reffuse.formats.registry import load_model
 from reffuse.formats.registry import load_tokenizer
@@ -35,12 +35,13 @@ def add_arguments(parser):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample only among the K most likely tokens")
     parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed for sampling")
+    add_device_argument(parser)
     add_dtype_argument(parser)
 
 
 def run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     text = tokenizer.chat_prompt(args.prompt) if args.chat else args.prompt
     prompt_ids = tokenizer.encode(text)
     stream = StreamDecoder(tokenizer, skip_special_tokens=True)

@@ -6,24 +6,45 @@ that (`xp.exp`, `xp.concatenate`, ...). Moving a model between devices is `reffu
 
 import functools
 import importlib
+import os
 
 import numpy as np
 
 from reffuse.errors import ReffuseError
 
+GPU_MODULE_ENV = "REFFUSE_GPU_MODULE"  # another module with CuPy's interface (the tests' strict stand-in)
+
+
+def gpu_module_name() -> str:
+    return os.environ.get(GPU_MODULE_ENV) or "cupy"
+
 
 @functools.cache
-def _cupy():
-    """The cupy module, or None. Imported on first need: CuPy is the optional `gpu` extra and slow to import;
-    it imports fine on machines without a GPU, where creating an array then fails."""
+def _gpu_module(name: str):
     try:
-        return importlib.import_module("cupy")
+        return importlib.import_module(name)
     except ImportError:
         return None
 
 
-def _is_cupy(x) -> bool:
-    return type(x).__module__.startswith("cupy")  # no import of cupy needed to recognise its arrays
+def _cupy():
+    """The cupy module (or the module $REFFUSE_GPU_MODULE names), or None. Imported on first need: CuPy is the
+    optional `gpu` extra and slow to import; it imports fine on machines without a GPU, where creating an array
+    then fails."""
+    return _gpu_module(gpu_module_name())
+
+
+def gpu_module():
+    """The CuPy module in use (a ReffuseError if there is none)."""
+    module = _cupy()
+    if module is None:
+        raise ReffuseError(f"no GPU module: install the `gpu` extra (CuPy) on a machine with a CUDA device "
+                           f"({gpu_module_name()} is not importable)")
+    return module
+
+
+def _is_cupy(x) -> bool:  # no import of cupy needed to recognise its arrays
+    return type(x).__module__.partition(".")[0] == gpu_module_name()
 
 
 def gpu_available() -> bool:

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from reffuse.core.backend import to_numpy
+from reffuse.core.backend import array_module
 from reffuse.errors import ReffuseError
 from reffuse.core.model import KVCache, Model, check_token_ids, forward
 
@@ -22,16 +22,21 @@ MIN_TEMPERATURE = 1e-100  # below it, logits of ~1e2 divided by it would overflo
 
 
 def next_token(logits, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
-    """Pick one token from the logits [vocab] of one position."""
-    logits = to_numpy(logits).astype(np.float64)
+    """Pick one token from the logits [vocab] of one position, on the logits' device: only the token's id is
+    copied to the host. Sampling draws its uniform number on the host and inverts the CDF on the device, which is
+    what NumPy's Generator.choice(p=...) computes, so that CPU and GPU sample the same tokens."""
+    xp = array_module(logits)
+    logits = logits.astype(xp.float64)
     if temperature == 0:
-        return int(np.argmax(logits))
+        return int(xp.argmax(logits))
     scores = logits / temperature
     if top_k is not None and top_k < scores.size:
-        kth_best = np.partition(scores, -top_k)[-top_k]
-        scores = np.where(scores >= kth_best, scores, -np.inf)  # ties at the k-th score are all kept
-    probs = np.exp(scores - scores.max())
-    return int(rng.choice(scores.size, p=probs / probs.sum()))
+        kth_best = xp.partition(scores, -top_k)[-top_k]
+        scores = xp.where(scores >= kth_best, scores, -xp.inf)  # ties at the k-th score are all kept
+    probs = xp.exp(scores - scores.max())
+    cdf = xp.cumsum(probs / probs.sum())
+    cdf /= cdf[-1]
+    return int(xp.searchsorted(cdf, rng.random(), side="right"))
 
 
 def generate(model: Model, token_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -55,6 +55,7 @@ class DemoOptions:
     repeats: int = 5
     sample_tokens: int = 12
     prompt: str = PROMPT
+    device: str = "cpu"
 
     @classmethod
     def from_namespace(cls, args) -> "DemoOptions":
@@ -99,7 +100,7 @@ def run_demo(options: DemoOptions) -> dict:
         count = DEFAULT_DROP.get(options.model, DEFAULT_DROP["smollm2"])
     if count is not None and count < 1:
         raise ReffuseError(f"--drop-attention-count {count} must be at least 1")
-    original = load_model(options.model)
+    original = load_model(options.model, device=options.device)
     synthetic = is_synthetic(options.model, original)
     result = {"model": options.model, "model_name": original.config.name, "synthetic": synthetic, "norm": options.norm}
     with blas_threads(None):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from reffuse.core.model import Model, cast
+from reffuse.core.model import Model, cast, to_device
 from reffuse.core.tiny import build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.optional import require_all
@@ -24,9 +24,11 @@ NAMED_MODELS: dict[str, Callable[[str], Model]] = {
 }
 
 
-def load_model(name_or_path, dtype="float32") -> Model:
+def load_model(name_or_path, dtype="float32", device: str = "cpu") -> Model:
     """A model by name (see NAMED_MODELS), from a Llama .gguf file, or from a folder written by save_model /
-    an HF Llama folder."""
+    an HF Llama folder; on `device` ("cpu", "gpu" or "gpu:N")."""
+    if device != "cpu":
+        return to_device(load_model(name_or_path, dtype), device)
     key = str(name_or_path)
     if key == "smollm2":  # before the download: everything loading it needs
         require_all(("gguf", "safetensors", "tokenizers", "jinja2"), "real", "loading smollm2")

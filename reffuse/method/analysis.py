@@ -43,6 +43,7 @@ class AnalysisOptions:
     include_last: bool = False
     dtype: str = "float32"
     seed: int = 0
+    device: str = "cpu"
 
     @classmethod
     def from_namespace(cls, args) -> "AnalysisOptions":
@@ -87,7 +88,7 @@ def remove_attention(options, model, sequences) -> tuple:
 def analyze(options: AnalysisOptions) -> dict:
     """Everything analysis.json holds (see the module docstring)."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    model = load_model(options.model, dtype=options.dtype)
+    model = load_model(options.model, dtype=options.dtype, device=options.device)
     check_window(options.window_blocks, len(model.blocks))
     ids, source = analysis_tokens(options, model)
     model, removed, removal = remove_attention(options, model, ids)

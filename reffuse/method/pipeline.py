@@ -215,6 +215,7 @@ class FuseOptions:
     scoring_tokens: int = 256
     dependency_tokens: int = 128
     overwrite: bool = False
+    device: str = "cpu"
 
     @classmethod
     def from_namespace(cls, args) -> "FuseOptions":
@@ -225,7 +226,7 @@ def fuse_and_save(options: FuseOptions) -> dict:
     """Every step of `reffuse fuse` (its --help lists them), the model saved to `options.out` with its tokenizer
     and fuse.json; returns what fuse.json records."""
     out = check_output_folder(options.out, options.overwrite, is_model_folder, "model")  # before any long work
-    model = load_model(options.model)
+    model = load_model(options.model, device=options.device)
     needs_text = options.drop_attention_count is not None or options.plan or options.calibrate
     texts = load_texts(options.model, model, options.calibration_tokens, 256) if needs_text else None
     if options.calibrate:

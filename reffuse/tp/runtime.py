@@ -51,12 +51,11 @@ def parallel_state(comm, device: str = "cpu") -> ParallelState:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this machine's memory
     local_rank = node.Get_rank()
     if device == "gpu":
-        from reffuse.core.backend import gpu_available
+        from reffuse.core.backend import gpu_available, gpu_module
         if not gpu_available():
             raise ReffuseError(f"--device gpu on rank {comm.Get_rank()}, but no GPU is usable there: install the "
                                "`gpu` extra (CuPy) on a machine with a CUDA device, or use --device cpu")
-        import cupy
-
+        cupy = gpu_module()
         index = local_rank % cupy.cuda.runtime.getDeviceCount()
         cupy.cuda.Device(index).use()
         device = f"gpu:{index}"

@@ -1,0 +1,267 @@
+"""A strict stand-in for CuPy, for tests on machines without a GPU (never shipped).
+
+reffuse's backend is pointed at it with REFFUSE_GPU_MODULE=strict_cupy. Its arrays are a type of their own backed
+by NumPy, and it is stricter than CuPy where CuPy is strict and a bug would hide on a CPU:
+
+- `np.asarray(device_array)` raises TypeError, as CuPy does: a host copy must be asked for (`.get()`,
+  `asnumpy`), and each one is counted;
+- an operation that mixes a device array with a NumPy array (other than a scalar) raises TypeError;
+- results of every operation stay on the "device";
+- `cuda.get_current_stream().synchronize()` is counted, and every operation marks the stream busy, so that a
+  reader of raw memory (MPI) can check that the stream was synchronised after the last operation (`idle()`).
+
+`stats` counts synchronisations and copies in either direction; `reset()` zeroes it.
+"""
+
+from __future__ import annotations
+
+import numpy as _np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+stats = {"synchronize": 0, "to_host": 0, "to_host_bytes": 0, "to_device": 0}
+_state = {"busy": False, "device": 0, "devices": 1}
+
+
+def reset(devices: int = 1) -> None:
+    for key in stats:
+        stats[key] = 0
+    _state.update(busy=False, device=0, devices=devices)
+
+
+def idle() -> bool:
+    """Whether the stream has been synchronised since the last device operation."""
+    return not _state["busy"]
+
+
+def _refuse_host(value):
+    raise TypeError(f"a NumPy array ({getattr(value, 'shape', '?')}) was mixed with a device array: copy it to the "
+                    "device first (strict_cupy.asarray), as CuPy requires")
+
+
+def _unwrap(value):
+    if isinstance(value, ndarray):
+        return value._a
+    if isinstance(value, _np.ndarray):
+        if value.ndim == 0:
+            return value
+        _refuse_host(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v) for v in value)
+    return value
+
+
+def _wrap(value):
+    _state["busy"] = True
+    if isinstance(value, _np.ndarray):
+        return ndarray(value)
+    if isinstance(value, _np.generic):  # CuPy's reductions give 0-d device arrays, not host scalars
+        return ndarray(_np.asarray(value))
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+class Device:
+    def __init__(self, index: int | None = None):
+        self.id = _state["device"] if index is None else int(index)
+        if not 0 <= self.id < _state["devices"]:
+            raise RuntimeError(f"no CUDA device {self.id} (stand-in with {_state['devices']})")
+
+    def use(self):
+        _state["device"] = self.id
+
+    def __enter__(self):
+        self._previous = _state["device"]
+        self.use()
+        return self
+
+    def __exit__(self, *exc):
+        _state["device"] = self._previous
+
+    def synchronize(self):
+        get_current_stream().synchronize()
+
+
+class ndarray(NDArrayOperatorsMixin):
+    """A device array: NumPy storage, no implicit way back to the host."""
+
+    __array_priority__ = 100
+
+    def __init__(self, array: _np.ndarray):
+        self._a = array
+        self.device = Device()
+
+    # strictness
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct a "
+                        "NumPy array explicitly.")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
+        return _wrap(getattr(ufunc, method)(*(_unwrap(i) for i in inputs), **kwargs))
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _wrap(func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+
+    # the host, asked for explicitly (each copy counted, with its bytes)
+    def _to_host(self):
+        stats["to_host"] += 1
+        stats["to_host_bytes"] += self._a.nbytes
+        return self._a
+
+    def get(self):
+        return self._to_host().copy()
+
+    def item(self):
+        return self._to_host().item()
+
+    def __float__(self):
+        return float(self._to_host())
+
+    def __int__(self):
+        return int(self._to_host())
+
+    def __index__(self):
+        return self._to_host().__index__()
+
+    def __bool__(self):
+        return bool(self._to_host())
+
+    # what an array is
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    itemsize = property(lambda self: self._a.itemsize)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    T = property(lambda self: _wrap(self._a.T))
+    real = property(lambda self: _wrap(self._a.real))
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(row) for row in self._a)
+
+    def __repr__(self):
+        return f"strict_cupy.ndarray(shape={self.shape}, dtype={self.dtype})"
+
+    def __getitem__(self, index):
+        return _wrap(self._a[_index(index)])
+
+    def __setitem__(self, index, value):
+        if isinstance(value, _np.ndarray) and value.ndim:
+            stats["to_device"] += 1  # CuPy copies a host value in: allowed, counted
+        else:
+            value = _unwrap(value)
+        _state["busy"] = True
+        self._a[_index(index)] = value
+
+    def __getattr__(self, name):  # methods: reshape, astype, sum, max, argmax, transpose, copy, ...
+        method = getattr(self._a, name)
+        if not callable(method):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: _wrap(method(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+
+
+def _index(index):
+    if isinstance(index, ndarray):
+        return index._a
+    if isinstance(index, tuple):
+        return tuple(i._a if isinstance(i, ndarray) else i for i in index)
+    return index  # CuPy takes NumPy index arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the module's functions
+
+
+def asarray(value, dtype=None, order=None):
+    if isinstance(value, ndarray):
+        return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+    stats["to_device"] += 1
+    return _wrap(_np.array(value, dtype=dtype, order=order))
+
+
+array = asarray
+
+
+def ascontiguousarray(value, dtype=None):
+    return _wrap(_np.ascontiguousarray(_unwrap(value), dtype=dtype))
+
+
+def asnumpy(value):
+    if isinstance(value, ndarray):
+        return value.get()
+    return _np.asarray(value)
+
+
+def __getattr__(name):
+    """Everything else NumPy has, on device arrays: zeros, concatenate, exp, where, float32, inf, ..."""
+    target = getattr(_np, name)
+    if callable(target) and not isinstance(target, type):
+        return lambda *args, **kwargs: _wrap(target(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+    return target
+
+
+class _Linalg:
+    def __getattr__(self, name):
+        target = getattr(_np.linalg, name)
+        return lambda *args, **kwargs: _wrap(target(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+
+
+linalg = _Linalg()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cuda
+
+
+class Stream:
+    def synchronize(self):
+        stats["synchronize"] += 1
+        _state["busy"] = False
+
+
+_stream = Stream()
+
+
+def get_current_stream():
+    return _stream
+
+
+class _Runtime:
+    @staticmethod
+    def getDeviceCount():
+        return _state["devices"]
+
+    @staticmethod
+    def getDevice():
+        return _state["device"]
+
+    @staticmethod
+    def getDeviceProperties(index):
+        return {"name": b"strict_cupy stand-in (NumPy on the CPU)"}
+
+    @staticmethod
+    def runtimeGetVersion():
+        return 0
+
+
+class cuda:  # noqa: N801 (CuPy's name)
+    Device = Device
+    Stream = Stream
+    runtime = _Runtime()
+    get_current_stream = staticmethod(get_current_stream)
+
+    @staticmethod
+    def is_available():
+        return True
+
+
+__version__ = "0+strict-stand-in"
