@@ -94,6 +94,9 @@ def print_tables(result: dict) -> None:
     groups = ", ".join(f"{a}-{b} ({b - a + 1} FFNs -> 1)" for a, b in result["groups"])
     print(f"tensor parallelism: {result['model']} over {result['ranks']} rank(s) on {result['device']}, "
           f"{result['blas_threads_per_rank']} BLAS thread(s) each; all-reduce: {result['allreduce']}")
+    if result.get("allreduce_path"):
+        print(f"GPU buffers {result['allreduce_path']} (CUDA-aware MPI: {result['cuda_aware']}, by "
+              f"{result['cuda_aware_source']})")
     if result["attention_removed"]:
         print(f"attention removed in blocks {format_layers(result['attention_removed'])} to make an attention-free "
               "run; the sequential and the fused model both lack it")

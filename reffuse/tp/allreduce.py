@@ -48,18 +48,56 @@ def mpi_allreduce(comm, buf, watchdog=None):
     return buf
 
 
-def mpi_is_cuda_aware(comm) -> bool:
-    """Whether MPI reads CUDA device memory, as it says in the MPI 4.1 info key `mpi_memory_alloc_kinds`.
+MPICH_GPU_SUPPORT_CUDA = 0  # MPIX_GPU_SUPPORT_CUDA in MPICH's mpi.h
 
-    A CUDA-aware MPI lists a "cuda" kind there (MPICH >= 4.2, Open MPI >= 5.0 with CUDA). An MPI too old to
-    answer counts as not CUDA-aware: staging through host memory is slower but always correct.
-    """
+
+def _mpi_library():
+    """The MPI library this process loaded (through mpi4py), opened with ctypes; None where it cannot be found."""
+    import ctypes
+    import ctypes.util
+    import re
+
+    try:
+        maps = open("/proc/self/maps").read()  # Linux: the library mpi4py actually loaded
+        candidates = sorted(set(re.findall(r"(/\S*lib(?:mpi|mpich)\S*\.so\S*)", maps)))
+    except OSError:
+        candidates = []
+    candidates += [name for name in (ctypes.util.find_library("mpi"),) if name]
+    for candidate in candidates:
+        try:
+            return ctypes.CDLL(candidate)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_awareness(comm) -> tuple[bool, str]:
+    """Whether MPI reads CUDA device memory, and how that was found out. MPI is asked, in this order:
+    MPICH's MPIX_GPU_query_support(CUDA), Open MPI's MPIX_Query_cuda_support(), and the MPI 4.1 info key
+    `mpi_memory_alloc_kinds` (a "cuda" kind). An MPI that answers none of them counts as not CUDA-aware: staging
+    through host memory is slower but always correct."""
+    import ctypes
+
+    library = _mpi_library()
+    if library is not None and hasattr(library, "MPIX_GPU_query_support"):
+        supported = ctypes.c_int(0)
+        if library.MPIX_GPU_query_support(MPICH_GPU_SUPPORT_CUDA, ctypes.byref(supported)) == 0:
+            return bool(supported.value), "MPIX_GPU_query_support (MPICH)"
+    if library is not None and hasattr(library, "MPIX_Query_cuda_support"):
+        return bool(library.MPIX_Query_cuda_support()), "MPIX_Query_cuda_support (Open MPI)"
     info = comm.Get_info()
     try:
         kinds = info.Get("mpi_memory_alloc_kinds") or ""
     finally:
         info.Free()
-    return any(kind.strip().startswith("cuda") for kind in kinds.split(","))
+    if kinds:
+        return any(kind.strip().startswith("cuda") for kind in kinds.split(",")), "mpi_memory_alloc_kinds"
+    return False, "no answer from MPI: host staging"
+
+
+def mpi_is_cuda_aware(comm) -> bool:
+    """Whether MPI reads CUDA device memory (cuda_awareness, without the how)."""
+    return cuda_awareness(comm)[0]
 
 
 class AllReduce:
@@ -74,7 +112,8 @@ class AllReduce:
         if kind not in ALLREDUCE_KINDS:
             raise ReffuseError(f"all-reduce kind {kind!r} is unknown: use one of {', '.join(ALLREDUCE_KINDS)}")
         self.comm, self.kind = comm, kind
-        self.cuda_aware = mpi_is_cuda_aware(comm) if cuda_aware is None else cuda_aware
+        self.cuda_aware, self.cuda_aware_source = (cuda_awareness(comm) if cuda_aware is None
+                                                   else (cuda_aware, "given (--cuda-aware)"))
         self.stats = AllReduceStats()
         self.watchdog = watchdog
         self._sum_in_place = mpi_allreduce if kind == "mpi" else ring_allreduce

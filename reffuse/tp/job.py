@@ -186,12 +186,16 @@ def measure(options: JobOptions, model: Model, shard: Model, state: ParallelStat
     return result
 
 
-def report(options: JobOptions, prepared: dict, results: dict, threads: int, cuda_aware) -> dict:
+def report(options: JobOptions, prepared: dict, results: dict, threads: int, allreduce: AllReduce) -> dict:
     state = prepared["state"]
     max_abs = max(r["max_abs_error"] for r in results.values())
     max_rel = max(r["max_rel_error"] for r in results.values())
     return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": options.device,
-            "allreduce": options.allreduce, "cuda_aware": cuda_aware if options.device == "gpu" else None,
+            "allreduce": options.allreduce,
+            "cuda_aware": allreduce.cuda_aware if options.device == "gpu" else None,
+            "allreduce_path": (None if options.device != "gpu" else "device buffers handed to MPI (CUDA-aware)"
+                               if allreduce.cuda_aware else "staged through host memory"),
+            "cuda_aware_source": allreduce.cuda_aware_source if options.device == "gpu" else None,
             "dtype": options.dtype, "tokens": options.prefill_tokens, "decode_tokens": options.decode_tokens, "repeats": options.repeats,
             "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0],
             "attention_removed": prepared["removed"], "groups": [list(g) for g in prepared["groups"]], "norm": options.norm,
@@ -210,4 +214,4 @@ def run_job(options: JobOptions, prepared: dict, watchdog: Watchdog) -> dict | N
                    for name in ("sequential", "fused")}
     if state.rank != 0:
         return None
-    return report(options, prepared, results, options.threads, allreduce.cuda_aware)
+    return report(options, prepared, results, options.threads, allreduce)

@@ -35,6 +35,10 @@ class ThreadComm:
         return self.size
 
     def Sendrecv(self, sendbuf, dest, sendtag=0, recvbuf=None, source=0, recvtag=0):
+        if type(sendbuf).__module__ == "strict_cupy":  # MPI reads device memory directly: the stream must be done
+            import strict_cupy
+            if not strict_cupy.idle():
+                raise AssertionError("a device buffer was handed to MPI before its stream was synchronised")
         self.mailboxes[self.rank, dest].put(sendbuf.copy())  # queues are unbounded: put never blocks
         recvbuf[...] = self.mailboxes[source, self.rank].get(timeout=60)
 
@@ -214,10 +218,10 @@ def test_allreduces_per_forward_are_attention_blocks_plus_ffn_blocks_after_fusio
             assert counts == [allreduces_per_forward(model)] * 3  # prefill and each decode step alike
 
 
-@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize("cuda_aware", [False, True])
-def test_tensor_parallel_forward_on_gpu_ranks(tiny32, tiny_ids, cuda_aware):
-    # threads stand in for MPI here, so "CUDA-aware" hands the device arrays to Sendrecv as they are
+def test_tensor_parallel_forward_on_gpu_ranks(device, tiny32, tiny_ids, cuda_aware):
+    # threads stand in for MPI here, so "CUDA-aware" hands the device arrays to Sendrecv as they are (and the
+    # stand-in checks that their stream was synchronised first); host staging copies them through host memory
     reference = single_process_forwards(tiny32, tiny_ids, prefill=20)
     scale = max(np.abs(r).max() for r in reference)
 
@@ -230,6 +234,19 @@ def test_tensor_parallel_forward_on_gpu_ranks(tiny32, tiny_ids, cuda_aware):
     for logits in run_ranks(2, rank_main):
         for out, ref in zip(logits, reference):
             assert np.abs(out - ref).max() <= 1e-5 * scale
+    if not cuda_aware:
+        assert device.stats["to_host"] > 0  # staged through host memory
+
+
+def test_the_stand_in_catches_a_buffer_handed_to_mpi_before_its_stream_finished(device, monkeypatch):
+    from reffuse.tp import allreduce as allreduce_module, ring
+    monkeypatch.setattr(allreduce_module, "synchronize", lambda x: None)  # forget to synchronise
+    monkeypatch.setattr(ring, "synchronize", lambda x: None)
+
+    def rank_main(comm):
+        return AllReduce(comm, "ring", cuda_aware=True)(device.asarray(np.ones((2, 8))) * 2)
+    with pytest.raises(AssertionError, match="before its stream was synchronised"):
+        run_ranks(2, rank_main)
 
 
 def test_allreduce_figure_draws_from_tp_json(tmp_path):

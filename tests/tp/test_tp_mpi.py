@@ -190,3 +190,18 @@ def test_ranks_started_with_different_arguments_fail_at_setup_with_one_message()
     assert "the ranks were started with different arguments: groups is [[4, 8]] on rank 0 but [[4, 7]] on rank 1" \
         in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_gpu_ranks_on_the_device_stand_in_match_one_process_through_host_staging():
+    support = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
+    env = os.environ | {"REFFUSE_GPU_MODULE": "strict_cupy",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [support, os.environ.get("PYTHONPATH")]))}
+    command = [MPIEXEC, "-n", "2", sys.executable, "-m", "reffuse", "tp", "--model", "tiny", "--groups", "4-8",
+               "--device", "gpu", "--json", *SMALL]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    check_parity(report)
+    assert report["device"] == "gpu" and report["cuda_aware"] is False
+    assert report["allreduce_path"] == "staged through host memory"
+    assert report["cuda_aware_source"].startswith("MPIX_GPU_query_support")  # MPICH answered

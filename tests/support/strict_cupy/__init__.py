@@ -15,22 +15,30 @@ by NumPy, and it is stricter than CuPy where CuPy is strict and a bug would hide
 
 from __future__ import annotations
 
+import threading
+
 import numpy as _np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 stats = {"synchronize": 0, "to_host": 0, "to_host_bytes": 0, "to_device": 0}
-_state = {"busy": False, "device": 0, "devices": 1}
+_state = {"device": 0, "devices": 1}
+_stream_state = threading.local()  # each thread (a rank, in the tests) has its own stream
+
+
+def _busy(value: bool) -> None:
+    _stream_state.busy = value
 
 
 def reset(devices: int = 1) -> None:
     for key in stats:
         stats[key] = 0
-    _state.update(busy=False, device=0, devices=devices)
+    _state.update(device=0, devices=devices)
+    _busy(False)
 
 
 def idle() -> bool:
-    """Whether the stream has been synchronised since the last device operation."""
-    return not _state["busy"]
+    """Whether this thread's stream has been synchronised since its last device operation."""
+    return not getattr(_stream_state, "busy", False)
 
 
 def _refuse_host(value):
@@ -50,8 +58,15 @@ def _unwrap(value):
     return value
 
 
+def _view_or_wrap(base: _np.ndarray, value):
+    """A view (slicing, reshape, transpose) launches no kernel on a GPU: it leaves the stream as it is."""
+    if isinstance(value, _np.ndarray) and value.base is not None and _np.shares_memory(value, base):
+        return ndarray(value)
+    return _wrap(value)
+
+
 def _wrap(value):
-    _state["busy"] = True
+    _busy(True)
     if isinstance(value, _np.ndarray):
         return ndarray(value)
     if isinstance(value, _np.generic):  # CuPy's reductions give 0-d device arrays, not host scalars
@@ -139,7 +154,7 @@ class ndarray(NDArrayOperatorsMixin):
     nbytes = property(lambda self: self._a.nbytes)
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
-    T = property(lambda self: _wrap(self._a.T))
+    T = property(lambda self: ndarray(self._a.T))
     real = property(lambda self: _wrap(self._a.real))
 
     def __len__(self):
@@ -152,21 +167,22 @@ class ndarray(NDArrayOperatorsMixin):
         return f"strict_cupy.ndarray(shape={self.shape}, dtype={self.dtype})"
 
     def __getitem__(self, index):
-        return _wrap(self._a[_index(index)])
+        return _view_or_wrap(self._a, self._a[_index(index)])
 
     def __setitem__(self, index, value):
         if isinstance(value, _np.ndarray) and value.ndim:
             stats["to_device"] += 1  # CuPy copies a host value in: allowed, counted
         else:
             value = _unwrap(value)
-        _state["busy"] = True
+        _busy(True)
         self._a[_index(index)] = value
 
     def __getattr__(self, name):  # methods: reshape, astype, sum, max, argmax, transpose, copy, ...
         method = getattr(self._a, name)
         if not callable(method):
             raise AttributeError(name)
-        return lambda *args, **kwargs: _wrap(method(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}))
+        return lambda *args, **kwargs: _view_or_wrap(self._a, method(*_unwrap(args),
+                                                                     **{k: _unwrap(v) for k, v in kwargs.items()}))
 
 
 def _index(index):
@@ -225,7 +241,7 @@ linalg = _Linalg()
 class Stream:
     def synchronize(self):
         stats["synchronize"] += 1
-        _state["busy"] = False
+        _busy(False)
 
 
 _stream = Stream()
