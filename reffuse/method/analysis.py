@@ -17,13 +17,12 @@ from reffuse.formats.corpus import calibration_windows
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
                                     dependency, greedy_windows, matrix_to_json, window_statistics)
-from reffuse.method.pipeline import choose_attention_removal
+from reffuse.method.pipeline import choose_attention_removal, is_synthetic
 from reffuse.method.planning import propose_groups
 from reffuse.method.removal import drop_attention
 from reffuse.progress import Progress
 
 DEFAULT_TOKENS = 512
-SYNTHETIC_MODELS = ("tiny",)  # random weights and no tokenizer: measured on random token ids
 
 
 @dataclass
@@ -59,7 +58,7 @@ def analysis_tokens(options, model) -> tuple[np.ndarray, dict]:
         raise ReffuseError(f"--dependency-tokens {tokens} and --sequence-length {length} must be at least 2")
     if length > tokens:
         raise ReffuseError(f"--sequence-length {length} is longer than --dependency-tokens {tokens}")
-    if options.model in SYNTHETIC_MODELS and options.tokenizer is None:
+    if is_synthetic(options.model, model) and options.tokenizer is None:
         rng = np.random.default_rng(options.seed)
         ids = rng.integers(0, model.config.vocab_size, (tokens // length, length))
         return ids, {"split": f"random token ids (seed {options.seed}): {options.model} is synthetic", "spans": []}

@@ -41,7 +41,7 @@ SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
 
 def is_synthetic(model_name: str, model: Model) -> bool:
     """The synthetic tiny model (or a folder made from it): it has no tokenizer and no real text."""
-    return str(model_name) == "tiny" or model.config.name.startswith("tiny")
+    return str(model_name) in ("tiny", "synthetic-smollm2") or model.config.name.startswith(("tiny", "synthetic"))
 
 
 def synthetic_windows(model: Model, split: str, window: int, n_tokens: int) -> TokenWindows:

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from reffuse.errors import ReffuseError
+from reffuse.core.backend import device_of, gpu_module
 from reffuse.core.fusion import fuse
 from reffuse.core.model import Block, KVCache, Model, forward
 from reffuse.optional import require
@@ -36,6 +37,7 @@ DECODE_PROMPT_TOKENS = 64
 DECODE_TOKENS = 32
 FFN_RUN_BLOCKS = 8
 FFN_RUN_TOKENS = (1, 16, 128, 512)
+GPU_FFN_RUN_TOKENS = (1, 16, 128, 512, 1024, 4096)  # a GPU is launch-bound far longer than a CPU
 
 # The targets this benchmark checks, on 2 cores in float32 (reffuse's speed goals).
 TARGETS = {
@@ -144,10 +146,17 @@ def time_decode(runners: dict, prompt, new_tokens: int, repeats: int, progress=N
     return {name: statistics.median(s) for name, s in seconds.items()}, tokens
 
 
-def environment(threads: int) -> dict:
+def environment(threads: int, device: str = "cpu") -> dict:
     """What the numbers were measured on."""
     env = {"machine": platform.machine(), "processor": platform.processor() or None, "cores": os.cpu_count(),
-           "threads": threads, "python": platform.python_version(), "numpy": np.__version__}
+           "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
+           "device": device.split(":")[0], "device_index": int(device.split(":")[1]) if ":" in device else None}
+    if device != "cpu":
+        cupy = gpu_module()
+        index = env["device_index"] or 0
+        name = cupy.cuda.runtime.getDeviceProperties(index).get("name", b"?")
+        env["gpu"] = {"name": name.decode() if isinstance(name, bytes) else str(name), "cupy": cupy.__version__,
+                      "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion()}
     try:
         from threadpoolctl import threadpool_info
         env["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "architecture", "threading_layer")}
@@ -162,15 +171,21 @@ def environment(threads: int) -> dict:
 def run_benchmark(model: Model, model_name: str, threads: int | None = None, repeats: int = 7,
                   prefill_tokens=PREFILL_TOKENS, ffn_tokens=FFN_RUN_TOKENS, decode_tokens: int = DECODE_TOKENS,
                   with_transformers: bool = True, progress=None) -> dict:
-    """All measurements of the module doc as one JSON-ready dict. `model` must be float32 on the CPU."""
+    """All measurements of the module doc as one JSON-ready dict. `model` must be float32, on the CPU or a GPU;
+    on a GPU the FFN run goes up to 4096 tokens and transformers (a CPU build of torch) is not compared."""
     if model.dtype != np.float32:
         raise ReffuseError(f"the benchmark runs float32 models; this one is {model.dtype} (load it with dtype float32)")
     threads = threads or default_threads()
     note = progress or (lambda message: None)
+    device = device_of(model.embed)
+    if device != "cpu" and ffn_tokens == FFN_RUN_TOKENS:
+        ffn_tokens = GPU_FFN_RUN_TOKENS
     result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
-              "environment": environment(threads)}
+              "environment": environment(threads, device)}
     hf, why_not = (None, "not asked for (--no-transformers)")
-    if with_transformers:
+    if with_transformers and device != "cpu":
+        why_not = "the model is on a GPU; transformers runs on the CPU build of torch"
+    elif with_transformers:
         note("loading transformers' model")
         hf, why_not = load_transformers(model_name)
     result["transformers"] = {"used": hf is not None, "reason": why_not}

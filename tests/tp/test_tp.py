@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.core.backend import gpu_available, to_numpy
+from reffuse.core.backend import to_numpy
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, attention, rope_tables, swiglu
