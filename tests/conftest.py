@@ -1,5 +1,6 @@
 """Shared fixtures. Expensive ones (real models, reference implementations) are session-scoped: load once."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,13 +16,23 @@ sys.path.insert(0, str(SUPPORT))
 
 
 @pytest.fixture
-def device(monkeypatch):
+def strict_device(monkeypatch):
     """The strict CuPy stand-in (tests/support/strict_cupy) as reffuse's GPU module, its counters zeroed."""
     import strict_cupy
 
     monkeypatch.setenv("REFFUSE_GPU_MODULE", "strict_cupy")
     strict_cupy.reset()
     return strict_cupy
+
+
+@pytest.fixture
+def device(request):
+    """The GPU module the device tests run on: CuPy where a GPU is usable and no stand-in is asked for (the GPU
+    run), else the strict stand-in."""
+    from reffuse.core.backend import gpu_available, gpu_module
+    if not os.environ.get("REFFUSE_GPU_MODULE") and gpu_available():
+        return gpu_module()
+    return request.getfixturevalue("strict_device")
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +80,7 @@ def reference_llama():
 # reference implementation, an MPI launcher, or a notebook kernel.
 SLOW_FIXTURES = {"smollm2", "smollm2_tokenizer", "reference_llama"}
 SLOW_MODULES = {"test_lectures", "test_tp_mpi", "test_real_model", "test_metrics_real", "test_smollm2",
-                "test_readme"}
+                "test_readme", "test_gpu_rehearsal"}
 
 
 def pytest_collection_modifyitems(items):

@@ -53,7 +53,8 @@ def test_demo_on_the_device_gives_the_hosts_numbers(device, capsys, tmp_path):
     assert gpu["samples"] == cpu["samples"]
 
 
-def test_bench_runs_on_the_device(device, capsys):
+def test_bench_runs_on_the_device_and_synchronises(strict_device, capsys):
+    device = strict_device
     result = run_json(capsys, "bench", "--model", "tiny", "--repeats", "1", "--no-transformers", "--json",
                       "--device", "gpu")
     assert result["environment"]["device"] == "gpu"

@@ -234,11 +234,12 @@ def test_tensor_parallel_forward_on_gpu_ranks(device, tiny32, tiny_ids, cuda_awa
     for logits in run_ranks(2, rank_main):
         for out, ref in zip(logits, reference):
             assert np.abs(out - ref).max() <= 1e-5 * scale
-    if not cuda_aware:
-        assert device.stats["to_host"] > 0  # staged through host memory
+    if not cuda_aware and hasattr(device, "stats"):
+        assert device.stats["to_host"] > 0  # staged through host memory (the stand-in counts it)
 
 
-def test_the_stand_in_catches_a_buffer_handed_to_mpi_before_its_stream_finished(device, monkeypatch):
+def test_the_stand_in_catches_a_buffer_handed_to_mpi_before_its_stream_finished(strict_device, monkeypatch):
+    device = strict_device
     from reffuse.tp import allreduce as allreduce_module, ring
     monkeypatch.setattr(allreduce_module, "synchronize", lambda x: None)  # forget to synchronise
     monkeypatch.setattr(ring, "synchronize", lambda x: None)
@@ -250,6 +251,7 @@ def test_the_stand_in_catches_a_buffer_handed_to_mpi_before_its_stream_finished(
 
 
 def test_allreduce_figure_draws_from_tp_json(tmp_path):
+    pytest.importorskip("matplotlib")
     from reffuse.plots import save_figure
     from reffuse.plots.tp import allreduce_figure
 
