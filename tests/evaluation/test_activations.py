@@ -50,6 +50,33 @@ def test_verify_reports_a_wrong_dump(tiny32, tmp_path, capsys):
     assert "block 4   1.000e-02" in text  # the step that was changed (index 5 = output of block 4)
 
 
+@pytest.mark.parametrize("step", [1, 6, -1])  # a block early, in the middle, and the last one
+def test_verify_fails_on_one_wrong_block_and_names_it(tiny32, tmp_path, capsys, step):
+    acts = activations(tiny32, np.arange(6))
+    acts["hidden_states"][step][3] += 0.05      # one position of one block's output; the logits left as they were
+    path = save_activations(tmp_path / "one-block.npz", acts, "a kernel with one bug")
+    assert main(["verify", "--model", "tiny", "--against", str(path)]) == 1
+    block = (step % len(acts["hidden_states"])) - 1
+    assert f"the first output that diverges: block {block}" in capsys.readouterr().out
+
+
+def test_a_float64_dump_is_compared_in_float64_without_flags(tiny64, tmp_path, capsys):
+    path = save_activations(tmp_path / "f64.npz", activations(tiny64, np.arange(8)), "float64 kernels")
+    assert main(["verify", "--model", "tiny", "--against", str(path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dtype"] == "float64" and result["targets"] == "float64"
+    assert result["logits"]["relative"] == 0.0
+
+
+def test_a_dump_with_hfs_post_norm_last_state_is_refused(tiny32, tmp_path, capsys):
+    from reffuse.core.model import rms_norm
+    acts = activations(tiny32, np.arange(6))
+    acts["hidden_states"][-1] = rms_norm(acts["hidden_states"][-1], tiny32.norm_gain, tiny32.config.norm_eps)
+    path = save_activations(tmp_path / "hf.npz", acts, "HF hidden_states")
+    assert main(["verify", "--model", "tiny", "--against", str(path)]) == 2
+    assert "the stream after the final norm (HF's hidden_states[-1])" in capsys.readouterr().err
+
+
 def test_dumps_with_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "pickled.npz"
     np.savez(path, format=np.array(FORMAT), token_ids=np.array([1, 2]), logits=np.array([None, None], dtype=object))
