@@ -126,8 +126,12 @@ def write_model_files(model: Model, folder: Path) -> None:
     }
     if cfg.max_positions is not None:
         config["max_position_embeddings"] = cfg.max_positions
+    widths = {b.ffn_width for b in model.layout().blocks}
+    if all(b.attention and not b.fused_from for b in model.layout().blocks) and len(widths) == 1:
+        # a plain Llama: with these keys transformers' LlamaForCausalLM.from_pretrained loads the folder as it is
+        config.update(intermediate_size=widths.pop(), attention_bias=False, mlp_bias=False)
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "np"})
+    save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers reads "pt"
 
 
 def save_model(model: Model, folder, overwrite: bool = False, tokenizer=None, files: dict | None = None) -> Path:

@@ -4,7 +4,7 @@ The GGUF (Q4_1) takes seconds to parse and dequantize. The first load therefore 
 float32 weights as a reffuse model folder beside it (safetensors, no pickle), with the tokenizer:
 
     <cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    <cache>/smollm2/float32-v2/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json, source.json}
+    <cache>/smollm2/float32-v3/{config.json, model.safetensors, tokenizer.json, tokenizer_config.json, source.json}
 
 source.json records which GGUF (name and sha256) and which conversion made the folder. A class of students or
 the ranks of an MPI job loading at once on a fresh cache convert once: the others wait for the conversion
@@ -26,7 +26,7 @@ from reffuse.formats.gguf import load_gguf, open_gguf
 from reffuse.formats.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 from reffuse.progress import note
 
-CONVERSION_VERSION = 2  # raise when the GGUF -> float32 conversion changes: the new one gets a new folder
+CONVERSION_VERSION = 3  # raise when the GGUF -> float32 conversion changes: the new one gets a new folder
 FOLDER_NAME = f"float32-v{CONVERSION_VERSION}"
 
 

@@ -119,3 +119,17 @@ def test_same_logits_as_transformers(tmp_path):
     logits = reffuse.forward(reffuse.load_model(folder), ids)
     # float32 on both sides, two small blocks: differences are a few roundings of values ~1
     assert np.max(np.abs(logits - expected)) <= 1e-5 * np.max(np.abs(expected))
+
+
+def test_transformers_loads_a_saved_smollm2_folder_as_it_is(smollm2, tmp_path):
+    """A plain Llama saved by reffuse is an HF folder: from_pretrained alone, the same logits (float32 targets)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder = reffuse.save_model(smollm2, tmp_path / "smollm2")
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    assert hf.config.intermediate_size == 1536 and hf.config.max_position_embeddings == 8192
+    ids = np.array([504, 3575, 282, 4649, 314])
+    with torch.inference_mode():
+        theirs = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
+    ours = reffuse.forward(smollm2, ids)
+    assert np.abs(theirs - ours).max() <= 1e-5 * np.abs(ours).max()

@@ -30,8 +30,8 @@ def test_four_first_loads_into_one_fresh_cache_all_succeed_three_times(tmp_path)
         assert len({out for _, out, _ in results}) == 1                       # the same model, every process
         converted = [err.count("converting") for _, _, err in results]
         assert sum(converted) == 1                                            # converted once, the rest waited
-        folder = cache / "smollm2" / "float32-v2"
-        assert json.loads((folder / "source.json").read_text())["conversion"] == 2
+        folder = cache / "smollm2" / "float32-v3"
+        assert json.loads((folder / "source.json").read_text())["conversion"] == 3
         assert sorted(p.name for p in (cache / "smollm2").iterdir() if p.name.startswith(".")) == \
             [".convert.lock"]                                                 # no temporary folder left
 
@@ -42,10 +42,10 @@ def test_a_corrupt_conversion_stamp_is_named_with_what_to_do(tmp_path, monkeypat
         pytest.skip("the SmolLM2 GGUF is not in the cache")
     import reffuse
     from reffuse.errors import ReffuseError
-    (tmp_path / "smollm2" / "float32-v2").mkdir(parents=True)
+    (tmp_path / "smollm2" / "float32-v3").mkdir(parents=True)
     os.symlink(gguf, tmp_path / "smollm2" / gguf.name)
-    (tmp_path / "smollm2" / "float32-v2" / "source.json").write_text("{not json")
+    (tmp_path / "smollm2" / "float32-v3" / "source.json").write_text("{not json")
     monkeypatch.setenv("REFFUSE_CACHE", str(tmp_path))
-    with pytest.raises(ReffuseError, match=r"source.json is not valid JSON .*: remove the folder .*float32-v2; "
+    with pytest.raises(ReffuseError, match=r"source.json is not valid JSON .*: remove the folder .*float32-v3; "
                                            "reffuse converts the GGUF again"):
         reffuse.load_model("smollm2")
