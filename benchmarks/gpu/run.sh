@@ -24,6 +24,10 @@ if [ "${1:-}" = "--rehearse" ]; then
 fi
 export PYTHONPATH="$root:${PYTHONPATH:-}"
 export MPLBACKEND=Agg
+if ! "$python" -c "import reffuse, sys; sys.exit(0 if reffuse.gpu_available() else 1)"; then
+  echo "no usable GPU here (CuPy and a CUDA device): run this on a GPU machine, or rehearse with --rehearse" >&2
+  exit 2
+fi
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
