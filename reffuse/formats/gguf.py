@@ -4,7 +4,8 @@ A GGUF file holds metadata (key -> value: the architecture, sizes, the tokenizer
 type (F32, F16, or a block quantization such as Q4_1 or Q8_0). llama.cpp's `gguf` package reads both and
 dequantizes. What this module adds:
 
-- the config from the metadata keys `llama.*` (only general.architecture == "llama" is accepted);
+- the config from the metadata keys `llama.*`, or `deci.*` with per-layer head counts and FFN widths (0 where a
+  block has no attention or no FFN), the architecture llama.cpp gives Nemotron-NAS and reffuse's fused exports;
 - the tensor names mapped to HF Llama's (`blk.3.ffn_gate.weight` -> `model.layers.3.mlp.gate_proj.weight`);
 - the q/k row permutation undone (`rope_rows_to_rotate_half`): llama.cpp's converter reorders the rows of
   W_q and W_k so that its interleaved RoPE gives the same result as HF's rotate-half RoPE on the original
@@ -16,19 +17,21 @@ Every loader ends in checkpoint.model_from_tensors, which checks all names and s
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from reffuse.core.layout import BlockLayout
+from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.formats.checkpoint import model_from_tensors
 from reffuse.errors import ReffuseError
 from reffuse.progress import Progress
 from reffuse.core.model import Config, Model, cast, check_config
 from reffuse.optional import require
 
-ARCHITECTURE = "llama"
+ARCHITECTURES = ("llama", "deci")  # deci: llama.cpp's name for Nemotron-NAS (attention-free and fused blocks)
+LAYOUT_KEY = "reffuse.blocks"      # reffuse's own exports record the layout, fused_from included
 
 # GGUF tensor name -> HF Llama name; `{i}` is the block index.
 GGUF_TO_HF = {
@@ -137,7 +140,8 @@ def metadata_value(reader, key: str, default=None):
         try:
             return bytes(part).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ReffuseError(f"{getattr(getattr(reader, 'data', None), 'filename', 'the GGUF file')}: metadata {key} is not valid UTF-8 text "
+            where = getattr(getattr(reader, "data", None), "filename", "the GGUF file")
+            raise ReffuseError(f"{where}: metadata {key} is not valid UTF-8 text "
                                f"(byte {e.start}): the file is corrupt or was written wrongly") from None
 
     if field.types[0] == gguf.GGUFValueType.ARRAY:
@@ -146,37 +150,45 @@ def metadata_value(reader, key: str, default=None):
 
 
 def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
-    """Config and per-block layout from a Llama GGUF's metadata."""
+    """Config and per-block layout from the metadata of a `llama` GGUF, or of a `deci` one (llama.cpp's
+    Nemotron-NAS architecture: per-layer head counts and FFN widths, 0 where a sub-block is absent)."""
     architecture = metadata_value(reader, "general.architecture")
-    if architecture != ARCHITECTURE:
+    if architecture not in ARCHITECTURES:
         raise ReffuseError(f"{path}: general.architecture is {architecture!r}; reffuse loads Llama-architecture "
-                           f"models ({ARCHITECTURE!r})")
+                           f"models ({' or '.join(map(repr, ARCHITECTURES))})")
+
+    def per_layer(name, default=None) -> list:
+        value = metadata_value(reader, f"{architecture}.{name}", default)
+        if value is None:
+            raise ReffuseError(f"{path}: metadata key {architecture}.{name} is missing")
+        return value if isinstance(value, list) else None
 
     def key(name, default=None):
-        value = metadata_value(reader, f"{ARCHITECTURE}.{name}", default)
+        value = metadata_value(reader, f"{architecture}.{name}", default)
         if value is None:
-            raise ReffuseError(f"{path}: metadata key {ARCHITECTURE}.{name} is missing")
-        if isinstance(value, list):  # per-layer values: reffuse takes one value for all layers
-            if len(set(value)) != 1:
-                raise ReffuseError(f"{path}: {ARCHITECTURE}.{name} differs between layers ({value[:4]} ...), "
+            raise ReffuseError(f"{path}: metadata key {architecture}.{name} is missing")
+        if isinstance(value, list):  # per-layer values where reffuse takes one: the nonzero ones must agree
+            present = {v for v in value if v}
+            if len(present) != 1:
+                raise ReffuseError(f"{path}: {architecture}.{name} differs between layers ({value[:4]} ...), "
                                    "which reffuse does not load from GGUF")
-            value = value[0]
+            value = present.pop()
         return value
 
     if key("expert_count", 0):
-        raise ReffuseError(f"{path}: a mixture-of-experts model ({ARCHITECTURE}.expert_count = "
+        raise ReffuseError(f"{path}: a mixture-of-experts model ({architecture}.expert_count = "
                            f"{key('expert_count')}) is not supported")
-    scaling = metadata_value(reader, f"{ARCHITECTURE}.rope.scaling.type", "none")
+    scaling = metadata_value(reader, f"{architecture}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
         raise ReffuseError(f"{path}: RoPE scaling ({scaling}) is not supported (plain RoPE only)")
-    vocab = metadata_value(reader, f"{ARCHITECTURE}.vocab_size")
+    vocab = metadata_value(reader, f"{architecture}.vocab_size")
     if vocab is None:  # files without the key: the tokenizer's length, else the embedding's rows
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         vocab = len(tokens.data) if tokens else int(embed.shape[1]) if embed is not None else key("vocab_size")
     dim, n_heads = int(key("embedding_length")), int(key("attention.head_count"))
     if n_heads < 1:
-        raise ReffuseError(f"{path}: {ARCHITECTURE}.attention.head_count is {n_heads}: it must be at least 1")
+        raise ReffuseError(f"{path}: {architecture}.attention.head_count is {n_heads}: it must be at least 1")
     head_dim = int(key("attention.key_length", dim // n_heads))
     if int(key("rope.dimension_count", head_dim)) != head_dim:
         raise ReffuseError(f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions (partial "
@@ -187,7 +199,19 @@ def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
                     norm_eps=float(key("attention.layer_norm_rms_epsilon")),
                     tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
                     name=Path(path).stem, max_positions=int(key("context_length", 0)) or None)
-    blocks = (BlockLayout(True, int(key("feed_forward_length"))),) * int(key("block_count"))
+    n_blocks = int(key("block_count"))
+    heads, widths = per_layer("attention.head_count"), per_layer("feed_forward_length")
+    heads = heads or [n_heads] * n_blocks
+    widths = widths or [int(key("feed_forward_length"))] * n_blocks
+    if len(heads) != n_blocks or len(widths) != n_blocks:
+        raise ReffuseError(f"{path}: the per-layer head counts and FFN widths must list {n_blocks} blocks")
+    blocks = tuple(BlockLayout(bool(h), int(w)) for h, w in zip(heads, widths))
+    recorded = metadata_value(reader, LAYOUT_KEY)
+    if recorded is not None:  # reffuse's own export: the layout with fused_from, checked against the arrays
+        exact = blocks_from_json(json.loads(recorded), f"{path}: {LAYOUT_KEY}")
+        if [(b.attention, b.ffn_width) for b in exact] != [(b.attention, b.ffn_width) for b in blocks]:
+            raise ReffuseError(f"{path}: {LAYOUT_KEY} disagrees with the per-layer head counts and FFN widths")
+        blocks = exact
     return check_config(config, str(path)), blocks
 
 

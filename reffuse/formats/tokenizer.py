@@ -41,8 +41,9 @@ class Tokenizer:
     """Encoding, decoding, special tokens and the chat format of one model."""
 
     def __init__(self, backend, bos_token: str | None, eos_token: str | None, chat_template: str | None,
-                 add_bos: bool, source: str):
+                 add_bos: bool, source: str, pre: str | None = None):
         self.backend = backend  # a tokenizers.Tokenizer
+        self.pre = pre          # llama.cpp's name of the pre-tokenizer ("smollm": digits one by one; "gpt2")
         self.bos_token, self.eos_token = bos_token, eos_token
         self.chat_template, self.add_bos, self.source = chat_template, add_bos, source
         self.bos_id = backend.token_to_id(bos_token) if bos_token else None
@@ -194,7 +195,8 @@ def tokenizer_from_gguf(path, reader=None) -> Tokenizer:
         return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
     return Tokenizer(backend, token("bos_token_id"), token("eos_token_id"), value("chat_template"),
-                     bool(value("ggml.add_bos_token", False)), str(path))
+                     bool(value("ggml.add_bos_token", False)), str(path),
+                     pre="smollm" if pre in DIGIT_SPLIT_PRE else "gpt2")
 
 
 def tokenizer_from_folder(folder) -> Tokenizer:
@@ -218,5 +220,6 @@ def tokenizer_from_folder(folder) -> Tokenizer:
         entry = config.get(key)
         return entry.get("content") if isinstance(entry, dict) else entry
 
+    digits = '"Digits"' in backend.to_str()  # a Digits pre-tokenizer: llama.cpp's "smollm" split
     return Tokenizer(backend, token("bos_token"), token("eos_token"), config.get("chat_template"),
-                     bool(config.get("add_bos_token", False)), str(folder))
+                     bool(config.get("add_bos_token", False)), str(folder), pre="smollm" if digits else "gpt2")
