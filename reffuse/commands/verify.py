@@ -30,8 +30,9 @@ HELP = "compare reffuse's per-block activations and logits with transformers or 
 
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
-    parser.add_argument("--against", required=True, metavar="transformers|FILE.npz",
-                        help="the other implementation: transformers, or a dump file")
+    parser.add_argument("--against", required=True, metavar="transformers|llama.cpp|FILE.npz",
+                        help="the other implementation: transformers, llama.cpp (the `llamacpp` extra; the model "
+                             "exported as an F32 GGUF), or a dump file")
     add_input_arguments(parser)
     parser.add_argument("--generate", type=non_negative_int, default=32,
                         help="greedy tokens to compare against transformers (default 32)")
@@ -46,7 +47,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    ids = input_ids(args, args.model) if args.against == "transformers" else None
+    ids = input_ids(args, args.model) if args.against in ("transformers", "llama.cpp") else None
     result = verify(args.model, args.against, ids, args.dtype, args.generate, args.rtol, args.atol)
     checks, logits, precision = result["targets_met"], result["logits"], result["targets"]
     if args.json:

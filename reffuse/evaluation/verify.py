@@ -14,7 +14,9 @@ from reffuse.formats.registry import load_model
 # What "agrees" means, per precision of the less precise side, relative to the largest value of each output
 # (every block's and the logits'). float32: roundings accumulated over 30 blocks, measured ~1e-4 absolute (3e-6
 # relative) on SmolLM2's logits and within 8e-6 on its blocks; float64 leaves ~1e-13, so 1e-9 is a wide margin.
-TARGETS = {"float32": {"relative": 1e-5, "logits_max_abs": 2e-4}, "float64": {"relative": 1e-9}}
+TARGETS = {"float32": {"relative": 1e-5, "logits_max_abs": 2e-4}, "float64": {"relative": 1e-9},
+           # llama.cpp: its own kernels, other summation orders and its own RoPE, on the same F32 weights
+           "llama.cpp": {"relative": 1e-4}}
 
 
 def judge(result: dict, precision: str, rtol: float | None = None, atol: float | None = None) -> dict:
@@ -64,6 +66,20 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
         result["greedy"] = {"tokens": generate_tokens, "identical_prefix": same, "reffuse": ours, "reference": theirs}
         description = "transformers (LlamaForCausalLM)"
         precision = "float32"  # transformers' norms, softmax and RoPE tables are float32 in any dtype
+    elif against == "llama.cpp":
+        from reffuse.evaluation.llamacpp import run_llamacpp
+        from reffuse.formats.registry import find_tokenizer
+        model = load_model(model_name, dtype="float32")
+        logits, theirs, architecture = run_llamacpp(model, find_tokenizer(model_name), ids, generate_tokens)
+        ours_acts = activations(model, ids)
+        result = compare({"token_ids": ours_acts["token_ids"], "logits": ours_acts["logits"]},
+                         {"token_ids": ours_acts["token_ids"], "logits": logits})
+        result["logits"]["nmse"] = float(np.mean((ours_acts["logits"] - logits) ** 2) / np.mean(logits ** 2))
+        ours = generate(model, ids, generate_tokens)
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        result["greedy"] = {"tokens": generate_tokens, "identical_prefix": same, "reffuse": ours, "reference": theirs}
+        description = f"llama.cpp (llama-cpp-python, the model exported as an F32 GGUF, architecture {architecture})"
+        precision, dtype = "llama.cpp", "float32"
     else:
         dump = load_activations(against)
         if dump["logits"].dtype == np.float64:
