@@ -79,7 +79,8 @@ def reference_llama():
 # `pytest -m "not slow"` runs the unit tests in seconds. Slow: what needs the real model or its tokenizer, a
 # reference implementation, an MPI launcher, or a notebook kernel.
 SLOW_FIXTURES = {"smollm2", "smollm2_tokenizer", "reference_llama"}
-SLOW_MODULES = {"test_lectures", "test_tp_mpi", "test_real_model", "test_metrics_real", "test_smollm2", "test_llamacpp",
+SLOW_MODULES = {"test_lectures", "test_tp_mpi", "test_real_model", "test_metrics_real", "test_smollm2",
+                "test_llamacpp",
                 "test_readme", "test_gpu_rehearsal"}
 
 

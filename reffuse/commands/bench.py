@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from reffuse.speed.bench import default_threads, markdown, run_benchmark
-from reffuse.formats.registry import load_model
+from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.progress import note
 from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
 from reffuse.commands.common import add_device_argument, add_json_argument, positive_int, print_json
@@ -39,6 +39,9 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed repeats of each measurement; medians (default 7)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--against", choices=("llama.cpp",), action="append", default=[],
+                        help="llama.cpp: also time llama.cpp on the same weights (an F32 GGUF; the `llamacpp` "
+                             "extra), and its decode with and without fusion")
     add_device_argument(parser)
     add_json_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
@@ -50,6 +53,7 @@ def command_line(args) -> str:
     words = ["reffuse", "bench", "--model", str(args.model), "--repeats", str(args.repeats)]
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--no-transformers"] if args.no_transformers else []
+    words += [w for against in args.against for w in ("--against", against)]
     words += ["--json"] if args.json else []
     words += ["--out", str(args.out)] if args.out else []
     return shlex.join(words)
@@ -59,8 +63,9 @@ def run(args) -> int:
     if args.out is not None:
         check_writable_file(args.out)  # before the long work
     model = load_model(args.model, dtype="float32", device=args.device)
+    tokenizer = find_tokenizer(args.model) if "llama.cpp" in args.against else None
     result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
-                           with_transformers=not args.no_transformers, progress=note)
+                           with_transformers=not args.no_transformers, progress=note, llamacpp_tokenizer=tokenizer)
     command = command_line(args)
     result["command"] = command
     if args.out is not None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from reffuse.errors import ReffuseError
-from reffuse.core.layout import attention_layers, format_layers
+from reffuse.core.layout import attention_free_runs, attention_layers, format_layers
 from reffuse.core.model import Block, Model
 from reffuse.evaluation.prefix import Prefix, cache_prefix, kl_from_base
 
@@ -130,3 +130,20 @@ def cheapest(scores: dict[int, float], count: int, contiguous: bool = False) -> 
                            "ask for fewer, or drop the contiguity requirement")
     _, first = min(windows)
     return list(range(first, first + count))
+
+
+def default_attention_removal(model: Model) -> list[int]:
+    """Blocks n/2-1 .. 3n/4-1, a contiguous region just past the middle, where the paper's fusion regions lie too
+    (Ultra: blocks 66-114 of 126); for SmolLM2's 30 blocks, 14-21."""
+    n = len(model.blocks)
+    return list(range(n // 2 - 1, 3 * n // 4))
+
+
+def default_groups(model: Model) -> list[tuple[int, int]]:
+    """The longest attention-free run, without its last block when it has three or more."""
+    runs = attention_free_runs(model)
+    if not runs:
+        raise ReffuseError(f"{model.config.name} has no run of attention-free blocks to fuse: "
+                           "remove attention first (--drop-attention FIRST-LAST)")
+    first, last = max(runs, key=lambda run: run[1] - run[0])
+    return [(first, last - 1 if last - first >= 2 else last)]

@@ -21,13 +21,16 @@ import inspect
 import os
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from reffuse.errors import ReffuseError
 from reffuse.core.backend import device_of, gpu_module
 from reffuse.core.fusion import fuse
+from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Block, KVCache, Model, forward
 from reffuse.optional import require
 from reffuse.speed.timing import blas_threads, compare_seconds, time_ffn_run
@@ -109,6 +112,57 @@ class TransformersRunner:
         return time.perf_counter() - start, tokens
 
 
+class LlamaCppRunner:
+    """llama.cpp (reffuse.evaluation.llamacpp) on the model exported as an F32 GGUF, behind the same operations."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def prefill(self, ids):
+        return self.engine.logits(ids)
+
+    def decode(self, prompt, new_tokens: int) -> tuple[float, list[int]]:
+        llm = self.engine.llm
+        llm.reset()
+        llm.eval([int(i) for i in prompt])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens = []
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            tokens.append(token)
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - start, tokens
+
+
+def llamacpp_runner(model: Model, tokenizer, path, threads: int, n_ctx: int = 512):
+    """A LlamaCppRunner on `model` written to `path` as an F32 GGUF (llama or deci)."""
+    from reffuse.evaluation.llamacpp import LlamaCpp
+    from reffuse.formats.gguf_export import save_gguf
+
+    return LlamaCppRunner(LlamaCpp(save_gguf(model, path, tokenizer, "f32"), n_ctx=n_ctx, threads=threads))
+
+
+def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int, decode_tokens: int = DECODE_TOKENS) -> dict:
+    """Does fusion speed up a production CPU engine? llama.cpp's decode of the model with attention removed
+    (method.removal.default_attention_removal) against the same with its run fused (default_groups), in alternation."""
+    from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
+
+    removed_blocks = [] if attention_free_runs(model) else default_attention_removal(model)
+    removed = drop_attention(model, removed_blocks) if removed_blocks else model
+    groups = default_groups(removed)
+    with tempfile.TemporaryDirectory(prefix="reffuse-bench-") as folder:
+        runners = {"attention removed": llamacpp_runner(removed, tokenizer, Path(folder) / "removed.gguf", threads),
+                   "fused": llamacpp_runner(fuse(removed, groups), tokenizer, Path(folder) / "fused.gguf", threads)}
+        prompt = prompt_ids(model, DECODE_PROMPT_TOKENS)
+        seconds, _ = time_decode({name: runner.decode for name, runner in runners.items()}, prompt, decode_tokens,
+                                 repeats)
+        del runners
+    rate = {name: decode_tokens / s for name, s in seconds.items()}
+    return {"attention_removed": removed_blocks, "groups": [list(g) for g in groups],
+            "tokens_per_second": rate, "fused_speedup": rate["fused"] / rate["attention removed"]}
+
+
 def load_transformers(model_name: str):
     """(TransformersRunner, None), or (None, why not) when transformers cannot run this model here."""
     try:
@@ -170,9 +224,11 @@ def environment(threads: int, device: str = "cpu") -> dict:
 
 def run_benchmark(model: Model, model_name: str, threads: int | None = None, repeats: int = 7,
                   prefill_tokens=PREFILL_TOKENS, ffn_tokens=FFN_RUN_TOKENS, decode_tokens: int = DECODE_TOKENS,
-                  with_transformers: bool = True, progress=None) -> dict:
+                  with_transformers: bool = True, progress=None, llamacpp_tokenizer=None) -> dict:
     """All measurements of the module doc as one JSON-ready dict. `model` must be float32, on the CPU or a GPU;
-    on a GPU the FFN run goes up to 4096 tokens and transformers (a CPU build of torch) is not compared."""
+    on a GPU the FFN run goes up to 4096 tokens and transformers (a CPU build of torch) is not compared. With
+    `llamacpp_tokenizer`, llama.cpp runs the same weights (an F32 GGUF) in the same alternation, and its decode
+    of the attention-removed model is timed against the fused one (fusion_in_llamacpp)."""
     if model.dtype != np.float32:
         raise ReffuseError(f"the benchmark runs float32 models; this one is {model.dtype} (load it with dtype float32)")
     threads = threads or default_threads()
@@ -195,6 +251,14 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
         result["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
+    llama, gguf_folder = None, None
+    if llamacpp_tokenizer is not None:
+        note("exporting the model as an F32 GGUF for llama.cpp")
+        gguf_folder = tempfile.TemporaryDirectory(prefix="reffuse-bench-")
+        llama = llamacpp_runner(model, llamacpp_tokenizer, Path(gguf_folder.name) / "model-f32.gguf", threads)
+        import llama_cpp
+        result["environment"]["llama_cpp_python"] = llama_cpp.__version__
+    result["llama_cpp"] = {"used": llama is not None}
     try:
         with blas_threads(threads):
             result["prefill"] = []
@@ -204,11 +268,16 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                 fns = {"reffuse": lambda: reffuse_prefill(model, ids)}
                 if hf is not None:
                     fns["transformers"] = lambda: hf.prefill(ids)
+                if llama is not None:
+                    fns["llama.cpp"] = lambda: llama.prefill(ids)
                 seconds = compare_seconds(fns, repeats)
                 row = {"tokens": tokens, "reffuse_seconds": seconds["reffuse"]}
                 if hf is not None:
                     row.update(transformers_seconds=seconds["transformers"],
                                time_ratio=seconds["reffuse"] / seconds["transformers"])
+                if llama is not None:
+                    row.update(llamacpp_seconds=seconds["llama.cpp"],
+                               llamacpp_time_ratio=seconds["reffuse"] / seconds["llama.cpp"])
                 result["prefill"].append(row)
 
             note(f"decode, {decode_tokens} tokens")
@@ -216,6 +285,8 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             runners = {"reffuse": lambda p, n: reffuse_decode(model, p, n)}
             if hf is not None:
                 runners["transformers"] = hf.decode
+            if llama is not None:
+                runners["llama.cpp"] = llama.decode
             seconds, tokens = time_decode(runners, prompt, decode_tokens, repeats)
             decode = {"prompt_tokens": len(prompt), "new_tokens": decode_tokens,
                       "reffuse_tokens_per_second": decode_tokens / seconds["reffuse"]}
@@ -223,7 +294,16 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                 decode.update(transformers_tokens_per_second=decode_tokens / seconds["transformers"],
                               speedup=seconds["transformers"] / seconds["reffuse"],
                               same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
+            if llama is not None:
+                decode.update(llamacpp_tokens_per_second=decode_tokens / seconds["llama.cpp"],
+                              fraction_of_llamacpp=seconds["llama.cpp"] / seconds["reffuse"],
+                              same_greedy_tokens_as_llamacpp=tokens["reffuse"] == tokens["llama.cpp"])
             result["decode"] = decode
+            if llama is not None:
+                del llama  # before the next engines load
+                note("llama.cpp: the attention-removed model against the fused one")
+                result["llama_cpp"]["fusion"] = fusion_in_llamacpp(model, llamacpp_tokenizer, threads, repeats,
+                                                                   decode_tokens)
 
             run = ffn_run_model(model)
             group = (0, len(run.blocks) - 1)
@@ -237,6 +317,8 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     finally:
         if hf is not None:
             torch.set_num_threads(torch_threads)
+        if gguf_folder is not None:
+            gguf_folder.cleanup()
     if hasattr(os, "getloadavg"):
         result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
     result["targets"] = check_targets(result)
@@ -290,6 +372,22 @@ def markdown(result: dict, command: str | None = None) -> str:
                  + (f"{hf:.1f} | {d['speedup']:.2f}x |" if hf else "- | - |"))
     if "same_greedy_tokens" in d:
         lines += ["", f"Same greedy tokens from both: {'yes' if d['same_greedy_tokens'] else 'no'}."]
+    if result.get("llama_cpp", {}).get("used"):
+        lines += ["", f"llama.cpp (llama-cpp-python {env.get('llama_cpp_python', '?')}) on the same weights as an F32 "
+                      "GGUF, F32 KV cache, the same threads, in the same alternation:", "",
+                  "| | reffuse | llama.cpp | reffuse / llama.cpp |", "|---|---:|---:|---:|"]
+        for r in result["prefill"]:
+            lines.append(f"| prefill {r['tokens']} tokens, ms | {1e3 * r['reffuse_seconds']:.1f} | "
+                         f"{1e3 * r['llamacpp_seconds']:.1f} | {r['llamacpp_time_ratio']:.2f}x the time |")
+        lines.append(f"| decode, tokens/s | {d['reffuse_tokens_per_second']:.1f} | "
+                     f"{d['llamacpp_tokens_per_second']:.1f} | {d['fraction_of_llamacpp']:.2f}x the speed |")
+        fusion = result["llama_cpp"]["fusion"]
+        rate = fusion["tokens_per_second"]
+        lines += ["", f"Fusion in llama.cpp: decode of the model with attention removed in "
+                      f"{fusion['attention_removed'] or 'no block (it has an attention-free run)'} "
+                      f"({rate['attention removed']:.1f} tokens/s) against the same with "
+                      f"{', '.join(f'{a}-{b}' for a, b in fusion['groups'])} fused ({rate['fused']:.1f} tokens/s): "
+                      f"{fusion['fused_speedup']:.3f}x."]
     f = result["ffn_run"]
     lines += ["", f"Fused-FFN microbenchmark: a run of {f['blocks']} FFNs (d={f['dim']}, widths "
                   f"{'/'.join(map(str, sorted(set(f['widths']))))}), fused into one of width {f['fused_width']}.", "",

@@ -19,7 +19,7 @@ from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import KVCache, Model, forward, to_device
 from reffuse.errors import ReffuseError
 from reffuse.formats.registry import load_model
-from reffuse.method.removal import drop_attention
+from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
 from reffuse.speed.timing import blas_threads
 from reffuse.tp.allreduce import AllReduce
 from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
@@ -55,23 +55,6 @@ class JobOptions:
     @classmethod
     def from_namespace(cls, args) -> "JobOptions":
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
-def default_attention_removal(model: Model) -> list[int]:
-    """Blocks n/2-1 .. 3n/4-1, a contiguous region just past the middle, where the paper's fusion regions lie too
-    (Ultra: blocks 66-114 of 126); for SmolLM2's 30 blocks, 14-21."""
-    n = len(model.blocks)
-    return list(range(n // 2 - 1, 3 * n // 4))
-
-
-def default_groups(model: Model) -> list[tuple[int, int]]:
-    """The longest attention-free run, without its last block when it has three or more."""
-    runs = attention_free_runs(model)
-    if not runs:
-        raise ReffuseError(f"{model.config.name} has no run of attention-free blocks to fuse: "
-                           "pass --drop-attention FIRST-LAST")
-    first, last = max(runs, key=lambda run: run[1] - run[0])
-    return [(first, last - 1 if last - first >= 2 else last)]
 
 
 class FailingAllReduce(AllReduce):
