@@ -17,7 +17,9 @@ from reffuse.core.backend import to_numpy
 from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
 from reffuse.files import read_json, staged_folder
-from reffuse.core.model import FFN, Attention, Block, Config, Model, cast, check_config
+from reffuse.core.model import FFN, Attention, Block, Config, Model, cast, check_config, to_device
+from reffuse.formats.nemotron_nas import (MODEL_TYPE, as_recorded, blocks_from_nemotron, nemotron_blocks,
+                                         nemotron_config, reffuse_layout)
 from reffuse.optional import require
 
 FORMAT_VERSION = 1
@@ -104,9 +106,10 @@ def model_from_tensors(config: Config, blocks, tensors: dict[str, np.ndarray], s
 
 
 def is_model_folder(folder) -> bool:
-    """A folder that save_model wrote (its config.json says so): one that save_model may replace."""
+    """A folder that save_model or save_nemotron_nas wrote (its config.json says so): one they may replace."""
     try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("format") == "reffuse"
+        raw = json.loads((Path(folder) / "config.json").read_text())
+        return raw.get("format") == "reffuse" or "reffuse_blocks" in raw
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -149,6 +152,21 @@ def save_model(model: Model, folder, overwrite: bool = False, tokenizer=None, fi
     return folder
 
 
+def save_nemotron_nas(model: Model, folder, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the model as a Nemotron-NAS (DeciLM) folder (reffuse.formats.nemotron_nas), all or nothing."""
+    model = to_device(model, "cpu")
+    block_configs, blocks = nemotron_blocks(model)
+    written = Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+    save_file = require("safetensors.numpy", "real", "saving a model").save_file
+    folder = Path(folder)
+    with staged_folder(folder, overwrite, is_model_folder, "model") as staging:
+        (staging / "config.json").write_text(json.dumps(nemotron_config(model, block_configs), indent=1) + "\n")
+        save_file(model_to_tensors(written), str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(staging)
+    return folder
+
+
 def _read_config(folder: Path) -> dict:
     return read_json(folder / "config.json", "a model folder holds config.json and *.safetensors (write one with "
                      "reffuse.save_model)")
@@ -165,9 +183,9 @@ def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout,
     """Config and per-block layout from a reffuse or HF Llama config.json, checked before any weight is read."""
     if not isinstance(raw, dict):
         raise ReffuseError(f"{source}: config.json must hold a JSON object")
-    if raw.get("model_type", "llama") != "llama":
+    if raw.get("model_type", "llama") not in ("llama", MODEL_TYPE):
         raise ReffuseError(f"{source}: model_type {raw.get('model_type')!r} is not supported; reffuse loads "
-                           "Llama-architecture models (model_type 'llama')")
+                           f"Llama-architecture models (model_type 'llama' or {MODEL_TYPE!r})")
     if raw.get("format") == "reffuse" and raw.get("format_version") != FORMAT_VERSION:
         raise ReffuseError(f"{source}: format_version {raw.get('format_version')!r} is not one this reffuse reads "
                            f"({FORMAT_VERSION}): save the model again with this version, or upgrade reffuse")
@@ -200,14 +218,23 @@ def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout,
         else:
             raise ReffuseError(f"{source}: num_attention_heads {n_heads} does not divide hidden_size {dim} "
                                "(and no head_dim is given)")
+        kv_default = n_heads
+        if raw.get("model_type") == MODEL_TYPE and raw.get("num_key_value_heads") is None:
+            groups = [b["attention"].get("n_heads_in_group") for b in raw.get("block_configs") or []
+                      if not b.get("attention", {}).get("no_op")]
+            kv_default = n_heads // int(groups[0]) if groups and groups[0] else n_heads
         config = Config(vocab_size=integer("vocab_size"), dim=dim, n_heads=n_heads,
-                        n_kv_heads=integer("num_key_value_heads", n_heads), head_dim=head_dim,
+                        n_kv_heads=integer("num_key_value_heads", kv_default), head_dim=head_dim,
                         rope_theta=number("rope_theta", 10000.0), norm_eps=number("rms_norm_eps", 1e-5),
                         tie_embeddings=_boolean(raw, "tie_word_embeddings", False, source),
                         name=str(raw.get("name") or raw.get("_name_or_path") or source),
                         max_positions=raw.get("max_position_embeddings") and integer("max_position_embeddings"))
         layers = integer("num_hidden_layers")
-        if "blocks" in raw:
+        if raw.get("model_type") == MODEL_TYPE:
+            blocks = blocks_from_nemotron(raw, source)
+            if len(blocks) != layers:
+                raise ReffuseError(f"{source}: num_hidden_layers is {layers} but block_configs lists {len(blocks)}")
+        elif "blocks" in raw:
             blocks = blocks_from_json(raw["blocks"], source)
             if len(blocks) != layers:
                 raise ReffuseError(f"{source}: num_hidden_layers is {layers} but blocks lists {len(blocks)}")
@@ -294,5 +321,6 @@ def load_folder(folder, dtype="float32") -> Model:
         if config.tie_embeddings:
             tensors.pop("lm_head.weight", None)
     model = model_from_tensors(config, blocks, tensors, str(folder))
-    return cast(model, dtype)
+    recorded = reffuse_layout(raw, str(folder)) if raw.get("model_type") == MODEL_TYPE else None
+    return cast(as_recorded(model, recorded) if recorded is not None else model, dtype)
 
