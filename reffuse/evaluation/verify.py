@@ -8,7 +8,7 @@ import numpy as np
 from reffuse.core.backend import to_numpy
 from reffuse.core.generate import generate
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.activations import activations, compare, load_activations
+from reffuse.evaluation.activations import activations, compare, error_row, load_activations
 from reffuse.formats.registry import load_model
 
 # What "agrees" means, per precision of the less precise side, relative to the largest value of each output
@@ -79,6 +79,14 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
         result["greedy"] = {"tokens": generate_tokens, "identical_prefix": same, "reffuse": ours, "reference": theirs}
         description = f"llama.cpp (llama-cpp-python, the model exported as an F32 GGUF, architecture {architecture})"
+        if model_name == "smollm2":  # the published Q4_1 file too: llama.cpp's quantized kernels, a gap apart
+            from reffuse.evaluation.llamacpp import LlamaCpp
+            from reffuse.formats.fetch import fetch
+            quantized = LlamaCpp(fetch("smollm2"), n_ctx=max(64, len(ids) + 8)).logits(ids)
+            gap = error_row("logits", quantized, ours_acts["logits"])
+            gap["nmse"] = float(np.mean((quantized - ours_acts["logits"]) ** 2) / np.mean(ours_acts["logits"] ** 2))
+            gap["top1_agreement"] = float(np.mean(quantized.argmax(-1) == ours_acts["logits"].argmax(-1)))
+            result["quantized_file"] = gap | {"file": fetch("smollm2").name, "judged": False}
         precision, dtype = "llama.cpp", "float32"
     else:
         dump = load_activations(against)
