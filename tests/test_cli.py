@@ -66,3 +66,14 @@ def test_bad_values_fail_fast_in_one_line(args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_export_writes_the_formats_another_engine_reads(tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "new" / "tiny-nemotron"
+    assert reffuse("export", "--model", "tiny", "--format", "nemotron-nas", "--out", str(out)).returncode == 0
+    assert (out / "config.json").is_file()  # a synthetic model goes without a tokenizer
+    result = reffuse("export", "--model", "tiny", "--format", "gguf", "--out", str(tmp_path / "a" / "tiny.gguf"))
+    assert result.returncode == 2 and "no tokenizer found for 'tiny'" in result.stderr  # llama.cpp needs one
+    result = reffuse("export", "--model", "tiny", "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert result.returncode == 2 and "--format nemotron-nas" in result.stderr  # tiny has an attention-free run

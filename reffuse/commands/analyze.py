@@ -42,7 +42,7 @@ HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, 
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="folder for analysis.json and the figures (created if needed)")

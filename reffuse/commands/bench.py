@@ -3,8 +3,11 @@
 Measures, with BLAS and torch pinned to --threads: prefill time for 64, 128 and 256 tokens; decode tokens/s
 with the KV cache (32 greedy tokens after a 64-token prompt); the same for transformers' LlamaForCausalLM on
 the same token ids when the `reference` extra is installed and transformers can load the model; and a run of
-8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 512 tokens. Medians after warm-up, timed in
-alternation. Shared machines are noisy: trust the ratios, which are measured in the same run.
+8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 512 tokens. With --against llama.cpp, llama.cpp's
+prefill and decode of the same weights (an F32 GGUF) join the alternation, and its decode of the attention-removed
+model is timed against the fused one. With --device gpu: the FFN run up to 4096 tokens, every timed region
+synchronised, transformers not compared. Medians after warm-up, timed in alternation. Shared machines are noisy:
+trust the ratios, which are measured in the same run.
 
 The speed targets (2 cores, float32) are checked and reported: prefill <= 1.0x transformers' time, decode
 >= 2x transformers' tokens/s, the fused FFN run >= 1.3x faster at 1 token and never slower at 128 and 512.
@@ -15,6 +18,7 @@ examples:
   reffuse bench --model smollm2
   reffuse bench --model smollm2 --threads 2 --json --out benchmarks/results/bench_smollm2.json
   reffuse bench --model tiny --repeats 3 --no-transformers
+  reffuse bench --model smollm2 --threads 2 --against llama.cpp --out out/bench_llamacpp.json
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from reffuse.progress import note
 from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
 from reffuse.commands.common import add_device_argument, add_json_argument, positive_int, print_json
 
-HELP = "prefill/decode speed against transformers, and fused vs sequential FFN runs"
+HELP = "prefill/decode speed against transformers (and llama.cpp), and fused vs sequential FFN runs"
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help=f"BLAS and torch threads (default: the cores available, here {default_threads()})")
     parser.add_argument("--repeats", type=positive_int, default=7,
@@ -54,6 +58,7 @@ def command_line(args) -> str:
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--no-transformers"] if args.no_transformers else []
     words += [w for against in args.against for w in ("--against", against)]
+    words += ["--device", args.device] if args.device != "cpu" else []
     words += ["--json"] if args.json else []
     words += ["--out", str(args.out)] if args.out else []
     return shlex.join(words)

@@ -31,7 +31,7 @@ DEFAULT_WINDOW = 256
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     parser.add_argument("--base", default=None, help="base model to compare with (name or folder)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer: smollm2, a .gguf file or a folder with tokenizer.json "

@@ -36,7 +36,7 @@ HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="smollm2", help="model name or folder (default: smollm2)")
+    parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     parser.add_argument("--out", required=True, type=Path, help="folder for README.md, experiments.json, figures")
     parser.add_argument("--drop-attention-count", type=positive_int, default=None, metavar="N",
                         help=f"{DROP_ATTENTION_COUNT_HELP} (default: 8 for smollm2, 2 for tiny)")

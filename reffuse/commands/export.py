@@ -27,7 +27,7 @@ from reffuse.formats.checkpoint import save_model, save_nemotron_nas
 from reffuse.formats.gguf_export import TENSOR_TYPES, is_plain_llama, save_gguf
 from reffuse.formats.registry import find_tokenizer, load_model
 
-HELP = "write a model for another engine: a llama.cpp GGUF (llama or deci) or an HF Llama folder"
+HELP = "write a model for another engine: a llama.cpp GGUF (llama or deci), a Nemotron-NAS or an HF Llama folder"
 
 
 def add_arguments(parser):
@@ -40,15 +40,23 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default=None, help="tokenizer to write with it (default: the model's)")
     parser.add_argument("--out", required=True, type=Path, help="the .gguf file, or the folder, to write")
     parser.add_argument("--overwrite", action="store_true",
-                        help="hf, nemotron-nas: replace a model reffuse saved in --out")
+                        help="replace the file (gguf) or the model reffuse saved in the folder (hf, nemotron-nas)")
     add_json_argument(parser)
 
 
 def run(args) -> int:
     if args.format == "gguf":
         check_writable_file(args.out)
+        if args.out.exists() and not args.overwrite:
+            raise ReffuseError(f"{args.out} exists: give another file, or --overwrite to replace it")
     model = load_model(args.model)
-    tokenizer = find_tokenizer(args.tokenizer or args.model)
+    if args.format == "gguf":  # llama.cpp loads no model without a tokenizer; the folders go without one if need be
+        tokenizer = find_tokenizer(args.tokenizer or args.model)
+    else:
+        try:
+            tokenizer = find_tokenizer(args.tokenizer or args.model)
+        except ReffuseError:
+            tokenizer = None
     if args.format == "gguf":
         path = save_gguf(model, args.out, tokenizer, args.tensor_type)
         what = "llama" if is_plain_llama(model) else "deci"
@@ -58,7 +66,7 @@ def run(args) -> int:
     else:
         if not is_plain_llama(model):
             raise ReffuseError(f"{args.model} has attention-free or fused blocks, which transformers' Llama cannot "
-                               "hold: export it as --format gguf (llama.cpp's deci) instead")
+                               "hold: export it as --format nemotron-nas or --format gguf (llama.cpp's deci)")
         path = save_model(model, args.out, args.overwrite, tokenizer)
         what = "HF Llama folder"
     result = {"model": args.model, "format": args.format, "architecture": what, "path": str(path),

@@ -1,6 +1,6 @@
 """Remove attention, fuse runs of attention-free blocks (optionally calibrated) and save the model.
 
-Steps, each optional but the last:
+Steps (attention removal and calibration optional; the groups come from --groups or --plan auto):
 1. attention removal: --drop-attention BLOCKS removes the attention of the blocks given; --drop-attention-count N
    scores every block's attention by the KL damage of removing it alone (on calibration text) and removes the
    N consecutive blocks of least summed score (as `reffuse demo` does, on the same text);

@@ -48,13 +48,13 @@ from reffuse.core.layout import format_layers
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
 from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, prepare, run_job
 from reffuse.tp.runtime import mpi
-from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog
+from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
 
 HELP = "run the sequential and fused model tensor-parallel under mpiexec; count and time the all-reduces"
 PROGRAM = "reffuse tp"
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2",
-                        help="model name, folder or .gguf file (default: smollm2; tiny is the synthetic one)")
+                        help="model name, folder or .gguf file (default: smollm2; tiny and synthetic-smollm2 are synthetic)")
     parser.add_argument("--groups", type=groups_argument, default=None,
                         help="runs to fuse, FIRST-LAST[,FIRST-LAST...], 0-based inclusive (default: the longest "
                              "attention-free run without its last block; tiny: 4-8)")
@@ -73,7 +73,7 @@ def add_arguments(parser):
     parser.add_argument("--decode-tokens", type=non_negative_int, default=8,
                         help="decode steps K after the prefill (default 8)")
     parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="repeats of prefill and decode; medians reported")
+                        help="repeats of prefill and decode; medians reported (default 3)")
     parser.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
                         help=f"how long a rank waits for the others at one collective before it names the ranks "
                              f"that did not arrive and ends the job (default {DEFAULT_TIMEOUT_SECONDS:g})")
@@ -81,7 +81,7 @@ def add_arguments(parser):
                         help="gpu: each rank on GPU (its rank on its machine) mod (GPUs there), with CuPy")
     parser.add_argument("--cuda-aware", choices=tuple(CUDA_AWARE), default="auto",
                         help="GPU buffers straight to MPI (yes) or staged through host memory (no); "
-                             "auto asks MPI (its mpi_memory_alloc_kinds)")
+                             "auto asks MPI (MPIX_GPU_query_support, MPIX_Query_cuda_support, mpi_memory_alloc_kinds)")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="BLAS threads per rank (default 1: N ranks use N cores, as N devices would)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random token ids")
@@ -131,6 +131,7 @@ def run(args) -> int:
     options = JobOptions.from_namespace(args)
     watchdog = Watchdog(comm, options.timeout, PROGRAM)
     prepared = setup_on_every_rank(comm, lambda: prepare(options, comm, watchdog), PROGRAM, watchdog)
+    setup_on_every_rank(comm, lambda: check_same_job(comm, prepared["identity"], watchdog, "model"), PROGRAM, watchdog)
     return run_or_abort(comm, lambda: run_prepared(args, options, prepared, watchdog), PROGRAM)
 
 

@@ -5,6 +5,10 @@ transformers' own GGUF conversion; needs the `reference` extra) and compares, on
 the token embedding and of every block (max |diff|, and that over the largest |value| of the reference), the
 logits, and the ids of a greedy continuation (reffuse with its KV cache, transformers with its own).
 
+--against llama.cpp exports the model as an F32 GGUF (reffuse.formats.gguf_export, `llama` or `deci`) and runs it
+in llama.cpp (the `llamacpp` extra), with an F32 KV cache: logits and a greedy continuation, target 1e-4 of the
+largest logit. For smollm2 it also reports, unjudged, llama.cpp on the published Q4_1 file (quantization's gap).
+
 --against FILE.npz compares with a dump written by any implementation in reffuse's documented format
 (reffuse.evaluation.activations; `reffuse dump` writes one). The dump's token ids are used; reffuse is the reference.
 
@@ -16,6 +20,7 @@ Exit status 0 when the targets are met, 1 when not.
 examples:
   reffuse verify --model smollm2 --against transformers
   reffuse verify --model smollm2 --against transformers --dtype float64 --tokens 128
+  reffuse verify --model out/fused --against llama.cpp
   reffuse dump --model smollm2 --out ref.npz && reffuse verify --model smollm2 --against ref.npz
 """
 
@@ -25,7 +30,7 @@ from reffuse.commands.common import (add_dtype_argument, add_input_arguments, ad
                                      input_ids, non_negative_int, print_json)
 from reffuse.evaluation.verify import verify
 
-HELP = "compare reffuse's per-block activations and logits with transformers or with a dump (.npz)"
+HELP = "compare reffuse's per-block activations and logits with transformers, llama.cpp or a dump (.npz)"
 
 
 def add_arguments(parser):
@@ -35,10 +40,10 @@ def add_arguments(parser):
                              "exported as an F32 GGUF), or a dump file")
     add_input_arguments(parser)
     parser.add_argument("--generate", type=non_negative_int, default=32,
-                        help="greedy tokens to compare against transformers (default 32)")
+                        help="greedy tokens to compare against transformers or llama.cpp (default 32)")
     parser.add_argument("--rtol", type=float, default=None,
                         help="relative target for every output, of its largest value (default: 1e-5 in float32, "
-                             "1e-9 in float64)")
+                             "1e-9 in float64, 1e-4 against llama.cpp)")
     parser.add_argument("--atol", type=float, default=None,
                         help="also a bound on every output's largest absolute difference (default: none but the "
                              "logits' 2e-4 in float32)")
@@ -48,7 +53,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
     ids = input_ids(args, args.model) if args.against in ("transformers", "llama.cpp") else None
-    result = verify(args.model, args.against, ids, args.dtype, args.generate, args.rtol, args.atol)
+    result = verify(args.model, args.against, ids, args.dtype, args.generate, args.rtol, args.atol, args.tokenizer)
     checks, logits, precision = result["targets_met"], result["logits"], result["targets"]
     if args.json:
         print_json(result)

@@ -36,7 +36,8 @@ def next_token(logits, temperature: float, top_k: int | None, rng: np.random.Gen
     probs = xp.exp(scores - scores.max())
     cdf = xp.cumsum(probs / probs.sum())
     cdf /= cdf[-1]
-    return int(xp.searchsorted(cdf, rng.random(), side="right"))
+    uniform = xp.asarray([rng.random()])  # CuPy's searchsorted takes an array, not a Python float
+    return int(xp.searchsorted(cdf, uniform, side="right")[0])
 
 
 def generate(model: Model, token_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -14,7 +14,6 @@ TINY_CONFIG = Config(vocab_size=256, dim=64, n_heads=4, n_kv_heads=2, head_dim=1
                      norm_eps=1e-5, tie_embeddings=True, name="tiny (synthetic, random weights)")
 TINY_ATTENTION = [True] * 4 + [False] * 6 + [True] * 2      # blocks 4..9 are attention-free
 TINY_FFN_WIDTHS = [128, 96, 160, 128, 64, 192, 96, 128, 160, 112, 144, 128]
-TINY_ATTENTION_FREE_RUN = (4, 9)
 
 
 # SmolLM2-135M's exact shapes with random weights: what a GPU run measures speed on where no weights can be

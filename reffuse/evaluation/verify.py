@@ -1,5 +1,6 @@
-"""reffuse's numerics against another implementation, block by block: transformers on the same weights, or a
-dump in reffuse's activation format written by any implementation (`reffuse verify` prints this)."""
+"""reffuse's numerics against another implementation, block by block: transformers on the same weights,
+llama.cpp on the model exported as an F32 GGUF, or a dump in reffuse's activation format written by any
+implementation (`reffuse verify` prints this)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ def check_convention(model, dump: dict, ours: dict, source: str) -> None:
 
 
 def verify(model_name: str, against: str, ids=None, dtype: str = "float32", generate_tokens: int = 32,
-           rtol: float | None = None, atol: float | None = None) -> dict:
-    """Compare `model_name` with `against` ("transformers", or the path of an activation dump) on the token `ids`
-    (a dump brings its own): per-block and logit differences, top-1 agreement, with transformers the greedy
-    continuation too, and every output judged against the target of TARGETS for the comparison's precision
-    (or rtol / atol). A float64 dump is compared in float64."""
+           rtol: float | None = None, atol: float | None = None, tokenizer: str | None = None) -> dict:
+    """Compare `model_name` with `against` ("transformers", "llama.cpp", or the path of an activation dump) on the
+    token `ids` (a dump brings its own): per-block and logit differences (llama.cpp gives logits only), top-1
+    agreement, with transformers and llama.cpp the greedy continuation too, and every output judged against the
+    target of TARGETS for the comparison's precision (or rtol / atol). A float64 dump is compared in float64;
+    llama.cpp runs the model exported as an F32 GGUF, with `tokenizer` (default: the model's) written into it."""
     if against == "transformers":
         from reffuse.evaluation.reference import load_reference, reference_activations, reference_greedy
         model = load_model(model_name, dtype=dtype)
@@ -69,8 +71,11 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
     elif against == "llama.cpp":
         from reffuse.evaluation.llamacpp import run_llamacpp
         from reffuse.formats.registry import find_tokenizer
+        if dtype != "float32":
+            raise ReffuseError("llama.cpp runs the F32 export: verify against it in float32")
         model = load_model(model_name, dtype="float32")
-        logits, theirs, architecture = run_llamacpp(model, find_tokenizer(model_name), ids, generate_tokens)
+        logits, theirs, architecture = run_llamacpp(model, find_tokenizer(tokenizer or model_name), ids,
+                                                    generate_tokens)
         ours_acts = activations(model, ids)
         result = compare({"token_ids": ours_acts["token_ids"], "logits": ours_acts["logits"]},
                          {"token_ids": ours_acts["token_ids"], "logits": logits})

@@ -114,6 +114,13 @@ def is_model_folder(folder) -> bool:
         return False
 
 
+def is_plain_llama(model: Model) -> bool:
+    """Every block with attention and one FFN width, nothing fused: what transformers' Llama and llama.cpp's
+    `llama` architecture hold."""
+    blocks = model.layout().blocks
+    return all(b.attention and not b.fused_from for b in blocks) and len({b.ffn_width for b in blocks}) == 1
+
+
 def write_model_files(model: Model, folder: Path) -> None:
     """config.json and model.safetensors, written into the existing folder `folder`."""
     save_file = require("safetensors.numpy", "real", "saving a model").save_file
@@ -129,10 +136,8 @@ def write_model_files(model: Model, folder: Path) -> None:
     }
     if cfg.max_positions is not None:
         config["max_position_embeddings"] = cfg.max_positions
-    widths = {b.ffn_width for b in model.layout().blocks}
-    if all(b.attention and not b.fused_from for b in model.layout().blocks) and len(widths) == 1:
-        # a plain Llama: with these keys transformers' LlamaForCausalLM.from_pretrained loads the folder as it is
-        config.update(intermediate_size=widths.pop(), attention_bias=False, mlp_bias=False)
+    if is_plain_llama(model):  # with these keys transformers' LlamaForCausalLM.from_pretrained loads it as it is
+        config.update(intermediate_size=model.layout().blocks[0].ffn_width, attention_bias=False, mlp_bias=False)
     (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     save_file(model_to_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers reads "pt"
 

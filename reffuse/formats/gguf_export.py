@@ -25,7 +25,7 @@ from reffuse.core.layout import as_layout
 from reffuse.core.model import Model
 from reffuse.errors import ReffuseError
 from reffuse.files import partial_name, share
-from reffuse.formats.checkpoint import model_to_tensors
+from reffuse.formats.checkpoint import is_plain_llama, model_to_tensors
 from reffuse.formats.gguf import GGUF_TO_HF, LAYOUT_KEY, rope_rows_to_interleaved
 from reffuse.optional import require
 
@@ -43,17 +43,13 @@ def gguf_name(hf: str) -> str:
     return HF_TO_GGUF[hf]
 
 
-def is_plain_llama(model: Model) -> bool:
-    blocks = as_layout(model).blocks
-    return all(b.attention and not b.fused_from for b in blocks) and len({b.ffn_width for b in blocks}) == 1
-
-
 def _tokenizer_metadata(writer, tokenizer) -> None:
     backend = json.loads(tokenizer.backend.to_str())
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     tokens = [None] * len(vocab)
     for token, index in vocab.items():
-        tokens[index] = token
+        if 0 <= index < len(tokens):
+            tokens[index] = token
     if any(t is None for t in tokens):
         raise ReffuseError(f"the tokenizer ({tokenizer.source}) has gaps in its ids: it cannot be written to GGUF")
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges", [])]
@@ -82,6 +78,7 @@ def save_gguf(model: Model, path, tokenizer, tensor_type: str = "f32") -> Path:
                            "none to give)")
     path, cfg, blocks = Path(path), model.config, as_layout(model).blocks
     arch = "llama" if is_plain_llama(model) else "deci"
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = partial_name(path)
     writer = gguf.GGUFWriter(str(temporary), arch)
     writer.add_name(cfg.name)

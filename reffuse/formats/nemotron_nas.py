@@ -95,6 +95,8 @@ def blocks_from_nemotron(raw: dict, source: str) -> tuple[BlockLayout, ...]:
     if not isinstance(configs, list) or not configs:
         raise ReffuseError(f"{source}: a {MODEL_TYPE} config.json needs block_configs, one entry per block")
     blocks = []
+    first_group = next((c.get("attention", {}).get("n_heads_in_group") for c in configs
+                        if not c.get("attention", {}).get("no_op")), None)
     for i, entry in enumerate(configs):
         for part, keys in UNSUPPORTED.items():
             for key in keys:
@@ -102,6 +104,10 @@ def blocks_from_nemotron(raw: dict, source: str) -> tuple[BlockLayout, ...]:
                     raise ReffuseError(f"{source}: block {i}'s {part} has {key} = {entry[part][key]!r}, which reffuse "
                                        "does not compute")
         attention, ffn = entry.get("attention", {}), entry.get("ffn", {})
+        group = attention.get("n_heads_in_group")
+        if not attention.get("no_op") and group != first_group:
+            raise ReffuseError(f"{source}: block {i}'s attention has n_heads_in_group = {group!r}, another than block "
+                               f"0's {first_group!r}: reffuse takes one key/value head count for all blocks")
         width = 0 if ffn.get("no_op") else width_from_mult(float(ffn["ffn_mult"]), int(raw["hidden_size"]))
         blocks.append(BlockLayout(not attention.get("no_op", False), width))
     return tuple(blocks)

@@ -52,13 +52,17 @@ def converted_folder() -> Path | None:
 
 def _convert(gguf_path: Path, folder: Path) -> bool:
     """Write the float32 folder under a temporary name and publish it; False if the cache cannot be written."""
-    note(f"converting {gguf_path.name} to float32 safetensors (once) ...")
     remove_abandoned(folder.parent)
-    reader = open_gguf(gguf_path)
-    model, tokenizer = load_gguf(gguf_path, reader=reader), tokenizer_from_gguf(gguf_path, reader=reader)
     staging = partial_name(folder)
     try:
-        staging.mkdir()
+        staging.mkdir()  # a cache that cannot be written is found out before seconds of dequantizing
+    except OSError as e:
+        note(f"could not write {folder} ({e.strerror}); SmolLM2 will load from the GGUF each time")
+        return False
+    note(f"converting {gguf_path.name} to float32 safetensors (once) ...")
+    reader = open_gguf(gguf_path)
+    model, tokenizer = load_gguf(gguf_path, reader=reader), tokenizer_from_gguf(gguf_path, reader=reader)
+    try:
         write_model_files(model, staging)
         tokenizer.save(staging)
         write_json_atomic(staging / "source.json", _stamp(gguf_path))

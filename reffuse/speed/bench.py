@@ -8,7 +8,10 @@ One run measures, one after the other, with BLAS (threadpoolctl) and torch pinne
 - the same with transformers' LlamaForCausalLM on the same token ids (torch.inference_mode, its own KV cache),
   when the `reference` extra is installed and the model is one transformers can load (see reference.py);
 - the fused-FFN microbenchmark: the FFNs of the model's first 8 blocks as a run of attention-free blocks,
-  sequential (eq. 4, block by block) vs fused into one wide SwiGLU (norm="fold"), at 1, 16, 128 and 512 tokens.
+  sequential (eq. 4, block by block) vs fused into one wide SwiGLU (norm="fold"), at 1, 16, 128 and 512 tokens
+  (on a GPU up to 4096, where transformers is not compared);
+- with llama.cpp (`llamacpp_tokenizer`): the same prefill and decode in llama.cpp on the model exported as an
+  F32 GGUF, and llama.cpp's decode of the attention-removed model against its fused version.
 
 Every time is a median over `repeats` after one untimed warm-up, and the things compared are timed in
 alternation (timing.compare_seconds), because the machines this runs on are shared: compare ratios measured
@@ -300,7 +303,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                               same_greedy_tokens_as_llamacpp=tokens["reffuse"] == tokens["llama.cpp"])
             result["decode"] = decode
             if llama is not None:
-                del llama  # before the next engines load
+                del llama, runners  # the engine freed before the next two load
                 note("llama.cpp: the attention-removed model against the fused one")
                 result["llama_cpp"]["fusion"] = fusion_in_llamacpp(model, llamacpp_tokenizer, threads, repeats,
                                                                    decode_tokens)

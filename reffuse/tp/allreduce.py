@@ -104,7 +104,7 @@ class AllReduce:
     """A counted, timed all-reduce over `comm`: kind "mpi" (MPI's Allreduce) or "ring" (ring_allreduce).
 
     cuda_aware: for CuPy buffers, True hands device memory to MPI, False stages through host memory,
-    None asks MPI (mpi_is_cuda_aware). Unused for NumPy buffers.
+    None asks MPI (cuda_awareness). Unused for NumPy buffers.
     watchdog: a reffuse.tp.watchdog.Watchdog, so that no all-reduce waits forever for a rank that stopped.
     """
 

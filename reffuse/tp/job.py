@@ -36,7 +36,7 @@ CUDA_AWARE = {"auto": None, "yes": True, "no": False}
 @dataclass
 class JobOptions:
     """What `reffuse tp` takes (its --help says what each means)."""
-    model: str = "tiny"
+    model: str = "smollm2"
     groups: list | None = None
     drop_attention: list | None = None
     norm: str = "fold"
@@ -76,8 +76,10 @@ def weights_digest(model: Model) -> str:
 
 
 def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
-    """Everything each rank needs before communicating: its device, the models, its shards, the token ids; and
-    the check that every rank was started with the same arguments and loaded the same model."""
+    """Everything each rank needs before communicating: its device, the models, its shards, the token ids, and
+    what identifies the model it loaded ("identity", for check_same_job once every rank has loaded). First of
+    all, before anything can fail on one rank only, every rank checks that all were started with the same
+    arguments."""
     check_same_job(comm, asdict(options), watchdog, "arguments")
     state = parallel_state(comm, options.device)
     for name in ("prefill_tokens", "repeats", "threads"):
@@ -95,15 +97,14 @@ def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
         removed = [] if attention_free_runs(model) else default_attention_removal(model)
     if removed:
         model = drop_attention(model, removed)
-    check_same_job(comm, {"model": options.model, "config": asdict(model.config), "weights": weights_digest(model)},
-                   watchdog, "model")
+    identity = {"model": options.model, "config": asdict(model.config), "weights": weights_digest(model)}
     groups = options.groups or default_groups(model)
     models = {"sequential": model, "fused": fuse(model, groups, norm=options.norm)}
     for m in models.values():
         check_shardable(m, state.size)
     ids = np.random.default_rng(options.seed).integers(0, model.config.vocab_size, options.prefill_tokens + options.decode_tokens)
     # the full model is needed on rank 0 only, for the single-process reference
-    return {"state": state, "removed": removed, "groups": groups, "ids": ids,
+    return {"state": state, "removed": removed, "groups": groups, "ids": ids, "identity": identity,
             "models": {name: to_device(m, state.device) if state.rank == 0 else m for name, m in models.items()},
             "shards": {name: to_device(shard_model(m, state.rank, state.size), state.device)
                        for name, m in models.items()}}

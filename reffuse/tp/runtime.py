@@ -109,7 +109,8 @@ def run_or_abort(comm, fn, program: str):
 
 
 def setup_on_every_rank(comm, fn, program: str, watchdog=None):
-    """fn() on every rank, where nothing communicates yet (loading, checking, sharding); returns its result.
+    """fn() on every rank (loading, checking, sharding: work that can fail on some ranks only, and that calls no
+    collective after anything that can fail); returns its result.
 
     If fn raised the same kind of bad-input error (ReffuseError) on every rank, say a dimension that does not
     divide by N, rank 0 raises it (the command prints one line and exits with status 2) and the other ranks exit
@@ -122,7 +123,10 @@ def setup_on_every_rank(comm, fn, program: str, watchdog=None):
     except (Exception, KeyboardInterrupt) as e:
         result, error = None, e
     failed = np.array([error is not None, isinstance(error, ReffuseError)], dtype=np.int64)
-    comm.Allreduce(MPI.IN_PLACE, failed, op=MPI.SUM)  # -> [ranks that failed, ranks that failed on bad input]
+    if watchdog is not None:  # -> [ranks that failed, ranks that failed on bad input]
+        watchdog.allreduce(failed, "the end of the setup")
+    else:
+        comm.Allreduce(MPI.IN_PLACE, failed, op=MPI.SUM)
     if failed[0] == 0:
         return result
     if failed[1] == comm.Get_size():

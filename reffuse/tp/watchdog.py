@@ -3,9 +3,11 @@ that they run the same job before the first one.
 
 MPI's blocking collectives wait for every rank forever: a rank that is stopped (SIGSTOP, a stuck device) or
 that was started with other arguments (so that it calls other collectives) leaves the others spinning. Here
-each collective is started non-blocking and waited on with a deadline (`--timeout`). A rank that reaches the
-deadline asks the others, on a communicator of its own, which collective they are waiting at; those that do
-not answer within a grace period are named as the ones that did not arrive, and the job is ended.
+each collective is started non-blocking and waited on with a deadline (`--timeout`). While it waits, a rank
+answers the others' questions; a rank that reaches the deadline asks every other, on a communicator of its own,
+which collective it is waiting at. Those that do not answer within a grace period are in no collective at all
+(stopped, stuck) and are named as the ones that did not arrive, and the job is ended. (The setup's broadcast,
+while one rank per machine fetches or converts the model, has no bound: a first download may take long.)
 
 `abort_job` ends the job for good: with some MPI builds (MPICH from the package registry among them) Abort
 returns to the caller, so the process then exits by itself, before it can reach another collective.
@@ -26,7 +28,7 @@ from reffuse.errors import ReffuseError
 DEFAULT_TIMEOUT_SECONDS = 120.0  # how long a rank waits at one collective (a forward step takes far less)
 GRACE_SECONDS = 3.0              # how long a waiting rank waits for the others' answers before naming them
 SPIN_SECONDS = 0.01              # poll without sleeping this long first: short waits keep their latency
-WATCH_TAG = 7001
+QUERY_TAG, ANSWER_TAG = 7001, 7002  # on the watchdog's own communicator
 
 # The launcher forwards each rank's stderr through a pipe; Abort kills the job at once and what is still in
 # the pipe is lost. Half a second lets the failing rank's message reach the terminal first.
@@ -54,29 +56,44 @@ class Watchdog:
         self.count = 0            # collectives this rank has entered
 
     def wait(self, requests, what: str) -> None:
-        """Wait for all `requests`; past the deadline, find who is missing and end the job."""
+        """Wait for all `requests`, answering other ranks' questions meanwhile; past the deadline, find who is
+        missing and end the job."""
         from mpi4py import MPI
 
         self.count += 1
         start = time.monotonic()
         while not MPI.Request.Testall(requests):
             waited = time.monotonic() - start
+            if waited > SPIN_SECONDS:
+                self._answer()
+                time.sleep(0.0005)
             if waited > self.timeout:
                 self._missing(what)
-            if waited > SPIN_SECONDS:
-                time.sleep(0.0005)
+
+    def _answer(self) -> None:
+        """Tell every rank that asked which collective this rank is waiting at."""
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        while self.watch.Iprobe(source=MPI.ANY_SOURCE, tag=QUERY_TAG, status=status):
+            asker = status.Get_source()
+            self.watch.Recv([np.empty(1, dtype=np.int64), MPI.INT64_T], source=asker, tag=QUERY_TAG)
+            self.watch.Send([np.array([self.count], dtype=np.int64), MPI.INT64_T], dest=asker, tag=ANSWER_TAG)
 
     def _missing(self, what: str) -> None:
+        """Ask every other rank where it waits; those that do not answer within GRACE_SECONDS are not in a
+        collective at all (stopped, stuck, or busy far longer than the timeout)."""
         from mpi4py import MPI
 
         rank, size = self.comm.Get_rank(), self.comm.Get_size()
-        mine = np.array([self.count], dtype=np.int64)
-        theirs = np.full(size, -1, dtype=np.int64)
         others = [r for r in range(size) if r != rank]
-        self._answers = [self.watch.Isend([mine, MPI.INT64_T], dest=r, tag=WATCH_TAG) for r in others]  # kept alive
-        receives = {r: self.watch.Irecv([theirs[r:r + 1], MPI.INT64_T], source=r, tag=WATCH_TAG) for r in others}
+        question = np.array([self.count], dtype=np.int64)
+        theirs = np.full(size, -1, dtype=np.int64)
+        self._asked = [self.watch.Isend([question, MPI.INT64_T], dest=r, tag=QUERY_TAG) for r in others]  # kept alive
+        answers = {r: self.watch.Irecv([theirs[r:r + 1], MPI.INT64_T], source=r, tag=ANSWER_TAG) for r in others}
         deadline = time.monotonic() + GRACE_SECONDS
-        while time.monotonic() < deadline and not all(req.Test() for req in receives.values()):
+        while time.monotonic() < deadline and not all(request.Test() for request in answers.values()):
+            self._answer()  # the others may be asking this rank at the same moment
             time.sleep(0.01)
         theirs[rank] = self.count
         waiting = [r for r in range(size) if theirs[r] == self.count]

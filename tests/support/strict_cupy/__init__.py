@@ -211,6 +211,12 @@ def ascontiguousarray(value, dtype=None):
     return _wrap(_np.ascontiguousarray(_unwrap(value), dtype=dtype))
 
 
+def searchsorted(a, v, side="left", sorter=None):
+    if not isinstance(v, ndarray):  # as CuPy: "Only int or ndarray are supported for v"
+        raise NotImplementedError("Only int or ndarray are supported for v")
+    return _wrap(_np.searchsorted(_unwrap(a), v._a, side=side, sorter=sorter))
+
+
 def asnumpy(value):
     if isinstance(value, ndarray):
         return value.get()
