@@ -43,7 +43,8 @@ DECODE_PROMPT_TOKENS = 64
 DECODE_TOKENS = 32
 FFN_RUN_BLOCKS = 8
 FFN_RUN_TOKENS = (1, 16, 128, 512)
-GPU_FFN_RUN_TOKENS = (1, 16, 128, 512, 1024, 4096)  # a GPU is launch-bound far longer than a CPU
+GPU_FFN_RUN_TOKENS = (1, 16, 128, 512, 1024, 4096)
+FUSION_REPEATS = 15  # repeats of llama.cpp's fused-vs-unfused decode: enough pairs for a bootstrap interval  # a GPU is launch-bound far longer than a CPU
 
 # The targets this benchmark checks, on 2 cores in float32 (reffuse's speed goals).
 TARGETS = {
@@ -158,12 +159,13 @@ def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int, deco
         runners = {"attention removed": llamacpp_runner(removed, tokenizer, Path(folder) / "removed.gguf", threads),
                    "fused": llamacpp_runner(fuse(removed, groups), tokenizer, Path(folder) / "fused.gguf", threads)}
         prompt = prompt_ids(model, DECODE_PROMPT_TOKENS)
-        seconds, _ = time_decode({name: runner.decode for name, runner in runners.items()}, prompt, decode_tokens,
-                                 repeats)
+        samples, _ = decode_samples({name: runner.decode for name, runner in runners.items()}, prompt,
+                                    decode_tokens, max(repeats, FUSION_REPEATS))
         del runners
-    rate = {name: decode_tokens / s for name, s in seconds.items()}
-    return {"attention_removed": removed_blocks, "groups": [list(g) for g in groups],
-            "tokens_per_second": rate, "fused_speedup": rate["fused"] / rate["attention removed"]}
+    rate = {name: decode_tokens / statistics.median(s) for name, s in samples.items()}
+    speedup = paired_ratio(samples["attention removed"], samples["fused"])  # > 1: the fused model is faster
+    return {"attention_removed": removed_blocks, "groups": [list(g) for g in groups], "tokens_per_second": rate,
+            "fused_speedup": speedup["median"], "fused_speedup_paired": speedup}
 
 
 def load_transformers(model_name: str):
@@ -191,6 +193,13 @@ def ffn_run_model(model: Model, blocks: int = FFN_RUN_BLOCKS) -> Model:
 def time_decode(runners: dict, prompt, new_tokens: int, repeats: int, progress=None) -> dict:
     """Median decode seconds per runner (name -> decode function), in alternation; and each runner's tokens.
     progress() is called after each timed decode (repeats x runners calls)."""
+    seconds, tokens = decode_samples(runners, prompt, new_tokens, repeats, progress)
+    return {name: statistics.median(s) for name, s in seconds.items()}, tokens
+
+
+def decode_samples(runners: dict, prompt, new_tokens: int, repeats: int, progress=None) -> tuple[dict, dict]:
+    """Every repeat's decode seconds per runner, the runners taking turns in each repeat (so that repeat i of
+    one runner and repeat i of another ran under the same load: a pair); and each runner's tokens."""
     seconds, tokens = {name: [] for name in runners}, {}
     for name, decode in runners.items():  # warm-up
         decode(prompt, min(new_tokens, 2))
@@ -200,7 +209,18 @@ def time_decode(runners: dict, prompt, new_tokens: int, repeats: int, progress=N
             seconds[name].append(elapsed)
             if progress is not None:
                 progress()
-    return {name: statistics.median(s) for name, s in seconds.items()}, tokens
+    return seconds, tokens
+
+
+def paired_ratio(numerator, denominator, resamples: int = 2000, seed: int = 0) -> dict:
+    """The median of the per-repeat ratios numerator_i / denominator_i, with a percentile-bootstrap 95% interval
+    of that median; "resolved" when the interval excludes 1."""
+    ratios = np.asarray(numerator, dtype=np.float64) / np.asarray(denominator, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, (resamples, ratios.size)), axis=1)
+    low, high = (float(q) for q in np.quantile(medians, [0.025, 0.975]))
+    return {"median": float(np.median(ratios)), "interval_95": [low, high], "repeats": int(ratios.size),
+            "resolved": not low <= 1.0 <= high}
 
 
 def environment(threads: int, device: str = "cpu") -> dict:
@@ -385,12 +405,14 @@ def markdown(result: dict, command: str | None = None) -> str:
         lines.append(f"| decode, tokens/s | {d['reffuse_tokens_per_second']:.1f} | "
                      f"{d['llamacpp_tokens_per_second']:.1f} | {d['fraction_of_llamacpp']:.2f}x the speed |")
         fusion = result["llama_cpp"]["fusion"]
-        rate = fusion["tokens_per_second"]
+        rate, paired = fusion["tokens_per_second"], fusion["fused_speedup_paired"]
         lines += ["", f"Fusion in llama.cpp: decode of the model with attention removed in "
                       f"{fusion['attention_removed'] or 'no block (it has an attention-free run)'} "
                       f"({rate['attention removed']:.1f} tokens/s) against the same with "
                       f"{', '.join(f'{a}-{b}' for a, b in fusion['groups'])} fused ({rate['fused']:.1f} tokens/s): "
-                      f"{fusion['fused_speedup']:.3f}x."]
+                      f"{fusion['fused_speedup']:.3f}x, 95% interval {paired['interval_95'][0]:.3f}-"
+                      f"{paired['interval_95'][1]:.3f} over {paired['repeats']} paired repeats: "
+                      + ("resolved." if paired["resolved"] else "not resolved (the interval holds 1).")]
     f = result["ffn_run"]
     lines += ["", f"Fused-FFN microbenchmark: a run of {f['blocks']} FFNs (d={f['dim']}, widths "
                   f"{'/'.join(map(str, sorted(set(f['widths']))))}), fused into one of width {f['fused_width']}.", "",

@@ -120,3 +120,11 @@ def test_bench_command_bad_options(capsys):
             main(["bench", "--model", "tiny", flag, "0"])
         assert exit_.value.code == 2
         assert f"argument {flag}: 0 is not a count: give 1 or more" in capsys.readouterr().err
+
+
+def test_a_paired_ratio_is_resolved_only_when_its_interval_excludes_one():
+    from reffuse.speed.bench import paired_ratio
+    clear = paired_ratio([1.2, 1.25, 1.21, 1.3, 1.22, 1.24, 1.23], [1.0] * 7)
+    assert clear["resolved"] and 1.2 <= clear["interval_95"][0] <= clear["median"] <= clear["interval_95"][1]
+    noisy = paired_ratio([1.1, 0.95, 1.2, 0.9, 1.05, 1.0, 0.97], [1.0] * 7)
+    assert not noisy["resolved"] and noisy["interval_95"][0] < 1 < noisy["interval_95"][1]
