@@ -128,3 +128,17 @@ def test_a_paired_ratio_is_resolved_only_when_its_interval_excludes_one():
     assert clear["resolved"] and 1.2 <= clear["interval_95"][0] <= clear["median"] <= clear["interval_95"][1]
     noisy = paired_ratio([1.1, 0.95, 1.2, 0.9, 1.05, 1.0, 0.97], [1.0] * 7)
     assert not noisy["resolved"] and noisy["interval_95"][0] < 1 < noisy["interval_95"][1]
+
+
+def test_the_profile_script_runs_and_accounts_for_the_step(smollm2, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "profile" / "profile_smollm2.py"
+    subprocess.run([sys.executable, str(script), "--repeats", "2", "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=300)
+    result = json.loads((tmp_path / "profile.json").read_text())
+    step = result["decode"]["seconds"]
+    assert abs(sum(result["decode"]["parts"].values()) - step) <= 0.05 * step  # the parts account for the step
+    assert 0 < result["fraction_of_bound"] <= 1.5
