@@ -129,6 +129,13 @@ def remove_abandoned(folder) -> list[Path]:
 # Files
 
 
+def _check_writable(path: Path, remedy: str) -> None:
+    """Refuse a path whose nearest existing folder (itself or a parent) this process cannot write into."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ReffuseError(f"{existing} is not writable, {remedy}")
+
+
 def check_writable_file(path) -> Path:
     """Refuse, before any long work, an output file that cannot be written: a folder in its place, or a parent
     that is not a writable folder."""
@@ -138,9 +145,7 @@ def check_writable_file(path) -> Path:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise ReffuseError(f"{parent} is a file, so {path} cannot be written: give a path in a folder")
-    existing = next((p for p in [parent, *parent.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ReffuseError(f"{existing} is not writable, so {path} cannot be written: give a path you can write")
+    _check_writable(parent, f"so {path} cannot be written: give a path you can write")
     return path
 
 
@@ -186,9 +191,7 @@ def check_output_folder(target, overwrite: bool, replaceable=None, what: str = "
                                "folder (nothing in it is touched)")
         if not overwrite:
             raise ReffuseError(f"{target} already holds a {what}: give a new folder, or --overwrite to replace it")
-    existing = next((p for p in [target, *target.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ReffuseError(f"{existing} is not writable: give a folder you can write the {what} into")
+    _check_writable(target, f"give a folder you can write the {what} into")
     return target
 
 

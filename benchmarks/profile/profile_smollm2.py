@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         from reffuse.speed.bench import llamacpp_runner
         with tempfile.TemporaryDirectory() as folder:
             runner = llamacpp_runner(model, load_tokenizer("smollm2"), Path(folder) / "smollm2-f32.gguf", args.threads)
-            seconds = statistics.median(runner.decode(prompt, 32)[0] for _ in range(5))
+            seconds = statistics.median(runner.timed_greedy(prompt, 32)[0] for _ in range(5))
             result["llama_cpp_tokens_per_second"] = 32 / seconds
             del runner
     except reffuse.ReffuseError as e:

@@ -54,7 +54,8 @@ HELP = "run the sequential and fused model tensor-parallel under mpiexec; count 
 PROGRAM = "reffuse tp"
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2",
-                        help="model name, folder or .gguf file (default: smollm2; tiny and synthetic-smollm2 are synthetic)")
+                        help="model name, folder or .gguf file (default: smollm2; tiny and synthetic-smollm2 are "
+                             "synthetic)")
     parser.add_argument("--groups", type=groups_argument, default=None,
                         help="runs to fuse, FIRST-LAST[,FIRST-LAST...], 0-based inclusive (default: the longest "
                              "attention-free run without its last block; tiny: 4-8)")

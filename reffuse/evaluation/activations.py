@@ -92,13 +92,16 @@ def load_activations(path) -> dict:
 
 
 def error_row(name: str, candidate, reference) -> dict:
-    """max |candidate - reference|, max |reference|, and their ratio, computed in float64; for [T, ...] arrays
+    """max |candidate - reference|, max |reference|, their ratio, and the mean squared difference over the
+    reference's mean square (NMSE), computed in float64; for [T, ...] arrays
     also the same without the first position (the attention sink, whose norm can be 10^4 times the others' and
     hides every other error) and the position of the largest error."""
     a, b = np.asarray(candidate, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     difference = np.abs(a - b)
     max_abs, scale = float(difference.max()), float(np.max(np.abs(b)))
-    row = {"step": name, "max_abs": max_abs, "max_reference": scale, "relative": max_abs / scale if scale else 0.0}
+    power = float(np.mean(b ** 2))
+    row = {"step": name, "max_abs": max_abs, "max_reference": scale, "relative": max_abs / scale if scale else 0.0,
+           "nmse": float(np.mean((a - b) ** 2)) / power if power else 0.0}
     if a.ndim >= 2 and a.shape[0] > 1:
         rest_abs, rest_scale = float(difference[1:].max()), float(np.max(np.abs(b[1:])))
         row.update(relative_without_sink=rest_abs / rest_scale if rest_scale else 0.0,

@@ -9,6 +9,7 @@ cache alone costs about 7e-4 of the largest logit. It gives logits only (no per-
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,19 @@ class LlamaCpp:
 
     def greedy(self, ids, new_tokens: int) -> list[int]:
         """`new_tokens` greedy ids after `ids`, with llama.cpp's own KV cache."""
+        return self.timed_greedy(ids, new_tokens)[1]
+
+    def timed_greedy(self, ids, new_tokens: int) -> tuple[float, list[int]]:
+        """Seconds for `new_tokens` greedy decode steps after an untimed prefill of `ids`, and the tokens."""
         self.llm.reset()
         self.llm.eval([int(i) for i in ids])
         out = []
+        start = time.perf_counter()
         for _ in range(new_tokens):
             token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
             out.append(token)
             self.llm.eval([token])
-        return out
+        return time.perf_counter() - start, out
 
 
 def run_llamacpp(model: Model, tokenizer, ids, new_tokens: int) -> tuple[np.ndarray, list[int], str]:

@@ -9,7 +9,7 @@ import numpy as np
 from reffuse.core.backend import to_numpy
 from reffuse.core.generate import generate
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.activations import activations, compare, error_row, load_activations
+from reffuse.evaluation.activations import activations, compare, load_activations
 from reffuse.formats.registry import load_model
 
 # What "agrees" means, per precision of the less precise side, relative to the largest value of each output
@@ -50,6 +50,13 @@ def check_convention(model, dump: dict, ours: dict, source: str) -> None:
                            "the format says (reffuse.evaluation.activations)")
 
 
+def greedy_comparison(model, ids, theirs: list[int]) -> dict:
+    """reffuse's greedy continuation of `ids` beside another implementation's, and how long they agree."""
+    ours = generate(model, ids, len(theirs))
+    same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    return {"tokens": len(theirs), "identical_prefix": same, "reffuse": ours, "reference": theirs}
+
+
 def verify(model_name: str, against: str, ids=None, dtype: str = "float32", generate_tokens: int = 32,
            rtol: float | None = None, atol: float | None = None, tokenizer: str | None = None) -> dict:
     """Compare `model_name` with `against` ("transformers", "llama.cpp", or the path of an activation dump) on the
@@ -62,36 +69,27 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
         model = load_model(model_name, dtype=dtype)
         reference_model = load_reference(model_name, dtype=dtype)
         result = compare(activations(model, ids), reference_activations(reference_model, ids))
-        ours = generate(model, ids, generate_tokens)
-        theirs = reference_greedy(reference_model, ids, generate_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-        result["greedy"] = {"tokens": generate_tokens, "identical_prefix": same, "reffuse": ours, "reference": theirs}
+        result["greedy"] = greedy_comparison(model, ids, reference_greedy(reference_model, ids, generate_tokens))
         description = "transformers (LlamaForCausalLM)"
         precision = "float32"  # transformers' norms, softmax and RoPE tables are float32 in any dtype
     elif against == "llama.cpp":
-        from reffuse.evaluation.llamacpp import run_llamacpp
+        from reffuse.evaluation.llamacpp import LlamaCpp, run_llamacpp
+        from reffuse.formats.fetch import fetch
         from reffuse.formats.registry import find_tokenizer
         if dtype != "float32":
             raise ReffuseError("llama.cpp runs the F32 export: verify against it in float32")
         model = load_model(model_name, dtype="float32")
         logits, theirs, architecture = run_llamacpp(model, find_tokenizer(tokenizer or model_name), ids,
                                                     generate_tokens)
-        ours_acts = activations(model, ids)
-        result = compare({"token_ids": ours_acts["token_ids"], "logits": ours_acts["logits"]},
-                         {"token_ids": ours_acts["token_ids"], "logits": logits})
-        result["logits"]["nmse"] = float(np.mean((ours_acts["logits"] - logits) ** 2) / np.mean(logits ** 2))
-        ours = generate(model, ids, generate_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-        result["greedy"] = {"tokens": generate_tokens, "identical_prefix": same, "reffuse": ours, "reference": theirs}
+        ours = {"token_ids": np.asarray(ids), "logits": activations(model, ids)["logits"]}
+        result = compare(ours, {"token_ids": ours["token_ids"], "logits": logits})
+        result["greedy"] = greedy_comparison(model, ids, theirs)
         description = f"llama.cpp (llama-cpp-python, the model exported as an F32 GGUF, architecture {architecture})"
         if model_name == "smollm2":  # the published Q4_1 file too: llama.cpp's quantized kernels, a gap apart
-            from reffuse.evaluation.llamacpp import LlamaCpp
-            from reffuse.formats.fetch import fetch
             quantized = LlamaCpp(fetch("smollm2"), n_ctx=max(64, len(ids) + 8)).logits(ids)
-            gap = error_row("logits", quantized, ours_acts["logits"])
-            gap["nmse"] = float(np.mean((quantized - ours_acts["logits"]) ** 2) / np.mean(ours_acts["logits"] ** 2))
-            gap["top1_agreement"] = float(np.mean(quantized.argmax(-1) == ours_acts["logits"].argmax(-1)))
-            result["quantized_file"] = gap | {"file": fetch("smollm2").name, "judged": False}
+            gap = compare({"token_ids": ours["token_ids"], "logits": quantized}, ours)
+            result["quantized_file"] = gap["logits"] | {"top1_agreement": gap["top1_agreement"],
+                                                        "file": fetch("smollm2").name, "judged": False}
         precision, dtype = "llama.cpp", "float32"
     else:
         dump = load_activations(against)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from reffuse.core.generate import generate
 from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Model, cast, forward, layout
 from reffuse.errors import ReffuseError
+from reffuse.options import FromArguments
 from reffuse.evaluation.prefix import cache_prefix, score_variant
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
@@ -37,7 +38,7 @@ STEPS = 7
 
 
 @dataclass
-class DemoOptions:
+class DemoOptions(FromArguments):
     """What `reffuse demo` takes (its --help says what each means)."""
     model: str = "smollm2"
     drop_attention: list | None = None
@@ -56,10 +57,6 @@ class DemoOptions:
     sample_tokens: int = 12
     prompt: str = PROMPT
     device: str = "cpu"
-
-    @classmethod
-    def from_namespace(cls, args) -> "DemoOptions":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def relative_error(a, b) -> float:

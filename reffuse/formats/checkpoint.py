@@ -18,8 +18,8 @@ from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
 from reffuse.files import read_json, staged_folder
 from reffuse.core.model import FFN, Attention, Block, Config, Model, cast, check_config, to_device
-from reffuse.formats.nemotron_nas import (MODEL_TYPE, as_recorded, blocks_from_nemotron, nemotron_blocks,
-                                         nemotron_config, reffuse_layout)
+from reffuse.formats.nemotron_nas import (MODEL_TYPE, as_recorded, blocks_from_nemotron, heads_in_group_kv,
+                                         nemotron_blocks, nemotron_config, reffuse_layout)
 from reffuse.optional import require
 
 FORMAT_VERSION = 1
@@ -223,11 +223,7 @@ def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout,
         else:
             raise ReffuseError(f"{source}: num_attention_heads {n_heads} does not divide hidden_size {dim} "
                                "(and no head_dim is given)")
-        kv_default = n_heads
-        if raw.get("model_type") == MODEL_TYPE and raw.get("num_key_value_heads") is None:
-            groups = [b["attention"].get("n_heads_in_group") for b in raw.get("block_configs") or []
-                      if not b.get("attention", {}).get("no_op")]
-            kv_default = n_heads // int(groups[0]) if groups and groups[0] else n_heads
+        kv_default = heads_in_group_kv(raw, n_heads) if raw.get("model_type") == MODEL_TYPE else n_heads
         config = Config(vocab_size=integer("vocab_size"), dim=dim, n_heads=n_heads,
                         n_kv_heads=integer("num_key_value_heads", kv_default), head_dim=head_dim,
                         rope_theta=number("rope_theta", 10000.0), norm_eps=number("rms_norm_eps", 1e-5),

@@ -157,16 +157,14 @@ def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
         raise ReffuseError(f"{path}: general.architecture is {architecture!r}; reffuse loads Llama-architecture "
                            f"models ({' or '.join(map(repr, ARCHITECTURES))})")
 
-    def per_layer(name, default=None) -> list:
+    def raw(name, default=None):
         value = metadata_value(reader, f"{architecture}.{name}", default)
         if value is None:
             raise ReffuseError(f"{path}: metadata key {architecture}.{name} is missing")
-        return value if isinstance(value, list) else None
+        return value
 
     def key(name, default=None):
-        value = metadata_value(reader, f"{architecture}.{name}", default)
-        if value is None:
-            raise ReffuseError(f"{path}: metadata key {architecture}.{name} is missing")
+        value = raw(name, default)
         if isinstance(value, list):  # per-layer values where reffuse takes one: the nonzero ones must agree
             present = {v for v in value if v}
             if len(present) != 1:
@@ -200,9 +198,9 @@ def config_from_gguf(reader, path) -> tuple[Config, tuple[BlockLayout, ...]]:
                     tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
                     name=Path(path).stem, max_positions=int(key("context_length", 0)) or None)
     n_blocks = int(key("block_count"))
-    heads, widths = per_layer("attention.head_count"), per_layer("feed_forward_length")
-    heads = heads or [n_heads] * n_blocks
-    widths = widths or [int(key("feed_forward_length"))] * n_blocks
+    heads, widths = raw("attention.head_count"), raw("feed_forward_length")  # per layer, or one for all
+    heads = heads if isinstance(heads, list) else [heads] * n_blocks
+    widths = widths if isinstance(widths, list) else [widths] * n_blocks
     if len(heads) != n_blocks or len(widths) != n_blocks:
         raise ReffuseError(f"{path}: the per-layer head counts and FFN widths must list {n_blocks} blocks")
     blocks = tuple(BlockLayout(bool(h), int(w)) for h, w in zip(heads, widths))

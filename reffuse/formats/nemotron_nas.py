@@ -89,14 +89,26 @@ def nemotron_config(model: Model, block_configs: list[dict]) -> dict:
     return config
 
 
+def heads_in_group(configs) -> int | None:
+    """n_heads_in_group of the first block with attention (blocks_from_nemotron refuses any that differ)."""
+    return next((c.get("attention", {}).get("n_heads_in_group") for c in configs
+                 if not c.get("attention", {}).get("no_op")), None)
+
+
+def heads_in_group_kv(raw: dict, n_heads: int) -> int:
+    """The key/value heads of a Nemotron-NAS config: num_key_value_heads, else n_heads / n_heads_in_group."""
+    if raw.get("num_key_value_heads") is not None:
+        return raw["num_key_value_heads"]
+    group = heads_in_group(raw.get("block_configs") or [])
+    return n_heads // int(group) if group else n_heads
+
+
 def blocks_from_nemotron(raw: dict, source: str) -> tuple[BlockLayout, ...]:
     """The block layout a Nemotron-NAS config.json describes (refusing what reffuse does not compute, by name)."""
     configs = raw.get("block_configs")
     if not isinstance(configs, list) or not configs:
         raise ReffuseError(f"{source}: a {MODEL_TYPE} config.json needs block_configs, one entry per block")
-    blocks = []
-    first_group = next((c.get("attention", {}).get("n_heads_in_group") for c in configs
-                        if not c.get("attention", {}).get("no_op")), None)
+    blocks, first_group = [], heads_in_group(configs)
     for i, entry in enumerate(configs):
         for part, keys in UNSUPPORTED.items():
             for key in keys:

@@ -6,13 +6,14 @@ paper's greedy selection and a fusion plan, all on calibration text (or random i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
 from reffuse.core.layout import attention_free_runs, full_blocks
 from reffuse.core.model import layout
 from reffuse.errors import ReffuseError
+from reffuse.options import FromArguments
 from reffuse.formats.corpus import calibration_windows
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
@@ -26,7 +27,7 @@ DEFAULT_TOKENS = 512
 
 
 @dataclass
-class AnalysisOptions:
+class AnalysisOptions(FromArguments):
     """What `reffuse analyze` takes (its --help says what each means)."""
     model: str = "smollm2"
     tokenizer: str | None = None
@@ -43,10 +44,6 @@ class AnalysisOptions:
     dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"
-
-    @classmethod
-    def from_namespace(cls, args) -> "AnalysisOptions":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def analysis_tokens(options, model) -> tuple[np.ndarray, dict]:

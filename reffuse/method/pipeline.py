@@ -16,7 +16,7 @@ model has no tokenizer: it gets random token ids instead, from two different see
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from reffuse.files import check_output_folder
 from reffuse.formats.checkpoint import is_model_folder, save_model
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows
 from reffuse.errors import ReffuseError
+from reffuse.options import FromArguments
 from reffuse.method.metrics import block_evaluations_needed, dependency
 from reffuse.core.model import Model
 from reffuse.method.planning import propose_groups
@@ -197,7 +198,7 @@ PROVENANCE_FILE = "fuse.json"  # beside a fused model: every choice, score and t
 
 
 @dataclass
-class FuseOptions:
+class FuseOptions(FromArguments):
     """What `reffuse fuse` takes (its --help says what each means)."""
     model: str
     out: str
@@ -216,10 +217,6 @@ class FuseOptions:
     dependency_tokens: int = 128
     overwrite: bool = False
     device: str = "cpu"
-
-    @classmethod
-    def from_namespace(cls, args) -> "FuseOptions":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def fuse_and_save(options: FuseOptions) -> dict:

@@ -43,8 +43,8 @@ DECODE_PROMPT_TOKENS = 64
 DECODE_TOKENS = 32
 FFN_RUN_BLOCKS = 8
 FFN_RUN_TOKENS = (1, 16, 128, 512)
-GPU_FFN_RUN_TOKENS = (1, 16, 128, 512, 1024, 4096)
-FUSION_REPEATS = 15  # repeats of llama.cpp's fused-vs-unfused decode: enough pairs for a bootstrap interval  # a GPU is launch-bound far longer than a CPU
+GPU_FFN_RUN_TOKENS = (1, 16, 128, 512, 1024, 4096)  # a GPU is launch-bound far longer than a CPU
+FUSION_REPEATS = 15  # repeats of llama.cpp's fused-vs-unfused decode: enough pairs for a bootstrap interval
 
 # The targets this benchmark checks, on 2 cores in float32 (reffuse's speed goals).
 TARGETS = {
@@ -116,38 +116,17 @@ class TransformersRunner:
         return time.perf_counter() - start, tokens
 
 
-class LlamaCppRunner:
-    """llama.cpp (reffuse.evaluation.llamacpp) on the model exported as an F32 GGUF, behind the same operations."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def prefill(self, ids):
-        return self.engine.logits(ids)
-
-    def decode(self, prompt, new_tokens: int) -> tuple[float, list[int]]:
-        llm = self.engine.llm
-        llm.reset()
-        llm.eval([int(i) for i in prompt])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        tokens = []
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            tokens.append(token)
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        return time.perf_counter() - start, tokens
-
-
 def llamacpp_runner(model: Model, tokenizer, path, threads: int, n_ctx: int = 512):
-    """A LlamaCppRunner on `model` written to `path` as an F32 GGUF (llama or deci)."""
+    """llama.cpp (reffuse.evaluation.llamacpp.LlamaCpp) on `model` written to `path` as an F32 GGUF (llama or
+    deci): its `logits` a prefill, its `timed_greedy` a decode, as reffuse_prefill and reffuse_decode are."""
     from reffuse.evaluation.llamacpp import LlamaCpp
     from reffuse.formats.gguf_export import save_gguf
 
-    return LlamaCppRunner(LlamaCpp(save_gguf(model, path, tokenizer, "f32"), n_ctx=n_ctx, threads=threads))
+    return LlamaCpp(save_gguf(model, path, tokenizer, "f32"), n_ctx=n_ctx, threads=threads)
 
 
-def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int, decode_tokens: int = DECODE_TOKENS) -> dict:
+def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int,
+                       decode_tokens: int = DECODE_TOKENS) -> dict:
     """Does fusion speed up a production CPU engine? llama.cpp's decode of the model with attention removed
     (method.removal.default_attention_removal) against the same with its run fused (default_groups), in alternation."""
     from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
@@ -159,7 +138,7 @@ def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int, deco
         runners = {"attention removed": llamacpp_runner(removed, tokenizer, Path(folder) / "removed.gguf", threads),
                    "fused": llamacpp_runner(fuse(removed, groups), tokenizer, Path(folder) / "fused.gguf", threads)}
         prompt = prompt_ids(model, DECODE_PROMPT_TOKENS)
-        samples, _ = decode_samples({name: runner.decode for name, runner in runners.items()}, prompt,
+        samples, _ = decode_samples({name: runner.timed_greedy for name, runner in runners.items()}, prompt,
                                     decode_tokens, max(repeats, FUSION_REPEATS))
         del runners
     rate = {name: decode_tokens / statistics.median(s) for name, s in samples.items()}
@@ -292,7 +271,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                 if hf is not None:
                     fns["transformers"] = lambda: hf.prefill(ids)
                 if llama is not None:
-                    fns["llama.cpp"] = lambda: llama.prefill(ids)
+                    fns["llama.cpp"] = lambda: llama.logits(ids)
                 seconds = compare_seconds(fns, repeats)
                 row = {"tokens": tokens, "reffuse_seconds": seconds["reffuse"]}
                 if hf is not None:
@@ -309,7 +288,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             if hf is not None:
                 runners["transformers"] = hf.decode
             if llama is not None:
-                runners["llama.cpp"] = llama.decode
+                runners["llama.cpp"] = llama.timed_greedy
             seconds, tokens = time_decode(runners, prompt, decode_tokens, repeats)
             decode = {"prompt_tokens": len(prompt), "new_tokens": decode_tokens,
                       "reffuse_tokens_per_second": decode_tokens / seconds["reffuse"]}

@@ -95,11 +95,6 @@ def cuda_awareness(comm) -> tuple[bool, str]:
     return False, "no answer from MPI: host staging"
 
 
-def mpi_is_cuda_aware(comm) -> bool:
-    """Whether MPI reads CUDA device memory (cuda_awareness, without the how)."""
-    return cuda_awareness(comm)[0]
-
-
 class AllReduce:
     """A counted, timed all-reduce over `comm`: kind "mpi" (MPI's Allreduce) or "ring" (ring_allreduce).
 

@@ -9,7 +9,7 @@ import hashlib
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from reffuse.core.fusion import fuse
 from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import KVCache, Model, forward, to_device
 from reffuse.errors import ReffuseError
+from reffuse.options import FromArguments
 from reffuse.formats.registry import load_model
 from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
 from reffuse.speed.timing import blas_threads
@@ -34,7 +35,7 @@ CUDA_AWARE = {"auto": None, "yes": True, "no": False}
 
 
 @dataclass
-class JobOptions:
+class JobOptions(FromArguments):
     """What `reffuse tp` takes (its --help says what each means)."""
     model: str = "smollm2"
     groups: list | None = None
@@ -51,10 +52,6 @@ class JobOptions:
     seed: int = 0
     fail_on_rank: int | None = None
     timeout: float = DEFAULT_TIMEOUT_SECONDS
-
-    @classmethod
-    def from_namespace(cls, args) -> "JobOptions":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 class FailingAllReduce(AllReduce):
