@@ -31,7 +31,7 @@ from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.speed.timing import blas_threads
 
-PARTS = ("rms_norm", "attention", "ffn_output", "rope_for", "lm_logits")
+PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
 
 
 def timed_parts(run, repeats: int) -> dict:

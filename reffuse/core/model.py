@@ -15,6 +15,13 @@ Layout conventions, named because every port of Llama weights trips over one of 
 - RMSNorm is x / sqrt(mean(x²) + eps) ⊙ gain, as in HF. The paper writes x/||x|| ⊙ s: the same up to a
   factor sqrt(d), which lives in the gain.
 - Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads), as HF's repeat_kv.
+- Weights read together are stored together: an FFN's gate and up projections are views of one array gate_up
+  [2 dh, d], an attention's q, k and v views of one array qkv; each view still has HF's meaning and orientation.
+
+The forward pass below is the plain one, written as the equations are. Where a faster arrangement of the same
+arithmetic exists (one product where two read the same input, skipped masked work, tables made once), it lives in
+"Fast paths" at the end of this module, is tested equal to the plain function it replaces, and `fast_paths(False)`
+(or REFFUSE_PLAIN=1) switches every one of them off, to read or debug the plain path.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
 from reffuse.core import layout as layouts
-from reffuse.core.backend import array_module, to_device as _array_to_device
+from reffuse.core.backend import array_module, device_of, to_device as _array_to_device
 from reffuse.core.layout import BlockLayout, Layout
 from reffuse.errors import ReffuseError
 
@@ -74,7 +82,24 @@ def check_config(config: Config, source: str) -> Config:
     return config
 
 
-@dataclass
+def _stacked(part, names: tuple[str, ...], stacked_name: str) -> None:
+    """Store the (out, in) weights `names` of a frozen dataclass as row blocks of one new array `stacked_name`,
+    each field becoming a view of its block: the same values, shapes and orientation, read in one pass."""
+    arrays = [getattr(part, name) for name in names]
+    widths = {a.shape[1] if a.ndim == 2 else None for a in arrays}
+    if len(widths) != 1 or None in widths or len({a.dtype for a in arrays}) != 1:
+        shapes = ", ".join(f"{name} {tuple(a.shape)} {a.dtype}" for name, a in zip(names, arrays))
+        raise ReffuseError(f"{type(part).__name__} weights {shapes}: they must be 2-D with the same input width "
+                           "and dtype")
+    stacked = array_module(arrays[0]).concatenate(arrays)
+    object.__setattr__(part, stacked_name, stacked)
+    start = 0
+    for name, a in zip(names, arrays):
+        object.__setattr__(part, name, stacked[start:start + a.shape[0]])
+        start += a.shape[0]
+
+
+@dataclass(frozen=True)
 class Attention:
     norm_gain: np.ndarray  # [d]             η1's gain (HF input_layernorm)
     q: np.ndarray          # [n_heads*head_dim, d]
@@ -82,13 +107,19 @@ class Attention:
     v: np.ndarray          # [n_kv_heads*head_dim, d]
     o: np.ndarray          # [d, n_heads*head_dim]
 
+    def __post_init__(self):
+        _stacked(self, ("q", "k", "v"), "qkv")  # self.qkv [(n_heads + 2 n_kv_heads) head_dim, d]
 
-@dataclass
+
+@dataclass(frozen=True)
 class FFN:
     norm_gain: np.ndarray  # [d]      η2's gain (HF post_attention_layernorm)
     gate: np.ndarray       # [dh, d]  the paper's W2 (HF gate_proj)
     up: np.ndarray         # [dh, d]  the paper's W1 (HF up_proj)
     down: np.ndarray       # [d, dh]  the paper's W3 (HF down_proj)
+
+    def __post_init__(self):
+        _stacked(self, ("gate", "up"), "gate_up")  # self.gate_up [2 dh, d]
 
     @property
     def width(self) -> int:
@@ -124,12 +155,17 @@ class Model:
                       cfg.tie_embeddings, blocks, source="a reffuse Model's shapes")
 
 
+def weights_of(part: Attention | FFN) -> dict:
+    """A sub-block's weights by name (its stacked arrays hold the same numbers and are not counted again)."""
+    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+
+
 def map_arrays(model: Model, fn: Callable) -> Model:
     """A new model with `fn` applied to every weight array (dtype casts, device moves); ties are kept."""
     def sub(part):
         if part is None:
             return None
-        return type(part)(**{f.name: fn(getattr(part, f.name)) for f in dataclasses.fields(part)})
+        return type(part)(**{name: fn(a) for name, a in weights_of(part).items()})
 
     embed = fn(model.embed)
     lm_head = embed if model.config.tie_embeddings else fn(model.lm_head)
@@ -179,11 +215,14 @@ def swiglu(ffn: FFN, x):
 
 
 def ffn_output(ffn: FFN, x):
-    """eq. 3 as the forward pass computes it: swiglu, or on the CPU, once the hidden activations outgrow the
-    cache, the same sum in column blocks (below). The one place where that choice is made."""
+    """eq. 3 as the forward pass computes it: swiglu, or a fast path for it (end of module). The one place where
+    that choice is made: on the CPU, once the hidden activations outgrow the cache, the sum in column blocks
+    (below); otherwise gate and up in one product."""
+    if not FAST_PATHS:
+        return swiglu(ffn, x)
     if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
         return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
-    return swiglu(ffn, x)
+    return swiglu_stacked(ffn, x)
 
 
 # On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
@@ -348,8 +387,8 @@ def block_forward(model: Model, layer: int, x, cos, sin, cache: KVCache | None =
     """
     block, eps = model.blocks[layer], model.config.norm_eps
     if block.attention is not None:
-        x = x + allreduce(attention(block.attention, rms_norm(x, block.attention.norm_gain, eps),
-                                    model.config, cos, sin, cache, layer))                    # eq. 1
+        x = x + allreduce(attention_output(block.attention, rms_norm(x, block.attention.norm_gain, eps),
+                                           model.config, cos, sin, cache, layer))             # eq. 1
     if mids is not None:
         mids.append(x)
     if block.ffn is not None:
@@ -418,6 +457,8 @@ def check_token_ids(model: Model, token_ids) -> np.ndarray:
 def rope_for(model: Model, positions, xp=np):
     """RoPE tables cos, sin [T, head_dim] of the model's heads at `positions`, in its dtype, on xp's device."""
     cfg = model.config
+    if FAST_PATHS:
+        return rope_rows(positions, cfg.head_dim, cfg.rope_theta, model.dtype, xp)
     return rope_tables(positions, cfg.head_dim, cfg.rope_theta, model.dtype, xp)
 
 
@@ -445,3 +486,113 @@ def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache:
     if cache is not None:
         cache.length += len(ids)
     return lm_logits(model, x)                                            # [T, d] -> [T, vocab]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast paths: the same arithmetic, arranged for speed. Each is tested equal to the plain function it replaces
+# (tests/core/test_fast_paths.py): bit for bit where the operations are the same, within float32 rounding where
+# a sum runs over fewer zeros. ffn_output, attention_output and rope_for choose; the rest of the model does not know.
+
+FAST_PATHS = os.environ.get("REFFUSE_PLAIN") != "1"
+
+
+@contextmanager
+def fast_paths(enabled: bool = True):
+    """Within the `with` block, the fast paths on, or off (False: the plain functions only, to read or debug them)."""
+    global FAST_PATHS
+    before, FAST_PATHS = FAST_PATHS, bool(enabled)
+    try:
+        yield
+    finally:
+        FAST_PATHS = before
+
+
+def silu_(z):
+    """silu in place (z is overwritten): the same operations, z / (1 + e^-z), with one temporary instead of three."""
+    xp = array_module(z)
+    denominator = xp.negative(z)
+    with np.errstate(over="ignore"):
+        xp.exp(denominator, out=denominator)
+    denominator += 1
+    z /= denominator
+    return z
+
+
+def swiglu_stacked(ffn: FFN, x):
+    """swiglu with gate and up in one product: x [W_gate; W_up]^T = [x W_gate^T | x W_up^T].
+
+    This is Theorem 3.1's stacking applied inside one FFN: there the FFNs of a run are stacked, here the two input
+    projections of one FFN, which read the same x, so their weights (one array, ffn.gate_up) stream in one pass.
+    """
+    dh = ffn.width
+    both = x @ ffn.gate_up.T                   # [T, d] -> [T, 2 dh]
+    hidden = silu_(both[:, :dh])               # [T, dh], in place
+    hidden *= both[:, dh:]
+    return hidden @ ffn.down.T                 # [T, dh] -> [T, d]
+
+
+def attention_output(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    """Attention as the forward pass computes it: `attention`, or its fast path. The one place that chooses."""
+    if FAST_PATHS:
+        return attention_stacked(attn, x, config, cos, sin, cache, layer)
+    return attention(attn, x, config, cos, sin, cache, layer)
+
+
+# Prefill queries per block in attention_stacked. Smaller blocks skip more of the masked half of the scores
+# (a block sees past + its last position's keys) but make more, smaller products; 64 measured fastest on 2 cores
+# for SmolLM2 at 128-512 tokens.
+QUERY_BLOCK = 64
+
+
+def attention_stacked(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    """`attention` with its arithmetic arranged for speed; x [T, d] -> [T, d].
+
+    - q, k and v in one product x W_qkv^T (their weights are one array, attn.qkv), RoPE on q and k in one call;
+    - 1/sqrt(head_dim) applied to q (T·head_dim numbers) instead of the scores (T·S): exact when it is a power
+      of two, as for head_dim 64;
+    - queries in blocks of QUERY_BLOCK, each against only the keys it may see: the masked half of the causal
+      scores is never computed, and only a block's last QUERY_BLOCK keys need the mask.
+    """
+    xp = array_module(x)
+    T, hd = x.shape[0], config.head_dim
+    n_heads, n_kv = attn.q.shape[0] // hd, attn.k.shape[0] // hd
+    heads = (x @ attn.qkv.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_heads + 2 n_kv, T, hd]
+    rotated = apply_rope(heads[:n_heads + n_kv], cos, sin)          # q and k: [n_heads + n_kv, T, hd]
+    q, k, v = rotated[:n_heads], rotated[n_heads:], heads[n_heads + n_kv:]
+    q *= 1 / math.sqrt(hd)
+    past = 0
+    if cache is not None:
+        past = cache.length
+        k, v = cache.append(layer, k, v)                            # -> [n_kv, S, hd], S = past + T
+    q = q.reshape(n_kv, n_heads // n_kv, T, hd)                     # query heads grouped by the kv head they read
+    out = xp.empty_like(q)
+    for start in range(0, T, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, T)
+        seen = past + stop                                          # keys up to the block's last query
+        scores = q[:, :, start:stop] @ k[:, None, :seen].transpose(0, 1, 3, 2)  # -> [n_kv, group, B, seen]
+        if stop - start > 1:  # query i of the block may not see the block's keys after its own
+            scores[..., seen - (stop - start):] += xp.triu(xp.full((stop - start,) * 2, -xp.inf, x.dtype), 1)
+        out[:, :, start:stop] = softmax_(scores) @ v[:, None, :seen]
+    return out.reshape(n_heads, T, hd).transpose(1, 0, 2).reshape(T, n_heads * hd) @ attn.o.T  # -> [T, d]
+
+
+_ROPE_TABLES: dict = {}
+
+
+def rope_rows(positions, head_dim: int, theta: float, dtype, xp=np):
+    """rope_tables' rows for `positions`, cut from tables made once per (head_dim, theta, dtype, device) and
+    remade twice as long when a later position is asked for. The same numbers: each row is computed on its own."""
+    positions = np.asarray(positions, dtype=np.int64)
+    device = None if xp is np else xp.cuda.runtime.getDevice()
+    key = (head_dim, float(theta), np.dtype(dtype).str, xp.__name__, device)
+    need = int(positions.max()) + 1 if positions.size else 0
+    tables = _ROPE_TABLES.get(key)
+    if tables is None or tables[0].shape[0] < need:
+        length = max(need, 2 * tables[0].shape[0] if tables is not None else 1024)
+        tables = _ROPE_TABLES[key] = rope_tables(np.arange(length), head_dim, theta, dtype, xp)
+    cos, sin = tables
+    if positions.size and (positions == positions[0] + np.arange(positions.size)).all():
+        rows = slice(int(positions[0]), int(positions[0]) + positions.size)
+    else:
+        rows = xp.asarray(positions)
+    return cos[rows], sin[rows]

@@ -16,7 +16,7 @@ import numpy as np
 from reffuse.core.backend import synchronize, to_numpy
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import attention_free_runs
-from reffuse.core.model import KVCache, Model, forward, to_device
+from reffuse.core.model import KVCache, Model, forward, to_device, weights_of
 from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.formats.registry import load_model
@@ -67,7 +67,7 @@ def weights_digest(model: Model) -> str:
     """sha256 of a model's weights, in block order: ranks that loaded different files tell apart by it."""
     digest = hashlib.sha256()
     for array in [model.embed, model.norm_gain] + [a for block in model.blocks for part in (block.attention, block.ffn)
-                                                   if part is not None for a in vars(part).values()]:
+                                                   if part is not None for a in weights_of(part).values()]:
         digest.update(np.ascontiguousarray(to_numpy(array)).tobytes())
     return digest.hexdigest()
 

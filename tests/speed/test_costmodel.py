@@ -18,6 +18,7 @@ from reffuse.speed.costmodel import (MODEL_PRESETS, PAPER_TABLE2, ULTRA_FUSED_MU
 from reffuse.core.layout import BlockLayout, attention_free_runs
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
+from reffuse.core.model import weights_of
 from reffuse.tp.sharding import allreduces_per_forward
 
 
@@ -74,7 +75,7 @@ def test_parameter_counts(layouts, tiny32):
     # SmolLM2-135M: 134,515,008 weights of which 34,560 + 576 are norm gains, which the count leaves out
     assert parameter_count(layouts["smollm2"]) == 134_515_008 - 30 * 2 * 576 - 576
     weights = tiny32.embed.size + sum(a.size for b in tiny32.blocks for part in (b.attention, b.ffn) if part
-                                      for name, a in vars(part).items() if name != "norm_gain")
+                                      for name, a in weights_of(part).items() if name != "norm_gain")
     assert parameter_count(layouts["tiny"]) == weights  # tied embeddings: the LM head is the embedding
 
 
