@@ -100,6 +100,23 @@ stacked = np.concatenate([hidden(f, u) for f in run], axis=1)  # [T, Σ d_h]
 print("H* shape", hidden(wide, u).shape, " max |H* - [H^1..H^n]| =", np.abs(hidden(wide, u) - stacked).max())
 
 # %% [markdown]
+# The same stacking works *inside* one FFN. $W_2$ and $W_1$ read the same $U$, so
+# $[\,U W_2^	op \mid U W_1^	op\,] = U egin{bmatrix}W_2\ W_1\end{bmatrix}^	op$: one product instead of two,
+# the theorem's concatenation applied to the two input projections of a single FFN. It changes no number, only how
+# many products read the weights. reffuse uses it where that pays: an attention's q, k and v also read one input,
+# so they are stored as one array `Attention.qkv` (`q`, `k`, `v` are views of it) and computed in one product
+# (`reffuse.core.model.attention_stacked`). At one token that takes 0.57x the time of three products, because k and
+# v are small (192 rows) and every product has a fixed cost. Gate and up are two products of 1536 rows that
+# already stream at the machine's rate: stacked, they took 0.96x the time at one token and 1.00x at 512
+# (`benchmarks/results/profile_smollm2/profile.md`), so the FFN keeps two.
+
+# %%
+ffn = run[0]
+both = u @ np.concatenate([ffn.gate, ffn.up]).T                # [T, d] -> [T, 2 d_h]: gate and up in one product
+separate = np.concatenate([u @ ffn.gate.T, u @ ffn.up.T], axis=1)
+print("max |U [W_2; W_1]^T - [U W_2^T | U W_1^T]| =", np.abs(both - separate).max())
+
+# %% [markdown]
 # ## 2. Exact in theory, exact to rounding in practice: float64 vs float32
 #
 # Above the difference is about $10^{-16}$ times the output, not 0. Both sides perform the same multiplications;

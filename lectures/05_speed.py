@@ -22,7 +22,7 @@
 # 1. the **roofline** of this machine, measured in a few seconds: when is an FFN limited by memory bandwidth and
 #    when by arithmetic?
 # 2. the **fused-FFN microbenchmark**: a run of 8 SmolLM2-sized FFNs, sequential vs fused, at 1 to 512 tokens;
-# 3. **model decode speed** of reffuse on SmolLM2 (and transformers beside it);
+# 3. **model decode speed** of reffuse on SmolLM2, with transformers and llama.cpp beside it and the machine's bound;
 # 4. the **latency model at the paper's scale**: Llama-405B → 253B PreFusion → fused on 8 H100s, beside the
 #    paper's Table 2;
 # 5. **GPU numbers**, where they have been recorded.
@@ -133,26 +133,44 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # blocks (`reffuse.core.model.swiglu`). The measured times sit above the roofline bound: the bound ignores every
 # fixed cost, and the roofline here was measured *now*, the benchmark on another day.
 #
-# ## 3. Model decode speed
+# ## 3. Model decode speed, against two other engines and the machine's bound
 #
-# The same benchmark decodes 32 tokens greedily with the KV cache, and runs transformers on the same token ids in
-# the same process for comparison:
+# The same benchmark decodes 32 tokens greedily with the KV cache, in reffuse, in transformers and in llama.cpp
+# (the model exported as an F32 GGUF: the same weights, the same precision), taking turns in every repeat. It
+# also measures the bound: a decode step at batch 1 must read every weight once, about 540 MB in float32, so it
+# cannot be faster than those bytes over the streaming rate NumPy reaches on this machine.
 
 # %%
-decode, prefill = bench["decode"], bench["prefill"]
-print(f"decode: reffuse {decode['reffuse_tokens_per_second']:.1f} tokens/s", end="")
-if "transformers_tokens_per_second" in decode:
-    print(f", transformers {decode['transformers_tokens_per_second']:.1f} tokens/s "
-          f"({decode['speedup']:.2f}x), same greedy tokens: {decode['same_greedy_tokens']}")
+decode, prefill, bound = bench["decode"], bench["prefill"], bench["bound"]
+print(f"the bound: {bound['weight_bytes'] / 1e6:.0f} MB at {bound['bytes_per_second'] / 1e9:.1f} GB/s, "
+      f"at most {bound['tokens_per_second']:.1f} tokens/s")
+for engine, fraction in bound["fractions"].items():
+    print(f"  {engine:12s} {fraction * bound['tokens_per_second']:6.1f} tokens/s = {fraction:4.0%} of the bound")
+print(f"reffuse / transformers {decode['speedup']:.2f}x, reffuse / llama.cpp {decode['fraction_of_llamacpp']:.2f}x; "
+      f"same greedy tokens as transformers: {decode['same_greedy_tokens']}")
 for row in prefill:
-    ratio = f"  ({row['time_ratio']:.2f}x transformers' time)" if "time_ratio" in row else ""
-    print(f"prefill {row['tokens']:3d} tokens: {1e3 * row['reffuse_seconds']:7.1f} ms{ratio}")
+    print(f"prefill {row['tokens']:3d} tokens: reffuse {1e3 * row['reffuse_seconds']:6.1f} ms = "
+          f"{row['time_ratio']:.2f}x transformers' time, {row['llamacpp_time_ratio']:.2f}x llama.cpp's")
 for check in bench["targets"]:
-    print(f"target: {check['target']:60s} measured {check['measured']}  met: {check['met']}")
+    print(f"target: {check['target']:60s} measured {check['measured']:.2f}  met: {check['met']}")
+
+engines = list(bound["fractions"])
+fig, ax = plt.subplots(figsize=(5.5, 2.8))
+ax.barh(engines, [bound["fractions"][e] * bound["tokens_per_second"] for e in engines], color="tab:blue")
+ax.axvline(bound["tokens_per_second"], color="black", linestyle=":", label="the bound: every weight read once")
+ax.set_xlabel("decode tokens/s (SmolLM2, float32, 2 threads)")
+ax.invert_yaxis()
+ax.legend(fontsize=7, loc="lower right")
+fig.tight_layout()
+show(fig)
 
 # %% [markdown]
-# A decode step of a 135M model at batch 1 reads every weight once: about 540 MB in float32, so its time is
-# roughly the weight bytes over the memory bandwidth, plus a fixed cost per block. That is the regime the paper
+# reffuse is NumPy calling BLAS, yet it decodes faster than transformers: both stream the same weights, and what
+# separates them is the fixed cost around each product. llama.cpp, compiled kernels with no interpreter between
+# them, comes closest to the bound. reffuse's own fast paths (`reffuse.core.model`, "Fast paths": q, k and v in one
+# product, prefill attention that skips the masked half of the scores, RoPE tables made once) are each tested
+# equal to the plain functions and can be switched off with `fast_paths(False)`;
+# `benchmarks/results/profile_smollm2/profile.md` says, part by part, what they buy. That is the regime the paper
 # is in at batch 1 on a GPU, 1000 times larger and 1000 times faster.
 
 # %% [markdown]

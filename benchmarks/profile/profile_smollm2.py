@@ -1,14 +1,19 @@
-"""Where one decode step and one prefill of SmolLM2 spend their time, beside the machine's bound, in one run.
+"""Where one decode step and two prefills of SmolLM2 spend their time, with reffuse's fast paths off and on,
+beside the machine's bound, in one run.
 
     python benchmarks/profile/profile_smollm2.py --threads 2 --out benchmarks/results/profile_smollm2
 
 Each part of the forward pass that reffuse.core.model names (RMSNorm, attention, the FFN, the RoPE tables, the LM
 head) is timed by wrapping that function for the run; what is left of the step's time is Python between them
 (block walking, residual adds, cache bookkeeping). A part's time includes what it calls: the LM head's includes
-the final norm, attention's the RoPE rotation. The bound: the bytes a decode step must read (every weight
-once) over the streaming bandwidth NumPy reaches here (a large GEMV, weights stored as reffuse stores them, and a
-copy), so that "fraction of the bound" is measured, not assumed. llama.cpp's decode of the same F32 weights is
-timed beside it where the `llamacpp` extra is installed. Medians of --repeats, BLAS pinned to --threads.
+the final norm, attention's the RoPE rotation. Every run is timed twice, with the fast paths off (the plain
+functions, core.fast_paths(False)) and on, so that what they buy is a ratio from the same run. The bound: the
+bytes a decode step must read (every weight once) over the streaming bandwidth NumPy reaches here
+(speed.timing.streaming_bandwidth: a large GEMV with the weights stored (out, in) as reffuse stores them and
+(in, out), and a copy), so that "fraction of the bound" is measured, not assumed. llama.cpp's decode of the same F32
+weights is timed beside it where the `llamacpp` extra is installed. And the choice of which weights to store
+stacked: the input projections that read the same x, as separate products and as one. Medians of --repeats, BLAS
+pinned to --threads.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ import reffuse
 from reffuse.core import model as core
 from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
-from reffuse.speed.timing import blas_threads
+from reffuse.speed.bench import blas_in_use
+from reffuse.speed.timing import blas_threads, compare_seconds, decode_bound, streaming_bandwidth
 
 PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
+PREFILL_LONG = 512
 
 
 def timed_parts(run, repeats: int) -> dict:
@@ -69,26 +76,33 @@ def timed_parts(run, repeats: int) -> dict:
     return {"seconds": step, "parts": parts, "shares": {k: v / step for k, v in parts.items()}}
 
 
-def bandwidth(threads: int, repeats: int) -> dict:
-    """Bytes per second NumPy streams here: a GEMV over 128 MB of weights stored [out, in], and a copy."""
-    rng = np.random.default_rng(0)
-    weight = rng.random((32768, 1024), dtype=np.float32)
-    x = rng.random((1, 1024), dtype=np.float32)
-    out = np.empty_like(weight)
-
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
+def stacking(model, threads: int, repeats: int) -> dict:
+    """The input projections of all blocks as separate products and as one stacked product each (gate and up of an
+    FFN; q, k and v of an attention), at 1 and PREFILL_LONG tokens: median ms, alternated, and stacked/separate."""
+    gate_up = [np.concatenate([b.ffn.gate, b.ffn.up]) for b in model.blocks]  # what stacking the FFN would store
+    rows = []
     with blas_threads(threads):
-        gemv = weight.nbytes / best(lambda: x @ weight.T)
-    copy = 2 * weight.nbytes / best(lambda: np.copyto(out, weight))  # read and write
-    return {"gemv_bytes_per_second": gemv, "copy_bytes_per_second": copy}
+        for tokens in (1, PREFILL_LONG):
+            x = np.random.default_rng(1).standard_normal((tokens, model.config.dim)).astype(model.dtype)
+            reps = repeats if tokens == 1 else max(repeats // 3, 3)
+            ffn_pairs = [(b.ffn.gate.T, b.ffn.up.T) for b in model.blocks]
+            qkv_triples = [(b.attention.q.T, b.attention.k.T, b.attention.v.T) for b in model.blocks]
+            stacked_ffn, stacked_qkv = [w.T for w in gate_up], [b.attention.qkv.T for b in model.blocks]
+
+            def products(weights):  # each product's result dropped at once, as a forward pass would
+                def run():
+                    for group in weights:
+                        for w in group:
+                            x @ w
+                return run
+
+            for name, separate, stacked in (("FFN gate, up", products(ffn_pairs), products([stacked_ffn])),
+                                            ("attention q, k, v", products(qkv_triples), products([stacked_qkv]))):
+                seconds = compare_seconds({"separate": separate, "stacked": stacked}, reps)
+                rows.append({"products": name, "tokens": tokens, "separate_seconds": seconds["separate"],
+                             "stacked_seconds": seconds["stacked"],
+                             "stacked_over_separate_time": seconds["stacked"] / seconds["separate"]})
+    return {"rows": rows}
 
 
 def main(argv=None) -> int:
@@ -98,25 +112,38 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for profile.json and profile.md")
     args = parser.parse_args(argv)
     model = reffuse.load_model("smollm2")
-    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, 64)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, model.config.vocab_size, 64)
+    long_prompt = rng.integers(0, model.config.vocab_size, PREFILL_LONG)
     weight_bytes = sum(t.nbytes for t in model_to_tensors(model).values())  # every weight once (tied: once)
+    measured = {}
     with blas_threads(args.threads):
-        cache = KVCache(model, len(prompt) + args.repeats + 2)
-        forward(model, prompt, cache=cache)
+        for path, fast in (("plain", False), ("fast", True)):
+            with core.fast_paths(fast):
+                cache = KVCache(model, len(prompt) + 1)
+                forward(model, prompt, cache=cache)
 
-        def decode_step():
-            forward(model, [1], cache=cache)
-            cache.length -= 1  # the same position every time: one step's work, repeated
+                def decode_step():
+                    forward(model, [1], cache=cache)
+                    cache.length -= 1  # the same position every time: one step's work, repeated
 
-        decode = timed_parts(decode_step, args.repeats)
-        prefill = timed_parts(lambda: forward(model, prompt, cache=KVCache(model, len(prompt))), args.repeats)
-    bound = bandwidth(args.threads, 7)
-    machine = max(bound.values())
+                measured[path] = {
+                    "decode": timed_parts(decode_step, args.repeats),
+                    "prefill_64": timed_parts(lambda: forward(model, prompt, cache=KVCache(model, 64)), args.repeats),
+                    f"prefill_{PREFILL_LONG}": timed_parts(
+                        lambda: forward(model, long_prompt, cache=KVCache(model, PREFILL_LONG)), max(args.repeats // 3, 3))}
+    decode = measured["fast"]["decode"]
+    stacked = stacking(model, args.threads, args.repeats)
+    bandwidth = streaming_bandwidth(args.threads)
+    bound = decode_bound(weight_bytes, bandwidth)
     result = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "threads": args.threads,
               "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-              "decode": decode, "prefill_64": prefill, "bandwidth": bound, "weight_bytes": weight_bytes,
-              "bound_seconds_per_token": weight_bytes / machine,
-              "fraction_of_bound": (weight_bytes / machine) / decode["seconds"]}
+              "blas": blas_in_use(), **measured["fast"], "plain": measured["plain"], "stacking": stacked,
+              "bandwidth": bandwidth,
+              "weight_bytes": weight_bytes, "bound_seconds_per_token": bound["seconds_per_token"],
+              "fraction_of_bound": bound["seconds_per_token"] / decode["seconds"],
+              "fast_over_plain_time": {run: measured["fast"][run]["seconds"] / measured["plain"][run]["seconds"]
+                                       for run in measured["fast"]}}
     try:
         from reffuse.formats.registry import load_tokenizer
         from reffuse.speed.bench import llamacpp_runner
@@ -130,17 +157,34 @@ def main(argv=None) -> int:
         result["llama_cpp_reason"] = str(e)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    runs = list(measured["fast"])
     lines = [f"# Where SmolLM2's time goes in reffuse, {args.threads} threads", "", "Produced by:", "",
-             f"    {result['command']}", "", f"Load average {result['load_average_1min']:.1f}. Medians of "
-             f"{args.repeats}.", "", "| part | decode step ms | share | prefill (64 tokens) ms | share |",
-             "|---|---:|---:|---:|---:|"]
+             f"    {result['command']}", "", f"Load average {result['load_average_1min']:.1f}; BLAS {result['blas']}. "
+             f"Medians of {args.repeats} ({max(args.repeats // 3, 3)} for {PREFILL_LONG} tokens). Each run with the "
+             "fast paths of reffuse.core.model off (plain) and on (fast, the default), one after the other.", "",
+             "| part | " + " | ".join(f"{run.replace('_', ' ')} ms, plain | fast" for run in runs) + " |",
+             "|---|" + "---:|---:|" * len(runs)]
     for part in decode["parts"]:
-        lines.append(f"| {part} | {1e3 * decode['parts'][part]:.3f} | {decode['shares'][part]:.0%} | "
-                     f"{1e3 * prefill['parts'][part]:.2f} | {prefill['shares'][part]:.0%} |")
-    lines.append(f"| **the whole forward** | {1e3 * decode['seconds']:.3f} | | {1e3 * prefill['seconds']:.2f} | |")
-    gemv, copy = bound["gemv_bytes_per_second"] / 1e9, bound["copy_bytes_per_second"] / 1e9
+        lines.append(f"| {part} | " + " | ".join(f"{1e3 * measured['plain'][run]['parts'][part]:.2f} | "
+                                                 f"{1e3 * measured['fast'][run]['parts'][part]:.2f}" for run in runs) + " |")
+    lines.append("| **the whole forward** | " + " | ".join(
+        f"{1e3 * measured['plain'][run]['seconds']:.2f} | {1e3 * measured['fast'][run]['seconds']:.2f}"
+        for run in runs) + " |")
+    ratios = [cell for run in runs for cell in ("", f"{result['fast_over_plain_time'][run]:.2f}x")]
+    lines.append("| fast / plain time | " + " | ".join(ratios) + " |")
+    lines += ["", "The attention part includes its RoPE rotation; the LM head's, the final norm. `ffn_output`, "
+                  "`attention_output` and `rope_for` are where the fast paths are chosen."]
+    lines += ["", f"Stacking the projections that read the same input into one product, over all "
+                  f"{len(model.blocks)} blocks (the products alone, alternated):", "",
+              "| products | tokens | separate ms | stacked ms | stacked / separate time |", "|---|---:|---:|---:|---:|"]
+    for row in stacked["rows"]:
+        lines.append(f"| {row['products']} | {row['tokens']} | {1e3 * row['separate_seconds']:.2f} | "
+                     f"{1e3 * row['stacked_seconds']:.2f} | {row['stacked_over_separate_time']:.2f}x |")
+    gemv, copy = bandwidth["gemv_out_in_bytes_per_second"] / 1e9, bandwidth["copy_bytes_per_second"] / 1e9
+    other = bandwidth["gemv_in_out_bytes_per_second"] / 1e9
     lines += ["", f"The bound: a decode step reads {weight_bytes / 1e6:.0f} MB of weights; NumPy streams "
-                  f"{gemv:.1f} GB/s in a GEMV and {copy:.1f} GB/s in a copy here, so a step cannot take less than "
+                  f"{gemv:.1f} GB/s in a GEMV over weights stored (out, in) as reffuse stores them ({other:.1f} GB/s "
+                  f"stored (in, out)) and {copy:.1f} GB/s in a copy here, so a step cannot take less than "
                   f"{1e3 * result['bound_seconds_per_token']:.2f} "
                   f"ms: reffuse's decode step reaches {result['fraction_of_bound']:.0%} of that bound "
                   f"({1 / decode['seconds']:.1f} tokens/s against {1 / result['bound_seconds_per_token']:.1f})."]

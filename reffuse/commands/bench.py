@@ -1,24 +1,26 @@
-"""Speed: prefill and decode against transformers in the same run, and the fused-FFN microbenchmark.
+"""Speed: prefill and decode against transformers and llama.cpp in the same run, the bound, and the fused-FFN run.
 
-Measures, with BLAS and torch pinned to --threads: prefill time for 64, 128 and 256 tokens; decode tokens/s
+Measures, with BLAS and torch pinned to --threads: prefill time for 64, 128, 256 and 512 tokens; decode tokens/s
 with the KV cache (32 greedy tokens after a 64-token prompt); the same for transformers' LlamaForCausalLM on
-the same token ids when the `reference` extra is installed and transformers can load the model; and a run of
-8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 512 tokens. With --against llama.cpp, llama.cpp's
-prefill and decode of the same weights (an F32 GGUF) join the alternation, and its decode of the attention-removed
-model is timed against the fused one. With --device gpu: the FFN run up to 4096 tokens, every timed region
-synchronised, transformers not compared. Medians after warm-up, timed in alternation. Shared machines are noisy:
-trust the ratios, which are measured in the same run.
+the same token ids when the `reference` extra is installed and transformers can load the model; on the CPU, the
+bound on decode (every weight read once, at the streaming rate NumPy reaches here) and each engine's fraction of
+it; and a run of 8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 512 tokens. With --against
+llama.cpp, llama.cpp's prefill and decode of the same weights (an F32 GGUF) join the alternation, and its decode
+of the attention-removed model is timed against the fused one. With --device gpu: the FFN run up to 4096 tokens,
+every timed region synchronised, transformers not compared. Medians after warm-up, timed in alternation. Shared
+machines are noisy: trust the ratios, which are measured in the same run.
 
-The speed targets (2 cores, float32) are checked and reported: prefill <= 1.0x transformers' time, decode
->= 2x transformers' tokens/s, the fused FFN run >= 1.3x faster at 1 token and never slower at 128 and 512.
+The speed targets (2 cores, float32) are checked and reported: prefill <= 0.8x transformers' time at every
+length, decode >= 2.5x transformers' tokens/s and >= 0.5x llama.cpp's, the fused FFN run >= 1.3x faster at 1
+token and never slower at 128 and 512. REFFUSE_PLAIN=1 times the plain forward pass, without its fast paths.
 
 --out FILE.json writes the JSON there and the Markdown tables beside it (FILE.md), with the command line.
 
 examples:
   reffuse bench --model smollm2
-  reffuse bench --model smollm2 --threads 2 --json --out benchmarks/results/bench_smollm2.json
+  reffuse bench --model smollm2 --threads 2 --against llama.cpp --out out/bench_smollm2.json
   reffuse bench --model tiny --repeats 3 --no-transformers
-  reffuse bench --model smollm2 --threads 2 --against llama.cpp --out out/bench_llamacpp.json
+  REFFUSE_PLAIN=1 reffuse bench --model smollm2 --no-transformers   # the plain forward pass, no fast paths
 """
 
 from __future__ import annotations

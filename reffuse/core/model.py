@@ -15,8 +15,8 @@ Layout conventions, named because every port of Llama weights trips over one of 
 - RMSNorm is x / sqrt(mean(x²) + eps) ⊙ gain, as in HF. The paper writes x/||x|| ⊙ s: the same up to a
   factor sqrt(d), which lives in the gain.
 - Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads), as HF's repeat_kv.
-- Weights read together are stored together: an FFN's gate and up projections are views of one array gate_up
-  [2 dh, d], an attention's q, k and v views of one array qkv; each view still has HF's meaning and orientation.
+- An attention's q, k and v, which read the same input, are views of one array qkv [(n_heads + 2 n_kv) hd, d],
+  so that one product reads all three; each view keeps HF's meaning and orientation.
 
 The forward pass below is the plain one, written as the equations are. Where a faster arrangement of the same
 arithmetic exists (one product where two read the same input, skipped masked work, tables made once), it lives in
@@ -111,15 +111,12 @@ class Attention:
         _stacked(self, ("q", "k", "v"), "qkv")  # self.qkv [(n_heads + 2 n_kv_heads) head_dim, d]
 
 
-@dataclass(frozen=True)
+@dataclass
 class FFN:
     norm_gain: np.ndarray  # [d]      η2's gain (HF post_attention_layernorm)
     gate: np.ndarray       # [dh, d]  the paper's W2 (HF gate_proj)
     up: np.ndarray         # [dh, d]  the paper's W1 (HF up_proj)
     down: np.ndarray       # [d, dh]  the paper's W3 (HF down_proj)
-
-    def __post_init__(self):
-        _stacked(self, ("gate", "up"), "gate_up")  # self.gate_up [2 dh, d]
 
     @property
     def width(self) -> int:
@@ -215,14 +212,17 @@ def swiglu(ffn: FFN, x):
 
 
 def ffn_output(ffn: FFN, x):
-    """eq. 3 as the forward pass computes it: swiglu, or a fast path for it (end of module). The one place where
-    that choice is made: on the CPU, once the hidden activations outgrow the cache, the sum in column blocks
-    (below); otherwise gate and up in one product."""
-    if not FAST_PATHS:
-        return swiglu(ffn, x)
-    if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
+    """eq. 3 as the forward pass computes it: swiglu, or on the CPU, once the hidden activations outgrow the
+    cache, the same sum in column blocks (below), a fast path. The one place where that choice is made.
+
+    gate and up read the same x, so they could be one product, as q, k and v are (attention_stacked): the
+    stacking of Theorem 3.1 applied inside one FFN. Measured on SmolLM2, it saves about 5% of the two products'
+    time at one token (0.2 ms of a 14 ms decode step) and nothing at 512 tokens, where q, k and v together save
+    over 40% at one token (benchmarks/results/profile_smollm2): too little to be worth the indirection, so the FFN
+    keeps two products."""
+    if FAST_PATHS and x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
         return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
-    return swiglu_stacked(ffn, x)
+    return swiglu(ffn, x)
 
 
 # On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
@@ -491,7 +491,8 @@ def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache:
 # ---------------------------------------------------------------------------------------------------------------
 # Fast paths: the same arithmetic, arranged for speed. Each is tested equal to the plain function it replaces
 # (tests/core/test_fast_paths.py): bit for bit where the operations are the same, within float32 rounding where
-# a sum runs over fewer zeros. ffn_output, attention_output and rope_for choose; the rest of the model does not know.
+# a sum runs over fewer zeros or in another order. ffn_output (column blocks, above), attention_output and
+# rope_for choose; the rest of the model does not know.
 
 FAST_PATHS = os.environ.get("REFFUSE_PLAIN") != "1"
 
@@ -505,30 +506,6 @@ def fast_paths(enabled: bool = True):
         yield
     finally:
         FAST_PATHS = before
-
-
-def silu_(z):
-    """silu in place (z is overwritten): the same operations, z / (1 + e^-z), with one temporary instead of three."""
-    xp = array_module(z)
-    denominator = xp.negative(z)
-    with np.errstate(over="ignore"):
-        xp.exp(denominator, out=denominator)
-    denominator += 1
-    z /= denominator
-    return z
-
-
-def swiglu_stacked(ffn: FFN, x):
-    """swiglu with gate and up in one product: x [W_gate; W_up]^T = [x W_gate^T | x W_up^T].
-
-    This is Theorem 3.1's stacking applied inside one FFN: there the FFNs of a run are stacked, here the two input
-    projections of one FFN, which read the same x, so their weights (one array, ffn.gate_up) stream in one pass.
-    """
-    dh = ffn.width
-    both = x @ ffn.gate_up.T                   # [T, d] -> [T, 2 dh]
-    hidden = silu_(both[:, :dh])               # [T, dh], in place
-    hidden *= both[:, dh:]
-    return hidden @ ffn.down.T                 # [T, dh] -> [T, d]
 
 
 def attention_output(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
@@ -550,30 +527,41 @@ def attention_stacked(attn: Attention, x, config: Config, cos, sin, cache: KVCac
     - q, k and v in one product x W_qkv^T (their weights are one array, attn.qkv), RoPE on q and k in one call;
     - 1/sqrt(head_dim) applied to q (T·head_dim numbers) instead of the scores (T·S): exact when it is a power
       of two, as for head_dim 64;
+    - the query heads that share a kv head as the rows of one product per kv head, [group·T, hd] @ [hd, S],
+      instead of one product per query head;
     - queries in blocks of QUERY_BLOCK, each against only the keys it may see: the masked half of the causal
       scores is never computed, and only a block's last QUERY_BLOCK keys need the mask.
     """
     xp = array_module(x)
     T, hd = x.shape[0], config.head_dim
     n_heads, n_kv = attn.q.shape[0] // hd, attn.k.shape[0] // hd
-    heads = (x @ attn.qkv.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_heads + 2 n_kv, T, hd]
-    rotated = apply_rope(heads[:n_heads + n_kv], cos, sin)          # q and k: [n_heads + n_kv, T, hd]
-    q, k, v = rotated[:n_heads], rotated[n_heads:], heads[n_heads + n_kv:]
+    group = n_heads // n_kv
+    heads = (x @ attn.qkv.T).reshape(T, -1, hd)                      # [T, d] -> [T, n_heads + 2 n_kv, hd]
+    rotated = apply_rope(heads[:, :n_heads + n_kv], cos[:, None], sin[:, None])  # q and k: [T, n_heads + n_kv, hd]
+    q = rotated[:, :n_heads]
     q *= 1 / math.sqrt(hd)
+    k, v = rotated[:, n_heads:].transpose(1, 0, 2), heads[:, n_heads + n_kv:].transpose(1, 0, 2)  # [n_kv, T, hd]
     past = 0
     if cache is not None:
         past = cache.length
-        k, v = cache.append(layer, k, v)                            # -> [n_kv, S, hd], S = past + T
-    q = q.reshape(n_kv, n_heads // n_kv, T, hd)                     # query heads grouped by the kv head they read
-    out = xp.empty_like(q)
+        k, v = cache.append(layer, k, v)                             # -> [n_kv, S, hd], S = past + T
+    # query head h reads kv head h // group: [T, n_heads, hd] -> [n_kv, T, group, hd], rows (t, g) per kv head
+    q = xp.ascontiguousarray(q.reshape(T, n_kv, group, hd).transpose(1, 0, 2, 3))
+    blocks = []
     for start in range(0, T, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, T)
-        seen = past + stop                                          # keys up to the block's last query
-        scores = q[:, :, start:stop] @ k[:, None, :seen].transpose(0, 1, 3, 2)  # -> [n_kv, group, B, seen]
-        if stop - start > 1:  # query i of the block may not see the block's keys after its own
-            scores[..., seen - (stop - start):] += xp.triu(xp.full((stop - start,) * 2, -xp.inf, x.dtype), 1)
-        out[:, :, start:stop] = softmax_(scores) @ v[:, None, :seen]
-    return out.reshape(n_heads, T, hd).transpose(1, 0, 2).reshape(T, n_heads * hd) @ attn.o.T  # -> [T, d]
+        B, seen = stop - start, past + stop                          # keys up to the block's last query
+        scores = q[:, start:stop].reshape(n_kv, B * group, hd) @ k[:, :seen].transpose(0, 2, 1)  # [n_kv, B·group, seen]
+        if B > 1:  # query t of the block may not see the block's keys after its own
+            future = xp.triu(xp.full((B, B), -xp.inf, x.dtype), 1)[:, None]              # [B, 1, B]
+            scores.reshape(n_kv, B, group, seen)[..., seen - B:] += future
+        scores -= scores.max(axis=-1, keepdims=True)                 # softmax, normalised after the product:
+        xp.exp(scores, out=scores)                                   # T·hd divisions instead of T·S
+        out = scores @ v[:, :seen]
+        out /= scores.sum(axis=-1, keepdims=True)
+        blocks.append(out.reshape(n_kv, B, group, hd))
+    out = blocks[0] if len(blocks) == 1 else xp.concatenate(blocks, axis=1)             # [n_kv, T, group, hd]
+    return out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd) @ attn.o.T                # -> [T, d]
 
 
 _ROPE_TABLES: dict = {}

@@ -32,7 +32,7 @@ SOURCES = {
     "analysis": ("reports/analysis/smollm2/analysis.json",
                  "reffuse analyze --model smollm2 --out reports/analysis/smollm2"),
     "bench": ("benchmarks/results/bench_smollm2.json",
-              "reffuse bench --model smollm2 --json --out benchmarks/results/bench_smollm2.json"),
+              "reffuse bench --model smollm2 --threads 2 --repeats 11 --against llama.cpp --out benchmarks/results/bench_smollm2.json"),
     "experiments": ("reports/experiments/smollm2/experiments.json",
                     "reffuse experiments --out reports/experiments/smollm2"),
     "tp_smollm2": ("benchmarks/results/tp_smollm2_n3.json",

@@ -85,3 +85,38 @@ def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int
         fns[name] = (lambda model=model, x=x, cos=cos, sin=sin, start=layers[0], stop=layers[-1] + 1:
                      run_blocks(model, x, cos, sin, start=start, stop=stop))
     return compare_seconds(fns, repeats)
+
+
+def streaming_bandwidth(threads: int, repeats: int = 7, megabytes: int = 128) -> dict:
+    """Bytes per second NumPy streams here from beyond every cache, best of `repeats`: a GEMV over `megabytes` of
+    float32 weights stored (out, in), as reffuse stores them, the same weights stored (in, out), and a copy (its
+    bytes read and written). The first two say which orientation BLAS streams faster on this machine."""
+    rng = np.random.default_rng(0)
+    weight = rng.random(((megabytes << 20) // 4096, 1024), dtype=np.float32)  # [out, in], `megabytes` MiB
+    transposed = np.ascontiguousarray(weight.T)                          # [in, out]
+    x = rng.random((1, 1024), dtype=np.float32)
+    out = np.empty_like(weight)
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with blas_threads(threads):
+        out_in = weight.nbytes / best(lambda: x @ weight.T)
+        in_out = weight.nbytes / best(lambda: x @ transposed)
+    copy = 2 * weight.nbytes / best(lambda: np.copyto(out, weight))
+    return {"gemv_out_in_bytes_per_second": out_in, "gemv_in_out_bytes_per_second": in_out,
+            "copy_bytes_per_second": copy}
+
+
+def decode_bound(weight_bytes: int, bandwidth: dict) -> dict:
+    """The fastest a decode step can be where it must read every weight once: weight_bytes over the best of the
+    measured streaming rates (streaming_bandwidth)."""
+    rate = max(bandwidth.values())
+    return {"weight_bytes": int(weight_bytes), "bytes_per_second": rate, "seconds_per_token": weight_bytes / rate,
+            "tokens_per_second": rate / weight_bytes, "bandwidth": bandwidth}

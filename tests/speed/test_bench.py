@@ -73,19 +73,23 @@ def test_benchmark_result_has_every_part(tiny_result):
     assert {row["tokens"] for row in r["ffn_run"]["rows"]} == {1, 128}
     assert r["transformers"] == {"used": False, "reason": "not asked for (--no-transformers)"}
     assert r["environment"]["threads"] == 1
+    bound = r["bound"]  # every weight once, at the best streaming rate measured in the run
+    assert bound["seconds_per_token"] == pytest.approx(bound["weight_bytes"] / max(bound["bandwidth"].values()))
+    assert set(bound["fractions"]) == {"reffuse"} and "fraction of the bound" in markdown(r)
     json.dumps(r)  # JSON-ready
 
 
 def test_targets_are_judged_from_the_ratios(tiny_result):
     r = dict(tiny_result)
-    r["prefill"] = [{"tokens": 64, "reffuse_seconds": 0.8, "transformers_seconds": 1.0, "time_ratio": 0.8},
-                    {"tokens": 128, "reffuse_seconds": 1.1, "transformers_seconds": 1.0, "time_ratio": 1.1}]
-    r["decode"] = dict(r["decode"], speedup=2.5)
+    r["prefill"] = [{"tokens": 64, "reffuse_seconds": 0.7, "transformers_seconds": 1.0, "time_ratio": 0.7},
+                    {"tokens": 128, "reffuse_seconds": 0.81, "transformers_seconds": 1.0, "time_ratio": 0.81}]
+    r["decode"] = dict(r["decode"], speedup=2.5, fraction_of_llamacpp=0.49)
     r["ffn_run"] = dict(r["ffn_run"], rows=[{"tokens": 1, "speedup": 1.4}, {"tokens": 128, "speedup": 1.01},
                                             {"tokens": 512, "speedup": 0.97}])
     met = [(t["measured"], t["met"]) for t in check_targets(r)]
-    assert met == [(1.1, False), (2.5, True), (1.4, True), (0.97, False)]
-    assert [t["met"] for t in check_targets(tiny_result)][:2] == [None, None]  # no transformers: not measured
+    assert met == [(0.81, False), (2.5, True), (0.49, False), (1.4, True), (0.97, False)]
+    # no transformers, no llama.cpp: not measured
+    assert [t["met"] for t in check_targets(tiny_result)][:3] == [None, None, None]
     assert "not measured" in markdown(tiny_result)
 
 
