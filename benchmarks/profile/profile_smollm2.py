@@ -11,8 +11,8 @@ functions, core.fast_paths(False)) and on, so that what they buy is a ratio from
 bytes a decode step must read (every weight once) over the streaming bandwidth NumPy reaches here
 (speed.timing.streaming_bandwidth: a large GEMV with the weights stored (out, in) as reffuse stores them and
 (in, out), and a copy), so that "fraction of the bound" is measured, not assumed. llama.cpp's decode of the same F32
-weights is timed beside it where the `llamacpp` extra is installed. And the choice of which weights to store
-stacked: the input projections that read the same x, as separate products and as one. Medians of --repeats, BLAS
+weights is timed beside it where the `llamacpp` extra is installed. And two storage choices: the input projections
+that read the same x as separate products and as one, and the weights in one arena against separate arrays. Medians of --repeats, BLAS
 pinned to --threads.
 """
 
@@ -34,7 +34,7 @@ import reffuse
 from reffuse.core import model as core
 from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
-from reffuse.speed.bench import blas_in_use
+from reffuse.speed.bench import blas_in_use, paired_ratio
 from reffuse.speed.timing import blas_threads, compare_seconds, decode_bound, streaming_bandwidth
 
 PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
@@ -105,6 +105,30 @@ def stacking(model, threads: int, repeats: int) -> dict:
     return {"rows": rows}
 
 
+def arena_effect(model, prompt, threads: int, rounds: int = 9, steps: int = 30) -> dict:
+    """A decode step on the weights as load_model returns them (one arena, core.model.gathered) against the same
+    weights as separate arrays, alternated: each round's median step time for both, and their paired ratio."""
+    separate = core.map_arrays(model, lambda a: a.copy())
+
+    def step_seconds(m):
+        cache = KVCache(m, len(prompt) + 1)
+        forward(m, prompt, cache=cache)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            forward(m, [1], cache=cache)
+            cache.length -= 1
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    samples = {"arena": [], "separate": []}
+    with blas_threads(threads):
+        for _ in range(rounds):
+            for name, m in (("separate", separate), ("arena", model)):
+                samples[name].append(step_seconds(m))
+    return {"seconds": samples, "arena_over_separate_time": paired_ratio(samples["arena"], samples["separate"])}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
@@ -134,11 +158,12 @@ def main(argv=None) -> int:
                         lambda: forward(model, long_prompt, cache=KVCache(model, PREFILL_LONG)), max(args.repeats // 3, 3))}
     decode = measured["fast"]["decode"]
     stacked = stacking(model, args.threads, args.repeats)
+    arena = arena_effect(model, prompt, args.threads)
     bandwidth = streaming_bandwidth(args.threads)
     bound = decode_bound(weight_bytes, bandwidth)
     result = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "threads": args.threads,
               "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-              "blas": blas_in_use(), **measured["fast"], "plain": measured["plain"], "stacking": stacked,
+              "blas": blas_in_use(), **measured["fast"], "plain": measured["plain"], "stacking": stacked, "arena": arena,
               "bandwidth": bandwidth,
               "weight_bytes": weight_bytes, "bound_seconds_per_token": bound["seconds_per_token"],
               "fraction_of_bound": bound["seconds_per_token"] / decode["seconds"],
@@ -180,6 +205,11 @@ def main(argv=None) -> int:
     for row in stacked["rows"]:
         lines.append(f"| {row['products']} | {row['tokens']} | {1e3 * row['separate_seconds']:.2f} | "
                      f"{1e3 * row['stacked_seconds']:.2f} | {row['stacked_over_separate_time']:.2f}x |")
+    ratio = arena["arena_over_separate_time"]
+    lines += ["", f"All weights in one allocation (core.model.gathered, as load_model returns them, on huge pages) "
+                  f"against the same weights as separate arrays: a decode step takes {ratio['median']:.2f}x the time "
+                  f"(95% interval {ratio['interval_95'][0]:.2f}-{ratio['interval_95'][1]:.2f} over "
+                  f"{ratio['repeats']} alternated rounds of 30 steps)."]
     gemv, copy = bandwidth["gemv_out_in_bytes_per_second"] / 1e9, bandwidth["copy_bytes_per_second"] / 1e9
     other = bandwidth["gemv_in_out_bytes_per_second"] / 1e9
     lines += ["", f"The bound: a decode step reads {weight_bytes / 1e6:.0f} MB of weights; NumPy streams "

@@ -25,12 +25,13 @@ examples:
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from reffuse.speed.bench import default_threads, markdown, run_benchmark
-from reffuse.formats.registry import find_tokenizer, load_model
+from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model
 from reffuse.progress import note
 from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
 from reffuse.commands.common import add_device_argument, add_json_argument, positive_int, print_json
@@ -48,6 +49,8 @@ def add_arguments(parser):
     parser.add_argument("--against", choices=("llama.cpp",), action="append", default=[],
                         help="llama.cpp: also time llama.cpp on the same weights (an F32 GGUF; the `llamacpp` "
                              "extra), and its decode with and without fusion")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --against llama.cpp: the tokenizer written into its GGUF (default: the model's)")
     add_device_argument(parser)
     add_json_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
@@ -55,11 +58,14 @@ def add_arguments(parser):
 
 
 def command_line(args) -> str:
-    """The command that reproduces this run, spelled out from the parsed options."""
-    words = ["reffuse", "bench", "--model", str(args.model), "--repeats", str(args.repeats)]
+    """The command that reproduces this run, spelled out from the parsed options, after the environment variables
+    that change what is timed (OpenBLAS's kernels, the plain forward pass)."""
+    words = [f"{name}={os.environ[name]}" for name in ("OPENBLAS_CORETYPE", "REFFUSE_PLAIN") if os.environ.get(name)]
+    words += ["reffuse", "bench", "--model", str(args.model), "--repeats", str(args.repeats)]
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--no-transformers"] if args.no_transformers else []
     words += [w for against in args.against for w in ("--against", against)]
+    words += ["--tokenizer", str(args.tokenizer)] if args.tokenizer else []
     words += ["--device", args.device] if args.device != "cpu" else []
     words += ["--json"] if args.json else []
     words += ["--out", str(args.out)] if args.out else []
@@ -69,8 +75,10 @@ def command_line(args) -> str:
 def run(args) -> int:
     if args.out is not None:
         check_writable_file(args.out)  # before the long work
+    tokenizer = find_tokenizer(args.tokenizer or args.model) if "llama.cpp" in args.against else None
     model = load_model(args.model, dtype="float32", device=args.device)
-    tokenizer = find_tokenizer(args.model) if "llama.cpp" in args.against else None
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model, args.model)
     result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
                            with_transformers=not args.no_transformers, progress=note, llamacpp_tokenizer=tokenizer)
     command = command_line(args)

@@ -91,12 +91,28 @@ def _stacked(part, names: tuple[str, ...], stacked_name: str) -> None:
         shapes = ", ".join(f"{name} {tuple(a.shape)} {a.dtype}" for name, a in zip(names, arrays))
         raise ReffuseError(f"{type(part).__name__} weights {shapes}: they must be 2-D with the same input width "
                            "and dtype")
-    stacked = array_module(arrays[0]).concatenate(arrays)
+    stacked = _adjacent(arrays)
+    if stacked is None:
+        stacked = array_module(arrays[0]).concatenate(arrays)
     object.__setattr__(part, stacked_name, stacked)
     start = 0
     for name, a in zip(names, arrays):
         object.__setattr__(part, name, stacked[start:start + a.shape[0]])
         start += a.shape[0]
+
+
+def _adjacent(arrays):
+    """The arrays as one [rows, width] view where they already are consecutive row blocks of one contiguous NumPy
+    buffer (as `gathered` places q, k and v), else None."""
+    base = arrays[0].base if isinstance(arrays[0], np.ndarray) else None
+    if (not isinstance(base, np.ndarray) or not base.flags.c_contiguous
+            or not all(a.base is base and a.flags.c_contiguous for a in arrays)):
+        return None
+    starts = [a.ctypes.data for a in arrays]
+    if any(start + a.nbytes != following for start, a, following in zip(starts, arrays, starts[1:])):
+        return None
+    return np.ndarray((sum(a.shape[0] for a in arrays), arrays[0].shape[1]), arrays[0].dtype, buffer=base,
+                      offset=starts[0] - base.ctypes.data)
 
 
 @dataclass(frozen=True)
@@ -562,6 +578,52 @@ def attention_stacked(attn: Attention, x, config: Config, cos, sin, cache: KVCac
         blocks.append(out.reshape(n_kv, B, group, hd))
     out = blocks[0] if len(blocks) == 1 else xp.concatenate(blocks, axis=1)             # [n_kv, T, group, hd]
     return out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd) @ attn.o.T                # -> [T, d]
+
+
+# Alignment of each weight in `gathered`'s arena: a cache line, where BLAS kernels like their operands to start.
+ARENA_ALIGNMENT = 64
+
+
+def gathered(model: Model) -> Model:
+    """The same model with every weight copied into one allocation, each a view of it, 64-byte aligned; q, k and v
+    adjacent, so that qkv is a view of them too. The same numbers, shapes and orientation.
+
+    Why: NumPy asks Linux for huge pages (2 MiB) for allocations of 4 MiB or more, and the arena is one such; the
+    weights as loaded are smaller arrays, or buffers NumPy did not allocate, on 4 KiB pages. A decode step reads
+    every weight once, and with huge pages it needs 512 times fewer address translations to do so: on SmolLM2 a
+    decode step took 0.91x the time (benchmarks/results/profile_smollm2). On a GPU the model is returned as it is.
+    """
+    if array_module(model.embed) is not np:
+        return model
+    parts = [b.attention for b in model.blocks] + [b.ffn for b in model.blocks]
+    arrays = [model.embed, model.norm_gain, model.lm_head] + [a for p in parts if p is not None
+                                                              for a in weights_of(p).values()]
+    arena = np.empty(sum(a.nbytes + ARENA_ALIGNMENT for a in arrays) + ARENA_ALIGNMENT, np.uint8)
+    cursor = 0  # where the next weight goes: an offset into the arena
+
+    def place(*weights):
+        """Copies of `weights` side by side in the arena, the next weight starting aligned after them."""
+        nonlocal cursor
+        cursor += -(arena.ctypes.data + cursor) % ARENA_ALIGNMENT
+        views = []
+        for w in weights:
+            view = arena[cursor:cursor + w.nbytes].view(w.dtype).reshape(w.shape)
+            view[...] = w
+            views.append(view)
+            cursor += w.nbytes
+        return views
+
+    blocks = []
+    for b in model.blocks:
+        attn, ffn = b.attention, b.ffn
+        if attn is not None:
+            attn = Attention(*place(attn.norm_gain), *place(attn.q, attn.k, attn.v), *place(attn.o))
+        if ffn is not None:
+            ffn = FFN(*place(ffn.norm_gain), *place(ffn.gate), *place(ffn.up), *place(ffn.down))
+        blocks.append(Block(attn, ffn, b.fused_from))
+    embed, = place(model.embed)
+    lm_head = embed if model.config.tie_embeddings else place(model.lm_head)[0]
+    return Model(model.config, embed, blocks, *place(model.norm_gain), lm_head)
 
 
 _ROPE_TABLES: dict = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from reffuse.core.model import Model, cast, to_device
+from reffuse.core.model import Model, cast, gathered, to_device
 from reffuse.core.tiny import build_smollm2_shaped, build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.optional import require_all
@@ -34,12 +34,12 @@ def load_model(name_or_path, dtype="float32", device: str = "cpu") -> Model:
     if key == "smollm2":  # before the download: everything loading it needs
         require_all(("gguf", "safetensors", "tokenizers", "jinja2"), "real", "loading smollm2")
     if key in NAMED_MODELS:
-        return NAMED_MODELS[key](dtype)
+        return gathered(NAMED_MODELS[key](dtype))
     path = Path(key)
     if path.is_dir():
-        return load_folder(path, dtype)
+        return gathered(load_folder(path, dtype))
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype)
+        return gathered(load_gguf(path, dtype))
     raise ReffuseError(f"unknown model {key!r}: use one of {', '.join(NAMED_MODELS)}, the path of a model folder "
                        "(config.json + *.safetensors), or a Llama .gguf file")
 

@@ -106,12 +106,15 @@ def test_ffn_run_model_needs_two_ffns(tiny32):
     assert all(b.attention is None for b in ffn_run_model(tiny32).blocks)
 
 
-def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys):
+def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench_tiny.json"
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # what chose the kernels is part of the command
+    monkeypatch.delenv("REFFUSE_PLAIN", raising=False)
     assert main(["bench", "--model", "tiny", "--repeats", "1", "--threads", "1", "--no-transformers",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["command"] == f"reffuse bench --model tiny --repeats 1 --threads 1 --no-transformers --out {out}"
+    assert result["command"] == ("OPENBLAS_CORETYPE=Haswell reffuse bench --model tiny --repeats 1 --threads 1 "
+                                 f"--no-transformers --out {out}")
     assert [row["tokens"] for row in result["ffn_run"]["rows"]] == [1, 16, 128, 512]
     md = out.with_suffix(".md").read_text()
     assert result["command"] in md and "| 512 |" in md
