@@ -78,12 +78,15 @@ def variant_logits(prefix: Prefix, variant: Model, first: int, window: int, para
 
 
 def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = False,
-                  reference: Prefix | None = None, parallel=(), whole_blocks: bool = False) -> dict:
+                  reference: Prefix | None = None, parallel=(), whole_blocks: bool = False,
+                  per_token: bool = False) -> dict:
     """Perplexity, KL(base || variant) and top-1 agreement of `variant` on the cached windows (as `evaluate`).
 
     reference: another model's Prefix on the same windows (e.g. the original model's, when the base is the
     attention-removed one); its KL and top-1 agreement are added as kl_from_reference, top1_agreement_reference.
     parallel, whole_blocks: runs of the variant computed in the parallel form (reffuse.core.model.run_blocks).
+    per_token: add "per_token", each prediction's KL(base || variant), negative log-likelihood and top-1
+        agreement (0/1), one list per window, for paired intervals (reffuse.evaluation.intervals).
     """
     if reference is not None and [len(w) for w in reference.windows] != [len(w) for w in prefix.windows]:
         raise ReffuseError("the reference prefix was cached on other windows than the base prefix")
@@ -101,6 +104,10 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
     if reference is not None:
         scores.update({"kl_from_reference": t.kl_reference / n, "top1_agreement_reference": t.agree_reference / n,
                        "reference_perplexity": exp_saturating(reference.base_nll / n)})
+    if per_token:
+        scores["per_token"] = {name: [[float(f"{v:.6g}") for v in window] for window in windows]
+                               for name, windows in (("kl", t.window_kl), ("nll", t.window_nll))}
+        scores["per_token"]["top1"] = [window.astype(int).tolist() for window in t.window_agree]
     return scores
 
 

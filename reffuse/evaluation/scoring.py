@@ -18,7 +18,7 @@ reffuse.evaluation.prefix gives it a variant's logits and the base model's cache
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -71,6 +71,10 @@ class Totals:
     agree: int = 0                # predictions where argmax p_model = argmax p_base
     kl_reference: float = 0.0     # the same against a second reference distribution
     agree_reference: int = 0
+    # the same per prediction, one array per window: KL(base || model), -log p_model(next token), agreement (0/1)
+    window_kl: list = field(default_factory=list)
+    window_nll: list = field(default_factory=list)
+    window_agree: list = field(default_factory=list)
 
 
 def score_windows(windows, logits_of: Callable[[int], object], base_of: Callable[[int], LogProbsOf] | None = None,
@@ -87,21 +91,28 @@ def score_windows(windows, logits_of: Callable[[int], object], base_of: Callable
         targets = ids[1:]
         base_rows = base_of(w) if base_of is not None else None
         reference_rows = reference_of(w) if reference_of is not None else None
+        kl, nll, agree = [], [], []
         for rows in row_chunks(len(targets)):
             log_probs = log_softmax(logits[rows])              # [rows, vocab] float64
             positions = np.arange(log_probs.shape[0])
             if not kl_only:
-                totals.nll -= float(log_probs[positions, targets[rows]].sum())
+                nll.append(-log_probs[positions, targets[rows]])
+                totals.nll += float(nll[-1].sum())
             if base_rows is not None:
                 base_log_probs = base_rows(rows)
-                totals.kl += float(kl_per_token(base_log_probs, log_probs).sum())
+                kl.append(kl_per_token(base_log_probs, log_probs))
+                totals.kl += float(kl[-1].sum())
                 if not kl_only:
                     totals.base_nll -= float(base_log_probs[positions, targets[rows]].sum())
-                    totals.agree += int((log_probs.argmax(-1) == base_log_probs.argmax(-1)).sum())
+                    agree.append(log_probs.argmax(-1) == base_log_probs.argmax(-1))
+                    totals.agree += int(agree[-1].sum())
             if reference_rows is not None:
                 reference_log_probs = reference_rows(rows)
                 totals.kl_reference += float(kl_per_token(reference_log_probs, log_probs).sum())
                 totals.agree_reference += int((log_probs.argmax(-1) == reference_log_probs.argmax(-1)).sum())
+        for per_window, values in ((totals.window_kl, kl), (totals.window_nll, nll), (totals.window_agree, agree)):
+            if values:
+                per_window.append(np.concatenate(values))
         totals.predictions += len(targets)
         if progress is not None:
             progress()

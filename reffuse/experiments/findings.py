@@ -3,7 +3,13 @@ it, the rule that turns the measurement into a verdict against the paper's obser
 
 A measurement returns the JSON-ready value stored under its key of the run's result; a rule reads only that
 result (so it can be re-applied to a committed run) and returns a Verdict: "held", "partly held", "did not
-hold" or "not measured".
+hold", "not resolved" or "not measured".
+
+Every comparison a rule makes is a paired difference over the same held-out predictions
+(reffuse.evaluation.intervals.paired_difference): its mean, a 95% interval over windows and one over token blocks,
+and the sign count. A difference counts for a verdict only when it is resolved (both intervals exclude 0); where
+the rule's comparisons are not resolved the verdict says so. The rules were fixed before the run that applies
+them; the report names the commit they come from.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import numpy as np
 
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import format_groups, full_blocks
+from reffuse.evaluation.intervals import describe, paired_difference
 from reffuse.evaluation.prefix import cache_prefix, score_variant
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
 from reffuse.method.metrics import block_evaluations_needed, dependency, greedy_windows, matrix_to_json, \
@@ -42,8 +49,24 @@ class Verdict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def decide(ok: bool, partly: bool = False) -> str:
-    return "held" if ok else "partly held" if partly else "did not hold"
+def decide(ok: bool, partly: bool = False, against: bool = True) -> str:
+    """held / partly held; else "did not hold" when the data resolve against the paper, "not resolved" when not."""
+    return "held" if ok else "partly held" if partly else "did not hold" if against else "not resolved"
+
+
+def difference(x: dict, y: dict, measure: str = "kl", y_scale: float = 1.0) -> dict:
+    """The paired difference x - y_scale·y of two scored variants' per-prediction `measure` (kl or nll)."""
+    return paired_difference(x["per_token"][measure], [np.asarray(w) * y_scale for w in y["per_token"][measure]])
+
+
+def lower(d: dict) -> bool:
+    """x resolved below y."""
+    return d["resolved"] and d["mean"] < 0
+
+
+def higher(d: dict) -> bool:
+    """x resolved above y."""
+    return d["resolved"] and d["mean"] > 0
 
 
 def by_steps(r: dict) -> list[dict]:
@@ -73,8 +96,8 @@ def fusion_intensity(study: Study) -> list[dict]:
 def intensity_verdict(r: dict) -> Verdict:
     rows = by_steps(r)
     sink = r["sink"]["pre_fusion_norms"][r["sink"]["layer"]]
-    kls = [row["fold"]["kl"] for row in rows]
-    rises = [y >= x * 0.95 for x, y in zip(kls, kls[1:])]
+    rises = [difference(after["fold"], before["fold"]) for before, after in zip(rows, rows[1:])]
+    overall = difference(rows[-1]["fold"], rows[0]["fold"])
     return Verdict(
         "a", "fusion intensity",
         paper="Puzzle-49B, 26 FFNs fused into 12/6/3/2: accuracy falls gradually, about 1% at 12 and about 4% at 2 "
@@ -82,24 +105,30 @@ def intensity_verdict(r: dict) -> Verdict:
         here="KL to the pre-fusion model " + ", ".join(f"{row['steps']} steps {format_kl(row['fold']['kl'])}"
                                                        for row in rows)
              + "; perplexity " + ", ".join(format_perplexity(row["fold"]["perplexity"]) for row in rows)
-             + f" (pre-fusion {format_perplexity(r['pre_fusion']['perplexity'])}); the first token's norm leaving "
+             + f" (pre-fusion {format_perplexity(r['pre_fusion']['perplexity'])}). Each step to fewer groups, KL "
+               "after - before: " + "; ".join(f"{before['steps']} -> {after['steps']}: {describe(d)}"
+                                             for before, after, d in zip(rows, rows[1:], rises))
+             + f"; {rows[0]['steps']} -> {rows[-1]['steps']}: {describe(overall)}. The first token's norm leaving "
                f"the run " + ", ".join(f"{row['fold']['sink_norm']:.0f}" for row in rows) + f" (pre-fusion {sink:.0f})",
-        rule="held if the damage grows as the groups get fewer (each KL at least 95% of the one before); partly if "
-             "the fewest groups still cost more than the most, but not step by step",
-        verdict=decide(all(rises), kls[-1] > kls[0]))
+        rule="held if every step to fewer groups raises the KL, each rise resolved; partly if the fewest groups "
+             "against the most is a resolved rise; did not hold if that is a resolved fall; else not resolved",
+        verdict=decide(all(higher(d) for d in rises), higher(overall), lower(overall)))
 
 
 def fold_vs_last_verdict(r: dict) -> Verdict:
     rows = by_steps(r)
-    fold_better = [row["fold"]["kl"] <= row["last"]["kl"] for row in rows]
+    diffs = [difference(row["fold"], row["last"]) for row in rows]
     return Verdict(
         "f", "fold vs last norm",
         paper="the paper feeds every fused FFN the last block's norm (its §3) and does not ablate it; folding each "
               "block's gain into its weights is exact for the parallel form [INF]",
         here="; ".join(f"{row['steps']} steps: fold KL {format_kl(row['fold']['kl'])}, last "
-                       f"{format_kl(row['last']['kl'])}" for row in rows),
-        rule="not a test of the paper: 'held' means fold is at least as good as last at every k",
-        verdict=decide(all(fold_better), any(fold_better)))
+                       f"{format_kl(row['last']['kl'])}, fold - last {describe(d)}" for row, d in zip(rows, diffs)),
+        rule="not a test of the paper: held if fold is resolved better at every k; partly if at some k and "
+             "resolved worse at none; did not hold if last is resolved better at some k and fold at none; else "
+             "not resolved",
+        verdict=decide(all(lower(d) for d in diffs), any(lower(d) for d in diffs) and not any(higher(d) for d in diffs),
+                       any(higher(d) for d in diffs) and not any(lower(d) for d in diffs)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,18 +175,27 @@ def calibration(study: Study, intensity: list[dict]) -> dict:
 def calibration_verdict(r: dict) -> Verdict:
     rows = by_steps(r)
     closed = [1 - row["calibrated"]["kl"] / row["fold"]["kl"] for row in rows]
+    kl = [difference(row["calibrated"], row["fold"]) for row in rows]
+    nll = [difference(row["calibrated"], row["fold"], "nll") for row in rows]
+    worse = [row["steps"] for row, d in zip(rows, nll) if higher(d)]
     return Verdict(
         "g", "calibrated vs plain fusion",
         paper="not in the paper: it recovers fused models by knowledge distillation on billions of tokens (Step 3 "
               "+ KD beats the baseline: 85.28 vs 84.71)",
         here="; ".join(f"{row['steps']} steps: plain KL {format_kl(row['fold']['kl'])} -> calibrated "
-                       f"{format_kl(row['calibrated']['kl'])} ({100 * c:.0f}% of the gap closed), perplexity "
-                       f"{format_perplexity(row['fold']['perplexity'])} -> "
-                       f"{format_perplexity(row['calibrated']['perplexity'])}" for row, c in zip(rows, closed))
+                       f"{format_kl(row['calibrated']['kl'])} ({100 * c:.0f}% of the gap closed; calibrated - plain "
+                       f"{describe(d)}), perplexity {format_perplexity(row['fold']['perplexity'])} -> "
+                       f"{format_perplexity(row['calibrated']['perplexity'])}"
+                       for row, c, d in zip(rows, closed, kl))
              + f"; weighting {r['calibration']['weighting']}, ridge {r['calibration']['ridge']:g}, chosen on "
                "validation calibration text",
-        rule="our addition: 'held' means calibration lowers the held-out KL at every k",
-        verdict=decide(all(c > 0 for c in closed), any(c > 0 for c in closed)))
+        rule="our addition: held if calibration lowers the held-out KL at every k, each resolved; partly if at some "
+             "k and raises it at none; did not hold if it raises it, resolved, at some k and lowers it at none; "
+             "else not resolved. Where the calibrated perplexity is resolved higher, the note says so",
+        verdict=decide(all(lower(d) for d in kl), any(lower(d) for d in kl) and not any(higher(d) for d in kl),
+                       any(higher(d) for d in kl) and not any(lower(d) for d in kl)),
+        note=(f"calibration raised the held-out negative log-likelihood, resolved, at k = {', '.join(map(str, worse))}"
+              if worse else "calibration raised the held-out negative log-likelihood, resolved, at no k"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,26 +219,32 @@ def removal_verdict(r: dict) -> Verdict:
     latency = r["decode"]
     base_ms = latency["pre-fusion"]["ms_per_token"]
     pairs = list(zip(r["intensity"], r["removal"]["rows"]))
-    plain = [row["fold"]["kl"] < removal["kl"] for row, removal in pairs]
-    calibrated = [row["calibrated"]["kl"] < removal["kl"] for row, removal in pairs]
+    plain = [difference(row["fold"], removal) for row, removal in pairs]
+    calibrated = [difference(row["calibrated"], removal) for row, removal in pairs]
     here = []
-    for row, removal in pairs:
+    for (row, removal), d, c in zip(pairs, plain, calibrated):
         fused_ms = latency[fused_name(row["steps"])]["ms_per_token"]
         removed_ms = latency[removed_name(removal["depth_reduction"])]["ms_per_token"]
         here.append(f"depth -{row['depth_reduction']}: fusion KL {format_kl(row['fold']['kl'])} (calibrated "
                     f"{format_kl(row['calibrated']['kl'])}), {100 * (fused_ms / base_ms - 1):+.1f}% decode latency; "
-                    f"removal KL {format_kl(removal['kl'])}, {100 * (removed_ms / base_ms - 1):+.1f}%")
+                    f"removal KL {format_kl(removal['kl'])}, {100 * (removed_ms / base_ms - 1):+.1f}%; fusion - "
+                    f"removal {describe(d)}; calibrated fusion - removal {describe(c)}")
     return Verdict(
         "b", "FFN removal vs fusion",
         paper="at a similar latency, fusion keeps more accuracy than removal (fusion step 3: -10% latency, -3.5% "
               "accuracy; removing 15 FFNs: -7.5% latency, -5% accuracy; 20 FFNs: -11%, -8.7%)",
         here="; ".join(here),
-        rule="held if plain fusion has the lower KL at every equal depth reduction; partly if it wins at some, or if "
-             "only calibrated fusion wins at all. Latency is reported, not judged: a CPU decode of a 135M model is "
-             "bound by reading weights, which fusion does not reduce",
-        verdict=decide(all(plain), any(plain) or all(calibrated)),
-        note=f"plain fusion wins at {sum(plain)} of {len(plain)} depths, calibrated fusion at {sum(calibrated)} of "
-             f"{len(calibrated)}")
+        rule="at equal depth reduction (not the paper's equal latency): held if plain fusion has the resolved lower "
+             "KL at every depth; partly if at some depth, or calibrated fusion at every depth, and removal is "
+             "resolved lower at none; did not hold if removal is resolved lower at some depth and plain fusion at "
+             "none; else not resolved. Latency is reported, not judged: a CPU decode of a 135M model is bound by "
+             "reading weights, which fusion does not reduce",
+        verdict=decide(all(lower(d) for d in plain),
+                       (any(lower(d) for d in plain) or all(lower(c) for c in calibrated))
+                       and not any(higher(d) for d in plain),
+                       any(higher(d) for d in plain) and not any(lower(d) for d in plain)),
+        note=f"plain fusion resolved lower at {sum(map(lower, plain))} of {len(plain)} depths, removal at "
+             f"{sum(map(higher, plain))}; calibrated fusion resolved lower at {sum(map(lower, calibrated))}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,18 +264,19 @@ def last_ffn(study: Study) -> list[dict]:
 
 def last_ffn_verdict(r: dict) -> Verdict:
     last = {row["label"]: row for row in r["last_ffn"]}
-    left_out = last["leave out the last FFN"]["kl"]
-    others = [row["kl"] for label, row in last.items() if label != "leave out the last FFN"]
-    whole = last["the whole run, last FFN included"]["kl"]
+    left_out = last["leave out the last FFN"]
+    versus = {label: difference(left_out, row) for label, row in last.items() if label != "leave out the last FFN"}
+    whole = versus["the whole run, last FFN included"]
     return Verdict(
         "c", "the last FFN of a run",
         paper="including the run's last FFN hurts most (MT-Bench 8.25 -> 7.30 when layers 51 and 70 are included); "
               "shifting the group by one to include it is worse than leaving it out",
         here="; ".join(f"{row['label']} ({row['group'][0]}-{row['group'][1]}) KL {format_kl(row['kl'])}"
-                       for row in r["last_ffn"]),
-        rule="held if leaving out the last FFN gives the lowest KL and including it (the whole run) is worse than "
-             "leaving it out",
-        verdict=decide(left_out <= min(others) and whole > left_out, whole > left_out))
+                       for row in r["last_ffn"])
+             + "; leaving out the last FFN against " + "; ".join(f"{label}: {describe(d)}" for label, d in versus.items()),
+        rule="held if leaving out the last FFN has a resolved lower KL than both other choices; partly if only "
+             "than the whole run; did not hold if the whole run is resolved lower; else not resolved",
+        verdict=decide(all(lower(d) for d in versus.values()), lower(whole), higher(whole)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,17 +295,29 @@ def reversed_order(study: Study) -> list[dict]:
     return rows
 
 
+# (d)'s equivalence margin: "about as much" as the paper's 0.25 points of about 84 is 0.3%; at this scale a KL
+# ratio is the proxy, and the margin is a fifth of the fused KL either way.
+REVERSED_MARGIN = 0.2
+
+
 def reversed_verdict(r: dict) -> Verdict:
-    close = [max(row["fused"]["kl"], row["reversed"]["kl"]) <= 2 * min(row["fused"]["kl"], row["reversed"]["kl"])
-             for row in r["reversed"]]
+    diffs = [difference(row["reversed"], row["fused"]) for row in r["reversed"]]
+    margins = [REVERSED_MARGIN * row["fused"]["kl"] for row in r["reversed"]]
+    inside = [all(-m <= bound <= m for bound in d["windows_interval_95"] + d["tokens_interval_95"])
+              for d, m in zip(diffs, margins)]
+    outside = [all(abs(bound) > m and bound * d["mean"] > 0 for bound in d["windows_interval_95"] + d["tokens_interval_95"])
+               for d, m in zip(diffs, margins)]
     return Verdict(
         "d", "reversed order vs fusion",
         paper="running a span's FFNs in reverse order costs about as much as fusing them (combined accuracy within "
               "0.25 points, e.g. [42,49] 83.74 fused vs 83.52 reversed)",
         here="; ".join(f"{row['span'][0]}-{row['span'][1]}: fused KL {format_kl(row['fused']['kl'])}, reversed "
-                       f"{format_kl(row['reversed']['kl'])}" for row in r["reversed"]),
-        rule="held if, for every span, the two KLs are within a factor 2 of each other",
-        verdict=decide(all(close), any(close)))
+                       f"{format_kl(row['reversed']['kl'])}, reversed - fused {describe(d)}"
+                       for row, d in zip(r["reversed"], diffs)),
+        rule=f"an equivalence test: held if, for every span, both intervals of reversed - fused lie within "
+             f"±{REVERSED_MARGIN:.0%} of the fused KL; did not hold if for some span both lie wholly beyond it; "
+             "partly if some spans are within; else not resolved",
+        verdict=decide(all(inside), any(inside) and not any(outside), any(outside)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,10 +339,11 @@ def full_block(study: Study) -> dict:
     for n in range(1, len(steps) + 1):
         chosen = [(s["first"], s["last"]) for s in steps[:n]]
         scores = score_variant(prefix, pre, min(s for s, _ in chosen), reference=study.original_prefix,
-                               parallel=chosen, whole_blocks=True)
+                               parallel=chosen, whole_blocks=True, per_token=True)
         rows.append({"steps": n, "windows": [list(w) for w in chosen], "windows_text": format_groups(chosen),
                      "kl": scores["kl_from_base"], "perplexity": scores["perplexity"],
-                     "top1": scores["top1_agreement"], "kl_vs_original": scores["kl_from_reference"]})
+                     "top1": scores["top1_agreement"], "kl_vs_original": scores["kl_from_reference"],
+                     "per_token": scores["per_token"]})
     scan = cache_prefix(pre, study.texts.held_out.ids[:2])  # the first two held-out windows
     candidates = [w for w in window_statistics(block_M, WINDOW)
                   if math.isfinite(w["max"]) and all(eligible[w["first"]:w["last"] + 1])]
@@ -320,23 +378,29 @@ def full_block_verdict(r: dict) -> Verdict:
         return Verdict("e", "full-block parallelization", paper="see the paper's App. B, Table 7",
                        here="no window of 4 consecutive blocks with attention and FFN exists", rule="-",
                        verdict="not measured")
-    ffn_four = next((row["fused"]["kl"] for row in r["reversed"] if row["span"][1] - row["span"][0] + 1 == WINDOW),
-                    None)
-    cheap_start = len(full) >= 2 and full[1]["kl"] < 0.5 * full[-1]["kl"]
-    harder = ffn_four is not None and full[0]["kl"] > ffn_four
+    ffn_four = next((row["fused"] for row in r["reversed"] if row["span"][1] - row["span"][0] + 1 == WINDOW), None)
+    collapse = difference(full[-1], full[1], y_scale=2.0) if len(full) >= 2 else None  # last - 2 x step 2
+    harder = difference(full[0], ffn_four) if ffn_four is not None else None           # 1 window - 4 FFNs
     here = "; ".join(f"step {row['steps']} (+{row['windows_text'].split(',')[-1]}, M_max {step['max']:.3f}) KL "
                      f"{format_kl(row['kl'])}" for row, step in zip(full, r["full_block"]["greedy"]))
-    if ffn_four is not None:
-        here += f"; for comparison, fusing {WINDOW} attention-free FFNs: KL {format_kl(ffn_four)}"
+    if collapse is not None:
+        here += f"; KL after the last step - 2 x after step 2: {describe(collapse)}"
+    if harder is not None:
+        here += (f"; one window of {WINDOW} whole blocks - fusing {WINDOW} attention-free FFNs (KL "
+                 f"{format_kl(ffn_four['kl'])}): {describe(harder)}")
+    cheap_start = collapse is not None and higher(collapse)
     return Verdict(
         "e", "full-block parallelization",
         paper="greedy windows of 4 whole blocks: the first two steps are cheap (MMLU 80.73 -> 80.51 -> 80.04), the "
               "third and fourth collapse (77.86, 56.12); whole blocks are harder to parallelize than FFNs",
         here=here,
-        rule=f"held if the KL after step 2 is under half the KL after the last step (cheap first steps, then a "
-             f"collapse) and one window of {WINDOW} whole blocks costs more than fusing {WINDOW} attention-free "
-             f"FFNs; partly if only the second holds",
-        verdict=decide(cheap_start and harder, harder),
+        rule=f"held if the KL after the last step is resolved above twice the KL after step 2 (cheap first steps, "
+             f"then a collapse) and one window of {WINDOW} whole blocks has a resolved higher KL than fusing {WINDOW} "
+             f"attention-free FFNs; partly if one of the two holds; did not hold if the window of whole blocks is "
+             f"resolved lower; else not resolved",
+        verdict=decide(cheap_start and harder is not None and higher(harder),
+                       cheap_start or (harder is not None and higher(harder)),
+                       harder is not None and lower(harder)),
         note=_prediction_note(r["full_block"]))
 
 

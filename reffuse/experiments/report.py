@@ -5,6 +5,18 @@ from __future__ import annotations
 from reffuse.experiments.study import DEFINITIONS, format_kl, format_perplexity, fused_name, removed_name
 
 
+def rules_line(rules: dict | None) -> str:
+    """Which commit the verdict rules come from, and whether they were changed since."""
+    if not rules or not rules.get("commit"):
+        return "The verdict rules (reffuse/experiments/findings.py) were applied outside a git checkout."
+    state = ("with uncommitted changes to them: no commit records the rules this run applied"
+             if rules["uncommitted_changes"] else "committed before this run, unchanged when it ran")
+    return (f"The verdict rules are {' and '.join(f'`{f}`' for f in rules['files'])} as of commit "
+            f"`{rules['commit'][:12]}` ({rules['committed_at']}), {state}. Every comparison is a paired "
+            "difference over the same held-out predictions with 95% intervals over windows and over blocks of 32 "
+            "tokens; it counts only when resolved (both intervals exclude 0).")
+
+
 def markdown(r: dict, command: str) -> str:
     """The report as Markdown: setup, one section per finding with its table and verdict."""
     removal, env = r["attention_removal"], r["environment"]
@@ -50,7 +62,8 @@ def markdown(r: dict, command: str) -> str:
              f"{norms[jump - 1]:.0f} to {norms[jump]:.0f} in block {jump - 1} (massive activations; later attention "
              f"leans on it). The tables give that norm where the stream leaves the run (entering block "
              f"{sink['layer']}; pre-fusion {norms[sink['layer']]:.0f}) as 'sink norm'.", "",
-             "## Verdicts", "", "| finding | paper | here | verdict |", "|---|---|---|---|"]
+             "## Verdicts", "", rules_line(r.get("rules")), "",
+             "| finding | paper | here | verdict |", "|---|---|---|---|"]
     for v in r["verdicts"]:
         note = f"; {v['note']}" if v.get("note") else ""
         lines.append(f"| ({v['finding']}) {v['title']} | {v['paper']} | {v['here']} | **{v['verdict']}** "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 
 import numpy as np
@@ -41,9 +42,29 @@ import numpy as np
 from reffuse.experiments.findings import (calibration, decode_latency, ffn_removal, full_block, fusion_intensity,
                                           last_ffn, reversed_order, verdicts)
 from reffuse.experiments.study import DEFINITIONS, prepare_study, step
+from reffuse.files import checkout_root
 from reffuse.formats.registry import load_model
 from reffuse.method.pipeline import load_texts
 from reffuse.speed.timing import blas_threads
+
+
+# The code that turns the numbers into verdicts: the report names the commit these files come from.
+RULE_FILES = ("reffuse/experiments/findings.py", "reffuse/evaluation/intervals.py")
+
+
+def rules_provenance() -> dict:
+    """The commit that last changed the verdict rules, and whether the checkout holds changes to them since (then
+    the run applies rules no commit records). Outside a git checkout: both None."""
+    root = checkout_root()
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H %cI", "--", *RULE_FILES],
+                                capture_output=True, text=True, timeout=30, check=True).stdout.split()
+        changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", *RULE_FILES],
+                                 capture_output=True, timeout=30).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return {"files": list(RULE_FILES), "commit": None, "committed_at": None, "uncommitted_changes": None}
+    return {"files": list(RULE_FILES), "commit": commit[0] if commit else None,
+            "committed_at": commit[1] if len(commit) > 1 else None, "uncommitted_changes": changed}
 
 
 def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_tokens: int = 2048,
@@ -52,7 +73,7 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
     """Every experiment of the module docstring; a JSON-ready dict."""
     started = time.perf_counter()
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    result = {"model": model_name, "definitions": DEFINITIONS,
+    result = {"model": model_name, "definitions": DEFINITIONS, "rules": rules_provenance(),
               "environment": {"machine": platform.machine(), "cores": os.cpu_count(), "threads": threads,
                               "python": platform.python_version(), "numpy": np.__version__,
                               "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},

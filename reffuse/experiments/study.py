@@ -29,6 +29,11 @@ DEFINITIONS = {
     "kl": "mean over held-out predictions of KL(reference || variant) of the next-token distributions, nats",
     "reference": "the pre-fusion model (attention removed, nothing fused) unless marked 'vs original'",
     "perplexity": "exp of the mean next-token negative log-likelihood on the held-out windows",
+    "per_token": "each held-out prediction's KL, negative log-likelihood (nats) and top-1 agreement with the "
+                 "reference (0/1), one list per window, in window order",
+    "intervals": "a comparison x - y: the mean over predictions, a 95% percentile-bootstrap interval over windows "
+                 "and one over blocks of 32 consecutive predictions, and in how many windows x is lower; resolved "
+                 "when both intervals exclude 0",
     "steps": "sequential FFN steps left in the fused span (a fused group is one step)",
     "full_block_rule": "[INF] a window of whole blocks [s, e] runs as x + Σ_{j=s..e} (f_j(x) - x), the analogue of "
                        "eq. 5; the paper does not write its rule down",
@@ -126,10 +131,11 @@ class Study:
 
     def scores(self, variant: Model, first: int) -> dict:
         """A variant (blocks before `first` unchanged) against the pre-fusion model and the original."""
-        s = score_variant(self.prefix, variant, first, reference=self.original_prefix)
+        s = score_variant(self.prefix, variant, first, reference=self.original_prefix, per_token=True)
         return {"kl": s["kl_from_base"], "perplexity": s["perplexity"], "top1": s["top1_agreement"],
                 "kl_vs_original": s["kl_from_reference"], "top1_vs_original": s["top1_agreement_reference"],
-                "sink_norm": sink_norm(variant, int(self.prefix.windows[0][0]), self.region[1] + 1)}
+                "sink_norm": sink_norm(variant, int(self.prefix.windows[0][0]), self.region[1] + 1),
+                "per_token": s["per_token"]}
 
 
 def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens: int, dependency_tokens: int,

@@ -4,8 +4,12 @@ and the whole study runs end to end on the synthetic model."""
 import json
 from pathlib import Path
 
+import pytest
+
+import numpy as np
+
 from reffuse.cli import main
-from reffuse.experiments.findings import RULES, verdicts
+from reffuse.experiments.findings import RULES, by_steps, verdicts
 from reffuse.experiments.report import markdown
 
 COMMITTED = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2" / "experiments.json"
@@ -18,6 +22,22 @@ def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_
     assert [v["finding"] for v in result["verdicts"]] == list("abcdefg")
 
 
+def test_one_interval_recomputed_from_the_committed_per_token_values():
+    """(a)'s fewest-against-most-groups comparison, from the JSON alone: its mean is the difference of the two
+    reported KLs, and its interval over windows follows from the per-window sums."""
+    result = json.loads(COMMITTED.read_text())
+    rows = by_steps(result)
+    x, y = rows[-1]["fold"], rows[0]["fold"]
+    diffs = [np.array(a) - np.array(b) for a, b in zip(x["per_token"]["kl"], y["per_token"]["kl"])]
+    sums, counts = np.array([d.sum() for d in diffs]), np.array([d.size for d in diffs])
+    assert sums.sum() / counts.sum() == pytest.approx(x["kl"] - y["kl"], rel=1e-4)  # per-token values: 6 digits
+    draws = np.random.default_rng(0).integers(0, len(diffs), (2000, len(diffs)))
+    low, high = np.quantile(sums[draws].sum(axis=1) / counts[draws].sum(axis=1), [0.025, 0.975])
+    verdict = next(v for v in result["verdicts"] if v["finding"] == "a")
+    assert f"{rows[0]['steps']} -> {rows[-1]['steps']}: {sums.sum() / counts.sum():+.4f} [{low:+.4f}, {high:+.4f}]" \
+        in verdict["here"]
+
+
 def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
     out = tmp_path / "experiments"
     assert main(["experiments", "--model", "tiny", "--out", str(out), "--held-out-tokens", "256",
@@ -25,7 +45,8 @@ def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
                  "--window", "64", "--decode-tokens", "4", "--repeats", "1"]) == 0
     result = json.loads((out / "experiments.json").read_text())
     assert {v["finding"] for v in result["verdicts"]} == set("abcdefg") and len(result["verdicts"]) == len(RULES)
-    assert all(v["verdict"] in ("held", "partly held", "did not hold", "not measured") for v in result["verdicts"])
+    assert all(v["verdict"] in ("held", "partly held", "did not hold", "not resolved", "not measured")
+               for v in result["verdicts"])
     first, last = result["span"]
     one_step = next(row for row in result["intensity"] if row["steps"] == 1)
     assert one_step["groups"] == [[first, last]]                       # one step: the whole span in one group
