@@ -94,7 +94,23 @@ def print_report(report: dict) -> None:
     print(format_table(["variant", "tokens/s", "PreFusion", "fused", "fusion alone"],
                        [[r["variant"], " / ".join(f"{t:.1f}" for t in r["tokens_per_second"]),
                          f"{r['prefusion_speedup']:.3f}x", f"{r['fused_speedup']:.3f}x", f"{r['fusion_alone']:.3f}x"]
-                        for r in report["paper_sensitivity"]]) + "\n")
+                        for r in report["paper_sensitivity"]]))
+    grid = report["paper_grid"]
+    summary = grid["summary"]
+    print(f"the chosen constants over a grid (kernel overhead {min(grid['grid']['kernel_overhead_us'])}-"
+          f"{max(grid['grid']['kernel_overhead_us'])} us, all-reduce alpha {min(grid['grid']['allreduce_alpha_us'])}-"
+          f"{max(grid['grid']['allreduce_alpha_us'])} us per step, HBM at "
+          f"{', '.join(f'{f:.0%}' for f in grid['grid']['hbm_fraction'])}): {summary['admissible']} of "
+          f"{summary['points']} points keep the model an upper bound (at least the paper's tokens/s for all three)")
+    if summary["admissible"]:
+        low, high = summary["fusion_alone_range"]
+        at = summary["highest_at"]
+        print(f"  fusion alone over them: {low:.3f}x to {high:.3f}x (highest at overhead {at['kernel_overhead_us']} us, "
+              f"alpha {at['allreduce_alpha_us']} us, HBM {at['hbm_fraction']:.0%}), against the paper's "
+              f"{summary['paper_fusion_alone']:.3f}x: fewer all-reduces and kernels explain at most "
+              f"{summary['explains_at_most']:.0%} of the paper's fusion gain\n")
+    else:
+        print("  no point of the grid keeps the model an upper bound\n")
 
     hw = report["hardware"]
     setting = report["setting"]

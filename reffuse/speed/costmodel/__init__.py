@@ -49,7 +49,8 @@ from reffuse.speed.costmodel.hardware import H100_SOURCES, NUMPY_CALLS, PRECISIO
 from reffuse.speed.costmodel.latency import (Cost, allgather_seconds, allreduce_count, allreduce_seconds,
                                              check_tensor_parallel, cost_summary, decode_projection, forward_cost,
                                              parameter_count, tensor_parallel_degrees)
-from reffuse.speed.costmodel.paper import LEFT_OUT, PAPER_TABLE2, PAPER_TP, paper_comparison, paper_sensitivity
+from reffuse.speed.costmodel.paper import (LEFT_OUT, PAPER_TABLE2, PAPER_TP, paper_comparison, paper_grid,
+                                            paper_sensitivity)
 from reffuse.speed.costmodel.presets import (MODEL_PRESETS, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS, ULTRA_GROUP_MULTS,
                                              deci_ffn_width, default_fusion_groups, get_layout, layout_from_model,
                                              llama_405b_layout, smollm2_layout, tiny_layout, ultra_fused_layout,

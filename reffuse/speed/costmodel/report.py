@@ -9,7 +9,7 @@ from reffuse.progress import note
 from reffuse.speed.costmodel.calibration import calibrate_cpu, get_hardware
 from reffuse.speed.costmodel.hardware import cpu_hardware
 from reffuse.speed.costmodel.latency import decode_projection, parameter_count
-from reffuse.speed.costmodel.paper import LEFT_OUT, PAPER_TABLE2, paper_comparison, paper_sensitivity
+from reffuse.speed.costmodel.paper import LEFT_OUT, PAPER_TABLE2, paper_comparison, paper_grid, paper_sensitivity
 from reffuse.speed.costmodel.presets import get_layout
 from reffuse.speed.costmodel.tp_runs import predict_tp_run
 
@@ -40,7 +40,7 @@ def recorded_calibration(path) -> dict:
 
 def costmodel_report(models, groups=None, hardware: str = "h100-sxm", max_tp: int = 8, context: int = 1024,
                      batch: int = 1, measured=(), calibration=None, mpi: bool = True) -> dict:
-    """What `reffuse costmodel` prints: the paper comparison and its sensitivity, decode projected at TP 1..max_tp
+    """What `reffuse costmodel` prints: the paper comparison, its sensitivity and its grid, decode projected at TP 1..max_tp
     for each of `models` on `hardware`, their layouts, and (with `measured` tp results) this machine's predictions
     beside the measured times. `calibration`: a recorded costmodel JSON to reuse instead of calibrating the CPU."""
     if max_tp < 1 or context < 0 or batch < 1:
@@ -62,6 +62,7 @@ def costmodel_report(models, groups=None, hardware: str = "h100-sxm", max_tp: in
         "setting": {"context": context, "batch": batch, "max_tp": max_tp},
         "paper_comparison": paper_comparison(context=context),
         "paper_sensitivity": paper_sensitivity(context=context),
+        "paper_grid": paper_grid(context=context),
         "hardware": chosen.describe(),
         "projections": [decode_projection(layout, chosen, range(1, max_tp + 1), context, batch)
                         for layout in layouts],
