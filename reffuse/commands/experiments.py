@@ -12,8 +12,12 @@ The report (README.md) says, finding by finding, whether the paper's observation
 It takes minutes on 2 cores (progress on stderr). The synthetic tiny model runs the same code in seconds, to
 check it, not to learn anything.
 
+With --regions N the whole study is replicated over N attention-removal regions (the N cheapest windows of
+blocks), each region's report in its own folder and a table of the findings across them beside.
+
 examples:
-  reffuse experiments --out reports/experiments/smollm2
+  reffuse experiments --regions 4 --out reports/experiments/smollm2
+  reffuse experiments --out out/experiments
   reffuse experiments --model tiny --drop-attention-count 2 --out /tmp/experiments-tiny
 """
 
@@ -23,8 +27,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from reffuse.experiments.report import markdown
-from reffuse.experiments.run import run_experiments
+from reffuse.experiments.report import markdown, regions_markdown
+from reffuse.experiments.run import region_summary, run_experiments
 from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
@@ -44,6 +48,9 @@ def add_arguments(parser):
     parser.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--decode-tokens", type=positive_int, default=32, help="tokens per decode timing (default 32)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="decode timing repeats, median (default 5)")
+    parser.add_argument("--regions", type=positive_int, default=1, metavar="N",
+                        help="replicate over N attention-removal regions, the N cheapest windows of blocks (each a "
+                             "full run into --out/region-K/, a summary in --out/README.md); default 1")
     add_json_argument(parser)
 
 
@@ -53,21 +60,42 @@ def run(args) -> int:
     if not figures:
         note(f"figures will be skipped: drawing them needs matplotlib ({install_hint('real')})")
     count = args.drop_attention_count or (2 if args.model == "tiny" else 8)
-    result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
-                             calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
-                             dependency_tokens=args.dependency_tokens, window=args.window,
-                             decode_tokens=args.decode_tokens, repeats=args.repeats)
     command = "reffuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiments"] else \
         f"reffuse experiments --model {args.model} --out {args.out}"
-    result["command"] = command
-    write_json_atomic(args.out / "experiments.json", result)
-    write_text_atomic(args.out / "README.md", markdown(result, command))
-    figures = write_experiment_figures(result, args.out) if figures else []
-    note(f"wrote {args.out / 'README.md'}, {args.out / 'experiments.json'} and {len(figures)} figures "
-         f"({result['seconds'] / 60:.1f} minutes)")
+    results = []
+    for rank in range(1, args.regions + 1):
+        if args.regions > 1:
+            note(f"region {rank} of {args.regions}")
+        result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
+                                 calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
+                                 dependency_tokens=args.dependency_tokens, window=args.window,
+                                 decode_tokens=args.decode_tokens, repeats=args.repeats, region_rank=rank)
+        folder = args.out if args.regions == 1 else args.out / f"region-{rank}"
+        result["command"] = command if args.regions == 1 else f"{command}  (region {rank} of {args.regions})"
+        write_report(result, folder, figures)
+        results.append(result)
+    if args.regions > 1:
+        summary = region_summary(results) | {"command": command, "seconds": sum(r["seconds"] for r in results)}
+        write_json_atomic(args.out / "regions.json", summary)
+        write_text_atomic(args.out / "README.md", regions_markdown(summary, command, summary["seconds"] / 60))
+        note(f"wrote {args.out / 'README.md'} and {args.out / 'regions.json'} ({summary['seconds'] / 60:.1f} minutes)")
     if args.json:
-        print_json(result)
+        print_json(results[0] if args.regions == 1 else {"summary": summary, "regions": results})
     else:
-        for v in result["verdicts"]:
-            print(f"({v['finding']}) {v['title']}: {v['verdict']}\n    here: {v['here']}")
+        for result in results:
+            if args.regions > 1:
+                print(f"region {result['settings']['region_rank']}: attention removed "
+                      f"{result['attention_removal']['blocks_text']}")
+            for v in result["verdicts"]:
+                print(f"({v['finding']}) {v['title']}: {v['verdict']}\n    here: {v['here']}")
     return 0
+
+
+def write_report(result: dict, folder: Path, figures: bool) -> None:
+    """One region's experiments.json, README.md and figures into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "experiments.json", result)
+    write_text_atomic(folder / "README.md", markdown(result, result["command"]))
+    drawn = write_experiment_figures(result, folder) if figures else []
+    note(f"wrote {folder / 'README.md'}, {folder / 'experiments.json'} and {len(drawn)} figures "
+         f"({result['seconds'] / 60:.1f} minutes)")

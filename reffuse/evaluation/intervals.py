@@ -15,6 +15,8 @@ A difference is resolved when both intervals exclude 0; otherwise the data do no
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from reffuse.errors import ReffuseError
@@ -58,12 +60,17 @@ def paired_difference(x_windows, y_windows, seed: int = 0) -> dict:
             "sign": int(np.sign(sums.sum())) if resolved else 0}
 
 
-def describe(diff: dict, digits: int = 4) -> str:
-    """'+0.0123 [+0.0050, +0.0190] windows, [+0.0061, +0.0180] tokens, x < y in 2/8 windows'."""
-    def number(v):
-        return f"{v:+.{digits}f}"
-
+def describe(diff: dict) -> str:
+    """'+0.0123 [+0.0050, +0.0190] over windows, [+0.0061, +0.0180] over tokens, lower in 2/8 windows', the
+    numbers to three significant digits of the largest of them."""
     w, t = diff["windows_interval_95"], diff["tokens_interval_95"]
+    largest = max(abs(v) for v in [diff["mean"], *w, *t])
+
+    def number(v):
+        if largest < 1e-3:
+            return f"{v:+.2e}"
+        return f"{v:+.{max(0, 2 - math.floor(math.log10(largest)))}f}"
+
     return (f"{number(diff['mean'])} [{number(w[0])}, {number(w[1])}] over windows, [{number(t[0])}, {number(t[1])}] "
             f"over tokens, lower in {diff['x_below_y_windows']}/{diff['windows']} windows"
             + ("" if diff["resolved"] else ", not resolved"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reffuse.core.backend import array_module, to_numpy
+from reffuse.core.layout import original_layers
 from reffuse.core.model import Model, forward, lm_logits, rope_for, run_blocks
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import check_windows, chunked_log_softmax, exp_saturating, score_windows
@@ -108,6 +109,41 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
         scores["per_token"] = {name: [[float(f"{v:.6g}") for v in window] for window in windows]
                                for name, windows in (("kl", t.window_kl), ("nll", t.window_nll))}
         scores["per_token"]["top1"] = [window.astype(int).tolist() for window in t.window_agree]
+    return scores
+
+
+def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parallel=(), whole_blocks: bool = False,
+                  per_token: bool = False) -> dict:
+    """KL(base || variant) with the first token's stream put back: `variant` runs from block `first` up to the
+    block that stands for `layer` of the base model, position 0's stream there is replaced by the base model's,
+    and the rest runs on. What the variant's damage is without the change it made to the attention sink.
+
+    layer: a block boundary of the base model that the variant also has (a fused run's end, not its inside).
+    per_token: add each prediction's KL, one list per window, as score_variant does."""
+    starts = [span[0] for span in original_layers(variant)] + [len(prefix.model.blocks)]
+    if layer not in starts or layer < first:
+        raise ReffuseError(f"layer {layer} is not a block boundary of the variant at or after block {first}")
+    stop = starts.index(layer)
+    before, after = [r for r in parallel if r[1] < stop], [r for r in parallel if r[0] >= stop]
+    if len(before) + len(after) != len(parallel):
+        raise ReffuseError(f"layer {layer} lies inside a parallel run of {list(parallel)}: restore the sink at a "
+                           "run's end")
+
+    def logits(w):
+        x = prefix.streams[w][first]
+        positions = np.arange(x.shape[0])
+        cos, sin = rope_for(variant, positions, array_module(x))
+        x = run_blocks(variant, x, cos, sin, start=first, stop=stop, parallel=before, whole_blocks=whole_blocks)
+        x = x.copy()
+        x[0] = prefix.streams[w][layer][0]                  # the base model's sink stream at `layer`
+        return lm_logits(variant, run_blocks(variant, x, cos, sin, start=stop, parallel=after,
+                                             whole_blocks=whole_blocks))
+
+    t = score_windows(prefix.windows, logits, lambda w: (lambda rows: prefix.log_probs[w][rows].astype(np.float64)),
+                      kl_only=True)
+    scores = {"kl_from_base": t.kl / t.predictions}
+    if per_token:
+        scores["per_token"] = {"kl": [[float(f"{v:.6g}") for v in window] for window in t.window_kl]}
     return scores
 
 

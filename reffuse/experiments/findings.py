@@ -22,7 +22,7 @@ import numpy as np
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import format_groups, full_blocks
 from reffuse.evaluation.intervals import describe, paired_difference
-from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.evaluation.prefix import cache_prefix, score_variant, sink_restored
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
 from reffuse.method.metrics import block_evaluations_needed, dependency, greedy_windows, matrix_to_json, \
     window_statistics
@@ -338,12 +338,15 @@ def full_block(study: Study) -> dict:
     rows = []
     for n in range(1, len(steps) + 1):
         chosen = [(s["first"], s["last"]) for s in steps[:n]]
-        scores = score_variant(prefix, pre, min(s for s, _ in chosen), reference=study.original_prefix,
-                               parallel=chosen, whole_blocks=True, per_token=True)
+        first = min(s for s, _ in chosen)
+        scores = score_variant(prefix, pre, first, reference=study.original_prefix, parallel=chosen,
+                               whole_blocks=True, per_token=True)
         rows.append({"steps": n, "windows": [list(w) for w in chosen], "windows_text": format_groups(chosen),
                      "kl": scores["kl_from_base"], "perplexity": scores["perplexity"],
                      "top1": scores["top1_agreement"], "kl_vs_original": scores["kl_from_reference"],
-                     "per_token": scores["per_token"]})
+                     "per_token": scores["per_token"],
+                     "sink_restored": sink_restored(prefix, pre, first, max(e for _, e in chosen) + 1, chosen,
+                                                    whole_blocks=True, per_token=True)})
     scan = cache_prefix(pre, study.texts.held_out.ids[:2])  # the first two held-out windows
     candidates = [w for w in window_statistics(block_M, WINDOW)
                   if math.isfinite(w["max"]) and all(eligible[w["first"]:w["last"] + 1])]

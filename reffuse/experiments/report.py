@@ -17,6 +17,52 @@ def rules_line(rules: dict | None) -> str:
             "tokens; it counts only when resolved (both intervals exclude 0).")
 
 
+def sink_variants(r: dict) -> list[tuple[str, str, dict]]:
+    """(finding, variant, its scores) for every scored variant of the run, in the report's order."""
+    variants = []
+    for row in sorted(r["intensity"], key=lambda row: -row["steps"]):
+        variants += [("a, f, g", f"{row['steps']} steps, {kind}", row[kind]) for kind in ("fold", "last", "calibrated")]
+    variants += [("b", f"{row['depth_reduction']} FFNs removed", row) for row in r["removal"]["rows"]]
+    variants += [("c", row["label"], row) for row in r["last_ffn"]]
+    for row in r["reversed"]:
+        span = f"{row['span'][0]}-{row['span'][1]}"
+        variants += [("d", f"{span} fused", row["fused"]), ("d", f"{span} reversed", row["reversed"])]
+    variants += [("e", f"whole blocks, {row['steps']} step(s)", row) for row in r["full_block"]["rows"]]
+    return [v for v in variants if "sink_restored" in v[2]]
+
+
+def sink_section(r: dict) -> list[str]:
+    """Every variant's KL beside its KL with the first token's stream restored, and the two dependency matrices."""
+    variants = sink_variants(r)
+    if not variants:
+        return []
+    lines = ["", "## The attention sink as a channel", "",
+             "Each variant's KL beside the same with the first token's stream put back to the pre-fusion model's "
+             "where the changed blocks end: the share of the damage that goes through the attention sink is "
+             "1 - restored / KL.", "", "| finding | variant | KL | KL, sink restored | through the sink |",
+             "|---|---|---:|---:|---:|"]
+    for finding, name, s in variants:
+        restored = s["sink_restored"]["kl_from_base"]
+        share = f"{1 - restored / s['kl']:.0%}" if s["kl"] > 0 else "-"
+        lines.append(f"| ({finding}) | {name} | {format_kl(s['kl'])} | {format_kl(restored)} | {share} |")
+    dependency = r["ffn_dependency"]
+    if "first_token_matrix" in dependency:
+        a = dependency["blocks"][0]
+        lines += ["", f"FFN-level dependency M[i, j] inside the run (blocks {a}-{dependency['blocks'][1]}): measured on "
+                      "every token but the first (what the plans use), and on the first token alone, which that "
+                      "matrix leaves out. Rows i, columns j > i.", ""]
+        for title, matrix in (("all tokens but the first", dependency["matrix"]),
+                              ("the first token alone", dependency["first_token_matrix"])):
+            size = len(matrix)
+            lines += [f"{title}:", "", "| i \\ j | " + " | ".join(str(a + j) for j in range(1, size)) + " |",
+                      "|---|" + "---:|" * (size - 1)]
+            for i in range(size - 1):
+                cells = ["" if matrix[i][j] is None else f"{matrix[i][j]:.3f}" for j in range(1, size)]
+                lines.append(f"| {a + i} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
 def markdown(r: dict, command: str) -> str:
     """The report as Markdown: setup, one section per finding with its table and verdict."""
     removal, env = r["attention_removal"], r["environment"]
@@ -147,6 +193,7 @@ def markdown(r: dict, command: str) -> str:
         rho = full["rank_correlation_max_kl"]
         if rho is not None:
             lines += ["", f"Spearman rank correlation between M_max and KL: **{rho:.2f}**."]
+    lines += sink_section(r)
     lines += ["", "## Figures", "",
               "![fusion intensity](fusion_intensity.png)", "",
               "![removal vs fusion](removal_vs_fusion.png)", "",
@@ -154,3 +201,31 @@ def markdown(r: dict, command: str) -> str:
               "![full-block parallelization](full_block.png)", "",
               "![attention removal scores](attention_scores.png)", ""]
     return "\n".join(lines)
+
+
+VERDICT_ORDER = ("held", "partly held", "not resolved", "did not hold", "not measured")
+
+
+def regions_markdown(summary: dict, command: str, minutes: float) -> str:
+    """The replication across attention-removal regions: one row per finding, one column per region, and how
+    many regions gave each verdict; each region's full report is in its folder."""
+    regions = summary["regions"]
+    lines = [f"# FFN Fusion experiments at small scale, replicated over {len(regions)} attention-removal regions", "",
+             "Produced by:", "", f"    {command}", "",
+             f"{minutes:.1f} minutes on this machine in all. Region k removes the attention of the window of "
+             "consecutive blocks with the k-th least summed single-removal score (the cheapest windows, which "
+             "overlap); each region is a full run of (a)-(g), its report and JSON in `region-k/`.", "",
+             rules_line(summary.get("rules")), "",
+             "| finding | " + " | ".join(f"[region {r['rank']}](region-{r['rank']}/README.md): attention removed "
+                                          f"{r['attention_removed']}, span {r['span'][0]}-{r['span'][1]}"
+                                          for r in regions) + " | over the regions |",
+             "|---|" + "---|" * len(regions) + "---|"]
+    for finding in summary["findings"]:
+        cells = [r["verdicts"][finding["finding"]] for r in regions]
+        counts = ", ".join(f"{verdict} {finding['counts'][verdict]}" for verdict in VERDICT_ORDER
+                           if verdict in finding["counts"])
+        lines.append(f"| ({finding['finding']}) {finding['title']} | " + " | ".join(cells) + f" | {counts} |")
+    lines += ["", "Summed single-removal scores of the regions (nats): "
+              + ", ".join(f"region {r['rank']} {r['summed_score']:.4f}" for r in regions) + ".", ""]
+    return "\n".join(lines)
+

@@ -69,8 +69,10 @@ def rules_provenance() -> dict:
 
 def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_tokens: int = 2048,
                     calibration_tokens: int = 2048, scoring_tokens: int = 256, dependency_tokens: int = 128,
-                    window: int = 256, decode_tokens: int = 32, repeats: int = 5, threads: int | None = None) -> dict:
-    """Every experiment of the module docstring; a JSON-ready dict."""
+                    window: int = 256, decode_tokens: int = 32, repeats: int = 5, threads: int | None = None,
+                    region_rank: int = 1) -> dict:
+    """Every experiment of the module docstring; a JSON-ready dict. region_rank: which attention-removal region,
+    1 the cheapest window of drop_count blocks, 2 the next, ... (replications on other regions)."""
     started = time.perf_counter()
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     result = {"model": model_name, "definitions": DEFINITIONS, "rules": rules_provenance(),
@@ -80,13 +82,14 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
               "settings": {"drop_count": drop_count, "held_out_tokens": held_out_tokens,
                            "calibration_tokens": calibration_tokens, "scoring_tokens": scoring_tokens,
                            "dependency_tokens": dependency_tokens, "window": window, "decode_tokens": decode_tokens,
-                           "repeats": repeats}}
+                           "repeats": repeats, "region_rank": region_rank}}
     with blas_threads(threads):
         original = load_model(model_name)
         result["model_name"] = original.config.name
         texts = load_texts(model_name, original, calibration_tokens, held_out_tokens, window)
         result["texts"] = texts.describe()
-        study = prepare_study(original, texts, drop_count, scoring_tokens, dependency_tokens, window, result)
+        study = prepare_study(original, texts, drop_count, scoring_tokens, dependency_tokens, window, result,
+                              region_rank)
 
         step(4, f"(a, f) fusion intensity: span {study.span[0]}-{study.span[1]} into "
                 f"{', '.join(map(str, study.counts))} steps, fold and last")
@@ -106,3 +109,20 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
     result["seconds"] = time.perf_counter() - started
     result["verdicts"] = verdicts(result)
     return result
+
+
+def region_summary(results: list[dict]) -> dict:
+    """The findings across the regions: each region's removed blocks, span and verdicts, and for each finding how
+    many regions gave each verdict."""
+    regions = [{"rank": r["settings"]["region_rank"], "attention_removed": r["attention_removal"]["blocks_text"],
+                "summed_score": r["attention_removal"]["summed_score"], "span": r["span"],
+                "verdicts": {v["finding"]: v["verdict"] for v in r["verdicts"]}} for r in results]
+    findings = []
+    for v in results[0]["verdicts"]:
+        counts = {}
+        for region in regions:
+            verdict = region["verdicts"][v["finding"]]
+            counts[verdict] = counts.get(verdict, 0) + 1
+        findings.append({"finding": v["finding"], "title": v["title"], "counts": counts})
+    return {"regions": regions, "findings": findings, "rules": results[0]["rules"]}
+

@@ -14,7 +14,7 @@ from reffuse.core.backend import to_numpy
 from reffuse.core.layout import attention_free_runs, original_layers
 from reffuse.core.model import Model, forward, layout
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.prefix import Prefix, cache_prefix, score_variant
+from reffuse.evaluation.prefix import Prefix, cache_prefix, score_variant, sink_restored
 from reffuse.method.metrics import matrix_to_json
 from reffuse.method.pipeline import Texts, choose_attention_removal, ffn_dependency
 from reffuse.method.planning import propose_groups
@@ -31,6 +31,11 @@ DEFINITIONS = {
     "perplexity": "exp of the mean next-token negative log-likelihood on the held-out windows",
     "per_token": "each held-out prediction's KL, negative log-likelihood (nats) and top-1 agreement with the "
                  "reference (0/1), one list per window, in window order",
+    "sink_restored": "the variant's KL with the first token's stream put back to the pre-fusion model's where the "
+                     "changed blocks end (the run's end; a full-block variant's last window's end): its damage "
+                     "without the change it made to the attention sink",
+    "first_token_matrix": "the FFN-level dependency matrix measured on the first token of each window alone, "
+                          "which the matrix beside it leaves out",
     "intervals": "a comparison x - y: the mean over predictions, a 95% percentile-bootstrap interval over windows "
                  "and one over blocks of 32 consecutive predictions, and in how many windows x is lower; resolved "
                  "when both intervals exclude 0",
@@ -135,16 +140,17 @@ class Study:
         return {"kl": s["kl_from_base"], "perplexity": s["perplexity"], "top1": s["top1_agreement"],
                 "kl_vs_original": s["kl_from_reference"], "top1_vs_original": s["top1_agreement_reference"],
                 "sink_norm": sink_norm(variant, int(self.prefix.windows[0][0]), self.region[1] + 1),
-                "per_token": s["per_token"]}
+                "per_token": s["per_token"],
+                "sink_restored": sink_restored(self.prefix, variant, first, self.region[1] + 1, per_token=True)}
 
 
 def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens: int, dependency_tokens: int,
-                  window: int, result: dict) -> Study:
-    """Steps 1-3: attention removal, the held-out references, the FFN-level dependencies in the run and the
-    plans; what they find is recorded in `result`."""
+                  window: int, result: dict, region_rank: int = 1) -> Study:
+    """Steps 1-3: attention removal (the region_rank-th cheapest window of drop_count blocks), the held-out
+    references, the FFN-level dependencies in the run and the plans; what they find is recorded in `result`."""
     step(1, "attention removal")
     removal = choose_attention_removal(original, texts.scoring(scoring_tokens, min(window, 128)), count=drop_count,
-                                       contiguous=True)
+                                       contiguous=True, rank=region_rank)
     pre = drop_attention(original, removal["blocks"])
     a, b = max(attention_free_runs(pre), key=lambda run: (run[1] - run[0], -run[0]))  # the longest run
     if b - a < 2:
@@ -166,8 +172,10 @@ def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens
 
     step(3, "FFN-level dependencies in the run")
     M = ffn_dependency(pre, texts.scoring(dependency_tokens, min(window, 64)), up_to=b)
+    first_token = ffn_dependency(pre, texts.scoring(dependency_tokens, min(window, 64)), up_to=b, sink_only=True)
     result["ffn_dependency"] = {"matrix": matrix_to_json(M[a:b + 1, a:b + 1]), "blocks": [a, b],
-                                "tokens": dependency_tokens}
+                                "tokens": dependency_tokens,
+                                "first_token_matrix": matrix_to_json(first_token[a:b + 1, a:b + 1])}
     length = b - a
     counts = sorted({math.ceil(length / 2), *range(1, math.ceil(length / 2) + 1)}, reverse=True)
     plans = {k: propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups for k in counts}

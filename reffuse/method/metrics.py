@@ -137,8 +137,11 @@ class Dependency:
                           "cos_dist_h_x": self.cos_dist_h_x}
 
 
-def measured_positions(length: int, exclude_sink: bool) -> slice:
-    """Positions of a sequence that enter the averages: all, or all but the first (the attention sink)."""
+def measured_positions(length: int, exclude_sink: bool, sink_only: bool = False) -> slice:
+    """Positions of a sequence that enter the averages: all, all but the first (the attention sink), or
+    (sink_only) the first alone."""
+    if sink_only:
+        return slice(0, 1)
     first = 1 if exclude_sink else 0
     if length <= first:
         raise ReffuseError(f"a sequence of {length} token(s) has nothing to measure once the attention sink (its "
@@ -160,10 +163,11 @@ def block_evaluations_needed(model: Model, n_sequences: int, granularities=GRANU
 
 
 def dependency(model: Model, sequences, exclude_sink: bool = True, granularities=GRANULARITIES,
-               progress: Callable[[int], None] | None = None) -> Dependency:
+               progress: Callable[[int], None] | None = None, sink_only: bool = False) -> Dependency:
     """M at each granularity and the per-block metrics, on `sequences` (a list of 1-D token id arrays).
 
     progress(n) is called after every n block evaluations (see block_evaluations_needed for the total).
+    sink_only: measure the first token of each sequence alone, the channel the default leaves out.
     """
     granularities = tuple(granularities)
     for g in granularities:
@@ -188,7 +192,7 @@ def dependency(model: Model, sequences, exclude_sink: bool = True, granularities
     for ids in sequences:
         stream = residual_stream(model, ids)
         tick(m)
-        measured = measured_positions(len(stream.inputs[0]), exclude_sink)
+        measured = measured_positions(len(stream.inputs[0]), exclude_sink, sink_only)
         tokens += measured.stop - measured.start
         inputs = [x[measured] for x in stream.inputs]  # measured tokens only: [T, d] -> [T_measured, d]
         mids = [x[measured] for x in stream.mids]
@@ -225,7 +229,7 @@ def dependency(model: Model, sequences, exclude_sink: bool = True, granularities
         matrices[g] = M
     per_block = per_block_sums / tokens
     return Dependency(matrices, per_block[0], per_block[1], per_block[2], tokens, [len(ids) for ids in sequences],
-                      exclude_sink, evaluations)
+                      exclude_sink and not sink_only, evaluations)
 
 
 def _skip_pass(model, stream, skipped, x, measured, contribution, granularities, sums):

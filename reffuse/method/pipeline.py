@@ -34,7 +34,7 @@ from reffuse.evaluation.prefix import cache_prefix, kl_from_base
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
 from reffuse.progress import Progress, note
 from reffuse.core.layout import attention_free_runs, attention_layers, format_layers
-from reffuse.method.removal import attention_scores, cheapest, check_layers, drop_attention
+from reffuse.method.removal import attention_scores, cheapest, cheapest_windows, check_layers, drop_attention
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 
 SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
@@ -112,9 +112,10 @@ def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_
 
 
 def choose_attention_removal(model: Model, windows, blocks=None, count: int | None = None,
-                             contiguous: bool = False) -> dict:
+                             contiguous: bool = False, rank: int = 1) -> dict:
     """Which attentions to remove: `blocks` as given, or the `count` cheapest by single-removal KL score
-    (reffuse.method.removal), as a contiguous window of least summed score when `contiguous`.
+    (reffuse.method.removal), as a contiguous window of least summed score when `contiguous` (the rank-th least
+    with `rank`: 1 the cheapest, 2 the next, ...).
 
     Returns the blocks, every score, the summed score of the choice, and its KL measured jointly (all removed at
     once) on the same windows, which shows how far the sum of single scores is from the real damage.
@@ -129,9 +130,13 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
         candidates = attention_layers(model)
         with Progress("scoring attention removal", len(candidates), "blocks") as bar:
             scores = attention_scores(model, windows, prefix=prefix, progress=bar.update)
-        blocks = cheapest(scores, count, contiguous)
-        rule = (f"the {count} consecutive blocks with the least summed single-removal score" if contiguous
-                else f"the {count} blocks with the lowest single-removal scores")
+        if contiguous:
+            blocks = cheapest_windows(scores, count, rank)[rank - 1]
+            rule = (f"the {count} consecutive blocks with the least summed single-removal score" if rank == 1 else
+                    f"the {count} consecutive blocks with the {ordinal(rank)} least summed single-removal score")
+        else:
+            blocks = cheapest(scores, count)
+            rule = f"the {count} blocks with the lowest single-removal scores"
     else:
         blocks = check_layers(model, blocks, "attention to remove")
         rule = "given"
@@ -142,6 +147,10 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
             "summed_score": sum(scores[b] for b in blocks) if scores else None,
             "joint_kl": kl_from_base(prefix, removed, min(blocks)),
             "scoring_tokens": int(sum(len(w) for w in windows)), "scoring_text": text}
+
+
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 SCORING_WINDOW = 128      # tokens per window of the attention-removal scores
@@ -163,12 +172,12 @@ def remove_attention(model: Model, texts: Texts | None, blocks=None, count: int 
     return drop_attention(model, removal["blocks"]), removal
 
 
-def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarray:
+def ffn_dependency(model: Model, windows, up_to: int | None = None, sink_only: bool = False) -> np.ndarray:
     """The FFN-level dependency matrix M [m, m] (reffuse.method.metrics), measured on blocks 0..up_to only.
 
     Skipping block i changes nothing before it, and a plan only needs M inside the attention-free runs, so the
     blocks after the last run's end (`up_to`) need not run: M is measured on the truncated model and the rows
-    and columns beyond it are NaN.
+    and columns beyond it are NaN. sink_only: on the first token of each window alone (reffuse.method.metrics).
     """
     m = len(model.blocks)
     up_to = m - 1 if up_to is None else up_to
@@ -176,8 +185,7 @@ def ffn_dependency(model: Model, windows, up_to: int | None = None) -> np.ndarra
     windows = list(windows)
     total = block_evaluations_needed(truncated, len(windows), ("ffn",))
     with Progress("measuring FFN dependencies", total, "block evaluations") as bar:
-        measured = dependency(truncated, windows, granularities=("ffn",),
-                              progress=bar.update)
+        measured = dependency(truncated, windows, granularities=("ffn",), progress=bar.update, sink_only=sink_only)
     M = np.full((m, m), np.nan)
     M[:up_to + 1, :up_to + 1] = measured.matrices["ffn"]
     return M

@@ -116,20 +116,33 @@ def _sub_block_scores(model: Model, windows, sub_block: str, layers, prefix: Pre
 def cheapest(scores: dict[int, float], count: int, contiguous: bool = False) -> list[int]:
     """The `count` blocks with the lowest scores; with contiguous=True, the window of `count` consecutive
     blocks (all of them scored) with the least summed score. Ties go to the earlier block."""
+    _check_count(scores, count)
+    if not contiguous:
+        return sorted(sorted(scores, key=lambda layer: (scores[layer], layer))[:count])
+    return cheapest_windows(scores, count, 1)[0]
+
+
+def _check_count(scores: dict[int, float], count: int) -> None:
     if count < 1:
         raise ReffuseError(f"count {count} must be at least 1")
     if count > len(scores):
         raise ReffuseError(f"cannot take {count} blocks: only {len(scores)} are candidates "
                            f"({format_layers(scores)})")
-    if not contiguous:
-        return sorted(sorted(scores, key=lambda layer: (scores[layer], layer))[:count])
-    windows = [(sum(scores[i] for i in range(first, first + count)), first) for first in sorted(scores)
-               if all(i in scores for i in range(first, first + count))]
-    if not windows:
+
+
+def cheapest_windows(scores: dict[int, float], count: int, windows: int) -> list[list[int]]:
+    """The `windows` windows of `count` consecutive blocks (all of them scored) with the least summed scores,
+    cheapest first; they may overlap. Ties go to the earlier window."""
+    _check_count(scores, count)
+    ranked = sorted((sum(scores[i] for i in range(first, first + count)), first) for first in sorted(scores)
+                    if all(i in scores for i in range(first, first + count)))
+    if not ranked:
         raise ReffuseError(f"no {count} consecutive blocks are all candidates ({format_layers(scores)}): "
                            "ask for fewer, or drop the contiguity requirement")
-    _, first = min(windows)
-    return list(range(first, first + count))
+    if windows > len(ranked):
+        raise ReffuseError(f"{windows} windows of {count} consecutive blocks were asked for; there are "
+                           f"{len(ranked)}: ask for fewer")
+    return [list(range(first, first + count)) for _, first in ranked[:windows]]
 
 
 def default_attention_removal(model: Model) -> list[int]:

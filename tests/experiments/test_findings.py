@@ -9,17 +9,29 @@ import pytest
 import numpy as np
 
 from reffuse.cli import main
+from reffuse.evaluation.intervals import describe, paired_difference
 from reffuse.experiments.findings import RULES, by_steps, verdicts
-from reffuse.experiments.report import markdown
+from reffuse.experiments.report import markdown, regions_markdown
+from reffuse.experiments.run import region_summary
 
-COMMITTED = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2" / "experiments.json"
+REPORT = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2"
+COMMITTED = REPORT / "region-1" / "experiments.json"
 
 
 def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_the_code():
-    result = json.loads(COMMITTED.read_text())
-    assert verdicts(result) == result["verdicts"]
-    assert markdown(result, result["command"]) == (COMMITTED.parent / "README.md").read_text()
-    assert [v["finding"] for v in result["verdicts"]] == list("abcdefg")
+    summary = json.loads((REPORT / "regions.json").read_text())
+    results = [json.loads((REPORT / f"region-{r['rank']}" / "experiments.json").read_text())
+               for r in summary["regions"]]
+    assert len(results) == 4
+    for result in results:
+        assert verdicts(result) == result["verdicts"]
+        assert markdown(result, result["command"]) == (REPORT / f"region-{result['settings']['region_rank']}" /
+                                                       "README.md").read_text()
+        assert [v["finding"] for v in result["verdicts"]] == list("abcdefg")
+    assert region_summary(results) | {"command": summary["command"], "seconds": summary["seconds"]} == summary
+    assert regions_markdown(summary, summary["command"], summary["seconds"] / 60) == (REPORT / "README.md").read_text()
+    # the rules were committed before the run and unchanged while it ran
+    assert summary["rules"]["commit"] and summary["rules"]["uncommitted_changes"] is False
 
 
 def test_one_interval_recomputed_from_the_committed_per_token_values():
@@ -33,9 +45,10 @@ def test_one_interval_recomputed_from_the_committed_per_token_values():
     assert sums.sum() / counts.sum() == pytest.approx(x["kl"] - y["kl"], rel=1e-4)  # per-token values: 6 digits
     draws = np.random.default_rng(0).integers(0, len(diffs), (2000, len(diffs)))
     low, high = np.quantile(sums[draws].sum(axis=1) / counts[draws].sum(axis=1), [0.025, 0.975])
+    d = paired_difference(x["per_token"]["kl"], y["per_token"]["kl"])
+    assert d["windows_interval_95"] == pytest.approx([low, high])
     verdict = next(v for v in result["verdicts"] if v["finding"] == "a")
-    assert f"{rows[0]['steps']} -> {rows[-1]['steps']}: {sums.sum() / counts.sum():+.4f} [{low:+.4f}, {high:+.4f}]" \
-        in verdict["here"]
+    assert f"{rows[0]['steps']} -> {rows[-1]['steps']}: {describe(d)}" in verdict["here"]
 
 
 def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
@@ -53,3 +66,22 @@ def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
     assert all(row["fold"]["kl"] >= 0 and row["calibrated"]["kl"] >= 0 for row in result["intensity"])
     assert len(result["decode"]) == 2 + 2 * len(result["intensity"])  # original, pre-fusion, fused and removed
     assert (out / "README.md").read_text().startswith("# FFN Fusion experiments at small scale")
+
+
+def test_the_study_replicated_over_two_regions(tmp_path):
+    out = tmp_path / "regions"
+    assert main(["experiments", "--model", "tiny", "--regions", "2", "--out", str(out), "--held-out-tokens", "128",
+                 "--calibration-tokens", "1024", "--scoring-tokens", "64", "--dependency-tokens", "64",
+                 "--window", "64", "--decode-tokens", "2", "--repeats", "1"]) == 0
+    summary = json.loads((out / "regions.json").read_text())
+    first, second = (json.loads((out / f"region-{k}" / "experiments.json").read_text()) for k in (1, 2))
+    assert [r["rank"] for r in summary["regions"]] == [1, 2]
+    assert first["attention_removal"]["blocks"] != second["attention_removal"]["blocks"]
+    assert "2nd least summed" in second["attention_removal"]["rule"]
+    for finding in summary["findings"]:
+        assert sum(finding["counts"].values()) == 2
+    table = (out / "README.md").read_text()
+    assert "[region 2](region-2/README.md)" in table and "| (a) fusion intensity |" in table
+    assert all("sink_restored" in row["fold"] for row in first["intensity"])
+    assert "first_token_matrix" in first["ffn_dependency"]
+

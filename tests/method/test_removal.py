@@ -97,3 +97,13 @@ def test_bad_ffn_removal(tiny64):
         drop_ffns(drop_ffns(tiny64, [5]), [5])
     with pytest.raises(ReffuseError, match="out of range"):
         ffn_scores(tiny64, [[1, 2, 3]], layers=[40])
+
+
+def test_cheapest_windows_rank_the_contiguous_windows():
+    from reffuse.method.removal import cheapest_windows
+    scores = {0: 0.5, 1: 0.1, 2: 0.2, 3: 0.1, 4: 0.9, 6: 0.0}
+    assert cheapest_windows(scores, 2, 3) == [[1, 2], [2, 3], [0, 1]]  # sums 0.3, 0.3 (earlier first), 0.6
+    assert cheapest_windows(scores, 2, 1) == [cheapest(scores, 2, contiguous=True)]
+    with pytest.raises(ReffuseError, match="there are 4"):
+        cheapest_windows(scores, 2, 5)
+
