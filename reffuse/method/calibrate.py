@@ -233,6 +233,17 @@ def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: fl
     Returns the calibrated model and one GroupCalibration per group. `progress(n)`, if given, is called after
     each group.
     """
+    def refit(group, ffn, streams):
+        down, report = refit_down(model, group, ffn, streams, ridge, chunk, weighting)
+        return FFN(ffn.norm_gain, ffn.gate, ffn.up, array_module(ffn.down).asarray(down, dtype=ffn.down.dtype)), report
+
+    return fuse_group_by_group(model, groups, windows, norm, refit, progress)
+
+
+def fuse_group_by_group(model: Model, groups, windows, norm: str, fit, progress=None) -> tuple[Model, list]:
+    """fuse(model, groups, norm) with each fused FFN replaced by fit(group, ffn, streams) -> (new FFN, report),
+    group after group: `streams` are the calibration windows' streams entering the group in the model fitted so
+    far. Returns the model and the reports. Shared by the closed-form refit and local distillation."""
     groups = check_groups(model, groups)
     windows = [check_token_ids(model, w) for w in windows]
     check_calibration_tokens(sum(len(w) for w in windows))
@@ -245,12 +256,10 @@ def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: fl
         index = fused_index(groups, group)
         streams = [run_blocks(fused, x, *rope[w], start=position, stop=index) for w, x in enumerate(streams)]
         position = index
-        ffn = fused.blocks[index].ffn
-        down, report = refit_down(model, group, ffn, streams, ridge, chunk, weighting)
+        ffn, report = fit(group, fused.blocks[index].ffn, streams)
         reports.append(report)
         blocks = list(fused.blocks)
-        refitted = FFN(ffn.norm_gain, ffn.gate, ffn.up, xp.asarray(down, dtype=ffn.down.dtype))
-        blocks[index] = Block(None, refitted, fused.blocks[index].fused_from)
+        blocks[index] = Block(None, ffn, fused.blocks[index].fused_from)
         fused = Model(fused.config, fused.embed, blocks, fused.norm_gain, fused.lm_head)
         if progress is not None:
             progress(1)

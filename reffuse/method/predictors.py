@@ -1,0 +1,122 @@
+"""Predictors of fusion damage: numbers computed from the pre-fusion model alone, one per candidate group, and how
+well each ranks the damage that fusing the group actually does.
+
+For a group [i, j] of attention-free blocks (contiguous, inside one run), with x_k the stream entering block k
+and h_k = FFN_k(η_k(x_k)) its update, on calibration text, the first token (the attention sink) left out unless
+named:
+
+- cosine-M: Σ_{i≤k<l≤j} M[k, l], the FFN-level dependency left inside the group (reffuse.method.metrics; what the
+  planner minimises, reffuse.method.planning.inside_dependency);
+- cosine-M, sink: the same on the matrix of the first token alone;
+- neighbour damage: Σ_{k=i..j-1} KL(pre || pre with FFNs k, k+1 fused), the direct damage of each adjacent pair;
+- block influence (ShortGPT, Men et al. 2024): Σ_{k=i+1..j} (1 - cos(x_k, x_{k+1})), how much the blocks after
+  the first turn the stream;
+- angular distance (Gromov et al. 2024): arccos(cos(x_i, x_{j+1})) / π between the streams entering and leaving;
+- first-order error: ||Σ_{k=i+1..j} J_k(x_i) [Σ_{l=i..k-1} h_l]|| / ||Σ_k h_k||, mean over tokens: fusion feeds
+  block k the stream x_i instead of x_i + Σ_{l<k} h_l, and to first order its update then misses the Jacobian of
+  FFN_k∘η_k applied to the updates it no longer sees (JVPs by central differences in float64).
+
+Measured damage: KL(pre || pre with [i, j] fused, norm "fold") on the same calibration text. `compare` gives each
+predictor's Spearman rank correlation with the damage over the groups and a bootstrap interval over groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from reffuse.core.backend import to_numpy
+from reffuse.core.fusion import fuse
+from reffuse.core.model import Model, rms_norm, swiglu
+from reffuse.evaluation.prefix import Prefix, kl_from_base
+from reffuse.method.metrics import cosine_distance
+from reffuse.method.planning import inside_dependency
+
+PREDICTORS = ("cosine-M", "cosine-M, sink", "neighbour damage", "block influence", "angular distance",
+              "first-order error")
+JVP_STEP = 1e-4          # relative step of the central differences
+RESAMPLES = 2000
+
+
+def candidate_groups(first: int, last: int) -> list[tuple[int, int]]:
+    """Every contiguous group of 2 or more blocks inside the span first..last."""
+    return [(i, j) for i in range(first, last + 1) for j in range(i + 1, last + 1)]
+
+
+def _ffn_update(model: Model, k: int, x):
+    ffn = model.blocks[k].ffn
+    return swiglu(ffn, rms_norm(x, ffn.norm_gain, model.config.norm_eps))
+
+
+def first_order_error(model: Model, group: tuple[int, int], x_first) -> float:
+    """The first-order error term of the module doc for one group on the streams x_first [T, d] entering it."""
+    i, j = group
+    x = np.asarray(to_numpy(x_first), dtype=np.float64)
+    updates = [np.asarray(to_numpy(_ffn_update(model, i, x)), dtype=np.float64)]
+    missed = np.zeros_like(x)
+    for k in range(i + 1, j + 1):
+        seen = sum(updates)                                           # what block k no longer sees
+        scale = JVP_STEP * np.linalg.norm(x, axis=-1, keepdims=True) / np.maximum(
+            np.linalg.norm(seen, axis=-1, keepdims=True), 1e-30)
+        forward = np.asarray(to_numpy(_ffn_update(model, k, x + scale * seen)), dtype=np.float64)
+        backward = np.asarray(to_numpy(_ffn_update(model, k, x - scale * seen)), dtype=np.float64)
+        missed += (forward - backward) / (2 * scale)                  # J_k(x)[seen]
+        updates.append(np.asarray(to_numpy(_ffn_update(model, k, x)), dtype=np.float64))
+    total = np.linalg.norm(sum(updates), axis=-1)
+    return float(np.mean(np.linalg.norm(missed, axis=-1) / np.maximum(total, 1e-30)))
+
+
+def predictor_values(model: Model, prefix: Prefix, M, M_sink, groups) -> dict:
+    """{group: {predictor: value}} for the candidate groups, on the prefix's windows (the pre-fusion model's
+    cached streams); the first token of each window is left out of the stream measures."""
+    first, last = min(i for i, _ in groups), max(j for _, j in groups)
+    streams = [{k: np.asarray(to_numpy(window[k][1:]), dtype=np.float64) for k in range(first, last + 2)}
+               for window in prefix.streams]                          # the span's streams, the sink left out
+    neighbour = {}
+    for i, j in groups:
+        for k in range(i, j):
+            if (k, k + 1) not in neighbour:
+                neighbour[(k, k + 1)] = kl_from_base(prefix, fuse(model, [(k, k + 1)]), k)
+    values = {}
+    for i, j in groups:
+        turns = [np.concatenate([cosine_distance(w[k], w[k + 1]) for w in streams]) for k in range(i + 1, j + 1)]
+        across = np.concatenate([1 - cosine_distance(w[i], w[j + 1]) for w in streams])  # cos(x_i, x_{j+1})
+        x_first = np.concatenate([w[i] for w in streams])
+        values[(i, j)] = {
+            "cosine-M": inside_dependency(M, i, j),
+            "cosine-M, sink": inside_dependency(M_sink, i, j),
+            "neighbour damage": sum(neighbour[(k, k + 1)] for k in range(i, j)),
+            "block influence": float(sum(np.mean(t) for t in turns)),
+            "angular distance": float(np.mean(np.arccos(np.clip(across, -1, 1)) / math.pi)),
+            "first-order error": first_order_error(model, (i, j), x_first)}
+    return values
+
+
+def damage(model: Model, prefix: Prefix, groups) -> dict:
+    """{group: KL(pre || pre with the group fused)} on the prefix's windows."""
+    return {(i, j): kl_from_base(prefix, fuse(model, [(i, j)]), i) for i, j in groups}
+
+
+def _spearman(a, b) -> float:
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if ranks_a.std() == 0 or ranks_b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def compare(values: dict, measured: dict, seed: int = 0) -> dict:
+    """Each predictor's Spearman correlation with the measured damage over the groups, and a 95% percentile
+    bootstrap interval over groups (groups resampled with replacement)."""
+    groups = sorted(measured)
+    target = np.array([measured[g] for g in groups])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(groups), (RESAMPLES, len(groups)))
+    result = {}
+    for name in PREDICTORS:
+        predicted = np.array([values[g][name] for g in groups])
+        boot = np.array([_spearman(predicted[d], target[d]) for d in draws])
+        boot = boot[np.isfinite(boot)]
+        result[name] = {"spearman": _spearman(predicted, target),
+                        "interval_95": [float(q) for q in np.quantile(boot, [0.025, 0.975])] if boot.size else None}
+    return result
