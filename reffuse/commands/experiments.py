@@ -5,7 +5,8 @@ single removals cost least; the attention-free run this makes, without its last 
 (a) fusion intensity, the span fused into fewer and fewer groups; (b) FFN removal vs fusion at equal depth
 reduction, with decode latency measured in the same run; (c) including vs leaving out the run's last FFN;
 (d) reversed FFN order vs fusion; (e) full-block parallelization by the paper's greedy windows, 1 to 4 steps;
-(f) norm fold vs last; (g) calibrated vs plain fusion. Quality is KL to the pre-fusion model and perplexity on
+(f) norm fold vs last; (g) calibrated vs plain fusion; (h) which predictor (the paper's cosine dependency and five
+others) ranks the damage of every group of the span. Quality is KL to the pre-fusion model and perplexity on
 held-out text; everything fitted or chosen reads calibration text only. reffuse.experiments.run documents each choice.
 
 The report (README.md) says, finding by finding, whether the paper's observation held here, with the numbers.
@@ -36,7 +37,7 @@ from reffuse.files import check_output_folder, write_json_atomic, write_text_ato
 from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_token_arguments, positive_int,
                                      print_json)
 
-HELP = "the paper's experiments (a)-(g) at small scale: report, JSON and figures"
+HELP = "the paper's experiments (a)-(h) at small scale: report, JSON and figures"
 
 
 def add_arguments(parser):

@@ -1,4 +1,4 @@
-"""The findings (a)-(g) of `reffuse experiments`, each as the function that measures it on a Study and, beside
+"""The findings (a)-(h) of `reffuse experiments`, each as the function that measures it on a Study and, beside
 it, the rule that turns the measurement into a verdict against the paper's observation.
 
 A measurement returns the JSON-ready value stored under its key of the run's result; a rule reads only that
@@ -24,6 +24,7 @@ from reffuse.core.layout import format_groups, full_blocks
 from reffuse.evaluation.intervals import describe, paired_difference
 from reffuse.evaluation.prefix import cache_prefix, score_variant, sink_restored
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
+from reffuse.method.predictors import PREDICTORS, candidate_groups, compare, damage, predictor_values
 from reffuse.method.metrics import block_evaluations_needed, dependency, greedy_windows, matrix_to_json, \
     window_statistics
 from reffuse.method.removal import cheapest, drop_ffns, ffn_scores
@@ -408,6 +409,55 @@ def full_block_verdict(r: dict) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (h) which predictor ranks fusion damage
+
+
+PREDICTOR_TOKENS = 1024  # calibration tokens the groups' damage and the stream predictors are measured on
+
+
+def predictor_comparison(study: Study) -> dict:
+    """Every contiguous group of the span fused alone: its damage (KL on calibration text, never held-out, since a
+    planner may use the result) against each predictor of reffuse.method.predictors, and their rank correlations
+    with bootstrap intervals over the groups."""
+    windows = study.texts.scoring(PREDICTOR_TOKENS, min(study.window, 128))
+    prefix = cache_prefix(study.pre, windows)
+    groups = candidate_groups(*study.span)
+    with Progress("predictors of fusion damage", 1, "passes") as bar:
+        values = predictor_values(study.pre, prefix, study.ffn_dependency, study.first_token_dependency, groups)
+        measured = damage(study.pre, prefix, groups)
+        bar.update()
+    return {"tokens": int(sum(len(w) for w in windows)), "predictors": list(PREDICTORS),
+            "groups": [{"group": list(g), "damage": measured[g], **values[g]} for g in groups],
+            "correlations": compare(values, measured)}
+
+
+def predictor_verdict(r: dict) -> Verdict:
+    if "predictors" not in r:
+        return Verdict("h", "which predictor ranks fusion damage", paper="see the paper's §3", here="not measured",
+                       rule="-", verdict="not measured")
+    correlations = r["predictors"]["correlations"]
+    cosine = correlations["cosine-M"]
+    best = max(correlations, key=lambda name: correlations[name]["spearman"])
+
+    def interval(c):
+        return "no interval" if c["interval_95"] is None else f"[{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]"
+
+    low, high = cosine["interval_95"] or (float("nan"), float("nan"))
+    return Verdict(
+        "h", "which predictor ranks fusion damage",
+        paper="the paper chooses what to fuse by its block dependency metric (cosine distance, its §3): groups with "
+              "little dependency left inside fuse with little damage",
+        here=f"Spearman rank correlation with the damage of each of the {len(r['predictors']['groups'])} contiguous "
+             f"groups of the span, fused alone ({r['predictors']['tokens']} calibration tokens), 95% bootstrap "
+             "interval over groups: " + "; ".join(f"{name} {c['spearman']:+.2f} {interval(c)}"
+                                                  for name, c in correlations.items()),
+        rule="held if cosine-M's rank correlation has its interval above 0; did not hold if below 0; else not "
+             "resolved. The best predictor is named, not judged",
+        verdict=decide(low > 0, False, high < 0),
+        note=f"best here: {best} ({correlations[best]['spearman']:+.2f})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Decode latency of every model of (a) and (b), for (b)'s comparison
 
 
@@ -428,9 +478,9 @@ def decode_latency(study: Study, intensity: list[dict], removal_rows: list[dict]
 
 # The rules in the order the report lists them.
 RULES = (intensity_verdict, removal_verdict, last_ffn_verdict, reversed_verdict, full_block_verdict,
-         fold_vs_last_verdict, calibration_verdict)
+         fold_vs_last_verdict, calibration_verdict, predictor_verdict)
 
 
 def verdicts(r: dict) -> list[dict]:
-    """One entry per finding (a)-(g), by the rules above, from the run's JSON result."""
+    """One entry per finding (a)-(h), by the rules above, from the run's JSON result."""
     return [rule(r).as_dict() for rule in RULES]

@@ -193,6 +193,16 @@ def markdown(r: dict, command: str) -> str:
         rho = full["rank_correlation_max_kl"]
         if rho is not None:
             lines += ["", f"Spearman rank correlation between M_max and KL: **{rho:.2f}**."]
+    if "predictors" in r:
+        p = r["predictors"]
+        lines += ["", "## (h) Which predictor ranks fusion damage", "",
+                  f"Each of the {len(p['groups'])} contiguous groups of the span fused alone, its KL to the pre-fusion "
+                  f"model on {p['tokens']} calibration tokens, against what each predictor says from the pre-fusion "
+                  "model alone (reffuse.method.predictors):", "",
+                  "| predictor | Spearman with the damage | 95% interval (bootstrap over groups) |", "|---|---:|---|"]
+        for name, c in p["correlations"].items():
+            interval = "-" if c["interval_95"] is None else f"{c['interval_95'][0]:+.2f} to {c['interval_95'][1]:+.2f}"
+            lines.append(f"| {name} | {c['spearman']:+.2f} | {interval} |")
     lines += sink_section(r)
     lines += ["", "## Figures", "",
               "![fusion intensity](fusion_intensity.png)", "",
@@ -214,7 +224,7 @@ def regions_markdown(summary: dict, command: str, minutes: float) -> str:
              "Produced by:", "", f"    {command}", "",
              f"{minutes:.1f} minutes on this machine in all. Region k removes the attention of the window of "
              "consecutive blocks with the k-th least summed single-removal score (the cheapest windows, which "
-             "overlap); each region is a full run of (a)-(g), its report and JSON in `region-k/`.", "",
+             "overlap); each region is a full run of (a)-(h), its report and JSON in `region-k/`.", "",
              rules_line(summary.get("rules")), "",
              "| finding | " + " | ".join(f"[region {r['rank']}](region-{r['rank']}/README.md): attention removed "
                                           f"{r['attention_removed']}, span {r['span'][0]}-{r['span'][1]}"
@@ -225,6 +235,19 @@ def regions_markdown(summary: dict, command: str, minutes: float) -> str:
         counts = ", ".join(f"{verdict} {finding['counts'][verdict]}" for verdict in VERDICT_ORDER
                            if verdict in finding["counts"])
         lines.append(f"| ({finding['finding']}) {finding['title']} | " + " | ".join(cells) + f" | {counts} |")
+    if all("predictors" in r for r in regions):
+        names = list(regions[0]["predictors"])
+        lines += ["", "(h) Spearman rank correlation of each predictor with the damage of every contiguous group of "
+                      "the span fused alone, on calibration text, [95% bootstrap interval over groups]:", "",
+                  "| predictor | " + " | ".join(f"region {r['rank']}" for r in regions) + " |",
+                  "|---|" + "---|" * len(regions)]
+        for name in names:
+            cells = []
+            for r in regions:
+                c = r["predictors"][name]
+                cells.append(f"{c['spearman']:+.2f}" + ("" if c["interval_95"] is None else
+                                                        f" [{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]"))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Summed single-removal scores of the regions (nats): "
               + ", ".join(f"region {r['rank']} {r['summed_score']:.4f}" for r in regions) + ".", ""]
     return "\n".join(lines)

@@ -23,7 +23,10 @@ accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL 
 (f) norm "fold" (exact, each block's gain folded in) vs "last" (the paper's), at every k of (a);
 (g) calibrated vs plain fusion at every k of (a) (reffuse.method.calibrate), the token weighting and ridge chosen by
     a sweep judged on a validation part of the calibration text (never on held-out text), then refitted on all
-    of it.
+    of it;
+(h) which predictor ranks fusion damage: every contiguous group of the span fused alone, its KL on calibration
+    text against the predictors of reffuse.method.predictors (cosine-M with and without the sink, neighbour
+    damage, block influence, angular distance, the first-order error term), by rank correlation.
 
 Variants are scored from cached prefix streams (reffuse.evaluation.prefix): the blocks before the first change never run
 twice. Each finding is measured by its function in `findings`, beside the rule that gives its verdict against the
@@ -40,7 +43,7 @@ import time
 import numpy as np
 
 from reffuse.experiments.findings import (calibration, decode_latency, ffn_removal, full_block, fusion_intensity,
-                                          last_ffn, reversed_order, verdicts)
+                                          last_ffn, predictor_comparison, reversed_order, verdicts)
 from reffuse.experiments.study import DEFINITIONS, prepare_study, step
 from reffuse.files import checkout_root
 from reffuse.formats.registry import load_model
@@ -103,7 +106,9 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
         result["last_ffn"] = last_ffn(study)
         result["reversed"] = reversed_order(study)
         result["full_block"] = full_block(study)
-        step(8, f"decode latency of {2 + 2 * len(study.counts)} models, in alternation")
+        step(8, "(h) predictors of fusion damage against every group of the span")
+        result["predictors"] = predictor_comparison(study)
+        step(9, f"decode latency of {2 + 2 * len(study.counts)} models, in alternation")
         result["decode"] = decode_latency(study, intensity, result["removal"]["rows"], decode_tokens, repeats)
     result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["seconds"] = time.perf_counter() - started
@@ -116,7 +121,8 @@ def region_summary(results: list[dict]) -> dict:
     many regions gave each verdict."""
     regions = [{"rank": r["settings"]["region_rank"], "attention_removed": r["attention_removal"]["blocks_text"],
                 "summed_score": r["attention_removal"]["summed_score"], "span": r["span"],
-                "verdicts": {v["finding"]: v["verdict"] for v in r["verdicts"]}} for r in results]
+                "verdicts": {v["finding"]: v["verdict"] for v in r["verdicts"]}}
+               | ({"predictors": r["predictors"]["correlations"]} if "predictors" in r else {}) for r in results]
     findings = []
     for v in results[0]["verdicts"]:
         counts = {}

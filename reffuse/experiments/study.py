@@ -23,7 +23,7 @@ from reffuse.progress import note
 
 WINDOW = 4        # full-block windows (the paper's hardware choice)
 MAX_STEPS = 4     # greedy full-block steps, as the paper's Table 7
-STEPS = 8         # the numbered steps `run_experiments` reports as it goes
+STEPS = 9         # the numbered steps `run_experiments` reports as it goes
 
 DEFINITIONS = {
     "kl": "mean over held-out predictions of KL(reference || variant) of the next-token distributions, nats",
@@ -115,6 +115,7 @@ class Study:
     prefix: Prefix               # the pre-fusion model's held-out stream, cached
     original_prefix: Prefix      # the original model's
     ffn_dependency: np.ndarray   # M at FFN level, [m, m], NaN outside blocks 0..b
+    first_token_dependency: np.ndarray  # the same on the first token of each window alone
     plans: dict                  # steps k -> the span's groups, for every k of finding (a)
     scoring_tokens: int
     dependency_tokens: int
@@ -179,6 +180,6 @@ def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens
     length = b - a
     counts = sorted({math.ceil(length / 2), *range(1, math.ceil(length / 2) + 1)}, reverse=True)
     plans = {k: propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups for k in counts}
-    return Study(original, pre, texts, (a, b), prefix, original_prefix, M, plans, scoring_tokens,
+    return Study(original, pre, texts, (a, b), prefix, original_prefix, M, first_token, plans, scoring_tokens,
                  dependency_tokens, window)
 

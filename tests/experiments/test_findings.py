@@ -27,7 +27,7 @@ def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_
         assert verdicts(result) == result["verdicts"]
         assert markdown(result, result["command"]) == (REPORT / f"region-{result['settings']['region_rank']}" /
                                                        "README.md").read_text()
-        assert [v["finding"] for v in result["verdicts"]] == list("abcdefg")
+        assert [v["finding"] for v in result["verdicts"]] == list("abcdefgh")
     assert region_summary(results) | {"command": summary["command"], "seconds": summary["seconds"]} == summary
     assert regions_markdown(summary, summary["command"], summary["seconds"] / 60) == (REPORT / "README.md").read_text()
     # the rules were committed before the run and unchanged while it ran
@@ -57,7 +57,7 @@ def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
                  "--calibration-tokens", "1024", "--scoring-tokens", "64", "--dependency-tokens", "64",
                  "--window", "64", "--decode-tokens", "4", "--repeats", "1"]) == 0
     result = json.loads((out / "experiments.json").read_text())
-    assert {v["finding"] for v in result["verdicts"]} == set("abcdefg") and len(result["verdicts"]) == len(RULES)
+    assert {v["finding"] for v in result["verdicts"]} == set("abcdefgh") and len(result["verdicts"]) == len(RULES)
     assert all(v["verdict"] in ("held", "partly held", "did not hold", "not resolved", "not measured")
                for v in result["verdicts"])
     first, last = result["span"]
@@ -84,4 +84,6 @@ def test_the_study_replicated_over_two_regions(tmp_path):
     assert "[region 2](region-2/README.md)" in table and "| (a) fusion intensity |" in table
     assert all("sink_restored" in row["fold"] for row in first["intensity"])
     assert "first_token_matrix" in first["ffn_dependency"]
+    assert set(summary["regions"][0]["predictors"]) == set(first["predictors"]["correlations"])
+    assert "(h) Spearman rank correlation" in table
 
