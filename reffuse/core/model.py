@@ -591,7 +591,8 @@ def gathered(model: Model) -> Model:
     Why: NumPy asks Linux for huge pages (2 MiB) for allocations of 4 MiB or more, and the arena is one such; the
     weights as loaded are smaller arrays, or buffers NumPy did not allocate, on 4 KiB pages. A decode step reads
     every weight once, and with huge pages it needs 512 times fewer address translations to do so: on SmolLM2 a
-    decode step took 0.91x the time (benchmarks/results/profile_smollm2). On a GPU the model is returned as it is.
+    decode step took 0.84x the time of the same weights as separate arrays (benchmarks/results/profile_smollm2).
+    On a GPU the model is returned as it is.
     """
     if array_module(model.embed) is not np:
         return model
