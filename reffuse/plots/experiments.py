@@ -2,7 +2,8 @@
 committed reports/experiments/smollm2/region-*/experiments.json without measuring again.
 
 - fusion intensity (the paper's Table 4 as a plot): KL to the pre-fusion model and perplexity against the number
-  of sequential FFN steps left in the span, for plain fusion (fold, last) and calibrated fusion;
+  of sequential FFN steps left in the span, for plain fusion (fold, last) and calibrated fusion; KL with its 95%
+  interval over held-out windows as error bars (here and in the next figure);
 - removal vs fusion (the paper's Fig 6): quality against decode latency, fusion and FFN removal at equal depth
   reductions, the pre-fusion and original models as reference points;
 - ablations: the last FFN of a run (Table 5) and reversed order vs fusion (Table 6);
@@ -13,11 +14,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from reffuse.evaluation.intervals import paired_difference
 from reffuse.experiments.study import fused_name, removed_name
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.removal import attention_scores_figure
 
 FOLD, LAST, CALIBRATED, REMOVAL, REFERENCE = "tab:blue", "tab:orange", "tab:green", "tab:red", "black"
+
+
+def kl_error(scores: dict) -> tuple[float, float]:
+    """How far the 95% interval over held-out windows of a variant's mean KL reaches below and above it
+    (reffuse.evaluation.intervals), for error bars; (0, 0) where the run kept no per-prediction values."""
+    if "per_token" not in scores:
+        return 0.0, 0.0
+    windows = scores["per_token"]["kl"]
+    d = paired_difference(windows, [np.zeros(len(w)) for w in windows])
+    low, high = d["windows_interval_95"]
+    return max(d["mean"] - low, 0.0), max(high - d["mean"], 0.0)
+
+
+def _errors(rows) -> np.ndarray:
+    return np.array([kl_error(r) for r in rows]).T  # [2, n]: below, above
 
 
 def _span_text(result: dict) -> str:
@@ -34,14 +53,15 @@ def fusion_intensity_figure(result: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for key, colour, label in [("fold", FOLD, "plain fusion, norm fold"), ("last", LAST, "plain fusion, norm last"),
                                ("calibrated", CALIBRATED, "calibrated fusion (fold)")]:
-        left.plot(steps, [r[key]["kl"] for r in rows], marker="o", color=colour, label=label)
+        left.errorbar(steps, [r[key]["kl"] for r in rows], yerr=_errors([r[key] for r in rows]), marker="o",
+                      capsize=3, color=colour, label=label)
         right.plot([length] + steps, [result["pre_fusion"]["perplexity"]] + [r[key]["perplexity"] for r in rows],
                    marker="o", color=colour, label=label)
     right.axhline(result["pre_fusion"]["perplexity"], color=REFERENCE, linestyle="--", linewidth=0.8,
                   label="pre-fusion (attention removed)")
     right.axhline(result["original"]["perplexity"], color=REFERENCE, linestyle=":", linewidth=0.8, label="original")
     left.set_yscale("log")
-    left.set_ylabel("KL(pre-fusion || fused), nats (log scale)")
+    left.set_ylabel("KL(pre-fusion || fused), nats (log scale)\nbars: 95% interval over held-out windows", fontsize=8)
     right.set_yscale("log")
     right.set_ylabel("held-out perplexity (log scale)")
     for ax in (left, right):
@@ -66,9 +86,14 @@ def removal_vs_fusion_figure(result: dict):
     base_ms = decode["pre-fusion"]["ms_per_token"]
     for ax, key, label in [(left, "kl", "KL(pre-fusion || model), nats (log scale)"),
                            (right, "perplexity", "held-out perplexity (log scale)")]:
-        ax.plot(fused_ms, [r["fold"][key] for r in fused], "o", color=FOLD, label="plain fusion")
-        ax.plot(fused_ms, [r["calibrated"][key] for r in fused], "^", color=CALIBRATED, label="calibrated fusion")
-        ax.plot(removed_ms, [r[key] for r in removed], "s", color=REMOVAL, label="FFN removal")
+        bars = {"fold": _errors([r["fold"] for r in fused]), "calibrated": _errors([r["calibrated"] for r in fused]),
+                "removal": _errors(removed)} if key == "kl" else {"fold": None, "calibrated": None, "removal": None}
+        ax.errorbar(fused_ms, [r["fold"][key] for r in fused], yerr=bars["fold"], fmt="o", capsize=3, color=FOLD,
+                    label="plain fusion")
+        ax.errorbar(fused_ms, [r["calibrated"][key] for r in fused], yerr=bars["calibrated"], fmt="^", capsize=3,
+                    color=CALIBRATED, label="calibrated fusion")
+        ax.errorbar(removed_ms, [r[key] for r in removed], yerr=bars["removal"], fmt="s", capsize=3, color=REMOVAL,
+                    label="FFN removal")
         for xs, rows, values, colour, below in [(fused_ms, fused, [r["fold"][key] for r in fused], FOLD, 3),
                                                  (removed_ms, removed, [r[key] for r in removed], REMOVAL, -9)]:
             for ms, r, value in zip(xs, rows, values):
@@ -97,15 +122,17 @@ def ablations_figure(result: dict):
     short = {"leave out the last FFN": "without the last FFN", "leave out the first FFN": "without the first FFN",
              "the whole run, last FFN included": "the whole run"}
     labels = [f"{r['group'][0]}-{r['group'][1]}\n{short.get(r['label'], r['label'])}" for r in rows]
-    left.bar(range(len(rows)), [r["kl"] for r in rows], color=[FOLD, LAST, REMOVAL][:len(rows)])
+    left.bar(range(len(rows)), [r["kl"] for r in rows], yerr=_errors(rows), capsize=3,
+             color=[FOLD, LAST, REMOVAL][:len(rows)])
     left.set_xticks(range(len(rows)), labels, fontsize=7)
     left.set_ylabel("KL(pre-fusion || fused), nats")
     left.set_title("fused as one group: with or without the last FFN")
     spans = result["reversed"]
     x = range(len(spans))
-    right.bar([i - 0.2 for i in x], [r["fused"]["kl"] for r in spans], width=0.4, color=FOLD, label="fused")
+    right.bar([i - 0.2 for i in x], [r["fused"]["kl"] for r in spans], width=0.4, color=FOLD, label="fused",
+              yerr=_errors([r["fused"] for r in spans]), capsize=3)
     right.bar([i + 0.2 for i in x], [r["reversed"]["kl"] for r in spans], width=0.4, color=LAST,
-              label="sequential, reversed order")
+              label="sequential, reversed order", yerr=_errors([r["reversed"] for r in spans]), capsize=3)
     right.set_xticks(list(x), [f"{r['span'][0]}-{r['span'][1]}" for r in spans])
     right.set_xlabel("span of attention-free blocks")
     right.set_ylabel("KL(pre-fusion || variant), nats")
