@@ -92,11 +92,8 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
     if reference is not None and [len(w) for w in reference.windows] != [len(w) for w in prefix.windows]:
         raise ReffuseError("the reference prefix was cached on other windows than the base prefix")
 
-    def cached(p: Prefix):
-        return lambda w: (lambda rows: p.log_probs[w][rows].astype(np.float64))
-
     t = score_windows(prefix.windows, lambda w: variant_logits(prefix, variant, first, w, parallel, whole_blocks),
-                      cached(prefix), cached(reference) if reference is not None else None, kl_only)
+                      _cached(prefix), _cached(reference) if reference is not None else None, kl_only)
     n = t.predictions
     scores = {"kl_from_base": t.kl / n, "predictions": n}
     if not kl_only:
@@ -106,10 +103,20 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
         scores.update({"kl_from_reference": t.kl_reference / n, "top1_agreement_reference": t.agree_reference / n,
                        "reference_perplexity": exp_saturating(reference.base_nll / n)})
     if per_token:
-        scores["per_token"] = {name: [[float(f"{v:.6g}") for v in window] for window in windows]
-                               for name, windows in (("kl", t.window_kl), ("nll", t.window_nll))}
-        scores["per_token"]["top1"] = [window.astype(int).tolist() for window in t.window_agree]
+        scores["per_token"] = {"kl": _rounded(t.window_kl), "nll": _rounded(t.window_nll),
+                               "top1": [window.astype(int).tolist() for window in t.window_agree]}
     return scores
+
+
+def _cached(prefix: Prefix):
+    """The prefix's log-probabilities as score_windows reads them: window -> rows -> float64 [rows, vocab]."""
+    return lambda w: (lambda rows: prefix.log_probs[w][rows].astype(np.float64))
+
+
+def _rounded(windows) -> list:
+    """Per-prediction values for JSON, one list per window, to 6 significant digits (a float32 model's own
+    precision; the means are computed before rounding)."""
+    return [[float(f"{v:.6g}") for v in window] for window in windows]
 
 
 def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parallel=(), whole_blocks: bool = False,
@@ -139,11 +146,10 @@ def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parall
         return lm_logits(variant, run_blocks(variant, x, cos, sin, start=stop, parallel=after,
                                              whole_blocks=whole_blocks))
 
-    t = score_windows(prefix.windows, logits, lambda w: (lambda rows: prefix.log_probs[w][rows].astype(np.float64)),
-                      kl_only=True)
+    t = score_windows(prefix.windows, logits, _cached(prefix), kl_only=True)
     scores = {"kl_from_base": t.kl / t.predictions}
     if per_token:
-        scores["per_token"] = {"kl": [[float(f"{v:.6g}") for v in window] for window in t.window_kl]}
+        scores["per_token"] = {"kl": _rounded(t.window_kl)}
     return scores
 
 
