@@ -35,7 +35,7 @@ from reffuse.core import model as core
 from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.speed.bench import blas_in_use, paired_ratio
-from reffuse.speed.timing import blas_threads, compare_seconds, decode_bound, streaming_bandwidth
+from reffuse.speed.timing import blas_threads, compare_seconds, decode_bound, median_seconds, streaming_bandwidth
 
 PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
 PREFILL_LONG = 512
@@ -105,27 +105,27 @@ def stacking(model, threads: int, repeats: int) -> dict:
     return {"rows": rows}
 
 
+def decode_step(model, prompt):
+    """One decode step after `prompt`, as a function to call again and again: the same position every time, so
+    each call does one step's work."""
+    cache = KVCache(model, len(prompt) + 1)
+    forward(model, prompt, cache=cache)
+
+    def step():
+        forward(model, [1], cache=cache)
+        cache.length -= 1
+    return step
+
+
 def arena_effect(model, prompt, threads: int, rounds: int = 9, steps: int = 30) -> dict:
     """A decode step on the weights as load_model returns them (one arena, core.model.gathered) against the same
     weights as separate arrays, alternated: each round's median step time for both, and their paired ratio."""
     separate = core.map_arrays(model, lambda a: a.copy())
-
-    def step_seconds(m):
-        cache = KVCache(m, len(prompt) + 1)
-        forward(m, prompt, cache=cache)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            forward(m, [1], cache=cache)
-            cache.length -= 1
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     samples = {"arena": [], "separate": []}
     with blas_threads(threads):
         for _ in range(rounds):
             for name, m in (("separate", separate), ("arena", model)):
-                samples[name].append(step_seconds(m))
+                samples[name].append(median_seconds(decode_step(m, prompt), steps, warmup=0))
     return {"seconds": samples, "arena_over_separate_time": paired_ratio(samples["arena"], samples["separate"])}
 
 
@@ -144,15 +144,8 @@ def main(argv=None) -> int:
     with blas_threads(args.threads):
         for path, fast in (("plain", False), ("fast", True)):
             with core.fast_paths(fast):
-                cache = KVCache(model, len(prompt) + 1)
-                forward(model, prompt, cache=cache)
-
-                def decode_step():
-                    forward(model, [1], cache=cache)
-                    cache.length -= 1  # the same position every time: one step's work, repeated
-
                 measured[path] = {
-                    "decode": timed_parts(decode_step, args.repeats),
+                    "decode": timed_parts(decode_step(model, prompt), args.repeats),
                     "prefill_64": timed_parts(lambda: forward(model, prompt, cache=KVCache(model, 64)), args.repeats),
                     f"prefill_{PREFILL_LONG}": timed_parts(
                         lambda: forward(model, long_prompt, cache=KVCache(model, PREFILL_LONG)), max(args.repeats // 3, 3))}

@@ -2,9 +2,10 @@
 
     python -m reffuse.experiments.distillation --out reports/distillation/smollm2
 
-The setup is `reffuse experiments`' (reffuse.experiments.run): attention removed from the cheapest window of 8
-blocks, the span fused the run without its last block, held-out and calibration text from the fixed corpus split.
-For the span fused into k groups (k = 1, 2: the plans of finding (a)), three versions of the fused model:
+The setup is `reffuse experiments`' first region (reffuse.experiments.study.prepare_study, the same settings):
+attention removed from the cheapest window of 8 blocks, the span fused the run without its last block, held-out and
+calibration text from the fixed corpus split. For the span fused into k groups (k = 1, 2: the plans of finding
+(a)), three versions of the fused model:
 
 - plain fusion (Theorem 3.1's weights, norm "fold");
 - the closed-form refit of each fused down projection (reffuse.method.calibrate, its default ridge and weighting);
@@ -20,22 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 from reffuse.core.fusion import fuse
-from reffuse.core.layout import attention_free_runs, format_groups
+from reffuse.core.layout import format_groups
 from reffuse.evaluation.intervals import describe, paired_difference
-from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.evaluation.prefix import score_variant
+from reffuse.experiments.study import prepare_study
 from reffuse.files import write_json_atomic, write_text_atomic
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import calibrated_fuse
 from reffuse.method.distill import distilled_fuse
-from reffuse.method.pipeline import SCORING_WINDOW, choose_attention_removal, ffn_dependency, load_texts
-from reffuse.method.planning import propose_groups
-from reffuse.method.removal import drop_attention
+from reffuse.method.pipeline import load_texts
 from reffuse.progress import note
 from reffuse.speed.timing import blas_threads
 
@@ -45,35 +44,34 @@ STEP_COUNTS = (1, 2)
 
 
 def run_distillation(model_name: str = "smollm2", drop_count: int = 8, held_out_tokens: int = 2048,
-                     calibration_tokens: int = 2048, window: int = 256, threads: int | None = None) -> dict:
+                     calibration_tokens: int = 2048, scoring_tokens: int = 256, dependency_tokens: int = 128,
+                     window: int = 256, threads: int | None = None) -> dict:
     started = time.perf_counter()
     with blas_threads(threads):
         original = load_model(model_name)
         texts = load_texts(model_name, original, calibration_tokens, held_out_tokens, window)
-        removal = choose_attention_removal(original, texts.scoring(256, SCORING_WINDOW), count=drop_count,
-                                           contiguous=True)
-        pre = drop_attention(original, removal["blocks"])
-        a, b = max(attention_free_runs(pre), key=lambda run: (run[1] - run[0], -run[0]))
-        M = ffn_dependency(pre, texts.scoring(128, 64), up_to=b)
-        prefix = cache_prefix(pre, texts.held_out.ids)
+        setup: dict = {}
+        study = prepare_study(original, texts, drop_count, scoring_tokens, dependency_tokens, window, setup)
         windows = list(texts.calibration.ids)
         rows = []
         for k in STEP_COUNTS:
-            groups = propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups
+            groups = study.plans[k]
             note(f"{k} step(s): {format_groups(groups)}: plain, refit, distilled")
-            refit, _ = calibrated_fuse(pre, groups, windows)
-            distilled, reports = distilled_fuse(pre, groups, windows, DISTILL_STEPS, DISTILL_LEARNING_RATE)
-            scores = {name: score_variant(prefix, model, a, per_token=True)
-                      for name, model in (("plain", fuse(pre, groups)), ("refit", refit), ("distilled", distilled))}
+            refit, _ = calibrated_fuse(study.pre, groups, windows)
+            distilled, reports = distilled_fuse(study.pre, groups, windows, DISTILL_STEPS, DISTILL_LEARNING_RATE)
+            scores = {name: score_variant(study.prefix, model, study.span[0], per_token=True)
+                      for name, model in (("plain", fuse(study.pre, groups)), ("refit", refit),
+                                          ("distilled", distilled))}
             rows.append({"steps": k, "groups": [list(g) for g in groups],
                          "scores": {name: {key: s[key] for key in ("kl_from_base", "perplexity", "per_token")}
                                     for name, s in scores.items()},
                          "distillation": [r.as_dict() for r in reports]})
-    return {"model": model_name, "attention_removed": removal["blocks_text"], "region": [a, b],
+    return {"model": model_name, "attention_removed": setup["attention_removal"]["blocks_text"],
+            "region": list(study.region),
             "settings": {"drop_count": drop_count, "held_out_tokens": held_out_tokens,
                          "calibration_tokens": calibration_tokens, "window": window, "steps": DISTILL_STEPS,
                          "learning_rate": DISTILL_LEARNING_RATE},
-            "texts": texts.describe(), "pre_fusion_perplexity": math.exp(prefix.base_nll / prefix.predictions),
+            "texts": texts.describe(), "pre_fusion_perplexity": setup["pre_fusion"]["perplexity"],
             "rows": rows, "seconds": time.perf_counter() - started}
 
 

@@ -423,8 +423,9 @@ def predictor_comparison(study: Study) -> dict:
     prefix = cache_prefix(study.pre, windows)
     groups = candidate_groups(*study.span)
     with Progress("predictors of fusion damage", 1, "passes") as bar:
-        values = predictor_values(study.pre, prefix, study.ffn_dependency, study.first_token_dependency, groups)
         measured = damage(study.pre, prefix, groups)
+        values = predictor_values(study.pre, prefix, study.ffn_dependency, study.first_token_dependency, groups,
+                                  measured)
         bar.update()
     return {"tokens": int(sum(len(w) for w in windows)), "predictors": list(PREDICTORS),
             "groups": [{"group": list(g), "damage": measured[g], **values[g]} for g in groups],

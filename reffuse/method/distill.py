@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from reffuse.core.backend import array_module, to_numpy
+from reffuse.core.backend import array_module
 from reffuse.core.model import FFN, Model, rms_norm, silu
 from reffuse.errors import ReffuseError
 from reffuse.method.calibrate import fuse_group_by_group, sequential_update
@@ -108,8 +108,7 @@ def distill_group(model: Model, group: tuple[int, int], ffn: FFN, streams: list,
     weights = 1.0 / xp.linalg.norm(x + targets, axis=-1, keepdims=True)  # [T, 1]
     u = rms_norm(x, ffn.norm_gain, model.config.norm_eps)
     trained, losses = train_fused_ffn(ffn, u, targets, weights, steps, learning_rate)
-    return trained, GroupDistillation(tuple(group), int(x.shape[0]), steps, learning_rate,
-                                      [float(to_numpy(np.asarray(v))) for v in losses])
+    return trained, GroupDistillation(tuple(group), int(x.shape[0]), steps, learning_rate, losses)
 
 
 def distilled_fuse(model: Model, groups, windows, steps: int = DEFAULT_STEPS,

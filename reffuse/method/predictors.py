@@ -67,17 +67,18 @@ def first_order_error(model: Model, group: tuple[int, int], x_first) -> float:
     return float(np.mean(np.linalg.norm(missed, axis=-1) / np.maximum(total, 1e-30)))
 
 
-def predictor_values(model: Model, prefix: Prefix, M, M_sink, groups) -> dict:
+def predictor_values(model: Model, prefix: Prefix, M, M_sink, groups, measured: dict | None = None) -> dict:
     """{group: {predictor: value}} for the candidate groups, on the prefix's windows (the pre-fusion model's
-    cached streams); the first token of each window is left out of the stream measures."""
+    cached streams); the first token of each window is left out of the stream measures.
+
+    measured: damage() already measured on the same prefix; the adjacent pairs found in it are not fused again
+    (for a group of two, its neighbour damage is its damage)."""
     first, last = min(i for i, _ in groups), max(j for _, j in groups)
     streams = [{k: np.asarray(to_numpy(window[k][1:]), dtype=np.float64) for k in range(first, last + 2)}
                for window in prefix.streams]                          # the span's streams, the sink left out
-    neighbour = {}
-    for i, j in groups:
-        for k in range(i, j):
-            if (k, k + 1) not in neighbour:
-                neighbour[(k, k + 1)] = kl_from_base(prefix, fuse(model, [(k, k + 1)]), k)
+    known = measured or {}
+    pairs = sorted({(k, k + 1) for i, j in groups for k in range(i, j)})
+    neighbour = damage(model, prefix, [p for p in pairs if p not in known]) | {p: known[p] for p in pairs if p in known}
     values = {}
     for i, j in groups:
         turns = [np.concatenate([cosine_distance(w[k], w[k + 1]) for w in streams]) for k in range(i + 1, j + 1)]

@@ -230,12 +230,18 @@ def environment(threads: int, device: str = "cpu") -> dict:
     return env
 
 
+def describe_blas(env: dict) -> str:
+    """The BLAS of an environment() record in words, and whether OPENBLAS_CORETYPE chose its kernels ("" when
+    threadpoolctl could not tell)."""
+    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)" for b in env.get("blas") or [])
+    if blas and env.get("openblas_coretype"):
+        blas += f", chosen by OPENBLAS_CORETYPE={env['openblas_coretype']} in the environment"
+    return blas
+
+
 def blas_in_use() -> str:
-    """The BLAS NumPy's products run on, and whether its kernels were chosen by OPENBLAS_CORETYPE."""
-    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)"
-                     for b in environment(1)["blas"] or []) or "unknown (threadpoolctl is not installed)"
-    chosen = os.environ.get("OPENBLAS_CORETYPE")
-    return blas + (f", chosen by OPENBLAS_CORETYPE={chosen} in the environment" if chosen else "")
+    """The BLAS NumPy's products run on now, in words."""
+    return describe_blas(environment(1)) or "unknown (threadpoolctl is not installed)"
 
 
 def run_benchmark(model: Model, model_name: str, threads: int | None = None, repeats: int = 7,
@@ -375,9 +381,7 @@ def check_targets(result: dict) -> list[dict]:
 def markdown(result: dict, command: str | None = None) -> str:
     """The result as Markdown tables (for benchmarks/results/*.md and the README)."""
     env = result["environment"]
-    blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)" for b in env.get("blas") or [])
-    if blas and env.get("openblas_coretype"):
-        blas += f", chosen by OPENBLAS_CORETYPE={env['openblas_coretype']} in the environment"
+    blas = describe_blas(env)
     lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]

@@ -61,3 +61,17 @@ def test_distilled_fuse_on_the_tiny_model(tiny64):
     assert len(distilled.blocks) == len(plain.blocks) and [r.group for r in reports] == [(4, 6), (7, 8)]
     assert all(r.losses[-1] <= r.losses[0] and r.tokens == 192 for r in reports)
     assert not np.array_equal(distilled.blocks[4].ffn.gate, plain.blocks[4].ffn.gate)
+
+
+def test_the_distillation_comparison_runs_on_the_tiny_model():
+    """reffuse.experiments.distillation end to end on the synthetic model: three versions per plan, each scored with
+    its per-prediction values, and the report's paired differences."""
+    from reffuse.experiments.distillation import STEP_COUNTS, comparisons, markdown, run_distillation
+    result = run_distillation("tiny", drop_count=2, held_out_tokens=256, calibration_tokens=1024, scoring_tokens=64,
+                              dependency_tokens=64, window=64)
+    assert [row["steps"] for row in result["rows"]] == list(STEP_COUNTS)
+    for row in result["rows"]:
+        assert set(row["scores"]) == {"plain", "refit", "distilled"}
+        assert set(comparisons(row)) == {"distilled - plain", "refit - plain", "distilled - refit"}
+        assert all(d["losses"][-1] <= d["losses"][0] for d in row["distillation"])
+    assert "| 1 |" in markdown(result, "test")
