@@ -54,7 +54,7 @@ positive_seconds = number_argument(float, "a number of seconds", lambda v: 0 < v
 TOKEN_ARGUMENTS = {
     "held_out": ("--held-out-tokens", "held-out tokens that quality is judged on"),
     "calibration": ("--calibration-tokens", "calibration tokens (every fit and choice reads only these)"),
-    "scoring": ("--scoring-tokens", "calibration tokens for the single-removal scores"),
+    "scoring": ("--scoring-tokens", "calibration tokens for the KL scores of single removals and of the plan's FFN pairs"),
     "dependency": ("--dependency-tokens", "calibration tokens for the dependency matrices"),
 }
 

@@ -3,8 +3,9 @@
 1. attention removal (standing in for Puzzle): every block's attention scored by the KL damage of removing it
    alone on calibration text; the --drop-attention-count consecutive blocks of least summed score removed;
 2. dependencies: the FFN-level dependency matrix M inside the attention-free run (reffuse.method.metrics);
-3. a fusion plan from M: the run without its last block, cut into groups of at most --max-group-size blocks
-   where the least dependency is left inside the groups (reffuse.method.planning), or --groups as given;
+3. a fusion plan: each adjacent pair of FFNs in the run fused alone and its KL damage scored on calibration text;
+   the run without its last block cut into groups of at most --max-group-size blocks where the least of that
+   damage is left inside the groups (reffuse.method.planning), or --groups as given;
 4. fusion (Theorem 3.1), exact: fused vs parallel form, float32 and float64, on held-out text; the block
    layout before and after;
 5. calibration: each fused down-projection refitted by ridge least squares on calibration text;
@@ -48,7 +49,7 @@ def add_arguments(parser):
                         help="model name or folder (default: smollm2; tiny: synthetic, offline)")
     add_attention_removal_arguments(parser, "8 for smollm2, 2 for tiny; none when --groups is given")
     parser.add_argument("--groups", type=groups_argument, default=None,
-                        help="runs to fuse, FIRST-LAST[,...] (default: planned from the dependencies)")
+                        help="runs to fuse, FIRST-LAST[,...] (default: planned from the damage of fusing each adjacent pair)")
     parser.add_argument("--max-group-size", type=positive_int, default=4,
                         help="most blocks per planned group (default 4)")
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",

@@ -4,10 +4,11 @@ Steps (attention removal and calibration optional; the groups come from --groups
 1. attention removal: --drop-attention BLOCKS removes the attention of the blocks given; --drop-attention-count N
    scores every block's attention by the KL damage of removing it alone (on calibration text) and removes the
    N consecutive blocks of least summed score (as `reffuse demo` does, on the same text);
-2. the groups to fuse: --groups as given, or --plan auto, which measures FFN-level dependencies inside the
-   attention-free runs and cuts each run (without its last block, as the paper does; --include-last keeps it)
-   into groups of at most --max-group-size blocks where the least dependency is left inside the groups
-   (reffuse.method.planning);
+2. the groups to fuse: --groups as given, or --plan auto, which fuses each adjacent pair of FFNs inside the
+   attention-free runs alone and scores its KL damage on calibration text (the neighbour damage), then cuts each
+   run (without its last block, as the paper does; --include-last keeps it) into groups of at most
+   --max-group-size blocks where the least damage is left inside the groups (reffuse.method.planning says why
+   this predictor and not the paper's cosine dependency);
 3. fusion (Theorem 3.1) with --norm fold (exact) or last (the paper's), and with --calibrate each fused
    down-projection refitted by ridge least squares on calibration text (reffuse.method.calibrate);
 4. the model is saved to --out (config.json, model.safetensors), with the tokenizer beside it and fuse.json,
@@ -42,7 +43,7 @@ def add_arguments(parser):
     add_attention_removal_arguments(parser)
     plan = parser.add_mutually_exclusive_group(required=True)
     plan.add_argument("--groups", type=groups_argument, help="runs to fuse, FIRST-LAST[,FIRST-LAST...]")
-    plan.add_argument("--plan", choices=["auto"], help="auto: propose groups from FFN-level dependencies")
+    plan.add_argument("--plan", choices=["auto"], help="auto: propose groups from the damage of fusing each adjacent FFN pair")
     parser.add_argument("--max-group-size", type=positive_int, default=4,
                         help="--plan auto: most blocks per group (default 4)")
     parser.add_argument("--include-last", action="store_true",
@@ -55,7 +56,7 @@ def add_arguments(parser):
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
-    add_token_arguments(parser, calibration=2048, scoring=256, dependency=128)
+    add_token_arguments(parser, calibration=2048, scoring=256)
     parser.add_argument("--out", required=True, help="folder to write the model into (new or empty)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the model already in --out (only a folder that reffuse saved is replaced)")

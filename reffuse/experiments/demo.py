@@ -2,7 +2,8 @@
 
 1. text: calibration and held-out windows from disjoint plays (reffuse.method.pipeline.load_texts);
 2. attention removal, standing in for Puzzle (reffuse.method.removal);
-3. the FFN-level dependencies in the attention-free run and a fusion plan from them (reffuse.method.planning);
+3. the FFN-level dependencies in the attention-free run, and a fusion plan from the damage of fusing each adjacent
+   pair of FFNs (reffuse.method.planning);
 4. fusion (Theorem 3.1) and its exactness; the approximation it makes, sequential vs parallel;
 5. calibration of the fused down-projections (reffuse.method.calibrate);
 6. quality on held-out text; 7. speed, all models in one run, and a greedy sample from each.
@@ -26,7 +27,8 @@ from reffuse.evaluation.prefix import cache_prefix, score_variant
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
 from reffuse.method.metrics import matrix_to_json
-from reffuse.method.pipeline import DEPENDENCY_WINDOW, is_synthetic, load_texts, plan_fusion, remove_attention
+from reffuse.method.pipeline import (DEPENDENCY_WINDOW, SCORING_WINDOW, ffn_dependency, is_synthetic, load_texts,
+                                     plan_fusion, remove_attention)
 from reffuse.progress import Progress, note
 from reffuse.speed.bench import reffuse_decode, time_decode
 from reffuse.speed.timing import blas_threads, time_region
@@ -113,22 +115,20 @@ def run_demo(options: DemoOptions) -> dict:
 
         step(3, "dependencies and the fusion plan")
         if options.groups is not None:
-            groups, M = options.groups, None
+            groups = options.groups
             result["plan"] = {"groups": [list(g) for g in groups], "rule": "given (--groups)"}
         else:
-            plan, M = plan_fusion(removed, texts.scoring(options.dependency_tokens, DEPENDENCY_WINDOW),
-                                  options.max_group_size)
+            plan, _ = plan_fusion(removed, texts.scoring(options.scoring_tokens, SCORING_WINDOW), options.max_group_size)
             groups = plan.groups
             result["plan"] = plan.to_json()
             if not groups:
                 raise ReffuseError("the plan has no group to fuse (the attention-free runs are too short): remove more "
                                    "attention (--drop-attention-count)")
         fused = fuse(removed, groups, norm=options.norm)  # checks the groups: clear errors before any long work
-        runs = attention_free_runs(removed)
-        region = next(r for r in runs if r[0] <= groups[0][0] <= r[1])
+        region = next(r for r in attention_free_runs(removed) if r[0] <= groups[0][0] <= r[1])
         result.update(groups=[list(g) for g in groups], region=list(region))
-        if M is not None:
-            result["ffn_dependency"] = {"matrix": matrix_to_json(M), "tokens": options.dependency_tokens}
+        M = ffn_dependency(removed, texts.scoring(options.dependency_tokens, DEPENDENCY_WINDOW), up_to=region[1])
+        result["ffn_dependency"] = {"matrix": matrix_to_json(M), "tokens": options.dependency_tokens}
 
         step(4, "fusion: exactness and the sequential-vs-parallel gap")
         result.update(exactness(removed, groups, options.norm, texts.held_out.ids[0][:EXACTNESS_TOKENS]))

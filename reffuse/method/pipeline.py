@@ -4,7 +4,7 @@ and `fuse_and_save`, the whole of `reffuse fuse`.
     texts = load_texts("smollm2", model, calibration_tokens=1024, held_out_tokens=512)
     removal = choose_attention_removal(model, texts.scoring(128), count=8, contiguous=True)
     removed = drop_attention(model, removal["blocks"])
-    plan, record = plan_fusion(removed, texts.scoring(64), max_group_size=4)
+    plan, costs = plan_fusion(removed, texts.scoring(256), max_group_size=4)
     fused, fits = calibrated_fuse(removed, plan.groups, texts.calibration.ids)
 
 Text. Everything fitted or chosen from data (removal scores, dependencies, calibration) reads the corpus'
@@ -30,6 +30,7 @@ from reffuse.options import FromArguments
 from reffuse.method.metrics import block_evaluations_needed, dependency
 from reffuse.core.model import Model
 from reffuse.method.planning import propose_groups
+from reffuse.method.predictors import PLANNER_PREDICTOR, neighbour_damage_matrix
 from reffuse.evaluation.prefix import cache_prefix, kl_from_base
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
 from reffuse.progress import Progress, note
@@ -192,14 +193,19 @@ def ffn_dependency(model: Model, windows, up_to: int | None = None, sink_only: b
 
 
 def plan_fusion(model: Model, windows, max_group_size: int | None = 4, leave_out_last: bool = True):
-    """Fusion groups proposed from the FFN-level dependencies inside the model's attention-free runs
-    (reffuse.method.planning); returns the Plan and M."""
+    """Fusion groups inside the model's attention-free runs, cut where the neighbour damage (each adjacent pair's
+    KL when fused alone, measured on `windows`) is least (reffuse.method.planning); returns the Plan and its cost
+    matrix."""
     runs = attention_free_runs(model)
     if not runs:
         raise ReffuseError("the model has no run of 2 or more attention-free blocks to fuse: remove attention first "
                            "(--drop-attention or --drop-attention-count)")
-    M = ffn_dependency(model, windows, up_to=max(last for _, last in runs))
-    return propose_groups(model, M, max_group_size=max_group_size, leave_out_last=leave_out_last), M
+    prefix = cache_prefix(model, windows)
+    note(f"the plan: each of {sum(last - first for first, last in runs)} adjacent FFN pairs fused alone, scored on "
+         f"{prefix.predictions} calibration predictions")
+    C = neighbour_damage_matrix(model, prefix, runs)
+    return propose_groups(model, C, max_group_size=max_group_size, leave_out_last=leave_out_last,
+                          predictor=PLANNER_PREDICTOR), C
 
 
 PROVENANCE_FILE = "fuse.json"  # beside a fused model: every choice, score and text span that made it
@@ -222,7 +228,6 @@ class FuseOptions(FromArguments):
     ridge: float = DEFAULT_RIDGE
     calibration_tokens: int = 2048
     scoring_tokens: int = 256
-    dependency_tokens: int = 128
     overwrite: bool = False
     device: str = "cpu"
 
@@ -243,8 +248,8 @@ def fuse_and_save(options: FuseOptions) -> dict:
                                                           options.drop_attention_count, options.scoring_tokens)
 
     if options.plan:
-        plan, _ = plan_fusion(model, texts.scoring(options.dependency_tokens, DEPENDENCY_WINDOW),
-                              options.max_group_size, leave_out_last=not options.include_last)
+        plan, _ = plan_fusion(model, texts.scoring(options.scoring_tokens, SCORING_WINDOW), options.max_group_size,
+                              leave_out_last=not options.include_last)
         groups, record["plan"] = plan.groups, plan.to_json()
         if not groups:
             raise ReffuseError("the plan has no group to fuse (runs too short): remove more attention")

@@ -1,5 +1,14 @@
-"""Fusion planning: from a model's attention-free runs and the FFN-level dependency matrix M, propose the groups
-to fuse (the paper's §3-4: contiguous groups inside the attention-free runs).
+"""Fusion planning: from a model's attention-free runs and a pairwise cost matrix C, propose the groups to fuse
+(the paper's §3-4: contiguous groups inside the attention-free runs).
+
+C[i, j] (i < j) is what running FFNs i and j in parallel is predicted to cost. Two predictors fill it
+(reffuse.method.predictors): the paper's block dependency metric, cosine-M (the FFN-level matrix M of
+reffuse.method.metrics), and the neighbour damage, C[k, k+1] = KL(pre || pre with FFNs k, k+1 fused) on
+calibration text and 0 for pairs further apart. `reffuse fuse --plan`, `demo` and `experiments` plan with
+the neighbour damage (PLANNER_PREDICTOR): over the four attention-removal regions of the committed SmolLM2
+experiments it ranks the damage of fusing each contiguous group better than cosine-M does, by a resolved
+margin (predictors.choose_predictor gives the rule and the numbers). `reffuse analyze` plans from the matrix
+it measures, cosine-M.
 
 The paper fuses contiguous groups inside attention-free runs, caps their size (by per-GPU memory), and leaves out
 each run's last FFN, which is unusually sensitive (§4.2). It gives no rule for where to cut a run into groups
@@ -9,9 +18,10 @@ each run's last FFN, which is unusually sensitive (§4.2). It gives no rule for 
 2. The number of groups k: the fewest the size cap allows, ceil(length / max_group_size) (one group when there is
    no cap), or more when groups_per_run asks for more.
 3. The cuts: of all ways to cut the span into k contiguous pieces of at most max_group_size blocks, the one with
-   the least dependency left inside the pieces, Σ_pieces Σ_{i<j in the piece} M[i, j]. Fusing puts the blocks of a
+   the least cost left inside the pieces, Σ_pieces Σ_{i<j in the piece} C[i, j]. Fusing puts the blocks of a
    piece in parallel, which is exact only where they do not depend on each other; pairs in different pieces stay
-   sequential. So the cuts fall where the most dependency crosses them. Ties go to the latest cuts (earlier
+   sequential. So the cuts fall where the most predicted damage crosses them (for the neighbour damage: at the
+   k - 1 adjacent pairs that are most costly to fuse). Ties go to the latest cuts (earlier
    groups the larger, as in the paper's Ultra plan).
 4. A piece of one block is not a group (nothing to fuse) and stays as it is.
 
@@ -31,7 +41,7 @@ from reffuse.core.layout import attention_free_runs, check_groups
 from reffuse.core.model import Model
 
 SPLIT_RULE = ("per run (without its last block by default): the fewest groups the size cap allows, cut where the "
-              "summed dependency M[i, j] left inside the groups is least")
+              "summed pairwise cost C[i, j] left inside the groups is least")
 
 
 @dataclass
@@ -41,14 +51,17 @@ class Plan:
     max_group_size: int | None
     leave_out_last: bool
     groups_per_run: int | None
+    predictor: str = "cosine-M"    # what the cost matrix holds (reffuse.method.predictors.PREDICTORS)
 
     def to_json(self) -> dict:
         return {"groups": [list(g) for g in self.groups], "runs": self.runs, "max_group_size": self.max_group_size,
-                "leave_out_last": self.leave_out_last, "groups_per_run": self.groups_per_run, "rule": SPLIT_RULE}
+                "leave_out_last": self.leave_out_last, "groups_per_run": self.groups_per_run, "rule": SPLIT_RULE,
+                "predictor": self.predictor}
 
 
 def inside_dependency(M: np.ndarray, first: int, last: int) -> float:
-    """Σ M[i, j] over first <= i < j <= last: the dependency that running blocks first..last in parallel ignores."""
+    """Σ M[i, j] over first <= i < j <= last: the pairwise cost (for cosine-M, the dependency) that running blocks
+    first..last in parallel ignores."""
     piece = M[first:last + 1, first:last + 1]
     return float(piece[np.triu(np.ones(piece.shape, dtype=bool), k=1)].sum())
 
@@ -76,8 +89,9 @@ def split_run(M: np.ndarray, first: int, last: int, pieces: int, max_size: int |
 
 
 def propose_groups(model: Model, M, max_group_size: int | None = None, leave_out_last: bool = True,
-                   groups_per_run: int | None = None, runs=None) -> Plan:
-    """Fusion groups for `model` from its FFN-level dependency matrix M [m, m] (see the module docstring).
+                   groups_per_run: int | None = None, runs=None, predictor: str = "cosine-M") -> Plan:
+    """Fusion groups for `model` from a pairwise cost matrix M [m, m] (see the module docstring): the FFN-level
+    dependency matrix (predictor "cosine-M") or the neighbour damage matrix ("neighbour damage").
 
     runs: the attention-free runs (first, last) to plan in; default all of the model's maximal runs.
     """
@@ -103,8 +117,8 @@ def propose_groups(model: Model, M, max_group_size: int | None = None, leave_out
             continue
         block = M[first:last + 1, first:last + 1]
         if not np.all(np.isfinite(block[np.triu(np.ones(block.shape, dtype=bool), k=1)])):
-            raise ReffuseError(f"the dependency matrix has no entry for some pair in blocks {first}-{last}: "
-                               "use the FFN-level matrix measured on this model")
+            raise ReffuseError(f"the {predictor} matrix has no entry for some pair in blocks {first}-{last}: "
+                               "use a matrix measured on this model, over its attention-free runs")
         pieces = math.ceil(length / max_group_size) if max_group_size else 1
         pieces = min(max(pieces, groups_per_run or 1), length)
         cut = split_run(M, first, last, pieces, max_group_size)
@@ -113,4 +127,4 @@ def propose_groups(model: Model, M, max_group_size: int | None = None, leave_out
         # dependency across each cut: pairs i before it, j after it, inside the span
         detail["across"] = [float(np.nansum(M[first:b + 1, b + 1:last + 1])) for _, b in cut[:-1]]
         groups += [(a, b) for a, b in cut if b > a]
-    return Plan(check_groups(model, groups), details, max_group_size, leave_out_last, groups_per_run)
+    return Plan(check_groups(model, groups), details, max_group_size, leave_out_last, groups_per_run, predictor)

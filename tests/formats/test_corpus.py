@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from reffuse.formats.corpus import (CALIBRATION, HELD_OUT, TITLES, Span, corpus_folder, held_out_windows, play_text,
-                            split_texts, token_windows, windows)
+                            shares, split_texts, token_windows, windows)
 from reffuse.errors import ReffuseError
 
 
@@ -97,12 +97,19 @@ def test_calibration_and_held_out_share_no_text(corpus):
     assert held_out & long_lines(play_text("hamlet_gut_f", corpus))
 
 
-def test_held_out_windows_record_the_exact_span(corpus):
-    got = held_out_windows(CharTokenizer(), window=100, n_tokens=250, folder=corpus)
-    text = play_text("hamlet_gut", corpus)
-    span, = got.spans
-    assert (span.play, span.start, span.end, span.tokens) == ("hamlet_gut", 0, 200, 200)
-    assert "".join(CharTokenizer().decode(w) for w in got.ids) == text[span.start:span.end]
+def test_held_out_windows_are_dealt_over_the_texts_from_their_first_scene(corpus):
+    got = held_out_windows(CharTokenizer(), window=100, n_tokens=1050, folder=corpus)  # 10 windows over 9 texts
+    assert [s.play for s in got.spans] == list(HELD_OUT) and [s.tokens for s in got.spans] == [200] + [100] * 8
+    assert [s.kind for s in got.spans] == ["drama"] * 8 + ["verse"]
+    counts = [s.tokens // 100 for s in got.spans]                  # windows per text, in order
+    decoded = ["".join(CharTokenizer().decode(w) for w in got.ids[i:i + n]) for i, n in zip(np.cumsum([0] + counts), counts)]
+    for span, text in zip(got.spans, decoded):
+        full = play_text(span.play, corpus)
+        assert text == full[span.start:span.end] and span.end - span.start == span.tokens
+        # the title page and the list of persons are left out: a play starts at its first scene
+        assert text.lower().startswith("scene i") if span.kind == "drama" else text.startswith("I\n")
+    assert "Persons Represented".lower() not in "".join(decoded).lower()
+    assert shares(64, 9) == [8] + [7] * 8 and shares(8, 9) == [1] * 8 + [0]
 
 
 def test_missing_play_is_a_clear_error(tmp_path):

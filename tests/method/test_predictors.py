@@ -53,3 +53,36 @@ def test_compare_ranks_a_perfect_and_a_reversed_predictor():
     assert result["block influence"]["spearman"] == pytest.approx(-1.0)
     low, high = result["cosine-M"]["interval_95"]
     assert low <= 1.0 <= high + 1e-12
+
+
+def test_the_neighbour_damage_matrix_holds_each_adjacent_pair_s_damage(setting):
+    model, prefix, _, _ = setting
+    C = predictors.neighbour_damage_matrix(model, prefix, [(4, 9)])
+    pairs = predictors.damage(model, prefix, [(k, k + 1) for k in range(4, 9)])
+    assert all(C[k, k + 1] == pytest.approx(kl) for (k, _), kl in pairs.items())
+    assert C[4, 6] == 0 and np.isnan(C[3, 4]) and np.isnan(C[9, 10])
+    # the planner sums it inside a group: a group's cost is its adjacent pairs' damage
+    assert predictors.inside_dependency(C, 4, 7) == pytest.approx(sum(pairs[(k, k + 1)] for k in range(4, 7)))
+
+
+def test_the_planner_s_predictor_is_the_rule_s_choice_on_the_committed_regions():
+    import json
+    from pathlib import Path
+    report = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2"
+    regions = [json.loads((report / f"region-{k}" / "experiments.json").read_text())["predictors"]["groups"]
+               for k in range(1, 5)]
+    choice = predictors.choose_predictor(regions)
+    assert choice["chosen"] == predictors.PLANNER_PREDICTOR == "neighbour damage"
+    lead = choice["predictors"]["neighbour damage"]
+    assert lead["lead_over_cosine_m"] == pytest.approx(0.105, abs=5e-4) and lead["interval_95"][0] > 0
+    # the numbers the docstring quotes
+    assert f"+{lead['lead_over_cosine_m']:.3f} [+{lead['interval_95'][0]:.3f}, +{lead['interval_95'][1]:.3f}]" \
+        in predictors.__doc__.replace("\n", " ")
+
+
+def test_choose_predictor_keeps_cosine_m_when_no_lead_is_resolved():
+    rng = np.random.default_rng(0)
+    groups = [{"damage": float(d), **{name: float(d + rng.normal()) for name in predictors.PREDICTORS}}
+              for d in range(12)]
+    groups = [g | {"cosine-M": g["damage"]} for g in groups]    # cosine-M ranks perfectly: nothing can beat it
+    assert predictors.choose_predictor([groups, groups])["chosen"] == "cosine-M"
