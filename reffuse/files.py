@@ -171,8 +171,32 @@ def write_text_atomic(path, text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path, value) -> Path:
-    return write_text_atomic(path, json.dumps(value, indent=1) + "\n")
+def write_json_atomic(path, value, inline_lists: bool = False) -> Path:
+    """JSON indented by one space; with inline_lists, every list of numbers (or of lists of numbers) on one line,
+    which keeps per-prediction values to a line a window instead of a line a value."""
+    return write_text_atomic(path, json_text(value, inline_lists))
+
+
+def json_text(value, inline_lists: bool = False) -> str:
+    if not inline_lists:
+        return json.dumps(value, indent=1) + "\n"
+    inline = []
+
+    def numeric(v) -> bool:
+        return isinstance(v, (int, float, bool)) or v is None
+
+    def placeholders(v):
+        if isinstance(v, dict):
+            return {k: placeholders(x) for k, x in v.items()}
+        if isinstance(v, list):
+            if v and all(numeric(x) or isinstance(x, list) and all(map(numeric, x)) for x in v):
+                inline.append(json.dumps(v, separators=(", ", ": ")))
+                return f"\0{len(inline) - 1}\0"
+            return [placeholders(x) for x in v]
+        return v
+
+    text = json.dumps(placeholders(value), indent=1)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: inline[int(m.group(1))], text) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------

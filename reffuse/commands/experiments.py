@@ -6,30 +6,35 @@ single removals cost least; the attention-free run this makes, without its last 
 reduction, with decode latency measured in the same run; (c) including vs leaving out the run's last FFN;
 (d) reversed FFN order vs fusion; (e) full-block parallelization by the paper's greedy windows, 1 to 4 steps;
 (f) norm fold vs last; (g) calibrated vs plain fusion; (h) which predictor (the paper's cosine dependency and five
-others) ranks the damage of every group of the span. Quality is KL to the pre-fusion model and perplexity on
-held-out text; everything fitted or chosen reads calibration text only. reffuse.experiments.run documents each choice.
+others) ranks the damage of every group of the span; (i) FFN removal vs fusion at equal latency (modelled on a
+GPU, and on this CPU), removal refitted as calibrated fusion is; (j) calibration on more text (--scale-tokens),
+with residuals on held-out text. Quality is KL to the pre-fusion model and perplexity on held-out text (eight
+plays from their first scene and the Sonnets, reffuse.formats.corpus); everything fitted or chosen reads
+calibration text only. reffuse.experiments.run documents each choice.
 
 The report (README.md) says, finding by finding, whether the paper's observation held here, with the numbers.
-It takes minutes on 2 cores (progress on stderr). The synthetic tiny model runs the same code in seconds, to
-check it, not to learn anything.
+A region takes about 40 minutes on 2 cores with the defaults (16384 held-out tokens; progress on stderr). The
+synthetic tiny model runs the same code in seconds, to check it, not to learn anything.
 
 With --regions N the whole study is replicated over N attention-removal regions (the N cheapest windows of
 blocks), each region's report in its own folder and a table of the findings across them beside.
 
 examples:
-  reffuse experiments --regions 4 --out reports/experiments/smollm2
-  reffuse experiments --out out/experiments
+  reffuse experiments --out reports/experiments/smollm2_16k
+  reffuse experiments --regions 4 --held-out-tokens 2048 --out out/experiments
+  reffuse experiments --held-out-tokens 2048 --scale-tokens 2048,8192 --out out/experiments
   reffuse experiments --model tiny --drop-attention-count 2 --out /tmp/experiments-tiny
 """
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from pathlib import Path
 
 from reffuse.experiments.report import markdown, regions_markdown
-from reffuse.experiments.run import region_summary, run_experiments
+from reffuse.experiments.run import SCALE_TOKENS, region_summary, run_experiments
 from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
@@ -37,7 +42,18 @@ from reffuse.files import check_output_folder, write_json_atomic, write_text_ato
 from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_token_arguments, positive_int,
                                      print_json)
 
-HELP = "the paper's experiments (a)-(h) at small scale: report, JSON and figures"
+HELP = "the paper's experiments (a)-(j) at small scale: report, JSON and figures"
+
+
+def token_counts(text: str) -> tuple[int, ...]:
+    """--scale-tokens: comma-separated token counts, each at least 128, ascending."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of token counts: give e.g. 2048,8192,32768")
+    if len(counts) < 2 or any(n < 128 for n in counts) or list(counts) != sorted(set(counts)):
+        raise argparse.ArgumentTypeError(f"{text}: give at least two ascending counts of 128 tokens or more")
+    return counts
 
 
 def add_arguments(parser):
@@ -45,10 +61,14 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, type=Path, help="folder for README.md, experiments.json, figures")
     parser.add_argument("--drop-attention-count", type=positive_int, default=None, metavar="N",
                         help=f"{DROP_ATTENTION_COUNT_HELP} (default: 8 for smollm2, 2 for tiny)")
-    add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128)
+    add_token_arguments(parser, held_out=16384, calibration=2048, scoring=256, dependency=128)
     parser.add_argument("--window", type=positive_int, default=256, help="tokens per window (default 256)")
     parser.add_argument("--decode-tokens", type=positive_int, default=32, help="tokens per decode timing (default 32)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="decode timing repeats, median (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=15,
+                        help="decode timing repeats: median and quartiles (default 15)")
+    parser.add_argument("--scale-tokens", type=token_counts, default=SCALE_TOKENS, metavar="N,N,...",
+                        help="(j): calibration tokens of each fit, ascending (default "
+                             f"{','.join(map(str, SCALE_TOKENS))})")
     parser.add_argument("--regions", type=positive_int, default=1, metavar="N",
                         help="replicate over N attention-removal regions, the N cheapest windows of blocks (each a "
                              "full run into --out/region-K/, a summary in --out/README.md); default 1")
@@ -70,7 +90,8 @@ def run(args) -> int:
         result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
                                  calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
                                  dependency_tokens=args.dependency_tokens, window=args.window,
-                                 decode_tokens=args.decode_tokens, repeats=args.repeats, region_rank=rank)
+                                 decode_tokens=args.decode_tokens, repeats=args.repeats, region_rank=rank,
+                                 scale_tokens=args.scale_tokens)
         folder = args.out if args.regions == 1 else args.out / f"region-{rank}"
         result["command"] = command if args.regions == 1 else f"{command}  (region {rank} of {args.regions})"
         write_report(result, folder, figures)
@@ -95,7 +116,7 @@ def run(args) -> int:
 def write_report(result: dict, folder: Path, figures: bool) -> None:
     """One region's experiments.json, README.md and figures into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "experiments.json", result)
+    write_json_atomic(folder / "experiments.json", result, inline_lists=True)
     write_text_atomic(folder / "README.md", markdown(result, result["command"]))
     drawn = write_experiment_figures(result, folder) if figures else []
     note(f"wrote {folder / 'README.md'}, {folder / 'experiments.json'} and {len(drawn)} figures "

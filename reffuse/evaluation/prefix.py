@@ -113,10 +113,13 @@ def _cached(prefix: Prefix):
     return lambda w: (lambda rows: prefix.log_probs[w][rows].astype(np.float64))
 
 
+PER_TOKEN_DIGITS = 5  # significant digits of per-prediction values in JSON
+
+
 def _rounded(windows) -> list:
-    """Per-prediction values for JSON, one list per window, to 6 significant digits (a float32 model's own
-    precision; the means are computed before rounding)."""
-    return [[float(f"{v:.6g}") for v in window] for window in windows]
+    """Per-prediction values for JSON, one list per window, to PER_TOKEN_DIGITS significant digits (the means
+    are computed before rounding; a mean of rounded values differs from them by about 10^-5 relative)."""
+    return [[float(f"{v:.{PER_TOKEN_DIGITS}g}") for v in window] for window in windows]
 
 
 def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parallel=(), whole_blocks: bool = False,

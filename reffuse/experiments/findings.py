@@ -23,13 +23,17 @@ from reffuse.core.fusion import fuse
 from reffuse.core.layout import format_groups, full_blocks
 from reffuse.evaluation.intervals import describe, paired_difference
 from reffuse.evaluation.prefix import cache_prefix, score_variant, sink_restored
-from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse
+from reffuse.method.calibrate import (DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, calibrated_removal,
+                                      collect, fused_index)
 from reffuse.method.predictors import PREDICTORS, candidate_groups, compare, damage, predictor_values
 from reffuse.method.metrics import block_evaluations_needed, dependency, greedy_windows, matrix_to_json, \
     window_statistics
 from reffuse.method.removal import cheapest, drop_ffns, ffn_scores
 from reffuse.progress import Progress
-from reffuse.speed.bench import prompt_ids, reffuse_decode, time_decode
+from reffuse.speed.bench import decode_samples, prompt_ids, reffuse_decode
+from reffuse.speed.costmodel.calibration import get_hardware
+from reffuse.speed.costmodel.latency import forward_cost, tensor_parallel_degrees
+from reffuse.speed.costmodel.presets import layout_from_model
 from reffuse.experiments.study import (MAX_STEPS, WINDOW, Study, format_kl, format_perplexity, fused_name,
                                        rank_correlation, removed_name, reversed_run)
 
@@ -80,6 +84,8 @@ def by_steps(r: dict) -> list[dict]:
 
 
 def fusion_intensity(study: Study) -> list[dict]:
+    """Every plan of the planner with both norms; where cosine-M cuts the span differently, its plan too (for
+    finding (k))."""
     a = study.span[0]
     rows = []
     with Progress("fusion variants", 2 * len(study.counts), "models") as bar:
@@ -90,8 +96,37 @@ def fusion_intensity(study: Study) -> list[dict]:
             for norm in ("fold", "last"):
                 row[norm] = study.scores(fuse(study.pre, groups, norm=norm), a)
                 bar.update()
+            cosine = study.cosine_plans[k]
+            if cosine != groups:
+                row["cosine_m_plan"] = {"groups": [list(g) for g in cosine], "groups_text": format_groups(cosine),
+                                        **study.scores(fuse(study.pre, cosine), a)}
             rows.append(row)
     return rows
+
+
+def planner_verdict(r: dict) -> Verdict | None:
+    if "plan_costs" not in r:
+        return None
+    rows = [row for row in by_steps(r) if "cosine_m_plan" in row]
+    planner = r["plan_costs"]["predictor"]
+    if not rows:
+        return Verdict("k", "the planner's predictor on held-out text", paper="the paper plans with cosine-M (§3)",
+                       here=f"{planner} and cosine-M cut the span the same way at every k", rule="-",
+                       verdict="not measured")
+    diffs = [difference(row["fold"], row["cosine_m_plan"]) for row in rows]
+    return Verdict(
+        "k", "the planner's predictor on held-out text",
+        paper="the paper cuts runs by its block dependency metric, cosine-M (§3); reffuse's planner uses the "
+              f"{planner}, chosen on the calibration-text damage of four regions (reffuse.method.predictors)",
+        here="; ".join(f"{row['steps']} steps: {planner} plan {row['groups_text']} KL {format_kl(row['fold']['kl'])}, "
+                       f"cosine-M plan {row['cosine_m_plan']['groups_text']} KL "
+                       f"{format_kl(row['cosine_m_plan']['kl'])}, difference {describe(d)}"
+                       for row, d in zip(rows, diffs)),
+        rule=f"our addition, at every k where the two plans differ: held if the {planner} plan has the resolved "
+             "lower KL at each; partly if at some and resolved higher at none; did not hold if resolved higher at "
+             "some and lower at none; else not resolved",
+        verdict=decide(all(lower(d) for d in diffs), any(lower(d) for d in diffs) and not any(higher(d) for d in diffs),
+                       any(higher(d) for d in diffs) and not any(lower(d) for d in diffs)))
 
 
 def intensity_verdict(r: dict) -> Verdict:
@@ -200,6 +235,94 @@ def calibration_verdict(r: dict) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (j) calibration at scale: more calibration text, residuals on held-out text
+
+
+def scale_plans(study: Study) -> list[int]:
+    """The plans of the scale study: the most steps and one step (the narrowest and the widest groups)."""
+    return sorted({max(study.counts), min(study.counts)}, reverse=True)
+
+
+def held_out_residual(study: Study, groups, fused, weighting: str) -> list[dict]:
+    """For each group: the relative residual ||H W^T - R||² / ||R||² of the plain and the calibrated
+    down-projection on the held-out streams entering the group in the pre-fusion model."""
+    plain = fuse(study.pre, groups)
+    rows = []
+    for group in groups:
+        index = fused_index(groups, group)
+        w0, w = plain.blocks[index].ffn.down, fused.blocks[index].ffn.down
+        errors, energy = np.zeros(2), 0.0
+        for window in study.prefix.streams:
+            h, target = collect(study.pre, group, plain.blocks[index].ffn, window[group[0]], weighting=weighting)
+            energy += float(np.sum(target * target))
+            errors += [float(np.sum((h @ np.asarray(down, dtype=np.float64).T - target) ** 2)) for down in (w0, w)]
+        rows.append({"group": list(group), "plain": errors[0] / energy, "calibrated": errors[1] / energy})
+    return rows
+
+
+def calibration_scale(study: Study, chosen: dict, sizes) -> dict:
+    """The plans of scale_plans calibrated on the first n calibration tokens for every n of `sizes`, with the
+    weighting and ridge of (g): held-out scores, and each group's residual on its own calibration tokens and on
+    held-out text."""
+    a = study.span[0]
+    text = study.texts.calibration_tokens(max(sizes))
+    rows = []
+    with Progress("calibration at scale", len(sizes) * len(scale_plans(study)), "fits") as bar:
+        for k in scale_plans(study):
+            for n in sizes:
+                windows = text.ids[:n // text.window]
+                calibrated, fits = calibrated_fuse(study.pre, study.plans[k], windows, ridge=chosen["ridge"],
+                                                   weighting=chosen["weighting"])
+                rows.append({"steps": k, "tokens": int(windows.size), **study.scores(calibrated, a),
+                             "fits": [f.as_dict() for f in fits],
+                             "held_out_residual": held_out_residual(study, study.plans[k], calibrated,
+                                                                    chosen["weighting"])})
+                bar.update()
+    return {"sizes": [int(n) for n in sizes], "ridge": chosen["ridge"], "weighting": chosen["weighting"],
+            "text": text.describe(), "rows": rows}
+
+
+def calibration_scale_verdict(r: dict) -> Verdict | None:
+    if "calibration_scale" not in r:
+        return None
+    scale = r["calibration_scale"]
+    plain = {row["steps"]: row["fold"] for row in r["intensity"]}
+    here, more_helps, worse_nll = [], [], []
+    for k in sorted({row["steps"] for row in scale["rows"]}, reverse=True):
+        rows = sorted((row for row in scale["rows"] if row["steps"] == k), key=lambda row: row["tokens"])
+        gain = difference(rows[-1], rows[0])
+        more_helps.append(gain)
+        parts = []
+        for row in rows:
+            nll = difference(row, plain[k], "nll")
+            if higher(nll):
+                worse_nll.append(f"{k} steps at {row['tokens']} tokens")
+            fit = np.mean([f["fit_error_calibrated"] for f in row["fits"]])
+            held = np.mean([g["calibrated"] for g in row["held_out_residual"]])
+            parts.append(f"{row['tokens']} tokens KL {format_kl(row['kl'])}, perplexity "
+                         f"{format_perplexity(row['perplexity'])} (plain {format_perplexity(plain[k]['perplexity'])}; "
+                         f"calibrated - plain NLL {describe(nll)}), residual {fit:.3f} on its calibration tokens, "
+                         f"{held:.3f} held-out")
+        held_plain = np.mean([g["plain"] for g in rows[0]["held_out_residual"]])
+        here.append(f"{k} steps (plain residual {held_plain:.3f} held-out): " + "; ".join(parts)
+                    + f"; {rows[-1]['tokens']} - {rows[0]['tokens']} tokens: {describe(gain)}")
+    return Verdict(
+        "j", "calibration at scale",
+        paper="not in the paper (it distils on billions of tokens)",
+        here="; ".join(here) + f"; weighting {scale['weighting']}, ridge {scale['ridge']:g}",
+        rule="our addition: held if the most calibration text gives a resolved lower KL than the least at every k "
+             "studied; partly if at some k and resolved higher at none; did not hold if resolved higher at some k "
+             "and lower at none; else not resolved. Every resolved rise of the held-out negative log-likelihood "
+             "over plain fusion is named in the note",
+        verdict=decide(all(lower(d) for d in more_helps),
+                       any(lower(d) for d in more_helps) and not any(higher(d) for d in more_helps),
+                       any(higher(d) for d in more_helps) and not any(lower(d) for d in more_helps)),
+        note=("calibration raised the held-out negative log-likelihood over plain fusion, resolved, at "
+              + ", ".join(worse_nll)) if worse_nll else
+             "calibration raised the held-out negative log-likelihood over plain fusion, resolved, nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # (b) FFN removal vs fusion at equal depth reduction
 
 
@@ -249,6 +372,87 @@ def removal_verdict(r: dict) -> Verdict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# (i) FFN removal vs fusion at equal latency, removal refitted as fusion is
+
+
+TP_HARDWARE = "h100-sxm-bf16"   # the cost model's GPU preset for the modelled tensor-parallel latency
+TP_CONTEXT = 1024               # cached positions of the modelled decode step
+
+
+def removal_counts(study: Study, removal: dict, chosen: dict) -> list[dict]:
+    """Removing 1 .. L-1 FFNs of the span (the least important first, as in (b)), each plain and with the refit
+    that calibrated fusion gets (reffuse.method.calibrate.calibrated_removal, the weighting and ridge of (g))."""
+    importance = {int(k): v for k, v in removal["ffn_scores"].items()}
+    a = study.span[0]
+    rows = []
+    with Progress("FFN removal, plain and refitted", study.length - 1, "models") as bar:
+        for count in range(1, study.length):
+            dropped = cheapest(importance, count)
+            refit, fits = calibrated_removal(study.pre, study.span, dropped, study.texts.calibration.ids,
+                                             ridge=chosen["ridge"], weighting=chosen["weighting"])
+            rows.append({"removed_count": count, "removed": dropped,
+                         "plain": study.scores(drop_ffns(study.pre, dropped), a),
+                         "refit": study.scores(refit, a), "refit_fits": [f.as_dict() for f in fits]})
+            bar.update()
+    return rows
+
+
+def modelled_latency(models: dict) -> dict:
+    """Each model's decode step by the cost model (reffuse.speed.costmodel) on TP_HARDWARE, at the largest
+    tensor-parallel degree up to 8 that every model's heads and widths allow, and at TP 1; milliseconds."""
+    hw = get_hardware(TP_HARDWARE)
+    layouts = {name: layout_from_model(model, fusion_groups=()) for name, model in models.items()}
+    tp = max(set.intersection(*(set(tensor_parallel_degrees(layout, 8)) for layout in layouts.values())))
+    return {"hardware": TP_HARDWARE, "tp": tp, "context": TP_CONTEXT,
+            "ms": {name: 1e3 * forward_cost(layout, hw, tp, 1, TP_CONTEXT).seconds for name, layout in layouts.items()},
+            "ms_tp1": {name: 1e3 * forward_cost(layout, hw, 1, 1, TP_CONTEXT).seconds
+                       for name, layout in layouts.items()}}
+
+
+def matched_removal(latency: dict, fused: str, counts) -> int:
+    """The removal count whose latency (ms) is nearest the fused model's; a tie goes to fewer FFNs removed."""
+    return min(counts, key=lambda c: (abs(latency[removed_name(c)] - latency[fused]), c))
+
+
+def equal_latency_verdict(r: dict) -> Verdict | None:
+    if "equal_latency" not in r:
+        return None
+    e = r["equal_latency"]
+    rows = {row["removed_count"]: row for row in e["removal"]}
+    modelled, cpu = e["modelled"]["ms"], {name: v["ms_per_token"] for name, v in r["decode"].items()}
+    here, plain, calibrated = [], [], []
+    for row in by_steps(r):
+        name = fused_name(row["steps"])
+        tp_match, cpu_match = matched_removal(modelled, name, rows), matched_removal(cpu, name, rows)
+        d, c = difference(row["fold"], rows[tp_match]["plain"]), difference(row["calibrated"], rows[tp_match]["refit"])
+        plain.append(d)
+        calibrated.append(c)
+        cpu_d = difference(row["fold"], rows[cpu_match]["plain"])
+        here.append(f"{row['steps']} steps ({modelled[name]:.3f} ms modelled) against {tp_match} FFNs removed "
+                    f"({modelled[removed_name(tp_match)]:.3f} ms): fusion - removal {describe(d)}, calibrated "
+                    f"fusion - refitted removal {describe(c)}; on this CPU ({cpu[name]:.2f} ms) against {cpu_match} "
+                    f"removed ({cpu[removed_name(cpu_match)]:.2f} ms): {describe(cpu_d)}")
+    return Verdict(
+        "i", "FFN removal vs fusion at equal latency",
+        paper="at a similar latency, fusion keeps more accuracy than removal (fusion step 3: -10% latency, -3.5% "
+              "accuracy; removing 15 FFNs: -7.5% latency, -5% accuracy)",
+        here=f"latency of a decode step modelled on {e['modelled']['hardware']} at TP {e['modelled']['tp']} "
+             f"(the largest degree up to 8 that every model's heads allow), context {e['modelled']['context']}; "
+             "each fused model against the removal whose latency is nearest: " + "; ".join(here),
+        rule="by the modelled latency: held if plain fusion has the resolved lower KL than its matched removal at "
+             "every k; partly if at some k, or calibrated fusion against refitted removal at every k, and removal "
+             "is resolved lower at none; did not hold if removal is resolved lower at some k and plain fusion at "
+             "none; else not resolved. The CPU match is reported, not judged: there fusion saves no time",
+        verdict=decide(all(lower(d) for d in plain),
+                       (any(lower(d) for d in plain) or all(lower(c) for c in calibrated))
+                       and not any(higher(d) for d in plain),
+                       any(higher(d) for d in plain) and not any(lower(d) for d in plain)),
+        note=f"plain fusion resolved lower at {sum(map(lower, plain))} of {len(plain)} k, removal at "
+             f"{sum(map(higher, plain))}; calibrated fusion resolved lower than refitted removal at "
+             f"{sum(map(lower, calibrated))}, higher at {sum(map(higher, calibrated))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # (c) the last FFN of the run
 
 
@@ -274,7 +478,8 @@ def last_ffn_verdict(r: dict) -> Verdict:
               "shifting the group by one to include it is worse than leaving it out",
         here="; ".join(f"{row['label']} ({row['group'][0]}-{row['group'][1]}) KL {format_kl(row['kl'])}"
                        for row in r["last_ffn"])
-             + "; leaving out the last FFN against " + "; ".join(f"{label}: {describe(d)}" for label, d in versus.items()),
+             + "; leaving out the last FFN against "
+             + "; ".join(f"{label}: {describe(d)}" for label, d in versus.items()),
         rule="held if leaving out the last FFN has a resolved lower KL than both other choices; partly if only "
              "than the whole run; did not hold if the whole run is resolved lower; else not resolved",
         verdict=decide(all(lower(d) for d in versus.values()), lower(whole), higher(whole)))
@@ -306,8 +511,8 @@ def reversed_verdict(r: dict) -> Verdict:
     margins = [REVERSED_MARGIN * row["fused"]["kl"] for row in r["reversed"]]
     inside = [all(-m <= bound <= m for bound in d["windows_interval_95"] + d["tokens_interval_95"])
               for d, m in zip(diffs, margins)]
-    outside = [all(abs(bound) > m and bound * d["mean"] > 0 for bound in d["windows_interval_95"] + d["tokens_interval_95"])
-               for d, m in zip(diffs, margins)]
+    outside = [all(abs(bound) > m and bound * d["mean"] > 0
+                   for bound in d["windows_interval_95"] + d["tokens_interval_95"]) for d, m in zip(diffs, margins)]
     return Verdict(
         "d", "reversed order vs fusion",
         paper="running a span's FFNs in reverse order costs about as much as fusing them (combined accuracy within "
@@ -347,7 +552,7 @@ def full_block(study: Study) -> dict:
                      "top1": scores["top1_agreement"], "kl_vs_original": scores["kl_from_reference"],
                      "per_token": scores["per_token"],
                      "sink_restored": sink_restored(prefix, pre, first, max(e for _, e in chosen) + 1, chosen,
-                                                    whole_blocks=True, per_token=True)})
+                                                    whole_blocks=True)})
     scan = cache_prefix(pre, study.texts.held_out.ids[:2])  # the first two held-out windows
     candidates = [w for w in window_statistics(block_M, WINDOW)
                   if math.isfinite(w["max"]) and all(eligible[w["first"]:w["last"] + 1])]
@@ -441,7 +646,8 @@ def predictor_verdict(r: dict) -> Verdict:
     best = max(correlations, key=lambda name: correlations[name]["spearman"])
 
     def interval(c):
-        return "no interval" if c["interval_95"] is None else f"[{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]"
+        low, high = c["interval_95"] or (None, None)
+        return "no interval" if low is None else f"[{low:+.2f}, {high:+.2f}]"
 
     low, high = cosine["interval_95"] or (float("nan"), float("nan"))
     return Verdict(
@@ -463,25 +669,44 @@ def predictor_verdict(r: dict) -> Verdict:
 
 
 def decode_latency(study: Study, intensity: list[dict], removal_rows: list[dict], decode_tokens: int,
-                   repeats: int) -> dict:
-    """Greedy decode of the original, the pre-fusion, every fused and every FFN-removed model, timed in
-    alternation in one run (reffuse.speed.bench.time_decode)."""
+                   repeats: int, removal_counts: list[dict] = ()) -> dict:
+    """Greedy decode of the original, the pre-fusion, every fused and every FFN-removed model (those of (b), and
+    of (i) when given), timed in alternation in one run (reffuse.speed.bench.decode_samples): the median and
+    the quartiles of the repeats, per token."""
     models = {"original": study.original, "pre-fusion": study.pre}
     for row in intensity:
         models[fused_name(row["steps"])] = fuse(study.pre, [tuple(g) for g in row["groups"]])
     for row in removal_rows:
         models[removed_name(row["depth_reduction"])] = drop_ffns(study.pre, row["removed"])
-    seconds, _ = time_decode({name: (lambda p, n, m=m: reffuse_decode(m, p, n)) for name, m in models.items()},
-                             prompt_ids(study.original, 32), decode_tokens, repeats)
-    return {name: {"ms_per_token": 1e3 * s / decode_tokens, "tokens_per_second": decode_tokens / s}
-            for name, s in seconds.items()}
+    for row in removal_counts:
+        models[removed_name(row["removed_count"])] = drop_ffns(study.pre, row["removed"])
+    seconds, _ = decode_samples({name: (lambda p, n, m=m: reffuse_decode(m, p, n)) for name, m in models.items()},
+                                prompt_ids(study.original, 32), decode_tokens, repeats)
+    result = {}
+    for name, samples in seconds.items():
+        q1, median, q3 = np.quantile(np.asarray(samples) * 1e3 / decode_tokens, [0.25, 0.5, 0.75])
+        result[name] = {"ms_per_token": float(median), "tokens_per_second": 1e3 / float(median),
+                        "ms_interquartile": [float(q1), float(q3)], "repeats": len(samples)}
+    return result
+
+
+def decoded_models(study: Study, removal_counts: list[dict]) -> dict:
+    """The models of (i) by name, for the cost model: pre-fusion, every fused plan and every removal count."""
+    models = {"pre-fusion": study.pre}
+    for k in study.counts:
+        models[fused_name(k)] = fuse(study.pre, study.plans[k])
+    for row in removal_counts:
+        models[removed_name(row["removed_count"])] = drop_ffns(study.pre, row["removed"])
+    return models
 
 
 # The rules in the order the report lists them.
 RULES = (intensity_verdict, removal_verdict, last_ffn_verdict, reversed_verdict, full_block_verdict,
-         fold_vs_last_verdict, calibration_verdict, predictor_verdict)
+         fold_vs_last_verdict, calibration_verdict, predictor_verdict, equal_latency_verdict,
+         calibration_scale_verdict, planner_verdict)
 
 
 def verdicts(r: dict) -> list[dict]:
-    """One entry per finding (a)-(h), by the rules above, from the run's JSON result."""
-    return [rule(r).as_dict() for rule in RULES]
+    """One entry per finding, by the rules above, from the run's JSON result: (a)-(h), and (i)-(k) where the run
+    measured them (runs made before they existed did not)."""
+    return [v.as_dict() for v in (rule(r) for rule in RULES) if v is not None]

@@ -28,6 +28,12 @@ def sink_variants(r: dict) -> list[tuple[str, str, dict]]:
         span = f"{row['span'][0]}-{row['span'][1]}"
         variants += [("d", f"{span} fused", row["fused"]), ("d", f"{span} reversed", row["reversed"])]
     variants += [("e", f"whole blocks, {row['steps']} step(s)", row) for row in r["full_block"]["rows"]]
+    variants += [("k", f"{row['steps']} steps, cosine-M's plan", row["cosine_m_plan"]) for row in r["intensity"]
+                 if "cosine_m_plan" in row]
+    for row in r.get("equal_latency", {}).get("removal", []):
+        variants += [("i", f"{row['removed_count']} FFNs removed, {kind}", row[kind]) for kind in ("plain", "refit")]
+    variants += [("j", f"{row['steps']} steps calibrated on {row['tokens']} tokens", row)
+                 for row in r.get("calibration_scale", {}).get("rows", [])]
     return [v for v in variants if "sink_restored" in v[2]]
 
 
@@ -60,6 +66,116 @@ def sink_section(r: dict) -> list[str]:
                 cells = ["" if matrix[i][j] is None else f"{matrix[i][j]:.3f}" for j in range(1, size)]
                 lines.append(f"| {a + i} | " + " | ".join(cells) + " |")
             lines.append("")
+    return lines
+
+
+def planner_section(r: dict) -> list[str]:
+    """(k): the planner's plans against cosine-M's where the two cut the span differently."""
+    if "plan_costs" not in r:
+        return []
+    costs = r["plan_costs"]
+    a = costs["blocks"][0]
+    lines = ["", "## (k) The planner's predictor against cosine-M", "",
+             f"The planner's cost, the {costs['predictor']} of each adjacent pair (KL of fusing FFNs i, i+1 alone, "
+             f"{costs['tokens']} calibration tokens): "
+             + ", ".join(f"{a + i}-{a + i + 1} {format_kl(costs['matrix'][i][i + 1])}"
+                         for i in range(len(costs["matrix"]) - 1)) + ".", ""]
+    rows = [row for row in sorted(r["intensity"], key=lambda row: -row["steps"]) if "cosine_m_plan" in row]
+    if not rows:
+        return lines + ["Cosine-M cuts the span the same way at every k."]
+    lines += ["| steps | planner's groups | KL | cosine-M's groups | KL |", "|---:|---|---:|---|---:|"]
+    for row in rows:
+        lines.append(f"| {row['steps']} | {row['groups_text']} | {format_kl(row['fold']['kl'])} | "
+                     f"{row['cosine_m_plan']['groups_text']} | {format_kl(row['cosine_m_plan']['kl'])} |")
+    return lines
+
+
+def equal_latency_section(r: dict) -> list[str]:
+    """(i): every removal count, plain and refitted, with its modelled and measured decode latency."""
+    if "equal_latency" not in r:
+        return []
+    e, lat = r["equal_latency"], r["decode"]
+    modelled = e["modelled"]
+    lines = ["", "## (i) FFN removal vs fusion at equal latency", "",
+             f"Every count of the span's FFNs removed (least important first), plain and with the refit calibrated "
+             f"fusion gets (each kept FFN's down-projection fitted to the sequential update of the blocks it stands "
+             f"for). Decode latency per token: modelled by the cost model on {modelled['hardware']} at TP "
+             f"{modelled['tp']} and TP 1 (context {modelled['context']}), and measured on this CPU (median and "
+             f"interquartile range of {lat['pre-fusion'].get('repeats', '?')} repeats, models in alternation).", "",
+             f"| model | KL | perplexity | refitted: KL | refitted perplexity | TP {modelled['tp']} ms | TP 1 ms | "
+             "CPU ms (IQR) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cpu(name):
+        v = lat[name]
+        spread = f" ({v['ms_interquartile'][0]:.2f}-{v['ms_interquartile'][1]:.2f})" if "ms_interquartile" in v else ""
+        return f"{v['ms_per_token']:.2f}{spread}"
+
+    lines.append(f"| pre-fusion | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | - | - | "
+                 f"{modelled['ms']['pre-fusion']:.3f} | {modelled['ms_tp1']['pre-fusion']:.3f} | {cpu('pre-fusion')} |")
+    for row in sorted(r["intensity"], key=lambda row: -row["steps"]):
+        name = fused_name(row["steps"])
+        lines.append(f"| {name} ({row['groups_text']}) | {format_kl(row['fold']['kl'])} | "
+                     f"{format_perplexity(row['fold']['perplexity'])} | {format_kl(row['calibrated']['kl'])} "
+                     f"(calibrated) | {format_perplexity(row['calibrated']['perplexity'])} | {modelled['ms'][name]:.3f} "
+                     f"| {modelled['ms_tp1'][name]:.3f} | {cpu(name)} |")
+    for row in e["removal"]:
+        name = removed_name(row["removed_count"])
+        lines.append(f"| {name} ({','.join(map(str, row['removed']))}) | {format_kl(row['plain']['kl'])} | "
+                     f"{format_perplexity(row['plain']['perplexity'])} | {format_kl(row['refit']['kl'])} | "
+                     f"{format_perplexity(row['refit']['perplexity'])} | {modelled['ms'][name]:.3f} | "
+                     f"{modelled['ms_tp1'][name]:.3f} | {cpu(name)} |")
+    return lines
+
+
+def calibration_scale_section(r: dict) -> list[str]:
+    """(j): each plan calibrated on more and more text, with its residuals."""
+    if "calibration_scale" not in r:
+        return []
+    scale = r["calibration_scale"]
+    lines = ["", "## (j) Calibration at scale", "",
+             f"The plans calibrated on the first {', '.join(map(str, scale['sizes']))} calibration tokens (weighting "
+             f"{scale['weighting']}, ridge {scale['ridge']:g}, as chosen for (g)). Residual: ||H W^T - R||² / ||R||² "
+             "of the fused down-projection against the sequential run's update, mean over the groups, on the "
+             "tokens it was fitted on and on the held-out streams entering each group in the pre-fusion model "
+             "(plain fusion's in brackets).", "",
+             "| steps | calibration tokens | KL | perplexity | residual, fitted tokens | residual, held-out (plain) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for row in scale["rows"]:
+        fitted = sum(f["fit_error_calibrated"] for f in row["fits"]) / len(row["fits"])
+        held = sum(g["calibrated"] for g in row["held_out_residual"]) / len(row["held_out_residual"])
+        plain = sum(g["plain"] for g in row["held_out_residual"]) / len(row["held_out_residual"])
+        lines.append(f"| {row['steps']} | {row['tokens']} | {format_kl(row['kl'])} | "
+                     f"{format_perplexity(row['perplexity'])} | {fitted:.3f} | {held:.3f} ({plain:.3f}) |")
+    return lines
+
+
+def text_kind_section(r: dict) -> list[str]:
+    """The main variants' KL on each kind of held-out text (drama, verse) and on each text, from the per-window
+    values: whether a finding rests on one kind."""
+    spans = r["texts"]["held_out"]["spans"]
+    window = r["texts"]["held_out"]["window"]
+    if len({s.get("kind", "drama") for s in spans}) < 2:
+        return []
+    owner = [s for s in spans for _ in range(s["tokens"] // window)]   # the text of each window, in order
+    kinds = sorted({s["kind"] for s in spans})
+
+    def mean_by(scores, key):
+        sums, counts = {}, {}
+        for span, kl in zip(owner, scores["per_token"]["kl"]):
+            sums[key(span)] = sums.get(key(span), 0.0) + sum(kl)
+            counts[key(span)] = counts.get(key(span), 0) + len(kl)
+        return {k: sums[k] / counts[k] for k in sums}
+
+    variants = [(f"{row['steps']} steps, {kind}", row[kind]) for row in sorted(r["intensity"], key=lambda x: -x["steps"])
+                for kind in ("fold", "calibrated")]
+    variants += [(f"{row['depth_reduction']} FFNs removed", row) for row in r["removal"]["rows"]]
+    lines = ["", "## Held-out text by kind", "",
+             "Each variant's KL on each kind of held-out text (the mean over its predictions), from the per-window "
+             "values; the texts: " + "; ".join(f"{s['title']} ({s['kind']}, {s['tokens']} tokens)" for s in spans)
+             + ".", "", "| variant | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for name, scores in variants:
+        by_kind = mean_by(scores, lambda span: span["kind"])
+        lines.append(f"| {name} | " + " | ".join(format_kl(by_kind[k]) for k in kinds) + " |")
     return lines
 
 
@@ -116,9 +232,13 @@ def markdown(r: dict, command: str) -> str:
                      f"({v['rule']}{note}) |")
 
     header = "| KL | perplexity | top-1 | KL vs original | sink norm |"
+    planner = r.get("plan_costs", {}).get("predictor", "cosine-M")
+    cut = ("least FFN-level dependency stays inside the groups" if planner == "cosine-M" else
+           f"the least {planner} stays inside the groups (the KL of fusing each adjacent pair alone, on "
+           f"{r['plan_costs']['tokens']} calibration tokens; reffuse.method.planning says why this predictor)")
     lines += ["", "## (a) Fusion intensity, (f) fold vs last, (g) calibrated", "",
               f"The span {span[0]}-{span[1]} ({span[1] - span[0] + 1} FFNs) as k sequential steps, cut where the "
-              "least FFN-level dependency stays inside the groups.", "",
+              f"{cut}.", "",
               "| steps | groups | plain fusion: KL | perplexity | top-1 | KL vs original | sink norm | norm last: KL | "
               "calibrated: KL | calibrated perplexity | gap closed |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -161,6 +281,7 @@ def markdown(r: dict, command: str) -> str:
         lines.append(f"| removed FFNs {','.join(map(str, removal_row['removed']))} | {removal_row['depth_reduction']}"
                      f" | {row_scores(removal_row)} | {removed_ms:.2f} | {100 * (removed_ms / base_ms - 1):+.1f}% |")
 
+    lines += planner_section(r) + equal_latency_section(r) + calibration_scale_section(r) + text_kind_section(r)
     lines += ["", "## (c) The last FFN", "", "| group | " + header[1:], "|---|---:|---:|---:|---:|---:|"]
     for row in r["last_ffn"]:
         lines.append(f"| {row['label']}: {row['group'][0]}-{row['group'][1]} | {row_scores(row)} |")

@@ -42,8 +42,9 @@ import time
 
 import numpy as np
 
-from reffuse.experiments.findings import (calibration, decode_latency, ffn_removal, full_block, fusion_intensity,
-                                          last_ffn, predictor_comparison, reversed_order, verdicts)
+from reffuse.experiments.findings import (calibration, calibration_scale, decode_latency, decoded_models, ffn_removal,
+                                          full_block, fusion_intensity, last_ffn, modelled_latency,
+                                          predictor_comparison, removal_counts, reversed_order, verdicts)
 from reffuse.experiments.study import DEFINITIONS, prepare_study, step
 from reffuse.files import checkout_root
 from reffuse.formats.registry import load_model
@@ -70,12 +71,16 @@ def rules_provenance() -> dict:
             "committed_at": commit[1] if len(commit) > 1 else None, "uncommitted_changes": changed}
 
 
-def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_tokens: int = 2048,
+SCALE_TOKENS = (2048, 8192, 32768)   # calibration text of finding (j)
+
+
+def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_tokens: int = 16384,
                     calibration_tokens: int = 2048, scoring_tokens: int = 256, dependency_tokens: int = 128,
-                    window: int = 256, decode_tokens: int = 32, repeats: int = 5, threads: int | None = None,
-                    region_rank: int = 1) -> dict:
+                    window: int = 256, decode_tokens: int = 32, repeats: int = 15, threads: int | None = None,
+                    region_rank: int = 1, scale_tokens=SCALE_TOKENS) -> dict:
     """Every experiment of the module docstring; a JSON-ready dict. region_rank: which attention-removal region,
-    1 the cheapest window of drop_count blocks, 2 the next, ... (replications on other regions)."""
+    1 the cheapest window of drop_count blocks, 2 the next, ... (replications on other regions); scale_tokens:
+    the calibration text sizes of finding (j)."""
     started = time.perf_counter()
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     result = {"model": model_name, "definitions": DEFINITIONS, "rules": rules_provenance(),
@@ -85,7 +90,8 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
               "settings": {"drop_count": drop_count, "held_out_tokens": held_out_tokens,
                            "calibration_tokens": calibration_tokens, "scoring_tokens": scoring_tokens,
                            "dependency_tokens": dependency_tokens, "window": window, "decode_tokens": decode_tokens,
-                           "repeats": repeats, "region_rank": region_rank}}
+                           "repeats": repeats, "region_rank": region_rank,
+                           "scale_tokens": [int(n) for n in scale_tokens]}}
     with blas_threads(threads):
         original = load_model(model_name)
         result["model_name"] = original.config.name
@@ -100,16 +106,24 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
         step(5, "(g) calibrated fusion: weighting and ridge chosen on validation calibration text, then every k")
         result["calibration"] = calibration(study, intensity)
         result["intensity"] = intensity
-        step(6, "(b) FFN removal at equal depth reduction")
+        chosen = {"ridge": result["calibration"]["ridge"], "weighting": result["calibration"]["weighting"]}
+        step(6, f"(j) calibration on {', '.join(map(str, scale_tokens))} tokens")
+        result["calibration_scale"] = calibration_scale(study, chosen, scale_tokens)
+        step(7, "(b, i) FFN removal at equal depth reduction; every removal count, plain and refitted")
         result["removal"] = ffn_removal(study, intensity)
-        step(7, "(c) last FFN, (d) reversed order, (e) full-block parallelization")
+        counts = removal_counts(study, result["removal"], chosen)
+        result["equal_latency"] = {"removal": counts}
+        step(8, "(c) last FFN, (d) reversed order, (e) full-block parallelization")
         result["last_ffn"] = last_ffn(study)
         result["reversed"] = reversed_order(study)
         result["full_block"] = full_block(study)
-        step(8, "(h) predictors of fusion damage against every group of the span")
+        step(9, "(h) predictors of fusion damage against every group of the span")
         result["predictors"] = predictor_comparison(study)
-        step(9, f"decode latency of {2 + 2 * len(study.counts)} models, in alternation")
-        result["decode"] = decode_latency(study, intensity, result["removal"]["rows"], decode_tokens, repeats)
+        step(10, f"decode latency of {2 + len(study.counts) + len(counts)} models, in alternation; the same "
+                 "modelled on a GPU")
+        result["decode"] = decode_latency(study, intensity, result["removal"]["rows"], decode_tokens, repeats,
+                                          counts)
+        result["equal_latency"]["modelled"] = modelled_latency(decoded_models(study, counts))
     result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["seconds"] = time.perf_counter() - started
     result["verdicts"] = verdicts(result)

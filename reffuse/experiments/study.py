@@ -24,7 +24,7 @@ from reffuse.progress import note
 
 WINDOW = 4        # full-block windows (the paper's hardware choice)
 MAX_STEPS = 4     # greedy full-block steps, as the paper's Table 7
-STEPS = 9         # the numbered steps `run_experiments` reports as it goes
+STEPS = 10        # the numbered steps `run_experiments` reports as it goes
 
 DEFINITIONS = {
     "kl": "mean over held-out predictions of KL(reference || variant) of the next-token distributions, nats",
@@ -121,6 +121,7 @@ class Study:
     scoring_tokens: int
     dependency_tokens: int
     window: int
+    cosine_plans: dict           # the same cut by cosine-M, the paper's metric, to test the planner's choice
 
     @property
     def span(self) -> tuple[int, int]:
@@ -143,7 +144,7 @@ class Study:
                 "kl_vs_original": s["kl_from_reference"], "top1_vs_original": s["top1_agreement_reference"],
                 "sink_norm": sink_norm(variant, int(self.prefix.windows[0][0]), self.region[1] + 1),
                 "per_token": s["per_token"],
-                "sink_restored": sink_restored(self.prefix, variant, first, self.region[1] + 1, per_token=True)}
+                "sink_restored": sink_restored(self.prefix, variant, first, self.region[1] + 1)}
 
 
 def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens: int, dependency_tokens: int,
@@ -185,6 +186,7 @@ def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens
     counts = sorted({math.ceil(length / 2), *range(1, math.ceil(length / 2) + 1)}, reverse=True)
     plans = {k: propose_groups(pre, costs, groups_per_run=k, runs=[(a, b)], predictor=PLANNER_PREDICTOR).groups
              for k in counts}
+    cosine_plans = {k: propose_groups(pre, M, groups_per_run=k, runs=[(a, b)]).groups for k in counts}
     return Study(original, pre, texts, (a, b), prefix, original_prefix, M, first_token, plans, scoring_tokens,
-                 dependency_tokens, window)
+                 dependency_tokens, window, cosine_plans)
 

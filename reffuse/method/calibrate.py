@@ -30,7 +30,12 @@ DEFAULT_RIDGE and DEFAULT_WEIGHTING were chosen together on a validation part of
 
 Groups are calibrated in order, each on the stream that the already calibrated groups before it produce. The
 target of each is still its own run's sequential update on that stream, R = f_last(...f_first(x)) - x: a later
-group is fitted where the earlier ones leave the stream, but it is not asked to undo their error. Calibration text must not overlap the held-out text
+group is fitted where the earlier ones leave the stream, but it is not asked to undo their error.
+
+The same refit for FFN removal (`calibrated_removal`), so that the baseline gets what fusion gets: each removed
+FFN joins the nearest kept FFN of the span before it (or after it, at the span's start), and that kept FFN's
+down-projection is refitted, with the same target, ridge and weighting, to reproduce the sequential update of
+the blocks it now stands for; only its own hidden units are features (Σdh = dh). Calibration text must not overlap the held-out text
 the result is evaluated on; `reffuse fuse`, `demo` and `experiments` take both from disjoint corpus splits.
 """
 
@@ -238,6 +243,34 @@ def calibrated_fuse(model: Model, groups, windows, norm: str = "fold", ridge: fl
         return FFN(ffn.norm_gain, ffn.gate, ffn.up, array_module(ffn.down).asarray(down, dtype=ffn.down.dtype)), report
 
     return fuse_group_by_group(model, groups, windows, norm, refit, progress)
+
+
+def removal_groups(span: tuple[int, int], removed) -> list[tuple[tuple[int, int], int]]:
+    """(group, kept block) for FFN removal inside `span`: each kept FFN with the removed ones after it up to the
+    next kept one; removed FFNs before the span's first kept one join that one."""
+    first, last = span
+    removed = set(removed)
+    kept = [k for k in range(first, last + 1) if k not in removed]
+    if not kept or not removed <= set(range(first, last + 1)):
+        raise ReffuseError(f"FFN removal {sorted(removed)} must leave at least one FFN of the span {first}-{last} "
+                           "and lie inside it")
+    bounds = [first] + kept[1:] + [last + 1]
+    return [((start, end - 1), k) for start, end, k in zip(bounds, bounds[1:], kept) if end - 1 > start]
+
+
+def calibrated_removal(model: Model, span: tuple[int, int], removed, windows, ridge: float = DEFAULT_RIDGE,
+                       chunk: int = 512, weighting: str = DEFAULT_WEIGHTING) -> tuple[Model, list[GroupCalibration]]:
+    """The FFNs `removed` of the attention-free `span` removed, each kept FFN that absorbs some refitted to
+    reproduce the sequential update of its group (see the module doc): the model, one block per group."""
+    pairs = removal_groups(span, removed)
+    kept = dict(pairs)
+
+    def refit(group, _fused_ffn, streams):
+        ffn = model.blocks[kept[group]].ffn
+        down, report = refit_down(model, group, ffn, streams, ridge, chunk, weighting)
+        return FFN(ffn.norm_gain, ffn.gate, ffn.up, array_module(ffn.down).asarray(down, dtype=ffn.down.dtype)), report
+
+    return fuse_group_by_group(model, [g for g, _ in pairs], windows, "fold", refit)
 
 
 def fuse_group_by_group(model: Model, groups, windows, norm: str, fit, progress=None) -> tuple[Model, list]:

@@ -90,6 +90,13 @@ class Texts:
                  f"of {available}")
         return TokenWindows(ids, self.calibration.spans, split)
 
+    def calibration_tokens(self, n_tokens: int) -> TokenWindows:
+        """The first n_tokens of the calibration split in windows of self.window (self.calibration is their
+        beginning when n_tokens is at least as many)."""
+        if self.synthetic:
+            return synthetic_windows(self.model, "calibration", self.window, n_tokens)
+        return calibration_windows(self.tokenizer, self.window, n_tokens)
+
     def describe(self) -> dict:
         return {"synthetic": self.synthetic, "calibration": self.calibration.describe(),
                 "held_out": self.held_out.describe(),

@@ -55,16 +55,26 @@ def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
     out = tmp_path / "experiments"
     assert main(["experiments", "--model", "tiny", "--out", str(out), "--held-out-tokens", "256",
                  "--calibration-tokens", "1024", "--scoring-tokens", "64", "--dependency-tokens", "64",
-                 "--window", "64", "--decode-tokens", "4", "--repeats", "1"]) == 0
+                 "--window", "64", "--decode-tokens", "4", "--repeats", "2", "--scale-tokens", "256,1024"]) == 0
     result = json.loads((out / "experiments.json").read_text())
-    assert {v["finding"] for v in result["verdicts"]} == set("abcdefgh") and len(result["verdicts"]) == len(RULES)
+    assert [v["finding"] for v in result["verdicts"]] == list("abcdefghijk") and len(result["verdicts"]) == len(RULES)
     assert all(v["verdict"] in ("held", "partly held", "did not hold", "not resolved", "not measured")
                for v in result["verdicts"])
     first, last = result["span"]
     one_step = next(row for row in result["intensity"] if row["steps"] == 1)
     assert one_step["groups"] == [[first, last]]                       # one step: the whole span in one group
     assert all(row["fold"]["kl"] >= 0 and row["calibrated"]["kl"] >= 0 for row in result["intensity"])
-    assert len(result["decode"]) == 2 + 2 * len(result["intensity"])  # original, pre-fusion, fused and removed
+    # original, pre-fusion, fused, and every count of removed FFNs (those of (b) among them)
+    removals = result["equal_latency"]["removal"]
+    assert len(result["decode"]) == 2 + len(result["intensity"]) + len(removals) == 2 + 4 + (last - first)
+    assert all(len(v["ms_interquartile"]) == 2 and v["repeats"] == 2 for v in result["decode"].values())
+    assert [row["removed_count"] for row in removals] == list(range(1, last - first + 1))
+    assert all(row["refit"]["kl"] >= 0 and row["refit_fits"] for row in removals)
+    assert set(result["equal_latency"]["modelled"]["ms"]) == {"pre-fusion"} | {
+        name for name in result["decode"] if name != "original"}
+    scale = result["calibration_scale"]
+    assert [row["tokens"] for row in scale["rows"]] == [256, 1024] * 2 and scale["sizes"] == [256, 1024]
+    assert all(0 <= g["calibrated"] for row in scale["rows"] for g in row["held_out_residual"])
     assert (out / "README.md").read_text().startswith("# FFN Fusion experiments at small scale")
 
 
@@ -72,7 +82,7 @@ def test_the_study_replicated_over_two_regions(tmp_path):
     out = tmp_path / "regions"
     assert main(["experiments", "--model", "tiny", "--regions", "2", "--out", str(out), "--held-out-tokens", "128",
                  "--calibration-tokens", "1024", "--scoring-tokens", "64", "--dependency-tokens", "64",
-                 "--window", "64", "--decode-tokens", "2", "--repeats", "1"]) == 0
+                 "--window", "64", "--decode-tokens", "2", "--repeats", "1", "--scale-tokens", "256,512"]) == 0
     summary = json.loads((out / "regions.json").read_text())
     first, second = (json.loads((out / f"region-{k}" / "experiments.json").read_text()) for k in (1, 2))
     assert [r["rank"] for r in summary["regions"]] == [1, 2]

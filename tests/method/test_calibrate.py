@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.method.calibrate import (MIN_CALIBRATION_TOKENS, RunStatistics, calibrated_fuse, fit_error, fused_index,
-                                      refit_down, relative_fit_error, solve_down, solve_down_dual)
+from reffuse.method.calibrate import (MIN_CALIBRATION_TOKENS, RunStatistics, calibrated_fuse, calibrated_removal,
+                                      fit_error, fused_index, refit_down, relative_fit_error, removal_groups,
+                                      solve_down, solve_down_dual)
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
 from reffuse.core.fusion import fuse
+from reffuse.method.removal import drop_ffns
 from reffuse.core.model import FFN, Block, Model, forward, rope_for, run_blocks
 from reffuse.core.tiny import build_tiny
 
@@ -138,3 +140,26 @@ def test_relative_weighting_fits_and_bad_weighting_is_refused(tiny64):
     assert fits[0].fit_error_calibrated < 0.1 * fits[0].fit_error_plain  # errors in the weighted norm
     with pytest.raises(ReffuseError, match="weighting 'loud' is not one of none, relative"):
         calibrated_fuse(tiny64, [(4, 9)], windows, weighting="loud")
+
+
+def test_removal_groups_give_each_removed_ffn_to_a_kept_one():
+    assert removal_groups((4, 9), [5, 6]) == [((4, 6), 4)]
+    assert removal_groups((4, 9), [4, 9]) == [((4, 5), 5), ((8, 9), 8)]       # the span's first joins the next kept
+    assert removal_groups((4, 9), []) == []
+    with pytest.raises(ReffuseError, match="at least one FFN"):
+        removal_groups((4, 6), [4, 5, 6])
+    with pytest.raises(ReffuseError, match="inside it"):
+        removal_groups((4, 6), [7])
+
+
+def test_refitted_removal_is_plain_removal_under_a_huge_ridge_and_fits_better_with_a_small_one(tiny64):
+    windows = calibration_ids()
+    removed = [5, 6, 9]
+    plain = drop_ffns(tiny64, removed)
+    huge, _ = calibrated_removal(tiny64, (4, 9), removed, windows, ridge=1e12)
+    ids = windows[0]
+    np.testing.assert_allclose(forward(huge, ids), forward(plain, ids), rtol=1e-6, atol=1e-9)
+    refit, fits = calibrated_removal(tiny64, (4, 9), removed, windows, ridge=1e-3)
+    assert [f.group for f in fits] == [(4, 6), (8, 9)]
+    assert all(f.fit_error_calibrated < f.fit_error_plain for f in fits)
+    assert evaluate(refit, windows, tiny64)["kl_from_base"] < evaluate(plain, windows, tiny64)["kl_from_base"]
