@@ -29,7 +29,7 @@
 #
 # The paper's baseline for step 2 is **FFN removal**: reduce the depth by the same number of sequential steps by
 # dropping the least important FFNs instead. We run every step on SmolLM2 with few tokens, so everything is
-# measured live; quality is always judged on **held-out** text (Hamlet), and everything chosen or fitted uses
+# measured live; quality is always judged on **held-out** text (other plays), and everything chosen or fitted uses
 # **calibration** text (other plays). The committed `reffuse experiments` report repeats this at a larger scale,
 # with decode latency measured; we read its findings at the end. Runs in about ten seconds.
 

@@ -20,8 +20,8 @@ With --regions N the whole study is replicated over N attention-removal regions 
 blocks), each region's report in its own folder and a table of the findings across them beside.
 
 examples:
-  reffuse experiments --out reports/experiments/smollm2_16k
-  reffuse experiments --regions 4 --held-out-tokens 2048 --out out/experiments
+  reffuse experiments --out reports/experiments/smollm2
+  reffuse experiments --regions 4 --held-out-tokens 2048 --out reports/experiments/smollm2_regions
   reffuse experiments --held-out-tokens 2048 --scale-tokens 2048,8192 --out out/experiments
   reffuse experiments --model tiny --drop-attention-count 2 --out /tmp/experiments-tiny
 """

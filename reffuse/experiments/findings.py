@@ -1,4 +1,4 @@
-"""The findings (a)-(h) of `reffuse experiments`, each as the function that measures it on a Study and, beside
+"""The findings (a)-(k) of `reffuse experiments`, each as the function that measures it on a Study and, beside
 it, the rule that turns the measurement into a verdict against the paper's observation.
 
 A measurement returns the JSON-ready value stored under its key of the run's result; a rule reads only that

@@ -345,7 +345,7 @@ def regions_markdown(summary: dict, command: str, minutes: float) -> str:
              "Produced by:", "", f"    {command}", "",
              f"{minutes:.1f} minutes on this machine in all. Region k removes the attention of the window of "
              "consecutive blocks with the k-th least summed single-removal score (the cheapest windows, which "
-             "overlap); each region is a full run of (a)-(h), its report and JSON in `region-k/`.", "",
+             "overlap); each region is a full run of (a)-(k), its report and JSON in `region-k/`.", "",
              rules_line(summary.get("rules")), "",
              "| finding | " + " | ".join(f"[region {r['rank']}](region-{r['rank']}/README.md): attention removed "
                                           f"{r['attention_removed']}, span {r['span'][0]}-{r['span'][1]}"

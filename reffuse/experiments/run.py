@@ -26,7 +26,19 @@ accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL 
     of it;
 (h) which predictor ranks fusion damage: every contiguous group of the span fused alone, its KL on calibration
     text against the predictors of reffuse.method.predictors (cosine-M with and without the sink, neighbour
-    damage, block influence, angular distance, the first-order error term), by rank correlation.
+    damage, block influence, angular distance, the first-order error term), by rank correlation;
+(i) FFN removal vs fusion at equal latency, as the paper compares them: every count of the span's FFNs removed,
+    plain and refitted as calibrated fusion is (reffuse.method.calibrate.calibrated_removal); each fused model
+    against the removal whose decode latency is nearest, modelled on a GPU by reffuse.speed.costmodel at the
+    largest tensor-parallel degree up to 8 the heads allow, and measured on this CPU (15 repeats, quartiles);
+(j) calibration at scale: the most-steps and the one-step plans calibrated on 2k, 8k and 32k calibration
+    tokens, with each group's residual on its own tokens and on held-out text;
+(k) the planner's predictor: where the neighbour damage and cosine-M cut the span differently, both plans on
+    held-out text.
+
+The plans of (a) come from reffuse's planner (reffuse.method.planning), which cuts the span where the neighbour
+damage is least; the held-out text is 16384 tokens by default, dealt over eight plays and the Sonnets
+(reffuse.formats.corpus), and the report gives the main variants' KL on each kind of text.
 
 Variants are scored from cached prefix streams (reffuse.evaluation.prefix): the blocks before the first change never run
 twice. Each finding is measured by its function in `findings`, beside the rule that gives its verdict against the

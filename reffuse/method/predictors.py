@@ -23,7 +23,7 @@ The planner's predictor. `choose_predictor` applies one rule to the groups of se
 predictor, its rank correlation minus cosine-M's, averaged over the regions, with a 95% paired bootstrap interval
 (the groups of each region resampled, the same draw for both predictors); the planner takes the predictor with
 the highest mean correlation among those whose lead over cosine-M is resolved (interval above 0), and cosine-M
-when none is. On the four regions of the committed SmolLM2 experiments (reports/experiments/smollm2) the rule
+when none is. On the four regions of the committed SmolLM2 experiments (reports/experiments/smollm2_regions) the rule
 picks the neighbour damage: +0.105 [+0.031, +0.212] over cosine-M (tests recompute it from the committed JSON).
 That comparison chose the planner, so it cannot test it; later runs, on other text, do. The neighbour damage is
 also the only predictor that sees the attention sink's channel, since it is a KL over every token.

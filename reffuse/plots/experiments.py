@@ -1,5 +1,5 @@
 """Figures of `reffuse experiments` (reffuse.experiments.run), drawn from its JSON so they can be redrawn from the
-committed reports/experiments/smollm2/region-*/experiments.json without measuring again.
+committed reports/experiments/smollm2/experiments.json (and smollm2_regions/region-*/) without measuring again.
 
 - fusion intensity (the paper's Table 4 as a plot): KL to the pre-fusion model and perplexity against the number
   of sequential FFN steps left in the span, for plain fusion (fold, last) and calibrated fusion; KL with its 95%

@@ -14,24 +14,39 @@ from reffuse.experiments.findings import RULES, by_steps, verdicts
 from reffuse.experiments.report import markdown, regions_markdown
 from reffuse.experiments.run import region_summary
 
-REPORT = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2"
-COMMITTED = REPORT / "region-1" / "experiments.json"
+REPORTS = Path(__file__).resolve().parents[2] / "reports" / "experiments"
+REPORT = REPORTS / "smollm2"            # the main run: region 1 on 16384 held-out tokens
+REGIONS = REPORTS / "smollm2_regions"   # the replication over four regions
+COMMITTED = REPORT / "experiments.json"
 
 
 def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_the_code():
-    summary = json.loads((REPORT / "regions.json").read_text())
-    results = [json.loads((REPORT / f"region-{r['rank']}" / "experiments.json").read_text())
+    result = json.loads(COMMITTED.read_text())
+    assert verdicts(result) == result["verdicts"]
+    assert markdown(result, result["command"]) == (REPORT / "README.md").read_text()
+    assert [v["finding"] for v in result["verdicts"]] == list("abcdefghijk")
+    # the rules were committed before the run and unchanged while it ran
+    assert result["rules"]["commit"] and result["rules"]["uncommitted_changes"] is False
+    summary = json.loads((REGIONS / "regions.json").read_text())
+    results = [json.loads((REGIONS / f"region-{r['rank']}" / "experiments.json").read_text())
                for r in summary["regions"]]
     assert len(results) == 4
-    for result in results:
-        assert verdicts(result) == result["verdicts"]
-        assert markdown(result, result["command"]) == (REPORT / f"region-{result['settings']['region_rank']}" /
+    for region in results:
+        assert verdicts(region) == region["verdicts"]
+        assert markdown(region, region["command"]) == (REGIONS / f"region-{region['settings']['region_rank']}" /
                                                        "README.md").read_text()
-        assert [v["finding"] for v in result["verdicts"]] == list("abcdefgh")
+        assert [v["finding"] for v in region["verdicts"]] == list("abcdefghijk")
     assert region_summary(results) | {"command": summary["command"], "seconds": summary["seconds"]} == summary
-    assert regions_markdown(summary, summary["command"], summary["seconds"] / 60) == (REPORT / "README.md").read_text()
-    # the rules were committed before the run and unchanged while it ran
+    assert regions_markdown(summary, summary["command"], summary["seconds"] / 60) == (REGIONS / "README.md").read_text()
     assert summary["rules"]["commit"] and summary["rules"]["uncommitted_changes"] is False
+
+
+def test_the_main_run_is_judged_on_16k_held_out_tokens_of_two_kinds_of_text_from_their_first_scene():
+    held_out = json.loads(COMMITTED.read_text())["texts"]["held_out"]
+    spans = held_out["spans"]
+    assert held_out["tokens"] >= 16384 and len(spans) == 9
+    assert {s["kind"] for s in spans} == {"drama", "verse"}
+    assert all(s["start"] > 0 for s in spans)      # the title pages and lists of persons are left out
 
 
 def test_one_interval_recomputed_from_the_committed_per_token_values():
@@ -42,7 +57,7 @@ def test_one_interval_recomputed_from_the_committed_per_token_values():
     x, y = rows[-1]["fold"], rows[0]["fold"]
     diffs = [np.array(a) - np.array(b) for a, b in zip(x["per_token"]["kl"], y["per_token"]["kl"])]
     sums, counts = np.array([d.sum() for d in diffs]), np.array([d.size for d in diffs])
-    assert sums.sum() / counts.sum() == pytest.approx(x["kl"] - y["kl"], rel=1e-4)  # per-token values: 6 digits
+    assert sums.sum() / counts.sum() == pytest.approx(x["kl"] - y["kl"], rel=1e-4)  # per-token values: 5 digits
     draws = np.random.default_rng(0).integers(0, len(diffs), (2000, len(diffs)))
     low, high = np.quantile(sums[draws].sum(axis=1) / counts[draws].sum(axis=1), [0.025, 0.975])
     d = paired_difference(x["per_token"]["kl"], y["per_token"]["kl"])

@@ -68,7 +68,7 @@ def test_the_neighbour_damage_matrix_holds_each_adjacent_pair_s_damage(setting):
 def test_the_planner_s_predictor_is_the_rule_s_choice_on_the_committed_regions():
     import json
     from pathlib import Path
-    report = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2"
+    report = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2_regions"
     regions = [json.loads((report / f"region-{k}" / "experiments.json").read_text())["predictors"]["groups"]
                for k in range(1, 5)]
     choice = predictors.choose_predictor(regions)
