@@ -228,38 +228,17 @@ def swiglu(ffn: FFN, x):
 
 
 def ffn_output(ffn: FFN, x):
-    """eq. 3 as the forward pass computes it: swiglu, or its fast paths on the CPU: the same operations in place
-    (swiglu_in_place), and once the hidden activations outgrow the cache, the same sum in column blocks (below).
-    The one place where that choice is made.
+    """eq. 3 as the forward pass computes it: swiglu, or on the CPU, once the hidden activations outgrow the
+    cache, the same sum in column blocks (below), a fast path. The one place where that choice is made.
 
     gate and up read the same x, so they could be one product, as q, k and v are (attention_stacked): the
     stacking of Theorem 3.1 applied inside one FFN. Measured on SmolLM2 (benchmarks/results/profile_smollm2), one
     stacked product took 1.00-1.06x the two products' time at one token and 0.97-1.00x at 512 tokens (two runs),
     where q, k and v stacked took 0.51-0.52x at one token: two products of 1536 rows already stream at the machine's rate, so the FFN
     keeps two."""
-    if FAST_PATHS and array_module(x) is np:
-        if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE:
-            return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
-        return swiglu_in_place(ffn, x)
+    if FAST_PATHS and x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
+        return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
     return swiglu(ffn, x)
-
-
-def silu_times(z, u):
-    """silu(z) ⊙ u computed in z's memory, the operations of `silu` in the same order: one scratch array instead
-    of four fresh ones, so a prefill's [T, dh] intermediates are not allocated (and page-faulted) anew in every
-    block. Bit for bit silu(z) * u; z is overwritten and returned."""
-    scratch = np.negative(z)
-    with np.errstate(over="ignore"):
-        np.exp(scratch, out=scratch)
-    scratch += 1
-    np.divide(z, scratch, out=z)
-    z *= u
-    return z
-
-
-def swiglu_in_place(ffn: FFN, x):
-    """swiglu with its elementwise steps in place (silu_times): the same numbers, bit for bit."""
-    return silu_times(x @ ffn.gate.T, x @ ffn.up.T) @ ffn.down.T     # [T, d] -> [T, dh] -> [T, d]
 
 
 # On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
@@ -283,8 +262,9 @@ def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int):
     out = xp.zeros((x.shape[0], ffn.down.shape[0]), dtype=x.dtype)
     for start in range(0, ffn.width, block):
         cols = slice(start, start + block)
-        hidden = silu_times(x @ ffn.gate[cols].T, x @ ffn.up[cols].T)  # [T, d] -> [T, block]
-        out += hidden @ ffn.down[:, cols].T                            # [T, block] -> [T, d]
+        hidden = silu(x @ ffn.gate[cols].T)                          # [T, d] -> [T, block]
+        hidden *= x @ ffn.up[cols].T
+        out += hidden @ ffn.down[:, cols].T                          # [T, block] -> [T, d]
     return out
 
 
