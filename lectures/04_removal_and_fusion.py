@@ -169,27 +169,28 @@ print("calibrated, against the original:", judged(calibrated, first))
 # %% [markdown]
 # ## 6. At larger scale: the committed experiments
 #
-# `reffuse experiments` runs the paper's experiments (a)–(g) on SmolLM2 with more text, measures decode latency in
-# the same run, and writes a report that says finding by finding whether the paper's observation held here. Every
-# comparison is a paired difference over the same held-out predictions with 95% intervals, and counts only when
-# they exclude 0. The committed run replicates the whole study over the four cheapest attention-removal regions;
-# the verdicts of each:
+# `reffuse experiments` runs the paper's experiments (a)–(h), and three of reffuse's own (i)–(k), on SmolLM2 with
+# more text, measures decode latency in the same run, and writes a report that says finding by finding whether the
+# paper's observation held here. Every comparison is a paired difference over the same held-out predictions with
+# 95% intervals, and counts only when they exclude 0. The main committed run judges region 1 on 16,384 held-out
+# tokens; a second replicates the whole study over the four cheapest attention-removal regions on 2,048. The
+# verdicts of each region:
 
 # %%
-summary = json.loads((REPORTS / "experiments" / "smollm2" / "regions.json").read_text())
+summary = json.loads((REPORTS / "experiments" / "smollm2_regions" / "regions.json").read_text())
 print(f"{summary['command']}\n")
 for region in summary["regions"]:
     print(f"region {region['rank']}, attention removed {region['attention_removed']}: "
           + ", ".join(f"({finding}) {verdict}" for finding, verdict in region["verdicts"].items()))
-first = json.loads((REPORTS / "experiments" / "smollm2" / "region-1" / "experiments.json").read_text())
-print("\nregion 1 in full:")
+first = json.loads((REPORTS / "experiments" / "smollm2" / "experiments.json").read_text())
+print(f"\n{first['command']}: region 1 on {first['texts']['held_out']['tokens']} held-out tokens, in full:")
 for verdict in first["verdicts"]:
     print(f"({verdict['finding']}) {verdict['title']}: {verdict['verdict']}\n    here: {verdict['here']}")
 
 # %% [markdown]
 # The reports, with every number and the rule behind each verdict, are `reports/experiments/smollm2/README.md`
-# (the table across regions) and `region-k/README.md`; `figures/removal_vs_fusion.png` is the paper's
-# accuracy-vs-latency plot at this scale (region 1).
+# (the main run) and `reports/experiments/smollm2_regions/` (the table across regions, and `region-k/README.md`);
+# `figures/removal_vs_fusion.png` is the paper's accuracy-vs-latency plot at this scale (the main run).
 
 # %% [markdown]
 # ## Exercises
