@@ -114,7 +114,9 @@ def print_report(r: dict) -> None:
         joint = f"; KL when removed together {removal['joint_kl']:.3g} nats" if "joint_kl" in removal else ""
         summed = f", summed single scores {removal['summed_score']:.3g}" if removal.get("summed_score") else ""
         print(f"\nattention removed: blocks {removal['blocks_text']} ({removal['rule']}{summed}{joint})")
-    print(f"fusion plan: {format_groups(r['groups'])} ({r['plan'].get('rule', 'given')}), norm {r['norm']}\n")
+    plan = r["plan"]
+    by = f"; predictor: {plan['predictor']}" if "predictor" in plan else ""
+    print(f"fusion plan: {format_groups(r['groups'])} ({plan.get('rule', 'given')}{by}), norm {r['norm']}\n")
     print("layout before fusion (attention removed)\n" + layout_table(r["layout_removed"]) + "\n")
     print("layout after fusion\n" + layout_table(r["layout_after"]) + "\n")
     errors = r["fused_vs_parallel_relative_error"]
