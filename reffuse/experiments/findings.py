@@ -59,6 +59,15 @@ def decide(ok: bool, partly: bool = False, against: bool = True) -> str:
     return "held" if ok else "partly held" if partly else "did not hold" if against else "not resolved"
 
 
+def decide_lower(diffs: list[dict], also_partly: bool = False) -> str:
+    """The rule most findings share, for differences x - y where the paper expects x lower: held if every one is
+    resolved lower; partly if some are (or `also_partly`) and none is resolved higher; did not hold if some are
+    resolved higher and none lower; else not resolved."""
+    some_lower, some_higher = any(lower(d) for d in diffs), any(higher(d) for d in diffs)
+    return decide(all(lower(d) for d in diffs), (some_lower or also_partly) and not some_higher,
+                  some_higher and not some_lower)
+
+
 def difference(x: dict, y: dict, measure: str = "kl", y_scale: float = 1.0) -> dict:
     """The paired difference x - y_scale·y of two scored variants' per-prediction `measure` (kl or nll)."""
     return paired_difference(x["per_token"][measure], [np.asarray(w) * y_scale for w in y["per_token"][measure]])
@@ -125,8 +134,7 @@ def planner_verdict(r: dict) -> Verdict | None:
         rule=f"our addition, at every k where the two plans differ: held if the {planner} plan has the resolved "
              "lower KL at each; partly if at some and resolved higher at none; did not hold if resolved higher at "
              "some and lower at none; else not resolved",
-        verdict=decide(all(lower(d) for d in diffs), any(lower(d) for d in diffs) and not any(higher(d) for d in diffs),
-                       any(higher(d) for d in diffs) and not any(lower(d) for d in diffs)))
+        verdict=decide_lower(diffs))
 
 
 def intensity_verdict(r: dict) -> Verdict:
@@ -163,8 +171,7 @@ def fold_vs_last_verdict(r: dict) -> Verdict:
         rule="not a test of the paper: held if fold is resolved better at every k; partly if at some k and "
              "resolved worse at none; did not hold if last is resolved better at some k and fold at none; else "
              "not resolved",
-        verdict=decide(all(lower(d) for d in diffs), any(lower(d) for d in diffs) and not any(higher(d) for d in diffs),
-                       any(higher(d) for d in diffs) and not any(lower(d) for d in diffs)))
+        verdict=decide_lower(diffs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,8 +235,7 @@ def calibration_verdict(r: dict) -> Verdict:
         rule="our addition: held if calibration lowers the held-out KL at every k, each resolved; partly if at some "
              "k and raises it at none; did not hold if it raises it, resolved, at some k and lowers it at none; "
              "else not resolved. Where the calibrated perplexity is resolved higher, the note says so",
-        verdict=decide(all(lower(d) for d in kl), any(lower(d) for d in kl) and not any(higher(d) for d in kl),
-                       any(higher(d) for d in kl) and not any(lower(d) for d in kl)),
+        verdict=decide_lower(kl),
         note=(f"calibration raised the held-out negative log-likelihood, resolved, at k = {', '.join(map(str, worse))}"
               if worse else "calibration raised the held-out negative log-likelihood, resolved, at no k"))
 
@@ -314,9 +320,7 @@ def calibration_scale_verdict(r: dict) -> Verdict | None:
              "studied; partly if at some k and resolved higher at none; did not hold if resolved higher at some k "
              "and lower at none; else not resolved. Every resolved rise of the held-out negative log-likelihood "
              "over plain fusion is named in the note",
-        verdict=decide(all(lower(d) for d in more_helps),
-                       any(lower(d) for d in more_helps) and not any(higher(d) for d in more_helps),
-                       any(higher(d) for d in more_helps) and not any(lower(d) for d in more_helps)),
+        verdict=decide_lower(more_helps),
         note=("calibration raised the held-out negative log-likelihood over plain fusion, resolved, at "
               + ", ".join(worse_nll)) if worse_nll else
              "calibration raised the held-out negative log-likelihood over plain fusion, resolved, nowhere")
@@ -363,10 +367,7 @@ def removal_verdict(r: dict) -> Verdict:
              "resolved lower at none; did not hold if removal is resolved lower at some depth and plain fusion at "
              "none; else not resolved. Latency is reported, not judged: a CPU decode of a 135M model is bound by "
              "reading weights, which fusion does not reduce",
-        verdict=decide(all(lower(d) for d in plain),
-                       (any(lower(d) for d in plain) or all(lower(c) for c in calibrated))
-                       and not any(higher(d) for d in plain),
-                       any(higher(d) for d in plain) and not any(lower(d) for d in plain)),
+        verdict=decide_lower(plain, also_partly=all(lower(c) for c in calibrated)),
         note=f"plain fusion resolved lower at {sum(map(lower, plain))} of {len(plain)} depths, removal at "
              f"{sum(map(higher, plain))}; calibrated fusion resolved lower at {sum(map(lower, calibrated))}")
 
@@ -443,10 +444,7 @@ def equal_latency_verdict(r: dict) -> Verdict | None:
              "every k; partly if at some k, or calibrated fusion against refitted removal at every k, and removal "
              "is resolved lower at none; did not hold if removal is resolved lower at some k and plain fusion at "
              "none; else not resolved. The CPU match is reported, not judged: there fusion saves no time",
-        verdict=decide(all(lower(d) for d in plain),
-                       (any(lower(d) for d in plain) or all(lower(c) for c in calibrated))
-                       and not any(higher(d) for d in plain),
-                       any(higher(d) for d in plain) and not any(lower(d) for d in plain)),
+        verdict=decide_lower(plain, also_partly=all(lower(c) for c in calibrated)),
         note=f"plain fusion resolved lower at {sum(map(lower, plain))} of {len(plain)} k, removal at "
              f"{sum(map(higher, plain))}; calibrated fusion resolved lower than refitted removal at "
              f"{sum(map(lower, calibrated))}, higher at {sum(map(higher, calibrated))}")
