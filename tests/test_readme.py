@@ -23,9 +23,10 @@ NEEDS_A_GPU = {"bash benchmarks/gpu/run.sh"}
 SMALLER = {
     "demo": ["--model", "tiny"],
     "experiments": ["--model", "tiny", "--held-out-tokens", "256", "--calibration-tokens", "1024", "--scoring-tokens",
-                    "64", "--dependency-tokens", "64", "--window", "64", "--decode-tokens", "4", "--repeats", "1"],
+                    "64", "--dependency-tokens", "64", "--window", "64", "--decode-tokens", "4", "--repeats", "1",
+                    "--scale-tokens", "256,512"],
     "analyze": ["--dependency-tokens", "64"],
-    "fuse": ["--calibration-tokens", "512", "--scoring-tokens", "128", "--dependency-tokens", "64"],
+    "fuse": ["--calibration-tokens", "512", "--scoring-tokens", "128"],
     "eval": ["--held-out-tokens", "256"],
     "verify": ["--tokens", "16", "--generate", "4"],
     "bench": ["--model", "tiny", "--repeats", "1", "--no-transformers"],
