@@ -13,7 +13,7 @@ plays from their first scene and the Sonnets, reffuse.formats.corpus); everythin
 calibration text only. reffuse.experiments.run documents each choice.
 
 The report (README.md) says, finding by finding, whether the paper's observation held here, with the numbers.
-A region takes about 40 minutes on 2 cores with the defaults (16384 held-out tokens; progress on stderr). The
+A region takes about 50 minutes on 2 cores with the defaults (16384 held-out tokens; progress on stderr). The
 synthetic tiny model runs the same code in seconds, to check it, not to learn anything.
 
 With --regions N the whole study is replicated over N attention-removal regions (the N cheapest windows of
