@@ -207,10 +207,11 @@ def plan_fusion(model: Model, windows, max_group_size: int | None = 4, leave_out
     if not runs:
         raise ReffuseError("the model has no run of 2 or more attention-free blocks to fuse: remove attention first "
                            "(--drop-attention or --drop-attention-count)")
+    spans = [(first, last - 1 if leave_out_last else last) for first, last in runs]  # what the plan may fuse
     prefix = cache_prefix(model, windows)
-    note(f"the plan: each of {sum(last - first for first, last in runs)} adjacent FFN pairs fused alone, scored on "
+    note(f"the plan: each of {sum(last - first for first, last in spans)} adjacent FFN pairs fused alone, scored on "
          f"{prefix.predictions} calibration predictions")
-    C = neighbour_damage_matrix(model, prefix, runs)
+    C = neighbour_damage_matrix(model, prefix, spans)
     return propose_groups(model, C, max_group_size=max_group_size, leave_out_last=leave_out_last,
                           predictor=PLANNER_PREDICTOR), C
 
