@@ -34,8 +34,9 @@ import reffuse
 from reffuse.core import model as core
 from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
-from reffuse.speed.bench import blas_in_use, paired_ratio
-from reffuse.speed.timing import blas_threads, compare_seconds, decode_bound, median_seconds, streaming_bandwidth
+from reffuse.speed.bench import blas_in_use
+from reffuse.speed.timing import (blas_threads, compare_seconds, decode_bound, median_seconds, paired_ratio,
+                                  streaming_bandwidth)
 
 PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
 PREFILL_LONG = 512

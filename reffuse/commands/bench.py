@@ -60,7 +60,8 @@ def add_arguments(parser):
 def command_line(args) -> str:
     """The command that reproduces this run, spelled out from the parsed options, after the environment variables
     that change what is timed (OpenBLAS's kernels, the plain forward pass)."""
-    words = [f"{name}={os.environ[name]}" for name in ("OPENBLAS_CORETYPE", "REFFUSE_PLAIN") if os.environ.get(name)]
+    words = [f"{name}={os.environ[name]}" for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "REFFUSE_PLAIN")
+             if os.environ.get(name)]
     words += ["reffuse", "bench", "--model", str(args.model), "--repeats", str(args.repeats)]
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--no-transformers"] if args.no_transformers else []

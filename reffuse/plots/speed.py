@@ -19,11 +19,16 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
         run = result["ffn_run"]
         rows = sorted(run["rows"], key=lambda r: r["tokens"])
         tokens = [r["tokens"] for r in rows]
-        ratio = [r["sequential"] / r["fused"] for r in rows]
+        ratio = [r["speedup"] for r in rows]  # the median of the paired repeats' ratios
         threads = result["environment"]["threads"]
         label = (f"{result['model']}: {run['blocks']} FFNs of width {'/'.join(map(str, sorted(set(run['widths']))))}"
                  f", {threads} thread{'s' if threads != 1 else ''}")
-        ax.plot(tokens, ratio, marker="o", label=label)
+        if all("speedup_interval_95" in r for r in rows):
+            below = [r["speedup"] - r["speedup_interval_95"][0] for r in rows]
+            above = [r["speedup_interval_95"][1] - r["speedup"] for r in rows]
+            ax.errorbar(tokens, ratio, yerr=[below, above], marker="o", capsize=3, label=label + ", 95% intervals")
+        else:
+            ax.plot(tokens, ratio, marker="o", label=label)
         for t, r in zip(tokens, ratio):
             ax.annotate(f"{r:.2f}x", (t, r), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="equal time")
@@ -32,7 +37,7 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("tokens in the batch (log scale)")
     ax.set_ylabel("sequential time / fused time")
-    top = max(r["sequential"] / r["fused"] for result in results for r in result["ffn_run"]["rows"])
+    top = max(r.get("speedup_interval_95", [0, r["speedup"]])[1] for result in results for r in result["ffn_run"]["rows"])
     ax.set_ylim(0, 1.15 * max(top, 1.0))  # room for the labels above the points
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")

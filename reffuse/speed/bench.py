@@ -17,8 +17,10 @@ One run measures, one after the other, with BLAS (threadpoolctl) and torch pinne
   (timing.streaming_bandwidth), and each engine's decode as a fraction of it.
 
 Every time is a median over `repeats` after one untimed warm-up, and the things compared are timed in
-alternation (timing.compare_seconds), because the machines this runs on are shared: compare ratios measured
-in the same run, never absolute times across runs.
+alternation (timing.compare_samples), because the machines this runs on are shared: compare ratios measured
+in the same run, never absolute times across runs. A ratio is the median of the repeats' paired ratios with a
+bootstrap 95% interval (timing.paired_ratio), and a target's verdict follows from the intervals
+(target_verdict): met, not met, or unresolved.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Block, KVCache, Model, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
-from reffuse.speed.timing import blas_threads, compare_seconds, decode_bound, streaming_bandwidth, time_ffn_run
+from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, paired_ratio, streaming_bandwidth,
+                                  time_ffn_run)
 
 PREFILL_TOKENS = (64, 128, 256, 512)
 DECODE_PROMPT_TOKENS = 64
@@ -196,17 +199,6 @@ def decode_samples(runners: dict, prompt, new_tokens: int, repeats: int, progres
     return seconds, tokens
 
 
-def paired_ratio(numerator, denominator, resamples: int = 2000, seed: int = 0) -> dict:
-    """The median of the per-repeat ratios numerator_i / denominator_i, with a percentile-bootstrap 95% interval
-    of that median; "resolved" when the interval excludes 1."""
-    ratios = np.asarray(numerator, dtype=np.float64) / np.asarray(denominator, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(ratios, (resamples, ratios.size)), axis=1)
-    low, high = (float(q) for q in np.quantile(medians, [0.025, 0.975]))
-    return {"median": float(np.median(ratios)), "interval_95": [low, high], "repeats": int(ratios.size),
-            "resolved": not low <= 1.0 <= high}
-
-
 def environment(threads: int, device: str = "cpu") -> dict:
     """What the numbers were measured on."""
     env = {"machine": platform.machine(), "processor": platform.processor() or None, "cores": os.cpu_count(),
@@ -225,18 +217,23 @@ def environment(threads: int, device: str = "cpu") -> dict:
     except ImportError:
         env["blas"] = None
     env["openblas_coretype"] = os.environ.get("OPENBLAS_CORETYPE")  # set: the kernels were chosen, not detected
+    env["openblas_l2_size"] = os.environ.get("OPENBLAS_L2_SIZE")    # set: the cache size the kernels assume
     if hasattr(os, "getloadavg"):
         env["load_average_1min_at_start"] = os.getloadavg()[0]
     return env
 
 
 def describe_blas(env: dict) -> str:
-    """The BLAS of an environment() record in words, and whether OPENBLAS_CORETYPE chose its kernels ("" when
-    threadpoolctl could not tell)."""
+    """The BLAS of an environment() record in words, and whether the environment chose its kernels
+    (OPENBLAS_CORETYPE) or OpenBLAS detected them for this CPU ("" when threadpoolctl could not tell)."""
     blas = ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)" for b in env.get("blas") or [])
-    if blas and env.get("openblas_coretype"):
-        blas += f", chosen by OPENBLAS_CORETYPE={env['openblas_coretype']} in the environment"
-    return blas
+    if not blas or not any(b["internal_api"] == "openblas" for b in env["blas"]):
+        return blas
+    chosen = [f"{name}={env[key]}" for name, key in (("OPENBLAS_CORETYPE", "openblas_coretype"),
+                                                     ("OPENBLAS_L2_SIZE", "openblas_l2_size")) if env.get(key)]
+    if env.get("openblas_coretype"):
+        return blas + f", chosen by {' '.join(chosen)} in the environment"
+    return blas + ", detected by OpenBLAS for this CPU" + (f" ({' '.join(chosen)} in the environment)" if chosen else "")
 
 
 def blas_in_use() -> str:
@@ -292,14 +289,14 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                     fns["transformers"] = lambda: hf.prefill(ids)
                 if llama is not None:
                     fns["llama.cpp"] = lambda: llama.logits(ids)
-                seconds = compare_seconds(fns, repeats)
-                row = {"tokens": tokens, "reffuse_seconds": seconds["reffuse"]}
-                if hf is not None:
-                    row.update(transformers_seconds=seconds["transformers"],
-                               time_ratio=seconds["reffuse"] / seconds["transformers"])
-                if llama is not None:
-                    row.update(llamacpp_seconds=seconds["llama.cpp"],
-                               llamacpp_time_ratio=seconds["reffuse"] / seconds["llama.cpp"])
+                samples = compare_samples(fns, repeats)
+                row = {"tokens": tokens, "reffuse_seconds": statistics.median(samples["reffuse"])}
+                for engine, seconds_key, ratio_key in (("transformers", "transformers_seconds", "time_ratio"),
+                                                       ("llama.cpp", "llamacpp_seconds", "llamacpp_time_ratio")):
+                    if engine in samples:
+                        ratio = paired_ratio(samples["reffuse"], samples[engine])  # < 1: reffuse takes less time
+                        row.update({seconds_key: statistics.median(samples[engine]), ratio_key: ratio["median"],
+                                    f"{ratio_key}_interval_95": ratio["interval_95"]})
                 result["prefill"].append(row)
 
             note(f"decode, {decode_tokens} tokens")
@@ -309,16 +306,20 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                 runners["transformers"] = hf.decode
             if llama is not None:
                 runners["llama.cpp"] = llama.timed_greedy
-            seconds, tokens = time_decode(runners, prompt, decode_tokens, repeats)
+            samples, tokens = decode_samples(runners, prompt, decode_tokens, repeats)
+            seconds = {name: statistics.median(s) for name, s in samples.items()}
             decode = {"prompt_tokens": len(prompt), "new_tokens": decode_tokens,
                       "reffuse_tokens_per_second": decode_tokens / seconds["reffuse"]}
             if hf is not None:
+                speedup = paired_ratio(samples["transformers"], samples["reffuse"])  # their time / ours: our speed / theirs
                 decode.update(transformers_tokens_per_second=decode_tokens / seconds["transformers"],
-                              speedup=seconds["transformers"] / seconds["reffuse"],
+                              speedup=speedup["median"], speedup_interval_95=speedup["interval_95"],
                               same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
             if llama is not None:
+                fraction = paired_ratio(samples["llama.cpp"], samples["reffuse"])
                 decode.update(llamacpp_tokens_per_second=decode_tokens / seconds["llama.cpp"],
-                              fraction_of_llamacpp=seconds["llama.cpp"] / seconds["reffuse"],
+                              fraction_of_llamacpp=fraction["median"],
+                              fraction_of_llamacpp_interval_95=fraction["interval_95"],
                               same_greedy_tokens_as_llamacpp=tokens["reffuse"] == tokens["llama.cpp"])
             result["decode"] = decode
             if device == "cpu":
@@ -356,26 +357,48 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     return result
 
 
+def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
+    """The rule that turns measured ratios into a verdict on a target, fixed before the runs that apply it:
+    "met" when every 95% interval lies on the target's side of `threshold` (or on it), "not met" when some
+    interval lies wholly on the other side, "unresolved" otherwise (an interval holds the threshold)."""
+    if not intervals:
+        return "not measured"
+    sign = 1 if higher_is_better else -1
+    if all(min(sign * low, sign * high) >= sign * threshold for low, high in intervals):
+        return "met"
+    if any(max(sign * low, sign * high) < sign * threshold for low, high in intervals):
+        return "not met"
+    return "unresolved"
+
+
 def check_targets(result: dict) -> list[dict]:
-    """Each speed target with the measured value and whether it is met (None when it was not measured)."""
-    checks = []
-    prefill = [r["time_ratio"] for r in result["prefill"] if "time_ratio" in r]
-    checks.append({"target": TARGETS["prefill"], "measured": max(prefill) if prefill else None,
-                   "unit": "worst reffuse/transformers time ratio", "met": max(prefill) <= 0.8 if prefill else None})
-    speedup = result["decode"].get("speedup")
-    checks.append({"target": TARGETS["decode"], "measured": speedup, "unit": "reffuse/transformers tokens/s",
-                   "met": speedup >= 2.5 if speedup is not None else None})
-    of_llamacpp = result["decode"].get("fraction_of_llamacpp")
-    checks.append({"target": TARGETS["decode_llamacpp"], "measured": of_llamacpp,
-                   "unit": "reffuse/llama.cpp tokens/s", "met": of_llamacpp >= 0.5 if of_llamacpp is not None else None})
-    by_tokens = {r["tokens"]: r["speedup"] for r in result["ffn_run"]["rows"]}
-    one = by_tokens.get(1)
-    checks.append({"target": TARGETS["ffn_run_1"], "measured": one, "unit": "sequential/fused time",
-                   "met": one >= 1.3 if one is not None else None})
-    large = [by_tokens[t] for t in (128, 512) if t in by_tokens]
-    checks.append({"target": TARGETS["ffn_run_large"], "measured": min(large) if large else None,
-                   "unit": "worst sequential/fused time", "met": min(large) >= 1.0 if large else None})
-    return checks
+    """Each speed target with the measured ratio (the worst, where it is checked at several lengths), its 95%
+    interval and the verdict of target_verdict. A ratio recorded without an interval counts as its own interval."""
+    def ratios(rows, key):
+        return [(r[key], r.get(f"{key}_interval_95") or [r[key], r[key]]) for r in rows if r.get(key) is not None]
+
+    def check(name, unit, measured, threshold, higher_is_better):
+        worst = (min if higher_is_better else max)(measured, key=lambda m: m[0]) if measured else (None, None)
+        return {"target": TARGETS[name], "measured": worst[0], "interval_95": worst[1], "unit": unit,
+                "verdict": target_verdict([m[1] for m in measured], threshold, higher_is_better)}
+
+    ffn_rows = result["ffn_run"]["rows"]
+    return [
+        check("prefill", "worst reffuse/transformers time ratio", ratios(result["prefill"], "time_ratio"), 0.8, False),
+        check("decode", "reffuse/transformers tokens/s", ratios([result["decode"]], "speedup"), 2.5, True),
+        check("decode_llamacpp", "reffuse/llama.cpp tokens/s", ratios([result["decode"]], "fraction_of_llamacpp"),
+              0.5, True),
+        check("ffn_run_1", "sequential/fused time", ratios([r for r in ffn_rows if r["tokens"] == 1], "speedup"),
+              1.3, True),
+        check("ffn_run_large", "worst sequential/fused time",
+              ratios([r for r in ffn_rows if r["tokens"] in (128, 512)], "speedup"), 1.0, True),
+    ]
+
+
+def ratio_text(row: dict, key: str) -> str:
+    """'0.56x (0.55-0.57)': a ratio of `row` and its 95% interval where one was recorded."""
+    interval = row.get(f"{key}_interval_95")
+    return f"{row[key]:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
 
 
 def markdown(result: dict, command: str | None = None) -> str:
@@ -385,7 +408,8 @@ def markdown(result: dict, command: str | None = None) -> str:
     lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
-    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation. numpy {env['numpy']}"
+    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation; a ratio is the median of "
+              "the repeats' paired ratios, with its 95% bootstrap interval in brackets. numpy " + env['numpy']
               + (f", BLAS {blas}" if blas else "")
               + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
@@ -393,17 +417,17 @@ def markdown(result: dict, command: str | None = None) -> str:
               "machine)."]
     if not result["transformers"]["used"]:
         lines += ["", f"transformers not measured: {result['transformers']['reason']}"]
-    lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time |", "|---:|---:|---:|---:|"]
+    lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time (95% interval) |", "|---:|---:|---:|---:|"]
     for r in result["prefill"]:
         hf = r.get("transformers_seconds")
         lines.append(f"| {r['tokens']} | {1e3 * r['reffuse_seconds']:.1f} | "
-                     + (f"{1e3 * hf:.1f} | {r['time_ratio']:.2f}x |" if hf else "- | - |"))
+                     + (f"{1e3 * hf:.1f} | {ratio_text(r, 'time_ratio')} |" if hf else "- | - |"))
     d = result["decode"]
     lines += ["", f"| decode ({d['new_tokens']} tokens after {d['prompt_tokens']}) | reffuse tokens/s | "
-                  "transformers tokens/s | reffuse / transformers |", "|---|---:|---:|---:|"]
+                  "transformers tokens/s | reffuse / transformers (95% interval) |", "|---|---:|---:|---:|"]
     hf = d.get("transformers_tokens_per_second")
     lines.append(f"| greedy, KV cache | {d['reffuse_tokens_per_second']:.1f} | "
-                 + (f"{hf:.1f} | {d['speedup']:.2f}x |" if hf else "- | - |"))
+                 + (f"{hf:.1f} | {ratio_text(d, 'speedup')} |" if hf else "- | - |"))
     if "same_greedy_tokens" in d:
         lines += ["", f"Same greedy tokens from both: {'yes' if d['same_greedy_tokens'] else 'no'}."]
     if result.get("llama_cpp", {}).get("used"):
@@ -412,9 +436,9 @@ def markdown(result: dict, command: str | None = None) -> str:
                   "| | reffuse | llama.cpp | reffuse / llama.cpp |", "|---|---:|---:|---:|"]
         for r in result["prefill"]:
             lines.append(f"| prefill {r['tokens']} tokens, ms | {1e3 * r['reffuse_seconds']:.1f} | "
-                         f"{1e3 * r['llamacpp_seconds']:.1f} | {r['llamacpp_time_ratio']:.2f}x the time |")
+                         f"{1e3 * r['llamacpp_seconds']:.1f} | {ratio_text(r, 'llamacpp_time_ratio')} the time |")
         lines.append(f"| decode, tokens/s | {d['reffuse_tokens_per_second']:.1f} | "
-                     f"{d['llamacpp_tokens_per_second']:.1f} | {d['fraction_of_llamacpp']:.2f}x the speed |")
+                     f"{d['llamacpp_tokens_per_second']:.1f} | {ratio_text(d, 'fraction_of_llamacpp')} the speed |")
         fusion = result["llama_cpp"]["fusion"]
         rate, paired = fusion["tokens_per_second"], fusion["fused_speedup_paired"]
         lines += ["", f"Fusion in llama.cpp: decode of the model with attention removed in "
@@ -437,12 +461,15 @@ def markdown(result: dict, command: str | None = None) -> str:
     f = result["ffn_run"]
     lines += ["", f"Fused-FFN microbenchmark: a run of {f['blocks']} FFNs (d={f['dim']}, widths "
                   f"{'/'.join(map(str, sorted(set(f['widths']))))}), fused into one of width {f['fused_width']}.", "",
-              "| tokens | sequential ms | fused ms | sequential / fused |", "|---:|---:|---:|---:|"]
+              "| tokens | sequential ms | fused ms | sequential / fused (95% interval) |", "|---:|---:|---:|---:|"]
     for r in f["rows"]:
-        lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | {r['speedup']:.2f}x |")
-    lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
+        lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | {ratio_text(r, 'speedup')} |")
+    lines += ["", "Each ratio is the median of the repeats' paired ratios; a target is met when the 95% interval of "
+                  "every ratio it checks lies on its side, not met when one lies wholly on the other, and unresolved "
+                  "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
     for t in result["targets"]:
         value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
-        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['target']} | {value} | {met} |")
+        interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.2f}-{t['interval_95'][1]:.2f}"
+        verdict = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
+        lines.append(f"| {t['target']} | {value} | {interval} | {verdict} |")
     return "\n".join(lines) + "\n"

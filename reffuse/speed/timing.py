@@ -1,6 +1,8 @@
 """Timing helpers shared by `reffuse demo` and `reffuse bench`: medians of repeats, after warm-up.
 
-Machines are shared and noisy, so results are reported as ratios against a baseline measured in the same run.
+Machines are shared and noisy, so results are reported as ratios against a baseline measured in the same run,
+the things compared taking turns in every repeat, and a ratio comes with the interval of its paired repeats
+(paired_ratio).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def compare_seconds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
-    """Median wall time of each fn() (name -> seconds), timed in alternation: every round calls each fn once,
-    so a change in the machine's load during the measurement falls on all of them alike."""
+def compare_samples(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
+    """Every repeat's wall time of each fn() (name -> list of seconds), timed in alternation: every round calls
+    each fn once, so a change in the machine's load falls on all of them alike, and round i of one fn and round
+    i of another are a pair."""
     for fn in fns.values():
         for _ in range(warmup):
             synchronize(fn())
@@ -41,7 +44,23 @@ def compare_seconds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
             start = time.perf_counter()
             synchronize(fn())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def compare_seconds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
+    """Median wall time of each fn() (name -> seconds), timed in alternation (compare_samples)."""
+    return {name: statistics.median(t) for name, t in compare_samples(fns, repeats, warmup).items()}
+
+
+def paired_ratio(numerator, denominator, resamples: int = 2000, seed: int = 0) -> dict:
+    """The median of the per-repeat ratios numerator_i / denominator_i, with a percentile-bootstrap 95% interval
+    of that median; "resolved" when the interval excludes 1."""
+    ratios = np.asarray(numerator, dtype=np.float64) / np.asarray(denominator, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    medians = np.median(rng.choice(ratios, (resamples, ratios.size)), axis=1)
+    low, high = (float(q) for q in np.quantile(medians, [0.025, 0.975]))
+    return {"median": float(np.median(ratios)), "interval_95": [low, high], "repeats": int(ratios.size),
+            "resolved": not low <= 1.0 <= high}
 
 
 @contextlib.contextmanager
@@ -61,14 +80,17 @@ def blas_threads(n: int | None):
 def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = "fold", repeats: int = 7,
                  seed: int = 0) -> dict:
     """Median seconds for one run of attention-free blocks on `tokens` positions: sequential (eq. 4 block by
-    block) vs fused (one wide SwiGLU), with the ratio sequential / fused (> 1 means fusion is faster)."""
+    block) vs fused (one wide SwiGLU), with the ratio sequential / fused (> 1 means fusion is faster): the median
+    of the paired repeats' ratios, and its 95% interval (paired_ratio)."""
     (first, last), = check_groups(model, [group])
     fused = fuse(model, [group], norm=norm)
     xp = array_module(model.embed)
     x = xp.asarray(np.random.default_rng(seed).standard_normal((tokens, model.config.dim)), dtype=model.dtype)
-    seconds = compare_seconds({"sequential": lambda: run_blocks(model, x, start=first, stop=last + 1),  # eq. 4, k times
+    samples = compare_samples({"sequential": lambda: run_blocks(model, x, start=first, stop=last + 1),  # eq. 4, k times
                                "fused": lambda: run_blocks(fused, x, start=first, stop=first + 1)}, repeats)
-    return {"tokens": tokens, **seconds, "speedup": seconds["sequential"] / seconds["fused"]}
+    speedup = paired_ratio(samples["sequential"], samples["fused"])
+    return {"tokens": tokens, **{name: statistics.median(s) for name, s in samples.items()},
+            "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
 
 
 def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int = 7, seed: int = 0) -> dict:

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from reffuse.core import model as model_module
-from reffuse.speed.bench import check_targets, ffn_run_model, markdown, reffuse_decode, run_benchmark
+from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, reffuse_decode, run_benchmark,
+                                 target_verdict)
+from reffuse.speed.timing import paired_ratio
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
@@ -79,18 +81,32 @@ def test_benchmark_result_has_every_part(tiny_result):
     json.dumps(r)  # JSON-ready
 
 
-def test_targets_are_judged_from_the_ratios(tiny_result):
+def test_targets_are_judged_from_the_intervals_of_the_ratios(tiny_result):
     r = dict(tiny_result)
-    r["prefill"] = [{"tokens": 64, "reffuse_seconds": 0.7, "transformers_seconds": 1.0, "time_ratio": 0.7},
-                    {"tokens": 128, "reffuse_seconds": 0.81, "transformers_seconds": 1.0, "time_ratio": 0.81}]
-    r["decode"] = dict(r["decode"], speedup=2.5, fraction_of_llamacpp=0.49)
-    r["ffn_run"] = dict(r["ffn_run"], rows=[{"tokens": 1, "speedup": 1.4}, {"tokens": 128, "speedup": 1.01},
-                                            {"tokens": 512, "speedup": 0.97}])
-    met = [(t["measured"], t["met"]) for t in check_targets(r)]
-    assert met == [(0.81, False), (2.5, True), (0.49, False), (1.4, True), (0.97, False)]
+    r["prefill"] = [{"tokens": 64, "time_ratio": 0.7, "time_ratio_interval_95": [0.68, 0.72]},
+                    {"tokens": 128, "time_ratio": 0.79, "time_ratio_interval_95": [0.77, 0.81]}]
+    r["decode"] = dict(r["decode"], speedup=2.6, speedup_interval_95=[2.55, 2.7],
+                       fraction_of_llamacpp=0.45, fraction_of_llamacpp_interval_95=[0.4, 0.49])
+    r["ffn_run"] = dict(r["ffn_run"], rows=[{"tokens": 1, "speedup": 1.4},  # no interval: its own
+                                            {"tokens": 128, "speedup": 1.01, "speedup_interval_95": [1.0, 1.02]},
+                                            {"tokens": 512, "speedup": 0.99, "speedup_interval_95": [0.97, 1.01]}])
+    checks = [(t["measured"], t["interval_95"], t["verdict"]) for t in check_targets(r)]
+    assert checks == [(0.79, [0.77, 0.81], "unresolved"),  # the worst length's interval holds 0.8
+                      (2.6, [2.55, 2.7], "met"), (0.45, [0.4, 0.49], "not met"), (1.4, [1.4, 1.4], "met"),
+                      (0.99, [0.97, 1.01], "unresolved")]
+    # one length wholly on the wrong side decides, whatever the others say
+    r["prefill"][1]["time_ratio_interval_95"] = [0.81, 0.83]
+    assert check_targets(r)[0]["verdict"] == "not met"
     # no transformers, no llama.cpp: not measured
-    assert [t["met"] for t in check_targets(tiny_result)][:3] == [None, None, None]
+    assert [t["verdict"] for t in check_targets(tiny_result)][:3] == ["not measured"] * 3
     assert "not measured" in markdown(tiny_result)
+
+
+def test_target_verdict_in_both_directions():
+    assert target_verdict([[0.7, 0.8]], 0.8, higher_is_better=False) == "met"      # on the threshold counts
+    assert target_verdict([[0.79, 0.81]], 0.8, higher_is_better=False) == "unresolved"
+    assert target_verdict([[2.4, 2.49]], 2.5, higher_is_better=True) == "not met"
+    assert target_verdict([], 2.5, higher_is_better=True) == "not measured"
 
 
 def test_speed_figure_draws_from_the_json(tiny_result):
@@ -109,6 +125,7 @@ def test_ffn_run_model_needs_two_ffns(tiny32):
 def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bench_tiny.json"
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # what chose the kernels is part of the command
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
     monkeypatch.delenv("REFFUSE_PLAIN", raising=False)
     assert main(["bench", "--model", "tiny", "--repeats", "1", "--threads", "1", "--no-transformers",
                  "--out", str(out)]) == 0
@@ -130,7 +147,6 @@ def test_bench_command_bad_options(capsys):
 
 
 def test_a_paired_ratio_is_resolved_only_when_its_interval_excludes_one():
-    from reffuse.speed.bench import paired_ratio
     clear = paired_ratio([1.2, 1.25, 1.21, 1.3, 1.22, 1.24, 1.23], [1.0] * 7)
     assert clear["resolved"] and 1.2 <= clear["interval_95"][0] <= clear["median"] <= clear["interval_95"][1]
     noisy = paired_ratio([1.1, 0.95, 1.2, 0.9, 1.05, 1.0, 0.97], [1.0] * 7)
@@ -149,3 +165,11 @@ def test_the_profile_script_runs_and_accounts_for_the_step(smollm2, tmp_path):
     step = result["decode"]["seconds"]
     assert abs(sum(result["decode"]["parts"].values()) - step) <= 0.05 * step  # the parts account for the step
     assert 0 < result["fraction_of_bound"] <= 1.5
+
+
+def test_describe_blas_says_whether_the_environment_chose_the_kernels():
+    blas = [{"internal_api": "openblas", "version": "0.3.31", "architecture": "SkylakeX"}]
+    assert describe_blas({"blas": blas}) == "openblas 0.3.31 (SkylakeX kernels), detected by OpenBLAS for this CPU"
+    chosen = {"blas": blas, "openblas_coretype": "Haswell", "openblas_l2_size": "512"}
+    assert describe_blas(chosen).endswith("chosen by OPENBLAS_CORETYPE=Haswell OPENBLAS_L2_SIZE=512 in the environment")
+    assert describe_blas({"blas": None}) == ""
