@@ -36,7 +36,6 @@
 
 # %%
 import json
-from pathlib import Path
 
 import numpy as np
 

@@ -35,7 +35,6 @@
 
 # %%
 import json
-from pathlib import Path
 
 import reffuse
 from reffuse import (attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,

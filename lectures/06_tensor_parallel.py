@@ -35,7 +35,6 @@
 
 # %%
 import json
-import os
 import subprocess
 import sys
 import tempfile
