@@ -32,13 +32,14 @@ SOURCES = {
     "analysis": ("reports/analysis/smollm2/analysis.json",
                  "reffuse analyze --model smollm2 --out reports/analysis/smollm2"),
     "bench": ("benchmarks/results/bench_smollm2.json",
-              "reffuse bench --model smollm2 --threads 2 --repeats 11 --against llama.cpp --out benchmarks/results/bench_smollm2.json"),
+              "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE reffuse bench --model smollm2 --threads 2 --repeats 11 "
+              "--against llama.cpp --out benchmarks/results/bench_smollm2.json"),  # OpenBLAS's own choice of kernels
     "experiments": ("reports/experiments/smollm2/experiments.json",
                     "reffuse experiments --out reports/experiments/smollm2"),
     "tp_smollm2": ("benchmarks/results/tp_smollm2_n3.json",
                    "mpiexec -n 3 reffuse tp --model smollm2 --json (benchmarks/results/tp.md)"),
     "costmodel": ("benchmarks/results/costmodel.json",
-                  "reffuse costmodel --json (benchmarks/results/README.md has the exact command)"),
+                  "reffuse costmodel --json (benchmarks/results/costmodel.md has the exact command)"),
 }
 
 
