@@ -41,6 +41,7 @@ import reffuse
 from reffuse.speed import costmodel
 from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
+from reffuse.speed.bench import describe_blas
 
 RESULTS = reffuse.checkout_root() / "benchmarks" / "results"
 plt = pyplot()
@@ -118,14 +119,16 @@ bench = json.loads((RESULTS / "bench_smollm2.json").read_text())
 run = bench["ffn_run"]
 print(f"{run['blocks']} FFNs of width {sorted(set(run['widths']))} -> one of width {run['fused_width']}; "
       f"{bench['environment']['threads']} threads, numpy {bench['environment']['numpy']}")
-print(f"{'tokens':>6s} {'sequential ms':>13s} {'fused ms':>9s} {'seq/fused':>9s} {'roofline ms (now)':>17s}")
+print(f"{'tokens':>6s} {'sequential ms':>13s} {'fused ms':>9s} {'seq/fused (95% interval)':>25s} "
+      f"{'roofline ms (now)':>17s}")
 for row in sorted(run["rows"], key=lambda r: r["tokens"]):
     bound = np.interp(row["tokens"], tokens, roofline_seconds)
+    low, high = row["speedup_interval_95"]
     print(f"{row['tokens']:6d} {1e3 * row['sequential']:13.3f} {1e3 * row['fused']:9.3f} "
-          f"{row['sequential'] / row['fused']:9.2f} {1e3 * bound:17.3f}")
+          f"{row['speedup']:9.2f} ({low:.2f}-{high:.2f}) {1e3 * bound:17.3f}")
 
 # %% [markdown]
-# Read the ratio column. At 1 token the run is memory-bound and tiny: the weights are read once either way, and
+# Read the ratio column: the median of the repeats' paired ratios, with the 95% interval of that median. At 1 token the run is memory-bound and tiny: the weights are read once either way, and
 # what fusion saves is the fixed work per block — 8 RMSNorms, 8 residual adds and 24 small matrix products
 # become 1, 1 and 3 — which is a large part of a sub-millisecond run. At many tokens both are compute-bound
 # and do the same FLOPs, so the ratio tends to 1; a naive fused GEMM even loses there, because its wide
@@ -138,7 +141,13 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # The same benchmark decodes 32 tokens greedily with the KV cache, in reffuse, in transformers and in llama.cpp
 # (the model exported as an F32 GGUF: the same weights, the same precision), taking turns in every repeat. It
 # also measures the bound: a decode step at batch 1 must read every weight once, about 540 MB in float32, so it
-# cannot be faster than those bytes over the streaming rate NumPy reaches on this machine.
+# cannot be faster than those bytes over the streaming rate NumPy reaches on this machine. Every ratio is the
+# median of the repeats' paired ratios, with the 95% bootstrap interval of that median; a target is met when the
+# intervals lie on its side, not met when one lies wholly on the other, and unresolved in between. The first line
+# says which BLAS kernels ran: OpenBLAS picks them for the CPU unless the environment pins them
+# (`OPENBLAS_CORETYPE`), as some machines do to work around older OpenBLAS builds; a run under an AVX2 pin is
+# committed beside this one (`benchmarks/results/bench_smollm2_haswell.md`), and there prefill at 512 tokens
+# comes out at 0.79x transformers' time with an interval that holds the 0.8x target.
 
 # %%
 decode, prefill, bound = bench["decode"], bench["prefill"], bench["bound"]
@@ -146,13 +155,21 @@ print(f"the bound: {bound['weight_bytes'] / 1e6:.0f} MB at {bound['bytes_per_sec
       f"at most {bound['tokens_per_second']:.1f} tokens/s")
 for engine, fraction in bound["fractions"].items():
     print(f"  {engine:12s} {fraction * bound['tokens_per_second']:6.1f} tokens/s = {fraction:4.0%} of the bound")
-print(f"reffuse / transformers {decode['speedup']:.2f}x, reffuse / llama.cpp {decode['fraction_of_llamacpp']:.2f}x; "
-      f"same greedy tokens as transformers: {decode['same_greedy_tokens']}")
+def ratio(row, key):
+    """A ratio of the benchmark and its 95% interval, as text."""
+    low, high = row[f"{key}_interval_95"]
+    return f"{row[key]:.2f}x ({low:.2f}-{high:.2f})"
+
+
+print(f"BLAS: {describe_blas(bench['environment'])}")
+print(f"reffuse / transformers {ratio(decode, 'speedup')}, reffuse / llama.cpp {ratio(decode, 'fraction_of_llamacpp')}"
+      f"; same greedy tokens as transformers: {decode['same_greedy_tokens']}")
 for row in prefill:
     print(f"prefill {row['tokens']:3d} tokens: reffuse {1e3 * row['reffuse_seconds']:6.1f} ms = "
-          f"{row['time_ratio']:.2f}x transformers' time, {row['llamacpp_time_ratio']:.2f}x llama.cpp's")
+          f"{ratio(row, 'time_ratio')} transformers' time, {ratio(row, 'llamacpp_time_ratio')} llama.cpp's")
+width = max(len(check["target"]) for check in bench["targets"])
 for check in bench["targets"]:
-    print(f"target: {check['target']:60s} measured {check['measured']:.2f}  met: {check['met']}")
+    print(f"target: {check['target']:{width}s}  measured {check['measured']:.2f}  {check['verdict']}")
 
 engines = list(bound["fractions"])
 fig, ax = plt.subplots(figsize=(5.5, 2.8))
@@ -179,7 +196,7 @@ show(fig)
 # The paper measures single-user decode of Llama-3.1-405B, its 253B PreFusion descendant (half the attention
 # removed by Puzzle) and the fused Ultra-253B on one node of 8 H100s at TP8 (Table 2). `reffuse.speed.costmodel` puts
 # the same three layouts through a per-layer roofline with a fixed cost per kernel and an alpha-beta ring
-# all-reduce after every row-parallel layer — every number sourced or named in `reffuse/costmodel.py`:
+# all-reduce after every row-parallel layer — every number sourced or named in `reffuse/speed/costmodel/`:
 
 # %%
 comparison = costmodel.paper_comparison()

@@ -441,7 +441,7 @@ def markdown(result: dict, command: str | None = None) -> str:
     if result.get("llama_cpp", {}).get("used"):
         lines += ["", f"llama.cpp (llama-cpp-python {env.get('llama_cpp_python', '?')}) on the same weights as an F32 "
                       "GGUF, F32 KV cache, the same threads, in the same alternation:", "",
-                  "| | reffuse | llama.cpp | reffuse / llama.cpp |", "|---|---:|---:|---:|"]
+                  "| | reffuse | llama.cpp | reffuse / llama.cpp (95% interval) |", "|---|---:|---:|---:|"]
         for r in result["prefill"]:
             lines.append(f"| prefill {r['tokens']} tokens, ms | {1e3 * r['reffuse_seconds']:.1f} | "
                          f"{1e3 * r['llamacpp_seconds']:.1f} | {ratio_text(r, 'llamacpp_time_ratio')} the time |")
