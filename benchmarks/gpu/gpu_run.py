@@ -26,7 +26,7 @@ import reffuse
 from reffuse.core.backend import gpu_module, gpu_module_name, to_numpy
 from reffuse.core.generate import generate
 from reffuse.core.model import KVCache, forward
-from reffuse.speed.bench import run_benchmark
+from reffuse.speed.bench import ratio_text, run_benchmark
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
@@ -98,10 +98,10 @@ def markdown(result: dict) -> str:
     lines += ["", f"decode: {bench['decode']['reffuse_tokens_per_second']:.1f} tokens/s "
                   f"({bench['decode']['new_tokens']} tokens after {bench['decode']['prompt_tokens']})", "",
               f"fused vs sequential run of {bench['ffn_run']['blocks']} FFNs:", "",
-              "| tokens | sequential ms | fused ms | speedup |", "|---:|---:|---:|---:|"]
+              "| tokens | sequential ms | fused ms | sequential / fused (95% interval) |", "|---:|---:|---:|---:|"]
     for r in bench["ffn_run"]["rows"]:
         lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.3f} | {1e3 * r['fused']:.3f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{ratio_text(r, 'speedup')} |")
     return "\n".join(lines) + "\n"
 
 
