@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -30,8 +31,8 @@ from reffuse.method.metrics import matrix_to_json
 from reffuse.method.pipeline import (DEPENDENCY_WINDOW, SCORING_WINDOW, ffn_dependency, is_synthetic, load_texts,
                                      plan_fusion, remove_attention)
 from reffuse.progress import Progress, note
-from reffuse.speed.bench import reffuse_decode, time_decode
-from reffuse.speed.timing import blas_threads, time_region
+from reffuse.speed.bench import decode_samples, reffuse_decode
+from reffuse.speed.timing import blas_threads, paired_ratio, time_region
 
 DEFAULT_DROP = {"smollm2": 8, "tiny": 2}
 EXACTNESS_TOKENS = 64  # of the first held-out window: fused vs parallel compared on them
@@ -79,6 +80,16 @@ def exactness(removed: Model, groups, norm: str, ids) -> dict:
         parallel = forward(reference, ids, parallel_groups=groups)
         errors[dtype] = relative_error(forward(fuse(model, groups, norm=norm), ids), parallel)
     return {"fused_vs_parallel_relative_error": errors, "exactness_tokens": int(len(ids))}
+
+
+def speed_row(original, seconds, tokens_per_run: int | None = None) -> dict:
+    """A model's timed runs against the original's, repeat by repeat: the median time (per token, and as a rate,
+    with `tokens_per_run`), and the speedup original / model, the median of the paired ratios with its 95%
+    interval (> 1: faster than the original)."""
+    median, speedup = statistics.median(seconds), paired_ratio(original, seconds)
+    row = ({"ms": 1e3 * median} if tokens_per_run is None else
+           {"tokens_per_second": tokens_per_run / median, "ms_per_token": 1e3 * median / tokens_per_run})
+    return {**row, "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
 
 
 def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> dict:
@@ -177,15 +188,15 @@ def run_demo(options: DemoOptions) -> dict:
         speed_models = {"original": original, "attention removed": removed, "fused, calibrated": calibrated}
         prompt = texts.held_out.ids[0][:32]
         with Progress("timing decode", options.repeats * len(speed_models), "decodes") as bar:
-            seconds, _ = time_decode({name: (lambda p, n, m=m: reffuse_decode(m, p, n))
-                                      for name, m in speed_models.items()}, prompt, options.decode_tokens,
-                                     options.repeats, progress=bar.update)
-        decode = {name: {"tokens_per_second": options.decode_tokens / s, "ms_per_token": 1e3 * s / options.decode_tokens,
-                         "speedup": seconds["original"] / s} for name, s in seconds.items()}
+            seconds, _ = decode_samples({name: (lambda p, n, m=m: reffuse_decode(m, p, n))
+                                         for name, m in speed_models.items()}, prompt, options.decode_tokens,
+                                        options.repeats, progress=bar.update)
+        decode = {name: speed_row(seconds["original"], s, tokens_per_run=options.decode_tokens)
+                  for name, s in seconds.items()}
         region_rows = []
         for tokens in (1, 128):
             times = time_region(speed_models, region, tokens, options.repeats)
-            region_rows.append({"tokens": tokens, **{name: {"ms": 1e3 * t, "speedup": times["original"] / t}
+            region_rows.append({"tokens": tokens, **{name: speed_row(times["original"], t)
                                                      for name, t in times.items()}})
         result["speed"] = {"decode": decode, "decode_tokens": options.decode_tokens, "prompt_tokens": len(prompt),
                            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

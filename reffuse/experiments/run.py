@@ -13,7 +13,7 @@ accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL 
     the least FFN-level dependency is left inside the groups (reffuse.method.planning), plain fusion, norm "fold";
 (b) FFN removal vs fusion at equal depth reduction: removing the L - k least important FFNs of the span (by the
     KL of removing each alone, on calibration text) against fusing the span into k steps; decode latency of
-    every model in the same run, in alternation (reffuse.speed.bench.time_decode);
+    every model in the same run, in alternation (reffuse.speed.bench.decode_samples);
 (c) the last FFN: fusing [a, b-1] vs [a+1, b] vs [a, b] (one group each);
 (d) reversed order: the blocks of a span run sequentially in reverse order, against fusing them;
 (e) full-block parallelization: the paper's greedy selection (reffuse.method.metrics.greedy_windows) of windows of 4

@@ -177,13 +177,6 @@ def ffn_run_model(model: Model, blocks: int = FFN_RUN_BLOCKS) -> Model:
     return Model(model.config, model.embed, [Block(None, f) for f in ffns], model.norm_gain, model.lm_head)
 
 
-def time_decode(runners: dict, prompt, new_tokens: int, repeats: int, progress=None) -> dict:
-    """Median decode seconds per runner (name -> decode function), in alternation; and each runner's tokens.
-    progress() is called after each timed decode (repeats x runners calls)."""
-    seconds, tokens = decode_samples(runners, prompt, new_tokens, repeats, progress)
-    return {name: statistics.median(s) for name, s in seconds.items()}, tokens
-
-
 def decode_samples(runners: dict, prompt, new_tokens: int, repeats: int, progress=None) -> tuple[dict, dict]:
     """Every repeat's decode seconds per runner, the runners taking turns in each repeat (so that repeat i of
     one runner and repeat i of another ran under the same load: a pair); and each runner's tokens."""

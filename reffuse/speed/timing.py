@@ -94,9 +94,9 @@ def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = 
 
 
 def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int = 7, seed: int = 0) -> dict:
-    """Median seconds to run the blocks of `region` (first, last), numbered as in the unfused model, on `tokens`
-    random positions, per model (name -> Model), timed in alternation. A fused model runs the blocks that stand
-    for those layers."""
+    """Every repeat's seconds to run the blocks of `region` (first, last), numbered as in the unfused model, on
+    `tokens` random positions, per model (name -> list), timed in alternation (compare_samples). A fused model
+    runs the blocks that stand for those layers."""
     rng = np.random.default_rng(seed)
     fns = {}
     for name, model in models.items():
@@ -106,7 +106,7 @@ def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int
         layers = [i for i, span in enumerate(original_layers(model)) if region[0] <= span[0] <= region[1]]
         fns[name] = (lambda model=model, x=x, cos=cos, sin=sin, start=layers[0], stop=layers[-1] + 1:
                      run_blocks(model, x, cos, sin, start=start, stop=stop))
-    return compare_seconds(fns, repeats)
+    return compare_samples(fns, repeats)
 
 
 def streaming_bandwidth(threads: int, repeats: int = 7, megabytes: int = 128) -> dict:
