@@ -128,7 +128,8 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
           f"{row['speedup']:9.2f} ({low:.2f}-{high:.2f}) {1e3 * bound:17.3f}")
 
 # %% [markdown]
-# Read the ratio column: the median of the repeats' paired ratios, with the 95% interval of that median. At 1 token the run is memory-bound and tiny: the weights are read once either way, and
+# Read the ratio column: the median of the repeats' paired ratios, with the 95% interval of that median. At 1
+# token the run is memory-bound and tiny: the weights are read once either way, and
 # what fusion saves is the fixed work per block — 8 RMSNorms, 8 residual adds and 24 small matrix products
 # become 1, 1 and 3 — which is a large part of a sub-millisecond run. At many tokens both are compute-bound
 # and do the same FLOPs, so the ratio tends to 1; a naive fused GEMM even loses there, because its wide

@@ -37,7 +37,8 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("tokens in the batch (log scale)")
     ax.set_ylabel("sequential time / fused time")
-    top = max(r.get("speedup_interval_95", [0, r["speedup"]])[1] for result in results for r in result["ffn_run"]["rows"])
+    top = max(r.get("speedup_interval_95", [0, r["speedup"]])[1]
+              for result in results for r in result["ffn_run"]["rows"])
     ax.set_ylim(0, 1.15 * max(top, 1.0))  # room for the labels above the points
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")

@@ -226,7 +226,8 @@ def describe_blas(env: dict) -> str:
                                                      ("OPENBLAS_L2_SIZE", "openblas_l2_size")) if env.get(key)]
     if env.get("openblas_coretype"):
         return blas + f", chosen by {' '.join(chosen)} in the environment"
-    return blas + ", detected by OpenBLAS for this CPU" + (f" ({' '.join(chosen)} in the environment)" if chosen else "")
+    detected = blas + ", detected by OpenBLAS for this CPU"
+    return detected + (f" ({' '.join(chosen)} in the environment)" if chosen else "")
 
 
 def blas_in_use() -> str:
@@ -304,7 +305,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             decode = {"prompt_tokens": len(prompt), "new_tokens": decode_tokens,
                       "reffuse_tokens_per_second": decode_tokens / seconds["reffuse"]}
             if hf is not None:
-                speedup = paired_ratio(samples["transformers"], samples["reffuse"])  # their time / ours: our speed / theirs
+                speedup = paired_ratio(samples["transformers"], samples["reffuse"])  # their time / ours = speed ratio
                 decode.update(transformers_tokens_per_second=decode_tokens / seconds["transformers"],
                               speedup=speedup["median"], speedup_interval_95=speedup["interval_95"],
                               same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
@@ -385,7 +386,8 @@ def check_targets(result: dict) -> list[dict]:
 
     ffn_rows = result["ffn_run"]["rows"]
     return [
-        check("prefill", "reffuse/transformers time ratio, deciding length", ratios(result["prefill"], "time_ratio"), 0.8, False),
+        check("prefill", "reffuse/transformers time ratio, deciding length", ratios(result["prefill"], "time_ratio"),
+              0.8, False),
         check("decode", "reffuse/transformers tokens/s", ratios([result["decode"]], "speedup"), 2.5, True),
         check("decode_llamacpp", "reffuse/llama.cpp tokens/s", ratios([result["decode"]], "fraction_of_llamacpp"),
               0.5, True),
@@ -418,7 +420,8 @@ def markdown(result: dict, command: str | None = None) -> str:
               "machine)."]
     if not result["transformers"]["used"]:
         lines += ["", f"transformers not measured: {result['transformers']['reason']}"]
-    lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time (95% interval) |", "|---:|---:|---:|---:|"]
+    lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time (95% interval) |",
+              "|---:|---:|---:|---:|"]
     for r in result["prefill"]:
         hf = r.get("transformers_seconds")
         lines.append(f"| {r['tokens']} | {1e3 * r['reffuse_seconds']:.1f} | "
@@ -464,7 +467,8 @@ def markdown(result: dict, command: str | None = None) -> str:
                   f"{'/'.join(map(str, sorted(set(f['widths']))))}), fused into one of width {f['fused_width']}.", "",
               "| tokens | sequential ms | fused ms | sequential / fused (95% interval) |", "|---:|---:|---:|---:|"]
     for r in f["rows"]:
-        lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | {ratio_text(r, 'speedup')} |")
+        lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | "
+                     f"{ratio_text(r, 'speedup')} |")
     lines += ["", "Each ratio is the median of the repeats' paired ratios; a target is met when the 95% interval of "
                   "every ratio it checks lies on its side, not met when one lies wholly on the other, and unresolved "
                   "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
