@@ -7,19 +7,20 @@ Each part of the forward pass that reffuse.core.model names (RMSNorm, attention,
 head) is timed by wrapping that function for the run; what is left of the step's time is Python between them
 (block walking, residual adds, cache bookkeeping). A part's time includes what it calls: the LM head's includes
 the final norm, attention's the RoPE rotation. Every run is timed twice, with the fast paths off (the plain
-functions, core.fast_paths(False)) and on, so that what they buy is a ratio from the same run. The bound: the
-bytes a decode step must read (every weight once) over the streaming bandwidth NumPy reaches here
+functions, core.fast_paths(False)) and on; what they buy is then timed on the whole forward, plain and fast
+alternated, as the median of the paired ratios with a 95% interval.
+
+The bound: the bytes a decode step must read (every weight once) over the streaming bandwidth NumPy reaches here
 (speed.timing.streaming_bandwidth: a large GEMV with the weights stored (out, in) as reffuse stores them and
-(in, out), and a copy), so that "fraction of the bound" is measured, not assumed. llama.cpp's decode of the same F32
-weights is timed beside it where the `llamacpp` extra is installed. And two storage choices: the input projections
-that read the same x as separate products and as one, and the weights in one arena against separate arrays. Medians of --repeats, BLAS
-pinned to --threads.
+(in, out), and a copy), so that "fraction of the bound" is measured, not assumed. llama.cpp's decode of the same
+F32 weights is timed beside it where the `llamacpp` extra is installed. And two storage choices, each alternated
+with a paired interval: the input projections that read the same x as separate products and as one, and the
+weights in one arena against separate arrays. Medians of --repeats, BLAS pinned to --threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +36,8 @@ from reffuse.core import model as core
 from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.speed.bench import blas_in_use
-from reffuse.speed.timing import (blas_threads, compare_seconds, decode_bound, median_seconds, paired_ratio,
+from reffuse.files import write_json_atomic, write_text_atomic
+from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, median_seconds, paired_ratio,
                                   streaming_bandwidth)
 
 PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
@@ -77,9 +79,23 @@ def timed_parts(run, repeats: int) -> dict:
     return {"seconds": step, "parts": parts, "shares": {k: v / step for k, v in parts.items()}}
 
 
+def fast_against_plain(run, repeats: int) -> dict:
+    """run() with the fast paths off and on, alternated: fast / plain time, the median of the paired ratios with
+    its 95% interval (timing.paired_ratio)."""
+    def under(enabled):
+        def timed():
+            with core.fast_paths(enabled):
+                run()
+        return timed
+
+    samples = compare_samples({"plain": under(False), "fast": under(True)}, repeats)
+    return paired_ratio(samples["fast"], samples["plain"])
+
+
 def stacking(model, threads: int, repeats: int) -> dict:
     """The input projections of all blocks as separate products and as one stacked product each (gate and up of an
-    FFN; q, k and v of an attention), at 1 and PREFILL_LONG tokens: median ms, alternated, and stacked/separate."""
+    FFN; q, k and v of an attention), at 1 and PREFILL_LONG tokens, alternated: median seconds, and stacked /
+    separate time as the median of the paired ratios with its 95% interval."""
     gate_up = [np.concatenate([b.ffn.gate, b.ffn.up]) for b in model.blocks]  # what stacking the FFN would store
     rows = []
     with blas_threads(threads):
@@ -99,11 +115,19 @@ def stacking(model, threads: int, repeats: int) -> dict:
 
             for name, separate, stacked in (("FFN gate, up", products(ffn_pairs), products([stacked_ffn])),
                                             ("attention q, k, v", products(qkv_triples), products([stacked_qkv]))):
-                seconds = compare_seconds({"separate": separate, "stacked": stacked}, reps)
-                rows.append({"products": name, "tokens": tokens, "separate_seconds": seconds["separate"],
-                             "stacked_seconds": seconds["stacked"],
-                             "stacked_over_separate_time": seconds["stacked"] / seconds["separate"]})
+                samples = compare_samples({"separate": separate, "stacked": stacked}, reps)
+                ratio = paired_ratio(samples["stacked"], samples["separate"])
+                rows.append({"products": name, "tokens": tokens,
+                             "separate_seconds": statistics.median(samples["separate"]),
+                             "stacked_seconds": statistics.median(samples["stacked"]),
+                             "stacked_over_separate_time": ratio["median"],
+                             "stacked_over_separate_interval_95": ratio["interval_95"]})
     return {"rows": rows}
+
+
+def interval_text(ratio: dict) -> str:
+    """'0.70x (0.66-0.72)': a paired_ratio and its 95% interval."""
+    return f"{ratio['median']:.2f}x ({ratio['interval_95'][0]:.2f}-{ratio['interval_95'][1]:.2f})"
 
 
 def decode_step(model, prompt):
@@ -141,15 +165,17 @@ def main(argv=None) -> int:
     prompt = rng.integers(0, model.config.vocab_size, 64)
     long_prompt = rng.integers(0, model.config.vocab_size, PREFILL_LONG)
     weight_bytes = sum(t.nbytes for t in model_to_tensors(model).values())  # every weight once (tied: once)
-    measured = {}
+    runs = {"decode": (decode_step(model, prompt), args.repeats),
+            "prefill_64": (lambda: forward(model, prompt, cache=KVCache(model, 64)), args.repeats),
+            f"prefill_{PREFILL_LONG}": (lambda: forward(model, long_prompt, cache=KVCache(model, PREFILL_LONG)),
+                                        max(args.repeats // 3, 3))}
+    measured, fast_over_plain = {}, {}
     with blas_threads(args.threads):
-        for path, fast in (("plain", False), ("fast", True)):
+        for path, fast in (("plain", False), ("fast", True)):  # the parts: each wrapped function timed
             with core.fast_paths(fast):
-                measured[path] = {
-                    "decode": timed_parts(decode_step(model, prompt), args.repeats),
-                    "prefill_64": timed_parts(lambda: forward(model, prompt, cache=KVCache(model, 64)), args.repeats),
-                    f"prefill_{PREFILL_LONG}": timed_parts(
-                        lambda: forward(model, long_prompt, cache=KVCache(model, PREFILL_LONG)), max(args.repeats // 3, 3))}
+                measured[path] = {name: timed_parts(run, repeats) for name, (run, repeats) in runs.items()}
+        for name, (run, repeats) in runs.items():  # what the fast paths buy: the whole forward, alternated
+            fast_over_plain[name] = fast_against_plain(run, repeats)
     decode = measured["fast"]["decode"]
     stacked = stacking(model, args.threads, args.repeats)
     arena = arena_effect(model, prompt, args.threads)
@@ -161,8 +187,7 @@ def main(argv=None) -> int:
               "bandwidth": bandwidth,
               "weight_bytes": weight_bytes, "bound_seconds_per_token": bound["seconds_per_token"],
               "fraction_of_bound": bound["seconds_per_token"] / decode["seconds"],
-              "fast_over_plain_time": {run: measured["fast"][run]["seconds"] / measured["plain"][run]["seconds"]
-                                       for run in measured["fast"]}}
+              "fast_over_plain_time": fast_over_plain}
     try:
         from reffuse.formats.registry import load_tokenizer
         from reffuse.speed.bench import llamacpp_runner
@@ -175,12 +200,14 @@ def main(argv=None) -> int:
         result["llama_cpp_tokens_per_second"] = None
         result["llama_cpp_reason"] = str(e)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(args.out / "profile.json", result)
     runs = list(measured["fast"])
     lines = [f"# Where SmolLM2's time goes in reffuse, {args.threads} threads", "", "Produced by:", "",
              f"    {result['command']}", "", f"Load average {result['load_average_1min']:.1f}; BLAS {result['blas']}. "
              f"Medians of {args.repeats} ({max(args.repeats // 3, 3)} for {PREFILL_LONG} tokens). Each run with the "
-             "fast paths of reffuse.core.model off (plain) and on (fast, the default), one after the other.", "",
+             "fast paths of reffuse.core.model off (plain) and on (fast, the default), one after the other, every "
+             "part of the forward pass timed; then the whole forward plain and fast again, alternated, for fast / "
+             "plain time: the median of the paired repeats' ratios, its 95% interval in brackets.", "",
              "| part | " + " | ".join(f"{run.replace('_', ' ')} ms, plain | fast" for run in runs) + " |",
              "|---|" + "---:|---:|" * len(runs)]
     for part in decode["parts"]:
@@ -189,16 +216,19 @@ def main(argv=None) -> int:
     lines.append("| **the whole forward** | " + " | ".join(
         f"{1e3 * measured['plain'][run]['seconds']:.2f} | {1e3 * measured['fast'][run]['seconds']:.2f}"
         for run in runs) + " |")
-    ratios = [cell for run in runs for cell in ("", f"{result['fast_over_plain_time'][run]:.2f}x")]
+    ratios = [cell for run in runs for cell in ("", interval_text(fast_over_plain[run]))]
     lines.append("| fast / plain time | " + " | ".join(ratios) + " |")
     lines += ["", "The attention part includes its RoPE rotation; the LM head's, the final norm. `ffn_output`, "
                   "`attention_output` and `rope_for` are where the fast paths are chosen."]
     lines += ["", f"Stacking the projections that read the same input into one product, over all "
                   f"{len(model.blocks)} blocks (the products alone, alternated):", "",
-              "| products | tokens | separate ms | stacked ms | stacked / separate time |", "|---|---:|---:|---:|---:|"]
+              "| products | tokens | separate ms | stacked ms | stacked / separate time (95% interval) |",
+              "|---|---:|---:|---:|---:|"]
     for row in stacked["rows"]:
         lines.append(f"| {row['products']} | {row['tokens']} | {1e3 * row['separate_seconds']:.2f} | "
-                     f"{1e3 * row['stacked_seconds']:.2f} | {row['stacked_over_separate_time']:.2f}x |")
+                     f"{1e3 * row['stacked_seconds']:.2f} | {row['stacked_over_separate_time']:.2f}x "
+                     f"({row['stacked_over_separate_interval_95'][0]:.2f}-"
+                     f"{row['stacked_over_separate_interval_95'][1]:.2f}) |")
     ratio = arena["arena_over_separate_time"]
     lines += ["", f"All weights in one allocation (core.model.gathered, as load_model returns them, on huge pages) "
                   f"against the same weights as separate arrays: a decode step takes {ratio['median']:.2f}x the time "
@@ -215,7 +245,7 @@ def main(argv=None) -> int:
     if result["llama_cpp_tokens_per_second"]:
         lines.append(f"llama.cpp decodes the same F32 weights at {result['llama_cpp_tokens_per_second']:.1f} tokens/s "
                      "(32 tokens after the same prompt, median of 5).")
-    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "profile.md", "\n".join(lines) + "\n")
     print(args.out / "profile.md")
     return 0
 

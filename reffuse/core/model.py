@@ -232,10 +232,11 @@ def ffn_output(ffn: FFN, x):
     cache, the same sum in column blocks (below), a fast path. The one place where that choice is made.
 
     gate and up read the same x, so they could be one product, as q, k and v are (attention_stacked): the
-    stacking of Theorem 3.1 applied inside one FFN. Measured on SmolLM2 (benchmarks/results/profile_smollm2), one
-    stacked product took 1.00-1.06x the two products' time at one token and 0.97-1.00x at 512 tokens (two runs),
-    where q, k and v stacked took 0.51-0.52x at one token: two products of 1536 rows already stream at the machine's rate, so the FFN
-    keeps two."""
+    stacking of Theorem 3.1 applied inside one FFN. Measured on SmolLM2 (benchmarks/results/profile_smollm2*, two
+    runs: OpenBLAS's AVX2 and AVX-512 kernels), one stacked product took 1.02x and 1.01x the two products' time at
+    one token and 1.00x and 1.03x at 512 tokens (95% intervals within 1.00-1.05), where q, k and v stacked took
+    0.69x and 0.66x at one token: two products of 1536 rows already stream at the machine's rate, so the FFN keeps
+    two."""
     if FAST_PATHS and x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
         return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
     return swiglu(ffn, x)
@@ -591,8 +592,9 @@ def gathered(model: Model) -> Model:
     Why: NumPy asks Linux for huge pages (2 MiB) for allocations of 4 MiB or more, and the arena is one such; the
     weights as loaded are smaller arrays, or buffers NumPy did not allocate, on 4 KiB pages. A decode step reads
     every weight once, and with huge pages it needs 512 times fewer address translations to do so: on SmolLM2 a
-    decode step took 0.84x and 0.87x the time of the same weights as separate arrays in two runs
-    (benchmarks/results/profile_smollm2*), depending on whether the separate arrays happen to sit on huge pages.
+    decode step took 0.93x (95% interval 0.91-0.96) and 0.91x (0.89-0.93) the time of the same weights as
+    separate arrays in two runs (benchmarks/results/profile_smollm2*): how much depends on whether the separate
+    arrays happen to sit on huge pages, which the allocator decides.
     On a GPU the model is returned as it is.
     """
     if array_module(model.embed) is not np:
