@@ -124,8 +124,9 @@ print(f"{'tokens':>6s} {'sequential ms':>13s} {'fused ms':>9s} {'seq/fused (95% 
 for row in sorted(run["rows"], key=lambda r: r["tokens"]):
     bound = np.interp(row["tokens"], tokens, roofline_seconds)
     low, high = row["speedup_interval_95"]
-    print(f"{row['tokens']:6d} {1e3 * row['sequential']:13.3f} {1e3 * row['fused']:9.3f} "
-          f"{row['speedup']:9.2f} ({low:.2f}-{high:.2f}) {1e3 * bound:17.3f}")
+    speedup = f"{row['speedup']:.2f}x ({low:.2f}-{high:.2f})"
+    print(f"{row['tokens']:6d} {1e3 * row['sequential']:13.3f} {1e3 * row['fused']:9.3f} {speedup:>25s} "
+          f"{1e3 * bound:17.3f}")
 
 # %% [markdown]
 # Read the ratio column: the median of the repeats' paired ratios, with the 95% interval of that median. At 1
@@ -145,17 +146,12 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # cannot be faster than those bytes over the streaming rate NumPy reaches on this machine. Every ratio is the
 # median of the repeats' paired ratios, with the 95% bootstrap interval of that median; a target is met when the
 # intervals lie on its side, not met when one lies wholly on the other, and unresolved in between. The first line
-# says which BLAS kernels ran: OpenBLAS picks them for the CPU unless the environment pins them
+# printed says which BLAS kernels ran: OpenBLAS picks them for the CPU unless the environment pins them
 # (`OPENBLAS_CORETYPE`), as some machines do to work around older OpenBLAS builds; a run under an AVX2 pin is
 # committed beside this one (`benchmarks/results/bench_smollm2_haswell.md`), and there prefill at 512 tokens
 # comes out at 0.79x transformers' time with an interval that holds the 0.8x target.
 
 # %%
-decode, prefill, bound = bench["decode"], bench["prefill"], bench["bound"]
-print(f"the bound: {bound['weight_bytes'] / 1e6:.0f} MB at {bound['bytes_per_second'] / 1e9:.1f} GB/s, "
-      f"at most {bound['tokens_per_second']:.1f} tokens/s")
-for engine, fraction in bound["fractions"].items():
-    print(f"  {engine:12s} {fraction * bound['tokens_per_second']:6.1f} tokens/s = {fraction:4.0%} of the bound")
 def ratio(row, key):
     """A ratio of the benchmark and its 95% interval, as text."""
     low, high = row[f"{key}_interval_95"]
@@ -163,6 +159,11 @@ def ratio(row, key):
 
 
 print(f"BLAS: {describe_blas(bench['environment'])}")
+decode, prefill, bound = bench["decode"], bench["prefill"], bench["bound"]
+print(f"the bound: {bound['weight_bytes'] / 1e6:.0f} MB at {bound['bytes_per_second'] / 1e9:.1f} GB/s, "
+      f"at most {bound['tokens_per_second']:.1f} tokens/s")
+for engine, fraction in bound["fractions"].items():
+    print(f"  {engine:12s} {fraction * bound['tokens_per_second']:6.1f} tokens/s = {fraction:4.0%} of the bound")
 print(f"reffuse / transformers {ratio(decode, 'speedup')}, reffuse / llama.cpp {ratio(decode, 'fraction_of_llamacpp')}"
       f"; same greedy tokens as transformers: {decode['same_greedy_tokens']}")
 for row in prefill:

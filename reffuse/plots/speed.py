@@ -24,8 +24,8 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
         label = (f"{result['model']}: {run['blocks']} FFNs of width {'/'.join(map(str, sorted(set(run['widths']))))}"
                  f", {threads} thread{'s' if threads != 1 else ''}")
         if all("speedup_interval_95" in r for r in rows):
-            below = [r["speedup"] - r["speedup_interval_95"][0] for r in rows]
-            above = [r["speedup_interval_95"][1] - r["speedup"] for r in rows]
+            below = [max(r["speedup"] - r["speedup_interval_95"][0], 0) for r in rows]
+            above = [max(r["speedup_interval_95"][1] - r["speedup"], 0) for r in rows]
             ax.errorbar(tokens, ratio, yerr=[below, above], marker="o", capsize=3, label=label + ", 95% intervals")
         else:
             ax.plot(tokens, ratio, marker="o", label=label)

@@ -352,7 +352,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
 
 
 def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
-    """The rule that turns measured ratios into a verdict on a target, fixed before the runs that apply it:
+    """The rule that turns measured ratios into a verdict on a target:
     "met" when every 95% interval lies on the target's side of `threshold` (or on it), "not met" when some
     interval lies wholly on the other side, "unresolved" otherwise (an interval holds the threshold)."""
     if not intervals:
@@ -474,7 +474,8 @@ def markdown(result: dict, command: str | None = None) -> str:
                   "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
     for t in result["targets"]:
         value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
-        interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.2f}-{t['interval_95'][1]:.2f}"
+        # three decimals: an interval that stops just short of a threshold must not print as reaching it
+        interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.3f}-{t['interval_95'][1]:.3f}"
         verdict = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
         lines.append(f"| {t['target']} | {value} | {interval} | {verdict} |")
     return "\n".join(lines) + "\n"

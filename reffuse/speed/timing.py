@@ -47,11 +47,6 @@ def compare_samples(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
     return times
 
 
-def compare_seconds(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
-    """Median wall time of each fn() (name -> seconds), timed in alternation (compare_samples)."""
-    return {name: statistics.median(t) for name, t in compare_samples(fns, repeats, warmup).items()}
-
-
 def paired_ratio(numerator, denominator, resamples: int = 2000, seed: int = 0) -> dict:
     """The median of the per-repeat ratios numerator_i / denominator_i, with a percentile-bootstrap 95% interval
     of that median; "resolved" when the interval excludes 1."""
