@@ -194,7 +194,7 @@ def decode_samples(runners: dict, prompt, new_tokens: int, repeats: int, progres
 
 def environment(threads: int, device: str = "cpu") -> dict:
     """What the numbers were measured on."""
-    env = {"machine": platform.machine(), "processor": platform.processor() or None, "cores": os.cpu_count(),
+    env = {"machine": platform.machine(), "processor": processor_name(), "cores": os.cpu_count(),
            "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
            "device": device.split(":")[0], "device_index": int(device.split(":")[1]) if ":" in device else None}
     if device != "cpu":
@@ -214,6 +214,18 @@ def environment(threads: int, device: str = "cpu") -> dict:
     if hasattr(os, "getloadavg"):
         env["load_average_1min_at_start"] = os.getloadavg()[0]
     return env
+
+
+def processor_name() -> str | None:
+    """The CPU's model name (Linux: /proc/cpuinfo, where platform.processor() says nothing), None if unknown."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def describe_blas(env: dict) -> str:
@@ -417,7 +429,7 @@ def markdown(result: dict, command: str | None = None) -> str:
               + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
               f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a {env['cores']}-core "
-              "machine)."]
+              "machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
     if not result["transformers"]["used"]:
         lines += ["", f"transformers not measured: {result['transformers']['reason']}"]
     lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time (95% interval) |",

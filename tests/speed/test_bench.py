@@ -75,6 +75,8 @@ def test_benchmark_result_has_every_part(tiny_result):
     assert {row["tokens"] for row in r["ffn_run"]["rows"]} == {1, 128}
     assert r["transformers"] == {"used": False, "reason": "not asked for (--no-transformers)"}
     assert r["environment"]["threads"] == 1
+    processor = r["environment"]["processor"]
+    assert processor is None or (processor in markdown(r) and processor.strip() == processor)
     bound = r["bound"]  # every weight once, at the best streaming rate measured in the run
     assert bound["seconds_per_token"] == pytest.approx(bound["weight_bytes"] / max(bound["bandwidth"].values()))
     assert set(bound["fractions"]) == {"reffuse"} and "fraction of the bound" in markdown(r)
