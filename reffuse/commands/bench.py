@@ -8,11 +8,19 @@ it; and a run of 8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 5
 llama.cpp, llama.cpp's prefill and decode of the same weights (an F32 GGUF) join the alternation, and its decode
 of the attention-removed model is timed against the fused one. With --device gpu: the FFN run up to 4096 tokens,
 every timed region synchronised, transformers not compared. Medians after warm-up, timed in alternation. Shared
-machines are noisy: trust the ratios, which are measured in the same run.
+machines are noisy: trust the ratios, which are measured in the same run. Each ratio is the median of the
+repeats' paired ratios with a bootstrap 95% interval; with few --repeats the intervals are wide (the committed
+runs use 11).
 
 The speed targets (2 cores, float32) are checked and reported: prefill <= 0.8x transformers' time at every
 length, decode >= 2.5x transformers' tokens/s and >= 0.5x llama.cpp's, the fused FFN run >= 1.3x faster at 1
-token and never slower at 128 and 512. REFFUSE_PLAIN=1 times the plain forward pass, without its fast paths.
+token and never slower at 128 and 512. A target is "met" when every interval it checks lies on its side, "not
+met" when one lies wholly on the other side, "unresolved" otherwise. REFFUSE_PLAIN=1 times the plain forward
+pass, without its fast paths.
+
+The output says which BLAS kernels ran and whether OpenBLAS detected them for this CPU or the environment chose
+them: some machines set OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE to work around older OpenBLAS builds. To time NumPy
+on the kernels OpenBLAS would choose, unset both for that command alone (the last example).
 
 --out FILE.json writes the JSON there and the Markdown tables beside it (FILE.md), with the command line.
 
@@ -21,6 +29,7 @@ examples:
   reffuse bench --model smollm2 --threads 2 --against llama.cpp --out out/bench_smollm2.json
   reffuse bench --model tiny --repeats 3 --no-transformers
   REFFUSE_PLAIN=1 reffuse bench --model smollm2 --no-transformers   # the plain forward pass, no fast paths
+  env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE reffuse bench --model smollm2 --repeats 11   # OpenBLAS's kernels
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=positive_int, default=None,
                         help=f"BLAS and torch threads (default: the cores available, here {default_threads()})")
     parser.add_argument("--repeats", type=positive_int, default=7,
-                        help="timed repeats of each measurement; medians (default 7)")
+                        help="timed repeats of each measurement, alternated; medians and paired 95%% intervals "
+                             "(default 7)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--against", choices=("llama.cpp",), action="append", default=[],
                         help="llama.cpp: also time llama.cpp on the same weights (an F32 GGUF; the `llamacpp` "
