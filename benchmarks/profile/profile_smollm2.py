@@ -126,7 +126,9 @@ def stacking(model, threads: int, repeats: int) -> dict:
 
 
 def interval_text(ratio: dict) -> str:
-    """'0.70x (0.66-0.72)': a paired_ratio and its 95% interval."""
+    """'0.70x (0.66-0.72)': a paired_ratio and its 95% interval ('-' from too few repeats)."""
+    if ratio["interval_95"] is None:
+        return f"{ratio['median']:.2f}x (-)"
     return f"{ratio['median']:.2f}x ({ratio['interval_95'][0]:.2f}-{ratio['interval_95'][1]:.2f})"
 
 
@@ -226,9 +228,9 @@ def main(argv=None) -> int:
               "|---|---:|---:|---:|---:|"]
     for row in stacked["rows"]:
         lines.append(f"| {row['products']} | {row['tokens']} | {1e3 * row['separate_seconds']:.2f} | "
-                     f"{1e3 * row['stacked_seconds']:.2f} | {row['stacked_over_separate_time']:.2f}x "
-                     f"({row['stacked_over_separate_interval_95'][0]:.2f}-"
-                     f"{row['stacked_over_separate_interval_95'][1]:.2f}) |")
+                     f"{1e3 * row['stacked_seconds']:.2f} | "
+                     + interval_text({"median": row["stacked_over_separate_time"],
+                                      "interval_95": row["stacked_over_separate_interval_95"]}) + " |")
     ratio = arena["arena_over_separate_time"]
     lines += ["", f"All weights in one allocation (core.model.gathered, as load_model returns them, on huge pages) "
                   f"against the same weights as separate arrays: a decode step takes {ratio['median']:.2f}x the time "

@@ -40,6 +40,7 @@ from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTING
 from reffuse.core.fusion import NORM_MODES
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
+from reffuse.speed.timing import MIN_PAIRS
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
 
@@ -61,8 +62,9 @@ def add_arguments(parser):
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
     add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128)
     parser.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens per decode timing (default 16)")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timing repeats; the median is reported (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=7,
+                        help="timing repeats, alternated; medians, and speedups with the 95%% interval of their "
+                             f"paired repeats (from {MIN_PAIRS} repeats on; default 7)")
     parser.add_argument("--sample-tokens", type=positive_int, default=12,
                         help="tokens of each greedy sample (default 12)")
     parser.add_argument("--prompt", default=PROMPT, help=f"prompt of the greedy samples (default {PROMPT!r})")
@@ -159,7 +161,9 @@ def print_quality(r: dict) -> None:
 
 
 def speedup_text(row: dict) -> str:
-    """'1.61x (1.55-1.66)': a speedup over the original and its 95% interval."""
+    """'1.61x (1.55-1.66)': a speedup over the original and its 95% interval (none from too few repeats)."""
+    if row["speedup_interval_95"] is None:
+        return f"{row['speedup']:.2f}x (-)"
     low, high = row["speedup_interval_95"]
     return f"{row['speedup']:.2f}x ({low:.2f}-{high:.2f})"
 
@@ -167,8 +171,10 @@ def speedup_text(row: dict) -> str:
 def print_speed_and_samples(r: dict) -> None:
     s = r["speed"]
     load = "" if s.get("load_average_1min") is None else f", load average {s['load_average_1min']:.1f}"
+    intervals = ("its 95% interval in brackets" if s["repeats"] >= MIN_PAIRS else
+                 f"no 95% interval from fewer than {MIN_PAIRS} repeats")
     print(f"speed, float32, medians of {s['repeats']} timed in alternation in one run{load}; a speedup is the "
-          "median of the repeats' paired ratios, its 95% interval in brackets")
+          f"median of the repeats' paired ratios, {intervals}")
     rows = [[name, f"{d['tokens_per_second']:.1f}", speedup_text(d)] for name, d in s["decode"].items()]
     print(format_table(["model", f"decode tokens/s ({s['decode_tokens']} after {s['prompt_tokens']})",
                         "vs original"], rows) + "\n")

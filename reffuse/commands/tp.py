@@ -15,7 +15,10 @@ For the sequential model and the fused one, it runs a prefill of --prefill-token
 logits against the single-process forward of the same model on rank 0: parity means max |error| <= 1e-5 of
 max |logit| in float32 (1e-12 in float64, where float32 rounding no longer hides that sharding is exact).
 It prints per forward: all-reduces, bytes summed, all-reduce time and total time, sequential vs fused.
-Times are rank 0's, medians of --repeats; ranks start each forward together (a barrier, not counted).
+Times are rank 0's, medians of --repeats; ranks start each forward together (a barrier, not counted). The two
+models take turns forward by forward, so that forward i of each ran under the same load: fused / sequential
+time is the median of those pairs' ratios, with a bootstrap 95% interval (prefill: --repeats pairs; decode:
+--repeats x --decode-tokens).
 
 The fused plan: --groups, or else the longest attention-free run without its last block (the paper finds a
 run's last FFN the most sensitive); for tiny that is 4-8. A model without an attention-free run (SmolLM2)
@@ -25,7 +28,9 @@ and both the sequential and the fused model are that model; the output says whic
 With --json, rank 0 prints one object: {"ranks", "max_abs_error", "max_rel_error", "parity", "sequential": {...},
 "fused": {...}, ...}. In "sequential" and "fused", allreduce_count / allreduce_bytes / allreduce_seconds / seconds
 are those of the prefill forward; "decode" holds the same per decode step (medians); "expected_allreduce_count"
-is (blocks with attention) + (FFN blocks). Exit status 1 if parity fails.
+is (blocks with attention) + (FFN blocks); "fused_over_sequential_time" holds, for "prefill" and "decode", the
+paired ratio ("median", "interval_95", "repeats": the pairs, "resolved": the interval excludes 1). Exit status 1
+if parity fails.
 
 Several machines: MPI's own host file, e.g. `mpiexec -f hosts -n 8 reffuse tp ...` (MPICH) or
 `mpiexec --hostfile hosts -n 8 reffuse tp ...` (Open MPI), with reffuse installed on every machine.
@@ -47,6 +52,7 @@ from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
 from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, prepare, run_job
+from reffuse.speed.timing import MIN_PAIRS
 from reffuse.tp.runtime import mpi
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
 
@@ -122,6 +128,15 @@ def print_tables(result: dict) -> None:
     print(f"all-reduces per forward: sequential {seq['allreduce_count']} (expected {seq['expected_allreduce_count']}"
           f"), fused {fused['allreduce_count']} (expected {fused['expected_allreduce_count']}): fusion saves "
           f"{seq['allreduce_count'] - fused['allreduce_count']}")
+    for phase, ratio in result["fused_over_sequential_time"].items():
+        if ratio["interval_95"] is None:
+            print(f"fused / sequential time, {phase}: {ratio['median']:.2f}x over {ratio['repeats']} paired "
+                  f"forwards, too few for a 95% interval (--repeats so that there are {MIN_PAIRS} or more)")
+            continue
+        low, high = ratio["interval_95"]
+        print(f"fused / sequential time, {phase}: {ratio['median']:.2f}x, 95% interval {low:.2f}-{high:.2f} over "
+              f"{ratio['repeats']} paired forwards: " + ("resolved" if ratio["resolved"] else
+                                                        "unresolved (the interval holds 1)"))
     verdict = "ok" if result["parity"] else "FAILED"
     print(f"parity with the single-process forward on rank 0: max relative error {result['max_rel_error']:.2e} "
           f"(<= {result['tolerance_rel']:.0e}): {verdict}")

@@ -56,7 +56,7 @@ class DemoOptions(FromArguments):
     scoring_tokens: int = 256
     dependency_tokens: int = 128
     decode_tokens: int = 16
-    repeats: int = 5
+    repeats: int = 7
     sample_tokens: int = 12
     prompt: str = PROMPT
     device: str = "cpu"

@@ -23,7 +23,7 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
         threads = result["environment"]["threads"]
         label = (f"{result['model']}: {run['blocks']} FFNs of width {'/'.join(map(str, sorted(set(run['widths']))))}"
                  f", {threads} thread{'s' if threads != 1 else ''}")
-        if all("speedup_interval_95" in r for r in rows):
+        if all(r.get("speedup_interval_95") for r in rows):
             below = [max(r["speedup"] - r["speedup_interval_95"][0], 0) for r in rows]
             above = [max(r["speedup_interval_95"][1] - r["speedup"], 0) for r in rows]
             ax.errorbar(tokens, ratio, yerr=[below, above], marker="o", capsize=3, label=label + ", 95% intervals")
@@ -37,7 +37,7 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("tokens in the batch (log scale)")
     ax.set_ylabel("sequential time / fused time")
-    top = max(r.get("speedup_interval_95", [0, r["speedup"]])[1]
+    top = max((r.get("speedup_interval_95") or [0, r["speedup"]])[1]
               for result in results for r in result["ffn_run"]["rows"])
     ax.set_ylim(0, 1.15 * max(top, 1.0))  # room for the labels above the points
     ax.set_title(title)

@@ -26,6 +26,7 @@ bootstrap 95% interval (timing.paired_ratio), and a target's verdict follows fro
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import platform
 import statistics
@@ -42,8 +43,8 @@ from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Block, KVCache, Model, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
-from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, paired_ratio, streaming_bandwidth,
-                                  time_ffn_run)
+from reffuse.speed.timing import (MIN_PAIRS, blas_threads, compare_samples, decode_bound, paired_ratio,
+                                  streaming_bandwidth, time_ffn_run)
 
 PREFILL_TOKENS = (64, 128, 256, 512)
 DECODE_PROMPT_TOKENS = 64
@@ -379,9 +380,11 @@ def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
 
 def check_targets(result: dict) -> list[dict]:
     """Each speed target with the measured ratio (where it is checked at several lengths, the one that decides),
-    its 95% interval and the verdict of target_verdict. A ratio recorded without an interval is its own interval."""
+    its 95% interval and the verdict of target_verdict. A ratio recorded without an interval key is its own
+    interval; one whose interval is None (too few repeats) is unresolved."""
     def ratios(rows, key):
-        return [(r[key], r.get(f"{key}_interval_95") or [r[key], r[key]]) for r in rows if r.get(key) is not None]
+        return [(r[key], r.get(f"{key}_interval_95", [r[key], r[key]]) or [-math.inf, math.inf])
+                for r in rows if r.get(key) is not None]
 
     def check(name, unit, measured, threshold, higher_is_better):
         # shown: the ratio that decides the verdict, one wholly on the wrong side if there is one, else the one
@@ -393,7 +396,8 @@ def check_targets(result: dict) -> list[dict]:
             return (right_end >= sign * threshold, wrong_end)
 
         worst = min(measured, key=badness) if measured else (None, None)
-        return {"target": TARGETS[name], "measured": worst[0], "interval_95": worst[1], "unit": unit,
+        shown = worst[1] if worst[1] is None or math.isfinite(worst[1][0]) else None
+        return {"target": TARGETS[name], "measured": worst[0], "interval_95": shown, "unit": unit,
                 "verdict": target_verdict([m[1] for m in measured], threshold, higher_is_better)}
 
     ffn_rows = result["ffn_run"]["rows"]
@@ -412,7 +416,9 @@ def check_targets(result: dict) -> list[dict]:
 
 def ratio_text(row: dict, key: str) -> str:
     """'0.56x (0.55-0.57)': a ratio of `row` and its 95% interval where one was recorded."""
-    interval = row.get(f"{key}_interval_95")
+    interval = row.get(f"{key}_interval_95", ())
+    if interval is None:
+        return f"{row[key]:.2f}x (no interval: fewer than {MIN_PAIRS} repeats)"
     return f"{row[key]:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
 
 

@@ -21,7 +21,7 @@ from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.formats.registry import load_model
 from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
-from reffuse.speed.timing import blas_threads
+from reffuse.speed.timing import blas_threads, paired_ratio
 from reffuse.tp.allreduce import AllReduce
 from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
@@ -107,27 +107,30 @@ def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
                        for name, m in models.items()}}
 
 
-def run_forwards(model: Model, ids, tokens: int, allreduce: AllReduce | None = None, watchdog=None):
-    """Prefill ids[:tokens], then decode the rest one token at a time through a KV cache.
+def run_forwards(models: dict, ids, tokens: int, allreduce: AllReduce | None = None, watchdog=None):
+    """Prefill ids[:tokens], then decode the rest one token at a time through a KV cache, in every model of
+    `models` (name -> Model), the models taking turns at every forward: forward i of one model and forward i of
+    another ran under the same load, a pair.
 
-    Returns the logits of every forward (as NumPy) and, per forward, its seconds and all-reduce stats.
+    Returns, per model, the logits of every forward (as NumPy) and, per forward, its seconds and all-reduce stats.
     With a watchdog, every rank enters each forward together (a barrier, outside the timing).
     """
-    cache = KVCache(model, len(ids))
+    caches = {name: KVCache(model, len(ids)) for name, model in models.items()}
     steps = [ids[:tokens]] + [ids[t:t + 1] for t in range(tokens, len(ids))]
-    logits, records = [], []
+    logits, records = {name: [] for name in models}, {name: [] for name in models}
     for step_ids in steps:
-        if watchdog is not None:
-            watchdog.barrier("the barrier before a forward")
-        if allreduce is not None:
-            allreduce.stats.reset()
-        start = time.perf_counter()
-        out = forward(model, step_ids, cache=cache, allreduce=allreduce or (lambda x: x))
-        synchronize(out)
-        seconds = time.perf_counter() - start
-        logits.append(to_numpy(out))
-        stats = allreduce.stats.as_dict() if allreduce is not None else {}
-        records.append({f"allreduce_{k}": v for k, v in stats.items()} | {"seconds": seconds})
+        for name, model in models.items():
+            if watchdog is not None:
+                watchdog.barrier("the barrier before a forward")
+            if allreduce is not None:
+                allreduce.stats.reset()
+            start = time.perf_counter()
+            out = forward(model, step_ids, cache=caches[name], allreduce=allreduce or (lambda x: x))
+            synchronize(out)
+            seconds = time.perf_counter() - start
+            logits[name].append(to_numpy(out))
+            stats = allreduce.stats.as_dict() if allreduce is not None else {}
+            records[name].append({f"allreduce_{k}": v for k, v in stats.items()} | {"seconds": seconds})
     return logits, records
 
 
@@ -144,33 +147,45 @@ def median_record(records: list[dict]) -> dict:
             for key, value in records[0].items()}
 
 
-def measure(options: JobOptions, model: Model, shard: Model, state: ParallelState, allreduce: AllReduce, ids) -> dict:
-    """Tensor-parallel prefill and decode of one model, timed over repeats; on rank 0, errors against one process."""
-    prefills, decodes = [], []
+def measure(options: JobOptions, models: dict, shards: dict, state: ParallelState, allreduce: AllReduce, ids) -> dict:
+    """Tensor-parallel prefill and decode of every model (name -> Model, and its shard on this rank), the models
+    alternated forward by forward and timed over repeats; fused / sequential time as the median of the paired
+    forwards' ratios with its 95% interval; on rank 0, errors against one process."""
+    prefills, decodes = {name: [] for name in models}, {name: [] for name in models}
     for _ in range(options.repeats):
-        logits, records = run_forwards(shard, ids, options.prefill_tokens, allreduce, allreduce.watchdog)
-        prefills.append(records[0])
-        decodes.extend(records[1:])
-    result = {"blocks": len(model.blocks),
-              "blocks_with_attention": sum(b.attention is not None for b in model.blocks),
-              "ffn_blocks": sum(b.ffn is not None for b in model.blocks),
-              "expected_allreduce_count": allreduces_per_forward(model),
-              **median_record(prefills)}
-    if decodes:
-        result["decode"] = median_record(decodes)
-    if state.rank == 0:
-        reference, _ = run_forwards(model, ids, options.prefill_tokens)  # one process, no all-reduce
-        result |= errors(logits, reference)
-        result["prefill_errors"] = errors(logits[:1], reference[:1])
-        if decodes:
-            result["decode_errors"] = errors(logits[1:], reference[1:])
-    return result
+        logits, records = run_forwards(shards, ids, options.prefill_tokens, allreduce, allreduce.watchdog)
+        for name in models:
+            prefills[name].append(records[name][0])
+            decodes[name].extend(records[name][1:])
+    reference = run_forwards(models, ids, options.prefill_tokens)[0] if state.rank == 0 else None  # one process
+    results = {}
+    for name, model in models.items():
+        result = results[name] = {"blocks": len(model.blocks),
+                                  "blocks_with_attention": sum(b.attention is not None for b in model.blocks),
+                                  "ffn_blocks": sum(b.ffn is not None for b in model.blocks),
+                                  "expected_allreduce_count": allreduces_per_forward(model),
+                                  **median_record(prefills[name])}
+        if decodes[name]:
+            result["decode"] = median_record(decodes[name])
+        if reference is not None:
+            result |= errors(logits[name], reference[name])
+            result["prefill_errors"] = errors(logits[name][:1], reference[name][:1])
+            if decodes[name]:
+                result["decode_errors"] = errors(logits[name][1:], reference[name][1:])
+
+    def seconds(records):
+        return [r["seconds"] for r in records]
+
+    results["fused_over_sequential_time"] = {
+        phase: paired_ratio(seconds(forwards["fused"]), seconds(forwards["sequential"]))
+        for phase, forwards in (("prefill", prefills), ("decode", decodes)) if forwards["fused"]}
+    return results
 
 
 def report(options: JobOptions, prepared: dict, results: dict, threads: int, allreduce: AllReduce) -> dict:
     state = prepared["state"]
-    max_abs = max(r["max_abs_error"] for r in results.values())
-    max_rel = max(r["max_rel_error"] for r in results.values())
+    max_abs = max(results[name]["max_abs_error"] for name in ("sequential", "fused"))
+    max_rel = max(results[name]["max_rel_error"] for name in ("sequential", "fused"))
     return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": options.device,
             "allreduce": options.allreduce,
             "cuda_aware": allreduce.cuda_aware if options.device == "gpu" else None,
@@ -190,9 +205,7 @@ def run_job(options: JobOptions, prepared: dict, watchdog: Watchdog) -> dict | N
     kind = FailingAllReduce if options.fail_on_rank == state.rank else AllReduce
     allreduce = kind(state.comm, options.allreduce, CUDA_AWARE[options.cuda_aware], watchdog)
     with blas_threads(options.threads):
-        results = {name: measure(options, prepared["models"][name], prepared["shards"][name], state, allreduce,
-                                 prepared["ids"])
-                   for name in ("sequential", "fused")}
+        results = measure(options, prepared["models"], prepared["shards"], state, allreduce, prepared["ids"])
     if state.rank != 0:
         return None
     return report(options, prepared, results, options.threads, allreduce)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from reffuse.core import model as model_module
-from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, reffuse_decode, run_benchmark,
-                                 target_verdict)
+from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, ratio_text, reffuse_decode,
+                                 run_benchmark, target_verdict)
 from reffuse.speed.timing import paired_ratio
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
@@ -176,3 +176,13 @@ def test_describe_blas_says_whether_the_environment_chose_the_kernels():
     chosen = {"blas": blas, "openblas_coretype": "Haswell", "openblas_l2_size": "512"}
     assert describe_blas(chosen).endswith("chosen by OPENBLAS_CORETYPE=Haswell OPENBLAS_L2_SIZE=512 in the environment")
     assert describe_blas({"blas": None}) == ""
+
+
+def test_too_few_pairs_give_no_interval_and_no_verdict(tiny_result):
+    few = paired_ratio([1.2, 1.25, 1.21, 1.3, 1.22], [1.0] * 5)  # 5 pairs: even their whole span covers 94%
+    assert few["interval_95"] is None and not few["resolved"] and few["median"] == pytest.approx(1.22)
+    r = dict(tiny_result)
+    r["decode"] = dict(r["decode"], speedup=3.0, speedup_interval_95=None)
+    check = check_targets(r)[1]
+    assert (check["measured"], check["interval_95"], check["verdict"]) == (3.0, None, "unresolved")
+    assert "no interval: fewer than 6 repeats" in ratio_text(r["decode"], "speedup")
