@@ -42,6 +42,7 @@ from reffuse.speed import costmodel
 from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
 from reffuse.speed.bench import describe_blas
+from reffuse.speed.timing import ratio_text
 
 RESULTS = reffuse.checkout_root() / "benchmarks" / "results"
 plt = pyplot()
@@ -123,8 +124,7 @@ print(f"{'tokens':>6s} {'sequential ms':>13s} {'fused ms':>9s} {'seq/fused (95% 
       f"{'roofline ms (now)':>17s}")
 for row in sorted(run["rows"], key=lambda r: r["tokens"]):
     bound = np.interp(row["tokens"], tokens, roofline_seconds)
-    low, high = row["speedup_interval_95"]
-    speedup = f"{row['speedup']:.2f}x ({low:.2f}-{high:.2f})"
+    speedup = ratio_text(row["speedup"], row["speedup_interval_95"])
     print(f"{row['tokens']:6d} {1e3 * row['sequential']:13.3f} {1e3 * row['fused']:9.3f} {speedup:>25s} "
           f"{1e3 * bound:17.3f}")
 
@@ -154,8 +154,7 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # %%
 def ratio(row, key):
     """A ratio of the benchmark and its 95% interval, as text."""
-    low, high = row[f"{key}_interval_95"]
-    return f"{row[key]:.2f}x ({low:.2f}-{high:.2f})"
+    return ratio_text(row[key], row[f"{key}_interval_95"])
 
 
 print(f"BLAS: {describe_blas(bench['environment'])}")

@@ -26,7 +26,8 @@ import reffuse
 from reffuse.core.backend import gpu_module, gpu_module_name, to_numpy
 from reffuse.core.generate import generate
 from reffuse.core.model import KVCache, forward
-from reffuse.speed.bench import ratio_text, run_benchmark
+from reffuse.speed.bench import run_benchmark
+from reffuse.speed.timing import ratio_text
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
 
@@ -101,7 +102,7 @@ def markdown(result: dict) -> str:
               "| tokens | sequential ms | fused ms | sequential / fused (95% interval) |", "|---:|---:|---:|---:|"]
     for r in bench["ffn_run"]["rows"]:
         lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.3f} | {1e3 * r['fused']:.3f} | "
-                     f"{ratio_text(r, 'speedup')} |")
+                     f"{ratio_text(r['speedup'], r.get('speedup_interval_95', ()))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.speed.bench import blas_in_use
 from reffuse.files import write_json_atomic, write_text_atomic
 from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, median_seconds, paired_ratio,
-                                  streaming_bandwidth)
+                                  ratio_text, streaming_bandwidth)
 
 PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
 PREFILL_LONG = 512
@@ -123,13 +123,6 @@ def stacking(model, threads: int, repeats: int) -> dict:
                              "stacked_over_separate_time": ratio["median"],
                              "stacked_over_separate_interval_95": ratio["interval_95"]})
     return {"rows": rows}
-
-
-def interval_text(ratio: dict) -> str:
-    """'0.70x (0.66-0.72)': a paired_ratio and its 95% interval ('-' from too few repeats)."""
-    if ratio["interval_95"] is None:
-        return f"{ratio['median']:.2f}x (-)"
-    return f"{ratio['median']:.2f}x ({ratio['interval_95'][0]:.2f}-{ratio['interval_95'][1]:.2f})"
 
 
 def decode_step(model, prompt):
@@ -218,7 +211,8 @@ def main(argv=None) -> int:
     lines.append("| **the whole forward** | " + " | ".join(
         f"{1e3 * measured['plain'][run]['seconds']:.2f} | {1e3 * measured['fast'][run]['seconds']:.2f}"
         for run in runs) + " |")
-    ratios = [cell for run in runs for cell in ("", interval_text(fast_over_plain[run]))]
+    ratios = [cell for run in runs
+              for cell in ("", ratio_text(fast_over_plain[run]["median"], fast_over_plain[run]["interval_95"]))]
     lines.append("| fast / plain time | " + " | ".join(ratios) + " |")
     lines += ["", "The attention part includes its RoPE rotation; the LM head's, the final norm. `ffn_output`, "
                   "`attention_output` and `rope_for` are where the fast paths are chosen."]
@@ -229,8 +223,7 @@ def main(argv=None) -> int:
     for row in stacked["rows"]:
         lines.append(f"| {row['products']} | {row['tokens']} | {1e3 * row['separate_seconds']:.2f} | "
                      f"{1e3 * row['stacked_seconds']:.2f} | "
-                     + interval_text({"median": row["stacked_over_separate_time"],
-                                      "interval_95": row["stacked_over_separate_interval_95"]}) + " |")
+                     + ratio_text(row["stacked_over_separate_time"], row["stacked_over_separate_interval_95"]) + " |")
     ratio = arena["arena_over_separate_time"]
     lines += ["", f"All weights in one allocation (core.model.gathered, as load_model returns them, on huge pages) "
                   f"against the same weights as separate arrays: a decode step takes {ratio['median']:.2f}x the time "

@@ -40,7 +40,7 @@ from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTING
 from reffuse.core.fusion import NORM_MODES
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
-from reffuse.speed.timing import MIN_PAIRS
+from reffuse.speed.timing import MIN_PAIRS, ratio_text
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
 
@@ -160,14 +160,6 @@ def print_quality(r: dict) -> None:
           f"{'lower' if q['calibrated_beats_plain_kl_vs_original'] else 'NOT lower'} than plain fusion's\n")
 
 
-def speedup_text(row: dict) -> str:
-    """'1.61x (1.55-1.66)': a speedup over the original and its 95% interval (none from too few repeats)."""
-    if row["speedup_interval_95"] is None:
-        return f"{row['speedup']:.2f}x (-)"
-    low, high = row["speedup_interval_95"]
-    return f"{row['speedup']:.2f}x ({low:.2f}-{high:.2f})"
-
-
 def print_speed_and_samples(r: dict) -> None:
     s = r["speed"]
     load = "" if s.get("load_average_1min") is None else f", load average {s['load_average_1min']:.1f}"
@@ -175,13 +167,15 @@ def print_speed_and_samples(r: dict) -> None:
                  f"no 95% interval from fewer than {MIN_PAIRS} repeats")
     print(f"speed, float32, medians of {s['repeats']} timed in alternation in one run{load}; a speedup is the "
           f"median of the repeats' paired ratios, {intervals}")
-    rows = [[name, f"{d['tokens_per_second']:.1f}", speedup_text(d)] for name, d in s["decode"].items()]
+    rows = [[name, f"{d['tokens_per_second']:.1f}", ratio_text(d["speedup"], d["speedup_interval_95"])]
+            for name, d in s["decode"].items()]
     print(format_table(["model", f"decode tokens/s ({s['decode_tokens']} after {s['prompt_tokens']})",
                         "vs original"], rows) + "\n")
     a, b = s["region"]
     header = ["tokens"] + [f"{n} ms" for n in s["decode"]] + [f"{n} vs original" for n in list(s["decode"])[1:]]
     rows = [[row["tokens"]] + [f"{row[n]['ms']:.3f}" for n in s["decode"]]
-            + [speedup_text(row[n]) for n in list(s["decode"])[1:]] for row in s["region_rows"]]
+            + [ratio_text(row[n]["speedup"], row[n]["speedup_interval_95"]) for n in list(s["decode"])[1:]]
+            for row in s["region_rows"]]
     print(f"time of blocks {a}-{b} (the attention-free run): with attention, FFNs one by one, fused")
     print(format_table(header, rows) + "\n")
     sample = r["samples"]

@@ -43,7 +43,7 @@ from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Block, KVCache, Model, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
-from reffuse.speed.timing import (MIN_PAIRS, blas_threads, compare_samples, decode_bound, paired_ratio,
+from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, paired_ratio, ratio_text,
                                   streaming_bandwidth, time_ffn_run)
 
 PREFILL_TOKENS = (64, 128, 256, 512)
@@ -364,40 +364,42 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     return result
 
 
-def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
-    """The rule that turns measured ratios into a verdict on a target:
-    "met" when every 95% interval lies on the target's side of `threshold` (or on it), "not met" when some
-    interval lies wholly on the other side, "unresolved" otherwise (an interval holds the threshold)."""
-    if not intervals:
-        return "not measured"
+def interval_side(interval, threshold: float, higher_is_better: bool) -> str:
+    """Where a 95% interval lies against a target's threshold: "right" (wholly on the target's side, or on the
+    threshold), "wrong" (wholly on the other side), or "open" (it holds the threshold, or there is none)."""
+    if interval is None:
+        return "open"
     sign = 1 if higher_is_better else -1
-    if all(min(sign * low, sign * high) >= sign * threshold for low, high in intervals):
-        return "met"
-    if any(max(sign * low, sign * high) < sign * threshold for low, high in intervals):
-        return "not met"
-    return "unresolved"
+    low, high = sorted(sign * bound for bound in interval)
+    return "right" if low >= sign * threshold else "wrong" if high < sign * threshold else "open"
+
+
+def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
+    """The rule that turns measured ratios into a verdict on a target: "met" when every 95% interval lies on the
+    target's side of `threshold` (or on it), "not met" when some interval lies wholly on the other side,
+    "unresolved" otherwise (an interval holds the threshold, or a ratio has none)."""
+    sides = [interval_side(interval, threshold, higher_is_better) for interval in intervals]
+    if not sides:
+        return "not measured"
+    return "met" if all(s == "right" for s in sides) else "not met" if "wrong" in sides else "unresolved"
 
 
 def check_targets(result: dict) -> list[dict]:
     """Each speed target with the measured ratio (where it is checked at several lengths, the one that decides),
     its 95% interval and the verdict of target_verdict. A ratio recorded without an interval key is its own
-    interval; one whose interval is None (too few repeats) is unresolved."""
+    interval; one whose interval is None (too few repeats) leaves the target unresolved."""
     def ratios(rows, key):
-        return [(r[key], r.get(f"{key}_interval_95", [r[key], r[key]]) or [-math.inf, math.inf])
-                for r in rows if r.get(key) is not None]
+        return [(r[key], r.get(f"{key}_interval_95", [r[key], r[key]])) for r in rows if r.get(key) is not None]
 
     def check(name, unit, measured, threshold, higher_is_better):
-        # shown: the ratio that decides the verdict, one wholly on the wrong side if there is one, else the one
-        # whose interval reaches furthest to the wrong side
         sign = 1 if higher_is_better else -1
 
-        def badness(m):
-            wrong_end, right_end = sorted((sign * m[1][0], sign * m[1][1]))
-            return (right_end >= sign * threshold, wrong_end)
+        def deciding(m):  # one wholly on the wrong side first, else the one reaching furthest towards it
+            reach = -math.inf if m[1] is None else min(sign * bound for bound in m[1])
+            return (interval_side(m[1], threshold, higher_is_better) != "wrong", reach)
 
-        worst = min(measured, key=badness) if measured else (None, None)
-        shown = worst[1] if worst[1] is None or math.isfinite(worst[1][0]) else None
-        return {"target": TARGETS[name], "measured": worst[0], "interval_95": shown, "unit": unit,
+        value, interval = min(measured, key=deciding) if measured else (None, None)
+        return {"target": TARGETS[name], "measured": value, "interval_95": interval, "unit": unit,
                 "verdict": target_verdict([m[1] for m in measured], threshold, higher_is_better)}
 
     ffn_rows = result["ffn_run"]["rows"]
@@ -414,16 +416,11 @@ def check_targets(result: dict) -> list[dict]:
     ]
 
 
-def ratio_text(row: dict, key: str) -> str:
-    """'0.56x (0.55-0.57)': a ratio of `row` and its 95% interval where one was recorded."""
-    interval = row.get(f"{key}_interval_95", ())
-    if interval is None:
-        return f"{row[key]:.2f}x (no interval: fewer than {MIN_PAIRS} repeats)"
-    return f"{row[key]:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
-
-
 def markdown(result: dict, command: str | None = None) -> str:
     """The result as Markdown tables (for benchmarks/results/*.md and the README)."""
+    def ratio(row, key):
+        return ratio_text(row[key], row.get(f"{key}_interval_95", ()))
+
     env = result["environment"]
     blas = describe_blas(env)
     lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
@@ -443,13 +440,13 @@ def markdown(result: dict, command: str | None = None) -> str:
     for r in result["prefill"]:
         hf = r.get("transformers_seconds")
         lines.append(f"| {r['tokens']} | {1e3 * r['reffuse_seconds']:.1f} | "
-                     + (f"{1e3 * hf:.1f} | {ratio_text(r, 'time_ratio')} |" if hf else "- | - |"))
+                     + (f"{1e3 * hf:.1f} | {ratio(r, 'time_ratio')} |" if hf else "- | - |"))
     d = result["decode"]
     lines += ["", f"| decode ({d['new_tokens']} tokens after {d['prompt_tokens']}) | reffuse tokens/s | "
                   "transformers tokens/s | reffuse / transformers (95% interval) |", "|---|---:|---:|---:|"]
     hf = d.get("transformers_tokens_per_second")
     lines.append(f"| greedy, KV cache | {d['reffuse_tokens_per_second']:.1f} | "
-                 + (f"{hf:.1f} | {ratio_text(d, 'speedup')} |" if hf else "- | - |"))
+                 + (f"{hf:.1f} | {ratio(d, 'speedup')} |" if hf else "- | - |"))
     if "same_greedy_tokens" in d:
         lines += ["", f"Same greedy tokens from both: {'yes' if d['same_greedy_tokens'] else 'no'}."]
     if result.get("llama_cpp", {}).get("used"):
@@ -458,9 +455,9 @@ def markdown(result: dict, command: str | None = None) -> str:
                   "| | reffuse | llama.cpp | reffuse / llama.cpp (95% interval) |", "|---|---:|---:|---:|"]
         for r in result["prefill"]:
             lines.append(f"| prefill {r['tokens']} tokens, ms | {1e3 * r['reffuse_seconds']:.1f} | "
-                         f"{1e3 * r['llamacpp_seconds']:.1f} | {ratio_text(r, 'llamacpp_time_ratio')} the time |")
+                         f"{1e3 * r['llamacpp_seconds']:.1f} | {ratio(r, 'llamacpp_time_ratio')} the time |")
         lines.append(f"| decode, tokens/s | {d['reffuse_tokens_per_second']:.1f} | "
-                     f"{d['llamacpp_tokens_per_second']:.1f} | {ratio_text(d, 'fraction_of_llamacpp')} the speed |")
+                     f"{d['llamacpp_tokens_per_second']:.1f} | {ratio(d, 'fraction_of_llamacpp')} the speed |")
         fusion = result["llama_cpp"]["fusion"]
         rate, paired = fusion["tokens_per_second"], fusion["fused_speedup_paired"]
         lines += ["", f"Fusion in llama.cpp: decode of the model with attention removed in "
@@ -486,7 +483,7 @@ def markdown(result: dict, command: str | None = None) -> str:
               "| tokens | sequential ms | fused ms | sequential / fused (95% interval) |", "|---:|---:|---:|---:|"]
     for r in f["rows"]:
         lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | "
-                     f"{ratio_text(r, 'speedup')} |")
+                     f"{ratio(r, 'speedup')} |")
     lines += ["", "Each ratio is the median of the repeats' paired ratios; a target is met when the 95% interval of "
                   "every ratio it checks lies on its side, not met when one lies wholly on the other, and unresolved "
                   "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]

@@ -68,6 +68,14 @@ def paired_ratio(numerator, denominator, resamples: int = 2000, seed: int = 0) -
             "resolved": not low <= 1.0 <= high}
 
 
+def ratio_text(value: float, interval=()) -> str:
+    """'0.56x (0.51-0.56)': a ratio and its 95% interval; the interval None (fewer than MIN_PAIRS repeats) says
+    so, and an empty one (a record made without intervals) is left out."""
+    if interval is None:
+        return f"{value:.2f}x (no interval: fewer than {MIN_PAIRS} repeats)"
+    return f"{value:.2f}x" + (f" ({interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
+
+
 @contextlib.contextmanager
 def blas_threads(n: int | None):
     """Pin the BLAS thread pool to n threads inside the block (no-op when n is None or threadpoolctl is absent)."""

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from reffuse.core import model as model_module
-from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, ratio_text, reffuse_decode,
-                                 run_benchmark, target_verdict)
-from reffuse.speed.timing import paired_ratio
+from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, reffuse_decode, run_benchmark,
+                                 target_verdict)
+from reffuse.speed.timing import paired_ratio, ratio_text
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
@@ -185,4 +185,14 @@ def test_too_few_pairs_give_no_interval_and_no_verdict(tiny_result):
     r["decode"] = dict(r["decode"], speedup=3.0, speedup_interval_95=None)
     check = check_targets(r)[1]
     assert (check["measured"], check["interval_95"], check["verdict"]) == (3.0, None, "unresolved")
-    assert "no interval: fewer than 6 repeats" in ratio_text(r["decode"], "speedup")
+    decode = r["decode"]
+    assert "no interval: fewer than 6 repeats" in ratio_text(decode["speedup"], decode["speedup_interval_95"])
+
+
+@pytest.mark.parametrize("name", ["bench_smollm2", "bench_smollm2_haswell"])
+def test_the_committed_verdicts_and_tables_follow_from_the_committed_numbers_by_the_code(name):
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"{name}.json"
+    result = json.loads(path.read_text())
+    assert check_targets(result) == result["targets"]
+    assert markdown(result, result["command"]) == path.with_suffix(".md").read_text()
