@@ -14,6 +14,7 @@ LAYERS = [("reffuse.errors", "reffuse.files", "reffuse.options", "reffuse.progre
           ("reffuse.core",),
           ("reffuse.formats",),
           ("reffuse.evaluation",),
+          ("reffuse.training",),
           ("reffuse.method",),
           ("reffuse.speed",),
           ("reffuse.tp",),

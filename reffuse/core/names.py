@@ -1,0 +1,56 @@
+"""A model's weights by their Hugging Face Llama names, and a model with some of them replaced.
+
+Blocks are numbered as the model holds them (as `save_model` numbers them): in a fused model, block i is the i-th
+block of the fused model, not a layer of the model it came from. The tied LM head has no name of its own: it is
+`model.embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from reffuse.core.model import Model
+from reffuse.errors import ReffuseError
+
+ATTENTION_NAMES = {"norm_gain": "input_layernorm.weight", "q": "self_attn.q_proj.weight",
+                   "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight"}
+FFN_NAMES = {"norm_gain": "post_attention_layernorm.weight", "gate": "mlp.gate_proj.weight",
+             "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+def block_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def named_weights(model: Model) -> dict:
+    """HF name -> the model's own array (no copy, on its device), in the order HF lists them."""
+    weights = {EMBED: model.embed}
+    for i, block in enumerate(model.blocks):
+        for part, names in ((block.attention, ATTENTION_NAMES), (block.ffn, FFN_NAMES)):
+            if part is not None:
+                weights.update({block_prefix(i) + hf: getattr(part, field) for field, hf in names.items()})
+    weights[FINAL_NORM] = model.norm_gain
+    if not model.config.tie_embeddings:
+        weights[LM_HEAD] = model.lm_head
+    return weights
+
+
+def with_weights(model: Model, replacements: dict) -> Model:
+    """The model with the arrays named in `replacements` swapped in (same shapes); every other array is shared."""
+    unknown = sorted(set(replacements) - set(named_weights(model)))
+    if unknown:
+        raise ReffuseError(f"no weight named {unknown[0]} in {model.config.name} ({len(unknown)} unknown names)")
+
+    def part(sub, prefix, names):
+        if sub is None:
+            return None
+        changed = {field: replacements[prefix + hf] for field, hf in names.items() if prefix + hf in replacements}
+        return dataclasses.replace(sub, **changed) if changed else sub
+
+    blocks = [dataclasses.replace(b, attention=part(b.attention, block_prefix(i), ATTENTION_NAMES),
+                                  ffn=part(b.ffn, block_prefix(i), FFN_NAMES)) for i, b in enumerate(model.blocks)]
+    embed = replacements.get(EMBED, model.embed)
+    lm_head = embed if model.config.tie_embeddings else replacements.get(LM_HEAD, model.lm_head)
+    return dataclasses.replace(model, embed=embed, blocks=blocks,
+                               norm_gain=replacements.get(FINAL_NORM, model.norm_gain), lm_head=lm_head)
