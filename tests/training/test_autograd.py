@@ -1,0 +1,182 @@
+"""reffuse's gradients against PyTorch autograd (the independent side), and AdamW against torch.optim.AdamW.
+
+- SmolLM2 against transformers' LlamaForCausalLM holding the same weights. transformers computes RMSNorm, RoPE's
+  tables and the eager softmax in float32 whatever the model's dtype; for the float64 check those three are
+  patched here to keep the input's dtype (the same formulas), so that both sides are float64 throughout; its
+  loss function casts the logits to float32, so the loss is taken from its logits here.
+- An attention-removed model and a fused one against a short PyTorch module written below from the paper's
+  equations (transformers has no class for them).
+Tolerances: every gradient tensor within 1e-9 of its own largest entry in float64 (the two sides sum in different
+orders over T·vocab terms: ~1e-13 observed), and 1e-4 in float32 (float32's 6e-8 grown by the depth of the model).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import reffuse  # noqa: E402
+from reffuse.core.names import named_weights  # noqa: E402
+from reffuse.training.optim import AdamW, Schedule, clip_by_global_norm  # noqa: E402
+
+TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
+
+
+def worst_error(ours: dict, theirs: dict) -> float:
+    """The largest, over tensors, of max |ours - theirs| / max |theirs|."""
+    assert set(ours) == set(theirs)
+    return max(float(np.abs(ours[n] - theirs[n]).max() / np.abs(theirs[n]).max()) for n in theirs)
+
+
+def torch_weights(model, dtype):
+    return {n: torch.tensor(np.asarray(w), dtype=dtype, requires_grad=True) for n, w in named_weights(model).items()}
+
+
+def equations_forward(model, weights, ids):
+    """Logits [T, vocab] of a reffuse model's structure from the equations: eq. 1-2 per block, either sub-block
+    absent as the model says, a fused block a wide SwiGLU; rotate-half RoPE; query head h reads kv head h // group."""
+    cfg, T = model.config, len(ids)
+    hd, eps = cfg.head_dim, cfg.norm_eps
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    dtype = weights["model.norm.weight"].dtype
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def norm(x, gain):
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * gain
+
+    def rope(x):  # [heads, T, hd]
+        half = hd // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    x = weights["model.embed_tokens.weight"][torch.as_tensor(ids)]
+    mask = torch.triu(torch.full((T, T), -math.inf, dtype=dtype), 1)
+    for i, block in enumerate(model.blocks):
+        w = {k[len(f"model.layers.{i}."):]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}
+        if block.attention is not None:
+            h = norm(x, w["input_layernorm.weight"])
+            q = rope((h @ w["self_attn.q_proj.weight"].T).view(T, -1, hd).transpose(0, 1))
+            k = rope((h @ w["self_attn.k_proj.weight"].T).view(T, -1, hd).transpose(0, 1))
+            v = (h @ w["self_attn.v_proj.weight"].T).view(T, -1, hd).transpose(0, 1)
+            group = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+            probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd) + mask, dim=-1)
+            x = x + (probs @ v).transpose(0, 1).reshape(T, -1) @ w["self_attn.o_proj.weight"].T
+        if block.ffn is not None:
+            h = norm(x, w["post_attention_layernorm.weight"])
+            x = x + (torch.nn.functional.silu(h @ w["mlp.gate_proj.weight"].T) * (h @ w["mlp.up_proj.weight"].T)) \
+                @ w["mlp.down_proj.weight"].T
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    return norm(x, weights["model.norm.weight"]) @ head.T
+
+
+def autograd_gradients(model, ids, dtype, teacher=None, temperature=1.0):
+    weights = torch_weights(model, dtype)
+    logits = equations_forward(model, weights, ids)
+    if teacher is None:
+        loss = torch.nn.functional.cross_entropy(logits[:-1], torch.as_tensor(ids[1:]))
+    else:
+        log_p = torch.log_softmax(torch.as_tensor(teacher, dtype=dtype) / temperature, -1)
+        log_q = torch.log_softmax(logits / temperature, -1)
+        loss = temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    loss.backward()
+    return loss.item(), {n: w.grad.numpy() for n, w in weights.items()}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("variant", ["attention removed", "fused"])
+def test_attention_removed_and_fused_models_against_autograd(dtype, variant):
+    model = reffuse.cast(reffuse.build_tiny(), dtype)              # blocks 4-9 attention-free
+    if variant == "fused":
+        model = reffuse.fuse(model, [(4, 9)])
+    ids = np.random.default_rng(2).integers(0, 256, 24)
+    loss, grads = reffuse.gradients(model, ids)
+    torch_loss, torch_grads = autograd_gradients(model, ids, getattr(torch, dtype))
+    assert loss == pytest.approx(torch_loss, rel=TOLERANCE[dtype])
+    assert worst_error(grads, torch_grads) < TOLERANCE[dtype]
+
+
+def test_distillation_against_autograd():
+    model = reffuse.cast(reffuse.build_tiny(), "float64")
+    rng = np.random.default_rng(3)
+    ids, teacher = rng.integers(0, 256, 16), 3 * rng.standard_normal((16, 256))
+    loss, grads = reffuse.gradients(model, ids, teacher_logits=teacher, temperature=2.0)
+    torch_loss, torch_grads = autograd_gradients(model, ids, torch.float64, teacher, 2.0)
+    assert loss == pytest.approx(torch_loss, rel=1e-12)
+    assert worst_error(grads, torch_grads) < 1e-9
+
+
+def float64_transformers(monkeypatch, theta, head_dim):
+    """Patch transformers' Llama to keep float64 in RMSNorm, RoPE's tables (its inv_freq buffer is made in float32)
+    and the eager softmax (same formulas)."""
+    from transformers.models.llama import modeling_llama as llama
+
+    def rms_norm(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = position_ids[..., None].to(torch.float64) * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return (angles.cos() * self.attention_scaling).to(x.dtype), (angles.sin() * self.attention_scaling).to(x.dtype)
+
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(llama.LlamaRotaryEmbedding, "forward", rotary)
+    monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=-1, dtype=None: torch.softmax(x, dim=dim))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_smollm2_against_transformers_autograd(smollm2, monkeypatch, dtype):
+    transformers = pytest.importorskip("transformers")
+    model = reffuse.cast(smollm2, dtype)
+    cfg = model.config
+    if dtype == "float64":
+        float64_transformers(monkeypatch, cfg.rope_theta, cfg.head_dim)
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=model.blocks[0].ffn.width,
+        num_hidden_layers=len(model.blocks), num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+        attn_implementation="eager", max_position_embeddings=2048)
+    reference = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
+    state = {n: torch.tensor(np.asarray(w)) for n, w in named_weights(model).items()}
+    reference.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]}, strict=True)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, 48)
+    logits = reference(input_ids=torch.as_tensor(ids)[None]).logits[0]
+    torch_loss = torch.nn.functional.cross_entropy(logits[:-1], torch.as_tensor(ids[1:]))  # in the logits' dtype
+    torch_loss.backward()
+    torch_grads = {n: p.grad.numpy() for n, p in reference.named_parameters() if p.grad is not None}
+    loss, grads = reffuse.gradients(model, ids)
+    assert loss == pytest.approx(torch_loss.item(), rel=TOLERANCE[dtype])
+    assert worst_error(grads, torch_grads) < TOLERANCE[dtype]
+
+
+def test_twenty_adamw_steps_against_torch():
+    """The same gradients (reffuse's, at reffuse's weights) drive both optimizers: weight decay on matrices only,
+    clipping by global norm, warm-up then cosine decay (torch's LambdaLR)."""
+    model = reffuse.cast(reffuse.build_tiny(), "float64")
+    weights = {n: w.copy() for n, w in named_weights(model).items()}
+    model = reffuse.core.names.with_weights(model, weights)
+    theirs = {n: torch.tensor(w) for n, w in weights.items()}
+    schedule = Schedule(peak=3e-3, steps=20, warmup=5, final_fraction=0.1)
+    ours = AdamW(weights, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    groups = [{"params": [p for n, p in theirs.items() if p.ndim == 2], "weight_decay": 0.1},
+              {"params": [p for n, p in theirs.items() if p.ndim != 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=schedule.peak, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule.rate(s + 1) / schedule.peak)
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    for step in range(1, 21):
+        _, grads = reffuse.gradients(model, rng.integers(0, 256, 16))
+        for n, p in theirs.items():
+            p.grad = torch.tensor(grads[n])
+        torch.nn.utils.clip_grad_norm_(list(theirs.values()), max_norm=0.5)
+        clip_by_global_norm(grads, 0.5)
+        ours.step(grads, schedule.rate(step))
+        optimizer.step()
+        scheduler.step()
+        worst = max(worst, max(float(np.abs(weights[n] - p.numpy()).max() / np.abs(p.numpy()).max())
+                               for n, p in theirs.items()))
+    assert worst < 1e-10
