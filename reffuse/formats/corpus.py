@@ -13,6 +13,8 @@ The split is fixed, so that every number reffuse reports names the same text:
     calibration   macbeth_gut, othello_gut, lear_gut, julius_caesar_gut, romeo_and_juliet_gut, tempest_gut
                   (in this order, from their first character): anything fitted or chosen from data (removal
                   scores, calibrated fusion, dependency metrics)
+    training      the other 27 modern-spelling plays and poems (TRAINING, about a million SmolLM2 tokens), from
+                  their first character: what healing trains on (reffuse.training)
 
 No other text is used. In particular the corpus also holds every play in First Folio spelling (`*_gut_f`),
 and `hamlet_gut_f` is Hamlet again: it belongs to neither side.
@@ -28,6 +30,7 @@ so it gets no prediction). A `Span` records what was used: the text, its kind, t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,8 +49,16 @@ TITLES = {"hamlet_gut": "Hamlet, Prince of Denmark", "twelfth_night_gut": "Twelf
           "henry_v_gut": "Henry V", "winters_tale_gut": "The Winter's Tale", "sonnets_gut": "The Sonnets",
           "macbeth_gut": "Macbeth", "othello_gut": "Othello", "lear_gut": "King Lear", "julius_caesar_gut": "Julius Caesar",
           "romeo_and_juliet_gut": "Romeo and Juliet", "tempest_gut": "The Tempest"}
+TRAINING = ("alls_well_that_ends_well_gut", "antony_and_cleopatra_gut", "comedy_of_errors_gut", "coriolanus_gut",
+            "cymbeline_gut", "henry_iv_part_1_gut", "henry_iv_part_2_gut", "henry_vi_part_1_gut",
+            "henry_vi_part_2_gut", "henry_vi_part_3_gut", "henry_viii_gut", "john_gut", "lovers_complaint_gut",
+            "loves_labours_lost_gut", "measure_for_measure_gut", "merry_wives_of_windsor_gut",
+            "passionate_pilgrim_gut", "pericles_gut", "phoenix_and_the_turtle_gut", "rape_of_lucrece_gut",
+            "richard_ii_gut", "richard_iii_gut", "taming_of_the_shrew_gut", "timon_of_athens_gut",
+            "tragedy_of_titus_andronicus_gut", "troilus_and_cressida_gut", "two_gentlemen_of_verona_gut")
+TITLES.update({play: play.removesuffix("_gut").replace("_", " ").title() for play in TRAINING})
 VERSE = ("sonnets_gut",)
-SPLITS = {"held-out": HELD_OUT, "calibration": CALIBRATION}
+SPLITS = {"held-out": HELD_OUT, "calibration": CALIBRATION, "training": TRAINING}
 # Where a held-out text starts: a play at its first scene heading ("SCENE I." / "Scene 1."; a setting line
 # "SCENE: Venice" is not one), the sonnets at the numeral of the first.
 FIRST_SCENE = re.compile(r"^[ \t]*scene[ \t]+(i|1)\b", re.IGNORECASE | re.MULTILINE)
@@ -197,6 +208,29 @@ def token_windows(texts: list[tuple[str, Span]], tokenizer, window: int, n_token
 def held_out_windows(tokenizer, window: int, n_tokens: int, folder=None) -> TokenWindows:
     """Evaluation windows dealt out over the held-out texts, each from its first scene or sonnet."""
     return token_windows(split_texts("held-out", folder), tokenizer, window, n_tokens, "held-out", dealt=True)
+
+
+def training_windows(tokenizer, window: int, n_tokens: int, folder=None) -> TokenWindows:
+    """Training windows from the training texts, taken in turn from each (one window of every text, then the
+    next of every text, ...) so that a small budget still sees all of them; when the texts hold fewer whole
+    windows than asked for, all of them (TokenWindows.tokens says how many: the trainer then runs more epochs).
+    """
+    windows(np.zeros(n_tokens, dtype=np.int64), window, n_tokens)  # the same checks, before any tokenising
+    per_text, spans = [], []
+    for text, span in split_texts("training", folder):
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        count = ids.size // window
+        per_text.append(ids[:count * window].reshape(count, window))
+        spans.append(Span(span.play, span.title, 0, len(text), int(count * window), span.kind))
+    wanted, taken, used = n_tokens // window, [], [0] * len(per_text)
+    while len(taken) < wanted and any(u < len(w) for u, w in zip(used, per_text)):
+        for i, text_windows in enumerate(per_text):
+            if len(taken) < wanted and used[i] < len(text_windows):
+                taken.append(text_windows[used[i]])
+                used[i] += 1
+    spans = tuple(dataclasses.replace(s, end=len(tokenizer.decode(w[:u].ravel().tolist())), tokens=u * window)
+                  for s, w, u in zip(spans, per_text, used) if u)
+    return TokenWindows(np.stack(taken), spans, "training")
 
 
 def calibration_windows(tokenizer, window: int, n_tokens: int, folder=None) -> TokenWindows:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from reffuse.formats.corpus import (CALIBRATION, HELD_OUT, TITLES, Span, corpus_folder, held_out_windows, play_text,
-                            shares, split_texts, token_windows, windows)
+from reffuse.formats.corpus import (CALIBRATION, HELD_OUT, TITLES, TRAINING, Span, corpus_folder, held_out_windows,
+                                    play_text, shares, split_texts, token_windows, training_windows, windows)
 from reffuse.errors import ReffuseError
 
 
@@ -82,17 +82,18 @@ def test_lossy_tokenizer_cannot_locate_spans():
 
 
 def test_split_is_fixed_and_disjoint_by_name():
-    assert not set(HELD_OUT) & set(CALIBRATION)
-    assert set(TITLES) == set(HELD_OUT) | set(CALIBRATION)
+    assert not set(HELD_OUT) & set(CALIBRATION) and not set(TRAINING) & (set(HELD_OUT) | set(CALIBRATION))
+    assert set(TITLES) == set(HELD_OUT) | set(CALIBRATION) | set(TRAINING) and len(TRAINING) == 27
     # every First Folio edition (*_gut_f) is left out: hamlet_gut_f is the held-out play again
-    assert not [p for p in HELD_OUT + CALIBRATION if p.endswith("_f")]
+    assert not [p for p in HELD_OUT + CALIBRATION + TRAINING if p.endswith("_f")]
 
 
-def test_calibration_and_held_out_share_no_text(corpus):
+def test_calibration_training_and_held_out_share_no_text(corpus):
     held_out = set().union(*(long_lines(t) for t, _ in split_texts("held-out", corpus)))
     calibration = set().union(*(long_lines(t) for t, _ in split_texts("calibration", corpus)))
-    assert len(held_out) > 2000 and len(calibration) > 8000
-    assert not held_out & calibration
+    training = set().union(*(long_lines(t) for t, _ in split_texts("training", corpus)))
+    assert len(held_out) > 2000 and len(calibration) > 8000 and len(training) > 30000
+    assert not held_out & calibration and not held_out & training and not calibration & training
     # the check has teeth: the Folio Hamlet, left out of the split, shares lines with the held-out Hamlet
     assert held_out & long_lines(play_text("hamlet_gut_f", corpus))
 
@@ -110,6 +111,15 @@ def test_held_out_windows_are_dealt_over_the_texts_from_their_first_scene(corpus
         assert text.lower().startswith("scene i") if span.kind == "drama" else text.startswith("I\n")
     assert "Persons Represented".lower() not in "".join(decoded).lower()
     assert shares(64, 9) == [8] + [7] * 8 and shares(8, 9) == [1] * 8 + [0]
+
+
+def test_training_windows_take_every_text_in_turn_and_all_when_the_budget_is_larger(corpus):
+    got = training_windows(CharTokenizer(), window=1000, n_tokens=30_000, folder=corpus)
+    assert [s.play for s in got.spans] == list(TRAINING[:len(got.spans)]) and len(got) == 30
+    assert got.spans[0].tokens == 2000 and "".join(CharTokenizer().decode(got.ids[0])) == \
+        play_text(TRAINING[0], corpus)[:1000]
+    everything = training_windows(CharTokenizer(), window=100_000, n_tokens=10 ** 8, folder=corpus)
+    assert len(everything) == sum(len(play_text(p, corpus)) // 100_000 for p in TRAINING) < 1000
 
 
 def test_missing_play_is_a_clear_error(tmp_path):
