@@ -13,7 +13,7 @@ import sys
 from reffuse.errors import ReffuseError
 
 COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures",
-            "fuse", "experiments", "export"]
+            "fuse", "heal", "experiments", "export"]
 
 EPILOG = """examples:
   reffuse demo                      the whole FFN Fusion pipeline on the default model

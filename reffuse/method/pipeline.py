@@ -15,6 +15,7 @@ model has no tokenizer: it gets random token ids instead, from two different see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from reffuse.core.layout import attention_free_runs, attention_layers, format_la
 from reffuse.method.removal import attention_scores, cheapest, cheapest_windows, check_layers, drop_attention
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 
-SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2}
+SYNTHETIC_SEEDS = {"calibration": 1, "held-out": 2, "training": 3}
 
 
 def is_synthetic(model_name: str, model: Model) -> bool:
@@ -189,7 +190,7 @@ def ffn_dependency(model: Model, windows, up_to: int | None = None, sink_only: b
     """
     m = len(model.blocks)
     up_to = m - 1 if up_to is None else up_to
-    truncated = Model(model.config, model.embed, model.blocks[:up_to + 1], model.norm_gain, model.lm_head)
+    truncated = dataclasses.replace(model, blocks=model.blocks[:up_to + 1])
     windows = list(windows)
     total = block_evaluations_needed(truncated, len(windows), ("ffn",))
     with Progress("measuring FFN dependencies", total, "block evaluations") as bar:

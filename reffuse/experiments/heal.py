@@ -1,0 +1,169 @@
+"""Healing a fused model by knowledge distillation, as `reffuse heal` runs it (the paper's §3, the step after
+fusion; the 253B model was distilled on tens of billions of tokens, this runs on a CPU's budget).
+
+1. the student (a fused or attention-removed model) and the teacher (the model it came from) are loaded;
+2. the trainable set is chosen: the fused blocks, the blocks of the attention-free run, a range of blocks, or all;
+3. held-out text (never trained on) scores the student before: KL(teacher || student) and perplexity;
+4. the student is trained on the training split (reffuse.formats.corpus), the teacher's logits computed as
+   training runs (reffuse.training.trainer), checkpointed so that an interrupted run resumes;
+5. the same held-out text scores the healed model; it is saved with heal.json, which records every choice, the
+   loss curve and both scores.
+
+The synthetic models have no tokenizer: random token ids (one seed per split) stand in for text, and heal.json
+says so.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from reffuse.core.names import named_weights
+from reffuse.core.model import Model
+from reffuse.errors import ReffuseError
+from reffuse.evaluation.scoring import evaluate
+from reffuse.files import check_output_folder, json_text
+from reffuse.formats.checkpoint import is_model_folder, save_model
+from reffuse.formats.corpus import held_out_windows, training_windows
+from reffuse.formats.registry import find_tokenizer, load_model
+from reffuse.method.pipeline import is_synthetic, synthetic_windows
+from reffuse.options import FromArguments
+from reffuse.progress import Progress, note
+from reffuse.training.trainer import TrainingOptions, train
+
+TRAIN_CHOICES = ("fused", "run", "all", "blocks A-B")
+
+
+def trainable_names(model: Model, choice: str) -> list[str]:
+    """The HF names that train for --train: "fused" (the fused blocks), "run" (every attention-free block),
+    "blocks A-B" (blocks A..B of the model as it is numbered), or "all"."""
+    names = named_weights(model)
+    if choice == "all":
+        return list(names)
+    if choice == "fused":
+        blocks = [i for i, b in enumerate(model.blocks) if b.fused_from]
+        what = "fused blocks"
+    elif choice == "run":
+        blocks = [i for i, b in enumerate(model.blocks) if b.attention is None and b.ffn is not None]
+        what = "attention-free blocks"
+    elif choice.startswith("blocks "):
+        try:
+            first, _, last = choice.removeprefix("blocks ").partition("-")
+            first, last = int(first), int(last or first)
+        except ValueError:
+            raise ReffuseError(f"--train {choice!r}: write blocks A-B, e.g. 'blocks 5-8'") from None
+        if not 0 <= first <= last < len(model.blocks):
+            raise ReffuseError(f"--train {choice!r}: {model.config.name} has blocks 0-{len(model.blocks) - 1}")
+        blocks, what = list(range(first, last + 1)), f"blocks {first}-{last}"
+    else:
+        raise ReffuseError(f"--train {choice!r} is not a choice: use one of {', '.join(TRAIN_CHOICES)}")
+    if not blocks:
+        raise ReffuseError(f"--train {choice}: {model.config.name} has no {what}; use --train all or blocks A-B")
+    prefixes = tuple(f"model.layers.{i}." for i in blocks)
+    return [n for n in names if n.startswith(prefixes)]
+
+
+@dataclass
+class HealOptions(FromArguments):
+    """What `reffuse heal` takes; the command's flags read their defaults from here."""
+    model: str = ""
+    teacher: str = "smollm2"
+    out: str = ""
+    tokens: int = 65536
+    train: str = "fused"
+    window: int = 512
+    windows_per_step: int = 1
+    learning_rate: float = 1e-4
+    warmup_fraction: float = 0.1
+    final_fraction: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    temperature: float = 1.0
+    seed: int = 0
+    held_out_tokens: int = 16384
+    checkpoint_every: int = 16
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "cpu"
+
+    def training(self) -> TrainingOptions:
+        steps = max(1, self.tokens // (self.window * self.windows_per_step))
+        return TrainingOptions(steps=steps, windows_per_step=self.windows_per_step,
+                               learning_rate=self.learning_rate, warmup=round(self.warmup_fraction * steps),
+                               final_fraction=self.final_fraction, weight_decay=self.weight_decay, clip=self.clip,
+                               temperature=self.temperature, seed=self.seed)
+
+
+def checkpoint_folder(out) -> Path:
+    """Where a run keeps its checkpoint: beside --out, removed once the healed model is saved."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoint")
+
+
+def score(model: Model, teacher: Model, windows, label: str) -> dict:
+    with Progress(f"scoring {label} on held-out text", total=len(windows), unit="windows") as bar:
+        return evaluate(model, windows.ids, base=teacher, progress=lambda *_: bar.update())
+
+
+def run_heal(options: HealOptions) -> dict:
+    """Heal, save, and return what heal.json records."""
+    training_options = options.training()  # checks the numbers before any loading
+    if not options.out:
+        raise ReffuseError("--out is required: the folder to save the healed model to")
+    check_output_folder(options.out, options.overwrite, is_model_folder, "model")
+    started = time.perf_counter()
+    note("[1/5] loading the student and the teacher")
+    student = load_model(options.model, device=options.device)
+    teacher = load_model(options.teacher, device=options.device)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ReffuseError(f"--teacher {options.teacher} has a vocabulary of {teacher.config.vocab_size}, the student "
+                           f"{student.config.vocab_size}: distil from the model the student was made from")
+    names = trainable_names(student, options.train)
+    note(f"[2/5] training {options.train}: {len(names)} tensors, "
+         f"{sum(named_weights(student)[n].size for n in names):,} weights")
+    synthetic = is_synthetic(options.model, student)
+    if synthetic:
+        tokenizer = None
+        held_out = synthetic_windows(student, "held-out", options.window, options.held_out_tokens)
+        text = synthetic_windows(student, "training", options.window, options.tokens)
+    else:
+        tokenizer = find_tokenizer(options.model, options.teacher)
+        held_out = held_out_windows(tokenizer, options.window, options.held_out_tokens)
+        text = training_windows(tokenizer, options.window, options.tokens)
+    note(f"[3/5] held-out text: {held_out.ids.size:,} tokens in {len(held_out)} windows")
+    before = score(student, teacher, held_out, "the student")
+    needed = training_options.steps * training_options.windows_per_step
+    note(f"[4/5] distillation: {training_options.steps} steps of {training_options.windows_per_step} x "
+         f"{options.window} tokens from {text.ids.size:,} training tokens ({needed / len(text):.2f} epochs)")
+    healed, log = train(student, text.ids, names, training_options, teacher=teacher,
+                        checkpoint_folder=checkpoint_folder(options.out),
+                        checkpoint_every=options.checkpoint_every, resume=options.resume)
+    note("[5/5] scoring the healed model and saving it")
+    after = score(healed, teacher, held_out, "the healed model")
+    record = {"options": {**options.__dict__}, "training": training_options.to_json(), "trainable": names,
+              "student": student.config.name, "teacher": teacher.config.name,
+              "texts": {"synthetic": synthetic, "training": text.describe(), "held_out": held_out.describe(),
+                        "epochs": needed / len(text)},
+              "log": log.to_json(), "held_out_before": before, "held_out_after": after,
+              "seconds": time.perf_counter() - started}
+    files = {"heal.json": json_text(record, inline_lists=True)}
+    source = Path(options.model)
+    for name in ("fuse.json", "heal.json"):
+        if (source / name).is_file():  # the student's own record, kept beside the new one
+            files[f"student-{name}"] = (source / name).read_text()
+    save_model(healed, options.out, overwrite=options.overwrite, tokenizer=tokenizer, files=files)
+    shutil.rmtree(checkpoint_folder(options.out), ignore_errors=True)
+    return record
+
+
+def summary(record: dict) -> str:
+    """Held-out KL to the teacher and perplexity, before and after, in a few lines."""
+    b, a = record["held_out_before"], record["held_out_after"]
+    return "\n".join([
+        f"healed {record['student']} ({record['options']['train']}: {len(record['trainable'])} tensors) on "
+        f"{record['log']['tokens']:,} tokens in {record['seconds']:.0f} s",
+        f"held-out KL to the teacher  {b['kl_from_base']:.4g} -> {a['kl_from_base']:.4g} nats",
+        f"held-out perplexity         {b['perplexity']:.2f} -> {a['perplexity']:.2f}  "
+        f"(teacher {b['base_perplexity']:.2f})"])
