@@ -8,16 +8,13 @@ stream does not outweigh every other token), the loss is the fused block's relat
 
     L = Σ_t w_t² ||F(x_t) - R_t||² / Σ_t w_t² ||R_t||²,      F(x) = (silu(u W_g^T) ⊙ u W_u^T) W_d^T,  u = η*(x)
 
-(1 is predicting nothing; training starts from plain fusion, Theorem 3.1's weights). With G = u W_g^T, V = u W_u^T,
-S = silu(G), H = S ⊙ V and E = 2 w² (F - R) / Z (Z the denominator), the gradients are
-
-    dW_d = Eᵀ H,   dH = E W_d,   dW_u = (dH ⊙ S)ᵀ u,   dW_g = (dH ⊙ V ⊙ silu'(G))ᵀ u,
-    silu'(g) = σ(g) (1 + g (1 - σ(g))),
-
-u does not depend on the weights (the fused block's RMSNorm has unit gain under norm="fold"), so it needs none.
-Steps are full-batch over the cached tokens, in the model's dtype (the tests check the gradients against finite
-differences in float64); Adam with the usual betas. It is the local part of what the paper does with knowledge
-distillation on billions of tokens: only the fused block learns, only from its own run's inputs and outputs.
+(1 is predicting nothing; training starts from plain fusion, Theorem 3.1's weights). Its gradient is SwiGLU's
+backward (reffuse.training.backward.swiglu_backward, the same code that backpropagates through a model) from
+dL/dF = 2 w² (F - R) / Z (Z the denominator); u does not depend on the weights (the fused block's RMSNorm has unit
+gain under norm="fold"), so it needs none. Steps are full-batch over the cached tokens, in the model's dtype,
+with AdamW (reffuse.training.optim) at a constant learning rate and no weight decay. It is the local part of what
+the paper does with knowledge distillation on billions of tokens: only the fused block learns, only from its own
+run's inputs and outputs (`reffuse heal` distils the whole model's output instead).
 """
 
 from __future__ import annotations
@@ -27,14 +24,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from reffuse.core.backend import array_module
-from reffuse.core.model import FFN, Model, rms_norm, silu
+from reffuse.core.model import FFN, Model, rms_norm
 from reffuse.errors import ReffuseError
 from reffuse.method.calibrate import fuse_group_by_group, sequential_update
+from reffuse.training.backward import swiglu_backward, swiglu_forward
+from reffuse.training.optim import AdamW
 
 DEFAULT_STEPS = 200
 DEFAULT_LEARNING_RATE = 1e-4
 BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 @dataclass
@@ -54,45 +52,30 @@ def local_loss_and_gradients(ffn: FFN, u, targets, weights):
     """L and (dW_g, dW_u, dW_d) of the module doc for the normalised inputs u [T, d], targets R [T, d] and token
     weights w [T, 1]."""
     xp = array_module(u)
-    gate_in, up_in = u @ ffn.gate.T, u @ ffn.up.T                   # G, V [T, dh]
-    activated = silu(gate_in)                                        # S
-    hidden = activated * up_in                                       # H
-    error = hidden @ ffn.down.T - targets                            # F - R [T, d]
+    output, cache = swiglu_forward(ffn, u)                           # F [T, d]
+    error = output - targets                                         # F - R [T, d]
     scale = 1.0 / float(xp.sum((weights * targets) ** 2))
     loss = float(xp.sum((weights * error) ** 2)) * scale
-    e = 2 * scale * weights ** 2 * error                             # dL/dF
-    d_down = e.T @ hidden                                            # [d, dh]
-    d_hidden = e @ ffn.down                                          # [T, dh]
-    with np.errstate(over="ignore"):  # e^-g overflows for g < -88 (float32): σ is 0 there, as it should be
-        sigmoid = 1 / (1 + xp.exp(-gate_in))
-    d_gate_in = d_hidden * up_in * sigmoid * (1 + gate_in * (1 - sigmoid))
-    return loss, ((d_gate_in.T @ u), ((d_hidden * activated).T @ u), d_down)
+    _, grads = swiglu_backward(2 * scale * weights ** 2 * error, cache, ffn)  # from dL/dF
+    return loss, (grads["gate"], grads["up"], grads["down"])
 
 
 def train_fused_ffn(ffn: FFN, u, targets, weights, steps: int = DEFAULT_STEPS,
                     learning_rate: float = DEFAULT_LEARNING_RATE) -> tuple[FFN, list]:
-    """Adam on the three projections of `ffn` from its current weights; the trained FFN and the losses (before
+    """AdamW on the three projections of `ffn` from its current weights; the trained FFN and the losses (before
     every tenth step and after the last)."""
-    xp = array_module(u)
-    params = [ffn.gate.copy(), ffn.up.copy(), ffn.down.copy()]
-    moments = [(xp.zeros_like(p), xp.zeros_like(p)) for p in params]
+    params = {"gate": ffn.gate.copy(), "up": ffn.up.copy(), "down": ffn.down.copy()}
+    optimizer = AdamW(params, betas=BETAS)
     losses = []
     for step in range(1, steps + 1):
-        current = FFN(ffn.norm_gain, *params)
-        loss, grads = local_loss_and_gradients(current, u, targets, weights)
+        loss, grads = local_loss_and_gradients(FFN(ffn.norm_gain, **params), u, targets, weights)
         if (step - 1) % 10 == 0:
             losses.append(loss)
         if not np.isfinite(loss):
             raise ReffuseError(f"local distillation diverged at step {step} (loss {loss}): use a smaller "
                                "learning rate")
-        for p, g, (m, v) in zip(params, grads, moments):
-            m *= BETAS[0]
-            m += (1 - BETAS[0]) * g
-            v *= BETAS[1]
-            v += (1 - BETAS[1]) * g * g
-            m_hat, v_hat = m / (1 - BETAS[0] ** step), v / (1 - BETAS[1] ** step)
-            p -= learning_rate * m_hat / (xp.sqrt(v_hat) + ADAM_EPS)
-    trained = FFN(ffn.norm_gain, *params)
+        optimizer.step(dict(zip(("gate", "up", "down"), grads)), learning_rate)
+    trained = FFN(ffn.norm_gain, **params)
     losses.append(local_loss_and_gradients(trained, u, targets, weights)[0])
     return trained, losses
 
