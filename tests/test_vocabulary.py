@@ -22,6 +22,7 @@ TOKENS_COMMANDS = {"verify", "dump"}
 # the same default wherever the concept appears
 DEFAULTS = {"--calibration-tokens": 2048, "--max-group-size": 4, "--model": "smollm2", "--dtype": "float32"}
 MODEL_IS_A_LAYOUT = {"costmodel"}  # its --model names layouts to project (the paper's by default)
+MODEL_IS_REQUIRED = {"heal"}  # its --model is the student to heal: there is no sensible default
 
 
 def subcommands():
@@ -61,5 +62,5 @@ def test_a_shared_flag_means_the_same_everywhere():
         assert len(meanings) == 1, f"{flag} is explained {len(meanings)} ways: {meanings}"
     for flag, default in DEFAULTS.items():
         differing = {name: d for name, d in defaults.get(flag, {}).items()
-                     if d != default and not (flag == "--model" and name in MODEL_IS_A_LAYOUT)}
+                     if d != default and not (flag == "--model" and name in MODEL_IS_A_LAYOUT | MODEL_IS_REQUIRED)}
         assert not differing, f"{flag} defaults to {default} except in {differing}"

@@ -56,6 +56,7 @@ TOKEN_ARGUMENTS = {
     "calibration": ("--calibration-tokens", "calibration tokens (every fit and choice reads only these)"),
     "scoring": ("--scoring-tokens", "calibration tokens for the KL scores of single removals and of the plan's FFN pairs"),
     "dependency": ("--dependency-tokens", "calibration tokens for the dependency matrices"),
+    "training": ("--training-tokens", "training tokens, the budget of distillation (training text only)"),
 }
 
 

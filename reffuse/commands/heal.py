@@ -7,9 +7,10 @@ Steps:
 1. the student (--model, a folder `reffuse fuse` saved) and the teacher (--teacher) are loaded;
 2. --train chooses what trains: fused (the fused blocks), run (every attention-free block), 'blocks A-B', all;
    every other weight stays as it is, and gets no weight-gradient work;
-3. held-out text (the corpus' held-out plays, --held-out-tokens in windows of --window) scores the student:
+3. held-out text (the corpus' held-out plays, --held-out-tokens in windows of --window; never trained on)
+   scores the student:
    KL to the teacher and perplexity;
-4. --tokens of training text (the corpus' 27 training plays and poems, disjoint from held-out and calibration
+4. --training-tokens of training text (the corpus' 27 training plays and poems, disjoint from held-out and calibration
    text; another epoch where the budget is larger) in windows of --window tokens, --windows-per-step per AdamW
    step (the mean gradient), learning rate with linear warm-up over --warmup-fraction of the steps, then cosine
    decay to --final-fraction of it; gradients clipped to a global norm of --clip. A line per step on stderr:
@@ -22,16 +23,16 @@ Steps:
 
 examples:
   reffuse fuse --model smollm2 --drop-attention-count 8 --plan auto --out out/fused
-  reffuse heal --model out/fused --teacher smollm2 --tokens 65536 --train fused --out out/healed
-  reffuse heal --model out/fused --teacher smollm2 --tokens 65536 --train fused --out out/healed --resume
+  reffuse heal --model out/fused --teacher smollm2 --training-tokens 65536 --train fused --out out/healed
+  reffuse heal --model out/fused --teacher smollm2 --training-tokens 65536 --train fused --out out/healed --resume
   reffuse fuse --model tiny --groups 4-8 --out out/fused-tiny
-  reffuse heal --model out/fused-tiny --teacher tiny --tokens 4096 --window 64 --out out/healed-tiny
+  reffuse heal --model out/fused-tiny --teacher tiny --training-tokens 4096 --window 64 --out out/healed-tiny
 """
 
 from __future__ import annotations
 
-from reffuse.commands.common import (add_device_argument, add_json_argument, non_negative_int, number_argument,
-                                     positive_int, print_json)
+from reffuse.commands.common import (add_device_argument, add_json_argument, add_token_arguments, non_negative_int,
+                                     number_argument, positive_int, print_json)
 from reffuse.experiments.heal import TRAIN_CHOICES, HealOptions, run_heal, summary
 
 HELP = "heal a fused model by knowledge distillation from the model it came from"
@@ -49,8 +50,7 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="the student: a folder `reffuse fuse` saved, or a model name")
     parser.add_argument("--teacher", default=D.teacher, help=f"the model to distil from (default {D.teacher})")
     parser.add_argument("--out", required=True, help="folder to save the healed model into (new or empty)")
-    parser.add_argument("--tokens", type=positive_int, default=D.tokens,
-                        help=f"training tokens, the budget (default {D.tokens})")
+    add_token_arguments(parser, training=D.training_tokens, held_out=D.held_out_tokens)
     parser.add_argument("--train", default=D.train, metavar="WHAT",
                         help=f"what trains: {', '.join(TRAIN_CHOICES)} (default {D.train})")
     parser.add_argument("--window", type=positive_int, default=D.window,
@@ -71,8 +71,6 @@ def add_arguments(parser):
                         help=f"distillation temperature τ (default {D.temperature:g})")
     parser.add_argument("--seed", type=non_negative_int, default=D.seed,
                         help=f"the order of the training windows (default {D.seed})")
-    parser.add_argument("--held-out-tokens", type=positive_int, default=D.held_out_tokens,
-                        help=f"held-out tokens scored before and after (default {D.held_out_tokens})")
     parser.add_argument("--checkpoint-every", type=non_negative_int, default=D.checkpoint_every,
                         help=f"steps between checkpoints, 0 for none (default {D.checkpoint_every})")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")

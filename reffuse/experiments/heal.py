@@ -71,7 +71,7 @@ class HealOptions(FromArguments):
     model: str = ""
     teacher: str = "smollm2"
     out: str = ""
-    tokens: int = 65536
+    training_tokens: int = 65536
     train: str = "fused"
     window: int = 512
     windows_per_step: int = 1
@@ -89,7 +89,7 @@ class HealOptions(FromArguments):
     device: str = "cpu"
 
     def training(self) -> TrainingOptions:
-        steps = max(1, self.tokens // (self.window * self.windows_per_step))
+        steps = max(1, self.training_tokens // (self.window * self.windows_per_step))
         return TrainingOptions(steps=steps, windows_per_step=self.windows_per_step,
                                learning_rate=self.learning_rate, warmup=round(self.warmup_fraction * steps),
                                final_fraction=self.final_fraction, weight_decay=self.weight_decay, clip=self.clip,
@@ -127,11 +127,11 @@ def run_heal(options: HealOptions) -> dict:
     if synthetic:
         tokenizer = None
         held_out = synthetic_windows(student, "held-out", options.window, options.held_out_tokens)
-        text = synthetic_windows(student, "training", options.window, options.tokens)
+        text = synthetic_windows(student, "training", options.window, options.training_tokens)
     else:
         tokenizer = find_tokenizer(options.model, options.teacher)
         held_out = held_out_windows(tokenizer, options.window, options.held_out_tokens)
-        text = training_windows(tokenizer, options.window, options.tokens)
+        text = training_windows(tokenizer, options.window, options.training_tokens)
     note(f"[3/5] held-out text: {held_out.ids.size:,} tokens in {len(held_out)} windows")
     before = score(student, teacher, held_out, "the student")
     needed = training_options.steps * training_options.windows_per_step

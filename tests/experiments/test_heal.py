@@ -31,7 +31,7 @@ def heal_arguments(student, out, *extra):
 
 def test_heal_saves_a_model_and_records_before_and_after(fused_tiny, tmp_path, capsys):
     out = tmp_path / "healed"
-    assert main(heal_arguments(fused_tiny, out, "--tokens", "2048")) == 0
+    assert main(heal_arguments(fused_tiny, out, "--training-tokens", "2048")) == 0
     record = json.loads((out / "heal.json").read_text())
     assert record["training"]["steps"] == 32 and record["log"]["tokens"] == 2048
     assert record["trainable"] == trainable_names(reffuse.load_model(fused_tiny), "fused")
@@ -70,7 +70,7 @@ def test_refusals_come_before_any_work(fused_tiny, tmp_path, capsys):
 @pytest.mark.slow  # two runs of 128 steps and a subprocess
 def test_a_killed_run_resumes_to_the_same_weights(fused_tiny, tmp_path):
     """SIGKILL once the first checkpoint is written, then --resume: the weights equal an uninterrupted run's."""
-    arguments = ["--tokens", "16384", "--window", "128", "--checkpoint-every", "8"]
+    arguments = ["--training-tokens", "16384", "--window", "128", "--checkpoint-every", "8"]
     straight = tmp_path / "straight"
     assert main(heal_arguments(fused_tiny, straight, *arguments)) == 0
     killed = tmp_path / "killed"
@@ -89,3 +89,14 @@ def test_a_killed_run_resumes_to_the_same_weights(fused_tiny, tmp_path):
     assert resumed_record["log"]["losses"] == straight_record["log"]["losses"]
     for name, w in named_weights(reffuse.load_model(straight)).items():
         np.testing.assert_array_equal(named_weights(reffuse.load_model(killed))[name], w)
+
+
+def test_the_command_and_the_library_agree_on_every_default():
+    from dataclasses import fields
+
+    from reffuse.cli import build_parser
+    from reffuse.experiments.heal import HealOptions
+    parsed = HealOptions.from_namespace(build_parser().parse_args(["heal", "--model", "m", "--out", "o"]))
+    for f in fields(HealOptions):
+        if f.name not in ("model", "out"):
+            assert getattr(parsed, f.name) == f.default, f.name
