@@ -31,10 +31,13 @@ def embedding_forward(embed, ids):
 
 def embedding_backward(dx, ids, vocab_size: int):
     """dE[v] = Σ_{t: ids[t] = v} dx[t]: a scatter-add, since a token that occurs twice receives both gradients.
-    dx [T, d] -> dE [vocab, d]."""
+    Written as a product with the [distinct tokens, T] indicator of which position holds which token (at most T²
+    numbers), which NumPy and CuPy compute alike. dx [T, d] -> dE [vocab, d]."""
     xp = array_module(dx)
+    tokens, position_token = xp.unique(ids, return_inverse=True)                    # [U], [T]
+    holds = (xp.arange(len(tokens))[:, None] == position_token[None, :]).astype(dx.dtype)  # [U, T]
     d_embed = xp.zeros((vocab_size, dx.shape[1]), dtype=dx.dtype)
-    xp.add.at(d_embed, ids, dx)
+    d_embed[tokens] = holds @ dx                                                     # [U, T] @ [T, d]
     return d_embed
 
 

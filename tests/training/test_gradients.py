@@ -95,3 +95,19 @@ def test_refusals_name_the_problem():
         reffuse.gradients(model, [1])
     with pytest.raises(reffuse.ReffuseError, match=r"shape \(2, 5\)"):
         reffuse.gradients(model, [1, 2], teacher_logits=np.zeros((2, 5)))
+
+
+def test_gradients_on_the_device_equal_the_cpu_ones(strict_device):
+    """Through the backend: every array stays on the device (the strict stand-in refuses silent host copies)."""
+    from reffuse.core.backend import to_numpy
+    model = reffuse.build_tiny()
+    fused = reffuse.fuse(model, [(4, 9)])
+    rng = np.random.default_rng(9)
+    ids, teacher = rng.integers(0, 256, 16), rng.standard_normal((16, 256)).astype(np.float32)
+    loss, grads = reffuse.gradients(fused, ids, teacher_logits=teacher)
+    on_device = reffuse.to_device(fused, "gpu")
+    device_loss, device_grads = reffuse.gradients(on_device, ids, teacher_logits=strict_device.asarray(teacher))
+    assert device_loss == pytest.approx(loss, rel=1e-6)
+    for name, g in grads.items():
+        assert type(device_grads[name]).__module__.startswith("strict_cupy")
+        np.testing.assert_allclose(to_numpy(device_grads[name]), g, rtol=1e-5, atol=1e-6 * np.abs(g).max())
