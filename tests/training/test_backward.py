@@ -10,30 +10,14 @@ import pytest
 from reffuse.core.fusion import fuse_ffns
 from reffuse.core.model import FFN, Attention, Config, apply_rope, rms_norm, rope_tables, swiglu
 from reffuse.training import backward as bw
+from reffuse.training.gradcheck import numerical_gradient, relative_error
 from reffuse.training.losses import head_loss
 
 TOLERANCE = 1e-6
 
 
-def numerical_gradient(loss, array, step=1e-6):
-    """∂loss/∂array by central differences, every entry (array is perturbed in place and restored)."""
-    grad = np.zeros_like(array)
-    for index in np.ndindex(array.shape):
-        kept = array[index]
-        array[index] = kept + step
-        up = loss()
-        array[index] = kept - step
-        down = loss()
-        array[index] = kept
-        grad[index] = (up - down) / (2 * step)
-    return grad
-
-
 def assert_close(analytic, numeric):
-    """Within TOLERANCE of the largest numerical entry; where the gradient is zero (q and k at T = 1, whose one
-    softmax weight is 1 whatever they are), the analytic one must be zero to rounding."""
-    scale = np.abs(numeric).max()
-    error = np.abs(analytic - numeric).max() / (scale if scale > 1e-8 else 1.0)
+    error = relative_error(analytic, numeric)
     assert error <= TOLERANCE, f"relative error {error:.2e}"
 
 
