@@ -42,8 +42,9 @@ import numpy as np
 import reffuse
 from reffuse import (Attention, apply_rope, attention, block_forward, load_tokenizer, rms_norm, rope_tables, silu,
                      swiglu)
+from reffuse.core.model import plain
 
-model = reffuse.load_model("smollm2")           # float32; downloads the 98 MB GGUF once, then reads the cache
+model = plain(reffuse.load_model("smollm2"))    # float32; downloads the 98 MB GGUF once, then reads the cache
 cfg = model.config
 print(cfg)
 
@@ -51,9 +52,12 @@ print(cfg)
 # ## 1. The weights and their shapes
 #
 # A `reffuse.Model` is plain data: the token embedding, a list of blocks, a final norm and the LM head (tied to
-# the embedding here, as in SmolLM2). Each block holds an `Attention` (its norm gain $g_1$ and the q, k, v, o
-# projections) and an `FFN` (its norm gain $g_2$ and the gate, up, down projections). Weights are stored
-# `(out_features, in_features)`, as in PyTorch, so a projection is `x @ W.T`.
+# the embedding here, as in SmolLM2), and the functions it computes with (`model.kernels`). `load_model` returns
+# it on fast kernels (`reffuse.core.fast`, the same arithmetic arranged for speed); `plain(model)` puts it on the
+# functions of the table above, so that `reffuse.forward` and `block_forward` below run exactly those. Each block
+# holds an `Attention` (its norm gain $g_1$ and the q, k, v, o projections) and an `FFN` (its norm gain $g_2$ and
+# the gate, up, down projections). Weights are stored `(out_features, in_features)`, as in PyTorch, so a
+# projection is `x @ W.T`.
 
 # %%
 block = model.blocks[0]

@@ -104,8 +104,9 @@ print("H* shape", hidden(wide, u).shape, " max |H* - [H^1..H^n]| =", np.abs(hidd
 # $[\,U W_2^\top \mid U W_1^\top\,] = U \begin{bmatrix}W_2\\ W_1\end{bmatrix}^\top$: one product instead of two,
 # the theorem's concatenation applied to the two input projections of a single FFN. It changes no number, only how
 # many products read the weights. reffuse uses it where that pays: an attention's q, k and v also read one input,
-# so they are stored as one array `Attention.qkv` (`q`, `k`, `v` are views of it) and computed in one product
-# (`reffuse.core.model.attention_stacked`). At one token that takes two thirds of the time of three products
+# so the fast kernels (`reffuse.core.fast`, on which `load_model` returns models) hold them as one array
+# `StackedAttention.qkv` (`q`, `k`, `v` are views of it) and compute them in one product
+# (`reffuse.core.fast.attention_stacked`). At one token that takes two thirds of the time of three products
 # (0.69x and 0.66x in two runs, 95% intervals 0.66-0.72 and 0.65-0.69), because k and v are small (192 rows) and
 # every product has a fixed cost. Gate and up are two products of 1536 rows that already stream at the machine's
 # rate: stacked, they took 1.01-1.02x the time at one token and 1.00-1.03x at 512

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -185,9 +187,9 @@ show(fig)
 # %% [markdown]
 # reffuse is NumPy calling BLAS, yet it decodes faster than transformers: both stream the same weights, and what
 # separates them is the fixed cost around each product. llama.cpp, compiled kernels with no interpreter between
-# them, comes closest to the bound. reffuse's own fast paths (`reffuse.core.model`, "Fast paths": q, k and v in one
-# product, prefill attention that skips the masked half of the scores, RoPE tables made once) are each tested
-# equal to the plain functions and can be switched off with `fast_paths(False)`;
+# them, comes closest to the bound. reffuse's own fast kernels (`reffuse.core.fast`: q, k and v in one product,
+# prefill attention that skips the masked half of the scores, RoPE tables made once) are each tested equal to the
+# plain functions, and `reffuse.core.model.plain(model)` puts a model back on those;
 # `benchmarks/results/profile_smollm2/profile.md` says, part by part, what they buy. That is the regime the paper
 # is in at batch 1 on a GPU, 1000 times larger and 1000 times faster.
 

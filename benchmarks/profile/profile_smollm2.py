@@ -1,14 +1,15 @@
-"""Where one decode step and two prefills of SmolLM2 spend their time, with reffuse's fast paths off and on,
+"""Where one decode step and two prefills of SmolLM2 spend their time, on reffuse's plain and fast kernels,
 beside the machine's bound, in one run.
 
     python benchmarks/profile/profile_smollm2.py --threads 2 --out benchmarks/results/profile_smollm2
 
-Each part of the forward pass that reffuse.core.model names (RMSNorm, attention, the FFN, the RoPE tables, the LM
-head) is timed by wrapping that function for the run; what is left of the step's time is Python between them
-(block walking, residual adds, cache bookkeeping). A part's time includes what it calls: the LM head's includes
-the final norm, attention's the RoPE rotation. Every run is timed twice, with the fast paths off (the plain
-functions, core.fast_paths(False)) and on; what they buy is then timed on the whole forward, plain and fast
-alternated, as the median of the paired ratios with a 95% interval.
+Each part of the forward pass (RMSNorm and the LM head, functions of reffuse.core.model; attention, the FFN and
+the RoPE tables, the model's kernels) is timed by wrapping that function for the run; what is left of the step's
+time is Python between them (block walking, residual adds, cache bookkeeping). A part's time includes what it
+calls: the LM head's includes the final norm, attention's the RoPE rotation. Every run is timed twice, on the
+plain kernels (core.plain(model)) and on the fast ones (the model as load_model returns it); what the fast ones
+buy is then timed on the whole forward, plain and fast alternated, as the median of the paired ratios with a 95%
+interval.
 
 The bound: the bytes a decode step must read (every weight once) over the streaming bandwidth NumPy reaches here
 (speed.timing.streaming_bandwidth: a large GEMV with the weights stored (out, in) as reffuse stores them and
@@ -21,6 +22,7 @@ weights in one arena against separate arrays. Medians of --repeats, BLAS pinned 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -37,17 +39,20 @@ from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.speed.bench import blas_in_use
 from reffuse.files import write_json_atomic, write_text_atomic
-from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, median_seconds, paired_ratio,
-                                  ratio_text, streaming_bandwidth)
+from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, median_seconds, ratio_text,
+                                  streaming_bandwidth)
+from reffuse.stats import paired_ratio
 
-PARTS = ("rms_norm", "attention_output", "ffn_output", "rope_for", "lm_logits")
+PARTS = ("rms_norm", "attention", "ffn", "rope", "lm_logits")
+KERNEL_PARTS = ("attention", "ffn", "rope")  # the model's kernels (Model.kernels); the others, reffuse.core.model's
 PREFILL_LONG = 512
 
 
-def timed_parts(run, repeats: int) -> dict:
-    """Median seconds of run() and of each named part inside it (a part's time includes what it calls)."""
+def timed_parts(make_run, model, repeats: int) -> dict:
+    """Median seconds of make_run(model)() and of each named part inside it (a part's time includes what it
+    calls)."""
     totals, steps = defaultdict(list), []
-    originals = {name: getattr(core, name) for name in PARTS}
+    originals = {name: getattr(core, name) for name in PARTS if name not in KERNEL_PARTS}
     spent = defaultdict(float)
 
     def wrap(name, fn):
@@ -59,6 +64,9 @@ def timed_parts(run, repeats: int) -> dict:
                 spent[name] += time.perf_counter() - start
         return timed
 
+    kernels = dataclasses.replace(model.kernels, **{name: wrap(name, getattr(model.kernels, name))
+                                                    for name in KERNEL_PARTS})
+    run = make_run(dataclasses.replace(model, kernels=kernels))
     try:
         for name, fn in originals.items():
             setattr(core, name, wrap(name, fn))
@@ -79,16 +87,10 @@ def timed_parts(run, repeats: int) -> dict:
     return {"seconds": step, "parts": parts, "shares": {k: v / step for k, v in parts.items()}}
 
 
-def fast_against_plain(run, repeats: int) -> dict:
-    """run() with the fast paths off and on, alternated: fast / plain time, the median of the paired ratios with
-    its 95% interval (timing.paired_ratio)."""
-    def under(enabled):
-        def timed():
-            with core.fast_paths(enabled):
-                run()
-        return timed
-
-    samples = compare_samples({"plain": under(False), "fast": under(True)}, repeats)
+def fast_against_plain(make_run, model, repeats: int) -> dict:
+    """make_run(model)() on the plain kernels and on the fast ones, alternated: fast / plain time, the median of the
+    paired ratios with its 95% interval (reffuse.stats.paired_ratio)."""
+    samples = compare_samples({"plain": make_run(core.plain(model)), "fast": make_run(model)}, repeats)
     return paired_ratio(samples["fast"], samples["plain"])
 
 
@@ -138,7 +140,7 @@ def decode_step(model, prompt):
 
 
 def arena_effect(model, prompt, threads: int, rounds: int = 9, steps: int = 30) -> dict:
-    """A decode step on the weights as load_model returns them (one arena, core.model.gathered) against the same
+    """A decode step on the weights as load_model returns them (one arena, core.fast.gathered) against the same
     weights as separate arrays, alternated: each round's median step time for both, and their paired ratio."""
     separate = core.map_arrays(model, lambda a: a.copy())
     samples = {"arena": [], "separate": []}
@@ -160,17 +162,16 @@ def main(argv=None) -> int:
     prompt = rng.integers(0, model.config.vocab_size, 64)
     long_prompt = rng.integers(0, model.config.vocab_size, PREFILL_LONG)
     weight_bytes = sum(t.nbytes for t in model_to_tensors(model).values())  # every weight once (tied: once)
-    runs = {"decode": (decode_step(model, prompt), args.repeats),
-            "prefill_64": (lambda: forward(model, prompt, cache=KVCache(model, 64)), args.repeats),
-            f"prefill_{PREFILL_LONG}": (lambda: forward(model, long_prompt, cache=KVCache(model, PREFILL_LONG)),
+    runs = {"decode": (lambda m: decode_step(m, prompt), args.repeats),  # name -> (make_run(model), repeats)
+            "prefill_64": (lambda m: lambda: forward(m, prompt, cache=KVCache(m, 64)), args.repeats),
+            f"prefill_{PREFILL_LONG}": (lambda m: lambda: forward(m, long_prompt, cache=KVCache(m, PREFILL_LONG)),
                                         max(args.repeats // 3, 3))}
     measured, fast_over_plain = {}, {}
     with blas_threads(args.threads):
-        for path, fast in (("plain", False), ("fast", True)):  # the parts: each wrapped function timed
-            with core.fast_paths(fast):
-                measured[path] = {name: timed_parts(run, repeats) for name, (run, repeats) in runs.items()}
-        for name, (run, repeats) in runs.items():  # what the fast paths buy: the whole forward, alternated
-            fast_over_plain[name] = fast_against_plain(run, repeats)
+        for path, on in (("plain", core.plain(model)), ("fast", model)):  # the parts: each wrapped function timed
+            measured[path] = {name: timed_parts(make_run, on, repeats) for name, (make_run, repeats) in runs.items()}
+        for name, (make_run, repeats) in runs.items():  # what the fast kernels buy: the whole forward, alternated
+            fast_over_plain[name] = fast_against_plain(make_run, model, repeats)
     decode = measured["fast"]["decode"]
     stacked = stacking(model, args.threads, args.repeats)
     arena = arena_effect(model, prompt, args.threads)
@@ -199,9 +200,9 @@ def main(argv=None) -> int:
     runs = list(measured["fast"])
     lines = [f"# Where SmolLM2's time goes in reffuse, {args.threads} threads", "", "Produced by:", "",
              f"    {result['command']}", "", f"Load average {result['load_average_1min']:.1f}; BLAS {result['blas']}. "
-             f"Medians of {args.repeats} ({max(args.repeats // 3, 3)} for {PREFILL_LONG} tokens). Each run with the "
-             "fast paths of reffuse.core.model off (plain) and on (fast, the default), one after the other, every "
-             "part of the forward pass timed; then the whole forward plain and fast again, alternated, for fast / "
+             f"Medians of {args.repeats} ({max(args.repeats // 3, 3)} for {PREFILL_LONG} tokens). Each run on the "
+             "plain kernels (reffuse.core.model.plain) and on the fast ones (reffuse.core.fast, load_model's), one "
+             "after the other, every part of the forward pass timed; then the whole forward plain and fast again, alternated, for fast / "
              "plain time: the median of the paired repeats' ratios, its 95% interval in brackets.", "",
              "| part | " + " | ".join(f"{run.replace('_', ' ')} ms, plain | fast" for run in runs) + " |",
              "|---|" + "---:|---:|" * len(runs)]
@@ -214,8 +215,8 @@ def main(argv=None) -> int:
     ratios = [cell for run in runs
               for cell in ("", ratio_text(fast_over_plain[run]["median"], fast_over_plain[run]["interval_95"]))]
     lines.append("| fast / plain time | " + " | ".join(ratios) + " |")
-    lines += ["", "The attention part includes its RoPE rotation; the LM head's, the final norm. `ffn_output`, "
-                  "`attention_output` and `rope_for` are where the fast paths are chosen."]
+    lines += ["", "The attention part includes its RoPE rotation; the LM head's, the final norm. `attention`, "
+                  "`ffn` and `rope` are the model's kernels (`Model.kernels`), plain or fast."]
     lines += ["", f"Stacking the projections that read the same input into one product, over all "
                   f"{len(model.blocks)} blocks (the products alone, alternated):", "",
               "| products | tokens | separate ms | stacked ms | stacked / separate time (95% interval) |",
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
                      f"{1e3 * row['stacked_seconds']:.2f} | "
                      + ratio_text(row["stacked_over_separate_time"], row["stacked_over_separate_interval_95"]) + " |")
     ratio = arena["arena_over_separate_time"]
-    lines += ["", f"All weights in one allocation (core.model.gathered, as load_model returns them, on huge pages) "
+    lines += ["", f"All weights in one allocation (core.fast.gathered, as load_model returns them, on huge pages) "
                   f"against the same weights as separate arrays: a decode step takes {ratio['median']:.2f}x the time "
                   f"(95% interval {ratio['interval_95'][0]:.2f}-{ratio['interval_95'][1]:.2f} over "
                   f"{ratio['repeats']} alternated rounds of 30 steps)."]

@@ -1,9 +1,11 @@
 """Solutions to the exercises of lecture 04 (removal and fusion). Run: python lectures/solutions/04_solutions.py"""
 
+import dataclasses
+
 import numpy as np
 
 import reffuse
-from reffuse import (Block, Model, attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,
+from reffuse import (Block, attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,
                      drop_attention, held_out_windows, kl_from_base, load_tokenizer)
 
 model = reffuse.load_model("smollm2")
@@ -49,7 +51,7 @@ print(f"3. one group of 7: KL fold {fold:.3f}, last {last_norm:.3f}")
 group = (first, first + 3)
 blocks = list(removed.blocks)
 blocks[group[0]:group[1] + 1] = [Block(None, b.ffn) for b in reversed(removed.blocks[group[0]:group[1] + 1])]
-reversed_model = Model(removed.config, removed.embed, blocks, removed.norm_gain, removed.lm_head)
+reversed_model = dataclasses.replace(removed, blocks=blocks)
 fused = kl(reffuse.fuse(removed, [group]), first)
 reverse = kl(reversed_model, first)
 print(f"4. blocks {group[0]}-{group[1]}: KL fused {fused:.3f}, reversed order {reverse:.3f}")

@@ -52,7 +52,7 @@ from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
 from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, prepare, run_job
-from reffuse.speed.timing import MIN_PAIRS
+from reffuse.stats import MIN_PAIRS
 from reffuse.tp.runtime import mpi
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
 

@@ -18,6 +18,8 @@ diagonal gain can be pushed into the module that follows it):
 
 from __future__ import annotations
 
+import dataclasses
+
 from reffuse.core.backend import array_module
 from reffuse.core.layout import check_groups, fused_layers, steps
 from reffuse.core.model import FFN, Block, Model
@@ -58,7 +60,7 @@ def fuse(model: Model, groups, norm: str = "fold") -> Model:
         else:
             ffn = fuse_ffns([b.ffn for b in model.blocks[first:last + 1]], norm)
             blocks.append(Block(attention=None, ffn=ffn, fused_from=fused_layers(model, first, last)))
-    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=blocks)
 
 
 def with_last_norm(model: Model, groups) -> Model:
@@ -71,5 +73,5 @@ def with_last_norm(model: Model, groups) -> Model:
         for i in range(first, last):
             b = blocks[i]
             blocks[i] = Block(b.attention, FFN(gain, b.ffn.gate, b.ffn.up, b.ffn.down), b.fused_from)
-    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=blocks)
 

@@ -15,13 +15,12 @@ Layout conventions, named because every port of Llama weights trips over one of 
 - RMSNorm is x / sqrt(mean(x²) + eps) ⊙ gain, as in HF. The paper writes x/||x|| ⊙ s: the same up to a
   factor sqrt(d), which lives in the gain.
 - Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads), as HF's repeat_kv.
-- An attention's q, k and v, which read the same input, are views of one array qkv [(n_heads + 2 n_kv) hd, d],
-  so that one product reads all three; each view keeps HF's meaning and orientation.
 
-The forward pass below is the plain one, written as the equations are. Where a faster arrangement of the same
-arithmetic exists (one product where two read the same input, skipped masked work, tables made once), it lives in
-"Fast paths" at the end of this module, is tested equal to the plain function it replaces, and `fast_paths(False)`
-(or REFFUSE_PLAIN=1) switches every one of them off, to read or debug the plain path.
+A model computes attention, its FFNs and the RoPE tables with the functions its field `kernels` holds. The default,
+PLAIN, is this module's `attention`, `swiglu` and `rope_tables`: `forward` on a PLAIN model is the equations as
+written here, and `plain(model)` puts any model on them, to read it or step through it. `reffuse.load_model`
+returns models on reffuse.core.fast.FAST: the same arithmetic arranged for speed, each kernel tested equal to the
+plain function it replaces.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -60,61 +58,6 @@ class Config:
     max_positions: int | None = None  # the context length it was trained for (None: not recorded)
 
 
-def check_config(config: Config, source: str) -> Config:
-    """Refuse a config that would build a model that fails later or computes something else, naming the key."""
-    problems = []
-    for key in ("vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim"):
-        value = getattr(config, key)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            problems.append(f"{key} must be a positive integer, got {value!r}")
-    if not problems and config.n_heads % config.n_kv_heads:
-        problems.append(f"n_kv_heads {config.n_kv_heads} does not divide n_heads {config.n_heads}")
-    for key in ("norm_eps", "rope_theta"):
-        value = getattr(config, key)
-        if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
-            problems.append(f"{key} must be a finite number > 0, got {value!r}")
-    if not isinstance(config.tie_embeddings, (bool, np.bool_)):
-        problems.append(f"tie_embeddings must be true or false, got {config.tie_embeddings!r}")
-    if config.max_positions is not None and (isinstance(config.max_positions, bool) or config.max_positions < 1):
-        problems.append(f"max_positions must be a positive integer, got {config.max_positions!r}")
-    if problems:
-        raise ReffuseError(f"{source}: " + "; ".join(problems))
-    return config
-
-
-def _stacked(part, names: tuple[str, ...], stacked_name: str) -> None:
-    """Store the (out, in) weights `names` of a frozen dataclass as row blocks of one new array `stacked_name`,
-    each field becoming a view of its block: the same values, shapes and orientation, read in one pass."""
-    arrays = [getattr(part, name) for name in names]
-    widths = {a.shape[1] if a.ndim == 2 else None for a in arrays}
-    if len(widths) != 1 or None in widths or len({a.dtype for a in arrays}) != 1:
-        shapes = ", ".join(f"{name} {tuple(a.shape)} {a.dtype}" for name, a in zip(names, arrays))
-        raise ReffuseError(f"{type(part).__name__} weights {shapes}: they must be 2-D with the same input width "
-                           "and dtype")
-    stacked = _adjacent(arrays)
-    if stacked is None:
-        stacked = array_module(arrays[0]).concatenate(arrays)
-    object.__setattr__(part, stacked_name, stacked)
-    start = 0
-    for name, a in zip(names, arrays):
-        object.__setattr__(part, name, stacked[start:start + a.shape[0]])
-        start += a.shape[0]
-
-
-def _adjacent(arrays):
-    """The arrays as one [rows, width] view where they already are consecutive row blocks of one contiguous NumPy
-    buffer (as `gathered` places q, k and v), else None."""
-    base = arrays[0].base if isinstance(arrays[0], np.ndarray) else None
-    if (not isinstance(base, np.ndarray) or not base.flags.c_contiguous
-            or not all(a.base is base and a.flags.c_contiguous for a in arrays)):
-        return None
-    starts = [a.ctypes.data for a in arrays]
-    if any(start + a.nbytes != following for start, a, following in zip(starts, arrays, starts[1:])):
-        return None
-    return np.ndarray((sum(a.shape[0] for a in arrays), arrays[0].shape[1]), arrays[0].dtype, buffer=base,
-                      offset=starts[0] - base.ctypes.data)
-
-
 @dataclass(frozen=True)
 class Attention:
     norm_gain: np.ndarray  # [d]             η1's gain (HF input_layernorm)
@@ -122,9 +65,6 @@ class Attention:
     k: np.ndarray          # [n_kv_heads*head_dim, d]
     v: np.ndarray          # [n_kv_heads*head_dim, d]
     o: np.ndarray          # [d, n_heads*head_dim]
-
-    def __post_init__(self):
-        _stacked(self, ("q", "k", "v"), "qkv")  # self.qkv [(n_heads + 2 n_kv_heads) head_dim, d]
 
 
 @dataclass
@@ -145,63 +85,6 @@ class Block:
     attention: Attention | None
     ffn: FFN | None
     fused_from: tuple[int, ...] = ()  # a fused block: the layers (numbered as in the unfused model) it replaces
-
-
-@dataclass
-class Model:
-    config: Config
-    embed: np.ndarray      # [vocab, d]
-    blocks: list[Block]
-    norm_gain: np.ndarray  # [d]      the final RMSNorm's gain (HF model.norm)
-    lm_head: np.ndarray    # [vocab, d] (the same array as `embed` when tied)
-
-    @property
-    def dtype(self):
-        return self.embed.dtype
-
-    def layout(self) -> Layout:
-        """Its shapes without weights (reffuse.core.layout): attention present, FFN width, fused_from per block."""
-        cfg = self.config
-        blocks = tuple(BlockLayout(b.attention is not None, b.ffn.width if b.ffn is not None else 0,
-                                   tuple(b.fused_from)) for b in self.blocks)
-        return Layout(cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
-                      cfg.tie_embeddings, blocks, source="a reffuse Model's shapes")
-
-
-def weights_of(part: Attention | FFN) -> dict:
-    """A sub-block's weights by name (its stacked arrays hold the same numbers and are not counted again)."""
-    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
-
-
-def map_arrays(model: Model, fn: Callable) -> Model:
-    """A new model with `fn` applied to every weight array (dtype casts, device moves); ties are kept."""
-    def sub(part):
-        if part is None:
-            return None
-        return type(part)(**{name: fn(a) for name, a in weights_of(part).items()})
-
-    embed = fn(model.embed)
-    lm_head = embed if model.config.tie_embeddings else fn(model.lm_head)
-    blocks = [Block(sub(b.attention), sub(b.ffn), b.fused_from) for b in model.blocks]
-    return Model(model.config, embed, blocks, fn(model.norm_gain), lm_head)
-
-
-def cast(model: Model, dtype) -> Model:
-    """The same model in another float precision (float32 for speed, float64 as a reference)."""
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise ReffuseError(f"dtype {dtype} is not supported: use float32 or float64")
-    return map_arrays(model, lambda a: a.astype(dtype, copy=False))
-
-
-def to_device(model: Model, device: str) -> Model:
-    """The same model with its arrays on "cpu" or "gpu[:N]"."""
-    return map_arrays(model, lambda a: _array_to_device(a, device))
-
-
-def layout(model: Model) -> Layout:
-    """The model's layout (reffuse.core.layout): attention present, FFN width and fused_from, block by block."""
-    return model.layout()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,48 +108,6 @@ def swiglu(ffn: FFN, x):
     """eq. 3: FFN(x) = (silu(x W_gate^T) ⊙ x W_up^T) W_down^T."""
     hidden = silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # [T, d] -> [T, dh]
     return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
-
-
-def ffn_output(ffn: FFN, x):
-    """eq. 3 as the forward pass computes it: swiglu, or on the CPU, once the hidden activations outgrow the
-    cache, the same sum in column blocks (below), a fast path. The one place where that choice is made.
-
-    gate and up read the same x, so they could be one product, as q, k and v are (attention_stacked): the
-    stacking of Theorem 3.1 applied inside one FFN. Measured on SmolLM2 (benchmarks/results/profile_smollm2*, two
-    runs: OpenBLAS's AVX2 and AVX-512 kernels), one stacked product took 1.02x and 1.01x the two products' time at
-    one token and 1.00x and 1.03x at 512 tokens (95% intervals within 1.00-1.05), where q, k and v stacked took
-    0.69x and 0.66x at one token: two products of 1536 rows already stream at the machine's rate, so the FFN keeps
-    two."""
-    if FAST_PATHS and x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
-        return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
-    return swiglu(ffn, x)
-
-
-# On a CPU, the hidden activations [T, dh] of a wide FFN (a fused run has dh = Σ dh_k) outgrow the cache when
-# there are many tokens, and every elementwise step (silu, ⊙) then streams them through main memory: a fused
-# run became slower than its blocks one by one. Above HIDDEN_ELEMENTS_IN_CACHE elements (4 MiB of float32; one
-# SmolLM2 FFN reaches it at 683 tokens) ffn_output works in column blocks of HIDDEN_BLOCK_ELEMENTS (1 MiB): the sizes
-# that measured fastest on 2 cores, for fused runs and for single FFNs alike.
-HIDDEN_ELEMENTS_IN_CACHE = 1 << 20
-HIDDEN_BLOCK_ELEMENTS = 1 << 18
-
-
-def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int):
-    """swiglu summed over blocks b of hidden units: FFN(x) = Σ_b (silu(x W_gate[b]^T) ⊙ x W_up[b]^T) W_down[:, b]^T.
-
-    Equal to swiglu up to rounding, because each hidden unit acts on its own (the fact behind Theorem 3.1, used
-    the other way round). Each [T, block] intermediate has at most `block_elements` elements.
-    """
-    xp = array_module(x)
-    n_blocks = -(-x.shape[0] * ffn.width // block_elements)  # ceil: blocks of equal width
-    block = -(-ffn.width // n_blocks)
-    out = xp.zeros((x.shape[0], ffn.down.shape[0]), dtype=x.dtype)
-    for start in range(0, ffn.width, block):
-        cols = slice(start, start + block)
-        hidden = silu(x @ ffn.gate[cols].T)                          # [T, d] -> [T, block]
-        hidden *= x @ ffn.up[cols].T
-        out += hidden @ ffn.down[:, cols].T                          # [T, block] -> [T, d]
-    return out
 
 
 def rope_tables(positions, head_dim: int, theta: float, dtype, xp=np):
@@ -381,6 +222,104 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The model: its weights and the functions that compute with them
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The functions `forward` computes attention, an FFN and the RoPE tables with, and how a model holds its
+    sub-blocks for them. PLAIN is this module's; reffuse.core.fast.FAST the same arithmetic arranged for speed."""
+    name: str
+    attention: Callable  # (attn, x [T, d], config, cos, sin, cache, layer) -> [T, d], as `attention`
+    ffn: Callable        # (ffn, x [T, d]) -> [T, d], as `swiglu`
+    rope: Callable       # (positions [T], head_dim, theta, dtype, xp) -> cos, sin [T, head_dim], as `rope_tables`
+    arrange: Callable    # (model) -> the model with its sub-blocks held as these functions read them
+
+
+def _plain_parts(model: Model) -> Model:
+    """The model with every sub-block as this module's dataclass (the weights shared, not copied)."""
+    def part(cls, p):
+        if p is None or type(p) is cls:
+            return p
+        return cls(**{f.name: getattr(p, f.name) for f in dataclasses.fields(cls)})
+
+    blocks = [Block(part(Attention, b.attention), part(FFN, b.ffn), b.fused_from) for b in model.blocks]
+    return dataclasses.replace(model, blocks=blocks)
+
+
+PLAIN = Kernels("plain", attention, swiglu, rope_tables, _plain_parts)
+
+
+@dataclass
+class Model:
+    config: Config
+    embed: np.ndarray      # [vocab, d]
+    blocks: list[Block]
+    norm_gain: np.ndarray  # [d]      the final RMSNorm's gain (HF model.norm)
+    lm_head: np.ndarray    # [vocab, d] (the same array as `embed` when tied)
+    kernels: Kernels = PLAIN  # what forward computes with: PLAIN, or reffuse.core.fast.FAST (load_model's)
+
+    @property
+    def dtype(self):
+        return self.embed.dtype
+
+    def layout(self) -> Layout:
+        """Its shapes without weights (reffuse.core.layout): attention present, FFN width, fused_from per block."""
+        cfg = self.config
+        blocks = tuple(BlockLayout(b.attention is not None, b.ffn.width if b.ffn is not None else 0,
+                                   tuple(b.fused_from)) for b in self.blocks)
+        return Layout(cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
+                      cfg.tie_embeddings, blocks, source="a reffuse Model's shapes")
+
+    def rope(self, positions):
+        """RoPE tables cos, sin [T, head_dim] of its heads at `positions`, in its dtype and on its device."""
+        cfg = self.config
+        return self.kernels.rope(positions, cfg.head_dim, cfg.rope_theta, self.dtype, array_module(self.embed))
+
+
+def plain(model: Model) -> Model:
+    """The model on PLAIN, to read or step through: `forward` then calls `attention`, `swiglu` and `rope_tables`
+    of this module. The same weights, shared."""
+    return PLAIN.arrange(dataclasses.replace(model, kernels=PLAIN))
+
+
+def weights_of(part) -> dict:
+    """A sub-block's weight arrays by field name (reffuse.core.fast's StackedAttention holds q, k, v as one, qkv)."""
+    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+
+
+def map_arrays(model: Model, fn: Callable) -> Model:
+    """A new model with `fn` applied to every weight array (dtype casts, device moves); ties and kernels are kept."""
+    def sub(part):
+        if part is None:
+            return None
+        return type(part)(**{name: fn(a) for name, a in weights_of(part).items()})
+
+    embed = fn(model.embed)
+    lm_head = embed if model.config.tie_embeddings else fn(model.lm_head)
+    blocks = [Block(sub(b.attention), sub(b.ffn), b.fused_from) for b in model.blocks]
+    return dataclasses.replace(model, embed=embed, blocks=blocks, norm_gain=fn(model.norm_gain), lm_head=lm_head)
+
+
+def cast(model: Model, dtype) -> Model:
+    """The same model in another float precision (float32 for speed, float64 as a reference)."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ReffuseError(f"dtype {dtype} is not supported: use float32 or float64")
+    return map_arrays(model, lambda a: a.astype(dtype, copy=False))
+
+
+def to_device(model: Model, device: str) -> Model:
+    """The same model with its arrays on "cpu" or "gpu[:N]"."""
+    return map_arrays(model, lambda a: _array_to_device(a, device))
+
+
+def layout(model: Model) -> Layout:
+    """The model's layout (reffuse.core.layout): attention present, FFN width and fused_from, block by block."""
+    return model.layout()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Blocks, runs and the whole model
 
 
@@ -402,14 +341,14 @@ def block_forward(model: Model, layer: int, x, cos, sin, cache: KVCache | None =
     the identity in one process, a sum over ranks under tensor parallelism (reffuse.tp).
     mids: if a list, the stream between the two sub-blocks (after attention) is appended to it.
     """
-    block, eps = model.blocks[layer], model.config.norm_eps
+    block, eps, kernels = model.blocks[layer], model.config.norm_eps, model.kernels
     if block.attention is not None:
-        x = x + allreduce(attention_output(block.attention, rms_norm(x, block.attention.norm_gain, eps),
-                                           model.config, cos, sin, cache, layer))             # eq. 1
+        x = x + allreduce(kernels.attention(block.attention, rms_norm(x, block.attention.norm_gain, eps),
+                                            model.config, cos, sin, cache, layer))            # eq. 1
     if mids is not None:
         mids.append(x)
     if block.ffn is not None:
-        x = x + allreduce(ffn_output(block.ffn, rms_norm(x, block.ffn.norm_gain, eps)))     # eq. 2 / eq. 4
+        x = x + allreduce(kernels.ffn(block.ffn, rms_norm(x, block.ffn.norm_gain, eps)))    # eq. 2 / eq. 4
     return x
 
 
@@ -423,7 +362,7 @@ def parallel_forward(model: Model, first: int, last: int, x, cos, sin, allreduce
     blocks = model.blocks[first:last + 1]
     if all(b.attention is None for b in blocks):
         eps = model.config.norm_eps
-        update = sum(ffn_output(b.ffn, rms_norm(x, b.ffn.norm_gain, eps)) for b in blocks)   # eq. 5
+        update = sum(model.kernels.ffn(b.ffn, rms_norm(x, b.ffn.norm_gain, eps)) for b in blocks)  # eq. 5
         return x + allreduce(update)
     return x + sum(block_forward(model, k, x, cos, sin, allreduce=allreduce) - x for k in range(first, last + 1))
 
@@ -471,14 +410,6 @@ def check_token_ids(model: Model, token_ids) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def rope_for(model: Model, positions, xp=np):
-    """RoPE tables cos, sin [T, head_dim] of the model's heads at `positions`, in its dtype, on xp's device."""
-    cfg = model.config
-    if FAST_PATHS:
-        return rope_rows(positions, cfg.head_dim, cfg.rope_theta, model.dtype, xp)
-    return rope_tables(positions, cfg.head_dim, cfg.rope_theta, model.dtype, xp)
-
-
 def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache: KVCache | None = None,
             allreduce: Callable = _identity, hidden_states: list | None = None):
     """Next-token logits [T, vocab] for token_ids [T].
@@ -493,7 +424,7 @@ def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache:
     if cache is not None:
         cache.check(model)
     start = cache.length if cache is not None else 0
-    cos, sin = rope_for(model, start + np.arange(len(ids)), xp)
+    cos, sin = model.rope(start + np.arange(len(ids)))                   # [T, head_dim] each
 
     x = model.embed[xp.asarray(ids)]                                      # [T] -> [T, d]
     if hidden_states is not None:
@@ -504,149 +435,3 @@ def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache:
         cache.length += len(ids)
     return lm_logits(model, x)                                            # [T, d] -> [T, vocab]
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fast paths: the same arithmetic, arranged for speed. Each is tested equal to the plain function it replaces
-# (tests/core/test_fast_paths.py): bit for bit where the operations are the same, within float32 rounding where
-# a sum runs over fewer zeros or in another order. ffn_output (column blocks, above), attention_output and
-# rope_for choose; the rest of the model does not know.
-
-FAST_PATHS = os.environ.get("REFFUSE_PLAIN") != "1"
-
-
-@contextmanager
-def fast_paths(enabled: bool = True):
-    """Within the `with` block, the fast paths on, or off (False: the plain functions only, to read or debug them)."""
-    global FAST_PATHS
-    before, FAST_PATHS = FAST_PATHS, bool(enabled)
-    try:
-        yield
-    finally:
-        FAST_PATHS = before
-
-
-def attention_output(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
-    """Attention as the forward pass computes it: `attention`, or its fast path. The one place that chooses."""
-    if FAST_PATHS:
-        return attention_stacked(attn, x, config, cos, sin, cache, layer)
-    return attention(attn, x, config, cos, sin, cache, layer)
-
-
-# Prefill queries per block in attention_stacked. Smaller blocks skip more of the masked half of the scores
-# (a block sees past + its last position's keys) but make more, smaller products; 64 measured fastest on 2 cores
-# for SmolLM2 at 128-512 tokens.
-QUERY_BLOCK = 64
-
-
-def attention_stacked(attn: Attention, x, config: Config, cos, sin, cache: KVCache | None = None, layer: int = 0):
-    """`attention` with its arithmetic arranged for speed; x [T, d] -> [T, d].
-
-    - q, k and v in one product x W_qkv^T (their weights are one array, attn.qkv), RoPE on q and k in one call;
-    - 1/sqrt(head_dim) applied to q (T·head_dim numbers) instead of the scores (T·S): exact when it is a power
-      of two, as for head_dim 64;
-    - the query heads that share a kv head as the rows of one product per kv head, [group·T, hd] @ [hd, S],
-      instead of one product per query head;
-    - queries in blocks of QUERY_BLOCK, each against only the keys it may see: the masked half of the causal
-      scores is never computed, and only a block's last QUERY_BLOCK keys need the mask.
-    """
-    xp = array_module(x)
-    T, hd = x.shape[0], config.head_dim
-    n_heads, n_kv = attn.q.shape[0] // hd, attn.k.shape[0] // hd
-    group = n_heads // n_kv
-    heads = (x @ attn.qkv.T).reshape(T, -1, hd)                      # [T, d] -> [T, n_heads + 2 n_kv, hd]
-    rotated = apply_rope(heads[:, :n_heads + n_kv], cos[:, None], sin[:, None])  # q and k: [T, n_heads + n_kv, hd]
-    q = rotated[:, :n_heads]
-    q *= 1 / math.sqrt(hd)
-    k, v = rotated[:, n_heads:].transpose(1, 0, 2), heads[:, n_heads + n_kv:].transpose(1, 0, 2)  # [n_kv, T, hd]
-    past = 0
-    if cache is not None:
-        past = cache.length
-        k, v = cache.append(layer, k, v)                             # -> [n_kv, S, hd], S = past + T
-    # query head h reads kv head h // group: [T, n_heads, hd] -> [n_kv, T, group, hd], rows (t, g) per kv head
-    q = xp.ascontiguousarray(q.reshape(T, n_kv, group, hd).transpose(1, 0, 2, 3))
-    blocks = []
-    for start in range(0, T, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, T)
-        B, seen = stop - start, past + stop                          # keys up to the block's last query
-        scores = q[:, start:stop].reshape(n_kv, B * group, hd) @ k[:, :seen].transpose(0, 2, 1)  # [n_kv, B·group, seen]
-        if B > 1:  # query t of the block may not see the block's keys after its own
-            future = xp.triu(xp.full((B, B), -xp.inf, x.dtype), 1)[:, None]              # [B, 1, B]
-            scores.reshape(n_kv, B, group, seen)[..., seen - B:] += future
-        scores -= scores.max(axis=-1, keepdims=True)                 # softmax, normalised after the product:
-        xp.exp(scores, out=scores)                                   # T·hd divisions instead of T·S
-        out = scores @ v[:, :seen]
-        out /= scores.sum(axis=-1, keepdims=True)
-        blocks.append(out.reshape(n_kv, B, group, hd))
-    out = blocks[0] if len(blocks) == 1 else xp.concatenate(blocks, axis=1)             # [n_kv, T, group, hd]
-    return out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd) @ attn.o.T                # -> [T, d]
-
-
-# Alignment of each weight in `gathered`'s arena: a cache line, where BLAS kernels like their operands to start.
-ARENA_ALIGNMENT = 64
-
-
-def gathered(model: Model) -> Model:
-    """The same model with every weight copied into one allocation, each a view of it, 64-byte aligned; q, k and v
-    adjacent, so that qkv is a view of them too. The same numbers, shapes and orientation.
-
-    Why: NumPy asks Linux for huge pages (2 MiB) for allocations of 4 MiB or more, and the arena is one such; the
-    weights as loaded are smaller arrays, or buffers NumPy did not allocate, on 4 KiB pages. A decode step reads
-    every weight once, and with huge pages it needs 512 times fewer address translations to do so: on SmolLM2 a
-    decode step took 0.93x (95% interval 0.91-0.96) and 0.91x (0.89-0.93) the time of the same weights as
-    separate arrays in two runs (benchmarks/results/profile_smollm2*): how much depends on whether the separate
-    arrays happen to sit on huge pages, which the allocator decides.
-    On a GPU the model is returned as it is.
-    """
-    if array_module(model.embed) is not np:
-        return model
-    parts = [b.attention for b in model.blocks] + [b.ffn for b in model.blocks]
-    arrays = [model.embed, model.norm_gain, model.lm_head] + [a for p in parts if p is not None
-                                                              for a in weights_of(p).values()]
-    arena = np.empty(sum(a.nbytes + ARENA_ALIGNMENT for a in arrays) + ARENA_ALIGNMENT, np.uint8)
-    cursor = 0  # where the next weight goes: an offset into the arena
-
-    def place(*weights):
-        """Copies of `weights` side by side in the arena, the next weight starting aligned after them."""
-        nonlocal cursor
-        cursor += -(arena.ctypes.data + cursor) % ARENA_ALIGNMENT
-        views = []
-        for w in weights:
-            view = arena[cursor:cursor + w.nbytes].view(w.dtype).reshape(w.shape)
-            view[...] = w
-            views.append(view)
-            cursor += w.nbytes
-        return views
-
-    blocks = []
-    for b in model.blocks:
-        attn, ffn = b.attention, b.ffn
-        if attn is not None:
-            attn = Attention(*place(attn.norm_gain), *place(attn.q, attn.k, attn.v), *place(attn.o))
-        if ffn is not None:
-            ffn = FFN(*place(ffn.norm_gain), *place(ffn.gate), *place(ffn.up), *place(ffn.down))
-        blocks.append(Block(attn, ffn, b.fused_from))
-    embed, = place(model.embed)
-    lm_head = embed if model.config.tie_embeddings else place(model.lm_head)[0]
-    return Model(model.config, embed, blocks, *place(model.norm_gain), lm_head)
-
-
-_ROPE_TABLES: dict = {}
-
-
-def rope_rows(positions, head_dim: int, theta: float, dtype, xp=np):
-    """rope_tables' rows for `positions`, cut from tables made once per (head_dim, theta, dtype, device) and
-    remade twice as long when a later position is asked for. The same numbers: each row is computed on its own."""
-    positions = np.asarray(positions, dtype=np.int64)
-    device = None if xp is np else xp.cuda.runtime.getDevice()
-    key = (head_dim, float(theta), np.dtype(dtype).str, xp.__name__, device)
-    need = int(positions.max()) + 1 if positions.size else 0
-    tables = _ROPE_TABLES.get(key)
-    if tables is None or tables[0].shape[0] < need:
-        length = max(need, 2 * tables[0].shape[0] if tables is not None else 1024)
-        tables = _ROPE_TABLES[key] = rope_tables(np.arange(length), head_dim, theta, dtype, xp)
-    cos, sin = tables
-    if positions.size and (positions == positions[0] + np.arange(positions.size)).all():
-        rows = slice(int(positions[0]), int(positions[0]) + positions.size)
-    else:
-        rows = xp.asarray(positions)
-    return cos[rows], sin[rows]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from reffuse.core.model import Model
+from reffuse.core.model import FFN, Attention, Model
 from reffuse.errors import ReffuseError
 
 ATTENTION_NAMES = {"norm_gain": "input_layernorm.weight", "q": "self_attn.q_proj.weight",
@@ -42,15 +42,16 @@ def with_weights(model: Model, replacements: dict) -> Model:
     if unknown:
         raise ReffuseError(f"no weight named {unknown[0]} in {model.config.name} ({len(unknown)} unknown names)")
 
-    def part(sub, prefix, names):
-        if sub is None:
-            return None
-        changed = {field: replacements[prefix + hf] for field, hf in names.items() if prefix + hf in replacements}
-        return dataclasses.replace(sub, **changed) if changed else sub
+    def part(sub, prefix, names, cls):
+        if sub is None or not any(prefix + hf in replacements for hf in names.values()):
+            return sub
+        return cls(**{field: replacements.get(prefix + hf, getattr(sub, field)) for field, hf in names.items()})
 
-    blocks = [dataclasses.replace(b, attention=part(b.attention, block_prefix(i), ATTENTION_NAMES),
-                                  ffn=part(b.ffn, block_prefix(i), FFN_NAMES)) for i, b in enumerate(model.blocks)]
+    blocks = [dataclasses.replace(b, attention=part(b.attention, block_prefix(i), ATTENTION_NAMES, Attention),
+                                  ffn=part(b.ffn, block_prefix(i), FFN_NAMES, FFN))
+              for i, b in enumerate(model.blocks)]
     embed = replacements.get(EMBED, model.embed)
     lm_head = embed if model.config.tie_embeddings else replacements.get(LM_HEAD, model.lm_head)
-    return dataclasses.replace(model, embed=embed, blocks=blocks,
-                               norm_gain=replacements.get(FINAL_NORM, model.norm_gain), lm_head=lm_head)
+    replaced = dataclasses.replace(model, embed=embed, blocks=blocks,
+                                   norm_gain=replacements.get(FINAL_NORM, model.norm_gain), lm_head=lm_head)
+    return replaced.kernels.arrange(replaced)  # on FAST, a changed attention's q, k, v are copied into one array

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reffuse.core.backend import array_module, to_numpy
+from reffuse.core.backend import to_numpy
 from reffuse.core.layout import original_layers
-from reffuse.core.model import Model, forward, lm_logits, rope_for, run_blocks
+from reffuse.core.model import Model, forward, lm_logits, run_blocks
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import check_windows, chunked_log_softmax, exp_saturating, score_windows
 
@@ -65,7 +65,7 @@ def cache_prefix(model: Model, windows) -> Prefix:
 def run_from(model: Model, first: int, x, positions, parallel=(), whole_blocks: bool = False):
     """Blocks first.. of `model` on the stream x [T, d] entering block `first` (runs `parallel` in the parallel
     form, whole blocks if `whole_blocks`); the next-token logits [T, vocab]."""
-    cos, sin = rope_for(model, positions, array_module(x))
+    cos, sin = model.rope(positions)
     return lm_logits(model, run_blocks(model, x, cos, sin, start=first, parallel=parallel, whole_blocks=whole_blocks))
 
 
@@ -87,7 +87,7 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
     attention-removed one); its KL and top-1 agreement are added as kl_from_reference, top1_agreement_reference.
     parallel, whole_blocks: runs of the variant computed in the parallel form (reffuse.core.model.run_blocks).
     per_token: add "per_token", each prediction's KL(base || variant), negative log-likelihood and top-1
-        agreement (0/1), one list per window, for paired intervals (reffuse.evaluation.intervals).
+        agreement (0/1), one list per window, for paired intervals (reffuse.stats.paired_difference).
     """
     if reference is not None and [len(w) for w in reference.windows] != [len(w) for w in prefix.windows]:
         raise ReffuseError("the reference prefix was cached on other windows than the base prefix")
@@ -142,7 +142,7 @@ def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parall
     def logits(w):
         x = prefix.streams[w][first]
         positions = np.arange(x.shape[0])
-        cos, sin = rope_for(variant, positions, array_module(x))
+        cos, sin = variant.rope(positions)
         x = run_blocks(variant, x, cos, sin, start=first, stop=stop, parallel=before, whole_blocks=whole_blocks)
         x = x.copy()
         x[0] = prefix.streams[w][layer][0]                  # the base model's sink stream at `layer`

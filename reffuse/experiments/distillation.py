@@ -13,7 +13,7 @@ calibration text from the fixed corpus split. For the span fused into k groups (
   at DISTILL_LEARNING_RATE from the plain weights, on the same calibration tokens and the same local objective.
 
 Each is scored on the held-out text against the pre-fusion model, and every comparison is a paired difference with
-its intervals (reffuse.evaluation.intervals). The step count and learning rate are fixed here, before the run, and
+its intervals (reffuse.stats.paired_difference). The step count and learning rate are fixed here, before the run, and
 never chosen on held-out text. Pre-fusion and plain KL are the references: "share removed" is 1 - KL / plain KL.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import format_groups
-from reffuse.evaluation.intervals import describe, paired_difference
+from reffuse.evaluation.intervals import describe
 from reffuse.evaluation.prefix import score_variant
 from reffuse.experiments.study import prepare_study
 from reffuse.files import write_json_atomic, write_text_atomic
@@ -37,6 +37,7 @@ from reffuse.method.distill import distilled_fuse
 from reffuse.method.pipeline import load_texts
 from reffuse.progress import note
 from reffuse.speed.timing import blas_threads
+from reffuse.stats import paired_difference
 
 DISTILL_STEPS = 200
 DISTILL_LEARNING_RATE = 1e-4

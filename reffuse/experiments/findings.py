@@ -6,10 +6,11 @@ result (so it can be re-applied to a committed run) and returns a Verdict: "held
 hold", "not resolved" or "not measured".
 
 Every comparison a rule makes is a paired difference over the same held-out predictions
-(reffuse.evaluation.intervals.paired_difference): its mean, a 95% interval over windows and one over token blocks,
-and the sign count. A difference counts for a verdict only when it is resolved (both intervals exclude 0); where
-the rule's comparisons are not resolved the verdict says so. The rules were fixed before the run that applies
-them; the report names the commit they come from.
+(reffuse.stats.paired_difference): its mean, a 95% interval over windows and one over token blocks, and the sign
+count. A difference counts for a verdict only when it is resolved (both intervals exclude 0); where the rule's
+comparisons are not resolved the verdict says so. Whether an interval lies on a side of a threshold is decided by
+reffuse.stats.verdict. The rules were fixed before the run that applies them; the report names the commit they
+come from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import format_groups, full_blocks
-from reffuse.evaluation.intervals import describe, paired_difference
+from reffuse.evaluation.intervals import describe
 from reffuse.evaluation.prefix import cache_prefix, score_variant, sink_restored
 from reffuse.method.calibrate import (DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS, calibrated_fuse, calibrated_removal,
                                       collect, fused_index)
@@ -34,8 +35,9 @@ from reffuse.speed.bench import decode_samples, prompt_ids, reffuse_decode
 from reffuse.speed.costmodel.calibration import get_hardware
 from reffuse.speed.costmodel.latency import forward_cost, tensor_parallel_degrees
 from reffuse.speed.costmodel.presets import layout_from_model
-from reffuse.experiments.study import (MAX_STEPS, WINDOW, Study, format_kl, format_perplexity, fused_name,
-                                       rank_correlation, removed_name, reversed_run)
+from reffuse.stats import paired_difference, spearman, verdict
+from reffuse.experiments.study import (MAX_STEPS, WINDOW, Study, format_correlation, format_kl, format_perplexity,
+                                       fused_name, removed_name, reversed_run)
 
 RIDGE_SWEEP = (0.1, 1.0, 10.0)
 
@@ -504,13 +506,25 @@ def reversed_order(study: Study) -> list[dict]:
 REVERSED_MARGIN = 0.2
 
 
+def within_margin(d: dict, margin: float) -> bool:
+    """Both intervals of the difference d lie within [-margin, +margin]: the two variants are equivalent."""
+    return all(verdict(interval, -margin, ">=") == "met" and verdict(interval, margin, "<=") == "met"
+               for interval in (d["windows_interval_95"], d["tokens_interval_95"]))
+
+
+def beyond_margin(d: dict, margin: float) -> bool:
+    """Both intervals of the difference d lie wholly beyond the margin on the side of its mean: the two variants
+    differ by more than it."""
+    side, threshold = (">", margin) if d["mean"] > 0 else ("<", -margin)
+    return d["mean"] != 0 and all(verdict(interval, threshold, side) == "met"
+                                  for interval in (d["windows_interval_95"], d["tokens_interval_95"]))
+
+
 def reversed_verdict(r: dict) -> Verdict:
     diffs = [difference(row["reversed"], row["fused"]) for row in r["reversed"]]
     margins = [REVERSED_MARGIN * row["fused"]["kl"] for row in r["reversed"]]
-    inside = [all(-m <= bound <= m for bound in d["windows_interval_95"] + d["tokens_interval_95"])
-              for d, m in zip(diffs, margins)]
-    outside = [all(abs(bound) > m and bound * d["mean"] > 0
-                   for bound in d["windows_interval_95"] + d["tokens_interval_95"]) for d, m in zip(diffs, margins)]
+    inside = [within_margin(d, m) for d, m in zip(diffs, margins)]
+    outside = [beyond_margin(d, m) for d, m in zip(diffs, margins)]
     return Verdict(
         "d", "reversed order vs fusion",
         paper="running a span's FFNs in reverse order costs about as much as fusing them (combined accuracy within "
@@ -565,7 +579,7 @@ def full_block(study: Study) -> dict:
     return {"window": WINDOW, "greedy": steps, "rows": rows, "matrix": matrix_to_json(block_M),
             "tokens": study.dependency_tokens, "eligible_blocks": [i for i, e in enumerate(eligible) if e],
             "single_windows": single, "single_window_tokens": int(study.texts.held_out.ids[:2].size),
-            "rank_correlation_max_kl": rank_correlation([w["max"] for w in single], [w["kl"] for w in single])}
+            "rank_correlation_max_kl": spearman([w["max"] for w in single], [w["kl"] for w in single])}
 
 
 def _prediction_note(full: dict) -> str:
@@ -641,25 +655,26 @@ def predictor_verdict(r: dict) -> Verdict:
                        rule="-", verdict="not measured")
     correlations = r["predictors"]["correlations"]
     cosine = correlations["cosine-M"]
-    best = max(correlations, key=lambda name: correlations[name]["spearman"])
+    defined = {name: c["spearman"] for name, c in correlations.items() if c["spearman"] is not None}
+    best = max(defined, key=defined.get) if defined else None
 
     def interval(c):
         low, high = c["interval_95"] or (None, None)
         return "no interval" if low is None else f"[{low:+.2f}, {high:+.2f}]"
 
-    low, high = cosine["interval_95"] or (float("nan"), float("nan"))
     return Verdict(
         "h", "which predictor ranks fusion damage",
         paper="the paper chooses what to fuse by its block dependency metric (cosine distance, its §3): groups with "
               "little dependency left inside fuse with little damage",
         here=f"Spearman rank correlation with the damage of each of the {len(r['predictors']['groups'])} contiguous "
              f"groups of the span, fused alone ({r['predictors']['tokens']} calibration tokens), 95% bootstrap "
-             "interval over groups: " + "; ".join(f"{name} {c['spearman']:+.2f} {interval(c)}"
+             "interval over groups: " + "; ".join(f"{name} {format_correlation(c['spearman'])} {interval(c)}"
                                                   for name, c in correlations.items()),
         rule="held if cosine-M's rank correlation has its interval above 0; did not hold if below 0; else not "
              "resolved. The best predictor is named, not judged",
-        verdict=decide(low > 0, False, high < 0),
-        note=f"best here: {best} ({correlations[best]['spearman']:+.2f})")
+        verdict=decide(verdict(cosine["interval_95"], 0.0, ">") == "met", False,
+                       verdict(cosine["interval_95"], 0.0, "<") == "met"),
+        note=f"best here: {best} ({format_correlation(defined[best])})" if best else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from reffuse.experiments.study import DEFINITIONS, format_kl, format_perplexity, fused_name, removed_name
+from reffuse.experiments.study import (DEFINITIONS, format_correlation, format_kl, format_perplexity, fused_name,
+                                       removed_name)
 
 
 def rules_line(rules: dict | None) -> str:
@@ -323,7 +324,7 @@ def markdown(r: dict, command: str) -> str:
                   "| predictor | Spearman with the damage | 95% interval (bootstrap over groups) |", "|---|---:|---|"]
         for name, c in p["correlations"].items():
             interval = "-" if c["interval_95"] is None else f"{c['interval_95'][0]:+.2f} to {c['interval_95'][1]:+.2f}"
-            lines.append(f"| {name} | {c['spearman']:+.2f} | {interval} |")
+            lines.append(f"| {name} | {format_correlation(c['spearman'])} | {interval} |")
     lines += sink_section(r)
     lines += ["", "## Figures", "",
               "![fusion intensity](fusion_intensity.png)", "",
@@ -366,7 +367,7 @@ def regions_markdown(summary: dict, command: str, minutes: float) -> str:
             cells = []
             for r in regions:
                 c = r["predictors"][name]
-                cells.append(f"{c['spearman']:+.2f}" + ("" if c["interval_95"] is None else
+                cells.append(format_correlation(c["spearman"]) + ("" if c["interval_95"] is None else
                                                         f" [{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]"))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Summed single-removal scores of the regions (nats): "

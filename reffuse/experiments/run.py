@@ -65,7 +65,7 @@ from reffuse.speed.timing import blas_threads
 
 
 # The code that turns the numbers into verdicts: the report names the commit these files come from.
-RULE_FILES = ("reffuse/experiments/findings.py", "reffuse/evaluation/intervals.py")
+RULE_FILES = ("reffuse/experiments/findings.py", "reffuse/evaluation/intervals.py", "reffuse/stats.py")
 
 
 def rules_provenance() -> dict:

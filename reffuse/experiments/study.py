@@ -5,6 +5,7 @@ held-out references, the FFN-level dependencies and the fusion plans; and the vo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -56,6 +57,11 @@ def format_perplexity(x: float) -> str:
     return f"{x:.2f}" if x < 1e6 else f"{x:.3e}"
 
 
+def format_correlation(rho: float | None) -> str:
+    """A rank correlation to two decimals with its sign; "undefined" for None (reffuse.stats.spearman)."""
+    return "undefined" if rho is None else f"{rho:+.2f}"
+
+
 def fused_name(steps: int) -> str:
     """The name under which the span fused into `steps` groups is decode-timed."""
     return f"fused, {steps} steps"
@@ -78,7 +84,7 @@ def reversed_run(model: Model, first: int, last: int) -> Model:
     """Blocks first..last in reverse order (attention-free blocks hold no position-dependent state)."""
     blocks = list(model.blocks)
     blocks[first:last + 1] = blocks[first:last + 1][::-1]
-    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=blocks)
 
 
 def sink_norm(model: Model, token: int, layer: int) -> float:
@@ -92,14 +98,6 @@ def sink_norm(model: Model, token: int, layer: int) -> float:
     forward(model, [token], hidden_states=hidden)       # hidden[i]: the stream entering block i
     starts = [span[0] for span in original_layers(model)]
     return float(np.linalg.norm(to_numpy(hidden[starts.index(layer)] if layer in starts else hidden[-1])))
-
-
-def rank_correlation(a, b) -> float | None:
-    """Spearman's rank correlation of two equally long sequences (None for fewer than 3 values)."""
-    if len(a) < 3:
-        return None
-    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

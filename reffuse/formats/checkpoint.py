@@ -8,7 +8,9 @@ A plain HF Llama folder (no `blocks`) loads too: every block then has attention 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from reffuse.core.backend import to_numpy
 from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.errors import ReffuseError
 from reffuse.files import read_json, staged_folder
-from reffuse.core.model import FFN, Attention, Block, Config, Model, cast, check_config, to_device
+from reffuse.core.model import FFN, Attention, Block, Config, Model, cast, to_device
 from reffuse.formats.nemotron_nas import (MODEL_TYPE, as_recorded, blocks_from_nemotron, heads_in_group_kv,
                                          nemotron_blocks, nemotron_config, reffuse_layout)
 from reffuse.optional import require
@@ -161,7 +163,7 @@ def save_nemotron_nas(model: Model, folder, tokenizer=None, overwrite: bool = Fa
     """Write the model as a Nemotron-NAS (DeciLM) folder (reffuse.formats.nemotron_nas), all or nothing."""
     model = to_device(model, "cpu")
     block_configs, blocks = nemotron_blocks(model)
-    written = Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+    written = dataclasses.replace(model, blocks=blocks)
     save_file = require("safetensors.numpy", "real", "saving a model").save_file
     folder = Path(folder)
     with staged_folder(folder, overwrite, is_model_folder, "model") as staging:
@@ -182,6 +184,28 @@ def _boolean(raw: dict, key: str, default: bool, source: str) -> bool:
     if not isinstance(value, bool):
         raise ReffuseError(f"{source}: config.json's {key} must be true or false, got {value!r}")
     return value
+
+
+def check_config(config: Config, source: str) -> Config:
+    """Refuse a config that would build a model that fails later or computes something else, naming the key."""
+    problems = []
+    for key in ("vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+    if not problems and config.n_heads % config.n_kv_heads:
+        problems.append(f"n_kv_heads {config.n_kv_heads} does not divide n_heads {config.n_heads}")
+    for key in ("norm_eps", "rope_theta"):
+        value = getattr(config, key)
+        if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value > 0):
+            problems.append(f"{key} must be a finite number > 0, got {value!r}")
+    if not isinstance(config.tie_embeddings, (bool, np.bool_)):
+        problems.append(f"tie_embeddings must be true or false, got {config.tie_embeddings!r}")
+    if config.max_positions is not None and (isinstance(config.max_positions, bool) or config.max_positions < 1):
+        problems.append(f"max_positions must be a positive integer, got {config.max_positions!r}")
+    if problems:
+        raise ReffuseError(f"{source}: " + "; ".join(problems))
+    return config
 
 
 def config_from_json(raw: dict, source: str) -> tuple[Config, tuple[BlockLayout, ...]]:

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.core.layout import BlockLayout, blocks_from_json
-from reffuse.formats.checkpoint import model_from_tensors
+from reffuse.formats.checkpoint import check_config, model_from_tensors
 from reffuse.errors import ReffuseError
 from reffuse.progress import Progress
-from reffuse.core.model import Config, Model, cast, check_config
+from reffuse.core.model import Config, Model, cast
 from reffuse.optional import require
 
 ARCHITECTURES = ("llama", "deci")  # deci: llama.cpp's name for Nemotron-NAS (attention-free and fused blocks)

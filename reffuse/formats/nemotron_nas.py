@@ -17,6 +17,7 @@ same model, padding removed; a folder without it loads as written.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -145,5 +146,5 @@ def as_recorded(model: Model, recorded) -> Model:
                 raise ReffuseError("the padding of an FFN is not zero: the folder is not reffuse's export as written")
             ffn = FFN(ffn.norm_gain, ffn.gate[:w], ffn.up[:w], np.ascontiguousarray(ffn.down[:, :w]))
         blocks.append(Block(block.attention, ffn, layout.fused_from))
-    return Model(model.config, model.embed, blocks, model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=blocks)
 

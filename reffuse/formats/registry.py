@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from reffuse.core.model import Model, cast, gathered, to_device
+from reffuse.core.fast import for_speed
+from reffuse.core.model import Model, cast, to_device
 from reffuse.core.tiny import build_smollm2_shaped, build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.optional import require_all
@@ -27,19 +28,20 @@ NAMED_MODELS: dict[str, Callable[[str], Model]] = {
 
 def load_model(name_or_path, dtype="float32", device: str = "cpu") -> Model:
     """A model by name (see NAMED_MODELS), from a Llama .gguf file, or from a folder written by save_model /
-    an HF Llama folder; on `device` ("cpu", "gpu" or "gpu:N")."""
+    an HF Llama folder; on `device` ("cpu", "gpu" or "gpu:N"). It computes with the fast kernels
+    (reffuse.core.fast.for_speed); reffuse.core.model.plain(model) gives it on the plain functions, to read."""
     if device != "cpu":
         return to_device(load_model(name_or_path, dtype), device)
     key = str(name_or_path)
     if key == "smollm2":  # before the download: everything loading it needs
         require_all(("gguf", "safetensors", "tokenizers", "jinja2"), "real", "loading smollm2")
     if key in NAMED_MODELS:
-        return gathered(NAMED_MODELS[key](dtype))
+        return for_speed(NAMED_MODELS[key](dtype))
     path = Path(key)
     if path.is_dir():
-        return gathered(load_folder(path, dtype))
+        return for_speed(load_folder(path, dtype))
     if path.suffix == ".gguf":
-        return gathered(load_gguf(path, dtype))
+        return for_speed(load_gguf(path, dtype))
     raise ReffuseError(f"unknown model {key!r}: use one of {', '.join(NAMED_MODELS)}, the path of a model folder "
                        "(config.json + *.safetensors), or a Llama .gguf file")
 

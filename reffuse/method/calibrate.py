@@ -41,6 +41,7 @@ the result is evaluated on; `reffuse fuse`, `demo` and `experiments` take both f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,7 @@ from reffuse.core.backend import array_module, to_numpy
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import check_groups
-from reffuse.core.model import FFN, Block, Model, check_token_ids, rms_norm, rope_for, run_blocks, silu
+from reffuse.core.model import FFN, Block, Model, check_token_ids, rms_norm, run_blocks, silu
 
 DEFAULT_RIDGE = 0.1
 WEIGHTINGS = ("none", "relative")
@@ -283,7 +284,7 @@ def fuse_group_by_group(model: Model, groups, windows, norm: str, fit, progress=
     fused = fuse(model, groups, norm=norm)
     xp = array_module(model.embed)
     streams = [model.embed[xp.asarray(ids)] for ids in windows]  # each window's stream entering block `position`
-    rope = [rope_for(model, np.arange(len(ids)), xp) for ids in windows]
+    rope = [model.rope(np.arange(len(ids))) for ids in windows]
     position, reports = 0, []
     for group in groups:
         index = fused_index(groups, group)
@@ -293,7 +294,7 @@ def fuse_group_by_group(model: Model, groups, windows, norm: str, fit, progress=
         reports.append(report)
         blocks = list(fused.blocks)
         blocks[index] = Block(None, ffn, fused.blocks[index].fused_from)
-        fused = Model(fused.config, fused.embed, blocks, fused.norm_gain, fused.lm_head)
+        fused = dataclasses.replace(fused, blocks=blocks)
         if progress is not None:
             progress(1)
     return fused, reports

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from reffuse.core.backend import array_module, to_numpy
-from reffuse.core.model import Model, check_token_ids, rope_for, run_blocks
+from reffuse.core.model import Model, check_token_ids, run_blocks
 from reffuse.errors import ReffuseError
 
 GRANULARITIES = ("block", "ffn")
@@ -108,7 +108,7 @@ def residual_stream(model: Model, token_ids) -> Stream:
     """Run `model` once on one sequence and keep the stream at every block boundary and between sub-blocks."""
     ids = check_token_ids(model, token_ids)
     xp = array_module(model.embed)
-    cos, sin = rope_for(model, np.arange(len(ids)), xp)
+    cos, sin = model.rope(np.arange(len(ids)))
     x = model.embed[xp.asarray(ids)]  # [T] -> [T, d]
     inputs, mids = [x], []
     run_blocks(model, x, cos, sin, streams=inputs, mids=mids)

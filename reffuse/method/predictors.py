@@ -17,14 +17,15 @@ named:
   FFN_k∘η_k applied to the updates it no longer sees (JVPs by central differences in float64).
 
 Measured damage: KL(pre || pre with [i, j] fused, norm "fold") on the same calibration text. `compare` gives each
-predictor's Spearman rank correlation with the damage over the groups and a bootstrap interval over groups.
+predictor's Spearman rank correlation with the damage over the groups (reffuse.stats.spearman) and a bootstrap
+interval over groups.
 
 The planner's predictor. `choose_predictor` applies one rule to the groups of several runs (regions): for each
 predictor, its rank correlation minus cosine-M's, averaged over the regions, with a 95% paired bootstrap interval
 (the groups of each region resampled, the same draw for both predictors); the planner takes the predictor with
 the highest mean correlation among those whose lead over cosine-M is resolved (interval above 0), and cosine-M
 when none is. On the four regions of the committed SmolLM2 experiments (reports/experiments/smollm2_regions) the rule
-picks the neighbour damage: +0.105 [+0.031, +0.212] over cosine-M (tests recompute it from the committed JSON).
+picks the neighbour damage: +0.105 [+0.030, +0.211] over cosine-M (tests recompute it from the committed JSON).
 That comparison chose the planner, so it cannot test it; later runs, on other text, do. The neighbour damage is
 also the only predictor that sees the attention sink's channel, since it is a KL over every token.
 """
@@ -41,12 +42,12 @@ from reffuse.core.model import Model, rms_norm, swiglu
 from reffuse.evaluation.prefix import Prefix, kl_from_base
 from reffuse.method.metrics import cosine_distance
 from reffuse.method.planning import inside_dependency
+from reffuse.stats import bootstrap, resampled_spearman, spearman, spearman_interval, verdict
 
 PREDICTORS = ("cosine-M", "cosine-M, sink", "neighbour damage", "block influence", "angular distance",
               "first-order error")
 PLANNER_PREDICTOR = "neighbour damage"   # what reffuse's planner minimises (choose_predictor's pick)
 JVP_STEP = 1e-4          # relative step of the central differences
-RESAMPLES = 2000
 
 
 def candidate_groups(first: int, last: int) -> list[tuple[int, int]]:
@@ -124,27 +125,16 @@ def neighbour_damage_matrix(model: Model, prefix: Prefix, runs) -> np.ndarray:
     return C
 
 
-def _spearman(a, b) -> float:
-    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    if ranks_a.std() == 0 or ranks_b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
-
-
 def compare(values: dict, measured: dict, seed: int = 0) -> dict:
-    """Each predictor's Spearman correlation with the measured damage over the groups, and a 95% percentile
-    bootstrap interval over groups (groups resampled with replacement)."""
+    """Each predictor's Spearman correlation with the measured damage over the groups, and its 95% percentile
+    bootstrap interval over groups (groups resampled with replacement, the same draws for every predictor)."""
     groups = sorted(measured)
-    target = np.array([measured[g] for g in groups])
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(groups), (RESAMPLES, len(groups)))
+    target = [measured[g] for g in groups]
     result = {}
     for name in PREDICTORS:
-        predicted = np.array([values[g][name] for g in groups])
-        boot = np.array([_spearman(predicted[d], target[d]) for d in draws])
-        boot = boot[np.isfinite(boot)]
-        result[name] = {"spearman": _spearman(predicted, target),
-                        "interval_95": [float(q) for q in np.quantile(boot, [0.025, 0.975])] if boot.size else None}
+        predicted = [values[g][name] for g in groups]
+        result[name] = {"spearman": spearman(predicted, target),
+                        "interval_95": spearman_interval(predicted, target, seed)}
     return result
 
 
@@ -152,22 +142,23 @@ def choose_predictor(regions: list[list[dict]], seed: int = 0) -> dict:
     """The rule of the module doc applied to regions, each a list of {"damage": ..., predictor: value, ...} (one per
     group, as `reffuse experiments` records them under predictors.groups). Returns the chosen predictor and, for
     each predictor, its mean rank correlation over the regions and its lead over cosine-M with the interval."""
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(groups), (RESAMPLES, len(groups))) for groups in regions]
+    target = [np.array([g["damage"] for g in groups]) for groups in regions]
+    cosine = [np.array([g["cosine-M"] for g in groups]) for groups in regions]
     table = {}
     for name in PREDICTORS:
-        correlations, leads, boot = [], [], np.zeros(RESAMPLES)
-        for groups, drawn in zip(regions, draws):
-            target = np.array([g["damage"] for g in groups])
-            values, cosine = np.array([g[name] for g in groups]), np.array([g["cosine-M"] for g in groups])
-            correlations.append(_spearman(values, target))
-            leads.append(correlations[-1] - _spearman(cosine, target))
-            boot += np.array([_spearman(values[d], target[d]) - _spearman(cosine[d], target[d]) for d in drawn])
-        boot = boot[np.isfinite(boot)] / len(regions)
+        values = [np.array([g[name] for g in groups]) for groups in regions]
+        # an undefined correlation (None) becomes NaN, and so does its mean over the regions
+        correlations = np.array([spearman(v, t) for v, t in zip(values, target)], dtype=np.float64)
+        leads = correlations - np.array([spearman(c, t) for c, t in zip(cosine, target)], dtype=np.float64)
+
+        def mean_lead(*drawn):  # the lead averaged over the regions, on each resample of every region's groups
+            return sum(resampled_spearman(v, t, d) - resampled_spearman(c, t, d)
+                       for v, c, t, d in zip(values, cosine, target, drawn)) / len(regions)
+
         table[name] = {"mean_spearman": float(np.mean(correlations)), "lead_over_cosine_m": float(np.mean(leads)),
-                       "interval_95": [float(q) for q in np.quantile(boot, [0.025, 0.975])] if boot.size else None}
+                       "interval_95": bootstrap(mean_lead, *(len(groups) for groups in regions), seed=seed)}
     resolved = [name for name, row in table.items()
-                if name != "cosine-M" and row["interval_95"] is not None and row["interval_95"][0] > 0]
+                if name != "cosine-M" and verdict(row["interval_95"], 0.0, ">") == "met"]
     chosen = max(resolved, key=lambda name: table[name]["mean_spearman"]) if resolved else "cosine-M"
     return {"chosen": chosen, "regions": len(regions), "predictors": table,
             "rule": "the highest mean rank correlation among the predictors whose lead over cosine-M (mean over "

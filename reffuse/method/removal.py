@@ -22,6 +22,8 @@ caches the base model's residual stream and re-runs only the blocks from the rem
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from reffuse.errors import ReffuseError
@@ -52,7 +54,7 @@ def drop_attention(model: Model, blocks) -> Model:
     new = list(model.blocks)
     for layer in layers:
         new[layer] = Block(None, new[layer].ffn, new[layer].fused_from)
-    return Model(model.config, model.embed, new, model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=new)
 
 
 def drop_ffns(model: Model, blocks) -> Model:
@@ -64,7 +66,7 @@ def drop_ffns(model: Model, blocks) -> Model:
     new = list(model.blocks)
     for layer in layers:
         new[layer] = Block(new[layer].attention, None, new[layer].fused_from)
-    return Model(model.config, model.embed, new, model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=new)
 
 
 def removal_scores(prefix: Prefix, replacements: dict[int, Block]) -> dict[int, float]:
@@ -76,7 +78,7 @@ def removal_scores(prefix: Prefix, replacements: dict[int, Block]) -> dict[int, 
     for layer in sorted(replacements):
         blocks = list(base.blocks)
         blocks[layer] = replacements[layer]
-        variant = Model(base.config, base.embed, blocks, base.norm_gain, base.lm_head)
+        variant = dataclasses.replace(base, blocks=blocks)
         scores[layer] = kl_from_base(prefix, variant, layer)
     return scores
 

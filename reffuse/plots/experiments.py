@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from reffuse.evaluation.intervals import paired_difference
 from reffuse.experiments.study import fused_name, removed_name
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.removal import attention_scores_figure
+from reffuse.stats import paired_difference
 
 FOLD, LAST, CALIBRATED, REMOVAL, REFERENCE = "tab:blue", "tab:orange", "tab:green", "tab:red", "black"
 
 
 def kl_error(scores: dict) -> tuple[float, float]:
     """How far the 95% interval over held-out windows of a variant's mean KL reaches below and above it
-    (reffuse.evaluation.intervals), for error bars; (0, 0) where the run kept no per-prediction values."""
+    (reffuse.stats.paired_difference), for error bars; (0, 0) where the run kept no per-prediction values."""
     if "per_token" not in scores:
         return 0.0, 0.0
     windows = scores["per_token"]["kl"]

@@ -19,12 +19,13 @@ One run measures, one after the other, with BLAS (threadpoolctl) and torch pinne
 Every time is a median over `repeats` after one untimed warm-up, and the things compared are timed in
 alternation (timing.compare_samples), because the machines this runs on are shared: compare ratios measured
 in the same run, never absolute times across runs. A ratio is the median of the repeats' paired ratios with a
-bootstrap 95% interval (timing.paired_ratio), and a target's verdict follows from the intervals
-(target_verdict): met, not met, or unresolved.
+bootstrap 95% interval (reffuse.stats.paired_ratio), and a target's verdict follows from the intervals
+(target_verdict, by reffuse.stats.verdict): met, not met, or unresolved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -43,8 +44,9 @@ from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Block, KVCache, Model, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
-from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, paired_ratio, ratio_text,
-                                  streaming_bandwidth, time_ffn_run)
+from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, ratio_text, streaming_bandwidth,
+                                  time_ffn_run)
+from reffuse.stats import paired_ratio, verdict
 
 PREFILL_TOKENS = (64, 128, 256, 512)
 DECODE_PROMPT_TOKENS = 64
@@ -175,7 +177,7 @@ def ffn_run_model(model: Model, blocks: int = FFN_RUN_BLOCKS) -> Model:
     ffns = [b.ffn for b in model.blocks if b.ffn is not None][:blocks]
     if len(ffns) < 2:
         raise ReffuseError(f"{model.config.name} has {len(ffns)} FFN(s): the FFN-run benchmark needs at least 2")
-    return Model(model.config, model.embed, [Block(None, f) for f in ffns], model.norm_gain, model.lm_head)
+    return dataclasses.replace(model, blocks=[Block(None, f) for f in ffns])  # keeps the model's kernels
 
 
 def decode_samples(runners: dict, prompt, new_tokens: int, repeats: int, progress=None) -> tuple[dict, dict]:
@@ -364,24 +366,20 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     return result
 
 
-def interval_side(interval, threshold: float, higher_is_better: bool) -> str:
-    """Where a 95% interval lies against a target's threshold: "right" (wholly on the target's side, or on the
-    threshold), "wrong" (wholly on the other side), or "open" (it holds the threshold, or there is none)."""
-    if interval is None:
-        return "open"
-    sign = 1 if higher_is_better else -1
-    low, high = sorted(sign * bound for bound in interval)
-    return "right" if low >= sign * threshold else "wrong" if high < sign * threshold else "open"
+def target_side(higher_is_better: bool) -> str:
+    """The side of its threshold a target asks for, the threshold itself included: ">=" or "<="."""
+    return ">=" if higher_is_better else "<="
 
 
 def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
     """The rule that turns measured ratios into a verdict on a target: "met" when every 95% interval lies on the
     target's side of `threshold` (or on it), "not met" when some interval lies wholly on the other side,
-    "unresolved" otherwise (an interval holds the threshold, or a ratio has none)."""
-    sides = [interval_side(interval, threshold, higher_is_better) for interval in intervals]
-    if not sides:
+    "unresolved" otherwise (an interval holds the threshold, or a ratio has none): reffuse.stats.verdict of each
+    interval, "met" only when all are."""
+    verdicts = [verdict(interval, threshold, target_side(higher_is_better)) for interval in intervals]
+    if not verdicts:
         return "not measured"
-    return "met" if all(s == "right" for s in sides) else "not met" if "wrong" in sides else "unresolved"
+    return "met" if all(v == "met" for v in verdicts) else "not met" if "not met" in verdicts else "unresolved"
 
 
 def check_targets(result: dict) -> list[dict]:
@@ -396,7 +394,7 @@ def check_targets(result: dict) -> list[dict]:
 
         def deciding(m):  # one wholly on the wrong side first, else the one reaching furthest towards it
             reach = -math.inf if m[1] is None else min(sign * bound for bound in m[1])
-            return (interval_side(m[1], threshold, higher_is_better) != "wrong", reach)
+            return (verdict(m[1], threshold, target_side(higher_is_better)) != "not met", reach)
 
         value, interval = min(measured, key=deciding) if measured else (None, None)
         return {"target": TARGETS[name], "measured": value, "interval_95": interval, "unit": unit,
@@ -491,6 +489,6 @@ def markdown(result: dict, command: str | None = None) -> str:
         value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
         # three decimals: an interval that stops just short of a threshold must not print as reaching it
         interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.3f}-{t['interval_95'][1]:.3f}"
-        verdict = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
-        lines.append(f"| {t['target']} | {value} | {interval} | {verdict} |")
+        shown = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
+        lines.append(f"| {t['target']} | {value} | {interval} | {shown} |")
     return "\n".join(lines) + "\n"

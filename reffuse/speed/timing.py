@@ -2,7 +2,7 @@
 
 Machines are shared and noisy, so results are reported as ratios against a baseline measured in the same run,
 the things compared taking turns in every repeat, and a ratio comes with the interval of its paired repeats
-(paired_ratio).
+(reffuse.stats.paired_ratio).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import numpy as np
 from reffuse.core.backend import array_module, synchronize
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import check_groups, original_layers
-from reffuse.core.model import Model, rope_for, run_blocks
+from reffuse.core.model import Model, run_blocks
+from reffuse.stats import MIN_PAIRS, paired_ratio
 
 
 def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
@@ -45,27 +46,6 @@ def compare_samples(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
             synchronize(fn())
             times[name].append(time.perf_counter() - start)
     return times
-
-
-# Fewer pairs than this give no 95% interval for a median: all n ratios fall on one side of the true median with
-# probability 2 / 2^n, so even the span from the smallest to the largest covers it only 1 - 2 / 2^n of the time
-# (75% for 3 pairs, 94% for 5, 97% for 6).
-MIN_PAIRS = 6
-
-
-def paired_ratio(numerator, denominator, resamples: int = 2000, seed: int = 0) -> dict:
-    """The median of the per-repeat ratios numerator_i / denominator_i, with a percentile-bootstrap 95% interval
-    of that median; "resolved" when the interval excludes 1. With fewer than MIN_PAIRS pairs the interval is None
-    and nothing is resolved."""
-    ratios = np.asarray(numerator, dtype=np.float64) / np.asarray(denominator, dtype=np.float64)
-    if ratios.size < MIN_PAIRS:
-        return {"median": float(np.median(ratios)), "interval_95": None, "repeats": int(ratios.size),
-                "resolved": False}
-    rng = np.random.default_rng(seed)
-    medians = np.median(rng.choice(ratios, (resamples, ratios.size)), axis=1)
-    low, high = (float(q) for q in np.quantile(medians, [0.025, 0.975]))
-    return {"median": float(np.median(ratios)), "interval_95": [low, high], "repeats": int(ratios.size),
-            "resolved": not low <= 1.0 <= high}
 
 
 def ratio_text(value: float, interval=()) -> str:
@@ -115,7 +95,7 @@ def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int
     for name, model in models.items():
         xp = array_module(model.embed)
         x = xp.asarray(rng.standard_normal((tokens, model.config.dim)), dtype=model.dtype)
-        cos, sin = rope_for(model, np.arange(tokens), xp)
+        cos, sin = model.rope(np.arange(tokens))
         layers = [i for i, span in enumerate(original_layers(model)) if region[0] <= span[0] <= region[1]]
         fns[name] = (lambda model=model, x=x, cos=cos, sin=sin, start=layers[0], stop=layers[-1] + 1:
                      run_blocks(model, x, cos, sin, start=start, stop=stop))

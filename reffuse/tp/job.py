@@ -21,7 +21,8 @@ from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.formats.registry import load_model
 from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
-from reffuse.speed.timing import blas_threads, paired_ratio
+from reffuse.speed.timing import blas_threads
+from reffuse.stats import paired_ratio
 from reffuse.tp.allreduce import AllReduce
 from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job

@@ -113,7 +113,8 @@ def shard_model(model: Model, rank: int, n_ranks: int) -> Model:
                     ffn=None if b.ffn is None else shard_ffn(b.ffn, rank, n_ranks),
                     fused_from=b.fused_from)
               for b in model.blocks]
-    return Model(config, model.embed, blocks, model.norm_gain, model.lm_head)  # embeddings, norm, LM head replicated
+    shard = dataclasses.replace(model, config=config, blocks=blocks)  # embeddings, norm, LM head replicated
+    return shard.kernels.arrange(shard)  # its new attention weights held as its kernels read them
 
 
 def allreduces_per_forward(model: Model, parallel_groups=None) -> int:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import reffuse
 from reffuse.evaluation.activations import FORMAT, activations, compare, load_activations, save_activations
 from reffuse.cli import build_parser, main
 from reffuse.errors import ReffuseError
@@ -60,8 +61,9 @@ def test_verify_fails_on_one_wrong_block_and_names_it(tiny32, tmp_path, capsys, 
     assert f"the first output that diverges: block {block}" in capsys.readouterr().out
 
 
-def test_a_float64_dump_is_compared_in_float64_without_flags(tiny64, tmp_path, capsys):
-    path = save_activations(tmp_path / "f64.npz", activations(tiny64, np.arange(8)), "float64 kernels")
+def test_a_float64_dump_is_compared_in_float64_without_flags(tmp_path, capsys):
+    model = reffuse.load_model("tiny", dtype="float64")  # as verify loads it: on the same kernels
+    path = save_activations(tmp_path / "f64.npz", activations(model, np.arange(8)), "float64 kernels")
     assert main(["verify", "--model", "tiny", "--against", str(path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["dtype"] == "float64" and result["targets"] == "float64"

@@ -1,10 +1,12 @@
-"""Paired differences with their intervals (reffuse.evaluation.intervals)."""
+"""Paired differences with their intervals (reffuse.stats.paired_difference) and their text
+(reffuse.evaluation.intervals.describe)."""
 
 import numpy as np
 import pytest
 
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.intervals import RESAMPLES, TOKEN_BLOCK, describe, paired_difference
+from reffuse.evaluation.intervals import describe
+from reffuse.stats import RESAMPLES, TOKEN_BLOCK, paired_difference
 
 
 def windows(rng, shift=0.0, n=8, length=100):

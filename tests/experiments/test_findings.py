@@ -9,10 +9,11 @@ import pytest
 import numpy as np
 
 from reffuse.cli import main
-from reffuse.evaluation.intervals import describe, paired_difference
+from reffuse.evaluation.intervals import describe
 from reffuse.experiments.findings import RULES, by_steps, verdicts
 from reffuse.experiments.report import markdown, regions_markdown
 from reffuse.experiments.run import region_summary
+from reffuse.stats import paired_difference
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports" / "experiments"
 REPORT = REPORTS / "smollm2"            # the main run: region 1 on 16384 held-out tokens

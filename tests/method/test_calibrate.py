@@ -11,7 +11,7 @@ from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
 from reffuse.core.fusion import fuse
 from reffuse.method.removal import drop_ffns
-from reffuse.core.model import FFN, Block, Model, forward, rope_for, run_blocks
+from reffuse.core.model import FFN, Block, Model, forward, run_blocks
 from reffuse.core.tiny import build_tiny
 
 
@@ -106,7 +106,7 @@ def test_later_groups_are_fitted_on_the_stream_the_calibrated_earlier_groups_pro
     assert calibrated.blocks[5].fused_from == (7, 8, 9)
 
     def entering_second_group(model):  # the stream entering block 5 (group (7, 9) in the fused numbering)
-        return [run_blocks(model, model.embed[ids], *rope_for(model, np.arange(len(ids))), stop=5) for ids in windows]
+        return [run_blocks(model, model.embed[ids], *model.rope(np.arange(len(ids))), stop=5) for ids in windows]
 
     wide = fuse(tiny64, [groups[1]]).blocks[7].ffn
     expected, _ = refit_down(tiny64, groups[1], wide, entering_second_group(first_only), ridge=1e-3)

@@ -14,7 +14,6 @@ from reffuse.method.metrics import (block_evaluations_needed, cosine_distance, d
                              greedy_windows, matrix_from_json, matrix_to_json, residual_stream, window_statistics)
 from reffuse.core.model import FFN, Block, Config, Model, rms_norm
 from reffuse.method.removal import drop_attention
-from reffuse.core.tiny import build_tiny
 from reffuse.speed.timing import blas_threads
 
 # Float64 rounding of a cosine distance computed from unit vectors is ~1e-32 for identical directions; anything
@@ -298,7 +297,7 @@ def test_analyze_command_writes_what_it_measured(tmp_path, capsys):
     assert written["greedy"]["steps"][0]["step"] == 1
     # the recorded ids reproduce the recorded matrices, bit for bit on the command's BLAS threads (1 by default):
     # a product split over threads may round differently
-    model = drop_attention(build_tiny(), [1, 2])
+    model = drop_attention(reffuse.load_model("tiny"), [1, 2])  # as the command loads it: on the same kernels
     with blas_threads(1):
         again = dependency(model, [np.array(ids) for ids in tokens["ids"]])
     for granularity, M in again.matrices.items():

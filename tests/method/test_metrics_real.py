@@ -7,6 +7,7 @@ positions analyze measured (all but the first, the attention sink). The acceptan
 both sides run the same float32 arithmetic in a different order, so they differ by float32 rounding (~1e-6).
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,8 +21,7 @@ PAIRS = [(3, 4), (9, 22)]  # a neighbour and a distant pair
 
 def independent_entry(model, sequences, i, j, exclude_sink=True) -> float:
     """M[i, j] from two full forward passes per sequence: the model as it is, and without block i."""
-    without_i = reffuse.Model(model.config, model.embed, model.blocks[:i] + model.blocks[i + 1:], model.norm_gain,
-                              model.lm_head)
+    without_i = dataclasses.replace(model, blocks=model.blocks[:i] + model.blocks[i + 1:])
     first = 1 if exclude_sink else 0
     distances = []
     for ids in sequences:

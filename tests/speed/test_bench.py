@@ -5,15 +5,18 @@ import json
 import numpy as np
 import pytest
 
+from reffuse.core import fast
 from reffuse.core import model as model_module
 from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, reffuse_decode, run_benchmark,
                                  target_verdict)
-from reffuse.speed.timing import paired_ratio, ratio_text
+from reffuse.speed.timing import ratio_text
+from reffuse.stats import paired_ratio
 from reffuse.cli import main
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.core.generate import generate
-from reffuse.core.model import FFN, ffn_output, forward, swiglu_in_column_blocks
+from reffuse.core.fast import for_speed, swiglu_in_cache, swiglu_in_column_blocks
+from reffuse.core.model import FFN, forward
 from reffuse.plots.speed import ffn_speed_figure
 
 
@@ -34,22 +37,22 @@ def test_column_blocks_equal_swiglu(dtype, rtol, tokens, width, block_elements):
     np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 
-def test_ffn_output_uses_column_blocks_only_when_the_hidden_array_is_large(monkeypatch):
+def test_swiglu_in_cache_uses_column_blocks_only_when_the_hidden_array_is_large(monkeypatch):
     rng = np.random.default_rng(1)
     ffn = random_ffn(rng, 8, 40, np.float64)
     calls = []
-    monkeypatch.setattr(model_module, "swiglu_in_column_blocks", lambda f, x, block: calls.append(x.shape) or 0)
-    monkeypatch.setattr(model_module, "HIDDEN_ELEMENTS_IN_CACHE", 40 * 10)
-    ffn_output(ffn, rng.standard_normal((10, 8)))  # 10 x 40 elements: one block
-    ffn_output(ffn, rng.standard_normal((11, 8)))
+    monkeypatch.setattr(fast, "swiglu_in_column_blocks", lambda f, x, block: calls.append(x.shape) or 0)
+    monkeypatch.setattr(fast, "HIDDEN_ELEMENTS_IN_CACHE", 40 * 10)
+    swiglu_in_cache(ffn, rng.standard_normal((10, 8)))  # 10 x 40 elements: one block
+    swiglu_in_cache(ffn, rng.standard_normal((11, 8)))
     assert calls == [(11, 8)]
 
 
 def test_fused_model_with_column_blocks_equals_parallel_form(tiny64, tiny_ids, monkeypatch):
-    monkeypatch.setattr(model_module, "HIDDEN_ELEMENTS_IN_CACHE", 256)  # force blocks in every FFN
-    monkeypatch.setattr(model_module, "HIDDEN_BLOCK_ELEMENTS", 256)
-    groups = [(4, 8)]
-    fused, parallel = forward(fuse(tiny64, groups), tiny_ids), forward(tiny64, tiny_ids, groups)
+    monkeypatch.setattr(fast, "HIDDEN_ELEMENTS_IN_CACHE", 256)  # force blocks in every FFN
+    monkeypatch.setattr(fast, "HIDDEN_BLOCK_ELEMENTS", 256)
+    groups, model = [(4, 8)], for_speed(tiny64)
+    fused, parallel = forward(fuse(model, groups), tiny_ids), forward(model, tiny_ids, groups)
     # the acceptance bound of the fusion tests: the sums differ in order only, float64 rounding is ~1e-16
     assert np.max(np.abs(fused - parallel)) / np.max(np.abs(parallel)) <= 1e-12
 
@@ -129,7 +132,6 @@ def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys, monkey
     out = tmp_path / "bench_tiny.json"
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")  # what chose the kernels is part of the command
     monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
-    monkeypatch.delenv("REFFUSE_PLAIN", raising=False)
     assert main(["bench", "--model", "tiny", "--repeats", "1", "--threads", "1", "--no-transformers",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
