@@ -40,7 +40,8 @@ from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTING
 from reffuse.core.fusion import NORM_MODES
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
-from reffuse.speed.timing import MIN_PAIRS, ratio_text
+from reffuse.speed.timing import ratio_text
+from reffuse.stats import MIN_PAIRS
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
 
@@ -60,7 +61,7 @@ def add_arguments(parser):
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
     parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
-    add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128)
+    add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128, training=4096)
     parser.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens per decode timing (default 16)")
     parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timing repeats, alternated; medians, and speedups with the 95%% interval of their "
@@ -157,7 +158,10 @@ def print_quality(r: dict) -> None:
     ppl = f"{closes['perplexity']:.0%}" if closes["perplexity"] is not None else "-"
     print(f"calibration closes {closes['kl_vs_attention_removed']:.0%} of the fusion gap in KL (to the attention-"
           f"removed model) and {ppl} of it in perplexity; calibrated KL to the original is "
-          f"{'lower' if q['calibrated_beats_plain_kl_vs_original'] else 'NOT lower'} than plain fusion's\n")
+          f"{'lower' if q['calibrated_beats_plain_kl_vs_original'] else 'NOT lower'} than plain fusion's")
+    h = r["healing"]
+    print(f"healing: the fused blocks ({h['weights']:,} weights) distilled from the original on {h['tokens']:,} "
+          f"training tokens ({h['steps']} steps, {h['seconds']:.0f} s); `reffuse heal` runs it at a larger budget\n")
 
 
 def print_speed_and_samples(r: dict) -> None:

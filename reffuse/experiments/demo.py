@@ -6,7 +6,9 @@
    pair of FFNs (reffuse.method.planning);
 4. fusion (Theorem 3.1) and its exactness; the approximation it makes, sequential vs parallel;
 5. calibration of the fused down-projections (reffuse.method.calibrate);
-6. quality on held-out text; 7. speed, all models in one run, and a greedy sample from each.
+6. healing: a short knowledge distillation of the fused blocks from the original (reffuse.training; `reffuse heal`
+   runs it at a larger budget);
+7. quality on held-out text; 8. speed, all models in one run, and a greedy sample from each.
 """
 
 from __future__ import annotations
@@ -22,22 +24,29 @@ from reffuse.core.fusion import fuse, with_last_norm
 from reffuse.core.generate import generate
 from reffuse.core.layout import attention_free_runs
 from reffuse.core.model import Model, cast, forward, layout
+from reffuse.core.names import named_weights
 from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.formats.corpus import training_windows
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
 from reffuse.method.metrics import matrix_to_json
 from reffuse.method.pipeline import (DEPENDENCY_WINDOW, SCORING_WINDOW, ffn_dependency, is_synthetic, load_texts,
-                                     plan_fusion, remove_attention)
+                                     plan_fusion, remove_attention, synthetic_windows)
 from reffuse.progress import Progress, note
+from reffuse.training.trainer import TrainingOptions, train, trainable_names
 from reffuse.speed.bench import decode_samples, reffuse_decode
-from reffuse.speed.timing import blas_threads, paired_ratio, time_region
+from reffuse.speed.timing import blas_threads, time_region
+from reffuse.stats import paired_ratio
 
 DEFAULT_DROP = {"smollm2": 8, "tiny": 2}
 EXACTNESS_TOKENS = 64  # of the first held-out window: fused vs parallel compared on them
 PROMPT = "The capital of France is"
-STEPS = 7
+STEPS = 8
+# The demo's healing budget: short windows and few steps, a couple of minutes at most on 2 cores with SmolLM2.
+HEALING_WINDOW = 64
+HEALING_LEARNING_RATE = 3e-4
 
 
 @dataclass
@@ -53,6 +62,7 @@ class DemoOptions(FromArguments):
     ridge: float = DEFAULT_RIDGE
     held_out_tokens: int = 2048
     calibration_tokens: int = 2048
+    training_tokens: int = 4096
     scoring_tokens: int = 256
     dependency_tokens: int = 128
     decode_tokens: int = 16
@@ -100,6 +110,23 @@ def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> di
         new = generate(model, ids, tokens)
         out["continuations"][name] = tokenizer.decode(new) if tokenizer else [int(i) for i in new]
     return out
+
+
+def heal_fused_blocks(original: Model, fused: Model, texts, options: DemoOptions) -> tuple[Model, dict]:
+    """The fused blocks trained by distillation from the original on --training-tokens of training text, in
+    windows of HEALING_WINDOW tokens, one per step."""
+    if texts.synthetic:
+        windows = synthetic_windows(original, "training", HEALING_WINDOW, options.training_tokens)
+    else:
+        windows = training_windows(texts.tokenizer, HEALING_WINDOW, options.training_tokens)
+    names = trainable_names(fused, "fused")
+    steps = len(windows)
+    training = TrainingOptions(steps=steps, learning_rate=HEALING_LEARNING_RATE, warmup=steps // 10)
+    healed, log = train(fused, windows.ids, names, training, teacher=original, progress=False)
+    return healed, {"tokens": log.tokens, "window": HEALING_WINDOW, "steps": steps, "trainable": "fused blocks",
+                    "weights": int(sum(named_weights(fused)[n].size for n in names)),
+                    "options": training.to_json(), "losses": log.losses, "seconds": log.seconds,
+                    "text": windows.describe()}
 
 
 def run_demo(options: DemoOptions) -> dict:
@@ -152,14 +179,18 @@ def run_demo(options: DemoOptions) -> dict:
                                                ridge=options.ridge, progress=bar.update, weighting=options.weighting)
         result["calibration"] = [f.as_dict() for f in fits]
 
-        step(6, "quality on held-out text")
+        step(6, "healing: distillation of the fused blocks")
+        healed, result["healing"] = heal_fused_blocks(original, fused, texts, options)
+
+        step(7, "quality on held-out text")
         first = min(removal["blocks"][0], groups[0][0]) if removal else groups[0][0]
-        with Progress("scoring on held-out text", 5, "models") as bar:
+        with Progress("scoring on held-out text", 6, "models") as bar:
             judge = cache_prefix(original, texts.held_out.ids)
             bar.update()
             before_fusion = cache_prefix(removed, texts.held_out.ids)
             bar.update()
-            models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated}
+            models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated,
+                      "fused, healed": healed}
             quality = {"original": {"perplexity": score_variant(judge, original, len(original.blocks))["perplexity"]}}
             for name, model in models.items():
                 s = score_variant(judge, model, first, reference=before_fusion)
@@ -184,7 +215,7 @@ def run_demo(options: DemoOptions) -> dict:
                                             "top1_agreement": plain["top1_vs_attention_removed"],
                                             "predictions": judge.predictions}
 
-        step(7, "speed (one run, in alternation) and greedy samples")
+        step(8, "speed (one run, in alternation) and greedy samples")
         speed_models = {"original": original, "attention removed": removed, "fused, calibrated": calibrated}
         prompt = texts.held_out.ids[0][:32]
         with Progress("timing decode", options.repeats * len(speed_models), "decodes") as bar:

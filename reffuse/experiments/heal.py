@@ -31,39 +31,7 @@ from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.method.pipeline import is_synthetic, synthetic_windows
 from reffuse.options import FromArguments
 from reffuse.progress import Progress, note
-from reffuse.training.trainer import TrainingOptions, train
-
-TRAIN_CHOICES = ("fused", "run", "all", "blocks A-B")
-
-
-def trainable_names(model: Model, choice: str) -> list[str]:
-    """The HF names that train for --train: "fused" (the fused blocks), "run" (every attention-free block),
-    "blocks A-B" (blocks A..B of the model as it is numbered), or "all"."""
-    names = named_weights(model)
-    if choice == "all":
-        return list(names)
-    if choice == "fused":
-        blocks = [i for i, b in enumerate(model.blocks) if b.fused_from]
-        what = "fused blocks"
-    elif choice == "run":
-        blocks = [i for i, b in enumerate(model.blocks) if b.attention is None and b.ffn is not None]
-        what = "attention-free blocks"
-    elif choice.startswith("blocks "):
-        try:
-            first, _, last = choice.removeprefix("blocks ").partition("-")
-            first, last = int(first), int(last or first)
-        except ValueError:
-            raise ReffuseError(f"--train {choice!r}: write blocks A-B, e.g. 'blocks 5-8'") from None
-        if not 0 <= first <= last < len(model.blocks):
-            raise ReffuseError(f"--train {choice!r}: {model.config.name} has blocks 0-{len(model.blocks) - 1}")
-        blocks, what = list(range(first, last + 1)), f"blocks {first}-{last}"
-    else:
-        raise ReffuseError(f"--train {choice!r} is not a choice: use one of {', '.join(TRAIN_CHOICES)}")
-    if not blocks:
-        raise ReffuseError(f"--train {choice}: {model.config.name} has no {what}; use --train all or blocks A-B")
-    prefixes = tuple(f"model.layers.{i}." for i in blocks)
-    return [n for n in names if n.startswith(prefixes)]
-
+from reffuse.training.trainer import TRAIN_CHOICES, TrainingOptions, train, trainable_names
 
 @dataclass
 class HealOptions(FromArguments):

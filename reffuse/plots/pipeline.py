@@ -12,7 +12,7 @@ from reffuse.core.layout import format_groups
 from reffuse.plots import pyplot, save_figure
 
 COLOURS = {"original": "black", "attention removed": "tab:red", "fused": "tab:blue",
-           "fused, calibrated": "tab:green"}
+           "fused, calibrated": "tab:green", "fused, healed": "tab:purple"}
 
 
 def _labelled_bars(ax, names, heights, labels) -> None:

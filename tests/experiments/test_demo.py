@@ -39,7 +39,9 @@ def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
     # Theorem 3.1: fused == parallel up to rounding (float64 ~1e-16, float32 ~1e-7)
     assert report["fused_vs_parallel_relative_error"]["float64"] <= 1e-12
     assert report["fused_vs_parallel_relative_error"]["float32"] <= 1e-5
-    assert set(report["quality"]["models"]) == {"original", "attention removed", "fused", "fused, calibrated"}
+    assert set(report["quality"]["models"]) == {"original", "attention removed", "fused", "fused, calibrated",
+                                                "fused, healed"}
+    assert report["healing"]["steps"] == report["healing"]["tokens"] // 64 and report["healing"]["losses"]
     assert set(report["speed"]["decode"]) == {"original", "attention removed", "fused, calibrated"}
     assert report["attention_removal"]["blocks"] == [2, 3]  # tiny's cheapest pair (seeded, synthetic)
     assert all(len(g) == 2 and g[1] - g[0] + 1 <= 4 for g in report["groups"])
@@ -55,8 +57,9 @@ def test_fuse_saves_a_model_that_loads_and_matches(tmp_path, capsys):
     record = json.loads((out / PROVENANCE_FILE).read_text())
     assert record["groups"] == [[2, 4], [5, 8]] and record["attention_removal"]["blocks"] == [2, 3]
     assert [r["fused_from"] for r in reffuse.layout(loaded).rows()][2:4] == [[2, 3, 4], [5, 6, 7, 8]]
-    # the same steps in memory give the same weights, bit for bit (float32 saved and read back as float32)
-    expected, _ = calibrated_fuse(drop_attention(build_tiny(), [2, 3]), [(2, 4), (5, 8)],
+    # the same steps in memory, on the model as the command loads it, give the same weights, bit for bit (float32
+    # saved and read back as float32)
+    expected, _ = calibrated_fuse(drop_attention(reffuse.load_model("tiny"), [2, 3]), [(2, 4), (5, 8)],
                                   synthetic_windows(build_tiny(), "calibration", 256, 256).ids)
     ids = np.arange(20)
     np.testing.assert_array_equal(reffuse.forward(loaded, ids), reffuse.forward(expected, ids))

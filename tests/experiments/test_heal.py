@@ -14,7 +14,7 @@ import pytest
 import reffuse
 from reffuse.cli import main
 from reffuse.core.names import named_weights
-from reffuse.experiments.heal import trainable_names
+from reffuse.training.trainer import trainable_names
 
 
 @pytest.fixture(scope="module")

@@ -71,3 +71,18 @@ def test_resume_gives_the_uninterrupted_run_bit_for_bit(setup, tmp_path, monkeyp
     with pytest.raises(reffuse.ReffuseError, match="other options"):
         train(student, windows, FUSED_NAMES, other, teacher=teacher, checkpoint_folder=tmp_path, resume=True,
               progress=False)
+
+
+def test_a_fast_model_computes_with_its_trained_weights(setup):
+    """On a model with the fast kernels (q, k and v stacked in one array), the trained model's fast forward
+    equals its plain forward: the updates reach every arrangement of the weights."""
+    from reffuse.core.fast import for_speed
+    from reffuse.core.model import plain
+    teacher, _, windows = setup
+    fast = for_speed(reffuse.build_tiny(seed=1))
+    trained, _ = train(fast, windows, None, TrainingOptions(steps=2, learning_rate=1e-2), teacher=teacher,
+                       progress=False)
+    assert not np.array_equal(trained.blocks[0].attention.q, fast.blocks[0].attention.q)
+    ids = windows[0]
+    np.testing.assert_allclose(reffuse.forward(trained, ids), reffuse.forward(plain(trained), ids), rtol=1e-4,
+                               atol=1e-4 * np.abs(reffuse.forward(plain(trained), ids)).max())
