@@ -24,7 +24,7 @@ def solutions_of(source: Path) -> Path:
 
 
 def test_every_lecture_is_there():
-    assert [s.name[:2] for s in SOURCES] == ["01", "02", "03", "04", "05", "06"]
+    assert [s.name[:2] for s in SOURCES] == ["01", "02", "03", "04", "05", "06", "07"]
     for source in SOURCES:
         assert source.with_suffix(".ipynb").exists(), f"{source.name} has no paired notebook: jupytext --sync it"
         assert solutions_of(source).exists(), f"{source.name} has no solutions file"
