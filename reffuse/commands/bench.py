@@ -15,12 +15,20 @@ there is none and no target is decided (the committed runs use 11).
 The speed targets (2 cores, float32) are checked and reported: prefill <= 0.8x transformers' time at every
 length, decode >= 2.5x transformers' tokens/s and >= 0.5x llama.cpp's, the fused FFN run >= 1.3x faster at 1
 token and never slower at 128 and 512. A target is "met" when every interval it checks lies on its side, "not
-met" when one lies wholly on the other side, "unresolved" otherwise. REFFUSE_PLAIN=1 times the plain forward
-pass, without its fast paths.
+met" when one lies wholly on the other side, "unresolved" otherwise.
 
 The output says which BLAS kernels ran and whether OpenBLAS detected them for this CPU or the environment chose
 them: some machines set OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE to work around older OpenBLAS builds. To time NumPy
 on the kernels OpenBLAS would choose, unset both for that command alone (the last example).
+
+--train all|fused times a training step instead (reffuse.speed.train_bench): forward, next-token cross-entropy,
+backward, clipping and one AdamW step on the same 512-token window of real text, in reffuse and in PyTorch
+(transformers' LlamaForCausalLM holding the same weights and torch.optim.AdamW; for a model transformers cannot
+hold, the equations in PyTorch), each engine in a worker process of its own taking steps in turns with the
+other, with the ratio of their tokens/s and its 95% interval, and each one's peak resident memory. "all" trains
+every weight; "fused" trains the fused blocks of the model with the attention of blocks 5-12 removed and blocks
+5-8 and 9-11 fused. Give --train twice for both. Targets (2 threads, float32, 512 tokens): reffuse's tokens/s
+>= 1.0x PyTorch's for --train all, and reffuse's peak resident memory under 3 GiB.
 
 --out FILE.json writes the JSON there and the Markdown tables beside it (FILE.md), with the command line.
 
@@ -28,7 +36,7 @@ examples:
   reffuse bench --model smollm2
   reffuse bench --model smollm2 --threads 2 --against llama.cpp --out out/bench_smollm2.json
   reffuse bench --model tiny --repeats 3 --no-transformers
-  REFFUSE_PLAIN=1 reffuse bench --model smollm2 --no-transformers   # the plain forward pass, no fast paths
+  reffuse bench --model smollm2 --threads 2 --train all --train fused --out out/bench_train_smollm2.json
   env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE reffuse bench --model smollm2 --repeats 11   # OpenBLAS's kernels
 """
 
@@ -39,13 +47,16 @@ import shlex
 import sys
 from pathlib import Path
 
+from reffuse.errors import ReffuseError
 from reffuse.speed.bench import default_threads, markdown, run_benchmark
+from reffuse.speed.train_bench import TRAIN_CHOICES, TRAIN_TOKENS, run_train_benchmark, train_markdown
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model
 from reffuse.progress import note
 from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
 from reffuse.commands.common import add_device_argument, add_json_argument, positive_int, print_json
 
-HELP = "prefill/decode speed against transformers (and llama.cpp), and fused vs sequential FFN runs"
+HELP = ("prefill/decode speed against transformers (and llama.cpp), fused vs sequential FFN runs; with --train, "
+        "a training step's speed and memory against PyTorch")
 
 
 def add_arguments(parser):
@@ -55,12 +66,21 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed repeats of each measurement, alternated; medians and paired 95%% intervals "
                              "(default 7)")
-    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the transformers comparison (with --train: time reffuse alone)")
     parser.add_argument("--against", choices=("llama.cpp",), action="append", default=[],
                         help="llama.cpp: also time llama.cpp on the same weights (an F32 GGUF; the `llamacpp` "
                              "extra), and its decode with and without fusion")
     parser.add_argument("--tokenizer", default=None,
                         help="with --against llama.cpp: the tokenizer written into its GGUF (default: the model's)")
+    parser.add_argument("--train", choices=TRAIN_CHOICES, action="append", default=[],
+                        help="time a training step instead: forward, cross-entropy, backward, clipping and one "
+                             "AdamW step on one window of real text, in reffuse and in PyTorch (torch autograd and "
+                             "torch.optim.AdamW on the same weights), alternated step by step, each engine in its "
+                             "own process for its peak memory; all: every weight trains, fused: the fused blocks of "
+                             "the model with attention 5-12 removed and 5-8, 9-11 fused (give twice for both)")
+    parser.add_argument("--window", type=positive_int, default=TRAIN_TOKENS,
+                        help=f"with --train: tokens in the training window (default {TRAIN_TOKENS})")
     add_device_argument(parser)
     add_json_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
@@ -69,14 +89,15 @@ def add_arguments(parser):
 
 def command_line(args) -> str:
     """The command that reproduces this run, spelled out from the parsed options, after the environment variables
-    that change what is timed (OpenBLAS's kernels, the plain forward pass)."""
-    words = [f"{name}={os.environ[name]}" for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "REFFUSE_PLAIN")
-             if os.environ.get(name)]
+    that change what is timed (OpenBLAS's kernels)."""
+    words = [f"{name}={os.environ[name]}" for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(name)]
     words += ["reffuse", "bench", "--model", str(args.model), "--repeats", str(args.repeats)]
     words += ["--threads", str(args.threads)] if args.threads else []
     words += ["--no-transformers"] if args.no_transformers else []
     words += [w for against in args.against for w in ("--against", against)]
     words += ["--tokenizer", str(args.tokenizer)] if args.tokenizer else []
+    words += [w for train in args.train for w in ("--train", train)]
+    words += ["--window", str(args.window)] if args.train and args.window != TRAIN_TOKENS else []
     words += ["--device", args.device] if args.device != "cpu" else []
     words += ["--json"] if args.json else []
     words += ["--out", str(args.out)] if args.out else []
@@ -86,6 +107,8 @@ def command_line(args) -> str:
 def run(args) -> int:
     if args.out is not None:
         check_writable_file(args.out)  # before the long work
+    if args.train:
+        return run_train(args)
     tokenizer = find_tokenizer(args.tokenizer or args.model) if "llama.cpp" in args.against else None
     model = load_model(args.model, dtype="float32", device=args.device)
     if tokenizer is not None:
@@ -102,4 +125,24 @@ def run(args) -> int:
         print_json(result)
     else:
         sys.stdout.write(markdown(result, command))
+    return 0
+
+
+def run_train(args) -> int:
+    """`--train`: the training step in reffuse and PyTorch (reffuse.speed.train_bench)."""
+    if args.device != "cpu" or args.against:
+        raise ReffuseError("--train times training on the CPU against PyTorch: leave out --device and --against")
+    result = run_train_benchmark(args.model, trains=list(dict.fromkeys(args.train)), tokens=args.window,
+                                 threads=args.threads, repeats=args.repeats,
+                                 with_pytorch=not args.no_transformers, progress=note)
+    command = command_line(args)
+    result["command"] = command
+    if args.out is not None:
+        write_json_atomic(args.out, result)
+        write_text_atomic(args.out.with_suffix(".md"), train_markdown(result, command))
+        note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    if args.json:
+        print_json(result)
+    else:
+        sys.stdout.write(train_markdown(result, command))
     return 0

@@ -4,13 +4,11 @@
   tables and the eager softmax in float32 whatever the model's dtype; for the float64 check those three are
   patched here to keep the input's dtype (the same formulas), so that both sides are float64 throughout; its
   loss function casts the logits to float32, so the loss is taken from its logits here.
-- An attention-removed model and a fused one against a short PyTorch module written below from the paper's
-  equations (transformers has no class for them).
+- An attention-removed model and a fused one against the paper's equations written in PyTorch
+  (reffuse.speed.torch_models.equations_forward; transformers has no class for them).
 Tolerances: every gradient tensor within 1e-9 of its own largest entry in float64 (the two sides sum in different
 orders over T·vocab terms: ~1e-13 observed), and 1e-4 in float32 (float32's 6e-8 grown by the depth of the model).
 """
-
-import math
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ torch = pytest.importorskip("torch")
 
 import reffuse  # noqa: E402
 from reffuse.core.names import named_weights  # noqa: E402
+from reffuse.speed.torch_models import equations_forward, transformers_llama  # noqa: E402
 from reffuse.training.optim import AdamW, Schedule, clip_by_global_norm  # noqa: E402
 
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}
@@ -32,45 +31,6 @@ def worst_error(ours: dict, theirs: dict) -> float:
 
 def torch_weights(model, dtype):
     return {n: torch.tensor(np.asarray(w), dtype=dtype, requires_grad=True) for n, w in named_weights(model).items()}
-
-
-def equations_forward(model, weights, ids):
-    """Logits [T, vocab] of a reffuse model's structure from the equations: eq. 1-2 per block, either sub-block
-    absent as the model says, a fused block a wide SwiGLU; rotate-half RoPE; query head h reads kv head h // group."""
-    cfg, T = model.config, len(ids)
-    hd, eps = cfg.head_dim, cfg.norm_eps
-    inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None]
-    angles = torch.cat([angles, angles], dim=-1)
-    dtype = weights["model.norm.weight"].dtype
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-
-    def norm(x, gain):
-        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * gain
-
-    def rope(x):  # [heads, T, hd]
-        half = hd // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
-    x = weights["model.embed_tokens.weight"][torch.as_tensor(ids)]
-    mask = torch.triu(torch.full((T, T), -math.inf, dtype=dtype), 1)
-    for i, block in enumerate(model.blocks):
-        w = {k[len(f"model.layers.{i}."):]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}
-        if block.attention is not None:
-            h = norm(x, w["input_layernorm.weight"])
-            q = rope((h @ w["self_attn.q_proj.weight"].T).view(T, -1, hd).transpose(0, 1))
-            k = rope((h @ w["self_attn.k_proj.weight"].T).view(T, -1, hd).transpose(0, 1))
-            v = (h @ w["self_attn.v_proj.weight"].T).view(T, -1, hd).transpose(0, 1)
-            group = q.shape[0] // k.shape[0]
-            k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
-            probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd) + mask, dim=-1)
-            x = x + (probs @ v).transpose(0, 1).reshape(T, -1) @ w["self_attn.o_proj.weight"].T
-        if block.ffn is not None:
-            h = norm(x, w["post_attention_layernorm.weight"])
-            x = x + (torch.nn.functional.silu(h @ w["mlp.gate_proj.weight"].T) * (h @ w["mlp.up_proj.weight"].T)) \
-                @ w["mlp.down_proj.weight"].T
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    return norm(x, weights["model.norm.weight"]) @ head.T
 
 
 def autograd_gradients(model, ids, dtype, teacher=None, temperature=1.0):
@@ -130,19 +90,12 @@ def float64_transformers(monkeypatch, theta, head_dim):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_smollm2_against_transformers_autograd(smollm2, monkeypatch, dtype):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     model = reffuse.cast(smollm2, dtype)
     cfg = model.config
     if dtype == "float64":
         float64_transformers(monkeypatch, cfg.rope_theta, cfg.head_dim)
-    config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=model.blocks[0].ffn.width,
-        num_hidden_layers=len(model.blocks), num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
-        attn_implementation="eager", max_position_embeddings=2048)
-    reference = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype))
-    state = {n: torch.tensor(np.asarray(w)) for n, w in named_weights(model).items()}
-    reference.load_state_dict({**state, "lm_head.weight": state["model.embed_tokens.weight"]}, strict=True)
+    reference = transformers_llama(model, dtype, attn_implementation="eager")
     ids = np.random.default_rng(4).integers(0, cfg.vocab_size, 48)
     logits = reference(input_ids=torch.as_tensor(ids)[None]).logits[0]
     torch_loss = torch.nn.functional.cross_entropy(logits[:-1], torch.as_tensor(ids[1:]))  # in the logits' dtype

@@ -1,0 +1,397 @@
+"""How fast reffuse trains, against PyTorch taking the same step: `reffuse bench --train`.
+
+A training step: one forward over a window of T tokens (T = 512), the mean next-token cross-entropy, the backward
+to every trainable weight, clipping by global norm and one AdamW step (HYPERPARAMETERS; weight decay on matrices
+only), as reffuse's trainer takes it. Both engines take it on the same window of real text (the first T tokens of
+the training split, reffuse.formats.corpus; random ids on the synthetic tiny model), from the same float32
+weights, with the same trainable set and the same thread count:
+
+- reffuse: reffuse.gradients, clip_by_global_norm and reffuse.training.optim.AdamW, on copies of the trainable
+  weights (as reffuse.training.trainer makes them);
+- PyTorch: autograd, clip_grad_norm_ and torch.optim.AdamW (its default implementation), on transformers'
+  LlamaForCausalLM (sdpa attention) holding the same weights where the model is a plain Llama, else on the
+  equations written in PyTorch (reffuse.speed.torch_models.equations_forward); only the trainable tensors
+  require grad.
+
+Trainable sets: "all" (every weight) and "fused" (the fused blocks of the fused model: the attention of blocks
+5-12 removed, then blocks 5-8 and 9-11 fused, FUSED_REMOVED and FUSED_GROUPS).
+
+Each engine runs in a worker process of its own, so that its peak resident memory (peak_rss_bytes) is its own:
+the worker loads the model, makes its trainable copy and waits; the parent then has the two take steps in turns,
+one step at a time, after one untimed warm-up step each, the order swapped every round. A worker times its own
+step. Round i of both is a pair: the ratio reffuse tokens/s over PyTorch tokens/s is the median of the pairs'
+ratios, with its bootstrap 95% interval (reffuse.stats.paired_ratio), and the targets' verdicts follow from
+where the interval lies (reffuse.speed.bench.target_verdict). Both workers stay resident; one computes at a time.
+The warm-up step's loss is each engine's loss at the loaded weights: the two must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import numpy as np
+
+from reffuse.core.model import Model
+from reffuse.core.names import named_weights, with_weights
+from reffuse.errors import ReffuseError
+from reffuse.optional import require
+from reffuse.speed.bench import describe_blas, environment, target_verdict
+from reffuse.speed.timing import blas_threads, paired_ratio, ratio_text
+from reffuse.stats import verdict
+
+TRAIN_CHOICES = ("all", "fused")
+TRAIN_TOKENS = 512
+FUSED_REMOVED = range(5, 13)       # blocks whose attention the fused model drops (those that have one)
+FUSED_GROUPS = ((5, 8), (9, 11))   # then fuses
+HYPERPARAMETERS = {"learning_rate": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "clip": 1.0}
+ENGINES = ("reffuse", "pytorch")
+PAUSE_SECONDS = 0.05               # before each step: the last engine's idle OpenMP/BLAS threads stop spinning
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+# The targets, on 2 threads in float32 at 512 tokens (reffuse's training goals).
+TARGET_THREADS, TARGET_TOKENS = 2, 512
+SPEED_RATIO = 1.0                  # reffuse tokens/s over PyTorch's, --train all
+PEAK_RSS_BYTES = 3 * 2 ** 30       # reffuse's peak resident memory in a training step
+TRAIN_TARGETS = {"train_speed": "training tokens/s >= 1.0x PyTorch's (--train all, 512 tokens, 2 threads)",
+                 "train_memory": "reffuse's peak resident memory < 3 GiB (every trainable set, 512 tokens)"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is trained, on what
+
+
+def training_model(model: Model, train: str) -> Model:
+    """The model a step trains: the model itself for "all"; for "fused" the model with the attention of
+    FUSED_REMOVED dropped (those blocks that have one) and FUSED_GROUPS fused."""
+    if train == "all":
+        return model
+    if train != "fused":
+        raise ReffuseError(f"--train {train!r} is not a choice: use one of {', '.join(TRAIN_CHOICES)}")
+    from reffuse.core.fusion import fuse
+    from reffuse.method.removal import drop_attention
+
+    if len(model.blocks) <= FUSED_GROUPS[-1][1]:
+        raise ReffuseError(f"{model.config.name} has {len(model.blocks)} blocks: the fused training benchmark fuses "
+                           f"blocks {', '.join(f'{a}-{b}' for a, b in FUSED_GROUPS)}")
+    removed = [i for i in FUSED_REMOVED if i < len(model.blocks) and model.blocks[i].attention is not None]
+    return fuse(drop_attention(model, removed) if removed else model, list(FUSED_GROUPS))
+
+
+def trainable_set(model: Model, train: str) -> list[str]:
+    """The HF names that train: every weight ("all") or those of the fused blocks ("fused")."""
+    from reffuse.training.trainer import trainable_names
+    return trainable_names(model, train)
+
+
+def text_window(model_name: str, model: Model, tokens: int) -> tuple[np.ndarray, str]:
+    """The ids both engines train on, and what they are: the first `tokens` tokens of the training split, or
+    seeded random ids on the synthetic model."""
+    from reffuse.method.pipeline import is_synthetic, synthetic_windows
+
+    if is_synthetic(model_name, model):
+        windows = synthetic_windows(model, "training", tokens, tokens)
+        return windows.ids[0], windows.split
+    from reffuse.formats.corpus import split_texts, token_windows
+    from reffuse.formats.registry import check_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    check_tokenizer(tokenizer, model, model_name)
+    windows = token_windows(split_texts("training")[:1], tokenizer, tokens, tokens, "training")
+    span = windows.spans[0]
+    return windows.ids[0], f"the first {tokens} tokens of {span.title} (training split)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The two engines, each behind step() -> the loss before its update
+
+
+class ReffuseStep:
+    implementation = "reffuse.gradients, clip_by_global_norm, AdamW (reffuse.training)"
+
+    def __init__(self, model: Model, trainable, ids):
+        from reffuse.training.gradients import gradients
+        from reffuse.training.optim import AdamW, clip_by_global_norm
+
+        self.gradients, self.clip = gradients, clip_by_global_norm
+        self.model = with_weights(model, {n: w.copy() for n, w in named_weights(model).items() if n in trainable})
+        weights = {n: w for n, w in named_weights(self.model).items() if n in trainable}  # what it computes with
+        h = HYPERPARAMETERS
+        self.optimizer = AdamW(weights, h["betas"], h["eps"], h["weight_decay"])
+        self.trainable, self.ids = set(trainable), np.asarray(ids, dtype=np.int64)
+        self.parameters = sum(int(w.size) for w in weights.values())
+
+    def step(self) -> float:
+        loss, grads = self.gradients(self.model, self.ids, trainable=self.trainable)
+        self.clip(grads, HYPERPARAMETERS["clip"])
+        self.optimizer.step(grads, HYPERPARAMETERS["learning_rate"])
+        return float(loss)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worker process of one engine, and the parent's side of it
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far: on Linux VmHWM of /proc/self/status, the high-water mark of
+    this process's own memory (ru_maxrss is not: a child starts with its parent's peak, carried over fork and
+    exec), elsewhere ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def worker_main() -> None:
+    """One engine's worker: a JSON spec on the first line of stdin, then "step" (reply: seconds, loss) as often
+    as asked, then "stop" (reply: the peak resident memory). Replies are JSON lines on the original stdout;
+    anything else written to stdout goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def reply(**fields):
+        replies.write(json.dumps(fields) + "\n")
+        replies.flush()
+
+    spec = json.loads(sys.stdin.readline())
+    try:
+        started = time.perf_counter()
+        with blas_threads(spec["threads"]):
+            from reffuse.formats.registry import load_model
+            model = training_model(load_model(spec["model"], dtype="float32"), spec["train"])
+            trainable = trainable_set(model, spec["train"])
+            libraries = {}
+            if spec["engine"] == "pytorch":
+                from reffuse.speed.torch_models import torch_libraries
+                require("torch", "reference", "timing training against PyTorch").set_num_threads(spec["threads"])
+                libraries = torch_libraries()
+            if spec["engine"] == "reffuse":
+                engine = ReffuseStep(model, trainable, spec["ids"])
+            else:
+                from reffuse.speed.torch_models import TorchStep
+                engine = TorchStep(model, trainable, spec["ids"], HYPERPARAMETERS)
+            del model
+            reply(implementation=engine.implementation, trainable_tensors=len(trainable),
+                  trainable_parameters=engine.parameters, setup_seconds=time.perf_counter() - started,
+                  rss_after_setup_bytes=peak_rss_bytes(), **libraries)
+            for line in sys.stdin:
+                if line.strip() != "step":
+                    break
+                start = time.perf_counter()
+                loss = engine.step()
+                reply(seconds=time.perf_counter() - start, loss=loss)
+        reply(peak_rss_bytes=peak_rss_bytes())
+    except Exception as e:  # the parent reports it
+        reply(error=f"{type(e).__name__}: {e}")
+        raise SystemExit(1)
+
+
+class Worker:
+    """A worker process (worker_main) for one engine, its threads pinned by the environment as well."""
+
+    def __init__(self, spec: dict):
+        self.engine = spec["engine"]
+        env = {**os.environ, **{name: str(spec["threads"]) for name in THREAD_VARIABLES}}
+        self.log = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from reffuse.speed.train_bench import worker_main; worker_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.send(json.dumps(spec))
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def receive(self) -> dict:
+        line = self.process.stdout.readline()
+        reply = json.loads(line) if line.strip() else {}
+        if not reply or "error" in reply:
+            self.process.wait(timeout=60)
+            self.log.seek(0)
+            raise ReffuseError(f"the {self.engine} worker stopped: "
+                               f"{reply.get('error') or self.log.read()[-3000:] or 'no output'}")
+        return reply
+
+    def ask(self, command: str) -> dict:
+        self.send(command)
+        return self.receive()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+
+def time_training(model_name: str, train: str, ids, threads: int, repeats: int, with_pytorch: bool = True,
+                  progress=None) -> dict:
+    """One trainable set: every engine's step seconds, in turns (module doc), its peak memory and losses, and
+    the paired ratio reffuse tokens/s over PyTorch's."""
+    note = progress or (lambda message: None)
+    spec = {"model": model_name, "train": train, "ids": [int(i) for i in ids], "threads": threads}
+    engines = list(ENGINES if with_pytorch else ENGINES[:1])
+    workers = {}
+    try:
+        for engine in engines:
+            workers[engine] = Worker({**spec, "engine": engine})
+        ready = {engine: worker.receive() for engine, worker in workers.items()}
+        losses = {engine: [workers[engine].ask("step")["loss"]] for engine in engines}  # warm-up, untimed
+        seconds = {engine: [] for engine in engines}
+        for round_ in range(repeats):
+            for engine in engines if round_ % 2 == 0 else engines[::-1]:
+                time.sleep(PAUSE_SECONDS)
+                reply = workers[engine].ask("step")
+                seconds[engine].append(reply["seconds"])
+                losses[engine].append(reply["loss"])
+            note(f"--train {train}: round {round_ + 1}/{repeats}, "
+                 + ", ".join(f"{e} {s[-1]:.2f} s" for e, s in seconds.items()))
+        peaks = {engine: worker.ask("stop")["peak_rss_bytes"] for engine, worker in workers.items()}
+    finally:
+        for worker in workers.values():
+            worker.close()
+    tokens = len(spec["ids"])
+    row = {"train": train, "tokens": tokens, "trainable_tensors": ready["reffuse"]["trainable_tensors"],
+           "trainable_parameters": ready["reffuse"]["trainable_parameters"]}
+    for engine in engines:
+        median = statistics.median(seconds[engine])
+        row[engine] = {"implementation": ready[engine]["implementation"], "step_seconds": seconds[engine],
+                       "median_step_seconds": median, "tokens_per_second": tokens / median,
+                       "peak_rss_bytes": peaks[engine], "rss_after_setup_bytes": ready[engine]["rss_after_setup_bytes"],
+                       "setup_seconds": ready[engine]["setup_seconds"], "losses": losses[engine],
+                       **{k: ready[engine][k] for k in ("torch_blas", "cpu_capability", "torch_threads")
+                          if k in ready[engine]}}
+    if with_pytorch:
+        ratio = paired_ratio(seconds["pytorch"], seconds["reffuse"])  # their time / ours = our speed / theirs
+        ours, theirs = np.asarray(losses["reffuse"]), np.asarray(losses["pytorch"])
+        row.update(speed_ratio=ratio["median"], speed_ratio_interval_95=ratio["interval_95"],
+                   first_loss_relative_difference=float(abs(ours[0] - theirs[0]) / abs(theirs[0])),
+                   worst_loss_relative_difference=float(np.max(np.abs(ours - theirs) / np.abs(theirs))))
+    return row
+
+
+def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TOKENS, threads: int | None = None,
+                        repeats: int = 7, with_pytorch: bool = True, progress=None) -> dict:
+    """The training step timed for each trainable set in `trains` (module doc), as one JSON-ready dict."""
+    from reffuse.formats.registry import load_model
+    from reffuse.speed.bench import default_threads
+
+    threads = threads or default_threads()
+    note = progress or (lambda message: None)
+    model = load_model(model_name, dtype="float32")
+    ids, text = text_window(model_name, model, tokens)
+    result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
+              "tokens": int(len(ids)), "text": text, "hyperparameters": {**HYPERPARAMETERS,
+                                                                        "betas": list(HYPERPARAMETERS["betas"])},
+              "fused_model": {"attention_removed": [i for i in FUSED_REMOVED if i < len(model.blocks)],
+                              "groups": [list(g) for g in FUSED_GROUPS]},
+              "environment": environment(threads), "pytorch": {"used": with_pytorch}}
+    del model
+    if with_pytorch:
+        torch = require("torch", "reference", "timing training against PyTorch")
+        transformers = require("transformers", "reference", "timing training against PyTorch")
+        result["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
+    result["rows"] = []
+    for train in trains:
+        note(f"--train {train}: starting the workers")
+        result["rows"].append(time_training(model_name, train, ids, threads, repeats, with_pytorch, note))
+    if hasattr(os, "getloadavg"):
+        result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
+    result["targets"] = check_train_targets(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets and the Markdown record
+
+
+def check_train_targets(result: dict) -> list[dict]:
+    """The two training targets with what was measured and the verdict: the speed target from the 95% interval
+    of the --train all ratio (target_verdict), only when measured at TARGET_TOKENS tokens on TARGET_THREADS
+    threads; the memory target from reffuse's largest peak over the rows at TARGET_TOKENS tokens, strictly
+    under PEAK_RSS_BYTES."""
+    rows = [r for r in result["rows"] if r["tokens"] == TARGET_TOKENS]
+    speed = [r for r in rows if r["train"] == "all" and "speed_ratio" in r
+             and result["environment"]["threads"] == TARGET_THREADS]
+    targets = [{"target": TRAIN_TARGETS["train_speed"], "unit": "reffuse/PyTorch tokens/s",
+                "measured": speed[0]["speed_ratio"] if speed else None,
+                "interval_95": speed[0]["speed_ratio_interval_95"] if speed else None,
+                "verdict": target_verdict([r["speed_ratio_interval_95"] for r in speed], SPEED_RATIO, True)}]
+    peak = max((r["reffuse"]["peak_rss_bytes"] for r in rows), default=None)
+    targets.append({"target": TRAIN_TARGETS["train_memory"], "unit": "GiB, largest reffuse peak",
+                    "measured": None if peak is None else peak / 2 ** 30, "interval_95": None,
+                    "verdict": "not measured" if peak is None else verdict([peak, peak], PEAK_RSS_BYTES, "<")})
+    return targets
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def train_markdown(result: dict, command: str | None = None) -> str:
+    """The result as Markdown (for benchmarks/results/*.md)."""
+    env = result["environment"]
+    blas = describe_blas(env)
+    h = result["hyperparameters"]
+    lines = [f"# reffuse bench --train: {result['model']} ({result['model_name']}), float32, {env['threads']} "
+             f"thread{'s' if env['threads'] != 1 else ''}", ""]
+    if command:
+        lines += ["Produced by:", "", f"    {command}", ""]
+    torch_row = next((r["pytorch"] for r in result["rows"] if "pytorch" in r), {})
+    lines += [f"One training step on {result['text']}: forward, mean next-token cross-entropy, backward to every "
+              f"trainable weight, clipping by global norm ({h['clip']}) and one AdamW step (lr {h['learning_rate']}, "
+              f"betas {tuple(h['betas'])}, eps {h['eps']}, weight decay {h['weight_decay']} on matrices). Each engine "
+              f"runs in a worker process of its own (its peak resident memory is its own); the two take steps in "
+              f"turns, the order swapped every round, {result['repeats']} timed steps each after one untimed warm-up "
+              "step; tokens/s are the window's tokens over the median step; a ratio is the median of the rounds' "
+              "paired ratios with its 95% bootstrap interval in brackets. numpy " + env["numpy"]
+              + (f", BLAS {blas}" if blas else "")
+              + (f"; torch {env['torch']} ({torch_row.get('torch_blas') or '?'}, "
+                 f"{torch_row.get('cpu_capability') or '?'} kernels), transformers {env['transformers']}"
+                 if "torch" in env else "")
+              + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
+              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a "
+              f"{env['cores']}-core machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
+    if not result["pytorch"]["used"]:
+        lines += ["", "PyTorch not measured (--no-transformers)."]
+    lines += ["", "| trainable | tensors (parameters) | tokens | reffuse tokens/s | PyTorch tokens/s | "
+                  "reffuse / PyTorch tokens/s (95% interval) | reffuse peak RSS | PyTorch peak RSS |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        ours, theirs = r["reffuse"], r.get("pytorch")
+        lines.append(f"| {r['train']} | {r['trainable_tensors']} ({r['trainable_parameters'] / 1e6:.1f}M) | "
+                     f"{r['tokens']} | {ours['tokens_per_second']:.1f} | "
+                     + (f"{theirs['tokens_per_second']:.1f} | "
+                        f"{ratio_text(r['speed_ratio'], r['speed_ratio_interval_95'])} | " if theirs else "- | - | ")
+                     + f"{gib(ours['peak_rss_bytes'])} | "
+                     + (f"{gib(theirs['peak_rss_bytes'])} |" if theirs else "- |"))
+    lines.append("")
+    for r in result["rows"]:
+        ours, theirs = r["reffuse"], r.get("pytorch")
+        lines.append(f"- --train {r['train']}: reffuse {ours['median_step_seconds']:.2f} s a step, "
+                     f"{gib(ours['rss_after_setup_bytes'])} resident before the first step"
+                     + (f"; PyTorch ({theirs['implementation']}) {theirs['median_step_seconds']:.2f} s, "
+                        f"{gib(theirs['rss_after_setup_bytes'])} before the first step; loss at the loaded weights "
+                        f"{ours['losses'][0]:.5f} (reffuse) and {theirs['losses'][0]:.5f} (PyTorch), relative "
+                        f"difference {r['first_loss_relative_difference']:.1e}, at most "
+                        f"{r['worst_loss_relative_difference']:.1e} over all {len(ours['losses'])} steps"
+                        if theirs else "") + ".")
+    lines += ["", "A target is met when its 95% interval lies on its side, not met when it lies wholly on the other, "
+                  "unresolved otherwise; the memory target is one measurement.", "",
+              "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
+    for t in result["targets"]:
+        value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
+        interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.3f}-{t['interval_95'][1]:.3f}"
+        shown = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
+        lines.append(f"| {t['target']} | {value} | {interval} | {shown} |")
+    return "\n".join(lines) + "\n"
