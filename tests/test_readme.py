@@ -32,6 +32,7 @@ SMALLER = {
     "bench": ["--model", "tiny", "--repeats", "1", "--no-transformers"],
     "tp": ["--prefill-tokens", "16", "--decode-tokens", "2", "--repeats", "1"],
     "generate": ["--max-new-tokens", "4"],
+    "heal": ["--training-tokens", "512", "--window", "64", "--held-out-tokens", "128"],
 }
 
 

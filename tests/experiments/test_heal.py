@@ -100,3 +100,17 @@ def test_the_command_and_the_library_agree_on_every_default():
     for f in fields(HealOptions):
         if f.name not in ("model", "out"):
             assert getattr(parsed, f.name) == f.default, f.name
+
+
+def test_the_readme_quotes_the_committed_healing_run():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    record = json.loads((root / "reports" / "healing" / "smollm2_fused.json").read_text())
+    readme = (root / "README.md").read_text()
+    before, after = record["held_out_before"], record["held_out_after"]
+    quoted = [f"{before['kl_from_base']:.3f} -> {after['kl_from_base']:.4f}",
+              f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}", f"{before['base_perplexity']:.2f}",
+              f"{before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}", f"{record['seconds']:,.0f} s"]
+    for text in quoted:
+        assert text in readme, text
+    assert record["training"]["steps"] == 128 and record["texts"]["held_out"]["tokens"] == 16384
