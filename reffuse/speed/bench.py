@@ -485,10 +485,16 @@ def markdown(result: dict, command: str | None = None) -> str:
     lines += ["", "Each ratio is the median of the repeats' paired ratios; a target is met when the 95% interval of "
                   "every ratio it checks lies on its side, not met when one lies wholly on the other, and unresolved "
                   "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
-    for t in result["targets"]:
+    return "\n".join(lines + target_rows(result["targets"])) + "\n"
+
+
+def target_rows(targets: list) -> list[str]:
+    """The rows of a Markdown table | target | measured | 95% interval | verdict |, one per target."""
+    rows = []
+    for t in targets:
         value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
         # three decimals: an interval that stops just short of a threshold must not print as reaching it
         interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.3f}-{t['interval_95'][1]:.3f}"
         shown = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
-        lines.append(f"| {t['target']} | {value} | {interval} | {shown} |")
-    return "\n".join(lines) + "\n"
+        rows.append(f"| {t['target']} | {value} | {interval} | {shown} |")
+    return rows

@@ -41,7 +41,7 @@ from reffuse.core.model import Model
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.optional import require
-from reffuse.speed.bench import describe_blas, environment, target_verdict
+from reffuse.speed.bench import describe_blas, environment, target_rows, target_verdict
 from reffuse.speed.timing import blas_threads, paired_ratio, ratio_text
 from reffuse.stats import verdict
 
@@ -389,9 +389,4 @@ def train_markdown(result: dict, command: str | None = None) -> str:
     lines += ["", "A target is met when its 95% interval lies on its side, not met when it lies wholly on the other, "
                   "unresolved otherwise; the memory target is one measurement.", "",
               "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
-    for t in result["targets"]:
-        value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
-        interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.3f}-{t['interval_95'][1]:.3f}"
-        shown = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
-        lines.append(f"| {t['target']} | {value} | {interval} | {shown} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + target_rows(result["targets"])) + "\n"
