@@ -76,8 +76,9 @@ def reference_llama():
     return load_reference("smollm2")
 
 
-# `pytest -m "not slow"` runs the unit tests in seconds. Slow: what needs the real model or its tokenizer, a
-# reference implementation, an MPI launcher, or a notebook kernel.
+# `pytest -m "not slow"` runs the unit tests in under a minute. Slow: what needs the real model or its tokenizer, a
+# reference implementation, an MPI launcher, or a notebook kernel, and the end-to-end runs of a whole command that
+# take several seconds each (marked where they are defined).
 SLOW_FIXTURES = {"smollm2", "smollm2_tokenizer", "reference_llama"}
 SLOW_MODULES = {"test_lectures", "test_tp_mpi", "test_real_model", "test_metrics_real", "test_smollm2",
                 "test_llamacpp",

@@ -67,6 +67,7 @@ def test_one_interval_recomputed_from_the_committed_per_token_values():
     assert f"{rows[0]['steps']} -> {rows[-1]['steps']}: {describe(d)}" in verdict["here"]
 
 
+@pytest.mark.slow
 def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
     out = tmp_path / "experiments"
     assert main(["experiments", "--model", "tiny", "--out", str(out), "--held-out-tokens", "256",
@@ -94,6 +95,7 @@ def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
     assert (out / "README.md").read_text().startswith("# FFN Fusion experiments at small scale")
 
 
+@pytest.mark.slow
 def test_the_study_replicated_over_two_regions(tmp_path):
     out = tmp_path / "regions"
     assert main(["experiments", "--model", "tiny", "--regions", "2", "--out", str(out), "--held-out-tokens", "128",

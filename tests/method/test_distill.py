@@ -63,6 +63,7 @@ def test_distilled_fuse_on_the_tiny_model(tiny64):
     assert not np.array_equal(distilled.blocks[4].ffn.gate, plain.blocks[4].ffn.gate)
 
 
+@pytest.mark.slow
 def test_the_distillation_comparison_runs_on_the_tiny_model():
     """reffuse.experiments.distillation end to end on the synthetic model: three versions per plan, each scored with
     its per-prediction values, and the report's paired differences."""

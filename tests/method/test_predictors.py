@@ -65,6 +65,7 @@ def test_the_neighbour_damage_matrix_holds_each_adjacent_pair_s_damage(setting):
     assert predictors.inside_dependency(C, 4, 7) == pytest.approx(sum(pairs[(k, k + 1)] for k in range(4, 7)))
 
 
+@pytest.mark.slow
 def test_the_planner_s_predictor_is_the_rule_s_choice_on_the_committed_regions():
     import json
     from pathlib import Path

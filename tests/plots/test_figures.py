@@ -26,6 +26,7 @@ def draw(out: Path) -> tuple[dict[str, bytes], dict]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}, json.loads((out / "figures.json").read_text())
 
 
+@pytest.mark.slow
 def test_figures_are_deterministic_and_match_the_committed_ones(tmp_path):
     (first, manifest), (second, _) = draw(tmp_path / "A"), draw(tmp_path / "B")
     assert len(first) >= 8, f"only {len(first)} figures: {sorted(first)}"

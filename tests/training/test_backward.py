@@ -18,6 +18,7 @@ TOLERANCE = 1e-6
 
 def assert_close(analytic, numeric):
     error = relative_error(analytic, numeric)
+    print(f"relative error against central differences: {error:.1e}")
     assert error <= TOLERANCE, f"relative error {error:.2e}"
 
 

@@ -60,7 +60,9 @@ def test_cross_entropy_gradients(tied, fused):
     loss, grads = reffuse.gradients(model, ids)
     assert loss == pytest.approx(reference_loss(model, ids), rel=1e-12)
     assert set(grads) == set(named_weights(model))
-    assert check_some_entries(model, grads, lambda: reference_loss(model, ids), np.random.default_rng(6)) < 1e-6
+    error = check_some_entries(model, grads, lambda: reference_loss(model, ids), np.random.default_rng(6))
+    print(f"worst relative error of sampled whole-model entries, cross-entropy: {error:.1e}")
+    assert error < 1e-6
 
 
 @pytest.mark.parametrize("T, temperature", [(1, 1.0), (6, 2.0)])
@@ -70,7 +72,9 @@ def test_distillation_gradients(T, temperature):
     ids, teacher = rng.integers(0, 13, T), 2 * rng.standard_normal((T, 13))
     loss, grads = reffuse.gradients(model, ids, teacher_logits=teacher, temperature=temperature)
     assert loss == pytest.approx(reference_loss(model, ids, teacher, temperature), rel=1e-10)
-    assert check_some_entries(model, grads, lambda: reference_loss(model, ids, teacher, temperature), rng) < 1e-6
+    error = check_some_entries(model, grads, lambda: reference_loss(model, ids, teacher, temperature), rng)
+    print(f"worst relative error of sampled whole-model entries, distillation: {error:.1e}")
+    assert error < 1e-6
 
 
 def test_a_trainable_subset_gets_the_same_gradients_and_only_those():
