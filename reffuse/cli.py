@@ -11,9 +11,10 @@ import importlib
 import sys
 
 from reffuse.errors import ReffuseError
+from reffuse.files import Terminated, running
 
 COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures",
-            "fuse", "heal", "experiments", "export"]
+            "fuse", "heal", "experiments", "export", "conformance"]
 
 EPILOG = """examples:
   reffuse demo                      the whole FFN Fusion pipeline on the default model
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args) or 0
+        # tp writes nothing, and its ranks are ended by MPI's launcher, which must not wait for a rank in a collective
+        with running(args.command, stop_on_sigterm=args.command != "tp"):
+            return args.run(args) or 0
     except ReffuseError as e:
         print(f"reffuse {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -59,6 +62,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"reffuse {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"reffuse {args.command}: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from reffuse.cli import COMMANDS, main
 
 
 def reffuse(*args):
-    return subprocess.run([sys.executable, "-m", "reffuse", *args], capture_output=True, text=True, timeout=120)
+    # a hang guard only: each command here takes about a second; ten minutes is no verdict on speed
+    return subprocess.run([sys.executable, "-m", "reffuse", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_help_lists_every_command(capsys):

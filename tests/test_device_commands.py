@@ -48,8 +48,8 @@ def test_demo_on_the_device_gives_the_hosts_numbers(device, capsys, tmp_path):
     cpu, gpu = results["cpu"], results["gpu"]
     assert gpu["groups"] == cpu["groups"] and gpu["layout_after"] == cpu["layout_after"]
     assert gpu["fused_vs_parallel_relative_error"]["float64"] <= 1e-12
-    for name, scores in cpu["quality"]["models"].items():
-        assert close(gpu["quality"]["models"][name]["perplexity"], scores["perplexity"], 1e-5)
+    for gpu_fit, cpu_fit in zip(gpu["calibration"], cpu["calibration"]):  # tiny's demo scores no quality
+        assert close(gpu_fit["fit_error_calibrated"], cpu_fit["fit_error_calibrated"], 1e-5)
     assert gpu["samples"] == cpu["samples"]
 
 

@@ -29,16 +29,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.files import check_output_folder, write_json_atomic
+from reffuse.files import check_output_folder, read_json, staged_folder, write_json_atomic
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
 from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_dtype_argument,
-                                     add_json_argument, add_token_arguments, format_table, non_negative_int,
-                                     positive_int, print_json)
+                                     add_json_argument, add_overwrite_argument, add_token_arguments, check_window,
+                                     format_table, non_negative_int, positive_int, print_json)
 from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
 
 HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, with figures"
+ANALYSIS = "analysis"
+
+
+def is_analysis(folder: Path) -> bool:
+    """A folder of analysis.json and figures written before folders were marked."""
+    return set(read_json(folder / "analysis.json", "")) >= {"dependency", "per_block", "plan"}
 
 
 def add_arguments(parser):
@@ -71,6 +77,7 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the random token ids for a synthetic model")
     parser.add_argument("--no-figures", action="store_true", help="write analysis.json only")
+    add_overwrite_argument(parser, "the analysis reffuse wrote in --out")
     add_device_argument(parser)
     add_json_argument(parser)
 
@@ -99,17 +106,20 @@ def summary(result: dict, paths) -> str:
 
 
 def run(args) -> int:
-    check_output_folder(args.out, overwrite=True, what="analysis")  # before the long work
+    check_output_folder(args.out, args.overwrite, is_analysis, ANALYSIS)  # before the long work
+    check_window(args.model, args.sequence_length or args.dependency_tokens,
+                 "--sequence-length" if args.sequence_length else "--dependency-tokens (one sequence)")
     figures = not args.no_figures and available("matplotlib")
     if not args.no_figures and not figures:
         note(f"figures will be skipped: drawing them needs matplotlib ({install_hint('real')})")
     with blas_threads(args.threads or None):
         result = analyze(AnalysisOptions.from_namespace(args))
-    path = write_json_atomic(args.out / "analysis.json", result)
-    paths = [path]
-    if figures:
-        from reffuse.plots.dependency import write_analysis_figures
-        paths += write_analysis_figures(result, args.out)
+    with staged_folder(args.out, args.overwrite, is_analysis, ANALYSIS) as staging:  # the JSON and its figures, whole
+        names = [write_json_atomic(staging / "analysis.json", result).name]
+        if figures:
+            from reffuse.plots.dependency import write_analysis_figures
+            names += [p.name for p in write_analysis_figures(result, staging)]
+    paths = [args.out / name for name in names]
     if args.json:
         print_json(result)
     else:

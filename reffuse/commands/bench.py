@@ -52,11 +52,15 @@ from reffuse.speed.bench import default_threads, markdown, run_benchmark
 from reffuse.speed.train_bench import TRAIN_CHOICES, TRAIN_TOKENS, run_train_benchmark, train_markdown
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model
 from reffuse.progress import note
-from reffuse.files import check_writable_file, write_json_atomic, write_text_atomic
-from reffuse.commands.common import add_device_argument, add_json_argument, positive_int, print_json
+from reffuse.files import Output, claim_file, json_naming, text_headed, write_json_atomic, write_text_atomic
+from reffuse.commands.common import (add_device_argument, add_json_argument, add_overwrite_argument, check_window,
+                                     positive_int, print_json)
 
 HELP = ("prefill/decode speed against transformers (and llama.cpp), fused vs sequential FFN runs; with --train, "
         "a training step's speed and memory against PyTorch")
+
+RESULT = Output("benchmark result", recognise=json_naming("reffuse bench"))
+TABLES = Output("benchmark report", recognise=text_headed("# reffuse bench"))  # FILE.md beside FILE.json
 
 
 def add_arguments(parser):
@@ -84,7 +88,8 @@ def add_arguments(parser):
     add_device_argument(parser)
     add_json_argument(parser)
     parser.add_argument("--out", type=Path, default=None,
-                        help="also write the JSON to this file and the Markdown tables beside it (.md)")
+                        help="also write the JSON to this file (FILE.json) and the Markdown tables beside it (FILE.md)")
+    add_overwrite_argument(parser, "the benchmark result reffuse wrote at --out, and its .md")
 
 
 def command_line(args) -> str:
@@ -105,9 +110,13 @@ def command_line(args) -> str:
 
 
 def run(args) -> int:
-    if args.out is not None:
-        check_writable_file(args.out)  # before the long work
+    if args.out is not None:  # before the long work
+        if args.out.suffix != ".json":
+            raise ReffuseError(f"--out {args.out}: give a file name ending in .json (the tables go beside it, .md)")
+        claim_file(args.out, RESULT, args.overwrite)
+        claim_file(args.out.with_suffix(".md"), TABLES, args.overwrite)
     if args.train:
+        check_window(args.model, args.window)
         return run_train(args)
     tokenizer = find_tokenizer(args.tokenizer or args.model) if "llama.cpp" in args.against else None
     model = load_model(args.model, dtype="float32", device=args.device)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import numpy as np
 
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.activations import DEFAULT_TEXT
-from reffuse.formats.registry import load_tokenizer
+from reffuse.formats.registry import load_tokenizer, model_config
 from reffuse.core.layout import parse_groups, parse_layers
 
 
@@ -46,8 +47,13 @@ def number_argument(convert, kind: str, accept, refusal):
 
 positive_int = number_argument(int, "an integer", lambda v: v >= 1, lambda v: f"{v} is not a count: give 1 or more")
 non_negative_int = number_argument(int, "an integer", lambda v: v >= 0, lambda v: f"{v} is negative: give 0 or more")
-positive_seconds = number_argument(float, "a number of seconds", lambda v: 0 < v < float("inf"),
+positive_seconds = number_argument(float, "a number of seconds", lambda v: 0 < v < math.inf,
                                    lambda v: f"{v:g} is not a duration: give a number of seconds > 0")
+# NaN fails every comparison, so these refuse it with the infinities.
+positive_number = number_argument(float, "a number", lambda v: 0 < v < math.inf,
+                                  lambda v: f"{v:g} is not a finite number > 0")
+non_negative_number = number_argument(float, "a number", lambda v: 0 <= v < math.inf,
+                                      lambda v: f"{v:g} is not a finite number >= 0")
 
 
 # The text a command reads, by what it is for; one flag and one meaning in every command that takes it.
@@ -92,6 +98,12 @@ def add_dtype_argument(parser) -> None:
                              "exact)")
 
 
+def add_overwrite_argument(parser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} (only a result of the same kind this command wrote is replaced; "
+                             "anything else at --out is refused and left as it is)")
+
+
 def add_json_argument(parser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout instead of the tables (files are written either way)")
@@ -113,10 +125,16 @@ def print_json(obj) -> None:
 
 
 def ids_argument(text: str) -> list[int]:
+    """--ids: token ids >= 0, separated by commas or spaces (the vocabulary's bound is checked with the model)."""
     try:
-        return [int(part) for part in text.replace(",", " ").split()]
+        ids = [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
-        raise ReffuseError(f"--ids {text!r} is not a list of integers (e.g. 504,3575,282)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers (e.g. 504,3575,282)") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("no token ids given (e.g. 504,3575,282)")
+    if min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"token id {min(ids)} is negative: ids count from 0")
+    return ids
 
 
 def add_input_arguments(parser, default_tokens: int = 64) -> None:
@@ -131,12 +149,38 @@ def add_input_arguments(parser, default_tokens: int = 64) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer for --text (default: the model's)")
 
 
-def input_ids(args, model_name) -> np.ndarray:
-    """The token ids the arguments ask for: --ids as given, else the first --tokens tokens of the text."""
+def input_ids(args, model_name, extra_positions: int = 0) -> np.ndarray:
+    """The token ids the arguments ask for: --ids as given, else the first --tokens tokens of the text; refused
+    when they (and `extra_positions` generated after them) run past the model's context length, or past its
+    vocabulary."""
+    config = model_config(model_name)
     if args.ids is not None:
-        return np.asarray(args.ids, dtype=np.int64)
-    ids = load_tokenizer(args.tokenizer or model_name).encode(DEFAULT_TEXT if args.text is None else args.text)
-    tokens = args.tokens or (len(ids) if args.text is not None else args.default_tokens)
-    if tokens < 1 or len(ids) < tokens:
-        raise ReffuseError(f"--tokens {tokens}: the text has {len(ids)} tokens; give a longer --text or fewer tokens")
-    return np.asarray(ids[:tokens], dtype=np.int64)
+        ids, flag = np.asarray(args.ids, dtype=np.int64), "--ids"
+    else:
+        if args.tokens is not None:
+            check_positions(config, model_name, args.tokens + extra_positions, "--tokens")
+        ids = load_tokenizer(args.tokenizer or model_name).encode(DEFAULT_TEXT if args.text is None else args.text)
+        tokens = args.tokens or (len(ids) if args.text is not None else args.default_tokens)
+        if tokens < 1 or len(ids) < tokens:
+            raise ReffuseError(f"--tokens {tokens}: the text has {len(ids)} tokens; give a longer --text or fewer "
+                               "tokens")
+        ids, flag = np.asarray(ids[:tokens], dtype=np.int64), "--tokens" if args.tokens else "--text"
+    if ids.max() >= config.vocab_size:
+        raise ReffuseError(f"{flag}: token id {int(ids.max())} is past the vocabulary of {model_name} "
+                           f"({config.vocab_size} tokens): give ids below {config.vocab_size}")
+    check_positions(config, model_name, ids.size + extra_positions, flag)
+    return ids
+
+
+def check_positions(config, model_name, positions: int, flag: str) -> None:
+    """Refuse, before the work, more positions than the model's context length (the positions it was trained
+    on: past them RoPE still computes, but not what the model knows)."""
+    limit = config.max_positions
+    if limit is not None and positions > limit:
+        raise ReffuseError(f"{flag}: {positions} positions are past the context length of {model_name}, {limit}: "
+                           f"give at most {limit}")
+
+
+def check_window(model_name, window: int, flag: str = "--window") -> None:
+    """check_positions for a command's windows of tokens, from the model's config alone."""
+    check_positions(model_config(model_name), model_name, window, flag)

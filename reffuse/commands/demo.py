@@ -13,7 +13,8 @@
    attention-removed, fused and calibrated models; the approximation fusion makes (its parallel form against the
    sequential blocks it replaces); speed: decode tokens/s and the time of the run's blocks, all models measured
    in one run; a greedy continuation from each.
-Figures go to --out (default out/demo/). Calibration and held-out text are different plays.
+Figures go to --out (default out/demo/MODEL/, which the next demo of the same model replaces; a folder given
+with --out is replaced only with --overwrite). Calibration and held-out text are different plays.
 
 The default model is SmolLM2-135M-Instruct (fetched on first use). `--model tiny` is the offline path: a
 synthetic model with random weights and random token ids instead of text; it shows the mechanics, not quality.
@@ -28,22 +29,23 @@ examples:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from reffuse.core.layout import format_groups
-from reffuse.files import check_output_folder
+from reffuse.core.layout import format_groups, format_layers
+from reffuse.files import check_output_folder, staged_folder
 from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_json_argument,
-                                     add_token_arguments, format_table, groups_argument, positive_int, print_json)
+                                     add_overwrite_argument, add_token_arguments, format_table, groups_argument,
+                                     positive_int, positive_number, print_json)
 from reffuse.experiments.demo import PROMPT, DemoOptions, run_demo
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.core.fusion import NORM_MODES
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
 from reffuse.speed.timing import ratio_text
-from reffuse.stats import MIN_PAIRS
+from reffuse.stats import MIN_PAIRS, verdict
 
 HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
+FIGURE_SET = "demo figure set"
 
 
 def add_arguments(parser):
@@ -59,7 +61,7 @@ def add_arguments(parser):
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
                         help=f"calibration: weigh each token's error relative to its stream norm, or not "
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
-    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+    parser.add_argument("--ridge", type=positive_number, default=DEFAULT_RIDGE,
                         help=f"calibration ridge, relative to the trace (default {DEFAULT_RIDGE:g})")
     add_token_arguments(parser, held_out=2048, calibration=2048, scoring=256, dependency=128, training=4096)
     parser.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens per decode timing (default 16)")
@@ -69,14 +71,18 @@ def add_arguments(parser):
     parser.add_argument("--sample-tokens", type=positive_int, default=12,
                         help="tokens of each greedy sample (default 12)")
     parser.add_argument("--prompt", default=PROMPT, help=f"prompt of the greedy samples (default {PROMPT!r})")
-    parser.add_argument("--out", type=Path, default=Path("out") / "demo",
-                        help="folder for the figures (default out/demo)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the figures (default out/demo/MODEL, replaced by the next demo of MODEL)")
+    add_overwrite_argument(parser, "the demo's figures reffuse drew in --out")
     add_device_argument(parser)
     add_json_argument(parser)
 
 
 def run(args) -> int:
-    check_output_folder(args.out, overwrite=True, what="figure set")  # before the long work
+    # the default folder is the demo's scratch space for the model: each demo of it replaces the last one's figures
+    out = args.out or Path("out") / "demo" / (Path(args.model).name or "model")
+    overwrite = args.overwrite or args.out is None
+    check_output_folder(out, overwrite, None, FIGURE_SET)  # before the long work
     result = run_demo(DemoOptions.from_namespace(args))
     if not available("matplotlib"):  # the core install has no plotting; the rest still runs
         note(f"figures skipped: drawing them needs matplotlib ({install_hint('real')})")
@@ -84,8 +90,10 @@ def run(args) -> int:
     else:
         from reffuse.plots.pipeline import write_demo_figures
 
-        result["figures"] = [str(p) for p in write_demo_figures(result, args.out)]
-    note(f"done in {result['seconds']:.0f} s; figures in {args.out}/")
+        with staged_folder(out, overwrite, None, FIGURE_SET) as staging:
+            names = [p.name for p in write_demo_figures(result, staging)]
+        result["figures"] = [str(out / name) for name in names]
+    note(f"done in {result['seconds']:.0f} s; figures in {out}/")
     if args.json:
         print_json(result)
     else:
@@ -97,17 +105,29 @@ def run(args) -> int:
 # Printing
 
 
-def layout_table(rows) -> str:
-    return format_table(["block", "attention", "FFN width", "fused from"],
-                        [[r["block"], "yes" if r["attention"] else "-", r["ffn_width"],
-                          ",".join(map(str, r["fused_from"])) or "-"] for r in rows])
+def layout_changes_table(changes) -> str:
+    """The blocks that differ from the layers they stand for: the layers, the attention, the FFN widths."""
+    rows = []
+    for c in changes:
+        had = [layer for layer, before in zip(c["layers"], c["attention_before"]) if before]
+        attention = "kept" if c["attention"] else f"removed from {format_layers(had)}" if had else "-"
+        widths = c["ffn_widths_before"]
+        width = f"{'+'.join(map(str, widths))} = {c['ffn_width']}" if len(widths) > 1 else str(c["ffn_width"])
+        rows.append([c["block"], format_layers(c["layers"]), attention, width])
+    return format_table(["block", "layers as loaded", "attention", "FFN width"], rows)
+
+
+def first_and_last_losses(losses: list) -> tuple[float, float, int]:
+    """The mean loss of the first and of the last quarter of the steps (one step's windows are too few to
+    compare alone), and the steps in a quarter."""
+    quarter = max(1, len(losses) // 4)
+    return sum(losses[:quarter]) / quarter, sum(losses[-quarter:]) / quarter, quarter
 
 
 def print_report(r: dict) -> None:
-    out = sys.stdout
     texts = r["texts"]
     synthetic = "  [SYNTHETIC: random weights and random token ids, shows the mechanics only]"
-    print(f"model: {r['model']} ({r['model_name']})" + (synthetic if r["synthetic"] else ""), file=out)
+    print(f"model: {r['model']} ({r['model_name']})" + (synthetic if r["synthetic"] else ""))
     for part in ("calibration", "held_out"):
         t = texts[part]
         spans = "; ".join(f"{s['title']} chars {s['start']}-{s['end']}" for s in t["spans"]) or t["split"]
@@ -120,8 +140,8 @@ def print_report(r: dict) -> None:
     plan = r["plan"]
     by = f"; predictor: {plan['predictor']}" if "predictor" in plan else ""
     print(f"fusion plan: {format_groups(r['groups'])} ({plan.get('rule', 'given')}{by}), norm {r['norm']}\n")
-    print("layout before fusion (attention removed)\n" + layout_table(r["layout_removed"]) + "\n")
-    print("layout after fusion\n" + layout_table(r["layout_after"]) + "\n")
+    print(f"layout: {len(r['layout_before'])} blocks as loaded, {len(r['layout_after'])} after fusion; the blocks "
+          "that changed (every other block is as loaded)\n" + layout_changes_table(r["layout_changes"]) + "\n")
     errors = r["fused_vs_parallel_relative_error"]
     print(f"fusion exactness on {r['exactness_tokens']} held-out tokens, max |fused - parallel| / max |parallel| "
           "over the logits (Theorem 3.1: zero but for rounding)")
@@ -130,13 +150,23 @@ def print_report(r: dict) -> None:
     print(format_table(["group", "tokens", "plain", "calibrated", "solved by"],
                        [[f"{f['group'][0]}-{f['group'][1]}", f["tokens"], f"{f['fit_error_plain']:.3e}",
                          f"{f['fit_error_calibrated']:.3e}", f["form"]] for f in r["calibration"]]) + "\n")
-    q = r["quality"]
-    if not q["meaningful"]:
-        print("quality on held-out text: left out. A synthetic model has random weights and reads random ids, so "
-              "its perplexities and KLs measure nothing; run the demo on smollm2 for them.\n")
-    else:
+    h = r["healing"]
+    first, last, quarter = first_and_last_losses(h["losses"])
+    print(f"healing: the fused blocks ({h['weights']:,} weights) distilled from the original on {h['tokens']:,} "
+          f"training tokens ({h['steps']} steps, {h['seconds']:.1f} s); the loss, KL(original || healed) on each "
+          f"step's window, {first:.4g} over the first {quarter} steps, {last:.4g} over the last {quarter}. "
+          "`reffuse heal` runs it at a larger budget\n")
+    if r["quality"]["meaningful"]:
         print_quality(r)
+    else:
+        print("quality on held-out text: left out, and not computed. A synthetic model has random weights and reads "
+              "random ids, so its perplexities and KLs measure nothing; run the demo on smollm2 for them.\n")
     print_speed_and_samples(r)
+    print("\nin short\n" + "\n".join(f"  {line}" for line in summary_lines(r)))
+
+
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
 
 
 def print_quality(r: dict) -> None:
@@ -154,23 +184,21 @@ def print_quality(r: dict) -> None:
             rows.append([name, f"{s['perplexity']:.4g}", f"{s['kl_vs_original']:.4g}", f"{s['top1_vs_original']:.1%}",
                          f"{s['kl_vs_attention_removed']:.4g}"])
     print(format_table(["model", "perplexity", "KL vs original", "top-1 vs original", "KL vs attention removed"], rows))
-    closes = q["calibration_closes"]
-    ppl = f"{closes['perplexity']:.0%}" if closes["perplexity"] is not None else "-"
-    print(f"calibration closes {closes['kl_vs_attention_removed']:.0%} of the fusion gap in KL (to the attention-"
-          f"removed model) and {ppl} of it in perplexity; calibrated KL to the original is "
-          f"{'lower' if q['calibrated_beats_plain_kl_vs_original'] else 'NOT lower'} than plain fusion's")
-    h = r["healing"]
-    print(f"healing: the fused blocks ({h['weights']:,} weights) distilled from the original on {h['tokens']:,} "
-          f"training tokens ({h['steps']} steps, {h['seconds']:.0f} s); `reffuse heal` runs it at a larger budget\n")
+    for name, key in (("calibration", "calibration_closes"), ("healing", "healing_closes")):
+        closes = q[key]
+        print(f"{name} closes {percent(closes['kl_vs_attention_removed'])} of the fusion gap in KL (to the attention-"
+              f"removed model) and {percent(closes['perplexity'])} of it in perplexity")
+    print(f"calibrated KL to the original is {'lower' if q['calibrated_beats_plain_kl_vs_original'] else 'NOT lower'} "
+          "than plain fusion's\n")
 
 
 def print_speed_and_samples(r: dict) -> None:
     s = r["speed"]
     load = "" if s.get("load_average_1min") is None else f", load average {s['load_average_1min']:.1f}"
-    intervals = ("its 95% interval in brackets" if s["repeats"] >= MIN_PAIRS else
+    intervals = ("its 95% interval over the paired repeats in brackets" if s["repeats"] >= MIN_PAIRS else
                  f"no 95% interval from fewer than {MIN_PAIRS} repeats")
-    print(f"speed, float32, medians of {s['repeats']} timed in alternation in one run{load}; a speedup is the "
-          f"median of the repeats' paired ratios, {intervals}")
+    print(f"speed, float32, medians of {s['repeats']} repeats timed in alternation in one run{load}; a speedup is "
+          f"the original's median time over the model's, {intervals}")
     rows = [[name, f"{d['tokens_per_second']:.1f}", ratio_text(d["speedup"], d["speedup_interval_95"])]
             for name, d in s["decode"].items()]
     print(format_table(["model", f"decode tokens/s ({s['decode_tokens']} after {s['prompt_tokens']})",
@@ -188,3 +216,66 @@ def print_speed_and_samples(r: dict) -> None:
         print(f"  {name:>18}: {text!r}")
     if r["figures"]:
         print(f"\nfigures: {', '.join(r['figures'])}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The closing summary
+
+
+def faster_or_slower(row: dict) -> str:
+    """What a speedup's interval says, in words."""
+    side = verdict(row["speedup_interval_95"], 1.0, ">")
+    return {"met": "faster", "not met": "slower"}.get(side, "not resolved either way" if row["speedup_interval_95"]
+                                                      else "too few repeats to tell")
+
+
+def won_back(share: float | None) -> str:
+    if share is None:
+        return "had no gap to close"
+    return f"won back {share:.0%} of it" if share >= 0 else f"widened it by {-share:.0%}"
+
+
+def summary_lines(r: dict) -> list[str]:
+    """The four steps in plain words: what attention removal and fusion cost, what calibration and healing won
+    back, what fusion bought in speed on this machine."""
+    removal, groups = r["attention_removal"], format_groups(r["groups"], ", ")
+    errors, h = r["fused_vs_parallel_relative_error"], r["healing"]
+    lines = []
+    if r["quality"]["meaningful"]:
+        q, closes = r["quality"]["models"], r["quality"]
+        removed, fused = q["attention removed"], q["fused"]
+        if removal:
+            lines.append(f"1. Removing the attention of blocks {removal['blocks_text']} cost "
+                         f"{removed['kl_vs_original']:.3g} nats of KL to the original on held-out text: perplexity "
+                         f"{q['original']['perplexity']:.4g} -> {removed['perplexity']:.4g}.")
+        lines.append(f"2. Running the FFNs of {groups} in parallel cost {fused['kl_vs_attention_removed']:.3g} nats "
+                     f"more (perplexity {fused['perplexity']:.4g}); fusing them into one FFN each added nothing "
+                     f"(Theorem 3.1: {errors['float32']:.0e} in float32).")
+        calibration = won_back(closes["calibration_closes"]["kl_vs_attention_removed"])
+        healing = won_back(closes["healing_closes"]["kl_vs_attention_removed"])
+        lines.append(f"3. Of that cost in KL, calibration {calibration} (perplexity "
+                     f"{q['fused, calibrated']['perplexity']:.4g}); healing, {h['steps']} steps of distillation on "
+                     f"{h['tokens']:,} tokens, {healing} (perplexity {q['fused, healed']['perplexity']:.4g}).")
+    else:
+        if removal:
+            lines.append(f"1. The attention of blocks {removal['blocks_text']} was removed; on a synthetic model its "
+                         "cost in quality measures nothing and is left out.")
+        lines.append(f"2. Fusing {groups} is exact: the fused model is the parallel form to {errors['float32']:.1e} "
+                     f"in float32 and {errors['float64']:.1e} in float64 (Theorem 3.1).")
+        fits = ", ".join(f"{f['group'][0]}-{f['group'][1]} {f['fit_error_plain']:.2g} -> "
+                         f"{f['fit_error_calibrated']:.2g}" for f in r["calibration"])
+        first, last, _ = first_and_last_losses(h["losses"])
+        lines.append(f"3. Calibration cut the relative fit error of each fused run's update ({fits}); healing's "
+                     f"distillation loss went from {first:.3g} to {last:.3g} in {h['steps']} steps.")
+    s = r["speed"]
+    name = list(s["decode"])[-1]
+    mine, original = s["decode"][name], s["decode"]["original"]
+    a, b = s["region"]
+    blocks = "; ".join(f"at {row['tokens']} token{'s' if row['tokens'] > 1 else ''} "
+                       f"{ratio_text(row[name]['speedup'], row[name]['speedup_interval_95'])}, "
+                       f"{faster_or_slower(row[name])}" for row in s["region_rows"])
+    lines.append(f"4. On this machine the {name} model decoded {mine['tokens_per_second']:.1f} tokens/s against "
+                 f"the original's {original['tokens_per_second']:.1f}: "
+                 f"{ratio_text(mine['speedup'], mine['speedup_interval_95'])}, {faster_or_slower(mine)}. Blocks "
+                 f"{a}-{b} alone, against the original's: {blocks}.")
+    return lines

@@ -15,25 +15,41 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.evaluation.activations import activations, save_activations
+from pathlib import Path
+
+import numpy as np
+
+from reffuse.errors import ReffuseError
+from reffuse.evaluation.activations import FORMAT, activations, save_activations
 from reffuse.formats.registry import load_model
-from reffuse.files import check_writable_file
-from reffuse.commands.common import add_dtype_argument, add_input_arguments, input_ids
+from reffuse.files import Output, claim_file
+from reffuse.commands.common import add_dtype_argument, add_input_arguments, add_overwrite_argument, input_ids
 
 HELP = "write per-block activations and logits to an .npz file (documented format)"
+
+
+def is_dump(path: Path) -> bool:
+    with np.load(path, allow_pickle=False) as npz:
+        return str(npz["format"]) == FORMAT
+
+
+DUMP = Output("activation dump", recognise=is_dump)
 
 
 def add_arguments(parser):
     parser.add_argument("--model", default="smollm2", help="model name, folder or .gguf file (default: smollm2)")
     add_input_arguments(parser)
-    parser.add_argument("--out", required=True, help="the .npz file to write")
+    parser.add_argument("--out", required=True, type=Path, help="the .npz file to write")
+    add_overwrite_argument(parser, "the dump reffuse wrote at --out")
     add_dtype_argument(parser)
 
 
 def run(args) -> int:
-    check_writable_file(args.out)
-    model = load_model(args.model, dtype=args.dtype)
+    claim_file(args.out, DUMP, args.overwrite)
+    if args.out.suffix != ".npz":
+        raise ReffuseError(f"--out {args.out}: a dump is an .npz file; give a name ending in .npz")
     ids = input_ids(args, args.model)
+    model = load_model(args.model, dtype=args.dtype)
     path = save_activations(args.out, activations(model, ids), model.config.name)
     print(path)
     return 0

@@ -23,7 +23,7 @@ from reffuse.evaluation.scoring import evaluate
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, load_tokenizer
 from reffuse.progress import Progress
 from reffuse.commands.common import (add_device_argument, add_dtype_argument, add_json_argument, add_token_arguments,
-                                     format_table, positive_int, print_json)
+                                     check_window, format_table, positive_int, print_json)
 
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
 DEFAULT_TOKENS = 2048
@@ -45,6 +45,8 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    for name in (args.model, args.base) if args.base else (args.model,):
+        check_window(name, args.window)
     tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer else
                  find_tokenizer(*[source for source in (args.model, args.base) if source]))
     windows = held_out_windows(tokenizer, args.window, args.held_out_tokens)

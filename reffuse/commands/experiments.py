@@ -38,11 +38,13 @@ from reffuse.experiments.run import SCALE_TOKENS, region_summary, run_experiment
 from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
-from reffuse.files import check_output_folder, write_json_atomic, write_text_atomic
-from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_token_arguments, positive_int,
-                                     print_json)
+from reffuse.files import check_output_folder, json_naming, staged_folder, write_json_atomic, write_text_atomic
+from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_overwrite_argument,
+                                     add_token_arguments, check_window, positive_int, print_json)
 
 HELP = "the paper's experiments (a)-(j) at small scale: report, JSON and figures"
+REPORT = "report"
+is_report = json_naming("reffuse experiments")  # a report folder written before folders were marked
 
 
 def token_counts(text: str) -> tuple[int, ...]:
@@ -72,11 +74,13 @@ def add_arguments(parser):
     parser.add_argument("--regions", type=positive_int, default=1, metavar="N",
                         help="replicate over N attention-removal regions, the N cheapest windows of blocks (each a "
                              "full run into --out/region-K/, a summary in --out/README.md); default 1")
+    add_overwrite_argument(parser, "the report reffuse wrote in --out")
     add_json_argument(parser)
 
 
 def run(args) -> int:
-    check_output_folder(args.out, overwrite=True, what="report")  # before the long work
+    check_output_folder(args.out, args.overwrite, is_report, REPORT)  # before the long work
+    check_window(args.model, args.window)
     figures = available("matplotlib")
     if not figures:
         note(f"figures will be skipped: drawing them needs matplotlib ({install_hint('real')})")
@@ -84,23 +88,26 @@ def run(args) -> int:
     command = "reffuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiments"] else \
         f"reffuse experiments --model {args.model} --out {args.out}"
     results = []
-    for rank in range(1, args.regions + 1):
+    # the whole study is built beside --out and published as one folder: an interrupted run leaves the old one
+    with staged_folder(args.out, args.overwrite, is_report, REPORT) as staging:
+        for rank in range(1, args.regions + 1):
+            if args.regions > 1:
+                note(f"region {rank} of {args.regions}")
+            result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
+                                     calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
+                                     dependency_tokens=args.dependency_tokens, window=args.window,
+                                     decode_tokens=args.decode_tokens, repeats=args.repeats, region_rank=rank,
+                                     scale_tokens=args.scale_tokens)
+            folder = Path() if args.regions == 1 else Path(f"region-{rank}")
+            result["command"] = command if args.regions == 1 else f"{command}  (region {rank} of {args.regions})"
+            drawn = write_report(result, staging / folder, figures)
+            note(f"region {rank}: {len(drawn)} figures, {result['seconds'] / 60:.1f} minutes")
+            results.append(result)
         if args.regions > 1:
-            note(f"region {rank} of {args.regions}")
-        result = run_experiments(args.model, drop_count=count, held_out_tokens=args.held_out_tokens,
-                                 calibration_tokens=args.calibration_tokens, scoring_tokens=args.scoring_tokens,
-                                 dependency_tokens=args.dependency_tokens, window=args.window,
-                                 decode_tokens=args.decode_tokens, repeats=args.repeats, region_rank=rank,
-                                 scale_tokens=args.scale_tokens)
-        folder = args.out if args.regions == 1 else args.out / f"region-{rank}"
-        result["command"] = command if args.regions == 1 else f"{command}  (region {rank} of {args.regions})"
-        write_report(result, folder, figures)
-        results.append(result)
-    if args.regions > 1:
-        summary = region_summary(results) | {"command": command, "seconds": sum(r["seconds"] for r in results)}
-        write_json_atomic(args.out / "regions.json", summary)
-        write_text_atomic(args.out / "README.md", regions_markdown(summary, command, summary["seconds"] / 60))
-        note(f"wrote {args.out / 'README.md'} and {args.out / 'regions.json'} ({summary['seconds'] / 60:.1f} minutes)")
+            summary = region_summary(results) | {"command": command, "seconds": sum(r["seconds"] for r in results)}
+            write_json_atomic(staging / "regions.json", summary)
+            write_text_atomic(staging / "README.md", regions_markdown(summary, command, summary["seconds"] / 60))
+    note(f"wrote {args.out / 'README.md'} ({sum(r['seconds'] for r in results) / 60:.1f} minutes)")
     if args.json:
         print_json(results[0] if args.regions == 1 else {"summary": summary, "regions": results})
     else:
@@ -113,11 +120,9 @@ def run(args) -> int:
     return 0
 
 
-def write_report(result: dict, folder: Path, figures: bool) -> None:
-    """One region's experiments.json, README.md and figures into `folder`."""
+def write_report(result: dict, folder: Path, figures: bool) -> list:
+    """One region's experiments.json, README.md and figures into `folder`; returns the figures drawn."""
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "experiments.json", result, inline_lists=True)
     write_text_atomic(folder / "README.md", markdown(result, result["command"]))
-    drawn = write_experiment_figures(result, folder) if figures else []
-    note(f"wrote {folder / 'README.md'}, {folder / 'experiments.json'} and {len(drawn)} figures "
-         f"({result['seconds'] / 60:.1f} minutes)")
+    return write_experiment_figures(result, folder) if figures else []

@@ -29,12 +29,21 @@ examples:
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
-from reffuse.files import checkout_root
-from reffuse.plots.committed import FIGURES, draw_figures
+from reffuse.commands.common import add_overwrite_argument
+from reffuse.files import MARKER, check_output_folder, checkout_root, read_json, staged_folder
+from reffuse.plots.committed import FIGURES, MANIFEST, draw_figures
 
 HELP = "redraw every figure in figures/ from the committed results (deterministic PNGs)"
+FIGURE_SET = "figure set"
+
+
+def is_figure_set(folder: Path) -> bool:
+    """A folder of figures with their manifest, written before folders were marked."""
+    return set(read_json(folder / MANIFEST, "")) >= {"versions", "data_sha256"}
 
 
 def add_arguments(parser):
@@ -43,10 +52,19 @@ def add_arguments(parser):
                         help="the checkout holding benchmarks/results and reports (default: this package's checkout)")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated figure names to draw (default: all): {', '.join(FIGURES)}")
+    add_overwrite_argument(parser, "the figure set reffuse drew in --out (with --only, the figures named; the "
+                                   "others are kept)")
 
 
 def run(args) -> int:
     names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    for path in draw_figures(args.out, (args.root or checkout_root()).resolve(), names):
-        print(path)
+    check_output_folder(args.out, args.overwrite, is_figure_set, FIGURE_SET)
+    with staged_folder(args.out, args.overwrite, is_figure_set, FIGURE_SET) as staging:
+        drawn = [path.name for path in draw_figures(staging, (args.root or checkout_root()).resolve(), names)]
+        if names is not None and args.out.is_dir():  # the figures not redrawn stay in the set
+            for name in sorted(set(os.listdir(args.out)) - set(drawn) - {MARKER}):
+                if (args.out / name).is_file():
+                    shutil.copy2(args.out / name, staging / name)
+    for name in drawn:
+        print(args.out / name)
     return 0

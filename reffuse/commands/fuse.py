@@ -30,7 +30,8 @@ from pathlib import Path
 
 from reffuse.core.layout import format_groups
 from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_json_argument,
-                                     add_token_arguments, format_table, groups_argument, positive_int, print_json)
+                                     add_token_arguments, format_table, groups_argument, positive_int,
+                                     positive_number, print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, WEIGHTINGS
 from reffuse.method.pipeline import FuseOptions, fuse_and_save
@@ -54,7 +55,7 @@ def add_arguments(parser):
     parser.add_argument("--weighting", choices=WEIGHTINGS, default=DEFAULT_WEIGHTING,
                         help=f"calibration: weigh each token's error relative to its stream norm, or not "
                              f"(default {DEFAULT_WEIGHTING}; see reffuse.method.calibrate)")
-    parser.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+    parser.add_argument("--ridge", type=positive_number, default=DEFAULT_RIDGE,
                         help=f"--calibrate: ridge, relative to the trace of HᵀH (default {DEFAULT_RIDGE:g})")
     add_token_arguments(parser, calibration=2048, scoring=256)
     parser.add_argument("--out", required=True, help="folder to write the model into (new or empty)")

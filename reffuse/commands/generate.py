@@ -15,10 +15,11 @@ from __future__ import annotations
 import sys
 import time
 
-from reffuse.commands.common import add_device_argument, add_dtype_argument, non_negative_int, positive_int
+from reffuse.commands.common import (add_device_argument, add_dtype_argument, check_positions, non_negative_int,
+                                     non_negative_number, positive_int)
+from reffuse.errors import ReffuseError
 from reffuse.core.generate import generate
-from reffuse.formats.registry import load_model
-from reffuse.formats.registry import load_tokenizer
+from reffuse.formats.registry import load_model, load_tokenizer, model_config
 from reffuse.formats.tokenizer import StreamDecoder
 
 HELP = "continue a prompt with a model, streaming the tokens"
@@ -32,18 +33,31 @@ def add_arguments(parser):
     parser.add_argument("--max-new-tokens", type=non_negative_int, default=64,
                         help="most tokens to generate (default 64)")
     parser.add_argument("--chat", action="store_true", help="apply the model's chat format to the prompt")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
-    parser.add_argument("--top-k", type=positive_int, default=None, help="sample only among the K most likely tokens")
-    parser.add_argument("--seed", type=non_negative_int, default=None, help="random seed for sampling")
+    parser.add_argument("--temperature", type=non_negative_number, default=0.0,
+                        help="0 (default) is greedy; > 0 samples")
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="with --temperature: sample only among the K most likely tokens")
+    parser.add_argument("--seed", type=non_negative_int, default=None,
+                        help="with --temperature: random seed for sampling")
     add_device_argument(parser)
     add_dtype_argument(parser)
 
 
 def run(args) -> int:
+    unused = [flag for flag, value in (("--top-k", args.top_k), ("--seed", args.seed)) if value is not None]
+    if unused and args.temperature == 0:
+        flags = " and ".join(unused)
+        raise ReffuseError(f"{flags} {'matters' if len(unused) == 1 else 'matter'} only when sampling, and "
+                           f"--temperature 0 is greedy: give --temperature > 0 (e.g. 0.8), or leave out {flags}")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.chat and not tokenizer.chat_template:
+        raise ReffuseError(f"--chat: the tokenizer {tokenizer.source} has no chat template, so the model has no chat "
+                           "format to follow: leave out --chat, or give a tokenizer with one (--tokenizer)")
     text = tokenizer.chat_prompt(args.prompt) if args.chat else args.prompt
     prompt_ids = tokenizer.encode(text)
+    check_positions(model_config(args.model), args.model, len(prompt_ids) + args.max_new_tokens,
+                    "the prompt and --max-new-tokens")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     stream = StreamDecoder(tokenizer, skip_special_tokens=True)
 
     def show(token_id):

@@ -31,19 +31,16 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import (add_device_argument, add_json_argument, add_token_arguments, non_negative_int,
-                                     number_argument, positive_int, print_json)
+from reffuse.commands.common import (add_device_argument, add_json_argument, add_token_arguments, check_window,
+                                     non_negative_int, non_negative_number, number_argument, positive_int,
+                                     positive_number, print_json)
 from reffuse.experiments.heal import TRAIN_CHOICES, HealOptions, run_heal, summary
 
 HELP = "heal a fused model by knowledge distillation from the model it came from"
 
 D = HealOptions  # the defaults, declared once there
 
-positive_number = number_argument(float, "a number", lambda v: 0 < v < float("inf"),
-                                  lambda v: f"{v:g} is not a positive finite number")
 fraction = number_argument(float, "a number", lambda v: 0 <= v <= 1, lambda v: f"{v:g} is not in [0, 1]")
-non_negative_number = number_argument(float, "a number", lambda v: 0 <= v < float("inf"),
-                                      lambda v: f"{v:g} is not a finite number >= 0")
 
 
 def add_arguments(parser):
@@ -81,6 +78,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    check_window(args.model, args.window)
     record = run_heal(HealOptions.from_namespace(args))
     if args.json:
         print_json(record)

@@ -46,10 +46,12 @@ examples:
 
 from __future__ import annotations
 
-from reffuse.commands.common import (DROP_ATTENTION_HELP, add_json_argument, format_table, groups_argument,
-                                     layers_argument, non_negative_int, positive_int, positive_seconds, print_json)
+from reffuse.commands.common import (DROP_ATTENTION_HELP, add_json_argument, check_positions, format_table,
+                                     groups_argument, layers_argument, non_negative_int, positive_int,
+                                     positive_seconds, print_json)
 from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
+from reffuse.formats.registry import model_config
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
 from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, prepare, run_job
 from reffuse.stats import MIN_PAIRS
@@ -143,6 +145,8 @@ def print_tables(result: dict) -> None:
 
 
 def run(args) -> int:
+    check_positions(model_config(args.model), args.model, args.prefill_tokens + args.decode_tokens,
+                    "--prefill-tokens and --decode-tokens")
     comm = mpi().COMM_WORLD
     options = JobOptions.from_namespace(args)
     watchdog = Watchdog(comm, options.timeout, PROGRAM)

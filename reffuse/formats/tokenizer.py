@@ -16,12 +16,17 @@ loads too; `Tokenizer.save(folder)` writes both, so a fused model folder carries
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
+import select
+import signal
 import time
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
-from reffuse.files import read_json
+from reffuse.files import check_regular_file, read_json
 from reffuse.optional import require
 
 # SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
@@ -64,6 +69,11 @@ class Tokenizer:
             raise ReffuseError(f"text to encode must be a string, got {type(text).__name__}")
         if not text:
             raise ReffuseError("the text to encode is empty: give at least one character")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes that were not UTF-8 (Python keeps them as lone surrogates)
+            raise ReffuseError(f"the text to encode is not valid UTF-8 (character {e.start}, "
+                               f"{text[e.start:e.end].encode('utf-8', 'surrogateescape')!r}): give UTF-8 text") from None
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
 
@@ -77,49 +87,21 @@ class Tokenizer:
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> str:
         """The model's chat format for `messages` ([{"role": ..., "content": ...}], or one user message as a
-        str), ending with the assistant's turn opened, from the tokenizer's template (ChatML if it has none)."""
+        str), ending with the assistant's turn opened, from the tokenizer's template (ChatML if it has none).
+
+        The template is a program that came with the model: it runs in a sandbox, in a child process that is
+        ended after CHAT_TEMPLATE_SECONDS whatever it is doing (a check between the template's steps cannot stop
+        one long step), and what it writes is bounded by CHAT_TEMPLATE_CHARS."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        if not messages or any(not m.get("content") for m in messages):
+        if not messages or any(not isinstance(m, dict) or not m.get("content") for m in messages):
             raise ReffuseError("a chat needs at least one message, each with non-empty content")
-        jinja2 = require("jinja2", "real", "the chat format")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        deadline = time.monotonic() + CHAT_TEMPLATE_SECONDS
-        source = self.source
-
-        def check_time():
-            if time.monotonic() > deadline:
-                raise ReffuseError(f"the chat template of {source} ran longer than {CHAT_TEMPLATE_SECONDS:g} s: it "
-                                   "is not a usable chat format (give another tokenizer)")
-
-        class Bounded(ImmutableSandboxedEnvironment):
-            """The sandbox, with the time limit checked at every call the template makes (a loop needs one)."""
-
-            def call(self, context, obj, *args, **kwargs):
-                check_time()
-                return super().call(context, obj, *args, **kwargs)
-
-        def raise_exception(message):
-            raise ReffuseError(f"the chat template of {self.source} refused the messages: {message}")
-
-        env = Bounded(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            template = env.from_string(self.chat_template or CHATML_TEMPLATE)
-            pieces, size = [], 0
-            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
-                size += len(piece)
-                if size > CHAT_TEMPLATE_CHARS:
-                    raise ReffuseError(f"the chat template of {self.source} wrote more than {CHAT_TEMPLATE_CHARS} "
-                                       "characters: it is not a usable chat format (give another tokenizer)")
-                check_time()
-                pieces.append(piece)
-        except (jinja2.TemplateError, OverflowError, RecursionError) as e:
-            raise ReffuseError(f"the chat template of {self.source} could not be rendered "
-                               f"({type(e).__name__}: {e}): give another tokenizer") from None
-        return "".join(pieces)
+        require("jinja2", "real", "the chat format")
+        render = functools.partial(_render_chat, self.chat_template or CHATML_TEMPLATE, self.source, messages,
+                                   add_generation_prompt, self.bos_token or "", self.eos_token or "")
+        if not hasattr(os, "fork"):  # no child process to end: the size bound alone holds
+            return render()
+        return _in_child(render, CHAT_TEMPLATE_SECONDS, f"the chat template of {self.source}")
 
     def save(self, folder) -> Path:
         """Write tokenizer.json and tokenizer_config.json (HF's layout) into `folder`."""
@@ -130,6 +112,83 @@ class Tokenizer:
                   "eos_token": self.eos_token, "add_bos_token": self.add_bos, "chat_template": self.chat_template}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
         return folder
+
+
+def _render_chat(template_text: str, source: str, messages, add_generation_prompt: bool, bos_token: str,
+                 eos_token: str) -> str:
+    """The chat template rendered in Jinja's immutable sandbox, its output bounded by CHAT_TEMPLATE_CHARS."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ReffuseError(f"the chat template of {source} refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        template = env.from_string(template_text)
+        pieces, size = [], 0
+        for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token, eos_token=eos_token):
+            size += len(piece)
+            if size > CHAT_TEMPLATE_CHARS:
+                raise ReffuseError(f"the chat template of {source} wrote more than {CHAT_TEMPLATE_CHARS} characters: "
+                                   "it is not a usable chat format (give another tokenizer)")
+            pieces.append(piece)
+    except ReffuseError:
+        raise
+    except (jinja2.TemplateError, ArithmeticError, RecursionError, MemoryError, TypeError, ValueError) as e:
+        raise ReffuseError(f"the chat template of {source} could not be rendered ({type(e).__name__}: {e}): give "
+                           "another tokenizer") from None
+    return "".join(pieces)
+
+
+def _in_child(function, seconds: float, what: str) -> str:
+    """function() -> str, computed in a forked child that is killed after `seconds`; its ReffuseError is raised
+    here, with its message. `what` names the computation in the messages."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, send, and leave without running the parent's clean-up
+        status = 1
+        try:
+            os.close(read_end)
+            try:
+                answer = {"text": function()}
+            except ReffuseError as e:
+                answer = {"error": str(e)}
+            except Exception as e:  # anything the sandbox let through: reported as the template's failure
+                answer = {"error": f"{type(e).__name__}: {e}"}
+            data = json.dumps(answer).encode("utf-8", "surrogatepass")
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_end, view):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    chunks, deadline = [], time.monotonic() + seconds
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                raise ReffuseError(f"{what} ran longer than {seconds:g} s: it is not a usable chat format (give "
+                                   "another tokenizer)")
+            chunk = os.read(read_end, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    try:
+        answer = json.loads(b"".join(chunks).decode("utf-8", "surrogatepass"))
+    except ValueError:
+        raise ReffuseError(f"{what} ended without an answer (out of memory?): give another tokenizer") from None
+    if "error" in answer:
+        raise ReffuseError(answer["error"])
+    return answer["text"]
 
 
 class StreamDecoder:
@@ -192,11 +251,26 @@ def tokenizer_from_gguf(path, reader=None) -> Tokenizer:
 
     def token(key):
         token_id = value(f"ggml.{key}")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+            raise ReffuseError(f"{path}: metadata tokenizer.ggml.{key} must be a token id (an integer), got "
+                               f"{token_id!r}")
         return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
 
-    return Tokenizer(backend, token("bos_token_id"), token("eos_token_id"), value("chat_template"),
-                     bool(value("ggml.add_bos_token", False)), str(path),
-                     pre="smollm" if pre in DIGIT_SPLIT_PRE else "gpt2")
+    chat_template = value("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise ReffuseError(f"{path}: metadata tokenizer.chat_template must be text (a Jinja template), got "
+                           f"{type(chat_template).__name__}")
+    return Tokenizer(backend, token("bos_token_id"), token("eos_token_id"), chat_template,
+                     _flag(value("ggml.add_bos_token", False), f"{path}: metadata tokenizer.ggml.add_bos_token"),
+                     str(path), pre="smollm" if pre in DIGIT_SPLIT_PRE else "gpt2")
+
+
+def _flag(value, where: str) -> bool:
+    """A true/false setting; anything else (the string "false" among them, which is truthy) is refused."""
+    if not isinstance(value, bool):
+        raise ReffuseError(f"{where} must be true or false, got {value!r} ({type(value).__name__}): write it "
+                           "as a boolean")
+    return value
 
 
 def tokenizer_from_folder(folder) -> Tokenizer:
@@ -204,22 +278,43 @@ def tokenizer_from_folder(folder) -> Tokenizer:
     tk = require("tokenizers", "real", "tokenizing text")
     folder = Path(folder)
     path = folder / "tokenizer.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ReffuseError(f"{folder} has no tokenizer.json: save one beside the model (Tokenizer.save), or "
                            "give the model's .gguf file")
+    check_regular_file(path, "a tokenizer is a file tokenizer.json beside the model")
     try:
         backend = tk.Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ReffuseError(f"{path} could not be read as a tokenizer ({e})") from None
-    config = {}
-    if (folder / "tokenizer_config.json").is_file():
-        config = read_json(folder / "tokenizer_config.json", "write it again, or remove it to use the tokenizer "
-                           "without special tokens and chat template")
+    config_path, config = folder / "tokenizer_config.json", {}
+    if os.path.lexists(config_path):
+        remedy = "write it again, or remove it to use the tokenizer without special tokens and chat template"
+        try:
+            config = read_json(config_path, remedy)
+        except RecursionError:  # json nests by recursion: a hostile file can exhaust the stack
+            raise ReffuseError(f"{config_path} nests its JSON values too deeply to be read: {remedy}") from None
+        if not isinstance(config, dict):
+            raise ReffuseError(f"{config_path} holds a {type(config).__name__}, not an object of settings: {remedy}")
 
     def token(key):  # HF writes a special token as a string or as {"content": ...}
         entry = config.get(key)
-        return entry.get("content") if isinstance(entry, dict) else entry
+        content = entry.get("content") if isinstance(entry, dict) else entry
+        if content is not None and not isinstance(content, str):
+            raise ReffuseError(f"{config_path}: {key} must be a token (text), got {entry!r}")
+        return content
 
     digits = '"Digits"' in backend.to_str()  # a Digits pre-tokenizer: llama.cpp's "smollm" split
-    return Tokenizer(backend, token("bos_token"), token("eos_token"), config.get("chat_template"),
-                     bool(config.get("add_bos_token", False)), str(folder), pre="smollm" if digits else "gpt2")
+    return Tokenizer(backend, token("bos_token"), token("eos_token"), _chat_template(config, config_path),
+                     _flag(config.get("add_bos_token", False), f"{config_path}: add_bos_token"), str(folder),
+                     pre="smollm" if digits else "gpt2")
+
+
+def _chat_template(config: dict, config_path: Path) -> str | None:
+    """tokenizer_config.json's chat_template: one template, or HF's list of named ones (the "default" is taken)."""
+    template = config.get("chat_template")
+    if isinstance(template, list) and all(isinstance(t, dict) for t in template):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), template)
+    if template is not None and not isinstance(template, str):
+        raise ReffuseError(f"{config_path}: chat_template must be a Jinja template (text), or a list of named "
+                           "templates with a \"default\" one; got " + type(template).__name__)
+    return template
