@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from reffuse.core.backend import array_module
-from reffuse.core.model import (FFN, Attention, Config, Kernels, KVCache, Model, apply_rope, map_arrays, rope_tables,
-                                silu, swiglu, weights_of)
+from reffuse.core.model import (FFN, Attention, Config, Kernels, KVCache, Model, apply_rope, has_heads, linear,
+                                map_arrays, rope_tables, silu, swiglu, weights_of)
 from reffuse.errors import ReffuseError
 
 
@@ -38,6 +38,8 @@ class StackedAttention:
     norm_gain: np.ndarray  # [d]
     qkv: np.ndarray        # [(n_heads + 2 n_kv_heads) head_dim, d]: q's rows, then k's, then v's
     o: np.ndarray          # [d, n_heads*head_dim]
+    qkv_bias: np.ndarray | None = None  # [(n_heads + 2 n_kv_heads) head_dim]: q's, k's and v's biases
+    o_bias: np.ndarray | None = None    # [d]
 
     @property
     def q(self):
@@ -51,6 +53,21 @@ class StackedAttention:
     def v(self):
         return self.qkv[(self.qkv.shape[0] + self.o.shape[1]) // 2:]      # [n_kv_heads*head_dim, d]
 
+    def _bias(self, rows: slice):
+        return None if self.qkv_bias is None else self.qkv_bias[rows]
+
+    @property
+    def q_bias(self):
+        return self._bias(slice(0, self.o.shape[1]))
+
+    @property
+    def k_bias(self):
+        return self._bias(slice(self.o.shape[1], (self.qkv.shape[0] + self.o.shape[1]) // 2))
+
+    @property
+    def v_bias(self):
+        return self._bias(slice((self.qkv.shape[0] + self.o.shape[1]) // 2, None))
+
 
 def stacked(attn: Attention | StackedAttention) -> StackedAttention:
     """attn with q, k and v copied into one array (a StackedAttention as it is): the same numbers."""
@@ -62,7 +79,12 @@ def stacked(attn: Attention | StackedAttention) -> StackedAttention:
         shapes = ", ".join(f"{name} {tuple(w.shape)} {w.dtype}" for name, w in zip("qkvo", (q, k, v, attn.o)))
         raise ReffuseError(f"Attention weights {shapes}: q, k and v must be 2-D with the same input width and "
                            "dtype, k and v of one shape, and o as many columns as q has rows")
-    return StackedAttention(attn.norm_gain, array_module(q).concatenate((q, k, v)), attn.o)
+    xp = array_module(q)
+    biases = (attn.q_bias, attn.k_bias, attn.v_bias)
+    qkv_bias = None
+    if any(b is not None for b in biases):  # an absent one of the three adds zeros
+        qkv_bias = xp.concatenate([xp.zeros(w.shape[0], w.dtype) if b is None else b for w, b in zip((q, k, v), biases)])
+    return StackedAttention(attn.norm_gain, xp.concatenate((q, k, v)), attn.o, qkv_bias, attn.o_bias)
 
 
 # Prefill queries per block in attention_stacked. Smaller blocks skip more of the masked half of the scores
@@ -88,7 +110,7 @@ def attention_stacked(attn: StackedAttention, x, config: Config, cos, sin, cache
     n_heads = attn.o.shape[1] // hd
     n_kv = (attn.qkv.shape[0] // hd - n_heads) // 2
     group = n_heads // n_kv
-    heads = (x @ attn.qkv.T).reshape(T, -1, hd)                      # [T, d] -> [T, n_heads + 2 n_kv, hd]
+    heads = linear(x, attn.qkv, attn.qkv_bias).reshape(T, -1, hd)   # [T, d] -> [T, n_heads + 2 n_kv, hd]
     rotated = apply_rope(heads[:, :n_heads + n_kv], cos[:, None], sin[:, None])  # q and k: [T, n_heads + n_kv, hd]
     q = rotated[:, :n_heads]
     q *= 1 / math.sqrt(hd)
@@ -113,7 +135,7 @@ def attention_stacked(attn: StackedAttention, x, config: Config, cos, sin, cache
         out /= scores.sum(axis=-1, keepdims=True)
         blocks.append(out.reshape(n_kv, B, group, hd))
     out = blocks[0] if len(blocks) == 1 else xp.concatenate(blocks, axis=1)             # [n_kv, T, group, hd]
-    return out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd) @ attn.o.T                # -> [T, d]
+    return linear(out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd), attn.o, attn.o_bias)  # -> [T, d]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,17 +187,17 @@ def swiglu_in_column_blocks(ffn: FFN, x, block_elements: int):
 _ROPE_TABLES: dict = {}
 
 
-def rope_rows(positions, head_dim: int, theta: float, dtype, xp=np):
-    """rope_tables' rows for `positions`, cut from tables made once per (head_dim, theta, dtype, device) and
-    remade twice as long when a later position is asked for. The same numbers: each row is computed on its own."""
+def rope_rows(positions, head_dim: int, theta: float, dtype, xp=np, scaling=None):
+    """rope_tables' rows for `positions`, cut from tables made once per (head_dim, theta, scaling, dtype, device)
+    and remade twice as long when a later position is asked for. The same numbers: each row is computed on its own."""
     positions = np.asarray(positions, dtype=np.int64)
     device = None if xp is np else xp.cuda.runtime.getDevice()
-    key = (head_dim, float(theta), np.dtype(dtype).str, xp.__name__, device)
+    key = (head_dim, float(theta), scaling, np.dtype(dtype).str, xp.__name__, device)
     need = int(positions.max()) + 1 if positions.size else 0
     tables = _ROPE_TABLES.get(key)
     if tables is None or tables[0].shape[0] < need:
         length = max(need, 2 * tables[0].shape[0] if tables is not None else 1024)
-        tables = _ROPE_TABLES[key] = rope_tables(np.arange(length), head_dim, theta, dtype, xp)
+        tables = _ROPE_TABLES[key] = rope_tables(np.arange(length), head_dim, theta, dtype, xp, scaling)
     cos, sin = tables
     if positions.size and (positions == positions[0] + np.arange(positions.size)).all():
         rows = slice(int(positions[0]), int(positions[0]) + positions.size)
@@ -190,7 +212,7 @@ def rope_rows(positions, head_dim: int, theta: float, dtype, xp=np):
 
 def with_stacked_attention(model: Model) -> Model:
     """The model with every attention a StackedAttention, as attention_stacked reads it."""
-    blocks = [dataclasses.replace(b, attention=None if b.attention is None else stacked(b.attention))
+    blocks = [dataclasses.replace(b, attention=stacked(b.attention) if has_heads(b.attention) else b.attention)
               for b in model.blocks]
     return dataclasses.replace(model, blocks=blocks)
 

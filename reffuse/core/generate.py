@@ -9,6 +9,7 @@ Each step picks the next token from the logits of the last position: the most li
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -51,10 +52,13 @@ def generate(model: Model, token_ids, max_new_tokens: int, temperature: float = 
     ids = check_token_ids(model, token_ids)
     if int(max_new_tokens) < 0:
         raise ReffuseError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ReffuseError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ReffuseError(f"temperature must be >= 0 and finite (0 is greedy), got {temperature}")
     if top_k is not None and int(top_k) < 1:
         raise ReffuseError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    if top_k is not None and temperature == 0:
+        raise ReffuseError(f"top_k {top_k} does nothing at temperature 0 (greedy decoding takes the most likely token): "
+                           "give a temperature > 0 to sample among the top k, or no top_k")
     if 0 < temperature < MIN_TEMPERATURE:
         raise ReffuseError(f"temperature {temperature} is so small that logits / temperature overflow: use 0 for "
                            f"greedy decoding, or a temperature of at least {MIN_TEMPERATURE:g}")

@@ -6,9 +6,10 @@ Llama-3.1-405B), the plots, and every question about structure asked below (atte
 layers, full blocks, whether a list of runs may be fused). `model.layout()` (or `reffuse.layout(model)`) gives
 a loaded model's layout; `.rows()` gives it as JSON rows.
 
-Vocabulary, shared with DeciLM / Nemotron-NAS configs: a block's attention or FFN may be absent (`no_op`); an
-attention-free run is a maximal run of two or more consecutive blocks that have an FFN and no attention (only
-such runs can run in parallel, eq. 5, and fuse, Theorem 3.1); a group is a run (first, last), 0-based and
+Vocabulary, shared with DeciLM / Nemotron-NAS configs: a block's attention or FFN may be absent (`no_op`) or one
+linear map (`replace_with_linear`), and its key/value heads may differ from the model's (`n_heads_in_group`); an
+attention-free run is a maximal run of two or more consecutive blocks that have a SwiGLU FFN and no attention
+(only such runs can run in parallel, eq. 5, and fuse, Theorem 3.1); a group is a run (first, last), 0-based and
 inclusive, chosen to be fused.
 """
 
@@ -24,18 +25,35 @@ from reffuse.errors import ReffuseError
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """One block: attention present or not, the FFN width (0: no FFN), and for a fused block the layers of the
-    unfused model it replaces."""
+    """One block: attention present or not, the SwiGLU FFN's width (0: none), for a fused block the layers of the
+    unfused model it replaces; and where they differ from a plain block: its key/value heads, and a sub-block
+    that is one linear map."""
     attention: bool
     ffn_width: int
     fused_from: tuple[int, ...] = ()
+    kv_heads: int | None = None      # None: the model's n_kv_heads
+    linear_attention: bool = False   # attention replaced by a d x d linear map (then `attention` is True)
+    linear_ffn: bool = False         # FFN replaced by a d x d linear map (then ffn_width is 0)
 
     @property
     def has_ffn(self) -> bool:
-        return self.ffn_width > 0
+        """An FFN sub-block of either kind."""
+        return self.ffn_width > 0 or self.linear_ffn
+
+    @property
+    def has_heads(self) -> bool:
+        """Attention with heads: keys and values to cache, RoPE to apply."""
+        return self.attention and not self.linear_attention
 
     def to_json(self) -> dict:
-        return {"attention": self.attention, "ffn_width": self.ffn_width, "fused_from": list(self.fused_from)}
+        row = {"attention": self.attention, "ffn_width": self.ffn_width, "fused_from": list(self.fused_from)}
+        if self.kv_heads is not None:
+            row["kv_heads"] = self.kv_heads
+        if self.linear_attention:
+            row["linear_attention"] = True
+        if self.linear_ffn:
+            row["linear_ffn"] = True
+        return row
 
 
 @dataclass(frozen=True)
@@ -58,14 +76,20 @@ class Layout:
         """Weights of one attention sub-block: q [H·hd, d], k and v [Hkv·hd, d], o [d, H·hd]."""
         return self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
 
+    def kv_heads(self, block: int) -> int:
+        """The key/value heads of block `block` (0 for a block without heads)."""
+        b = self.blocks[block]
+        return 0 if not b.has_heads else self.n_kv_heads if b.kv_heads is None else b.kv_heads
+
     def rows(self) -> list[dict]:
         """One JSON row per block: its index, attention present, FFN width, the layers a fused block replaces."""
         return [{"block": i, **b.to_json()} for i, b in enumerate(self.blocks)]
 
 
 def blocks_from_json(rows, source: str) -> tuple[BlockLayout, ...]:
-    """BlockLayouts from JSON rows ({"attention", "ffn_width", "fused_from"}), as saved configs hold them; each
-    field checked, and no original layer claimed by two blocks."""
+    """BlockLayouts from JSON rows ({"attention", "ffn_width", "fused_from"}, and where set "kv_heads",
+    "linear_attention", "linear_ffn"), as saved configs hold them; each field checked, and no original layer
+    claimed by two blocks."""
     if not isinstance(rows, list) or not rows:
         raise ReffuseError(f"{source}: blocks must be a non-empty list of block entries")
     blocks, claimed = [], {}
@@ -86,7 +110,15 @@ def blocks_from_json(rows, source: str) -> tuple[BlockLayout, ...]:
             if j in claimed:
                 raise ReffuseError(f"{where}: fused_from names layer {j}, which block {claimed[j]} already stands for")
             claimed[j] = i
-        blocks.append(BlockLayout(attention, width, tuple(fused_from)))
+        kv_heads = row.get("kv_heads")
+        if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1):
+            raise ReffuseError(f"{where}: kv_heads must be an integer >= 1, got {kv_heads!r}")
+        linear_attention, linear_ffn = row.get("linear_attention", False), row.get("linear_ffn", False)
+        if not isinstance(linear_attention, bool) or not isinstance(linear_ffn, bool):
+            raise ReffuseError(f"{where}: linear_attention and linear_ffn must be true or false")
+        if (linear_attention and not attention) or (linear_ffn and width):
+            raise ReffuseError(f"{where}: a linear attention needs attention true, a linear FFN ffn_width 0")
+        blocks.append(BlockLayout(attention, width, tuple(fused_from), kv_heads, linear_attention, linear_ffn))
     return tuple(blocks)
 
 
@@ -100,7 +132,7 @@ def as_layout(structure) -> Layout:
 
 
 def attention_layers(structure) -> list[int]:
-    """Blocks that have attention."""
+    """Blocks that have attention (with heads or a linear map)."""
     return [i for i, b in enumerate(as_layout(structure).blocks) if b.attention]
 
 
@@ -110,10 +142,10 @@ def full_blocks(structure) -> list[bool]:
 
 
 def attention_free_runs(structure) -> list[tuple[int, int]]:
-    """Maximal runs (first, last) of >= 2 consecutive blocks that have an FFN and no attention."""
+    """Maximal runs (first, last) of >= 2 consecutive blocks that have a SwiGLU FFN and no attention."""
     runs, start = [], None
     for i, block in enumerate(as_layout(structure).blocks + (None,)):  # None closes the last run
-        free = block is not None and not block.attention and block.has_ffn
+        free = block is not None and not block.attention and block.ffn_width > 0
         if free and start is None:
             start = i
         elif not free and start is not None:
@@ -170,6 +202,9 @@ def check_groups(structure, groups) -> list[tuple[int, int]]:
             if layout.blocks[i].attention:
                 raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has attention: only runs "
                                    "of attention-free blocks can run in parallel (remove its attention first)")
+            if layout.blocks[i].linear_ffn:
+                raise ReffuseError(f"group ({first}, {last}) contains block {i}, whose FFN is a linear map: only "
+                                   "SwiGLU FFNs fuse into one (Theorem 3.1)")
             if not layout.blocks[i].has_ffn:
                 raise ReffuseError(f"group ({first}, {last}) contains block {i}, which has no FFN")
     return checked
@@ -231,17 +266,25 @@ def format_groups(groups, separator: str = ",") -> str:
 
 def sharding_problems(structure, n_ranks: int) -> list[str]:
     """Why a model cannot be split over n_ranks tensor-parallel ranks the Megatron way (empty when it can): query
-    heads must divide by N; key/value heads must divide by N or divide N (then they are replicated); every FFN
-    width must divide by N. reffuse.tp.sharding splits by this rule and the cost model predicts by it."""
+    heads must divide by N; each block's key/value heads must divide by N or divide N (then they are
+    replicated); every FFN width, and the width d a linear map reads, must divide by N. reffuse.tp.sharding
+    splits by this rule and the cost model predicts by it."""
     layout, problems = as_layout(structure), []
     if n_ranks < 1:
         return [f"the tensor-parallel degree N must be at least 1, not {n_ranks}"]
-    if any(b.attention for b in layout.blocks):
+    if any(b.has_heads for b in layout.blocks):
         if layout.n_heads % n_ranks:
             problems.append(f"its {layout.n_heads} query heads (n_heads) do not divide by N={n_ranks}")
-        if layout.n_kv_heads % n_ranks and n_ranks % layout.n_kv_heads:
-            problems.append(f"its {layout.n_kv_heads} key/value heads (n_kv_heads) neither divide by N={n_ranks} "
-                            f"nor divide N (to be replicated)")
+        kv = {}
+        for i in range(len(layout.blocks)):
+            heads = layout.kv_heads(i)
+            if heads and heads % n_ranks and n_ranks % heads:
+                kv.setdefault(heads, []).append(i)
+        for heads, layers in kv.items():
+            problems.append(f"the {heads} key/value heads of block{'s' if len(layers) > 1 else ''} "
+                            f"{format_layers(layers)} neither divide by N={n_ranks} nor divide N (to be replicated)")
+    if any(b.linear_attention or b.linear_ffn for b in layout.blocks) and layout.dim % n_ranks:
+        problems.append(f"its linear maps read d={layout.dim} features, which do not divide by N={n_ranks}")
     widths = {}
     for i, block in enumerate(layout.blocks):
         if block.has_ffn and block.ffn_width % n_ranks:

@@ -15,6 +15,8 @@ Layout conventions, named because every port of Llama weights trips over one of 
 - RMSNorm is x / sqrt(mean(x²) + eps) ⊙ gain, as in HF. The paper writes x/||x|| ⊙ s: the same up to a
   factor sqrt(d), which lives in the gain.
 - Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads), as HF's repeat_kv.
+  The number of key/value heads may differ from block to block (Nemotron-NAS); each block's own weights say it.
+- A sub-block may be one linear map instead (Nemotron-NAS `replace_with_linear`): x + η(x) W^T, no heads, no cache.
 
 A model computes attention, its FFNs and the RoPE tables with the functions its field `kernels` holds. The default,
 PLAIN, is this module's `attention`, `swiglu` and `rope_tables`: `forward` on a PLAIN model is the equations as
@@ -43,28 +45,67 @@ from reffuse.errors import ReffuseError
 # Configuration and weights
 
 
+ROPE_SCALINGS = ("linear", "llama3", "factors")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE's frequencies are stretched past the training length (HF's rope_parameters / rope_scaling).
+
+    linear   every frequency divided by `factor` (positions interpolated)
+    llama3   Llama-3.1's rule: wavelengths shorter than original_max_positions / high_freq_factor kept, longer
+             than original_max_positions / low_freq_factor divided by `factor`, a linear blend in between
+    factors  frequency i divided by factors[i] (llama.cpp's rope_freqs tensor, the form a GGUF holds either in)
+    """
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+    factors: tuple[float, ...] = ()
+
+    def to_json(self) -> dict:
+        if self.kind == "factors":
+            return {"rope_type": "factors", "factors": list(self.factors)}
+        scaling = {"rope_type": self.kind, "factor": self.factor}
+        if self.kind == "llama3":
+            scaling.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                           original_max_position_embeddings=self.original_max_positions)
+        return scaling
+
+
 @dataclass(frozen=True)
 class Config:
     """What the weights do not say by their shapes."""
     vocab_size: int
     dim: int                    # d, the width of the residual stream
     n_heads: int                # query heads
-    n_kv_heads: int             # key/value heads (grouped-query attention when fewer than n_heads)
-    head_dim: int
+    n_kv_heads: int             # key/value heads (grouped-query attention when fewer than n_heads); the
+                                # blocks' own weights may hold other counts (Nemotron-NAS)
+    head_dim: int               # need not be dim / n_heads
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # the LM head reuses the token embedding
     name: str = "model"
     max_positions: int | None = None  # the context length it was trained for (None: not recorded)
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False      # q, k and v projections add a bias (Qwen2; Llama's attention_bias)
+    o_bias: bool = False        # the output projection adds a bias (Llama's attention_bias)
+    attention_window: int | None = None  # sliding-window attention (Mistral): computed exactly up to this many
+                                         # positions, where it equals full attention, and refused beyond
 
 
 @dataclass(frozen=True)
 class Attention:
     norm_gain: np.ndarray  # [d]             η1's gain (HF input_layernorm)
     q: np.ndarray          # [n_heads*head_dim, d]
-    k: np.ndarray          # [n_kv_heads*head_dim, d]
+    k: np.ndarray          # [n_kv_heads*head_dim, d]   n_kv_heads of this block
     v: np.ndarray          # [n_kv_heads*head_dim, d]
     o: np.ndarray          # [d, n_heads*head_dim]
+    q_bias: np.ndarray | None = None  # [n_heads*head_dim]   None: no bias
+    k_bias: np.ndarray | None = None  # [n_kv_heads*head_dim]
+    v_bias: np.ndarray | None = None  # [n_kv_heads*head_dim]
+    o_bias: np.ndarray | None = None  # [d]
 
 
 @dataclass
@@ -79,11 +120,20 @@ class FFN:
         return self.gate.shape[0]
 
 
+@dataclass(frozen=True)
+class Linear:
+    """A sub-block replaced by one linear map, as Puzzle does (Nemotron-NAS `replace_with_linear`), in place of
+    attention or of the FFN: x + η(x) W^T. It mixes no positions: no heads, no RoPE, no KV cache."""
+    norm_gain: np.ndarray  # [d]
+    weight: np.ndarray     # [d, d]; a tensor-parallel shard holds [d, d/N], the input features from first_input
+    first_input: int = 0   # the first input feature `weight`'s columns read (row-parallel sharding)
+
+
 @dataclass
 class Block:
-    """One transformer block; either sub-block may be absent (DeciLM's `no_op`)."""
-    attention: Attention | None
-    ffn: FFN | None
+    """One transformer block; either sub-block may be absent (DeciLM's `no_op`) or one linear map."""
+    attention: Attention | Linear | None
+    ffn: FFN | Linear | None
     fused_from: tuple[int, ...] = ()  # a fused block: the layers (numbered as in the unfused model) it replaces
 
 
@@ -104,15 +154,51 @@ def silu(z):
         return z / (1 + xp.exp(-z))
 
 
+def linear(x, weight, bias=None):
+    """x W^T (+ b): a projection of x [T, in] by weight [out, in] -> [T, out]."""
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def linear_map(part: Linear, x):
+    """A replaced sub-block's output: η(x) W^T, x [T, d] (already normalised) -> [T, d]."""
+    columns = x[:, part.first_input:part.first_input + part.weight.shape[1]]  # all of x, unless sharded
+    return columns @ part.weight.T
+
+
+def has_heads(part) -> bool:
+    """An attention sub-block with heads (one that keeps keys and values), not absent and not a linear map."""
+    return part is not None and not isinstance(part, Linear)
+
+
 def swiglu(ffn: FFN, x):
     """eq. 3: FFN(x) = (silu(x W_gate^T) ⊙ x W_up^T) W_down^T."""
     hidden = silu(x @ ffn.gate.T) * (x @ ffn.up.T)  # [T, d] -> [T, dh]
     return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
 
 
-def rope_tables(positions, head_dim: int, theta: float, dtype, xp=np):
-    """cos and sin [T, head_dim] for rotate-half RoPE: angle(pos, i) = pos · theta^(-2i/head_dim), i < head_dim/2."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """RoPE's angular frequencies [head_dim/2], float64: theta^(-2i/head_dim), stretched as `scaling` says."""
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [head_dim/2]
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "factors":
+        return inv_freq / np.asarray(scaling.factors, dtype=np.float64)
+    # llama3: long wavelengths (low frequencies) interpolated, short ones kept, a linear blend between
+    original = scaling.original_max_positions
+    wavelength = 2 * math.pi / inv_freq
+    blend = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
+    return np.where(wavelength < original / scaling.high_freq_factor, inv_freq,
+                    np.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, blended))
+
+
+def rope_tables(positions, head_dim: int, theta: float, dtype, xp=np, scaling: RopeScaling | None = None):
+    """cos and sin [T, head_dim] for rotate-half RoPE: angle(pos, i) = pos · theta^(-2i/head_dim), i < head_dim/2
+    (each frequency stretched as `scaling` says)."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)                            # [head_dim/2]
     angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]   # [T, head_dim/2]
     angles = np.concatenate([angles, angles], axis=-1)                             # [T, head_dim]
     return xp.asarray(np.cos(angles), dtype=dtype), xp.asarray(np.sin(angles), dtype=dtype)
@@ -127,18 +213,30 @@ def apply_rope(x, cos, sin):
 
 
 def check_context(model: Model, positions: int) -> int:
-    """Refuse more positions than the model's context length, or a KV cache for them that cannot fit in memory."""
+    """Refuse more positions than the model's context length (or its attention window), or a KV cache for them
+    that cannot fit in memory."""
     limit = model.config.max_positions
     if limit is not None and positions > limit:
         raise ReffuseError(f"{positions} positions (prompt and new tokens) exceed the context length of "
                            f"{model.config.name}, {limit}: shorten the prompt or ask for fewer new tokens")
-    attention = sum(b.attention is not None for b in model.blocks)
-    kv_bytes = 2 * attention * positions * model.config.n_kv_heads * model.config.head_dim * model.dtype.itemsize
+    check_window(model, positions)
+    kv_rows = sum(b.attention.k.shape[0] for b in model.blocks if has_heads(b.attention))  # Σ n_kv·head_dim
+    kv_bytes = 2 * kv_rows * positions * model.dtype.itemsize
     memory = _physical_memory()
     if memory is not None and kv_bytes > memory:
         raise ReffuseError(f"a KV cache of {positions} positions needs {kv_bytes / 2 ** 30:.1f} GiB, more than this "
                            f"machine's {memory / 2 ** 30:.1f} GiB: ask for fewer new tokens")
     return positions
+
+
+def check_window(model: Model, positions: int) -> None:
+    """Refuse more positions than a sliding attention window: reffuse computes full attention, equal to it only
+    within the window."""
+    window = model.config.attention_window
+    if window is not None and positions > window:
+        raise ReffuseError(f"{positions} positions exceed the sliding attention window of {model.config.name}, "
+                           f"{window}: reffuse computes full attention, which equals it only within the window; "
+                           "shorten the input")
 
 
 def _physical_memory() -> int | None:
@@ -161,15 +259,15 @@ class KVCache:
         self.max_tokens, self.length = max_tokens, 0
         self.keys, self.values = {}, {}
         for i, block in enumerate(model.blocks):
-            if block.attention is not None:
-                n_kv = block.attention.k.shape[0] // hd  # a tensor-parallel shard holds fewer heads
+            if has_heads(block.attention):
+                n_kv = block.attention.k.shape[0] // hd  # per block; a tensor-parallel shard holds fewer heads
                 self.keys[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
                 self.values[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
 
     def check(self, model: Model) -> None:
         """Refuse a cache that was made for a model of another structure."""
         hd = model.config.head_dim
-        wanted = {i: (b.attention.k.shape[0] // hd, hd) for i, b in enumerate(model.blocks) if b.attention is not None}
+        wanted = {i: (b.attention.k.shape[0] // hd, hd) for i, b in enumerate(model.blocks) if has_heads(b.attention)}
         held = {i: (k.shape[0], k.shape[2]) for i, k in self.keys.items()}
         if wanted != held or any(k.dtype != model.dtype for k in self.keys.values()):
             raise ReffuseError(f"this KV cache was made for another model ({len(held)} attention blocks, not the "
@@ -201,9 +299,9 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
     """Causal grouped-query self-attention with RoPE. x [T, d] (already normalised) -> [T, d]."""
     xp = array_module(x)
     T, hd = x.shape[0], config.head_dim
-    q = (x @ attn.q.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_heads, T, hd]
-    k = (x @ attn.k.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_kv, T, hd]
-    v = (x @ attn.v.T).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_kv, T, hd]
+    q = linear(x, attn.q, attn.q_bias).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_heads, T, hd]
+    k = linear(x, attn.k, attn.k_bias).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_kv, T, hd]
+    v = linear(x, attn.v, attn.v_bias).reshape(T, -1, hd).transpose(1, 0, 2)  # [T, d] -> [n_kv, T, hd]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     past = 0
     if cache is not None:
@@ -218,7 +316,7 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
         scores += xp.where(future, -xp.inf, 0).astype(scores.dtype)
     probs = softmax_(scores)                                   # over keys
     out = (probs @ v[:, None]).reshape(n_heads, T, hd)         # -> [n_heads, T, hd]
-    return out.transpose(1, 0, 2).reshape(T, n_heads * hd) @ attn.o.T  # -> [T, d]
+    return linear(out.transpose(1, 0, 2).reshape(T, n_heads * hd), attn.o, attn.o_bias)  # -> [T, d]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,14 +330,15 @@ class Kernels:
     name: str
     attention: Callable  # (attn, x [T, d], config, cos, sin, cache, layer) -> [T, d], as `attention`
     ffn: Callable        # (ffn, x [T, d]) -> [T, d], as `swiglu`
-    rope: Callable       # (positions [T], head_dim, theta, dtype, xp) -> cos, sin [T, head_dim], as `rope_tables`
+    rope: Callable       # (positions [T], head_dim, theta, dtype, xp, scaling=...) -> cos, sin [T, head_dim],
+                         # as `rope_tables`
     arrange: Callable    # (model) -> the model with its sub-blocks held as these functions read them
 
 
 def _plain_parts(model: Model) -> Model:
     """The model with every sub-block as this module's dataclass (the weights shared, not copied)."""
     def part(cls, p):
-        if p is None or type(p) is cls:
+        if p is None or type(p) is cls or isinstance(p, Linear):
             return p
         return cls(**{f.name: getattr(p, f.name) for f in dataclasses.fields(cls)})
 
@@ -264,17 +363,25 @@ class Model:
         return self.embed.dtype
 
     def layout(self) -> Layout:
-        """Its shapes without weights (reffuse.core.layout): attention present, FFN width, fused_from per block."""
+        """Its shapes without weights (reffuse.core.layout): attention present, FFN width, fused_from, and where
+        they are not the model's own, key/value heads and linear replacements, per block."""
         cfg = self.config
-        blocks = tuple(BlockLayout(b.attention is not None, b.ffn.width if b.ffn is not None else 0,
-                                   tuple(b.fused_from)) for b in self.blocks)
+
+        def block_layout(b):
+            kv = b.attention.k.shape[0] // cfg.head_dim if has_heads(b.attention) else None
+            return BlockLayout(b.attention is not None, b.ffn.width if isinstance(b.ffn, FFN) else 0,
+                               tuple(b.fused_from), kv_heads=None if kv == cfg.n_kv_heads else kv,
+                               linear_attention=isinstance(b.attention, Linear), linear_ffn=isinstance(b.ffn, Linear))
+
         return Layout(cfg.name, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.vocab_size,
-                      cfg.tie_embeddings, blocks, source="a reffuse Model's shapes")
+                      cfg.tie_embeddings, tuple(block_layout(b) for b in self.blocks),
+                      source="a reffuse Model's shapes")
 
     def rope(self, positions):
         """RoPE tables cos, sin [T, head_dim] of its heads at `positions`, in its dtype and on its device."""
         cfg = self.config
-        return self.kernels.rope(positions, cfg.head_dim, cfg.rope_theta, self.dtype, array_module(self.embed))
+        return self.kernels.rope(positions, cfg.head_dim, cfg.rope_theta, self.dtype, array_module(self.embed),
+                                 scaling=cfg.rope_scaling)
 
 
 def plain(model: Model) -> Model:
@@ -284,8 +391,10 @@ def plain(model: Model) -> Model:
 
 
 def weights_of(part) -> dict:
-    """A sub-block's weight arrays by field name (reffuse.core.fast's StackedAttention holds q, k, v as one, qkv)."""
-    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part)}
+    """A sub-block's weight arrays by field name, absent biases left out (reffuse.core.fast's StackedAttention
+    holds q, k, v as one, qkv)."""
+    fields = ((f.name, getattr(part, f.name)) for f in dataclasses.fields(part))
+    return {name: value for name, value in fields if hasattr(value, "shape")}
 
 
 def map_arrays(model: Model, fn: Callable) -> Model:
@@ -293,7 +402,7 @@ def map_arrays(model: Model, fn: Callable) -> Model:
     def sub(part):
         if part is None:
             return None
-        return type(part)(**{name: fn(a) for name, a in weights_of(part).items()})
+        return dataclasses.replace(part, **{name: fn(a) for name, a in weights_of(part).items()})
 
     embed = fn(model.embed)
     lm_head = embed if model.config.tie_embeddings else fn(model.lm_head)
@@ -333,22 +442,43 @@ def lm_logits(model: Model, x):
     return x @ model.lm_head.T                                            # [T, d] -> [T, vocab]
 
 
+def attention_output(model: Model, part, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    """What the attention sub-block adds to the stream x [T, d]: Attn(η1(x)), or η1(x) W^T for a linear map."""
+    normed = rms_norm(x, part.norm_gain, model.config.norm_eps)
+    if isinstance(part, Linear):
+        return linear_map(part, normed)
+    return model.kernels.attention(part, normed, model.config, cos, sin, cache, layer)
+
+
+def ffn_output(model: Model, part, x):
+    """What the FFN sub-block adds to the stream x [T, d]: FFN(η2(x)), or η2(x) W^T for a linear map."""
+    normed = rms_norm(x, part.norm_gain, model.config.norm_eps)
+    if isinstance(part, Linear):
+        return linear_map(part, normed)
+    return model.kernels.ffn(part, normed)
+
+
 def block_forward(model: Model, layer: int, x, cos, sin, cache: KVCache | None = None,
-                  allreduce: Callable = _identity, mids: list | None = None):
+                  allreduce: Callable = _identity, mids: list | None = None, outputs: list | None = None):
     """One block, eq. 1-2 (eq. 4 when its attention is absent). x [T, d] -> [T, d].
 
-    `allreduce` is applied to each row-parallel output (o_proj, down_proj) before it joins the residual stream:
-    the identity in one process, a sum over ranks under tensor parallelism (reffuse.tp).
+    `allreduce` is applied to each row-parallel output (o_proj, down_proj, a linear map) before it joins the
+    residual stream: the identity in one process, a sum over ranks under tensor parallelism (reffuse.tp).
     mids: if a list, the stream between the two sub-blocks (after attention) is appended to it.
+    outputs: if a list, the pair (attention's output, the FFN's output) is appended, None for an absent one.
     """
-    block, eps, kernels = model.blocks[layer], model.config.norm_eps, model.kernels
+    block = model.blocks[layer]
+    attn_out = mlp_out = None
     if block.attention is not None:
-        x = x + allreduce(kernels.attention(block.attention, rms_norm(x, block.attention.norm_gain, eps),
-                                            model.config, cos, sin, cache, layer))            # eq. 1
+        attn_out = allreduce(attention_output(model, block.attention, x, cos, sin, cache, layer))
+        x = x + attn_out                                                                     # eq. 1
     if mids is not None:
         mids.append(x)
     if block.ffn is not None:
-        x = x + allreduce(kernels.ffn(block.ffn, rms_norm(x, block.ffn.norm_gain, eps)))    # eq. 2 / eq. 4
+        mlp_out = allreduce(ffn_output(model, block.ffn, x))
+        x = x + mlp_out                                                                      # eq. 2 / eq. 4
+    if outputs is not None:
+        outputs.append((attn_out, mlp_out))
     return x
 
 
@@ -361,15 +491,14 @@ def parallel_forward(model: Model, first: int, last: int, x, cos, sin, allreduce
     """
     blocks = model.blocks[first:last + 1]
     if all(b.attention is None for b in blocks):
-        eps = model.config.norm_eps
-        update = sum(model.kernels.ffn(b.ffn, rms_norm(x, b.ffn.norm_gain, eps)) for b in blocks)  # eq. 5
+        update = sum(ffn_output(model, b.ffn, x) for b in blocks)                              # eq. 5
         return x + allreduce(update)
     return x + sum(block_forward(model, k, x, cos, sin, allreduce=allreduce) - x for k in range(first, last + 1))
 
 
 def run_blocks(model: Model, x, cos=None, sin=None, start: int = 0, stop: int | None = None, parallel=(),
                cache: KVCache | None = None, allreduce: Callable = _identity, streams: list | None = None,
-               mids: list | None = None, whole_blocks: bool = False):
+               mids: list | None = None, whole_blocks: bool = False, outputs: list | None = None):
     """Blocks start..stop-1 on the stream x [T, d] entering block `start`; the stream leaving block stop-1, [T, d].
 
     The one walk over blocks that every forward pass, partial run and measurement uses.
@@ -379,6 +508,7 @@ def run_blocks(model: Model, x, cos=None, sin=None, start: int = 0, stop: int | 
     cache: positions continue from cache.length (the caller advances it once the pass is done).
     streams: if a list, the stream after every step is appended (a parallel run is one step).
     mids: if a list, each block's stream after its attention sub-block is appended (blocks run one by one only).
+    outputs: if a list, each block's (attention output, FFN output) is appended (blocks run one by one only).
     """
     stop = len(model.blocks) if stop is None else stop
     runs = layouts.check_runs(len(model.blocks), parallel) if whole_blocks else layouts.check_groups(model, parallel)
@@ -388,7 +518,7 @@ def run_blocks(model: Model, x, cos=None, sin=None, start: int = 0, stop: int | 
         if last < start:
             continue
         if first == last:
-            x = block_forward(model, first, x, cos, sin, cache, allreduce, mids)                 # eq. 1-4
+            x = block_forward(model, first, x, cos, sin, cache, allreduce, mids, outputs)        # eq. 1-4
         else:
             x = parallel_forward(model, first, last, x, cos, sin, allreduce)                     # eq. 5
         if streams is not None:
@@ -411,26 +541,29 @@ def check_token_ids(model: Model, token_ids) -> np.ndarray:
 
 
 def forward(model: Model, token_ids: Sequence[int], parallel_groups=None, cache: KVCache | None = None,
-            allreduce: Callable = _identity, hidden_states: list | None = None):
+            allreduce: Callable = _identity, hidden_states: list | None = None, mids: list | None = None,
+            outputs: list | None = None):
     """Next-token logits [T, vocab] for token_ids [T].
 
     parallel_groups: runs (first, last) of attention-free blocks computed in the parallel form, eq. 5.
     cache: positions continue from cache.length, and the cache is extended by T.
     hidden_states: if a list is given, the residual stream is appended to it after the embedding and after
         every block (after every parallel run as a whole): 1 + number of steps arrays [T, d].
+    mids, outputs: as run_blocks' (each block's stream after attention; its sub-blocks' outputs).
     """
     ids = check_token_ids(model, token_ids)
     xp = array_module(model.embed)
     if cache is not None:
         cache.check(model)
     start = cache.length if cache is not None else 0
+    check_window(model, start + len(ids))
     cos, sin = model.rope(start + np.arange(len(ids)))                   # [T, head_dim] each
 
     x = model.embed[xp.asarray(ids)]                                      # [T] -> [T, d]
     if hidden_states is not None:
         hidden_states.append(x)
     x = run_blocks(model, x, cos, sin, parallel=parallel_groups or (), cache=cache, allreduce=allreduce,
-                   streams=hidden_states)                                 # [T, d] -> [T, d], eq. 1-5
+                   streams=hidden_states, mids=mids, outputs=outputs)     # [T, d] -> [T, d], eq. 1-5
     if cache is not None:
         cache.length += len(ids)
     return lm_logits(model, x)                                            # [T, d] -> [T, vocab]

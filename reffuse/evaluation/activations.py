@@ -9,8 +9,16 @@ A dump is a NumPy .npz archive written with np.savez (plain arrays only: read it
                                       block l (index l + 1), before the final norm; L = number of blocks
     logits         float [T, vocab]   next-token logits at every position
 
-Another implementation writes the same keys for the same token_ids (hidden_states may be left out: then only
-the logits are compared), e.g. from PyTorch:
+and, optionally, each block's sub-blocks (named as TransformerLens names them), so that a comparison names the
+first diverging sub-block and not only the block:
+
+    resid_mid      float [L, T, d]    block l's stream after its attention sub-block (its input where it has none)
+    attn_out       float [L, T, d]    what block l's attention adds to the stream (zeros where it has none)
+    mlp_out        float [L, T, d]    what block l's FFN adds to the stream (zeros where it has none)
+
+A linear map in place of a sub-block (Nemotron-NAS) counts as that sub-block. Another implementation writes the
+same keys for the same token_ids (hidden_states may be left out: then only the logits are compared), e.g. from
+PyTorch:
 
     np.savez("theirs.npz", format="reffuse-activations-1", model="mine", token_ids=ids,
              hidden_states=np.stack([h[0].numpy() for h in hidden]), logits=logits[0].numpy())
@@ -31,6 +39,7 @@ from reffuse.files import write_bytes_atomic
 from reffuse.core.model import Model, check_token_ids, forward
 
 FORMAT = "reffuse-activations-1"
+SUB_BLOCKS = ("attn_out", "resid_mid", "mlp_out")  # in the order a block computes them
 
 # The input of `reffuse verify` and `reffuse dump` when no text is given: plain prose, written for reffuse
 # (so no model was trained on it), about 135 SmolLM2 tokens.
@@ -43,12 +52,20 @@ DEFAULT_TEXT = (
     "the sea. By noon the water began to fall, and by evening the town had quietly gone back to its work.")
 
 
-def activations(model: Model, token_ids) -> dict:
-    """token_ids, hidden_states [L+1, T, d] and logits [T, vocab] of one sequential forward pass."""
+def activations(model: Model, token_ids, sub_blocks: bool = False) -> dict:
+    """token_ids, hidden_states [L+1, T, d] and logits [T, vocab] of one sequential forward pass; with
+    sub_blocks, resid_mid, attn_out and mlp_out [L, T, d] too."""
     ids = check_token_ids(model, token_ids)
-    hidden: list = []
-    logits = forward(model, ids, hidden_states=hidden)
-    return {"token_ids": ids, "hidden_states": np.stack([to_numpy(h) for h in hidden]), "logits": to_numpy(logits)}
+    hidden, mids, outputs = [], [], []
+    logits = forward(model, ids, hidden_states=hidden, mids=mids if sub_blocks else None,
+                     outputs=outputs if sub_blocks else None)
+    result = {"token_ids": ids, "hidden_states": np.stack([to_numpy(h) for h in hidden]), "logits": to_numpy(logits)}
+    if sub_blocks:
+        zeros = np.zeros_like(result["hidden_states"][0])
+        result["resid_mid"] = np.stack([to_numpy(m) for m in mids])
+        result["attn_out"] = np.stack([zeros if a is None else to_numpy(a) for a, _ in outputs])
+        result["mlp_out"] = np.stack([zeros if f is None else to_numpy(f) for _, f in outputs])
+    return result
 
 
 def save_activations(path, acts: dict, model_name: str) -> Path:
@@ -58,7 +75,7 @@ def save_activations(path, acts: dict, model_name: str) -> Path:
         raise ReffuseError(f"{path}: a dump is an .npz file; give a name ending in .npz")
     archive = io.BytesIO()
     np.savez(archive, format=np.array(FORMAT), model=np.array(model_name),
-             **{k: np.asarray(acts[k]) for k in ("token_ids", "hidden_states", "logits") if k in acts})
+             **{k: np.asarray(acts[k]) for k in ("token_ids", "hidden_states", "logits", *SUB_BLOCKS) if k in acts})
     return write_bytes_atomic(path, archive.getvalue())
 
 
@@ -87,6 +104,12 @@ def load_activations(path) -> dict:
     hidden = data.get("hidden_states")
     if hidden is not None and (hidden.ndim != 3 or hidden.shape[1] != ids.shape[0]):
         raise ReffuseError(f"{path}: hidden_states must be [L+1, T={ids.shape[0]}, d], got {hidden.shape}")
+    for key in SUB_BLOCKS:
+        part = data.get(key)
+        if part is not None and (part.ndim != 3 or part.shape[1] != ids.shape[0]
+                                 or (hidden is not None and part.shape != (hidden.shape[0] - 1, *hidden.shape[1:]))):
+            raise ReffuseError(f"{path}: {key} must be [L, T={ids.shape[0]}, d] (one row per block, as hidden_states "
+                               f"has L+1), got {part.shape}")
     data["model"] = str(data.get("model", ""))
     return data
 
@@ -109,23 +132,31 @@ def error_row(name: str, candidate, reference) -> dict:
     return row
 
 
-def compare(candidate: dict, reference: dict) -> dict:
+def compare(candidate: dict, reference: dict, sides=("candidate", "reference"), block_names=None) -> dict:
     """Per-step errors of candidate against reference (both as returned by activations / load_activations).
 
-    Returns {"hidden_states": [row per step: embedding, block 0, block 1, ...], "logits": row,
-    "top1_agreement": fraction of positions whose argmax agrees}. Rows are error_row's.
+    Returns {"hidden_states": [row per step: embedding, then per block its sub-blocks (attn_out, resid_mid,
+    mlp_out, where both sides have them) and its output], "logits": row, "top1_agreement": fraction of positions
+    whose argmax agrees}. Rows are error_row's. `sides` names the two in messages; block_names labels the blocks
+    (default "block i").
     """
     if not np.array_equal(candidate["token_ids"], reference["token_ids"]):
-        raise ReffuseError("the two sides ran on different token ids")
+        raise ReffuseError(f"{sides[0]} and {sides[1]} ran on different token ids")
     if candidate["logits"].shape != reference["logits"].shape:
-        raise ReffuseError(f"logits shapes differ: {candidate['logits'].shape} vs {reference['logits'].shape}")
+        raise ReffuseError(f"logits shapes differ: {sides[0]} has {candidate['logits'].shape} [tokens, vocabulary], "
+                           f"{sides[1]} {reference['logits'].shape}")
     rows = []
     ours, theirs = candidate.get("hidden_states"), reference.get("hidden_states")
     if ours is not None and theirs is not None:
         if ours.shape != theirs.shape:
-            raise ReffuseError(f"hidden_states shapes differ: {ours.shape} vs {theirs.shape} "
+            raise ReffuseError(f"hidden_states shapes differ: {sides[0]} has {ours.shape}, {sides[1]} {theirs.shape} "
                                "(steps = 1 + number of blocks, tokens, width)")
-        rows = [error_row("embedding" if i == 0 else f"block {i - 1}", ours[i], theirs[i]) for i in range(len(ours))]
+        names = block_names or [f"block {i}" for i in range(len(ours) - 1)]
+        parts = [k for k in SUB_BLOCKS if candidate.get(k) is not None and reference.get(k) is not None]
+        rows = [error_row("embedding", ours[0], theirs[0])]
+        for i, name in enumerate(names):
+            rows += [error_row(f"{name} {k}", candidate[k][i], reference[k][i]) for k in parts]
+            rows.append(error_row(name, ours[i + 1], theirs[i + 1]))
     agreement = float(np.mean(candidate["logits"].argmax(-1) == reference["logits"].argmax(-1)))
     return {"hidden_states": rows, "logits": error_row("logits", candidate["logits"], reference["logits"]),
             "top1_agreement": agreement}

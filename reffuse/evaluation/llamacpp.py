@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.core.model import Model
-from reffuse.errors import ReffuseError
 from reffuse.optional import require
 
 GGML_TYPE_F32 = 0
@@ -53,14 +52,13 @@ class LlamaCpp:
 
 
 def run_llamacpp(model: Model, tokenizer, ids, new_tokens: int) -> tuple[np.ndarray, list[int], str]:
-    """llama.cpp's logits for `ids` and its greedy continuation, on `model` exported as an F32 GGUF."""
-    from reffuse.formats.gguf_export import is_plain_llama, save_gguf
+    """llama.cpp's logits for `ids` and its greedy continuation, on `model` exported as an F32 GGUF (with
+    `tokenizer`, or None: llama.cpp reads token ids without one)."""
+    from reffuse.formats.gguf_export import plan_gguf, save_gguf
 
-    if tokenizer is None:
-        raise ReffuseError("llama.cpp loads no model without a tokenizer: verify a model that has one")
     with tempfile.TemporaryDirectory(prefix="reffuse-llamacpp-") as folder:
         path = save_gguf(model, Path(folder) / "model-f32.gguf", tokenizer, "f32")
         engine = LlamaCpp(path, n_ctx=max(64, len(ids) + new_tokens + 8))
         logits, greedy = engine.logits(ids), engine.greedy(ids, new_tokens)
         del engine
-    return logits, greedy, "llama" if is_plain_llama(model) else "deci"
+    return logits, greedy, plan_gguf(model).architecture

@@ -4,12 +4,16 @@ implementation (`reffuse verify` prints this)."""
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 
 from reffuse.core.backend import to_numpy
 from reffuse.core.generate import generate
+from reffuse.core.layout import format_layers
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.activations import activations, compare, load_activations
+from reffuse.files import check_regular_file
+from reffuse.evaluation.activations import SUB_BLOCKS, activations, compare, load_activations
 from reffuse.formats.registry import load_model
 
 # What "agrees" means, per precision of the less precise side, relative to the largest value of each output
@@ -36,6 +40,28 @@ def judge(result: dict, precision: str, rtol: float | None = None, atol: float |
     return {"checks": checks, "first_diverging": first}
 
 
+DUMP_DTYPES = ("float16", "float32", "float64")  # real floats: a complex or integer dump is not activations
+
+
+def check_dump_path(path) -> None:
+    """Refuse, before any work, what cannot be a dump: no file, not a regular file, not an .npz archive."""
+    remedy = ("give transformers, llama.cpp, or a dump in reffuse's activation format (an .npz archive; "
+              "`reffuse dump` writes one, reffuse.evaluation.activations documents it)")
+    check_regular_file(path, remedy)
+    if not zipfile.is_zipfile(path):
+        raise ReffuseError(f"--against {path} is not an .npz archive: {remedy}")
+
+
+def check_dump(dump: dict, source: str) -> None:
+    """Refuse a dump whose activations are not real floating-point numbers (a complex dump would be compared by
+    its real part alone, an integer one was rounded)."""
+    for key, array in dump.items():
+        if isinstance(array, np.ndarray) and key not in ("format", "model", "token_ids") \
+                and array.dtype.name not in DUMP_DTYPES:
+            raise ReffuseError(f"{source}: {key} has dtype {array.dtype}; a dump holds real floating-point "
+                               f"activations ({', '.join(DUMP_DTYPES)}): write them as such")
+
+
 def check_convention(model, dump: dict, ours: dict, source: str) -> None:
     """Refuse a dump whose last hidden state is HF's (taken after the final norm) rather than the stream."""
     theirs, stream = dump.get("hidden_states"), ours["hidden_states"]
@@ -48,6 +74,41 @@ def check_convention(model, dump: dict, ours: dict, source: str) -> None:
         raise ReffuseError(f"{source}: its last hidden state is the stream after the final norm (HF's "
                            "hidden_states[-1]), not the last block's output: write the stream before the norm, as "
                            "the format says (reffuse.evaluation.activations)")
+
+
+def block_names(model) -> list[str]:
+    """"block i" for each block; a fused block says which layers it was fused from."""
+    return [f"block {i}" + (f" (fused from layers {format_layers(b.fused_from)})" if b.fused_from else "")
+            for i, b in enumerate(model.layout().blocks)]
+
+
+def check_dump_fits(model, dump: dict, model_name: str, source: str) -> None:
+    """Refuse a dump made with a model of other shapes, saying which side is which and which --model fits."""
+    vocab, dim, blocks = model.config.vocab_size, model.config.dim, len(model.blocks)
+    theirs = {"vocabulary": dump["logits"].shape[1]}
+    if dump.get("hidden_states") is not None:
+        theirs |= {"blocks": dump["hidden_states"].shape[0] - 1, "width": dump["hidden_states"].shape[2]}
+    ours = {"vocabulary": vocab, "blocks": blocks, "width": dim}
+    differ = [k for k in theirs if theirs[k] != ours[k]]
+    if differ:
+        made_with = f"; the dump names its model {dump['model']!r}" if dump.get("model") else ""
+        raise ReffuseError(f"{source} (the dump) has {', '.join(f'{theirs[k]} {k}' for k in differ)}, but "
+                           f"{model_name} (--model, reffuse's side) has {', '.join(f'{ours[k]} {k}' for k in differ)}: "
+                           f"give --model the model the dump was made with{made_with}")
+
+
+def precision_hint(result: dict, precision: str, dump: dict) -> str | None:
+    """A likely cause when a float64 dump misses float64's targets by float32's rounding."""
+    if precision != "float64":
+        return None
+    rows = result["hidden_states"] + [result["logits"]]
+    failing = [r["relative"] for r in rows if r["relative"] > TARGETS["float64"]["relative"]]
+    if failing and max(failing) < 1e-4:
+        return (f"the dump is {dump['logits'].dtype} but misses float64's target by float32's rounding (worst "
+                f"{max(failing):.1e}): some step that wrote it ran in float32 (a float32 weight or constant keeps "
+                "float32's rounding even when the result is stored as float64); compute every step in float64, or "
+                "compare in float32 (--dtype float32 and a float32 dump)")
+    return None
 
 
 def greedy_comparison(model, ids, theirs: list[int]) -> dict:
@@ -79,8 +140,13 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
         if dtype != "float32":
             raise ReffuseError("llama.cpp runs the F32 export: verify against it in float32")
         model = load_model(model_name, dtype="float32")
-        logits, theirs, architecture = run_llamacpp(model, find_tokenizer(tokenizer or model_name), ids,
-                                                    generate_tokens)
+        try:  # token ids need no tokenizer: without one the export says so and llama.cpp reads ids only
+            vocabulary = find_tokenizer(tokenizer or model_name)
+        except ReffuseError:
+            if tokenizer is not None:
+                raise
+            vocabulary = None
+        logits, theirs, architecture = run_llamacpp(model, vocabulary, ids, generate_tokens)
         ours = {"token_ids": np.asarray(ids), "logits": activations(model, ids)["logits"]}
         result = compare(ours, {"token_ids": ours["token_ids"], "logits": logits})
         result["greedy"] = greedy_comparison(model, ids, theirs)
@@ -92,15 +158,24 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
                                                         "file": fetch("smollm2").name, "judged": False}
         precision, dtype = "llama.cpp", "float32"
     else:
+        check_dump_path(against)
         dump = load_activations(against)
+        check_dump(dump, against)
         if dump["logits"].dtype == np.float64:
             dtype = "float64"  # the other side computed in float64: so does reffuse
         model = load_model(model_name, dtype=dtype)
-        ours = activations(model, dump["token_ids"])
+        check_dump_fits(model, dump, model_name, against)
+        limit = model.config.max_positions
+        if limit is not None and dump["token_ids"].size > limit:
+            raise ReffuseError(f"{against}: its {dump['token_ids'].size} token ids are past the context length of "
+                               f"{model_name}, {limit}: dump at most {limit} tokens")
+        ours = activations(model, dump["token_ids"], sub_blocks=any(k in dump for k in SUB_BLOCKS))
         check_convention(model, dump, ours, against)
-        result = compare(dump, ours)
+        result = compare(dump, ours, sides=(f"{against} (the dump)", f"{model_name} (reffuse)"),
+                         block_names=block_names(model))
         ids, description = dump["token_ids"], f"{against} (model {dump['model'] or '?'}; reffuse is the reference)"
         precision = "float64" if dtype == "float64" and dump["logits"].dtype == np.float64 else "float32"
+        result["hint"] = precision_hint(result, precision, dump)
 
     judged = judge(result, precision, rtol, atol)
     checks = judged["checks"]

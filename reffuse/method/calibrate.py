@@ -42,6 +42,7 @@ the result is evaluated on; `reffuse fuse`, `demo` and `experiments` take both f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,8 +157,11 @@ def fit_error(stats: RunStatistics, down) -> float:
 
 
 def check_ridge(ridge: float) -> float:
-    if not ridge > 0:
-        raise ReffuseError(f"ridge {ridge} must be positive (it is relative to the trace of HᵀH)")
+    """A ridge that is a finite number > 0: an infinite one would give NaN weights, not a refit."""
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float, np.integer, np.floating)) \
+            or not 0 < ridge < math.inf:
+        raise ReffuseError(f"ridge {ridge!r} must be positive and finite (it is relative to the trace of HᵀH; "
+                           f"default {DEFAULT_RIDGE:g})")
     return float(ridge)
 
 

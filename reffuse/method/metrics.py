@@ -10,7 +10,8 @@ In the paper's notation, for blocks f_0 .. f_{m-1} and the residual stream x_0 (
 Small M[i, j] means block j barely notices block i, so the two can run in parallel (eq. 5). At FFN granularity
 only FFN sub-blocks are skipped and measured: h^j is then block j's FFN output, FFN_j(η2(g_j(x_j))), and block i's
 attention still runs when its FFN is skipped. In an attention-free block the block is its FFN, so both
-granularities agree there, and one skip pass serves both.
+granularities agree there, and one skip pass serves both. A sub-block replaced by a linear map (Nemotron-NAS
+`replace_with_linear`) is that block's attention or FFN here: skipped and measured as the sub-block it replaces.
 
 Per block, on the unmodified model: cosdist(X, f(X)) (how much the block turns the token direction),
 ||h(X)|| / ||X|| (how large its update is next to the stream) and cosdist(h(X), X) (the paper reports ≈ 0.95).

@@ -1,7 +1,7 @@
 """The pipeline's outcome (`reffuse demo`): quality and speed of the original, attention-removed and fused models.
 
-Drawn from the demo's JSON: its "quality" rows (perplexity, KL to the original on held-out text) and its "speed"
-rows (decode tokens/s, all models timed in one run).
+Drawn from the demo's JSON: its "quality" rows (perplexity, KL to the original on held-out text; a synthetic model
+has none) and its "speed" rows (decode tokens/s, all models timed in one run).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from reffuse.core.layout import format_groups
 from reffuse.plots import pyplot, save_figure
+from reffuse.speed.timing import ratio_text
 
 COLOURS = {"original": "black", "attention removed": "tab:red", "fused": "tab:blue",
            "fused, calibrated": "tab:green", "fused, healed": "tab:purple"}
@@ -26,8 +27,8 @@ def pipeline_summary_figure(result: dict):
     """Left: KL to the original (bars) with perplexity written on them. Right: decode tokens/s."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    quality = result["quality"]["models"]
-    if result["quality"].get("meaningful", True):
+    if result["quality"]["meaningful"]:
+        quality = result["quality"]["models"]
         names = [n for n in quality if n != "original"]
         _labelled_bars(left, names, [quality[n]["kl_vs_original"] for n in names],
                        [f"ppl {quality[n]['perplexity']:.4g}" for n in names])
@@ -39,9 +40,11 @@ def pipeline_summary_figure(result: dict):
                   "perplexity\nand KL measure nothing", ha="center", va="center", fontsize=9)
     decode = result["speed"]["decode"]
     _labelled_bars(right, list(decode), [d["tokens_per_second"] for d in decode.values()],
-                   [f"{d['speedup']:.2f}x" for d in decode.values()])
+                   [f"{d['tokens_per_second']:.1f}/s\n{ratio_text(d['speedup'], d['speedup_interval_95'])}"
+                    for d in decode.values()])
     right.set_ylabel("decode tokens per second")
-    right.set_title("decode with the KV cache: original, attention removed, fused and calibrated")
+    right.set_title("decode with the KV cache; on each bar: tokens/s, and the speedup over the original\n"
+                    "(the ratio of median times, with its 95% interval)")
     fig.suptitle(f"Attention removal and FFN Fusion on {result['model_name']}")
     fig.tight_layout()
     return fig

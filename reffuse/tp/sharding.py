@@ -4,9 +4,13 @@
                          heads those query heads read (n_kv_heads/N of them, or one replicated head when
                          N > n_kv_heads, as vLLM does, because a kv head cannot be split across its queries)
                 o        row-parallel: the input columns of rank r's heads -> a partial [T, d], all-reduced
+                biases   q, k, v's with their rows; o's added once, by rank 0 (the all-reduce sums the ranks)
+                         each block with its own key/value heads (Nemotron-NAS), split or replicated as above
     FFN         gate, up column-parallel, each on its own: rank r holds the same dh/N hidden units of both
                          (never a slice of their concatenation, or silu(gate) would meet the wrong up)
                 down     row-parallel: the input columns of those hidden units -> a partial [T, d], all-reduced
+    a linear map (a sub-block replaced by one d x d linear, Nemotron-NAS)
+                         row-parallel: rank r reads d/N input features of the (replicated) normalised stream
     embeddings, norms and the LM head are replicated.
 
 Why the sum of the partial outputs is the unsharded output: heads are independent until o, and
@@ -27,7 +31,7 @@ import dataclasses
 from reffuse.core.backend import array_module
 from reffuse.errors import ReffuseError
 from reffuse.core.layout import sharding_problems
-from reffuse.core.model import FFN, Attention, Block, Config, Model
+from reffuse.core.model import FFN, Attention, Block, Config, Linear, Model
 
 
 def query_heads(config: Config, rank: int, n_ranks: int) -> range:
@@ -36,12 +40,14 @@ def query_heads(config: Config, rank: int, n_ranks: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
-def kv_heads(config: Config, rank: int, n_ranks: int) -> range:
-    """The key/value heads rank r's query heads read (query head h reads kv head h // (n_heads/n_kv_heads))."""
-    if config.n_kv_heads >= n_ranks:  # split: n_kv_heads/N per rank
-        per_rank = config.n_kv_heads // n_ranks
+def kv_heads(config: Config, rank: int, n_ranks: int, n_kv: int | None = None) -> range:
+    """The key/value heads rank r's query heads read (query head h reads kv head h // (n_heads/n_kv_heads)), of a
+    block with n_kv of them (default: the model's n_kv_heads)."""
+    n_kv = config.n_kv_heads if n_kv is None else n_kv
+    if n_kv >= n_ranks:  # split: n_kv/N per rank
+        per_rank = n_kv // n_ranks
         return range(rank * per_rank, (rank + 1) * per_rank)
-    ranks_per_kv_head = n_ranks // config.n_kv_heads  # replicated: N/n_kv_heads ranks share one kv head
+    ranks_per_kv_head = n_ranks // n_kv  # replicated: N/n_kv ranks share one kv head
     head = rank // ranks_per_kv_head
     return range(head, head + 1)
 
@@ -66,15 +72,29 @@ def _feature_range(heads: range, head_dim: int) -> range:
     return range(heads.start * head_dim, heads.stop * head_dim)
 
 
+def _bias_slice(bias, features: range):
+    return None if bias is None else array_module(bias).ascontiguousarray(bias[features.start:features.stop])
+
+
 def shard_attention(attn: Attention, config: Config, rank: int, n_ranks: int) -> Attention:
     """Rank r's heads: q, k, v column-parallel by head groups, o row-parallel over the same query heads."""
     q_features = _feature_range(query_heads(config, rank, n_ranks), config.head_dim)
-    kv_features = _feature_range(kv_heads(config, rank, n_ranks), config.head_dim)
+    kv_features = _feature_range(kv_heads(config, rank, n_ranks, attn.k.shape[0] // config.head_dim),
+                                 config.head_dim)
     return Attention(norm_gain=attn.norm_gain,
                      q=column_parallel(attn.q, rank, n_ranks, q_features),    # [n_heads/N * hd, d]
                      k=column_parallel(attn.k, rank, n_ranks, kv_features),   # [n_kv_local * hd, d]
                      v=column_parallel(attn.v, rank, n_ranks, kv_features),   # [n_kv_local * hd, d]
-                     o=row_parallel(attn.o, rank, n_ranks, q_features))       # [d, n_heads/N * hd]
+                     o=row_parallel(attn.o, rank, n_ranks, q_features),       # [d, n_heads/N * hd]
+                     q_bias=_bias_slice(attn.q_bias, q_features), k_bias=_bias_slice(attn.k_bias, kv_features),
+                     v_bias=_bias_slice(attn.v_bias, kv_features),
+                     o_bias=attn.o_bias if rank == 0 else None)              # added once to the sum over ranks
+
+
+def shard_linear(part: Linear, rank: int, n_ranks: int) -> Linear:
+    """Rank r's d/N input features of a linear map, row-parallel: x[:, cols_r] W[:, cols_r]^T, summed over ranks."""
+    per_rank = part.weight.shape[1] // n_ranks
+    return Linear(part.norm_gain, row_parallel(part.weight, rank, n_ranks), first_input=rank * per_rank)
 
 
 def shard_ffn(ffn: FFN, rank: int, n_ranks: int) -> FFN:
@@ -109,9 +129,16 @@ def shard_model(model: Model, rank: int, n_ranks: int) -> Model:
     config = dataclasses.replace(cfg, n_heads=len(query_heads(cfg, rank, n_ranks)),
                                  n_kv_heads=len(kv_heads(cfg, rank, n_ranks)),
                                  name=f"{cfg.name} [tensor-parallel rank {rank} of {n_ranks}]")
-    blocks = [Block(attention=None if b.attention is None else shard_attention(b.attention, cfg, rank, n_ranks),
-                    ffn=None if b.ffn is None else shard_ffn(b.ffn, rank, n_ranks),
-                    fused_from=b.fused_from)
+
+    def shard(part, shard_heads):
+        if part is None:
+            return None
+        if isinstance(part, Linear):
+            return shard_linear(part, rank, n_ranks)
+        return shard_heads(part)
+
+    blocks = [Block(attention=shard(b.attention, lambda a: shard_attention(a, cfg, rank, n_ranks)),
+                    ffn=shard(b.ffn, lambda f: shard_ffn(f, rank, n_ranks)), fused_from=b.fused_from)
               for b in model.blocks]
     shard = dataclasses.replace(model, config=config, blocks=blocks)  # embeddings, norm, LM head replicated
     return shard.kernels.arrange(shard)  # its new attention weights held as its kernels read them

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reffuse.core.backend import array_module
-from reffuse.core.model import Block, Model, check_token_ids, rope_tables, run_blocks
+from reffuse.core.model import Block, Linear, Model, check_token_ids, rope_tables, run_blocks
 from reffuse.core.names import ATTENTION_NAMES, EMBED, FFN_NAMES, FINAL_NORM, LM_HEAD, block_prefix, named_weights
 from reffuse.errors import ReffuseError
 from reffuse.training import backward as bw
@@ -99,6 +99,19 @@ def first_trainable_block(model: Model, trainable: set) -> int:
     return len(model.blocks)
 
 
+def check_differentiable(model: Model) -> None:
+    """Refuse, by name, what the backward below does not differentiate: attention biases and sub-blocks replaced
+    by a linear map."""
+    cfg = model.config
+    if cfg.qkv_bias or cfg.o_bias:
+        raise ReffuseError(f"{cfg.name} has attention biases, which reffuse's backward does not differentiate: "
+                           "training takes Llama attention without biases")
+    linear = [i for i, b in enumerate(model.blocks) if isinstance(b.attention, Linear) or isinstance(b.ffn, Linear)]
+    if linear:
+        raise ReffuseError(f"block {linear[0]} of {cfg.name} has a sub-block replaced by a linear map, which "
+                           f"reffuse's backward does not differentiate ({len(linear)} such blocks)")
+
+
 def gradients(model: Model, token_ids, teacher_logits=None, temperature: float = 1.0, trainable=None):
     """(loss, grads) of one window token_ids [T].
 
@@ -115,9 +128,10 @@ def gradients(model: Model, token_ids, teacher_logits=None, temperature: float =
                            f"({T}, {cfg.vocab_size})")
     if not (np.isfinite(temperature) and temperature > 0):
         raise ReffuseError(f"temperature must be a finite number > 0, got {temperature}")
+    check_differentiable(model)
     trainable = check_trainable(model, trainable)
     xp = array_module(model.embed)
-    cos, sin = rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta, model.dtype, xp)
+    cos, sin = rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta, model.dtype, xp, cfg.rope_scaling)
     device_ids = xp.asarray(ids)
 
     # forward

@@ -65,7 +65,7 @@ def test_rope_rows_are_rope_tables_bit_for_bit():
         for made, cut in zip(rope_tables(positions, 16, 10000.0, np.float32), rope_rows(positions, 16, 10000.0,
                                                                                          np.float32)):
             np.testing.assert_array_equal(cut, made)
-    assert fast._ROPE_TABLES[(16, 10000.0, "<f4", "numpy", None)][0].shape[0] >= 2001  # grown, once per key
+    assert fast._ROPE_TABLES[(16, 10000.0, None, "<f4", "numpy", None)][0].shape[0] >= 2001  # grown, once per key
 
 
 def test_ffn_in_column_blocks(tiny64, monkeypatch):

@@ -52,9 +52,8 @@ def test_a_folder_reffuse_did_not_write_loads_as_written(tiny32, tmp_path):
     assert np.abs(forward(other, ids) - expected).max() <= 1e-5 * np.abs(expected).max()  # padded: float32 rounding
 
 
-@pytest.mark.parametrize("part, key, value", [("attention", "replace_with_linear", True),
-                                              ("attention", "window_length", 512), ("attention", "num_sink_tokens", 4),
-                                              ("ffn", "replace_with_linear", True), ("ffn", "sparsify", ["a"])])
+@pytest.mark.parametrize("part, key, value", [("attention", "window_length", 512), ("attention", "num_sink_tokens", 4),
+                                              ("ffn", "sparsify", ["a"]), ("ffn", "moe", {"num_experts": 8})])
 def test_what_reffuse_does_not_compute_is_refused_by_name(tiny32, tmp_path, part, key, value):
     folder = save_nemotron_nas(tiny32, tmp_path / "nas")
     raw = json.loads((folder / "config.json").read_text())

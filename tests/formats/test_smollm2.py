@@ -25,7 +25,8 @@ def test_four_first_loads_into_one_fresh_cache_all_succeed_three_times(tmp_path)
         env = os.environ | {"REFFUSE_CACHE": str(cache)}
         loaders = [subprocess.Popen([sys.executable, "-c", LOADER], env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for _ in range(4)]
-        results = [(p.wait(timeout=300), *p.communicate()) for p in loaders]
+        # a hang guard: a conversion takes ~10 s alone; four loaders on a loaded machine, minutes at most
+        results = [(p.wait(timeout=1800), *p.communicate()) for p in loaders]
         assert all(code == 0 for code, _, _ in results), [err[-500:] for _, _, err in results]
         assert len({out for _, out, _ in results}) == 1                       # the same model, every process
         converted = [err.count("converting") for _, _, err in results]

@@ -1,0 +1,83 @@
+"""llama.cpp held against the conformance kit: every GGUF pattern within 1e-4 of the largest logit of the
+float64 reference (float32 kernels over a few blocks, measured ~2e-7), and the one divergence of llama.cpp's deci
+graph reproduced by its minimal file and worked around by the export. A Nemotron-NAS folder with per-block
+n_heads_in_group and ffn_mult and a replace_with_linear block loads, fuses, exports and runs in llama.cpp with
+reffuse's logits; a saved folder without a tokenizer is verified on token ids alone."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+import reffuse  # noqa: E402
+from reffuse.cli import main  # noqa: E402
+from reffuse.core.patterns import build_pattern  # noqa: E402
+from reffuse.evaluation.conformance import build_kit, verify_kit  # noqa: E402
+from reffuse.evaluation.llamacpp import LlamaCpp  # noqa: E402
+from reffuse.evaluation.verify import verify  # noqa: E402
+from reffuse.formats.checkpoint import load_folder, save_model, save_nemotron_nas  # noqa: E402
+from reffuse.formats.gguf_export import save_gguf  # noqa: E402
+
+pytestmark = pytest.mark.slow  # llama.cpp loads a model per pattern
+
+LLAMACPP = 1e-4  # reffuse.evaluation.verify.TARGETS["llama.cpp"]
+
+
+def test_llamacpp_computes_every_pattern_of_the_kit(tmp_path, capsys):
+    build_kit(tmp_path / "kit")
+    rows = {row["pattern"]: row for row in verify_kit(tmp_path / "kit", threads=1)}
+    for name, row in rows.items():
+        if row["verdict"] == "not in GGUF":
+            assert name == "linear-ffn"
+        elif "as is" in name:  # the deci graph drops the attention of a layer without FFN
+            assert row["relative"] > 1e-2 and row["verdict"] == "known divergence reproduced", row
+        else:
+            assert row["relative"] <= LLAMACPP and row["top1_agreement"] == 1.0, row
+    assert main(["verify", "--model", str(tmp_path / "kit"), "--against", "llama.cpp"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("agrees") == 7 and "known divergence reproduced" in out
+
+
+def test_a_nemotron_folder_with_varying_heads_widths_and_a_linear_block_runs_in_llamacpp(tmp_path):
+    model = build_pattern(["attn/1+ffn:32", "attn/4+ffn:80", "lin+ffn", "-+ffn:48", "-+ffn:64", "attn+-",
+                           "attn/2+ffn"])
+    folder = save_nemotron_nas(reffuse.cast(model, "float32"), tmp_path / "nas")
+    raw = json.loads((folder / "config.json").read_text())
+    assert {c["attention"]["n_heads_in_group"] for c in raw["block_configs"] if not c["attention"]["no_op"]} == \
+        {4, 1, 2, None}
+    assert raw["block_configs"][2]["attention"]["replace_with_linear"]
+    loaded = load_folder(folder)
+    fused = reffuse.fuse(loaded, [(3, 4)])
+    ids = np.random.default_rng(0).integers(0, 260, 24)
+    ours = reffuse.forward(reffuse.cast(fused, "float64"), ids)
+    path = save_gguf(fused, tmp_path / "fused.gguf", None)
+    theirs = LlamaCpp(path, n_ctx=64, threads=1).logits(ids)
+    assert np.abs(theirs - ours).max() <= LLAMACPP * np.abs(ours).max()
+
+
+def test_a_saved_folder_without_a_tokenizer_is_verified_on_ids(tmp_path):
+    folder = save_model(reffuse.cast(build_pattern(["attn+ffn", "attn+-", "-+ffn"]), "float32"), tmp_path / "m")
+    result = verify(str(folder), "llama.cpp", np.arange(20) % 260, generate_tokens=4)
+    assert result["logits"]["relative"] <= LLAMACPP and "deci" in result["against"]
+
+
+def test_smollm2_without_two_ffns_agrees_with_llamacpp_through_the_export(smollm2, smollm2_tokenizer, tmp_path):
+    """The case that found the divergence: SmolLM2 with the FFNs of blocks 10 and 11 removed. Written as it is,
+    llama.cpp loses those blocks' attention (most of the largest logit away); the export's stand-in FFNs fix it."""
+    from reffuse.evaluation.activations import DEFAULT_TEXT
+    from reffuse.method.removal import drop_ffns
+
+    model = drop_ffns(smollm2, [10, 11])
+    folder = save_model(model, tmp_path / "no-ffn", tokenizer=smollm2_tokenizer)
+    ids = np.asarray(smollm2_tokenizer.encode(DEFAULT_TEXT)[:64])
+    result = verify(str(folder), "llama.cpp", ids, generate_tokens=8)
+    assert result["logits"]["relative"] <= LLAMACPP and result["greedy"]["identical_prefix"] == 8
+    as_is = save_gguf(model, tmp_path / "as-is.gguf", smollm2_tokenizer, stand_in_ffns=False)
+    theirs = LlamaCpp(as_is, n_ctx=128).logits(ids)
+    ours = reffuse.forward(model, ids)
+    error, top1 = np.abs(theirs - ours).max() / np.abs(ours).max(), np.mean(theirs.argmax(-1) == ours.argmax(-1))
+    print(f"SmolLM2 without FFNs 10-11, llama.cpp vs reffuse: as is {error:.2f} of the largest logit, top-1 "
+          f"{top1:.1%}; through the export {result['logits']['relative']:.1e}, top-1 {result['top1_agreement']:.1%}")
+    assert error > 0.1
