@@ -53,8 +53,8 @@ print(cfg)
 #
 # A `reffuse.Model` is plain data: the token embedding, a list of blocks, a final norm and the LM head (tied to
 # the embedding here, as in SmolLM2), and the functions it computes with (`model.kernels`). `load_model` returns
-# it on fast kernels (`reffuse.core.fast`, the same arithmetic arranged for speed); `plain(model)` puts it on the
-# functions of the table above, so that `reffuse.forward` and `block_forward` below run exactly those. Each block
+# it on fast kernels (`reffuse.core.fast`, the same arithmetic arranged for speed, lecture 05); `plain(model)` puts
+# it on the functions of the table above, so that `reffuse.forward` and `block_forward` below run exactly those. Each block
 # holds an `Attention` (its norm gain $g_1$ and the q, k, v, o projections) and an `FFN` (its norm gain $g_2$ and
 # the gate, up, down projections). Weights are stored `(out_features, in_features)`, as in PyTorch, so a
 # projection is `x @ W.T`.
@@ -323,3 +323,7 @@ else:
 #    projections, attention scores and weighted sum, FFN)? At which S does attention cost as much as the FFN?
 #
 # Solutions: `lectures/solutions/01_solutions.py` (run it: `python lectures/solutions/01_solutions.py`).
+#
+# **Graded: write the block yourself.** `lectures/exercises/student.py` has the stubs `rms_norm`, `apply_rope`,
+# `attention` (with a KV cache) and `swiglu`; `python -m pytest lectures/exercises/test_01_llama_block.py` grades
+# them against the functions of the table above, on the tiny model and on SmolLM2's block 0 (`docs/course.md`).

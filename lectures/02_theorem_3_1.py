@@ -103,14 +103,8 @@ print("H* shape", hidden(wide, u).shape, " max |H* - [H^1..H^n]| =", np.abs(hidd
 # The same stacking works *inside* one FFN. $W_2$ and $W_1$ read the same $U$, so
 # $[\,U W_2^\top \mid U W_1^\top\,] = U \begin{bmatrix}W_2\\ W_1\end{bmatrix}^\top$: one product instead of two,
 # the theorem's concatenation applied to the two input projections of a single FFN. It changes no number, only how
-# many products read the weights. reffuse uses it where that pays: an attention's q, k and v also read one input,
-# so the fast kernels (`reffuse.core.fast`, on which `load_model` returns models) hold them as one array
-# `StackedAttention.qkv` (`q`, `k`, `v` are views of it) and compute them in one product
-# (`reffuse.core.fast.attention_stacked`). At one token that takes two thirds of the time of three products
-# (0.69x and 0.66x in two runs, 95% intervals 0.66-0.72 and 0.65-0.69), because k and v are small (192 rows) and
-# every product has a fixed cost. Gate and up are two products of 1536 rows that already stream at the machine's
-# rate: stacked, they took 1.01-1.02x the time at one token and 1.00-1.03x at 512
-# (`benchmarks/results/profile_smollm2*/profile.md`), so the FFN keeps two.
+# many products read the weights; whether that saves time is a question of speed, which lecture 05 answers for
+# reffuse's fast kernels (they stack an attention's q, k and v this way, and keep gate and up apart).
 
 # %%
 ffn = run[0]
@@ -239,7 +233,7 @@ print(f"tiny  parallel(last) vs sequential: {relative_gap(parallel_last, sequent
 # last block alone, as the paper does (lecture 04 shows why).
 #
 # We compare next-token distributions with the KL divergence $\mathrm{KL}(p_{\text{sequential}} \,\|\,
-# p_{\text{fused}})$ in nats per token (`reffuse.evaluation.prefix.kl_per_token`), on a short passage of real text, in
+# p_{\text{fused}})$ in nats per token (`reffuse.evaluation.scoring.kl_per_token`), on a short passage of real text, in
 # float64 so that only the method differs, not the rounding.
 
 # %%
@@ -298,3 +292,7 @@ for layer, g in zip(range(18, 23), gains):
 #    gap before and after. Explain the change with the first-order view in `docs/paper.md` (section "Why the parallel form is close").
 #
 # Solutions: `lectures/solutions/02_solutions.py` (run it: `python lectures/solutions/02_solutions.py`).
+#
+# **Graded: fuse it yourself.** Write `fuse_ffns` (FFNs of unequal widths) and `fold_norm_gain` in
+# `lectures/exercises/student.py`; `python -m pytest lectures/exercises/test_02_theorem_3_1.py` grades them against
+# `reffuse.core.fusion.fuse_ffns` and the parallel form, eq. 5 (`docs/course.md`).

@@ -208,3 +208,7 @@ for size in (2, 4):
 #    median FFN-level dependency inside the run with blocks 14–21.
 #
 # Solutions: `lectures/solutions/03_solutions.py` (run it: `python lectures/solutions/03_solutions.py`).
+#
+# **Graded: one entry of M.** Write `dependency_entry` in `lectures/exercises/student.py`;
+# `python -m pytest lectures/exercises/test_03_dependency_metrics.py` grades every entry against
+# `reffuse.method.metrics.dependency` (`docs/course.md`).

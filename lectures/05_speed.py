@@ -25,9 +25,11 @@
 #    when by arithmetic?
 # 2. the **fused-FFN microbenchmark**: a run of 8 SmolLM2-sized FFNs, sequential vs fused, at 1 to 512 tokens;
 # 3. **model decode speed** of reffuse on SmolLM2, with transformers and llama.cpp beside it and the machine's bound;
-# 4. the **latency model at the paper's scale**: Llama-405B → 253B PreFusion → fused on 8 H100s, beside the
+# 4. **reffuse's fast kernels**: why they are faster than the plain forward pass of lecture 01, and why they
+#    compute the same;
+# 5. the **latency model at the paper's scale**: Llama-405B → 253B PreFusion → fused on 8 H100s, beside the
 #    paper's Table 2;
-# 5. **GPU numbers**, where they have been recorded.
+# 6. **GPU numbers**, where they have been recorded.
 #
 # Timing is slow and noisy on a shared 2-core machine, so apart from the short machine calibration this lecture
 # reads the committed benchmark results (`benchmarks/results/`, written by `reffuse bench` and
@@ -40,6 +42,7 @@ import json
 import numpy as np
 
 import reffuse
+from reffuse.core.model import plain
 from reffuse.speed import costmodel
 from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
@@ -136,8 +139,8 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # what fusion saves is the fixed work per block — 8 RMSNorms, 8 residual adds and 24 small matrix products
 # become 1, 1 and 3 — which is a large part of a sub-millisecond run. At many tokens both are compute-bound
 # and do the same FLOPs, so the ratio tends to 1; a naive fused GEMM even loses there, because its wide
-# intermediate `[T, 8·1536]` falls out of cache, which is why reffuse computes wide SwiGLUs in cache-sized column
-# blocks (`reffuse.core.model.swiglu`). The measured times sit above the roofline bound: the bound ignores every
+# intermediate `[T, 8·1536]` falls out of cache, which is why reffuse's fast kernels compute wide SwiGLUs in
+# cache-sized column blocks (section 4). The measured times sit above the roofline bound: the bound ignores every
 # fixed cost, and the roofline here was measured *now*, the benchmark on another day.
 #
 # ## 3. Model decode speed, against two other engines and the machine's bound
@@ -187,14 +190,63 @@ show(fig)
 # %% [markdown]
 # reffuse is NumPy calling BLAS, yet it decodes faster than transformers: both stream the same weights, and what
 # separates them is the fixed cost around each product. llama.cpp, compiled kernels with no interpreter between
-# them, comes closest to the bound. reffuse's own fast kernels (`reffuse.core.fast`: q, k and v in one product,
-# prefill attention that skips the masked half of the scores, RoPE tables made once) are each tested equal to the
-# plain functions, and `reffuse.core.model.plain(model)` puts a model back on those;
-# `benchmarks/results/profile_smollm2/profile.md` says, part by part, what they buy. That is the regime the paper
-# is in at batch 1 on a GPU, 1000 times larger and 1000 times faster.
+# them, comes closest to the bound. That is the regime the paper is in at batch 1 on a GPU, 1000 times larger and
+# 1000 times faster.
 
 # %% [markdown]
-# ## 4. The latency model at the paper's scale
+# ## 4. reffuse's fast kernels: faster, and equal
+#
+# Lecture 01 stepped through the plain forward pass: `reffuse.core.model`'s `attention`, `swiglu` and
+# `rope_tables`, the equations as written, on which `reffuse.core.model.plain(model)` puts a model. The models
+# `reffuse.load_model` returns compute on `reffuse.core.fast.FAST` instead: the same arithmetic arranged for
+# speed, one replacement for each plain function.
+#
+# | plain | fast | what is arranged |
+# |---|---|---|
+# | `attention` | `attention_stacked` | q, k and v read the same input, so they are held as one array (`StackedAttention`, whose `q`, `k`, `v` are views of it) and computed in one product: Theorem 3.1's concatenation (lecture 02) applied to the input projections of one attention. Prefill queries go in blocks that skip the masked half of the scores, and the softmax is divided after its product with v. |
+# | `swiglu` | `swiglu_in_cache` | past the cache's size, the hidden units in column blocks, so that a wide FFN's `[T, dh]` intermediate stays in cache: each block of units is an FFN of its own, as in Theorem 3.1's proof |
+# | `rope_tables` | `rope_rows` | rows cut from tables made once, instead of cos and sin computed at every step |
+# | | `gathered` | every weight in one allocation, on huge pages |
+#
+# **Why equal.** No multiplication changes. What changes is which products are issued together, the order in
+# which sums are added, and products skipped because a zero softmax weight multiplies them. So each fast kernel
+# equals its plain function bit for bit where the operations are the same, and to float32 rounding where a sum
+# runs in another order (`tests/core/test_fast_paths.py` checks each). The whole model, fast against plain:
+
+# %%
+model = reffuse.load_model("smollm2")                     # on FAST
+ids = np.arange(1000, 1064)                                # 64 token ids; any will do
+fast_logits = reffuse.forward(model, ids)
+plain_logits = reffuse.forward(plain(model), ids)
+print(f"{model.kernels.name} against {plain(model).kernels.name}: max |difference| of the logits "
+      f"{np.abs(fast_logits - plain_logits).max():.1e}, largest logit {np.abs(plain_logits).max():.1f}")
+
+# %% [markdown]
+# **Why faster.** A decode step is memory-bound (section 1): every arrangement reads the same weights, so what the
+# fast kernels can save is the fixed cost around the products, and at long prefills the masked half of the
+# scores. `benchmarks/profile/profile_smollm2.py` times every part of the forward pass both ways; its committed
+# result, ratios of times with their 95% intervals:
+
+# %%
+profile = json.loads((RESULTS / "profile_smollm2" / "profile.json").read_text())
+print(f"BLAS: {profile['blas']}")
+for regime, label in (("decode", "decode step"), ("prefill_64", "prefill, 64"), ("prefill_512", "prefill, 512")):
+    ratio_of_times = profile["fast_over_plain_time"][regime]   # whole forward passes, plain and fast alternated
+    print(f"{label:12s} fast / plain {ratio_text(ratio_of_times['median'], ratio_of_times['interval_95'])}")
+for row in profile["stacking"]["rows"]:
+    print(f"{row['products']:18s} {row['tokens']:3d} tokens: stacked / separate "
+          f"{ratio_text(row['stacked_over_separate_time'], row['stacked_over_separate_interval_95'])}")
+arena = profile["arena"]["arena_over_separate_time"]
+print(f"weights in one allocation against separate arrays: decode step {ratio_text(arena['median'], arena['interval_95'])}")
+
+# %% [markdown]
+# Stacking pays where a product is small: k and v have 192 rows each, and every product has a fixed cost, so q, k
+# and v in one product take less time at one token than three. Gate and up are two products of 1536 rows that
+# already stream at the machine's rate; stacked, they take no less time, so the fast FFN keeps two. The whole
+# forward pass gains a little at most: the weights are read once either way, which is the bound of section 3.
+# `benchmarks/results/profile_smollm2/profile.md` has every part's time.
+#
+# ## 5. The latency model at the paper's scale
 #
 # The paper measures single-user decode of Llama-3.1-405B, its 253B PreFusion descendant (half the attention
 # removed by Puzzle) and the fused Ultra-253B on one node of 8 H100s at TP8 (Table 2). `reffuse.speed.costmodel` puts
@@ -243,7 +295,7 @@ for row in projection["rows"]:
 show(tp_projection_figure(json.loads((RESULTS / "costmodel.json").read_text())))
 
 # %% [markdown]
-# ## 5. GPU numbers
+# ## 6. GPU numbers
 #
 # reffuse runs on a GPU with CuPy (`reffuse.to_device(model, "gpu")`), and `reffuse tp --device gpu` puts one rank
 # per GPU. Results measured on a GPU are committed beside the CPU ones, with `"device"` naming the GPU. Those

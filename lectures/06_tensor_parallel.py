@@ -289,3 +289,7 @@ for name in ("llama-3.1-405b", "ultra-253b-prefusion", "ultra-253b-fused"):
 #    leaving its last block alone; compare with `costmodel.allreduce_count`.
 #
 # Solutions: `lectures/solutions/06_solutions.py` (run it: `python lectures/solutions/06_solutions.py`).
+#
+# **Graded: a ring step.** Write `ring_step` in `lectures/exercises/student.py`;
+# `python -m pytest lectures/exercises/test_06_tensor_parallel.py` grades every step against what
+# `reffuse.tp.ring.ring_allreduce` leaves on each rank (`docs/course.md`).

@@ -25,7 +25,7 @@
 # 1. the chain rule through a product, RMSNorm, attention and SwiGLU, each checked against finite differences;
 # 2. why the fused FFN's backward is the same code as one FFN's;
 # 3. the whole model, `reffuse.gradients`, and the loss KD minimises;
-# 4. a fused SmolLM2 healed for a couple of hundred steps, with its held-out KL before and after.
+# 4. a fused SmolLM2 healed for a hundred steps, with its held-out KL before and after.
 #
 # Notation: for a scalar loss L and an array a, `da` is ∂L/∂a, of a's shape. Weights are (out, in), so a product
 # is y = x Wᵀ and its backward is dx = dy W, dW = dyᵀ x. Runs in about a minute.
@@ -195,7 +195,7 @@ plt.show()
 # %% [markdown]
 # The training loss is measured on text the model is learning from; the held-out KL above is what counts. How
 # far healing goes at larger budgets, and whether fusion then beats plain FFN removal, is what `reffuse heal`
-# and the healing study measure; a couple of hundred steps only show the direction.
+# and the healing study measure; a hundred steps only show the direction.
 
 # %% [markdown]
 # ## Exercises
@@ -212,3 +212,7 @@ plt.show()
 #    better on held-out text?
 #
 # Solutions: `lectures/solutions/07_solutions.py` (run it: `python lectures/solutions/07_solutions.py`).
+#
+# **Graded: the backward passes.** Write `rms_norm_backward`, `swiglu_backward` and `attention_backward` in
+# `lectures/exercises/student.py`; `python -m pytest lectures/exercises/test_07_backpropagation.py` grades them
+# against `reffuse.training.backward` (`docs/course.md`).

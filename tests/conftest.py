@@ -82,7 +82,7 @@ def reference_llama():
 SLOW_FIXTURES = {"smollm2", "smollm2_tokenizer", "reference_llama"}
 SLOW_MODULES = {"test_lectures", "test_tp_mpi", "test_real_model", "test_metrics_real", "test_smollm2",
                 "test_llamacpp",
-                "test_readme", "test_gpu_rehearsal", "test_autograd"}
+                "test_gpu_rehearsal", "test_autograd"}  # test_readme marks its command runs slow itself
 
 
 def pytest_collection_modifyitems(items):

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_run_rehearses_end_to_end_on_the_stand_in(tmp_path):
     env = os.environ | {"PYTHON": sys.executable, "REFFUSE_GPU_OUT": str(tmp_path)}
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--rehearse"], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600)  # a hang guard
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (tmp_path / "summary.txt").read_text()
     assert "strict_cupy" in summary and "GPU tests: passed" in summary

@@ -48,7 +48,7 @@ def test_notebook_matches_source_and_has_no_outputs(source):
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_notebook_runs(source):
     notebook = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",  # a hang guard per cell
                                      resources={"metadata": {"path": str(LECTURES)}})
     client.execute()
 
@@ -57,5 +57,5 @@ def test_notebook_runs(source):
 def test_solutions_run(source):
     solutions = solutions_of(source)
     done = subprocess.run([sys.executable, str(solutions)], cwd=LECTURES, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
     assert done.returncode == 0, f"{solutions.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

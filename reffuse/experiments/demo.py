@@ -8,7 +8,8 @@
 5. calibration of the fused down-projections (reffuse.method.calibrate);
 6. healing: a short knowledge distillation of the fused blocks from the original (reffuse.training; `reffuse heal`
    runs it at a larger budget);
-7. quality on held-out text; 8. speed, all models in one run, and a greedy sample from each.
+7. quality on held-out text (left out for a synthetic model, whose random weights read random ids: there it
+   would measure nothing); 8. speed, all models in one run, and a greedy sample from each.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from reffuse.core.fusion import fuse, with_last_norm
 from reffuse.core.generate import generate
-from reffuse.core.layout import attention_free_runs
+from reffuse.core.layout import attention_free_runs, original_layers
 from reffuse.core.model import Model, cast, forward, layout
 from reffuse.core.names import named_weights
 from reffuse.errors import ReffuseError
@@ -94,12 +95,33 @@ def exactness(removed: Model, groups, norm: str, ids) -> dict:
 
 def speed_row(original, seconds, tokens_per_run: int | None = None) -> dict:
     """A model's timed runs against the original's, repeat by repeat: the median time (per token, and as a rate,
-    with `tokens_per_run`), and the speedup original / model, the median of the paired ratios with its 95%
-    interval (> 1: faster than the original)."""
+    with `tokens_per_run`), and the speedup original / model, the ratio of the two medians with the 95% interval
+    of the paired repeats (reffuse.stats.paired_ratio; > 1: faster than the original)."""
     median, speedup = statistics.median(seconds), paired_ratio(original, seconds)
     row = ({"ms": 1e3 * median} if tokens_per_run is None else
            {"tokens_per_second": tokens_per_run / median, "ms_per_token": 1e3 * median / tokens_per_run})
     return {**row, "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
+
+
+def layout_changes(original: Model, fused: Model) -> list[dict]:
+    """The blocks of the fused model that differ from the layers they stand for in the original: fused, or their
+    attention removed. Each with the original layers, their attention and FFN widths, and its own."""
+    before = layout(original).rows()
+    changes = []
+    for row, layers in zip(layout(fused).rows(), original_layers(fused)):
+        was = [before[i] for i in layers]
+        if len(layers) > 1 or any(r["attention"] != row["attention"] or r["ffn_width"] != row["ffn_width"]
+                                  for r in was):
+            changes.append({"block": row["block"], "layers": list(layers), "attention": row["attention"],
+                            "ffn_width": row["ffn_width"], "attention_before": [r["attention"] for r in was],
+                            "ffn_widths_before": [r["ffn_width"] for r in was]})
+    return changes
+
+
+def gap_closed(plain: float, better: float, reference: float) -> float | None:
+    """The share of the gap from `reference` up to `plain` that `better` closes, (plain - better) / (plain -
+    reference); None without a gap."""
+    return (plain - better) / (plain - reference) if plain != reference else None
 
 
 def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> dict:
@@ -168,10 +190,10 @@ def run_demo(options: DemoOptions) -> dict:
         M = ffn_dependency(removed, texts.scoring(options.dependency_tokens, DEPENDENCY_WINDOW), up_to=region[1])
         result["ffn_dependency"] = {"matrix": matrix_to_json(M), "tokens": options.dependency_tokens}
 
-        step(4, "fusion: exactness and the sequential-vs-parallel gap")
+        step(4, "fusion and its exactness")
         result.update(exactness(removed, groups, options.norm, texts.held_out.ids[0][:EXACTNESS_TOKENS]))
         result.update(layout_before=layout(original).rows(), layout_removed=layout(removed).rows(),
-                      layout_after=layout(fused).rows())
+                      layout_after=layout(fused).rows(), layout_changes=layout_changes(original, fused))
 
         step(5, "calibration of the fused down-projections")
         with Progress("calibrating fused groups", len(groups), "groups") as bar:
@@ -182,38 +204,15 @@ def run_demo(options: DemoOptions) -> dict:
         step(6, "healing: distillation of the fused blocks")
         healed, result["healing"] = heal_fused_blocks(original, fused, texts, options)
 
-        step(7, "quality on held-out text")
-        first = min(removal["blocks"][0], groups[0][0]) if removal else groups[0][0]
-        with Progress("scoring on held-out text", 6, "models") as bar:
-            judge = cache_prefix(original, texts.held_out.ids)
-            bar.update()
-            before_fusion = cache_prefix(removed, texts.held_out.ids)
-            bar.update()
-            models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated,
-                      "fused, healed": healed}
-            quality = {"original": {"perplexity": score_variant(judge, original, len(original.blocks))["perplexity"]}}
-            for name, model in models.items():
-                s = score_variant(judge, model, first, reference=before_fusion)
-                quality[name] = {"perplexity": s["perplexity"], "kl_vs_original": s["kl_from_base"],
-                                 "top1_vs_original": s["top1_agreement"],
-                                 "kl_vs_attention_removed": s["kl_from_reference"] if model is not removed else 0.0,
-                                 "top1_vs_attention_removed":
-                                     s["top1_agreement_reference"] if model is not removed else 1.0}
-                bar.update()
-        plain, cal = quality["fused"], quality["fused, calibrated"]
-        ppl_gap = plain["perplexity"] - quality["attention removed"]["perplexity"]
-        result["quality"] = {
-            "models": quality, "predictions": judge.predictions,
-            "calibration_closes": {
-                "kl_vs_attention_removed": 1 - cal["kl_vs_attention_removed"] / plain["kl_vs_attention_removed"],
-                "perplexity": (plain["perplexity"] - cal["perplexity"]) / ppl_gap if ppl_gap else None},
-            "calibrated_beats_plain_kl_vs_original": cal["kl_vs_original"] < plain["kl_vs_original"],
-            "meaningful": not synthetic}
-        # The approximation: the fused model is the parallel form exactly, so its distance from the model it was
-        # fused from (attention removed, blocks sequential) is what running the blocks in parallel costs.
-        result["sequential_vs_parallel"] = {"kl": plain["kl_vs_attention_removed"],
-                                            "top1_agreement": plain["top1_vs_attention_removed"],
-                                            "predictions": judge.predictions}
+        models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated,
+                  "fused, healed": healed}
+        if synthetic:
+            step(7, "quality on held-out text: left out (a synthetic model reads random ids)")
+            result["quality"] = {"meaningful": False}
+        else:
+            step(7, "quality on held-out text")
+            first = min(removal["blocks"][0], groups[0][0]) if removal else groups[0][0]
+            result.update(held_out_quality(original, removed, models, texts, first))
 
         step(8, "speed (one run, in alternation) and greedy samples")
         speed_models = {"original": original, "attention removed": removed, "fused, calibrated": calibrated}
@@ -237,3 +236,40 @@ def run_demo(options: DemoOptions) -> dict:
 
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def held_out_quality(original: Model, removed: Model, models: dict, texts, first: int) -> dict:
+    """Perplexity, KL to the original and top-1 agreement of every model on the held-out text, the blocks before
+    `first` run once (reffuse.evaluation.prefix); the share of the fusion gap that calibration and healing close;
+    and the approximation that fusion makes, sequential vs parallel."""
+    with Progress("scoring on held-out text", 2 + len(models), "models") as bar:
+        judge = cache_prefix(original, texts.held_out.ids)
+        bar.update()
+        before_fusion = cache_prefix(removed, texts.held_out.ids)
+        bar.update()
+        quality = {"original": {"perplexity": score_variant(judge, original, len(original.blocks))["perplexity"]}}
+        for name, model in models.items():
+            s = score_variant(judge, model, first, reference=before_fusion)
+            quality[name] = {"perplexity": s["perplexity"], "kl_vs_original": s["kl_from_base"],
+                             "top1_vs_original": s["top1_agreement"],
+                             "kl_vs_attention_removed": s["kl_from_reference"] if model is not removed else 0.0,
+                             "top1_vs_attention_removed":
+                                 s["top1_agreement_reference"] if model is not removed else 1.0}
+            bar.update()
+    plain, removed_scores = quality["fused"], quality["attention removed"]
+
+    def closes(name: str) -> dict:
+        return {"kl_vs_attention_removed": gap_closed(plain["kl_vs_attention_removed"],
+                                                      quality[name]["kl_vs_attention_removed"], 0.0),
+                "perplexity": gap_closed(plain["perplexity"], quality[name]["perplexity"],
+                                         removed_scores["perplexity"])}
+
+    return {"quality": {"models": quality, "predictions": judge.predictions, "meaningful": True,
+                        "calibration_closes": closes("fused, calibrated"), "healing_closes": closes("fused, healed"),
+                        "calibrated_beats_plain_kl_vs_original":
+                            quality["fused, calibrated"]["kl_vs_original"] < plain["kl_vs_original"]},
+            # The fused model is the parallel form exactly, so its distance from the model it was fused from
+            # (attention removed, blocks sequential) is what running the blocks in parallel costs.
+            "sequential_vs_parallel": {"kl": plain["kl_vs_attention_removed"],
+                                       "top1_agreement": plain["top1_vs_attention_removed"],
+                                       "predictions": judge.predictions}}

@@ -33,14 +33,14 @@ def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
     report, folder = tiny_demo
     assert report["synthetic"] is True
     for key in ("attention_removal", "plan", "groups", "layout_before", "layout_removed", "layout_after",
-                "fused_vs_parallel_relative_error", "sequential_vs_parallel", "calibration", "quality", "speed",
-                "samples", "figures", "texts"):
+                "fused_vs_parallel_relative_error", "calibration", "quality", "speed", "samples", "figures",
+                "texts"):
         assert key in report, key
+    # random weights reading random ids: held-out quality would measure nothing, so it is not computed
+    assert report["quality"] == {"meaningful": False} and "sequential_vs_parallel" not in report
     # Theorem 3.1: fused == parallel up to rounding (float64 ~1e-16, float32 ~1e-7)
     assert report["fused_vs_parallel_relative_error"]["float64"] <= 1e-12
     assert report["fused_vs_parallel_relative_error"]["float32"] <= 1e-5
-    assert set(report["quality"]["models"]) == {"original", "attention removed", "fused", "fused, calibrated",
-                                                "fused, healed"}
     assert report["healing"]["steps"] == report["healing"]["tokens"] // 64 and report["healing"]["losses"]
     assert set(report["speed"]["decode"]) == {"original", "attention removed", "fused, calibrated"}
     assert report["attention_removal"]["blocks"] == [2, 3]  # tiny's cheapest pair (seeded, synthetic)

@@ -102,11 +102,11 @@ def test_the_command_and_the_library_agree_on_every_default():
             assert getattr(parsed, f.name) == f.default, f.name
 
 
-def test_the_readme_quotes_the_committed_healing_run():
+def test_the_healing_page_quotes_the_committed_healing_run():
     from pathlib import Path
     root = Path(__file__).resolve().parents[2]
     record = json.loads((root / "reports" / "healing" / "smollm2_fused.json").read_text())
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "healing.md").read_text()
     before, after = record["held_out_before"], record["held_out_after"]
     quoted = [f"{before['kl_from_base']:.3f} -> {after['kl_from_base']:.4f}",
               f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}", f"{before['base_perplexity']:.2f}",
