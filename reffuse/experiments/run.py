@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 import time
 
 import numpy as np
@@ -57,8 +56,8 @@ import numpy as np
 from reffuse.experiments.findings import (calibration, calibration_scale, decode_latency, decoded_models, ffn_removal,
                                           full_block, fusion_intensity, last_ffn, modelled_latency,
                                           predictor_comparison, removal_counts, reversed_order, verdicts)
+from reffuse.experiments.provenance import provenance
 from reffuse.experiments.study import DEFINITIONS, prepare_study, step
-from reffuse.files import checkout_root
 from reffuse.formats.registry import load_model
 from reffuse.method.pipeline import load_texts
 from reffuse.speed.timing import blas_threads
@@ -69,18 +68,8 @@ RULE_FILES = ("reffuse/experiments/findings.py", "reffuse/evaluation/intervals.p
 
 
 def rules_provenance() -> dict:
-    """The commit that last changed the verdict rules, and whether the checkout holds changes to them since (then
-    the run applies rules no commit records). Outside a git checkout: both None."""
-    root = checkout_root()
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%H %cI", "--", *RULE_FILES],
-                                capture_output=True, text=True, timeout=30, check=True).stdout.split()
-        changed = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", *RULE_FILES],
-                                 capture_output=True, timeout=30).returncode != 0
-    except (OSError, subprocess.SubprocessError):
-        return {"files": list(RULE_FILES), "commit": None, "committed_at": None, "uncommitted_changes": None}
-    return {"files": list(RULE_FILES), "commit": commit[0] if commit else None,
-            "committed_at": commit[1] if len(commit) > 1 else None, "uncommitted_changes": changed}
+    """The commit that last changed the verdict rules (reffuse.experiments.provenance)."""
+    return provenance(RULE_FILES)
 
 
 SCALE_TOKENS = (2048, 8192, 32768)   # calibration text of finding (j)

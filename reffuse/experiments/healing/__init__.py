@@ -1,0 +1,1 @@
+"""The healing study: does distillation recover what fusion costs? (plan, points, findings, report)"""

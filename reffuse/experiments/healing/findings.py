@@ -1,0 +1,220 @@
+"""The healing study's findings (l)-(o): what each compares, and the rule that turns the numbers into a verdict.
+
+Every comparison is a paired difference of held-out KL(original || model) between two points scored on the same
+windows (reffuse.stats.paired_window_sums). A verdict reads the interval over texts (a t-interval over the held-out
+texts' own means: windows of one text are correlated, so the texts are the independent units); the interval over
+windows is reported beside it. Where a point was run with several seeds, its per-window sums are the seeds' mean
+and the seeds' spread is reported. A finding whose points are not all finished is "pending".
+
+The rules are fixed before the points they judge are run; the report names the commit of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reffuse.experiments.findings import Verdict, decide
+from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets
+from reffuse.experiments.healing.points import WindowScores
+from reffuse.stats import paired_window_sums
+
+# (l): "most of the gap" is more than half of it. The gap is the fused model's extra KL over the attention-removed
+# model before healing, measured in the same run; a fraction of it, not a number of nats, so that the rule does
+# not depend on how large KL happens to be at this scale.
+GAP_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """A point's per-window sums, the mean over its seeds."""
+    kl: np.ndarray
+    predictions: np.ndarray
+    text: np.ndarray
+    seeds: tuple
+    seed_means: tuple          # each seed's mean KL
+
+    @property
+    def mean_kl(self) -> float:
+        return float(self.kl.sum() / self.predictions.sum())
+
+
+class Points:
+    """The finished held-out points, looked up by variant, objective, budget and seed."""
+
+    def __init__(self, results: list[dict]):
+        self.scores = {}
+        for r in results:
+            p = r["point"]
+            if p["split"] == "held-out":
+                self.scores[(p["variant"], p["objective"], p["tokens"], p["seed"])] = \
+                    WindowScores.from_json(r["scores"])
+
+    def pooled(self, variant: str, objective: str, tokens: int) -> Pooled | None:
+        """The point over every seed that finished (None if none did); budget 0 is the untrained start."""
+        key = (variant, "start", 0) if tokens == 0 else (variant, objective, tokens)
+        runs = {seed: s for (v, o, t, seed), s in self.scores.items() if (v, o, t) == key}
+        if not runs:
+            return None
+        seeds = tuple(sorted(runs))
+        kl = np.mean([runs[s].kl for s in seeds], axis=0)
+        first = runs[seeds[0]]
+        return Pooled(kl, np.asarray(first.predictions, dtype=np.float64), np.asarray(first.text), seeds,
+                      tuple(runs[s].mean_kl for s in seeds))
+
+
+def compare(x: Pooled, y: Pooled) -> dict:
+    """x - y in mean KL, with both intervals."""
+    return paired_window_sums(x.kl, y.kl, x.predictions, x.text)
+
+
+def below(d: dict, threshold: float = 0.0) -> bool:
+    """Resolved below the threshold: the interval over texts lies under it."""
+    return d["clusters_interval_95"] is not None and d["clusters_interval_95"][1] < threshold
+
+
+def above(d: dict, threshold: float = 0.0) -> bool:
+    return d["clusters_interval_95"] is not None and d["clusters_interval_95"][0] > threshold
+
+
+def describe(d: dict) -> str:
+    t, w = d["clusters_interval_95"], d["windows_interval_95"]
+    texts = f"[{t[0]:+.4f}, {t[1]:+.4f}] over {d['clusters']} texts" if t else "no interval over texts"
+    windows = f"[{w[0]:+.4f}, {w[1]:+.4f}] over {d['windows']} windows" if w else "no interval over windows"
+    return f"{d['mean']:+.4f} nats ({texts}; {windows})"
+
+
+def seeds_note(*pooled: Pooled) -> str:
+    return "; ".join(f"seeds {','.join(map(str, p.seeds))}: mean KL " + ", ".join(f"{m:.4f}" for m in p.seed_means)
+                     for p in pooled)
+
+
+def pending(finding: str, title: str, paper: str, rule: str, missing: list[str]) -> Verdict:
+    return Verdict(finding, title, paper=paper, here="not all of its points have run", rule=rule,
+                   verdict="pending", note="missing: " + "; ".join(missing))
+
+
+def gathered(points: Points, wanted: dict) -> tuple[dict, list[str]]:
+    """The pooled points named in `wanted` (label -> (variant, objective, tokens)), and the labels missing."""
+    found = {label: points.pooled(*key) for label, key in wanted.items()}
+    return found, [f"{label} ({key[0]}, {key[1]}, {key[2]:,} tokens)" for label, key in wanted.items()
+                   if found[label] is None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (l) healing closes most of the fusion gap
+
+
+def gap_closed(points: Points, budgets: Budgets) -> Verdict:
+    largest = max(budgets.kd)
+    paper = ("a fused model, healed by distillation, keeps the quality of the model it came from (§3, §4: the "
+             "fused 253B model is distilled on tens of billions of tokens)")
+    rule = (f"at {largest:,} tokens of distillation: held if the 4-step fused model's held-out KL minus the "
+            f"attention-removed model's, both healed, is resolved below {GAP_FRACTION} x the same difference "
+            "before healing (the interval over texts lies below it); did not hold if resolved above; else not "
+            "resolved. The 1-step model is reported, not judged")
+    wanted = {"fused": ("fused, 4 steps", "kd", largest), "removed": (ATTENTION_REMOVED, "kd", largest),
+              "fused0": ("fused, 4 steps", "start", 0), "removed0": (ATTENTION_REMOVED, "start", 0)}
+    p, missing = gathered(points, wanted)
+    if missing:
+        return pending("l", "healing closes most of the fusion gap", paper, rule, missing)
+    gap = p["fused0"].mean_kl - p["removed0"].mean_kl
+    d = compare(p["fused"], p["removed"])
+    here = (f"before healing the fused model is {gap:+.4f} nats above the attention-removed model; after "
+            f"{largest:,} tokens: {describe(d)} (threshold {GAP_FRACTION * gap:+.4f})")
+    one = points.pooled("fused, 1 step", "kd", largest)
+    one0 = points.pooled("fused, 1 step", "start", 0)
+    if one is not None and one0 is not None:
+        here += (f"; 1 step: {one0.mean_kl - p['removed0'].mean_kl:+.4f} before, "
+                 f"{describe(compare(one, p['removed']))} after")
+    return Verdict("l", "healing closes most of the fusion gap", paper=paper, here=here, rule=rule,
+                   verdict=decide(below(d, GAP_FRACTION * gap), against=above(d, GAP_FRACTION * gap)),
+                   note=seeds_note(p["fused"], p["removed"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (m) at an equal healing budget, fusion beats FFN removal at equal latency
+
+
+def fusion_vs_removal(points: Points, budgets: Budgets) -> Verdict:
+    largest = max(budgets.kd)
+    paper = ("at a similar latency, fusion keeps more accuracy than removing FFNs (§4.2, removal vs fusion; the "
+             "paper's models are healed before they are compared)")
+    rule = (f"at {largest:,} tokens of distillation, the same trainable set (the region's FFNs): held if the fused "
+            "model's KL is resolved below its matched removal's for both pairs (4 steps vs 3 FFNs removed, 1 step "
+            "vs 6 removed: equal sequential FFN steps, and the nearest modelled latency); partly held if for one "
+            "and removal is resolved below for neither; did not hold if removal is resolved below for some pair "
+            "and fusion for none; else not resolved")
+    pairs = (("fused, 4 steps", "3 FFNs removed"), ("fused, 1 step", "6 FFNs removed"))
+    wanted = {name: (name, "kd", largest) for pair in pairs for name in pair}
+    p, missing = gathered(points, wanted)
+    if missing:
+        return pending("m", "healed fusion vs healed FFN removal", paper, rule, missing)
+    diffs = [compare(p[f], p[r]) for f, r in pairs]
+    here = "; ".join(f"{f} - {r}: {describe(d)}" for (f, r), d in zip(pairs, diffs))
+    lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
+    return Verdict("m", "healed fusion vs healed FFN removal", paper=paper, here=here, rule=rule,
+                   verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
+                   note=seeds_note(*p.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (n) global distillation beats the local objective at equal tokens
+
+
+def global_vs_local(points: Points, budgets: Budgets) -> Verdict:
+    common = sorted(set(budgets.kd) & set(budgets.local))
+    largest = common[-1]
+    paper = ("the paper heals with knowledge distillation of the whole model's outputs (§3); a local objective, "
+             "each fused FFN fitted to the sequential run's update, is the cheap alternative")
+    rule = (f"the 4-step fused model with its fused block trained, at {largest:,} tokens of each objective: held if "
+            "global distillation's KL is resolved below local distillation's; did not hold if resolved above; "
+            "else not resolved. The other budgets, and local distillation at 4x the tokens, are reported")
+    wanted = {"global": ("fused, 4 steps", "kd-fused", largest), "local": ("fused, 4 steps", "local", largest)}
+    p, missing = gathered(points, wanted)
+    if missing:
+        return pending("n", "global vs local distillation", paper, rule, missing)
+    d = compare(p["global"], p["local"])
+    here = [f"{largest:,} tokens: global - local {describe(d)}"]
+    for tokens in common[:-1]:
+        g, loc = points.pooled("fused, 4 steps", "kd-fused", tokens), points.pooled("fused, 4 steps", "local", tokens)
+        if g is not None and loc is not None:
+            here.append(f"{tokens:,}: {describe(compare(g, loc))}")
+    more = points.pooled("fused, 4 steps", "local", max(budgets.local))
+    if more is not None and max(budgets.local) > largest:
+        here.append(f"global at {largest:,} - local at {max(budgets.local):,}: {describe(compare(p['global'], more))}")
+    return Verdict("n", "global vs local distillation", paper=paper, here="; ".join(here), rule=rule,
+                   verdict=decide(below(d), against=above(d)), note=seeds_note(p["global"], p["local"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (o) the calibrated refit is a better starting point than plain fusion
+
+
+def refit_start(points: Points, budgets: Budgets) -> Verdict:
+    largest = max(budgets.kd)
+    paper = "the paper heals plainly fused models; reffuse's closed-form refit is an alternative starting point"
+    rule = (f"at {largest:,} tokens of distillation: held if the refitted model's KL is resolved below the plainly "
+            "fused model's for both 4 steps and 1 step; partly held if for one and plain fusion is resolved below "
+            "for neither; did not hold if plain fusion is resolved below for some and the refit for none; else not "
+            "resolved")
+    pairs = (("fused, 4 steps, refit", "fused, 4 steps"), ("fused, 1 step, refit", "fused, 1 step"))
+    wanted = {name: (name, "kd", largest) for pair in pairs for name in pair}
+    p, missing = gathered(points, wanted)
+    if missing:
+        return pending("o", "the refit as a starting point", paper, rule, missing)
+    diffs = [compare(p[r], p[f]) for r, f in pairs]
+    here = "; ".join(f"{r} - {f}: {describe(d)}" for (r, f), d in zip(pairs, diffs))
+    lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
+    return Verdict("o", "the refit as a starting point", paper=paper, here=here, rule=rule,
+                   verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
+                   note=seeds_note(*p.values()))
+
+
+FINDINGS = (gap_closed, fusion_vs_removal, global_vs_local, refit_start)
+
+
+def verdicts(results: list[dict], budgets: Budgets) -> list[Verdict]:
+    points = Points(results)
+    return [finding(points, budgets) for finding in FINDINGS]

@@ -1,0 +1,183 @@
+"""Running the healing study: the learning-rate choice on calibration text, then every point on held-out text,
+cheapest first, each saved as it finishes and every training run checkpointed, so that the study resumes across
+sessions where it stopped (`reffuse healing-study --out DIR` again).
+
+Folder layout: DIR/study.json (settings, the fusion study's choices, the learning-rate choice, provenance),
+DIR/points/<point>.json (one per finished point), DIR/README.md and DIR/recovery.png (the report, rewritten
+after every point); training checkpoints live beside DIR in DIR.checkpoints and are removed as points finish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from reffuse.errors import ReffuseError
+from reffuse.experiments.healing.plan import (Budgets, FusionChoices, Point, Variant,
+                                              build_variant, read_fusion_choices, study_points, sweep_points)
+from reffuse.experiments.healing.points import WindowScores, original_logits, score, train_point
+from reffuse.experiments.provenance import provenance
+from reffuse.files import json_text, read_json, write_text_atomic
+from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows, training_windows
+from reffuse.formats.registry import find_tokenizer, load_model
+from reffuse.method.removal import drop_attention
+from reffuse.progress import note
+
+# The code and data that shape the study's numbers: a change to any of them after a point was run is reported.
+SETUP_FILES = ("reffuse/experiments/healing", "reffuse/training", "reffuse/formats/corpus.py",
+               "reffuse/method/calibrate.py", "reffuse/method/distill.py", "reffuse/method/removal.py",
+               "reffuse/core", "reports/experiments/smollm2/experiments.json")
+RULE_FILES = ("reffuse/experiments/healing/findings.py", "reffuse/stats.py")
+
+
+@dataclass(frozen=True)
+class HealingStudySettings:
+    """What every point shares; a study folder refuses to continue under other settings."""
+    model: str = "smollm2"
+    window: int = 512
+    held_out_tokens: int = 16384
+    calibration_scoring_tokens: int = 8192     # the learning-rate choice's scoring text
+    budgets: Budgets = Budgets()
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples as lists, as the folder's JSON holds them
+
+
+@dataclass
+class Texts:
+    held_out: TokenWindows
+    calibration: TokenWindows       # scores the learning-rate choice
+    refit: TokenWindows             # the refit variants' calibration text, as the fusion study used it
+    training: TokenWindows          # the largest budget's windows; a point takes the first tokens // window
+
+
+def load_texts(tokenizer, settings: HealingStudySettings, choices: FusionChoices) -> Texts:
+    largest = max(max(settings.budgets.kd), max(settings.budgets.local))
+    return Texts(held_out_windows(tokenizer, settings.window, settings.held_out_tokens),
+                 calibration_windows(tokenizer, settings.window, settings.calibration_scoring_tokens),
+                 calibration_windows(tokenizer, choices.calibration_window, choices.calibration_tokens),
+                 training_windows(tokenizer, settings.window, largest))
+
+
+def point_windows(texts: Texts, tokens: int):
+    """A budget's training windows: the first tokens // window of the turn-by-turn order (all of them, for more
+    epochs, when the split holds fewer)."""
+    return texts.training.ids[:max(1, tokens // texts.training.window)]
+
+
+def point_path(folder: Path, point: Point) -> Path:
+    return folder / "points" / f"{point.key}.json"
+
+
+def read_points(folder: Path) -> list[dict]:
+    return [read_json(p, "delete the file to run its point again") for p in sorted((folder / "points").glob("*.json"))]
+
+
+def choose_rates(folder: Path, budgets: Budgets) -> dict:
+    """The learning rate of each objective from the sweep: the candidate with the lowest calibration KL."""
+    done = {(p["point"]["objective"], p["point"]["learning_rate"]): WindowScores.from_json(p["scores"]).mean_kl
+            for p in read_points(folder) if p["point"]["split"] == "calibration"}
+    rates = {}
+    for objective, candidates in (("kd", budgets.kd_rates), ("local", budgets.local_rates)):
+        scored = {r: done[(objective, r)] for r in candidates if (objective, r) in done}
+        if len(scored) == len(candidates):
+            rates[objective] = min(scored, key=scored.get)
+    if "kd" in rates:
+        rates["kd-fused"] = rates["ce"] = rates["kd"]
+    return rates
+
+
+class Runner:
+    """Holds the models and texts once, and runs points."""
+
+    def __init__(self, folder: Path, settings: HealingStudySettings):
+        self.folder, self.settings = folder, settings
+        self.choices = read_fusion_choices()
+        self.original = load_model(settings.model)
+        self.pre = drop_attention(self.original, self.choices.attention_removed)
+        self.texts = load_texts(find_tokenizer(settings.model), settings, self.choices)
+        self.variants: dict[str, Variant] = {}
+        self.logits: dict[str, list] = {}
+
+    def variant(self, name: str) -> Variant:
+        if name not in self.variants:
+            self.variants[name] = build_variant(name, self.original, self.choices, self.texts.refit.ids)
+        return self.variants[name]
+
+    def original_logits(self, split: str) -> list:
+        if split not in self.logits:
+            self.logits = {split: original_logits(self.original, self.windows(split))}  # one split held at a time
+        return self.logits[split]
+
+    def windows(self, split: str) -> TokenWindows:
+        return self.texts.held_out if split == "held-out" else self.texts.calibration
+
+    def run(self, point: Point) -> dict:
+        started = time.perf_counter()
+        variant = self.variant(point.variant)
+        model, log = variant.model, None
+        checkpoint = self.folder.with_name(self.folder.name + ".checkpoints") / point.key
+        if point.tokens:
+            model, log = train_point(point, variant, self.original, self.pre,
+                                     point_windows(self.texts, point.tokens), checkpoint)
+        scores = score(model, self.windows(point.split), self.original_logits(point.split))
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return {"point": asdict(point), "trainable": len(variant.ffn_names()), "scores": scores.to_json(),
+                "log": log.to_json() if log is not None else None, "seconds": time.perf_counter() - started,
+                "provenance": provenance(SETUP_FILES)}
+
+
+def check_settings(folder: Path, settings: HealingStudySettings) -> dict:
+    """The folder's study.json, written on first use; refuse a folder of a study with other settings."""
+    path = folder / "study.json"
+    if path.is_file():
+        study = read_json(path, f"delete {folder} to start the study afresh")
+        if study.get("settings") != settings.to_json():
+            raise ReffuseError(f"{folder} holds a healing study with other settings ({path}): use another --out, "
+                               "or the same settings to continue it")
+        return study
+    if folder.exists() and any(folder.iterdir()):
+        raise ReffuseError(f"{folder} is not empty and holds no healing study: choose another --out")
+    study = {"settings": settings.to_json(), "fusion_study": asdict(read_fusion_choices()) | {
+        "file": "reports/experiments/smollm2/experiments.json",
+        "provenance": provenance(["reports/experiments/smollm2/experiments.json"])},
+        "rules": provenance(RULE_FILES), "setup": provenance(SETUP_FILES)}
+    write_text_atomic(path, json_text(study))
+    return study
+
+
+def run_study(folder, settings: HealingStudySettings = HealingStudySettings(), up_to: int | None = None,
+              report=None) -> list[dict]:
+    """Run every point not yet in the folder, up to `up_to` training tokens; `report(folder)` after each."""
+    folder = Path(folder)
+    check_settings(folder, settings)
+    budgets = settings.budgets
+    runner = None
+    todo = sweep_points(budgets) + study_points(budgets)
+    for number, point in enumerate(todo, 1):
+        if up_to is not None and point.tokens > up_to:
+            continue
+        if point.split == "held-out" and point.tokens:
+            rates = choose_rates(folder, budgets)
+            if point.objective not in rates:
+                note(f"the learning-rate choice for {point.objective} is not complete: run the sweep first")
+                continue
+            point = replace(point, learning_rate=rates[point.objective])
+        path = point_path(folder, point)
+        if path.is_file():
+            continue
+        if runner is None:
+            note("loading SmolLM2, the texts and the fusion study's choices")
+            runner = Runner(folder, settings)
+        note(f"[{number}/{len(todo)}] {point.variant}, {point.objective}, {point.tokens:,} tokens, seed "
+             f"{point.seed}" + (f", learning rate {point.learning_rate:g}" if point.tokens else "")
+             + f", scored on {point.split} text")
+        result = runner.run(point)
+        write_text_atomic(path, json_text(result, inline_lists=True))
+        if report is not None:
+            report(folder)
+    return read_points(folder)
+
