@@ -14,7 +14,7 @@ from reffuse.errors import ReffuseError
 from reffuse.files import Terminated, running
 
 COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures",
-            "fuse", "heal", "experiments", "export", "conformance"]
+            "fuse", "heal", "experiments", "healing-study", "export", "conformance"]
 
 EPILOG = """examples:
   reffuse demo                      the whole FFN Fusion pipeline on the default model
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "in parallel, fuse it into one wide SwiGLU, and measure what that costs and saves.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module = importlib.import_module(f"reffuse.commands.{name}")
+        module = importlib.import_module(f"reffuse.commands.{name.replace('-', '_')}")
         sub = commands.add_parser(name, help=module.HELP, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)

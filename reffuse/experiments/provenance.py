@@ -1,5 +1,6 @@
 """Which commit a result's code came from: for a set of files, the last commit that changed them and whether the
-checkout holds changes to them since (then the run used code that no commit records)."""
+checkout holds changes to them since (then the run used code that no commit records); and, for a result made
+earlier, which of the files changed after its recorded commit."""
 
 from __future__ import annotations
 
@@ -21,3 +22,40 @@ def provenance(files) -> dict:
         return {"files": files, "commit": None, "committed_at": None, "uncommitted_changes": None}
     return {"files": files, "commit": commit[0] if commit else None,
             "committed_at": commit[1] if len(commit) > 1 else None, "uncommitted_changes": changed}
+
+
+def changed_since(commit: str | None, files) -> list[str] | None:
+    """The paths among `files` that commits after `commit` changed (None outside a git checkout or without a
+    commit): a result computed at `commit` may not be what the code at HEAD would give."""
+    if commit is None:
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(checkout_root()), "diff", "--name-only", commit, "HEAD", "--",
+                              *files], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.split()
+
+
+def changes_since(commit: str, files) -> dict:
+    """{"since", "head", "files"} for the paths `files`: each one that a commit after `commit` up to HEAD changed,
+    with the number of those commits and the dates of the first and the last, or that the checkout changes now
+    ("uncommitted"); outside a git checkout, or for a commit it does not hold, "head" and "files" are None."""
+    root, files = checkout_root(), list(files)
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        head = git("rev-parse", "HEAD").strip()
+        changed = []
+        for file in files:
+            dates = git("log", "--format=%cI", f"{commit}..HEAD", "--", file).split()
+            uncommitted = bool(git("diff", "--name-only", "HEAD", "--", file).strip())
+            if dates or uncommitted:
+                changed.append({"file": file, "commits": len(dates), "first": dates[-1] if dates else None,
+                                "last": dates[0] if dates else None, "uncommitted": uncommitted})
+    except (OSError, subprocess.SubprocessError):
+        return {"since": commit, "head": None, "files": None}
+    return {"since": commit, "head": head, "files": changed}

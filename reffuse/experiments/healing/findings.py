@@ -30,6 +30,8 @@ GAP_FRACTION = 0.5
 class Pooled:
     """A point's per-window sums, the mean over its seeds."""
     kl: np.ndarray
+    nll: np.ndarray
+    agree: np.ndarray
     predictions: np.ndarray
     text: np.ndarray
     seeds: tuple
@@ -38,6 +40,18 @@ class Pooled:
     @property
     def mean_kl(self) -> float:
         return float(self.kl.sum() / self.predictions.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return float(np.exp(self.nll.sum() / self.predictions.sum()))
+
+    @property
+    def top1(self) -> float:
+        return float(self.agree.sum() / self.predictions.sum())
+
+    def kl_interval(self) -> dict:
+        """The mean KL with its intervals over windows and over texts (a difference from zero)."""
+        return paired_window_sums(self.kl, np.zeros_like(self.kl), self.predictions, self.text)
 
 
 class Points:
@@ -58,10 +72,14 @@ class Points:
         if not runs:
             return None
         seeds = tuple(sorted(runs))
-        kl = np.mean([runs[s].kl for s in seeds], axis=0)
+        mean = {field: np.mean([getattr(runs[s], field) for s in seeds], axis=0) for field in ("kl", "nll", "agree")}
         first = runs[seeds[0]]
-        return Pooled(kl, np.asarray(first.predictions, dtype=np.float64), np.asarray(first.text), seeds,
-                      tuple(runs[s].mean_kl for s in seeds))
+        return Pooled(mean["kl"], mean["nll"], mean["agree"], np.asarray(first.predictions, dtype=np.float64),
+                      np.asarray(first.text), seeds, tuple(runs[s].mean_kl for s in seeds))
+
+    def keys(self) -> list[tuple[str, str, int]]:
+        """(variant, objective, tokens) of every finished point, seeds pooled."""
+        return sorted({(v, o, t) for v, o, t, _ in self.scores}, key=lambda k: (k[0], k[1], k[2]))
 
 
 def compare(x: Pooled, y: Pooled) -> dict:

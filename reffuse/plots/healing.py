@@ -1,0 +1,65 @@
+"""The healing study's figure: held-out KL to the original against tokens of training, on a log axis, every
+variant healed by distillation (left) and the objectives compared on the fused models (right), each point with
+its 95% interval over held-out windows. Drawn from the study's JSON (reffuse.experiments.healing.report), so it
+is redrawn without training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from reffuse.plots import pyplot, save_figure
+
+STYLES = {  # variant -> colour on the left panel, the refit variants dashed; the right panel cycles colours
+    "attention removed": "black", "fused, 4 steps": "tab:blue", "fused, 4 steps, refit": "tab:blue",
+    "3 FFNs removed": "tab:red", "fused, 1 step": "tab:green", "fused, 1 step, refit": "tab:green",
+    "6 FFNs removed": "tab:purple", "original": "tab:gray"}
+OBJECTIVE_LINES = {"kd": "-", "kd-fused": ":", "local": "-.", "ce": "--"}
+
+
+def _x(tokens: np.ndarray, zero_at: float) -> np.ndarray:
+    """Budget 0 (the untrained start) drawn at `zero_at` on the log axis."""
+    return np.where(tokens == 0, zero_at, tokens)
+
+
+def recovery_figure(curves: dict, title: str):
+    """`curves`: (variant, objective) -> rows of {"tokens", "kl", "interval": [low, high] or None}, budget 0
+    included. Left panel: objective "kd" for every variant; right: the other objectives and the kd curves of the
+    fused 4-step model they are compared with."""
+    plt = pyplot()
+    budgets = sorted({r["tokens"] for rows in curves.values() for r in rows if r["tokens"]})
+    zero_at = budgets[0] / 4 if budgets else 1.0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2)
+    for (variant, objective), rows in curves.items():
+        fused_four = variant == "fused, 4 steps" and objective == "kd"
+        for ax in ([left] if objective == "kd" else []) + ([right] if objective != "kd" or fused_four else []):
+            tokens = np.array([r["tokens"] for r in rows])
+            kl = np.array([r["kl"] for r in rows])
+            errors = np.array([[r["kl"] - r["interval"][0], r["interval"][1] - r["kl"]] if r["interval"] else
+                               [0.0, 0.0] for r in rows]).T.clip(min=0)
+            label = variant if ax is left else f"{variant}: {objective}"
+            colour = STYLES.get(variant, "tab:brown") if ax is left else next(palette)
+            ax.errorbar(_x(tokens, zero_at), kl, yerr=errors, marker="o", markersize=3, capsize=2,
+                        color=colour, label=label,
+                        linestyle="--" if ax is left and variant.endswith("refit") else OBJECTIVE_LINES[objective])
+    for ax, heading in ((left, "healed by distillation from the original (kd)"),
+                        (right, "objectives: whole-model kd, fused blocks only,\nlocal; the original trained by CE")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ticks = [zero_at] + budgets
+        ax.set_xticks(ticks, ["0"] + [f"{t // 1024}k" if t < 2 ** 20 else f"{t / 2 ** 20:g}M" for t in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("training tokens")
+        ax.set_title(heading, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_ylabel("held-out KL(original || model), nats")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_recovery_figure(curves: dict, title: str, path) -> Path:
+    return save_figure(recovery_figure(curves, title), Path(path))

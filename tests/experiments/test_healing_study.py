@@ -1,0 +1,107 @@
+"""The healing study's rules and report, on made-up points (what each rule decides, pending while points are
+missing), and the committed study's verdicts recomputed from its JSON."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from reffuse.cli import main
+from reffuse.experiments.healing.findings import GAP_FRACTION, verdicts
+from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets, Point
+from reffuse.experiments.healing.points import WindowScores
+from reffuse.experiments.healing.report import FINDINGS, FIGURE, summarize, write_report
+from reffuse.experiments.provenance import provenance
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "reports" / "healing" / "study"
+BUDGETS = Budgets(kd=(1024, 4096), local=(1024, 4096, 16384), seeds=(0, 1), sweep_tokens=1024)
+TEXTS, WINDOWS_PER_TEXT, PREDICTIONS = 4, 3, 100
+PROVENANCE = {"files": ["reffuse/experiments/healing"], "commit": None, "committed_at": None,
+              "uncommitted_changes": None}
+
+
+def scores(mean_kl: float, spread: float = 0.02, seed: int = 0) -> dict:
+    """Windows of 4 texts whose mean KL is mean_kl, each window off by a seeded amount."""
+    rng = np.random.default_rng(seed)
+    n = TEXTS * WINDOWS_PER_TEXT
+    per_window = mean_kl + spread * rng.standard_normal(n)
+    per_window += mean_kl - per_window.mean()
+    return asdict(WindowScores(kl=list(per_window * PREDICTIONS), nll=[3.0 * PREDICTIONS] * n,
+                               agree=[60] * n, predictions=[PREDICTIONS] * n,
+                               text=[i // WINDOWS_PER_TEXT for i in range(n)],
+                               texts=[f"play {i}" for i in range(TEXTS)]))
+
+
+def result(variant, objective, tokens, kl, seed=0, **kw) -> dict:
+    point = Point(variant, objective, tokens, seed, **kw)
+    return {"point": asdict(point), "scores": scores(kl, seed=hash((variant, objective, tokens, seed)) % 1000),
+            "seconds": 1.0, "provenance": PROVENANCE, "log": None, "trainable": 1}
+
+
+def study_results(healed_fused: float) -> list[dict]:
+    """Every point the rules read: before healing the fused model is 0.4 nats above the attention-removed one."""
+    largest, kd_local = max(BUDGETS.kd), max(set(BUDGETS.kd) & set(BUDGETS.local))
+    start = {ATTENTION_REMOVED: 0.6, "fused, 4 steps": 1.0, "fused, 1 step": 2.0}
+    out = [result(v, "start", 0, kl) for v, kl in start.items()]
+    healed = {ATTENTION_REMOVED: 0.3, "fused, 4 steps": healed_fused, "fused, 4 steps, refit": healed_fused - 0.05,
+              "3 FFNs removed": healed_fused + 0.2, "fused, 1 step": 0.6, "fused, 1 step, refit": 0.55,
+              "6 FFNs removed": 0.9}
+    out += [result(v, "kd", largest, kl, seed=s) for v, kl in healed.items() for s in BUDGETS.seeds]
+    out += [result("fused, 4 steps", "kd-fused", kd_local, healed_fused + 0.02),
+            result("fused, 4 steps", "local", kd_local, healed_fused + 0.3)]
+    return out
+
+
+def by_finding(results) -> dict:
+    return {v.finding: v for v in verdicts(results, BUDGETS)}
+
+
+def test_each_rule_decides_from_the_points():
+    v = by_finding(study_results(healed_fused=0.35))    # 0.05 above against a threshold of 0.5 x 0.4
+    assert v["l"].verdict == "held" and f"{GAP_FRACTION * 0.4:+.4f}" in v["l"].here
+    assert v["m"].verdict == "held" and v["n"].verdict == "held" and v["o"].verdict == "held"
+    v = by_finding(study_results(healed_fused=0.9))     # 0.6 above: the gap grew
+    assert v["l"].verdict == "did not hold"
+
+
+def test_a_finding_is_pending_until_its_points_have_run():
+    results = [r for r in study_results(0.35) if r["point"]["objective"] != "local"]
+    v = by_finding(results)
+    assert v["n"].verdict == "pending" and "local" in v["n"].note
+    assert v["l"].verdict == "held"
+
+
+@pytest.mark.slow
+def test_the_report_is_drawn_from_the_folder(tmp_path):
+    (tmp_path / "points").mkdir()
+    study = {"settings": {"model": "smollm2", "window": 512, "held_out_tokens": 16384,
+                          "calibration_scoring_tokens": 8192, "budgets": json.loads(json.dumps(asdict(BUDGETS)))},
+             "fusion_study": {"attention_removed": [5, 6], "region": [5, 12]},
+             "rules": provenance(["reffuse/experiments/healing/findings.py"]),
+             "setup": provenance(["reffuse/experiments/healing"])}
+    (tmp_path / "study.json").write_text(json.dumps(study))
+    for i, r in enumerate(study_results(0.35)):
+        (tmp_path / "points" / f"{i}.json").write_text(json.dumps(r))
+    summary = write_report(tmp_path, "reffuse healing-study --out X")
+    text = (tmp_path / "README.md").read_text()
+    assert (tmp_path / FIGURE).is_file() and json.loads((tmp_path / FINDINGS).read_text()) == summary
+    assert "### (l) healing closes most of the fusion gap: held" in text
+    fused = next(c for c in summary["curves"] if (c["variant"], c["objective"]) == ("fused, 4 steps", "kd"))
+    assert [r["tokens"] for r in fused["rows"]] == [0, max(BUDGETS.kd)] and fused["rows"][1]["seeds"] == [0, 1]
+    assert main(["healing-study", "--out", str(tmp_path), "--report-only"]) == 0
+
+
+def test_report_only_refuses_a_folder_without_a_study(tmp_path, capsys):
+    assert main(["healing-study", "--out", str(tmp_path), "--report-only"]) == 2
+    assert "no study.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (COMMITTED / FINDINGS).is_file(), reason="no committed healing study")
+def test_the_committed_verdicts_recompute_from_the_points():
+    committed = json.loads((COMMITTED / FINDINGS).read_text())
+    recomputed = summarize(COMMITTED)
+    assert recomputed["verdicts"] == committed["verdicts"]
+    assert recomputed["curves"] == committed["curves"]
