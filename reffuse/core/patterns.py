@@ -9,7 +9,9 @@ A pattern is a list of blocks, each written as a short spec:
     "attn+lin"          linear FFN (a d x d map in place of the sub-block)
     "attn/1+ffn:32"     attention with 1 key/value head, an FFN of 32 units     (either part may carry these)
 
-PATTERNS names the kit's patterns; FUSED names the one whose attention-free run is fused into a wide FFN.
+PATTERNS names the kit's patterns; FUSED names the one whose attention-free run is fused into a wide FFN. Widths
+that vary are multiples of 256, so that a Nemotron-NAS folder, whose widths follow from ffn_mult in steps of 256,
+holds them as different ffn_mult values (reffuse.formats.nemotron_nas).
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ PATTERNS = {
     "both-no-op": ("a block with neither sub-block", ["attn+ffn", "-+-", "attn+ffn"]),
     "linear-attention": ("attention replaced by one d x d linear map", ["attn+ffn", "lin+ffn", "attn+ffn"]),
     "linear-ffn": ("the FFN replaced by one d x d linear map", ["attn+ffn", "attn+lin", "attn+ffn"]),
-    "varying-heads-and-widths": ("key/value heads and FFN widths that differ by block",
-                                 ["attn/1+ffn:32", "attn/4+ffn:80", "attn/2+ffn:48"]),
+    "varying-heads-and-widths": ("key/value heads (n_heads_in_group) and FFN widths (ffn_mult) that differ by block",
+                                 ["attn/1+ffn:256", "attn/4+ffn:768", "attn/2+ffn:512"]),
     "fused-wide-ffn": ("an attention-free run fused into one wide FFN (Theorem 3.1)",
-                       ["attn+ffn", "-+ffn:32", "-+ffn:48", "-+ffn:64", "attn+ffn"]),
+                       ["attn+ffn", "-+ffn:128", "-+ffn:256", "-+ffn:384", "attn+ffn"]),
 }
 FUSED = {"fused-wide-ffn": [(1, 3)]}
 

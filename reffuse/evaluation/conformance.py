@@ -21,6 +21,7 @@ row per pattern, judged against reffuse.evaluation.verify.TARGETS["llama.cpp"].
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,9 +68,9 @@ def byte_level_tokenizer():
 
 
 def pattern_model(name: str, seed: int = 0):
-    """The kit's model of pattern `name`, float64, with weights that float32 holds exactly (fused where FUSED
-    says)."""
-    model = build_pattern(PATTERNS[name][1], seed)
+    """The kit's model of pattern `name` (named so), float64, with weights that float32 holds exactly (fused where
+    FUSED says)."""
+    model = build_pattern(PATTERNS[name][1], seed, dataclasses.replace(PATTERN_CONFIG, name=name))
     model = fuse(model, FUSED[name]) if name in FUSED else model  # then rounded: fusion folds gains into weights
     return cast(cast(model, "float32"), "float64")
 
@@ -192,7 +193,9 @@ an untied LM head; {tokens} token ids per pattern.
 ## What each folder holds
 
 - `nemotron-nas/`: the model as a DeciLM folder (`config.json` with `block_configs`, `model.safetensors` in
-  float32, the tokenizer). Load it as your engine loads Nemotron-NAS checkpoints.
+  float32, the tokenizer). Load it as your engine loads Nemotron-NAS checkpoints. Its FFN widths follow from
+  `ffn_mult` in steps of 256, so an FFN narrower than that is stored padded with zero units (they add exactly
+  nothing); the GGUF holds the same FFN unpadded.
 - `model-f32.gguf`: the same weights as a llama.cpp GGUF (`deci`, or `llama` for the plain pattern), F32.
 - `reference-float64.npz`, `reference-float32.npz`: reffuse's outputs, the first computed in float64 on the very
   weights the float32 files hold (they are float32 numbers), in the dump format `{format}`:

@@ -301,8 +301,8 @@ MODEL_TYPES = ("llama", "qwen2", "mistral", MODEL_TYPE)
 
 # Every config.json key is either read (READ_KEYS) or known to leave the forward pass's arithmetic alone
 # (ARITHMETIC_FREE_KEYS, with the reason); any other key is refused by name, since it may change what the
-# model computes and reffuse will not guess. tests/formats/test_config_schema.py holds transformers' Llama, Qwen2
-# and Mistral configs against these two sets.
+# model computes and reffuse will not guess. tests/formats/test_transformers_families.py holds transformers'
+# Llama, Qwen2 and Mistral configs against these two sets.
 READ_KEYS = frozenset({
     "model_type", "format", "format_version", "name", "_name_or_path", "vocab_size", "hidden_size",
     "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",

@@ -42,6 +42,9 @@ def test_every_pattern_reads_back_to_its_reference_bit_for_bit(kit):
             assert gguf.layout().rows() == pattern["blocks"], pattern["name"]
             logits = forward(gguf, reference["token_ids"])
             assert np.abs(logits - reference["logits"]).max() <= 1e-10 * np.abs(reference["logits"]).max()
+    varying = json.loads((kit / "varying-heads-and-widths" / "nemotron-nas" / "config.json").read_text())
+    assert [(c["attention"]["n_heads_in_group"], c["ffn"]["ffn_mult"]) for c in varying["block_configs"]] == \
+        [(4, 12.0), (1, 36.0), (2, 24.0)]                   # FFN widths 256, 768, 512 at hidden size 32
     linear_ffn = next(p for p in manifest["patterns"] if p["name"] == "linear-ffn")
     assert linear_ffn["gguf"] is None and "llama.cpp's deci graph does not compute" in linear_ffn["not_in_gguf"]
     kept = next(p for p in manifest["patterns"] if p["name"] == "ffn-no-op-attention-kept")
@@ -101,3 +104,23 @@ def test_the_kit_goes_only_where_it_may(kit, tmp_path):
     assert main(["conformance", "--out", str(tmp_path / "again"), "--reference-tokens", "8", "--overwrite",
                  "--json"]) == 0
     assert json.loads((tmp_path / "again" / "kit.json").read_text())["tokens"] == 8
+
+
+def test_the_export_says_it_stands_an_all_zero_ffn_in_for_an_absent_one(kit, tmp_path, capsys):
+    """`reffuse export --format gguf` of a block that keeps attention and has no FFN: the file holds an FFN of 32
+    zero units there (llama.cpp's deci graph drops the attention of a layer without one), the command says so,
+    and reffuse reads the block back without it."""
+    import gguf
+
+    out = tmp_path / "kept.gguf"
+    assert main(["export", "--model", str(kit / "ffn-no-op-attention-kept" / "nemotron-nas"), "--format", "gguf",
+                 "--out", str(out)]) == 0
+    assert "note: block 1 keeps attention and has no FFN: written with an all-zero FFN of 32 units" in \
+        capsys.readouterr().out
+    widths = gguf.GGUFReader(out).fields["deci.feed_forward_length"]
+    assert [int(widths.parts[i][0]) for i in widths.data] == [48, 32, 48]
+    reference = load_activations(kit / "ffn-no-op-attention-kept" / "reference-float64.npz")
+    back = load_gguf(out, dtype="float64")
+    assert back.layout().rows()[1]["ffn_width"] == 0 and back.blocks[1].ffn is None
+    logits = forward(back, reference["token_ids"])
+    assert np.abs(logits - reference["logits"]).max() <= 1e-10 * np.abs(reference["logits"]).max()

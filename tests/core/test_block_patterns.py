@@ -87,7 +87,7 @@ def test_the_layout_names_heads_widths_and_linear_maps():
 def test_fusing_a_run_of_varying_widths_equals_its_parallel_form():
     model = build_pattern(PATTERNS["fused-wide-ffn"][1])
     fused = reffuse.fuse(model, FUSED["fused-wide-ffn"])
-    assert fused.layout().blocks[1].ffn_width == 32 + 48 + 64
+    assert fused.layout().blocks[1].ffn_width == 128 + 256 + 384
     assert relative(forward(fused, IDS), forward(model, IDS, parallel_groups=FUSED["fused-wide-ffn"])) <= TIGHT
 
 

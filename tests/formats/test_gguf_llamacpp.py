@@ -1,6 +1,7 @@
 """GGUF files against llama.cpp itself: attention biases and RoPE scaling (llama3, linear) as reffuse writes them,
-a qwen2 file (rotate-half RoPE, q/k/v biases) as llama.cpp's converter writes it, and the K-quants, whose
-dequantization by the `gguf` package is held bit for bit against ggml's own C functions.
+a qwen2 file (rotate-half RoPE, q/k/v biases) as llama.cpp's converter writes it, and the block quantizations
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K), whose dequantization by the `gguf` package is
+held bit for bit against ggml's own C functions.
 
 Tolerance against llama.cpp: 1e-4 of the largest logit (its float32 kernels against reffuse's float64 on the same
 float32 weights; measured ~2e-7 on these small models)."""
@@ -105,10 +106,10 @@ def test_a_qwen2_file_reads_and_agrees_with_llamacpp(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# K-quants: the gguf package's dequantization against ggml's C code, bit for bit
+# Block quantizations: the gguf package's dequantization against ggml's C code, bit for bit
 
 
-GGML_TYPES = {"Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
 def ggml():
@@ -121,9 +122,9 @@ def ggml():
 
 
 @pytest.mark.parametrize("qtype", GGML_TYPES)
-def test_k_quants_load_as_ggml_dequantizes_them(qtype, tmp_path):
+def test_block_quantizations_load_as_ggml_dequantizes_them(qtype, tmp_path):
     lib, kind = ggml(), gguf.GGMLQuantizationType[qtype]
-    rows, width = 8, 512                                       # two K-quant super-blocks of 256 per row
+    rows, width = 8, 512                                       # whole blocks of 32 and super-blocks of 256
     values = np.random.default_rng(1).standard_normal((rows, width)).astype(np.float32)
     block, size = gguf.GGML_QUANT_SIZES[kind]
     packed = np.zeros((rows, width // block * size), np.uint8)
