@@ -7,7 +7,9 @@ add_arguments(parser) and run(args) -> exit status.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import re
 import sys
 
 from reffuse.errors import ReffuseError
@@ -23,12 +25,43 @@ EPILOG = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error for a mistyped command, choice or flag names the closest one it knows."""
+
+    def error(self, message):
+        super().error(message + closest(self, message))
+
+
+class CommandParser(Parser):
+    """A command's parser: an argument it does not know is an error here, where the command's own flags are known."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+def closest(parser: argparse.ArgumentParser, message: str) -> str:
+    """' (did you mean X?)' for the first mistyped value or flag an argparse error names, where one is close."""
+    choice = re.search(r"invalid choice: '([^']*)'", message)
+    if choice:
+        word, known = choice.group(1), [str(c) for a in parser._actions if a.choices for c in a.choices]
+    elif message.startswith("unrecognized arguments: "):
+        flags = [w for w in message.split()[2:] if w.startswith("-")]
+        word, known = (flags[0].split("=")[0] if flags else ""), [f for a in parser._actions for f in a.option_strings]
+    else:
+        return ""
+    match = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="reffuse", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="FFN Fusion (arXiv 2503.18908) in NumPy: run a run of attention-free transformer blocks "
                     "in parallel, fuse it into one wide SwiGLU, and measure what that costs and saves.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"reffuse.commands.{name.replace('-', '_')}")
         sub = commands.add_parser(name, help=module.HELP, description=module.__doc__,

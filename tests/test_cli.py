@@ -69,6 +69,26 @@ def test_bad_values_fail_fast_in_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("args, suggestion", [
+    (["dem"], "(did you mean demo?)"),
+    (["demo", "--modl", "tiny"], "unrecognized arguments: --modl tiny (did you mean --model?)"),
+    (["demo", "--norm", "fol"], "(did you mean fold?)"),
+    (["healing-stud"], "(did you mean healing-study?)"),
+])
+def test_a_mistyped_command_choice_or_flag_gets_a_suggestion(args, suggestion, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and suggestion in error, error
+
+
+def test_nothing_is_suggested_where_nothing_is_close(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--bogus"])
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith("unrecognized arguments: --bogus"), last
+
+
 def test_export_writes_the_formats_another_engine_reads(tmp_path):
     pytest.importorskip("gguf")
     out = tmp_path / "new" / "tiny-nemotron"

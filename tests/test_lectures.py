@@ -57,5 +57,5 @@ def test_notebook_runs(source):
 def test_solutions_run(source):
     solutions = solutions_of(source)
     done = subprocess.run([sys.executable, str(solutions)], cwd=LECTURES, capture_output=True, text=True,
-                          timeout=1800)
+                          timeout=1800)  # a hang guard only: a lecture runs in under a minute alone
     assert done.returncode == 0, f"{solutions.name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

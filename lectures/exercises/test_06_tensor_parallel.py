@@ -14,6 +14,7 @@ from reffuse.tp import ring_allreduce
 from reffuse.tp.sharding import shard_ffn
 
 PHASES = ("reduce-scatter", "all-gather")
+HANG_GUARD_SECONDS = 600  # a hang guard only: a rank waits milliseconds for its neighbour, a loaded machine more
 
 
 class RecordingComm:
@@ -33,7 +34,7 @@ class RecordingComm:
     def Sendrecv(self, sendbuf, dest, recvbuf, source):
         self.states.append(self.buffer.copy())
         self.mailboxes[self.rank, dest].put(np.array(sendbuf))   # unbounded queues: put never blocks
-        recvbuf[...] = self.mailboxes[source, self.rank].get(timeout=30)
+        recvbuf[...] = self.mailboxes[source, self.rank].get(timeout=HANG_GUARD_SECONDS)
 
 
 def reffuse_ring(buffers):
@@ -46,7 +47,7 @@ def reffuse_ring(buffers):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=HANG_GUARD_SECONDS)
     return [c.states + [c.buffer] for c in comms]
 
 

@@ -110,7 +110,7 @@ def run_heal(options: HealOptions) -> dict:
                         checkpoint_every=options.checkpoint_every, resume=options.resume)
     note("[5/5] scoring the healed model and saving it")
     after = score(healed, teacher, held_out, "the healed model")
-    record = {"options": {**options.__dict__}, "training": training_options.to_json(), "trainable": names,
+    record = {"options": options.to_json(), "training": training_options.to_json(), "trainable": names,
               "student": student.config.name, "teacher": teacher.config.name,
               "texts": {"synthetic": synthetic, "training": text.describe(), "held_out": held_out.describe(),
                         "epochs": needed / len(text)},
