@@ -4,10 +4,17 @@ Each replaces a plain function of reffuse.core.model and is tested equal to it (
 bit for bit where the operations are the same, within float32 rounding where a sum runs over fewer zeros or in
 another order.
 
-    attention_stacked  for `attention`: q, k and v in one product, masked work skipped (StackedAttention)
-    swiglu_in_cache    for `swiglu`: past the cache's size, the hidden units in column blocks
+    attention_stacked  for `attention`: q, k and v in one product, masked work skipped (StackedAttention);
+                       on a GPU, attention_in_few_kernels
+    swiglu_in_cache    for `swiglu`: past the cache's size, the hidden units in column blocks; on a GPU,
+                       silu(gate) ⊙ up in one kernel
     rope_rows          for `rope_tables`: rows cut from tables made once
+    rms_norm_in_two_kernels  for `rms_norm`: on a GPU, one reduction and one map (the CPU computes rms_norm)
     gathered           every weight in one allocation, on huge pages
+
+On a GPU each array operation is a kernel launch of a few microseconds, so there the kernels make few of them: the
+elementwise chains are fused into one kernel each (reffuse.core.gpu_kernels) and a prefill's queries go in one
+block. The CPU computes as before.
 
 `for_speed(model)` puts a model on FAST; `reffuse.core.model.plain(model)` puts it back on the plain functions. What
 each arrangement buys, measured on SmolLM2, is in benchmarks/results/profile_smollm2*/profile.md.
@@ -21,9 +28,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reffuse.core import gpu_kernels
 from reffuse.core.backend import array_module
 from reffuse.core.model import (FFN, Attention, Config, Kernels, KVCache, Model, apply_rope, has_heads, linear,
-                                map_arrays, rope_tables, silu, swiglu, weights_of)
+                                map_arrays, rms_norm, rope_tables, silu, swiglu, weights_of)
 from reffuse.errors import ReffuseError
 
 
@@ -89,8 +97,18 @@ def stacked(attn: Attention | StackedAttention) -> StackedAttention:
 
 # Prefill queries per block in attention_stacked. Smaller blocks skip more of the masked half of the scores
 # (a block sees past + its last position's keys) but make more, smaller products; 64 measured fastest on 2 cores
-# for SmolLM2 at 128-512 tokens.
+# for SmolLM2 at 128-512 tokens. A GPU computes the masked half at little cost and pays for every launch: there,
+# all queries go in one block while its scores [n_heads·T, S] have at most GPU_SCORE_ELEMENTS elements (1 GiB of
+# float32: one block up to 5,461 tokens with SmolLM2's 9 heads), and in blocks of that size beyond.
 QUERY_BLOCK = 64
+GPU_SCORE_ELEMENTS = 1 << 28
+
+
+def query_block(xp, n_heads: int, T: int, S: int) -> int:
+    """Queries per block for T queries against up to S keys, on the device of module xp."""
+    if xp is np:
+        return QUERY_BLOCK
+    return max(1, min(T, GPU_SCORE_ELEMENTS // (n_heads * S)))
 
 
 def attention_stacked(attn: StackedAttention, x, config: Config, cos, sin, cache: KVCache | None = None,
@@ -104,8 +122,12 @@ def attention_stacked(attn: StackedAttention, x, config: Config, cos, sin, cache
       instead of one product per query head;
     - queries in blocks of QUERY_BLOCK, each against only the keys it may see: the masked half of the causal
       scores is never computed, and only a block's last QUERY_BLOCK keys need the mask.
+
+    On a GPU: attention_in_few_kernels.
     """
     xp = array_module(x)
+    if xp is not np:
+        return attention_in_few_kernels(attn, x, config, cos, sin, cache, layer)
     T, hd = x.shape[0], config.head_dim
     n_heads = attn.o.shape[1] // hd
     n_kv = (attn.qkv.shape[0] // hd - n_heads) // 2
@@ -138,6 +160,76 @@ def attention_stacked(attn: StackedAttention, x, config: Config, cos, sin, cache
     return linear(out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd), attn.o, attn.o_bias)  # -> [T, d]
 
 
+_MASKS: dict = {}  # the last causal mask made, reused by every attention block of a forward pass
+
+
+def causal_mask(xp, first: int, B: int, seen: int, dtype):
+    """0 where query first + b may see key j (j <= first + b), else -inf: [B, 1, seen], broadcast over the heads."""
+    key = (first, B, seen, np.dtype(dtype).str, xp.__name__, xp.cuda.runtime.getDevice())
+    if key not in _MASKS:
+        _MASKS.clear()
+        future = xp.arange(seen) > xp.arange(first, first + B)[:, None]            # [B, seen]
+        _MASKS[key] = xp.where(future, -xp.inf, 0).astype(dtype)[:, None]
+    return _MASKS[key]
+
+
+def attention_in_few_kernels(attn: StackedAttention, x, config: Config, cos, sin, cache: KVCache | None = None,
+                             layer: int = 0):
+    """`attention` on a GPU, in few kernel launches; x [T, d] -> [T, d]. attention_stacked's arrangement, and:
+
+    - RoPE on q (with its 1/sqrt(head_dim)) in one kernel that writes q grouped by kv head, and RoPE on k in one
+      kernel that writes k, and v beside it, straight into the KV cache's rows;
+    - the softmax in three kernels (max, Σ exp, exp / Σ), the causal mask read inside them;
+    - all queries of a prefill in one block (query_block), so one product per kv head makes every score.
+
+    9 launches in a decode step (qkv, 2 RoPE, scores, 3 softmax, ·v, o), one more for the output's transposition
+    in a prefill; tests/core/test_gpu_kernels.py counts them.
+    """
+    xp = array_module(x)
+    fused, halves = gpu_kernels.kernels(xp), gpu_kernels.halves
+    T, hd = x.shape[0], config.head_dim
+    n_heads = attn.o.shape[1] // hd
+    n_kv = (attn.qkv.shape[0] // hd - n_heads) // 2
+    group = n_heads // n_kv
+    heads = linear(x, attn.qkv, attn.qkv_bias).reshape(T, -1, hd)   # [T, d] -> [T, n_heads + 2 n_kv, hd]
+    cos_half, sin_half = halves(cos)[0], halves(sin)[0]              # [T, hd/2]: the second halves repeat them
+    # q, rotated and scaled, grouped by the kv head it reads: [n_kv, T, group, hd], written as [T, n_kv, group, hd]
+    q = xp.empty((n_kv, T, group, hd), x.dtype)
+    fused.rotated(*halves(heads[:, :n_heads].reshape(T, n_kv, group, hd)),
+                  cos_half[:, None, None], sin_half[:, None, None], 1 / math.sqrt(hd), *halves(q.transpose(1, 0, 2, 3)))
+    past = 0
+    if cache is None:
+        key_rows, value_rows = xp.empty((n_kv, T, hd), x.dtype), xp.empty((n_kv, T, hd), x.dtype)
+    else:
+        past = cache.length
+        key_rows, value_rows = cache.rows(layer, T)                  # [n_kv, T, hd] each, views of the cache
+    fused.rotated_kv(*halves(heads[:, n_heads:n_heads + n_kv]), *halves(heads[:, n_heads + n_kv:]),  # k, v
+                     cos_half[:, None], sin_half[:, None],
+                     *halves(key_rows.transpose(1, 0, 2)), *halves(value_rows.transpose(1, 0, 2)))
+    if cache is None:
+        k, v = key_rows, value_rows
+    else:
+        k, v = cache.keys[layer][:, :past + T], cache.values[layer][:, :past + T]       # [n_kv, S, hd]
+    block = query_block(xp, n_heads, T, past + T)
+    blocks = []
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        B, seen = stop - start, past + stop                          # keys up to the block's last query
+        scores = q[:, start:stop].reshape(n_kv, B * group, hd) @ k[:, :seen].transpose(0, 2, 1)  # [n_kv, B·group, S]
+        mask = causal_mask(xp, past + start, B, seen, x.dtype) if B > 1 else None                # [B, 1, seen]
+        gpu_kernels.softmax_(scores.reshape(n_kv, B, group, seen), mask)
+        blocks.append((scores @ v[:, :seen]).reshape(n_kv, B, group, hd))
+    out = blocks[0] if len(blocks) == 1 else xp.concatenate(blocks, axis=1)             # [n_kv, T, group, hd]
+    return linear(out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd), attn.o, attn.o_bias)  # -> [T, d]
+
+
+def rms_norm_in_two_kernels(x, gain, eps):
+    """`rms_norm`; on a GPU in two kernels (reffuse.core.gpu_kernels.rms_norm) instead of six."""
+    if array_module(x) is np:
+        return rms_norm(x, gain, eps)
+    return gpu_kernels.rms_norm(x, gain, eps)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The FFN
 
@@ -152,12 +244,17 @@ HIDDEN_BLOCK_ELEMENTS = 1 << 18
 
 
 def swiglu_in_cache(ffn: FFN, x):
-    """`swiglu`, or on the CPU, once the hidden activations outgrow the cache, the same sum in column blocks.
+    """`swiglu`, or on the CPU, once the hidden activations outgrow the cache, the same sum in column blocks; on a
+    GPU, with silu(gate) ⊙ up in one kernel.
 
     gate and up read the same x, so they could be one product, as q, k and v are; stacked they were not faster
     (benchmarks/results/profile_smollm2*/profile.md, "Stacking"): two products of that size already stream at the
     machine's rate, so the FFN keeps two."""
-    if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE and array_module(x) is np:
+    xp = array_module(x)
+    if xp is not np:  # a GPU: silu(gate) ⊙ up in one kernel instead of five
+        hidden = gpu_kernels.kernels(xp).silu_times(x @ ffn.gate.T, x @ ffn.up.T)  # [T, d] -> [T, dh]
+        return hidden @ ffn.down.T                                                 # [T, dh] -> [T, d]
+    if x.shape[0] * ffn.width > HIDDEN_ELEMENTS_IN_CACHE:
         return swiglu_in_column_blocks(ffn, x, HIDDEN_BLOCK_ELEMENTS)
     return swiglu(ffn, x)
 
@@ -250,7 +347,7 @@ def gathered(model: Model) -> Model:
     return map_arrays(model, place)
 
 
-FAST = Kernels("fast", attention_stacked, swiglu_in_cache, rope_rows, with_stacked_attention)
+FAST = Kernels("fast", attention_stacked, swiglu_in_cache, rope_rows, with_stacked_attention, rms_norm_in_two_kernels)
 
 
 def for_speed(model: Model) -> Model:

@@ -274,14 +274,20 @@ class KVCache:
                                f"{len(wanted)} of {model.config.name}, or other heads or dtype): make one with "
                                "KVCache(model, max_tokens)")
 
-    def append(self, layer: int, k, v):
-        """Store k, v [n_kv, T, hd] after the cached positions; return all keys and values so far [n_kv, S, hd]."""
-        end = self.length + k.shape[1]
+    def rows(self, layer: int, n: int):
+        """Views of the rows that positions length..length+n-1 of `layer` take: keys and values [n_kv, n, hd]."""
+        end = self.length + n
         if end > self.max_tokens:
             raise ReffuseError(f"KV cache holds {self.max_tokens} positions; {end} were asked for: "
                                "create the cache with a larger max_tokens")
-        self.keys[layer][:, self.length:end] = k
-        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, self.length:end], self.values[layer][:, self.length:end]
+
+    def append(self, layer: int, k, v):
+        """Store k, v [n_kv, T, hd] after the cached positions; return all keys and values so far [n_kv, S, hd]."""
+        key_rows, value_rows = self.rows(layer, k.shape[1])
+        key_rows[...] = k
+        value_rows[...] = v
+        end = self.length + k.shape[1]
         return self.keys[layer][:, :end], self.values[layer][:, :end]
 
 
@@ -325,14 +331,15 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
 
 @dataclass(frozen=True)
 class Kernels:
-    """The functions `forward` computes attention, an FFN and the RoPE tables with, and how a model holds its
-    sub-blocks for them. PLAIN is this module's; reffuse.core.fast.FAST the same arithmetic arranged for speed."""
+    """The functions `forward` computes attention, an FFN, the RoPE tables and RMSNorm with, and how a model holds
+    its sub-blocks for them. PLAIN is this module's; reffuse.core.fast.FAST the same arithmetic arranged for speed."""
     name: str
     attention: Callable  # (attn, x [T, d], config, cos, sin, cache, layer) -> [T, d], as `attention`
     ffn: Callable        # (ffn, x [T, d]) -> [T, d], as `swiglu`
     rope: Callable       # (positions [T], head_dim, theta, dtype, xp, scaling=...) -> cos, sin [T, head_dim],
                          # as `rope_tables`
     arrange: Callable    # (model) -> the model with its sub-blocks held as these functions read them
+    norm: Callable = rms_norm  # (x [T, d], gain [d], eps) -> [T, d], as `rms_norm`
 
 
 def _plain_parts(model: Model) -> Model:
@@ -438,13 +445,13 @@ def _identity(x):
 
 def lm_logits(model: Model, x):
     """The final RMSNorm and the LM head: the stream x [T, d] leaving the last block -> next-token logits [T, vocab]."""
-    x = rms_norm(x, model.norm_gain, model.config.norm_eps)
+    x = model.kernels.norm(x, model.norm_gain, model.config.norm_eps)
     return x @ model.lm_head.T                                            # [T, d] -> [T, vocab]
 
 
 def attention_output(model: Model, part, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
     """What the attention sub-block adds to the stream x [T, d]: Attn(η1(x)), or η1(x) W^T for a linear map."""
-    normed = rms_norm(x, part.norm_gain, model.config.norm_eps)
+    normed = model.kernels.norm(x, part.norm_gain, model.config.norm_eps)
     if isinstance(part, Linear):
         return linear_map(part, normed)
     return model.kernels.attention(part, normed, model.config, cos, sin, cache, layer)
@@ -452,7 +459,7 @@ def attention_output(model: Model, part, x, cos, sin, cache: KVCache | None = No
 
 def ffn_output(model: Model, part, x):
     """What the FFN sub-block adds to the stream x [T, d]: FFN(η2(x)), or η2(x) W^T for a linear map."""
-    normed = rms_norm(x, part.norm_gain, model.config.norm_eps)
+    normed = model.kernels.norm(x, part.norm_gain, model.config.norm_eps)
     if isinstance(part, Linear):
         return linear_map(part, normed)
     return model.kernels.ffn(part, normed)

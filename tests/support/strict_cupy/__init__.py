@@ -10,7 +10,14 @@ by NumPy, and it is stricter than CuPy where CuPy is strict and a bug would hide
 - `cuda.get_current_stream().synchronize()` is counted, and every operation marks the stream busy, so that a
   reader of raw memory (MPI) can check that the stream was synchronised after the last operation (`idle()`).
 
-`stats` counts synchronisations and copies in either direction; `reset()` zeroes it.
+`stats` counts synchronisations, copies in either direction and device operations; `reset()` zeroes it. A device
+operation is what launches work on a GPU: every call that makes an array other than a view (a ufunc, a reduction, a
+product, a copy from the host, a fancy index), every item assignment, and one per call of a function compiled by
+`fuse`, however many steps it holds. `empty` allocates and launches nothing.
+
+`fuse` runs the decorated Python on NumPy and refuses what cupy.fuse refuses (indexing, keepdims, a second
+reduction, writes it would lose or race on). CuPy's ElementwiseKernel and ReductionKernel take CUDA C, which NumPy
+cannot run, so the stand-in has neither and reffuse uses neither.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import threading
 import numpy as _np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
-stats = {"synchronize": 0, "to_host": 0, "to_host_bytes": 0, "to_device": 0}
+stats = {"synchronize": 0, "to_host": 0, "to_host_bytes": 0, "to_device": 0, "operations": 0}
 _state = {"device": 0, "devices": 1}
 _stream_state = threading.local()  # each thread (a rank, in the tests) has its own stream
 
@@ -65,11 +72,18 @@ def _view_or_wrap(base: _np.ndarray, value):
     return _wrap(value)
 
 
-def _wrap(value):
+def _operation() -> None:
+    """One device operation queued on the stream."""
+    stats["operations"] += 1
     _busy(True)
+
+
+def _wrap(value):
     if isinstance(value, _np.ndarray):
+        _operation()
         return ndarray(value)
     if isinstance(value, _np.generic):  # CuPy's reductions give 0-d device arrays, not host scalars
+        _operation()
         return ndarray(_np.asarray(value))
     if isinstance(value, tuple):
         return tuple(_wrap(v) for v in value)
@@ -114,6 +128,9 @@ class ndarray(NDArrayOperatorsMixin):
                         "NumPy array explicitly.")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if any(isinstance(i, _FusedValue) for i in inputs + tuple(kwargs.get("out", ()))):
+            raise TypeError("a device array was used inside a function given to fuse without being one of its "
+                            "arguments: cupy.fuse cannot read it")
         if "out" in kwargs:
             kwargs["out"] = tuple(_unwrap(o) for o in kwargs["out"])
         return _wrap(getattr(ufunc, method)(*(_unwrap(i) for i in inputs), **kwargs))
@@ -174,7 +191,7 @@ class ndarray(NDArrayOperatorsMixin):
             stats["to_device"] += 1  # CuPy copies a host value in: allowed, counted
         else:
             value = _unwrap(value)
-        _busy(True)
+        _operation()
         self._a[_index(index)] = value
 
     def __getattr__(self, name):  # methods: reshape, astype, sum, max, argmax, transpose, copy, ...
@@ -217,6 +234,11 @@ def searchsorted(a, v, side="left", sorter=None):
     return _wrap(_np.searchsorted(_unwrap(a), v._a, side=side, sorter=sorter))
 
 
+def empty(shape, dtype=float):
+    """Memory from the pool: no kernel runs, so no operation is counted."""
+    return ndarray(_np.empty(shape, dtype))
+
+
 def asnumpy(value):
     if isinstance(value, ndarray):
         return value.get()
@@ -238,6 +260,131 @@ class _Linalg:
 
 
 linalg = _Linalg()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fuse: a Python function of elementwise steps (and one reduction) as one kernel
+
+
+_REDUCTIONS = {_np.sum, _np.max, _np.amax, _np.min, _np.amin}
+
+
+class _Fusion:
+    """One call of a fused function: the broadcast shape of its array arguments, whether it has reduced yet, and
+    which arguments it wrote to."""
+
+    def __init__(self, arguments):
+        arrays = [a._a for a in arguments if isinstance(a, ndarray)]
+        if not arrays:
+            raise TypeError("a fused function needs at least one device array among its arguments")
+        self.shape = _np.broadcast_shapes(*(a.shape for a in arrays))
+        self.reduced = False
+        self.written: list[_FusedValue] = []
+
+    def operand(self, value, reduced: bool):
+        """The NumPy value of one operand of a step, refused where cupy.fuse refuses it."""
+        if isinstance(value, _FusedValue):
+            if value._reduced != reduced:
+                raise TypeError("cupy.fuse cannot combine values before its reduction with values after it")
+            return value._a
+        if isinstance(value, (bool, int, float, complex, _np.generic)):
+            return value
+        raise TypeError(f"cupy.fuse cannot compute with {type(value).__name__} inside a fused function: pass device "
+                        "arrays and scalars as its arguments")
+
+
+class _FusedValue(NDArrayOperatorsMixin):
+    """A value inside a function given to `fuse`, allowing what cupy.fuse's variables allow and no more: ufuncs and
+    operators elementwise, in-place updates and `[...] =` of an argument, astype, and one reduction (sum, max, min)
+    over `axis`, without keepdims, after which only the reduced values may be computed with. No indexing, slicing,
+    reshape or `shape`: inside a kernel every value is one element."""
+
+    def __init__(self, array, fusion: _Fusion, reduced: bool = False, argument: bool = False):
+        self._a, self._fusion, self._reduced, self._argument = array, fusion, reduced, argument
+
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        fusion = self._fusion
+        out = kwargs.pop("out", None)
+        if method != "__call__" or kwargs:
+            raise TypeError(f"cupy.fuse supports ufuncs called elementwise, not {ufunc.__name__}.{method} or {kwargs}")
+        reduced = any(isinstance(i, _FusedValue) and i._reduced for i in inputs)
+        values = [fusion.operand(i, reduced) for i in inputs]
+        if out is None:
+            return _FusedValue(getattr(ufunc, method)(*values), fusion, reduced)
+        (target,) = out
+        if not isinstance(target, _FusedValue) or target._reduced != reduced:
+            raise TypeError("cupy.fuse writes in place only into one of its values")
+        ufunc(*values, out=target._a)
+        if target._argument:
+            self._written(target)
+        return target
+
+    def _written(self, target):
+        if target._a.shape != self._fusion.shape:  # a broadcast argument: several threads would write one element
+            raise ValueError(f"cupy.fuse writes into an argument of shape {target._a.shape}, smaller than the "
+                             f"kernel's {self._fusion.shape}")
+        self._fusion.written.append(target)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func not in _REDUCTIONS:
+            raise TypeError(f"cupy.fuse supports elementwise ufuncs and one sum, max or min, not {func.__name__}")
+        if set(kwargs) - {"axis"} or len(args) != 1:
+            raise TypeError(f"cupy.fuse reduces over `axis` only (no keepdims, dtype or out): {func.__name__} got "
+                            f"{sorted(kwargs)}")
+        (value,) = args
+        if self._fusion.reduced or value._reduced:
+            raise NotImplementedError("cupy.fuse makes one reduction per kernel")
+        self._fusion.reduced = True
+        whole = _np.broadcast_to(value._a, self._fusion.shape)  # the kernel reduces its whole broadcast shape
+        return _FusedValue(func(whole, axis=kwargs.get("axis")), self._fusion, reduced=True)
+
+    def __setitem__(self, index, value):
+        if index is not Ellipsis and index != slice(None):
+            raise ValueError("cupy.fuse assigns only `[...]` or `[:]`")
+        self._a[...] = self._fusion.operand(value, self._reduced)
+        if self._argument:
+            self._written(self)
+
+    def astype(self, dtype):
+        return _FusedValue(self._a.astype(dtype), self._fusion, self._reduced)
+
+
+class _Fused:
+    def __init__(self, function, name):
+        self.function, self.name = function, name
+
+    def __call__(self, *args):
+        fusion = _Fusion(args)
+        for a in args:
+            if not isinstance(a, (ndarray, bool, int, float, complex, _np.generic, type(None))):
+                raise TypeError(f"invalid argument type for fused {self.name!r}: {type(a).__name__}")
+        values = [_FusedValue(a._a, fusion, argument=True) if isinstance(a, ndarray) else a for a in args]
+        with _np.errstate(all="ignore"):  # a GPU kernel raises no floating-point warnings
+            result = self.function(*values)
+        if fusion.reduced and fusion.written:
+            raise ValueError("cupy.fuse passes arguments to a reduction's elementwise steps by value: what it "
+                             "writes into them is lost")
+        _operation()
+
+        def returned(value):
+            if not isinstance(value, _FusedValue):
+                raise TypeError(f"a fused function returns its values, not {type(value).__name__}")
+            if value._reduced:
+                return ndarray(_np.array(value._a))
+            return ndarray(_np.broadcast_to(value._a, fusion.shape).copy())  # the kernel's shape, as CuPy's
+        if result is None:
+            return None
+        return tuple(returned(v) for v in result) if isinstance(result, tuple) else returned(result)
+
+
+def fuse(*args, kernel_name=None):
+    """cupy.fuse: `@fuse` or `@fuse(kernel_name=...)`; each call of the fused function is one device operation."""
+    if len(args) == 1 and callable(args[0]):
+        return _Fused(args[0], args[0].__name__)
+    return lambda function: _Fused(function, kernel_name or function.__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------
