@@ -382,40 +382,49 @@ def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
     return "met" if all(v == "met" for v in verdicts) else "not met" if "not met" in verdicts else "unresolved"
 
 
+def measured_ratios(rows, key) -> list[tuple]:
+    """(ratio, its 95% interval) of `key` in each row that has it: a ratio recorded without an interval key is its
+    own interval; one whose interval is None (too few repeats) has none."""
+    return [(r[key], r.get(f"{key}_interval_95", [r[key], r[key]])) for r in rows if r.get(key) is not None]
+
+
+def judge_target(target: str, unit: str, measured, threshold: float, higher_is_better: bool) -> dict:
+    """A target (its words) with the measured ratio that decides it, where it is checked at several lengths
+    (measured: measured_ratios), that ratio's 95% interval and the verdict of target_verdict over all of them."""
+    sign = 1 if higher_is_better else -1
+
+    def deciding(m):  # one wholly on the wrong side first, else the one reaching furthest towards it
+        reach = -math.inf if m[1] is None else min(sign * bound for bound in m[1])
+        return (verdict(m[1], threshold, target_side(higher_is_better)) != "not met", reach)
+
+    value, interval = min(measured, key=deciding) if measured else (None, None)
+    return {"target": target, "measured": value, "interval_95": interval, "unit": unit,
+            "verdict": target_verdict([m[1] for m in measured], threshold, higher_is_better)}
+
+
 def check_targets(result: dict) -> list[dict]:
     """Each speed target with the measured ratio (where it is checked at several lengths, the one that decides),
-    its 95% interval and the verdict of target_verdict. A ratio recorded without an interval key is its own
-    interval; one whose interval is None (too few repeats) leaves the target unresolved."""
-    def ratios(rows, key):
-        return [(r[key], r.get(f"{key}_interval_95", [r[key], r[key]])) for r in rows if r.get(key) is not None]
-
+    its 95% interval and the verdict of target_verdict (judge_target). A ratio whose interval is None (too few
+    repeats) leaves the target unresolved."""
     def check(name, unit, measured, threshold, higher_is_better):
-        sign = 1 if higher_is_better else -1
-
-        def deciding(m):  # one wholly on the wrong side first, else the one reaching furthest towards it
-            reach = -math.inf if m[1] is None else min(sign * bound for bound in m[1])
-            return (verdict(m[1], threshold, target_side(higher_is_better)) != "not met", reach)
-
-        value, interval = min(measured, key=deciding) if measured else (None, None)
-        return {"target": TARGETS[name], "measured": value, "interval_95": interval, "unit": unit,
-                "verdict": target_verdict([m[1] for m in measured], threshold, higher_is_better)}
+        return judge_target(TARGETS[name], unit, measured, threshold, higher_is_better)
 
     ffn_rows = result["ffn_run"]["rows"]
     return [
-        check("prefill", "reffuse/transformers time ratio, deciding length", ratios(result["prefill"], "time_ratio"),
-              0.8, False),
-        check("decode", "reffuse/transformers tokens/s", ratios([result["decode"]], "speedup"), 2.5, True),
-        check("decode_llamacpp", "reffuse/llama.cpp tokens/s", ratios([result["decode"]], "fraction_of_llamacpp"),
-              0.5, True),
-        check("ffn_run_1", "sequential/fused time", ratios([r for r in ffn_rows if r["tokens"] == 1], "speedup"),
-              1.3, True),
+        check("prefill", "reffuse/transformers time ratio, deciding length",
+              measured_ratios(result["prefill"], "time_ratio"), 0.8, False),
+        check("decode", "reffuse/transformers tokens/s", measured_ratios([result["decode"]], "speedup"), 2.5, True),
+        check("decode_llamacpp", "reffuse/llama.cpp tokens/s",
+              measured_ratios([result["decode"]], "fraction_of_llamacpp"), 0.5, True),
+        check("ffn_run_1", "sequential/fused time",
+              measured_ratios([r for r in ffn_rows if r["tokens"] == 1], "speedup"), 1.3, True),
         check("ffn_run_large", "sequential/fused time, deciding length",
-              ratios([r for r in ffn_rows if r["tokens"] in (128, 512)], "speedup"), 1.0, True),
+              measured_ratios([r for r in ffn_rows if r["tokens"] in (128, 512)], "speedup"), 1.0, True),
     ]
 
 
 def markdown(result: dict, command: str | None = None) -> str:
-    """The result as Markdown tables (for benchmarks/results/*.md and the README)."""
+    """The result as Markdown tables (benchmarks/results/*.md)."""
     def ratio(row, key):
         return ratio_text(row[key], row.get(f"{key}_interval_95", ()))
 

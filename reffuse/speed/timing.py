@@ -32,19 +32,69 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def compare_samples(fns: dict, repeats: int = 7, warmup: int = 1) -> dict:
+class EventClock:
+    """A GPU's own time for a region: two CUDA events recorded on the current stream around it, of CuPy
+    (cupy.cuda.Event) or of torch (torch.cuda.Event), `library` the module. Use as `with clock: ...` around the
+    work, then `clock.collect()` once it is done: each region's seconds are appended to `samples`. The time runs
+    from the first event to the second on the GPU's clock, idle gaps included (a GPU that waits for the host's
+    next launch is idle, not busy): beside wall time, it says how much of that time the host's own work added."""
+
+    def __init__(self, library):
+        self.library, self.samples, self._events = library, [], None
+
+    @staticmethod
+    def available(library) -> bool:
+        """Whether `library` (cupy, torch, or a stand-in) has CUDA events to time with."""
+        if getattr(library, "__name__", "") == "torch":
+            return bool(library.cuda.is_available())
+        return hasattr(getattr(library, "cuda", None), "Event")
+
+    def _event(self):
+        if self.library.__name__ == "torch":
+            return self.library.cuda.Event(enable_timing=True)
+        return self.library.cuda.Event()
+
+    def __enter__(self):
+        self._events = (self._event(), self._event())
+        self._events[0].record()
+        return self
+
+    def __exit__(self, *exc):
+        self._events[1].record()
+
+    def collect(self) -> float:
+        """The last region's seconds (waits for its second event), appended to `samples`."""
+        start, stop = self._events
+        stop.synchronize()
+        if self.library.__name__ == "torch":
+            milliseconds = start.elapsed_time(stop)
+        else:
+            milliseconds = self.library.cuda.get_elapsed_time(start, stop)
+        self.samples.append(milliseconds / 1e3)
+        return self.samples[-1]
+
+
+def compare_samples(fns: dict, repeats: int = 7, warmup: int = 1, clocks: dict | None = None) -> dict:
     """Every repeat's wall time of each fn() (name -> list of seconds), timed in alternation: every round calls
     each fn once, so a change in the machine's load falls on all of them alike, and round i of one fn and round
-    i of another are a pair."""
+    i of another are a pair. With `clocks` (name -> EventClock), each timed call of those fns is also timed on
+    the GPU's clock, into the clock's `samples`. A fn that returns something other than a CuPy array (a torch
+    tensor) waits for its own GPU work before it returns."""
+    clocks = clocks or {}
     for fn in fns.values():
         for _ in range(warmup):
             synchronize(fn())
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            clock = clocks.get(name) or contextlib.nullcontext()
             start = time.perf_counter()
-            synchronize(fn())
+            with clock:
+                result = fn()
+            synchronize(result)
             times[name].append(time.perf_counter() - start)
+            if name in clocks:
+                clocks[name].collect()
     return times
 
 
@@ -71,19 +121,27 @@ def blas_threads(n: int | None):
 
 
 def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = "fold", repeats: int = 7,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, gpu_clock: bool = False) -> dict:
     """Median seconds for one run of attention-free blocks on `tokens` positions: sequential (eq. 4 block by
     block) vs fused (one wide SwiGLU), with the ratio sequential / fused (> 1 means fusion is faster): the median
-    of the paired repeats' ratios, and its 95% interval (paired_ratio)."""
+    of the paired repeats' ratios, and its 95% interval (paired_ratio). With `gpu_clock` (a model on a GPU whose
+    module has CUDA events), the same on the GPU's clock beside: "sequential_gpu", "fused_gpu", "gpu_speedup"."""
     (first, last), = check_groups(model, [group])
     fused = fuse(model, [group], norm=norm)
     xp = array_module(model.embed)
     x = xp.asarray(np.random.default_rng(seed).standard_normal((tokens, model.config.dim)), dtype=model.dtype)
+    clocks = {name: EventClock(xp) for name in ("sequential", "fused")} if gpu_clock else {}
     samples = compare_samples({"sequential": lambda: run_blocks(model, x, start=first, stop=last + 1),  # eq. 4, k times
-                               "fused": lambda: run_blocks(fused, x, start=first, stop=first + 1)}, repeats)
+                               "fused": lambda: run_blocks(fused, x, start=first, stop=first + 1)}, repeats,
+                              clocks=clocks)
     speedup = paired_ratio(samples["sequential"], samples["fused"])
-    return {"tokens": tokens, **{name: statistics.median(s) for name, s in samples.items()},
-            "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
+    row = {"tokens": tokens, **{name: statistics.median(s) for name, s in samples.items()},
+           "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
+    if clocks:
+        gpu = paired_ratio(clocks["sequential"].samples, clocks["fused"].samples)
+        row.update({f"{name}_gpu": statistics.median(c.samples) for name, c in clocks.items()},
+                   gpu_speedup=gpu["median"], gpu_speedup_interval_95=gpu["interval_95"])
+    return row
 
 
 def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int = 7, seed: int = 0) -> dict:

@@ -6,8 +6,10 @@ of `reffuse bench --train`.
 - equations_forward: the logits of any reffuse model written from the paper's equations as a short autograd
   forward, for the models transformers has no class for (attention removed, FFNs fused): eq. 1-2 per block,
   either sub-block absent as the model says, a fused block one wide SwiGLU; rotate-half RoPE; query head h reads
-  kv head h // group;
-- TorchStep: one training step in PyTorch on either, the other side of `reffuse bench --train`.
+  kv head h // group; with a KV cache, a plain PyTorch Llama that decodes (the GPU run's eager peer, where
+  transformers may be absent);
+- TorchStep: one training step in PyTorch on either, on the CPU or a CUDA device, the other side of
+  `reffuse bench --train` and of the GPU run's training step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from reffuse.core.model import Model
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
-from reffuse.optional import require
+from reffuse.optional import available, require
 
 PURPOSE = "running a reffuse model in PyTorch"
 
@@ -55,13 +57,17 @@ def transformers_llama(model: Model, dtype: str = "float32", attn_implementation
     return reference.train()
 
 
-def equations_forward(model: Model, weights: dict, ids):
-    """Logits [T, vocab] of the model's structure from the equations, on `weights` (HF name -> torch tensor)."""
+def equations_forward(model: Model, weights: dict, ids, cache: dict | None = None):
+    """Logits [T, vocab] of the model's structure from the equations, on `weights` (HF name -> torch tensor, all on
+    one device). With `cache` (a dict, empty before the first call), each block's keys and values [kv_heads, t, hd]
+    are kept there and `ids` continue the positions of the calls before: a KV-cache prefill, then decode steps."""
     torch = require("torch", "reference", PURPOSE)
     cfg, T = model.config, len(ids)
     hd, eps = cfg.head_dim, cfg.norm_eps
-    inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None]
+    past = cache.get("positions", 0) if cache is not None else 0
+    device = weights["model.norm.weight"].device
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd)
+    angles = torch.arange(past, past + T, dtype=torch.float64, device=device)[:, None] * inv_freq[None]
     angles = torch.cat([angles, angles], dim=-1)
     dtype = weights["model.norm.weight"].dtype
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
@@ -73,8 +79,8 @@ def equations_forward(model: Model, weights: dict, ids):
         half = hd // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
-    x = weights["model.embed_tokens.weight"][torch.as_tensor(ids)]
-    mask = torch.triu(torch.full((T, T), -math.inf, dtype=dtype), 1)
+    x = weights["model.embed_tokens.weight"][torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)]
+    mask = torch.triu(torch.full((T, past + T), -math.inf, dtype=dtype, device=device), past + 1)  # [T, past + T]
     for i, block in enumerate(model.blocks):
         w = {k[len(f"model.layers.{i}."):]: v for k, v in weights.items() if k.startswith(f"model.layers.{i}.")}
         if block.attention is not None:
@@ -82,6 +88,10 @@ def equations_forward(model: Model, weights: dict, ids):
             q = rope((h @ w["self_attn.q_proj.weight"].T).view(T, -1, hd).transpose(0, 1))
             k = rope((h @ w["self_attn.k_proj.weight"].T).view(T, -1, hd).transpose(0, 1))
             v = (h @ w["self_attn.v_proj.weight"].T).view(T, -1, hd).transpose(0, 1)
+            if cache is not None:  # the earlier positions' keys and values first
+                if i in cache:
+                    k, v = torch.cat([cache[i][0], k], dim=1), torch.cat([cache[i][1], v], dim=1)
+                cache[i] = (k, v)
             group = q.shape[0] // k.shape[0]
             k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             probs = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(hd) + mask, dim=-1)
@@ -90,6 +100,8 @@ def equations_forward(model: Model, weights: dict, ids):
             h = norm(x, w["post_attention_layernorm.weight"])
             x = x + (torch.nn.functional.silu(h @ w["mlp.gate_proj.weight"].T) * (h @ w["mlp.up_proj.weight"].T)) \
                 @ w["mlp.down_proj.weight"].T
+    if cache is not None:
+        cache["positions"] = past + T
     head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     return norm(x, weights["model.norm.weight"]) @ head.T
 
@@ -97,28 +109,29 @@ def equations_forward(model: Model, weights: dict, ids):
 class TorchStep:
     """One training step in PyTorch, as reffuse.speed.train_bench times it: cross-entropy of the next tokens,
     autograd, clip_grad_norm_ and torch.optim.AdamW (its default implementation; weight decay on matrices only),
-    on transformers' LlamaForCausalLM (sdpa attention) for a plain Llama, else on equations_forward; only the
-    trainable tensors require grad. step() -> the loss before the update."""
+    on transformers' LlamaForCausalLM (sdpa attention) for a plain Llama where transformers is installed, else on
+    equations_forward; only the trainable tensors require grad; on torch's `device` ("cpu", "cuda"), from a model
+    whose weights are NumPy arrays. step() -> the loss before the update."""
 
-    def __init__(self, model: Model, trainable, ids, hyperparameters: dict):
+    def __init__(self, model: Model, trainable, ids, hyperparameters: dict, device: str = "cpu"):
         torch = self.torch = require("torch", "reference", PURPOSE)
         trainable, ids = set(trainable), np.asarray(ids, dtype=np.int64)
-        self.targets = torch.from_numpy(ids[1:].copy())
-        if is_plain_llama(model):
-            module = transformers_llama(model, "float32", attn_implementation="sdpa")
+        self.targets = torch.from_numpy(ids[1:].copy()).to(device)
+        if is_plain_llama(model) and available("transformers"):
+            module = transformers_llama(model, "float32", attn_implementation="sdpa").to(device)
             params = dict(module.named_parameters())  # a tied LM head is listed once, as the embedding
             for name, p in params.items():
                 p.requires_grad_(name in trainable)
-            input_ids = torch.from_numpy(ids.copy())[None]
+            input_ids = torch.from_numpy(ids.copy())[None].to(device)
             self.logits = lambda: module(input_ids=input_ids, use_cache=False).logits[0]
             self.implementation = "transformers LlamaForCausalLM (sdpa attention), autograd, torch.optim.AdamW"
         else:
             with warnings.catch_warnings():  # frozen arrays are only read
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                params = {n: (torch.tensor(np.array(w), requires_grad=True) if n in trainable
-                              else torch.from_numpy(np.asarray(w))) for n, w in named_weights(model).items()}
-            # the model's structure over the tensors' memory: the trainable arrays are not kept twice
-            model = with_weights(model, {n: params[n].detach().numpy() for n in trainable})
+                params = {n: (torch.tensor(np.array(w), requires_grad=True, device=device) if n in trainable
+                              else torch.from_numpy(np.asarray(w)).to(device)) for n, w in named_weights(model).items()}
+            if device == "cpu":  # the model's structure over the tensors' memory: trainable arrays not kept twice
+                model = with_weights(model, {n: params[n].detach().numpy() for n in trainable})
             self.logits = lambda: equations_forward(model, params, ids)
             self.implementation = "the equations in PyTorch (equations_forward), autograd, torch.optim.AdamW"
         missing = sorted(trainable - set(params))

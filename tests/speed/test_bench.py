@@ -198,3 +198,57 @@ def test_the_committed_verdicts_and_tables_follow_from_the_committed_numbers_by_
     result = json.loads(path.read_text())
     assert check_targets(result) == result["targets"]
     assert markdown(result, result["command"]) == path.with_suffix(".md").read_text()
+
+
+class _Event:
+    """A CUDA event of a fake clock: records the fake time of its stream."""
+
+    def __init__(self, clock, **kwargs):
+        self.clock, self.time = clock, None
+
+    def record(self):
+        self.time = self.clock.now
+
+    def synchronize(self):
+        assert self.time is not None
+
+    def elapsed_time(self, stop):  # torch's way: on the start event, in milliseconds
+        return 1e3 * (stop.time - self.time)
+
+
+def test_an_event_clock_times_regions_on_the_gpus_clock_for_cupy_and_for_torch():
+    import types
+
+    from reffuse.speed.timing import EventClock, compare_samples
+
+    fake = types.SimpleNamespace(now=0.0)
+
+    def library(name):
+        cuda = types.SimpleNamespace(Event=lambda **kw: _Event(fake, **kw), is_available=lambda: True,
+                                     get_elapsed_time=lambda a, b: 1e3 * (b.time - a.time))  # CuPy's way
+        return types.SimpleNamespace(__name__=name, cuda=cuda)
+
+    def work(seconds):
+        fake.now += seconds
+        return seconds
+
+    assert not EventClock.available(types.SimpleNamespace(__name__="strict_cupy", cuda=object()))
+    clocks = {"a": EventClock(library("cupy")), "b": EventClock(library("torch"))}
+    assert all(EventClock.available(c.library) for c in clocks.values())
+    wall = compare_samples({"a": lambda: work(0.25), "b": lambda: work(0.5)}, repeats=3, clocks=clocks)
+    assert [len(s) for s in wall.values()] == [3, 3]
+    assert clocks["a"].samples == pytest.approx([0.25] * 3) and clocks["b"].samples == pytest.approx([0.5] * 3)
+
+
+@pytest.mark.slow  # imports torch
+def test_the_equations_decode_with_a_kv_cache_as_the_whole_forward(tiny32, tiny_ids):
+    torch = pytest.importorskip("torch")
+    from reffuse.core.names import named_weights
+    from reffuse.speed.torch_models import equations_forward
+
+    weights = {n: torch.from_numpy(np.array(w)) for n, w in named_weights(tiny32).items()}
+    whole = equations_forward(tiny32, weights, tiny_ids)
+    cache = {}
+    steps = [equations_forward(tiny32, weights, tiny_ids[:5], cache)]
+    steps += [equations_forward(tiny32, weights, tiny_ids[t:t + 1], cache) for t in range(5, len(tiny_ids))]
+    np.testing.assert_allclose(torch.cat(steps).numpy(), whole.numpy(), rtol=0, atol=1e-5 * whole.abs().max().item())
