@@ -19,7 +19,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 TAIL_LINES=40
-LIMIT_GPU_RUN=420 LIMIT_TP=150 LIMIT_TESTS=240   # seconds: hang guards, far above what a step should take
+# Seconds: hang guards, far above what a step should take on a GPU, and together (300 + 2 x 60 + 120) under the
+# 10 minutes a lent GPU machine gives one command. A rehearsal on a loaded CPU gets three times as long.
+LIMIT_GPU_RUN=300 LIMIT_TP=60 LIMIT_TESTS=120
 
 rehearse=0 out=${OUT:-} wheels=.gpu-wheels fail_section=()
 while [ $# -gt 0 ]; do
@@ -47,6 +49,7 @@ if [ $rehearse = 1 ]; then
   export MPI4PY_LIBMPI=${MPI4PY_LIBMPI:-libmpi.so.12}
   out=${out:-out/gpu}
   rehearse_flag=(--rehearse)
+  LIMIT_GPU_RUN=$((3 * LIMIT_GPU_RUN)) LIMIT_TP=$((3 * LIMIT_TP)) LIMIT_TESTS=$((3 * LIMIT_TESTS))
 else
   out=${out:-benchmarks/results/gpu}
   rehearse_flag=()
