@@ -1,4 +1,4 @@
-"""The whole FFN Fusion pipeline on a real model: remove attention, measure, plan, fuse, calibrate, compare.
+"""The whole FFN Fusion pipeline on a real model: remove attention, measure, plan, fuse, calibrate, heal, compare.
 
 1. attention removal (standing in for Puzzle): every block's attention scored by the KL damage of removing it
    alone on calibration text; the --drop-attention-count consecutive blocks of least summed score removed;
@@ -9,10 +9,13 @@
 4. fusion (Theorem 3.1), exact: fused vs parallel form, float32 and float64, on held-out text; the block
    layout before and after;
 5. calibration: each fused down-projection refitted by ridge least squares on calibration text;
-6. quality on held-out text: perplexity, KL to the original and top-1 agreement, for the original,
-   attention-removed, fused and calibrated models; the approximation fusion makes (its parallel form against the
-   sequential blocks it replaces); speed: decode tokens/s and the time of the run's blocks, all models measured
-   in one run; a greedy continuation from each.
+6. healing: the fused blocks distilled from the original on --training-tokens of training text, one short window
+   per step (`reffuse heal` runs it at a larger budget);
+7. quality on held-out text: perplexity, KL to the original and top-1 agreement, for the original,
+   attention-removed, fused, calibrated and healed models; the approximation fusion makes (its parallel form
+   against the sequential blocks it replaces);
+8. speed: decode tokens/s and the time of the run's blocks, all models measured in one run, each ratio with its
+   95% interval; a greedy continuation from each; a closing summary of the four steps in plain words.
 Figures go to --out (default out/demo/MODEL/, which the next demo of the same model replaces; a folder given
 with --out is replaced only with --overwrite). Calibration and held-out text are different plays.
 
@@ -44,7 +47,7 @@ from reffuse.progress import note
 from reffuse.speed.timing import ratio_text
 from reffuse.stats import MIN_PAIRS, verdict
 
-HELP = "the whole pipeline: remove attention, plan, fuse, calibrate; quality, speed and samples"
+HELP = "the whole pipeline: remove attention, plan, fuse, calibrate, heal; quality, speed and samples"
 FIGURE_SET = "demo figure set"
 
 

@@ -48,6 +48,7 @@ STEPS = 8
 # The demo's healing budget: short windows and few steps, a couple of minutes at most on 2 cores with SmolLM2.
 HEALING_WINDOW = 64
 HEALING_LEARNING_RATE = 3e-4
+ONE_BLAS_THREAD_BELOW = 256  # model width (features) under which the demo runs BLAS on one thread
 
 
 @dataclass
@@ -162,7 +163,9 @@ def run_demo(options: DemoOptions) -> dict:
     original = load_model(options.model, device=options.device)
     synthetic = is_synthetic(options.model, original)
     result = {"model": options.model, "model_name": original.config.name, "synthetic": synthetic, "norm": options.norm}
-    with blas_threads(None):
+    # In a model as narrow as tiny, a second BLAS thread only adds waiting, which on a busy machine grows to most of
+    # the run; wider models keep the BLAS library's own choice.
+    with blas_threads(1 if original.config.dim < ONE_BLAS_THREAD_BELOW else None):
         step(1, "text: calibration and held-out windows")
         texts = load_texts(options.model, original, options.calibration_tokens, options.held_out_tokens)
         check_calibration_tokens(texts.calibration.ids.size)

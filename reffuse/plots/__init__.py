@@ -30,7 +30,7 @@ def pyplot():
 
 def drawing_versions() -> dict:
     """The libraries whose versions decide the PNG bytes: the same data can rasterise differently in another."""
-    import matplotlib
+    matplotlib = require("matplotlib", "real", "drawing figures")
     from matplotlib import ft2font
 
     return {"matplotlib": matplotlib.__version__, "freetype": ft2font.__freetype_version__}

@@ -1,6 +1,7 @@
 """`reffuse demo` and `reffuse fuse`: the offline pipeline on tiny, the saved model, SmolLM2 round trip, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from reffuse.method.removal import drop_attention
 from reffuse.core.tiny import build_tiny
 
 FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--scoring-tokens", "128", "--dependency-tokens", "64",
-        "--repeats", "1", "--decode-tokens", "2",
+        "--repeats", "6", "--decode-tokens", "2",  # 6: the fewest repeats that give each speedup its interval
         "--sample-tokens", "2"]
 
 
@@ -47,6 +48,47 @@ def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
     assert all(len(g) == 2 and g[1] - g[0] + 1 <= 4 for g in report["groups"])
     for name in ("layout.png", "quality_speed.png", "attention_scores.png", "ffn_dependency.png"):
         assert (folder / name).is_file()
+
+
+RATIO = r"(\d+\.\d+)x \((\d+\.\d+)-(\d+\.\d+)\)"  # 1.47x (0.95-1.91)
+MS = r"(\d+\.\d{3})"
+
+
+def agrees(ratio: float, numerator: float, denominator: float, half_unit: float) -> bool:
+    """Whether a ratio printed to 2 decimals can be numerator / denominator, each printed to within half_unit."""
+    low = (numerator - half_unit) / (denominator + half_unit)
+    high = (numerator + half_unit) / (denominator - half_unit)
+    return low - 0.005 <= ratio <= high + 0.005
+
+
+def test_every_printed_speedup_lies_in_its_interval_and_on_the_side_of_its_rates(tiny_demo, capsys):
+    from reffuse.commands.demo import print_report
+    report, _ = tiny_demo
+    print_report(report)
+    text = capsys.readouterr().out
+    printed = re.findall(RATIO, text)
+    assert len(printed) == 3 + 2 * 2 + 1 + 2, text  # the decode table, the region table, the summary's line 4
+    for value, low, high in printed:
+        assert float(low) <= float(value) <= float(high), f"{value}x lies outside its interval ({low}-{high})"
+
+    # (numerator, denominator, the speedup printed, half a unit of the last digit printed)
+    checks = []
+    decode = re.findall(rf"^\s*(\S.*?)\s{{2,}}(\d+\.\d)\s{{2,}}{RATIO}$", text, re.M)
+    assert [row[0] for row in decode] == ["original", "attention removed", "fused, calibrated"], text
+    original = float(decode[0][1])
+    checks += [(float(rate), original, float(value), 0.05) for _, rate, value, _, _ in decode]  # tokens/s
+    summary = re.findall(rf"decoded (\d+\.\d) tokens/s against the original's (\d+\.\d): {RATIO}", text)
+    checks += [(float(mine), float(theirs), float(value), 0.05) for mine, theirs, value, _, _ in summary]
+    region = re.findall(rf"^\s*(\d+)\s+{MS}\s+{MS}\s+{MS}\s+{RATIO}\s+{RATIO}$", text, re.M)
+    for _, original_ms, removed_ms, fused_ms, removed_x, _, _, fused_x, _, _ in region:  # the original's ms over
+        checks += [(float(original_ms), float(removed_ms), float(removed_x), 0.0005),  # the model's
+                   (float(original_ms), float(fused_ms), float(fused_x), 0.0005)]
+    assert len(summary) == 1 and len(region) == 2, text
+    for numerator, denominator, value, half_unit in checks:
+        assert agrees(value, numerator, denominator, half_unit), f"{value}x printed beside {numerator} and {denominator}"
+        if value != 1.0:  # above 1 beside a faster rate (or shorter time), below 1 beside a slower one
+            assert (numerator >= denominator) if value > 1 else (numerator <= denominator), \
+                f"{value}x is on the wrong side of 1 beside {numerator} and {denominator}"
 
 
 def test_fuse_saves_a_model_that_loads_and_matches(tmp_path, capsys):
