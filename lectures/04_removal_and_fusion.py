@@ -172,7 +172,7 @@ print("calibrated, against the original:", judged(calibrated, first))
 # more text, measures decode latency in the same run, and writes a report that says finding by finding whether the
 # paper's observation held here. Every comparison is a paired difference over the same held-out predictions with
 # 95% intervals, and counts only when they exclude 0. The main committed run judges region 1 on 16,384 held-out
-# tokens; a second replicates the whole study over the four cheapest attention-removal regions on 2,048. The
+# tokens; a second repeats the whole study on the four cheapest attention-removal regions, which overlap, on 2,048. The
 # verdicts of each region:
 
 # %%

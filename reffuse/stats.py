@@ -1,6 +1,6 @@
 """The statistics every result of reffuse is judged by, in one place: one seeded percentile bootstrap, the paired
-comparisons built on it, a Student t interval for few units, Spearman's rank correlation, and one rule (verdict)
-that says whether an interval lies on a side of a threshold.
+comparisons built on it, a Student t interval for few units, Spearman's rank correlation and the lead of one rank
+correlation over another, and one rule (verdict) that says whether an interval lies on a side of a threshold.
 
 Every interval is a 95% interval (CONFIDENCE). A bootstrap draws RESAMPLES resamples from a fixed seed, so a rule
 applied twice to the same numbers gives the same interval and the same verdict.
@@ -22,6 +22,10 @@ TOKEN_BLOCK = 32   # predictions per block of paired_difference's interval over 
 # probability 2 / 2^n, so even the span from the smallest to the largest covers it only 1 - 2 / 2^n of the time
 # (75% for 3 pairs, 94% for 5, 97% for 6).
 MIN_PAIRS = 6
+# Fewer windows than this get a t-interval over the windows' own means instead of a bootstrap over windows: a
+# percentile bootstrap of few units is too narrow (with 8 windows it covered about 90% of the time, not 95%, when
+# the 64 windows of a larger run were subsampled).
+MIN_BOOTSTRAP_WINDOWS = 20
 
 SIDES = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
@@ -83,8 +87,10 @@ def paired_difference(x_windows, y_windows, seed: int = 0) -> dict:
 
     x_windows, y_windows: one sequence of per-prediction values (KL, negative log-likelihood) per window, the same
     lengths for both. The intervals, from one seeded stream:
-    - over windows: whole windows resampled, the mean Σ_drawn Σ d / Σ_drawn count; "x_below_y_windows" counts the
-      windows whose Σ d is below 0;
+    - over windows: whole windows resampled, the mean Σ_drawn Σ d / Σ_drawn count; from fewer than
+      MIN_BOOTSTRAP_WINDOWS windows instead the t-interval over the windows' own means Σ d / count (t_interval);
+      "windows_interval" names which ("bootstrap" or "t"); "x_below_y_windows" counts the windows whose Σ d is
+      below 0;
     - over tokens: a block bootstrap, each window's predictions cut into blocks of TOKEN_BLOCK consecutive ones
       (neighbouring tokens are not independent; blocks keep most of that dependence), blocks resampled.
     "resolved" when both intervals exclude 0 (otherwise the data do not say which variant is better); "sign" is
@@ -98,12 +104,13 @@ def paired_difference(x_windows, y_windows, seed: int = 0) -> dict:
     sums, counts = np.array([w.sum() for w in d]), np.array([w.size for w in d])
     blocks = [w[i:i + TOKEN_BLOCK] for w in d for i in range(0, w.size, TOKEN_BLOCK)]
     rng = np.random.default_rng(seed)
-    windows = _pooled_mean_interval(sums, counts, rng)
+    method = "bootstrap" if len(d) >= MIN_BOOTSTRAP_WINDOWS else "t"
+    windows = _pooled_mean_interval(sums, counts, rng) if method == "bootstrap" else t_interval(sums / counts)
     tokens = _pooled_mean_interval(np.array([b.sum() for b in blocks]), np.array([b.size for b in blocks]), rng)
     resolved = excludes(windows, 0.0) and excludes(tokens, 0.0)
-    return {"mean": float(sums.sum() / counts.sum()), "windows_interval_95": windows, "tokens_interval_95": tokens,
-            "x_below_y_windows": int((sums < 0).sum()), "windows": len(d), "resolved": resolved,
-            "sign": int(np.sign(sums.sum())) if resolved else 0}
+    return {"mean": float(sums.sum() / counts.sum()), "windows_interval_95": windows, "windows_interval": method,
+            "tokens_interval_95": tokens, "x_below_y_windows": int((sums < 0).sum()), "windows": len(d),
+            "resolved": resolved, "sign": int(np.sign(sums.sum())) if resolved else 0}
 
 
 def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> dict:
@@ -219,16 +226,22 @@ def t_interval(values) -> list[float] | None:
 
 
 def ranks(values) -> np.ndarray:
-    """The ranks 1..n of values, tied values given the mean of the ranks they share (two values in ranks 2 and 3
-    both get 2.5), as Spearman's correlation ranks them."""
+    """The ranks 1..n of values along their last axis (each row of a 2-D array ranked on its own), tied values
+    given the mean of the ranks they share (two values in ranks 2 and 3 both get 2.5), as Spearman's correlation
+    ranks them."""
     values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])   # where each run of equal values begins
-    ends = np.r_[starts[1:], values.size]
-    result = np.empty(values.size)
-    result[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)   # the mean of ranks start+1 .. end
-    return result
+    n = values.shape[-1]
+    flat = values.reshape(-1)
+    row = np.arange(flat.size) // n
+    order = np.lexsort((flat, row))                                      # by row, then by value
+    ordered, ordered_row = flat[order], row[order]
+    # where each run of equal values of one row begins
+    starts = np.flatnonzero(np.r_[True, (ordered[1:] != ordered[:-1]) | (ordered_row[1:] != ordered_row[:-1])])
+    ends = np.r_[starts[1:], flat.size]
+    result = np.empty(flat.size)
+    # the mean of ranks start+1 .. end, counted from the start of the row
+    result[order] = np.repeat((starts + 1 + ends) / 2 - ordered_row[starts] * n, ends - starts)
+    return result.reshape(values.shape)
 
 
 def spearman(a, b) -> float | None:
@@ -248,12 +261,36 @@ def spearman(a, b) -> float | None:
 
 def resampled_spearman(a, b, drawn: np.ndarray) -> np.ndarray:
     """spearman(a, b) on every resample of the pairs, each row of drawn the indices of one, as a bootstrap
-    statistic: NaN where it is undefined, so that bootstrap leaves that resample out."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.array([spearman(a[pairs], b[pairs]) for pairs in drawn], dtype=np.float64)
+    statistic: NaN where it is undefined, so that bootstrap leaves that resample out. All rows at once: Pearson's
+    correlation of each row's ranks."""
+    drawn = np.asarray(drawn)
+    if drawn.shape[-1] < 3:
+        return np.full(drawn.shape[0], np.nan)
+    r, s = (ranks(np.asarray(v, dtype=np.float64)[drawn]) for v in (a, b))
+    r, s = r - r.mean(axis=1, keepdims=True), s - s.mean(axis=1, keepdims=True)
+    scale = np.sqrt(np.sum(r * r, axis=1) * np.sum(s * s, axis=1))
+    # a row whose ranks are all equal (a value drawn n times) ranks nothing: NaN
+    return np.where(scale > 0, np.sum(r * s, axis=1) / np.where(scale > 0, scale, 1.0), np.nan)
 
 
 def spearman_interval(a, b, seed: int = 0) -> list[float] | None:
     """The bootstrap 95% interval of spearman(a, b), the pairs resampled together; resamples where ρ is undefined
     are left out, and None when all are."""
     return bootstrap(lambda drawn: resampled_spearman(a, b, drawn), len(a), seed=seed)
+
+
+def spearman_lead(a_sets, b_sets, targets, seed: int = 0) -> dict:
+    """How much better a ranks the target than b does: spearman(a, t) - spearman(b, t), averaged over independent
+    sets (regions, each a sequence of a values, of b values and of targets over the same units), under "lead",
+    with its paired bootstrap 95% interval (every set's units resampled, the same draw for a and b) under
+    "interval_95". A lead whose interval lies above 0 is resolved."""
+    a_sets, b_sets, targets = ([np.asarray(v, dtype=np.float64) for v in sets] for sets in (a_sets, b_sets, targets))
+    # an undefined correlation (None) becomes NaN, and so does the lead
+    leads = [np.float64(spearman(a, t)) - np.float64(spearman(b, t)) for a, b, t in zip(a_sets, b_sets, targets)]
+
+    def mean_lead(*drawn):  # the lead averaged over the sets, on each resample of every set's units
+        return sum(resampled_spearman(a, t, d) - resampled_spearman(b, t, d)
+                   for a, b, t, d in zip(a_sets, b_sets, targets, drawn)) / len(targets)
+
+    return {"lead": float(np.mean(np.asarray(leads, dtype=np.float64))),
+            "interval_95": bootstrap(mean_lead, *(t.size for t in targets), seed=seed)}

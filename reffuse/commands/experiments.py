@@ -8,7 +8,8 @@ reduction, with decode latency measured in the same run; (c) including vs leavin
 (f) norm fold vs last; (g) calibrated vs plain fusion; (h) which predictor (the paper's cosine dependency and five
 others) ranks the damage of every group of the span; (i) FFN removal vs fusion at equal latency (modelled on a
 GPU, and on this CPU), removal refitted as calibrated fusion is; (j) calibration on more text (--scale-tokens),
-with residuals on held-out text. Quality is KL to the pre-fusion model and perplexity on held-out text (eight
+with residuals on held-out text; (k) the planner's predictor against the paper's cosine dependency, on held-out text,
+where the two cut the span differently. Quality is KL to the pre-fusion model and perplexity on held-out text (eight
 plays from their first scene and the Sonnets, reffuse.formats.corpus); everything fitted or chosen reads
 calibration text only. reffuse.experiments.run documents each choice.
 
@@ -16,14 +17,21 @@ The report (README.md) says, finding by finding, whether the paper's observation
 A region takes about 50 minutes on 2 cores with the defaults (16384 held-out tokens; progress on stderr). The
 synthetic tiny model runs the same code in seconds, to check it, not to learn anything.
 
-With --regions N the whole study is replicated over N attention-removal regions (the N cheapest windows of
-blocks), each region's report in its own folder and a table of the findings across them beside.
+With --regions N the whole study is repeated on N attention-removal regions (the N cheapest windows of blocks,
+which overlap: not independent replications), each region's report in its own folder and a table of the findings
+across them beside.
+
+With --report-only nothing is measured: the run already in --out (or every region of it) is judged again by the
+current rules, from its JSON, and its reports and figures are rewritten; the verdicts the run recorded are kept
+beside the new ones, and the report says when the rules were revised and which setup files changed after the
+commit the run recorded.
 
 examples:
   reffuse experiments --out reports/experiments/smollm2
   reffuse experiments --regions 4 --held-out-tokens 2048 --out reports/experiments/smollm2_regions
   reffuse experiments --held-out-tokens 2048 --scale-tokens 2048,8192 --out out/experiments
-  reffuse experiments --model tiny --drop-attention-count 2 --out /tmp/experiments-tiny
+  reffuse experiments --model tiny --drop-attention-count 2 --out out/experiments-tiny
+  reffuse experiments --report-only --out reports/experiments/smollm2
 """
 
 from __future__ import annotations
@@ -34,15 +42,17 @@ import sys
 from pathlib import Path
 
 from reffuse.experiments.report import markdown, regions_markdown
-from reffuse.experiments.run import SCALE_TOKENS, region_summary, run_experiments
+from reffuse.errors import ReffuseError
+from reffuse.experiments.run import SCALE_TOKENS, region_summary, rejudge, run_experiments
 from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
-from reffuse.files import check_output_folder, json_naming, staged_folder, write_json_atomic, write_text_atomic
+from reffuse.files import (check_output_folder, json_naming, read_json, staged_folder, write_json_atomic,
+                           write_text_atomic)
 from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_overwrite_argument,
                                      add_token_arguments, check_window, positive_int, print_json)
 
-HELP = "the paper's experiments (a)-(j) at small scale: report, JSON and figures"
+HELP = "the paper's experiments (a)-(k) at small scale: report, JSON and figures"
 REPORT = "report"
 is_report = json_naming("reffuse experiments")  # a report folder written before folders were marked
 
@@ -74,11 +84,17 @@ def add_arguments(parser):
     parser.add_argument("--regions", type=positive_int, default=1, metavar="N",
                         help="replicate over N attention-removal regions, the N cheapest windows of blocks (each a "
                              "full run into --out/region-K/, a summary in --out/README.md); default 1")
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: judge the run already in --out (every region of it) again by the "
+                             "current rules from its JSON, and rewrite its reports and figures in place, the "
+                             "verdicts it recorded kept beside the new ones")
     add_overwrite_argument(parser, "the report reffuse wrote in --out")
     add_json_argument(parser)
 
 
 def run(args) -> int:
+    if args.report_only:
+        return rewrite_reports(args.out)
     check_output_folder(args.out, args.overwrite, is_report, REPORT)  # before the long work
     check_window(args.model, args.window)
     figures = available("matplotlib")
@@ -120,9 +136,41 @@ def run(args) -> int:
     return 0
 
 
+def rewrite_reports(out: Path) -> int:
+    """--report-only: the run in `out` judged again (reffuse.experiments.run.rejudge), its JSON, reports and
+    figures rewritten in place; a run over regions gets its summary rewritten too."""
+    remedy = "give the --out folder of an earlier `reffuse experiments` run"
+    regions = out / "regions.json"
+    summary = read_json(regions, remedy) if regions.is_file() else None
+    folders = [out / f"region-{r['rank']}" for r in summary["regions"]] if summary else [out]
+    for folder in folders:
+        if not is_report(folder):
+            raise ReffuseError(f"{folder} holds no experiments.json that reffuse experiments wrote: {remedy}")
+    command = "reffuse " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["experiments"] else \
+        f"reffuse experiments --report-only --out {out}"
+    figures = available("matplotlib")
+    if not figures:
+        note(f"figures will be kept as they are: drawing them needs matplotlib ({install_hint('real')})")
+    results = []
+    for folder in folders:
+        result = rejudge(read_json(folder / "experiments.json", remedy), command)
+        write_report(result, folder, figures)
+        changed = [f"({v['finding']}) {was['verdict']} -> {v['verdict']}"
+                   for v, was in zip(result["verdicts"], result["verdicts_as_run"]) if v["verdict"] != was["verdict"]]
+        print(f"{folder / 'README.md'}: {'; '.join(changed) or 'no verdict changed'}")
+        results.append(result)
+    if summary:
+        summary = region_summary(results) | {"command": summary["command"], "seconds": summary["seconds"]}
+        write_json_atomic(regions, summary)
+        write_text_atomic(out / "README.md", regions_markdown(summary, summary["command"], summary["seconds"] / 60))
+        print(out / "README.md")
+    return 0
+
+
 def write_report(result: dict, folder: Path, figures: bool) -> list:
     """One region's experiments.json, README.md and figures into `folder`; returns the figures drawn."""
+    report = markdown(result, result["command"])  # before anything is written
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / "experiments.json", result, inline_lists=True)
-    write_text_atomic(folder / "README.md", markdown(result, result["command"]))
+    write_text_atomic(folder / "README.md", report)
     return write_experiment_figures(result, folder) if figures else []

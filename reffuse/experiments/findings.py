@@ -10,7 +10,8 @@ Every comparison a rule makes is a paired difference over the same held-out pred
 count. A difference counts for a verdict only when it is resolved (both intervals exclude 0); where the rule's
 comparisons are not resolved the verdict says so. Whether an interval lies on a side of a threshold is decided by
 reffuse.stats.verdict. The rules were fixed before the run that applies them; the report names the commit they
-come from.
+come from. A rule revised after a run's results were seen is listed in REVISIONS with its date, and a run judged
+again by it (`reffuse experiments --report-only`) keeps the verdicts it recorded beside the new ones.
 """
 
 from __future__ import annotations
@@ -35,11 +36,29 @@ from reffuse.speed.bench import decode_samples, prompt_ids, reffuse_decode
 from reffuse.speed.costmodel.calibration import get_hardware
 from reffuse.speed.costmodel.latency import forward_cost, tensor_parallel_degrees
 from reffuse.speed.costmodel.presets import layout_from_model
-from reffuse.stats import paired_difference, spearman, verdict
+from reffuse.stats import MIN_BOOTSTRAP_WINDOWS, paired_difference, spearman, spearman_interval, \
+    spearman_lead, verdict
 from reffuse.experiments.study import (MAX_STEPS, WINDOW, Study, format_correlation, format_kl, format_perplexity,
                                        fused_name, removed_name, reversed_run)
 
 RIDGE_SWEEP = (0.1, 1.0, 10.0)
+
+# The rules revised after a review of runs already made, newest last: the date, the findings whose verdicts the
+# change can move ("all" for every comparison), and what changed. A report of a run made under earlier rules lists
+# the revisions dated after them.
+REVISIONS = (
+    {"date": "2026-12-05", "findings": "all",
+     "change": f"an interval over fewer than {MIN_BOOTSTRAP_WINDOWS} held-out windows is a t-interval over the "
+               "windows' own means, no longer a percentile bootstrap over windows (which covers less than 95% with "
+               "so few: about 90% with 8)"},
+    {"date": "2026-12-05", "findings": "h",
+     "change": "the adjacent pairs are left out of every predictor's rank correlation (a pair's neighbour damage is "
+               "its measured damage itself), and cosine-M counts only where it ranks the damage better than the "
+               "groups' size does (was: its rank correlation over all groups above 0)"},
+    {"date": "2026-12-05", "findings": "e",
+     "change": "the rank correlation of M_max with the damage of the single windows is given with its bootstrap "
+               "interval (a note; the verdict is unchanged)"},
+)
 
 
 @dataclass
@@ -530,8 +549,9 @@ def reversed_verdict(r: dict) -> Verdict:
         paper="running a span's FFNs in reverse order costs about as much as fusing them (combined accuracy within "
               "0.25 points, e.g. [42,49] 83.74 fused vs 83.52 reversed)",
         here="; ".join(f"{row['span'][0]}-{row['span'][1]}: fused KL {format_kl(row['fused']['kl'])}, reversed "
-                       f"{format_kl(row['reversed']['kl'])}, reversed - fused {describe(d)}"
-                       for row, d in zip(r["reversed"], diffs)),
+                       f"{format_kl(row['reversed']['kl'])}, reversed - fused {describe(d)} (margin ±{format_kl(m)}: "
+                       + ("within it" if within else "beyond it" if beyond else "neither within it nor beyond it")
+                       + ")" for row, d, m, within, beyond in zip(r["reversed"], diffs, margins, inside, outside)),
         rule=f"an equivalence test: held if, for every span, both intervals of reversed - fused lie within "
              f"±{REVERSED_MARGIN:.0%} of the fused KL; did not hold if for some span both lie wholly beyond it; "
              "partly if some spans are within; else not resolved",
@@ -588,9 +608,16 @@ def _prediction_note(full: dict) -> str:
         return ""
     best, worst = min(single, key=lambda w: w["kl"]), max(single, key=lambda w: w["kl"])
     rho = full["rank_correlation_max_kl"]
+    if rho is None:
+        return ""
+    interval = spearman_interval([w["max"] for w in single], [w["kl"] for w in single])
+    side = ("resolved above 0" if verdict(interval, 0.0, ">") == "met" else
+            "resolved below 0" if verdict(interval, 0.0, "<") == "met" else
+            "not resolved: the data do not say whether M_max ranks the damage")
+    judged = f"{format_interval(interval)} (bootstrap over the windows), {side}"
     return (f"each of the {len(single)} eligible windows alone: KL from {format_kl(best['kl'])} ({best['first']}-"
             f"{best['last']}) to {format_kl(worst['kl'])} ({worst['first']}-{worst['last']}); rank correlation of "
-            f"M_max with that KL {rho:.2f}" if rho is not None else "")
+            f"M_max with that KL {rho:.2f} {judged}")
 
 
 def full_block_verdict(r: dict) -> Verdict:
@@ -649,32 +676,72 @@ def predictor_comparison(study: Study) -> dict:
             "correlations": compare(values, measured)}
 
 
+def own_measurement(group) -> bool:
+    """An adjacent pair: its neighbour damage (reffuse.method.predictors) is its measured damage itself, so it
+    cannot test a predictor."""
+    return group[1] - group[0] == 1
+
+
+def predictors_against_size(p: dict) -> dict:
+    """(h)'s comparison from the recorded groups (r["predictors"]): the groups of three or more blocks, each
+    predictor's rank correlation with their damage and bootstrap interval over them, beside the groups' size
+    (blocks fused) as a baseline, and each predictor's lead over that baseline with its paired interval
+    (reffuse.stats.spearman_lead)."""
+    groups = [g for g in p["groups"] if not own_measurement(g["group"])]
+    if len(groups) < 3:  # no rank correlation to compare
+        return {"groups": len(groups), "left_out": len(p["groups"]) - len(groups), "correlations": None}
+    damage = [g["damage"] for g in groups]
+    size = [g["group"][1] - g["group"][0] + 1 for g in groups]
+    table = {"group size": {"spearman": spearman(size, damage), "interval_95": spearman_interval(size, damage)}}
+    for name in p["predictors"]:
+        values = [g[name] for g in groups]
+        lead = spearman_lead([values], [size], [damage])
+        table[name] = {"spearman": spearman(values, damage), "interval_95": spearman_interval(values, damage),
+                       "lead_over_size": lead["lead"], "lead_interval_95": lead["interval_95"]}
+    return {"groups": len(groups), "left_out": len(p["groups"]) - len(groups), "correlations": table}
+
+
+def format_interval(interval) -> str:
+    """A rank correlation's interval as [low, high] with signs; "no interval" for None."""
+    return "no interval" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
 def predictor_verdict(r: dict) -> Verdict:
     if "predictors" not in r:
         return Verdict("h", "which predictor ranks fusion damage", paper="see the paper's §3", here="not measured",
                        rule="-", verdict="not measured")
-    correlations = r["predictors"]["correlations"]
-    cosine = correlations["cosine-M"]
-    defined = {name: c["spearman"] for name, c in correlations.items() if c["spearman"] is not None}
-    best = max(defined, key=defined.get) if defined else None
-
-    def interval(c):
-        low, high = c["interval_95"] or (None, None)
-        return "no interval" if low is None else f"[{low:+.2f}, {high:+.2f}]"
-
+    p = r["predictors"]
+    compared = predictors_against_size(p)
+    table = compared["correlations"]
+    if table is None:
+        return Verdict("h", "which predictor ranks fusion damage", paper="see the paper's §3",
+                       here=f"{compared['groups']} groups of three or more blocks: too few to rank", rule="-",
+                       verdict="not measured")
+    lead = table["cosine-M"]["lead_interval_95"]
+    beats = [name for name in p["predictors"] if verdict(table[name]["lead_interval_95"], 0.0, ">") == "met"]
+    as_run = "; ".join(f"{name} {format_correlation(c['spearman'])} {format_interval(c['interval_95'])}"
+                       for name, c in p["correlations"].items())
     return Verdict(
         "h", "which predictor ranks fusion damage",
         paper="the paper chooses what to fuse by its block dependency metric (cosine distance, its §3): groups with "
               "little dependency left inside fuse with little damage",
-        here=f"Spearman rank correlation with the damage of each of the {len(r['predictors']['groups'])} contiguous "
-             f"groups of the span, fused alone ({r['predictors']['tokens']} calibration tokens), 95% bootstrap "
-             "interval over groups: " + "; ".join(f"{name} {format_correlation(c['spearman'])} {interval(c)}"
-                                                  for name, c in correlations.items()),
-        rule="held if cosine-M's rank correlation has its interval above 0; did not hold if below 0; else not "
-             "resolved. The best predictor is named, not judged",
-        verdict=decide(verdict(cosine["interval_95"], 0.0, ">") == "met", False,
-                       verdict(cosine["interval_95"], 0.0, "<") == "met"),
-        note=f"best here: {best} ({format_correlation(defined[best])})" if best else None)
+        here=f"Spearman rank correlation with the damage of each of the {compared['groups']} contiguous groups of "
+             f"three or more blocks of the span, fused alone ({p['tokens']} calibration tokens; the "
+             f"{compared['left_out']} adjacent pairs left out, their neighbour damage being their damage), 95% "
+             "bootstrap interval over groups, and the lead over the groups' size: group size "
+             f"{format_correlation(table['group size']['spearman'])} "
+             f"{format_interval(table['group size']['interval_95'])}; "
+             + "; ".join(f"{name} {format_correlation(table[name]['spearman'])} "
+                         f"{format_interval(table[name]['interval_95'])}, lead "
+                         f"{format_correlation(table[name]['lead_over_size'])} "
+                         f"{format_interval(table[name]['lead_interval_95'])}" for name in p["predictors"])
+             + f". Over all {len(p['groups'])} groups, pairs included (the rule as first written): {as_run}",
+        rule="held if cosine-M ranks the groups' damage better than their size does, its lead over group size "
+             "resolved above 0 (paired bootstrap over the groups of three or more blocks); did not hold if that "
+             "lead is resolved below 0; else not resolved",
+        verdict=decide(verdict(lead, 0.0, ">") == "met", False, verdict(lead, 0.0, "<") == "met"),
+        note="predictors that rank the damage better than group size, resolved: "
+             + (", ".join(beats) if beats else "none"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,19 +24,6 @@ def provenance(files) -> dict:
             "committed_at": commit[1] if len(commit) > 1 else None, "uncommitted_changes": changed}
 
 
-def changed_since(commit: str | None, files) -> list[str] | None:
-    """The paths among `files` that commits after `commit` changed (None outside a git checkout or without a
-    commit): a result computed at `commit` may not be what the code at HEAD would give."""
-    if commit is None:
-        return None
-    try:
-        out = subprocess.run(["git", "-C", str(checkout_root()), "diff", "--name-only", commit, "HEAD", "--",
-                              *files], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.split()
-
-
 def changes_since(commit: str, files) -> dict:
     """{"since", "head", "files"} for the paths `files`: each one that a commit after `commit` up to HEAD changed,
     with the number of those commits and the dates of the first and the last, or that the checkout changes now

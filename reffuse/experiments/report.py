@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from reffuse.experiments.findings import REVISIONS, format_interval, predictors_against_size
 from reffuse.experiments.study import (DEFINITIONS, format_correlation, format_kl, format_perplexity, fused_name,
                                        removed_name)
+from reffuse.stats import MIN_BOOTSTRAP_WINDOWS, spearman_interval
 
 
 def rules_line(rules: dict | None) -> str:
@@ -16,6 +18,97 @@ def rules_line(rules: dict | None) -> str:
             f"`{rules['commit'][:12]}` ({rules['committed_at']}), {state}. Every comparison is a paired "
             "difference over the same held-out predictions with 95% intervals over windows and over blocks of 32 "
             "tokens; it counts only when resolved (both intervals exclude 0).")
+
+
+def intervals_line(held_out: dict) -> str:
+    """Which interval over windows the run's comparisons use (reffuse.stats.paired_difference), and what it
+    leaves out."""
+    windows, texts = held_out["windows"], len(held_out["spans"])
+    if windows < MIN_BOOTSTRAP_WINDOWS:
+        return (f"The intervals over windows are t-intervals over the {windows} held-out windows' own means (marked "
+                f"(t)): with fewer than {MIN_BOOTSTRAP_WINDOWS} windows a percentile bootstrap over windows covers "
+                "less than 95%. The interval over blocks of 32 tokens is a bootstrap, and treats neighbouring blocks "
+                "as independent.")
+    return (f"The intervals over windows are percentile bootstraps over the {windows} held-out windows. The windows "
+            f"come from {texts} texts and windows of one text are correlated, which these intervals, like the one "
+            "over blocks of 32 tokens, do not model: they are narrower than an interval over texts would be.")
+
+
+def revised_rules(rules: dict) -> list[dict]:
+    """The revisions of the rules (findings.REVISIONS) dated after the commit of the rules a run was made under."""
+    made = (rules or {}).get("committed_at") or ""
+    return [revision for revision in REVISIONS if revision["date"] > made[:10]]
+
+
+def revision_text(rules: dict) -> str:
+    """The revisions after the rules a run was made under, one clause each: the findings, then the change."""
+    return "; ".join(f"({'every finding' if x['findings'] == 'all' else x['findings']}) {x['change']}"
+                     for x in revised_rules(rules))
+
+
+def revision_lines(r: dict) -> list[str]:
+    """For a run judged again by revised rules (run.rejudge): when and why, what changed, and which setup files
+    changed after the commit the run recorded."""
+    revision = r.get("revision")
+    if not revision:
+        return []
+    rules = revision["rules"]
+    if not rules.get("commit"):
+        under = "outside a git checkout"
+    else:
+        under = (f"under the rules as of commit `{rules['commit'][:12]}` ({rules['committed_at']})"
+                 + (", with uncommitted changes to them" if rules["uncommitted_changes"] else ""))
+    changes = revision_text(r.get("rules"))
+    lines = ["", f"**Rules revised after review, {revision['date']}.** The results were seen before these rules "
+                 f"were revised; this report judges them again by `{revision['command']}`, nothing measured again, "
+                 f"{under}. What changed: {changes}. The verdict column gives the verdict by the revised rules, the "
+                 "column 'as run' the one the run recorded."] if changes else [
+        "", f"**Judged again, {revision['date']}**, by `{revision['command']}`, nothing measured again, {under}: no "
+            "rule was revised after those the run was made under. The column 'as run' gives the verdict the run "
+            "recorded."]
+    setup = revision.get("setup_changes")
+    recorded = ("The run recorded the commit of its setup files" if "setup" in r else
+                "The run recorded only the commit of its rule files, not that of the code that set it up (the "
+                "corpus split, the planner, calibration)")
+    if setup is None or setup["files"] is None:
+        return lines + ["", f"{recorded}; which setup files changed since could not be read."]
+    if not setup["files"]:
+        return lines + ["", f"{recorded}, `{setup['since'][:12]}`. No setup file changed after it, up to "
+                            f"`{setup['head'][:12]}`."]
+
+    def when(f):
+        if not f["commits"]:
+            return "uncommitted changes"
+        first, last = f["first"][:10], f["last"][:10]
+        return (f"{f['commits']} commit{'s' if f['commits'] != 1 else ''}, "
+                + (first if first == last else f"{first} to {last}")
+                + (", and uncommitted changes" if f["uncommitted"] else ""))
+
+    files = "; ".join(f"`{f['file']}` ({when(f)})" for f in setup["files"])
+    return lines + ["", f"{recorded}, `{setup['since'][:12]}`. Setup files changed after that commit, up to "
+                        f"`{setup['head'][:12]}`: {files}. The same command on the current code need not give "
+                        "these numbers."]
+
+
+def predictors_against_size_lines(compared: dict) -> list[str]:
+    """(h) without the adjacent pairs, each predictor against the groups' size (findings.predictors_against_size)."""
+    table = compared["correlations"]
+    if table is None:
+        return []
+    lines = ["", f"The {compared['left_out']} adjacent pairs among these groups cannot test the neighbour damage: a "
+                 "pair's neighbour damage is its measured damage. And a predictor that only tracks how many blocks a "
+                 "group fuses adds nothing: the groups' size is the baseline. Without the "
+                 f"pairs ({compared['groups']} groups of three or more blocks), each predictor beside the groups' "
+                 "size, and its lead over size (paired bootstrap over the groups): a predictor adds information "
+                 "only where that lead is resolved above 0.", "",
+             "| predictor | Spearman with the damage | 95% interval | lead over group size | 95% interval |",
+             "|---|---:|---|---:|---|"]
+    for name, c in table.items():
+        lead = (f"{format_correlation(c['lead_over_size'])} | {format_interval(c['lead_interval_95'])}"
+                if "lead_over_size" in c else "- | -")
+        lines.append(f"| {name} | {format_correlation(c['spearman'])} | {format_interval(c['interval_95'])} | "
+                     f"{lead} |")
+    return lines
 
 
 def sink_variants(r: dict) -> list[tuple[str, str, dict]]:
@@ -225,12 +318,15 @@ def markdown(r: dict, command: str) -> str:
              f"{norms[jump - 1]:.0f} to {norms[jump]:.0f} in block {jump - 1} (massive activations; later attention "
              f"leans on it). The tables give that norm where the stream leaves the run (entering block "
              f"{sink['layer']}; pre-fusion {norms[sink['layer']]:.0f}) as 'sink norm'.", "",
-             "## Verdicts", "", rules_line(r.get("rules")), "",
-             "| finding | paper | here | verdict |", "|---|---|---|---|"]
+             "## Verdicts", "", rules_line(r.get("rules")), "", intervals_line(held), *revision_lines(r), ""]
+    as_run = {v["finding"]: v["verdict"] for v in r.get("verdicts_as_run", [])}
+    lines += (["| finding | paper | here | verdict | as run |", "|---|---|---|---|---|"] if as_run else
+              ["| finding | paper | here | verdict |", "|---|---|---|---|"])
     for v in r["verdicts"]:
         note = f"; {v['note']}" if v.get("note") else ""
+        was = f" {as_run.get(v['finding'], '-')} |" if as_run else ""
         lines.append(f"| ({v['finding']}) {v['title']} | {v['paper']} | {v['here']} | **{v['verdict']}** "
-                     f"({v['rule']}{note}) |")
+                     f"({v['rule']}{note}) |{was}")
 
     header = "| KL | perplexity | top-1 | KL vs original | sink norm |"
     planner = r.get("plan_costs", {}).get("predictor", "cosine-M")
@@ -314,7 +410,10 @@ def markdown(r: dict, command: str) -> str:
             lines.append(f"| {w['first']}-{w['last']} | {w['max']:.4f} | {w['sum']:.4f} | {format_kl(w['kl'])} |")
         rho = full["rank_correlation_max_kl"]
         if rho is not None:
-            lines += ["", f"Spearman rank correlation between M_max and KL: **{rho:.2f}**."]
+            interval = spearman_interval([w["max"] for w in full["single_windows"]],
+                                         [w["kl"] for w in full["single_windows"]])
+            lines += ["", f"Spearman rank correlation between M_max and KL: **{rho:.2f}**, 95% interval "
+                          f"{format_interval(interval)} (bootstrap over the windows)."]
     if "predictors" in r:
         p = r["predictors"]
         lines += ["", "## (h) Which predictor ranks fusion damage", "",
@@ -325,6 +424,7 @@ def markdown(r: dict, command: str) -> str:
         for name, c in p["correlations"].items():
             interval = "-" if c["interval_95"] is None else f"{c['interval_95'][0]:+.2f} to {c['interval_95'][1]:+.2f}"
             lines.append(f"| {name} | {format_correlation(c['spearman'])} | {interval} |")
+        lines += predictors_against_size_lines(predictors_against_size(p))
     lines += sink_section(r)
     lines += ["", "## Figures", "",
               "![fusion intensity](fusion_intensity.png)", "",
@@ -338,22 +438,54 @@ def markdown(r: dict, command: str) -> str:
 VERDICT_ORDER = ("held", "partly held", "not resolved", "did not hold", "not measured")
 
 
+def overlap_line(regions: list[dict]) -> str:
+    """Whether the regions' attention-removed blocks overlap: overlapping regions are not replications."""
+    if any("blocks" not in r for r in regions):
+        return "The regions are the cheapest windows of blocks, which may overlap."
+    shared = set.intersection(*(set(r["blocks"]) for r in regions))
+    pairs = sum(bool(set(a["blocks"]) & set(b["blocks"])) for i, a in enumerate(regions) for b in regions[i + 1:])
+    if not pairs:
+        return "The regions do not overlap: no block's attention is removed in two of them."
+    common = (f"; blocks {min(shared)}-{max(shared)} are in every one" if shared else "")
+    every = len(regions) * (len(regions) - 1) // 2
+    share = "every two of them share blocks" if pairs == every else f"{pairs} of the {every} pairs share blocks"
+    return (f"**The regions overlap** ({', '.join(r['attention_removed'] for r in regions)}: {share}{common}), "
+            "and all are judged on the same "
+            "held-out text: they are the same study on neighbouring, largely shared parts of one model, not "
+            "independent replications. A finding that holds in every region holds for these neighbouring "
+            "regions, no more.")
+
+
 def regions_markdown(summary: dict, command: str, minutes: float) -> str:
     """The replication across attention-removal regions: one row per finding, one column per region, and how
     many regions gave each verdict; each region's full report is in its folder."""
     regions = summary["regions"]
-    lines = [f"# FFN Fusion experiments at small scale, replicated over {len(regions)} attention-removal regions", "",
-             "Produced by:", "", f"    {command}", "",
+    lines = [f"# FFN Fusion experiments at small scale, repeated on {len(regions)} overlapping attention-removal "
+             "regions", "", "Produced by:", "", f"    {command}", "",
              f"{minutes:.1f} minutes on this machine in all. Region k removes the attention of the window of "
-             "consecutive blocks with the k-th least summed single-removal score (the cheapest windows, which "
-             "overlap); each region is a full run of (a)-(k), its report and JSON in `region-k/`.", "",
-             rules_line(summary.get("rules")), "",
-             "| finding | " + " | ".join(f"[region {r['rank']}](region-{r['rank']}/README.md): attention removed "
-                                          f"{r['attention_removed']}, span {r['span'][0]}-{r['span'][1]}"
-                                          for r in regions) + " | over the regions |",
-             "|---|" + "---|" * len(regions) + "---|"]
+             "consecutive blocks with the k-th least summed single-removal score; each region is a full run of "
+             "(a)-(k), its report and JSON in `region-k/`.", "", overlap_line(regions), "",
+             rules_line(summary.get("rules"))]
+    revision = summary.get("revision")
+    if revision:
+        rules = revision["rules"]
+        lines += ["", f"**Rules revised after review, {revision['date']}**, after these results were seen; every "
+                      "region is judged again by them (`" + revision["command"] + "`, nothing measured again"
+                      + (f"; rules as of commit `{rules['commit'][:12]}`" if rules.get("commit") else "")
+                      + (", with uncommitted changes to them" if rules.get("uncommitted_changes") else "")
+                      + "): " + revision_text(summary.get("rules"))
+                      + ". Each cell gives the verdict by the revised rules, and in brackets the one the run "
+                        "recorded where it differs. Each region's report says which setup files changed after "
+                        "the commit the run recorded."]
+    lines += ["", "| finding | " + " | ".join(f"[region {r['rank']}](region-{r['rank']}/README.md): attention removed "
+                                              f"{r['attention_removed']}, span {r['span'][0]}-{r['span'][1]}"
+                                              for r in regions) + " | over the regions |",
+              "|---|" + "---|" * len(regions) + "---|"]
     for finding in summary["findings"]:
-        cells = [r["verdicts"][finding["finding"]] for r in regions]
+        cells = []
+        for r in regions:
+            now, was = r["verdicts"][finding["finding"]], r.get("verdicts_as_run", {}).get(finding["finding"])
+            cells.append(now if was in (None, now) else f"{now} (as run: {was})")
         counts = ", ".join(f"{verdict} {finding['counts'][verdict]}" for verdict in VERDICT_ORDER
                            if verdict in finding["counts"])
         lines.append(f"| ({finding['finding']}) {finding['title']} | " + " | ".join(cells) + f" | {counts} |")
@@ -369,6 +501,21 @@ def regions_markdown(summary: dict, command: str, minutes: float) -> str:
                 c = r["predictors"][name]
                 cells.append(format_correlation(c["spearman"]) + ("" if c["interval_95"] is None else
                                                         f" [{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]"))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all(r.get("predictors_against_size", {}).get("correlations") for r in regions):
+        tables = [r["predictors_against_size"] for r in regions]
+        lines += ["", f"(h) without the adjacent pairs (a pair's neighbour damage is its measured damage): Spearman "
+                      f"with the damage of the {tables[0]['groups']} groups of three or more blocks [95% bootstrap "
+                      "interval], and the lead over the groups' size [paired bootstrap interval]:", "",
+                  "| predictor | " + " | ".join(f"region {r['rank']}" for r in regions) + " |",
+                  "|---|" + "---|" * len(regions)]
+        for name in tables[0]["correlations"]:
+            cells = []
+            for table in tables:
+                c = table["correlations"][name]
+                cells.append(f"{format_correlation(c['spearman'])} {format_interval(c['interval_95'])}"
+                             + (f"; lead {format_correlation(c['lead_over_size'])} "
+                                f"{format_interval(c['lead_interval_95'])}" if "lead_over_size" in c else ""))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Summed single-removal scores of the regions (nats): "
               + ", ".join(f"region {r['rank']} {r['summed_score']:.4f}" for r in regions) + ".", ""]

@@ -50,13 +50,15 @@ from __future__ import annotations
 import os
 import platform
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 
 from reffuse.experiments.findings import (calibration, calibration_scale, decode_latency, decoded_models, ffn_removal,
                                           full_block, fusion_intensity, last_ffn, modelled_latency,
-                                          predictor_comparison, removal_counts, reversed_order, verdicts)
-from reffuse.experiments.provenance import provenance
+                                          predictor_comparison, predictors_against_size, removal_counts,
+                                          reversed_order, verdicts)
+from reffuse.experiments.provenance import changes_since, provenance
 from reffuse.experiments.study import DEFINITIONS, prepare_study, step
 from reffuse.formats.registry import load_model
 from reffuse.method.pipeline import load_texts
@@ -67,9 +69,30 @@ from reffuse.speed.timing import blas_threads
 RULE_FILES = ("reffuse/experiments/findings.py", "reffuse/evaluation/intervals.py", "reffuse/stats.py")
 
 
+# The code that shapes the numbers the rules judge: the corpus split, the attention removal, the planner, the
+# predictors, calibration, scoring and fusion, and the measurements themselves. A run records their commit.
+SETUP_FILES = ("reffuse/experiments/run.py", "reffuse/experiments/study.py", "reffuse/experiments/findings.py",
+               "reffuse/formats/corpus.py", "reffuse/method/pipeline.py", "reffuse/method/removal.py",
+               "reffuse/method/metrics.py", "reffuse/method/planning.py", "reffuse/method/predictors.py",
+               "reffuse/method/calibrate.py", "reffuse/evaluation/prefix.py", "reffuse/core/fusion.py")
+
+
 def rules_provenance() -> dict:
     """The commit that last changed the verdict rules (reffuse.experiments.provenance)."""
     return provenance(RULE_FILES)
+
+
+def rejudge(result: dict, command: str) -> dict:
+    """A run made earlier, judged again by the current rules: "verdicts" by them, "verdicts_as_run" the verdicts
+    the run recorded (kept from the first judging), and "revision": when, by which command, under which commit
+    of the rules, and which setup files changed after the commit the run recorded (its setup files' where it
+    recorded them, else its rules')."""
+    recorded = result.get("setup") or result["rules"]
+    return result | {"verdicts_as_run": result.get("verdicts_as_run", result["verdicts"]), "verdicts": verdicts(result),
+                     "revision": {"date": datetime.now(timezone.utc).date().isoformat(), "command": command,
+                                  "rules": rules_provenance(),
+                                  "setup_changes": changes_since(recorded["commit"], SETUP_FILES)
+                                  if recorded.get("commit") else None}}
 
 
 SCALE_TOKENS = (2048, 8192, 32768)   # calibration text of finding (j)
@@ -80,11 +103,13 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
                     window: int = 256, decode_tokens: int = 32, repeats: int = 15, threads: int | None = None,
                     region_rank: int = 1, scale_tokens=SCALE_TOKENS) -> dict:
     """Every experiment of the module docstring; a JSON-ready dict. region_rank: which attention-removal region,
-    1 the cheapest window of drop_count blocks, 2 the next, ... (replications on other regions); scale_tokens:
+    1 the cheapest window of drop_count blocks, 2 the next, ... (the study again on other regions, which overlap
+    this one: not independent replications); scale_tokens:
     the calibration text sizes of finding (j)."""
     started = time.perf_counter()
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     result = {"model": model_name, "definitions": DEFINITIONS, "rules": rules_provenance(),
+              "setup": provenance(SETUP_FILES),
               "environment": {"machine": platform.machine(), "cores": os.cpu_count(), "threads": threads,
                               "python": platform.python_version(), "numpy": np.__version__,
                               "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
@@ -135,9 +160,13 @@ def region_summary(results: list[dict]) -> dict:
     """The findings across the regions: each region's removed blocks, span and verdicts, and for each finding how
     many regions gave each verdict."""
     regions = [{"rank": r["settings"]["region_rank"], "attention_removed": r["attention_removal"]["blocks_text"],
-                "summed_score": r["attention_removal"]["summed_score"], "span": r["span"],
-                "verdicts": {v["finding"]: v["verdict"] for v in r["verdicts"]}}
-               | ({"predictors": r["predictors"]["correlations"]} if "predictors" in r else {}) for r in results]
+                "blocks": r["attention_removal"]["blocks"], "summed_score": r["attention_removal"]["summed_score"],
+                "span": r["span"], "verdicts": {v["finding"]: v["verdict"] for v in r["verdicts"]}}
+               | ({"verdicts_as_run": {v["finding"]: v["verdict"] for v in r["verdicts_as_run"]}}
+                  if "verdicts_as_run" in r else {})
+               | ({"predictors": r["predictors"]["correlations"],
+                   "predictors_against_size": predictors_against_size(r["predictors"])} if "predictors" in r else {})
+               for r in results]
     findings = []
     for v in results[0]["verdicts"]:
         counts = {}
@@ -145,5 +174,6 @@ def region_summary(results: list[dict]) -> dict:
             verdict = region["verdicts"][v["finding"]]
             counts[verdict] = counts.get(verdict, 0) + 1
         findings.append({"finding": v["finding"], "title": v["title"], "counts": counts})
-    return {"regions": regions, "findings": findings, "rules": results[0]["rules"]}
+    return {"regions": regions, "findings": findings, "rules": results[0]["rules"]} | (
+        {"revision": results[0]["revision"]} if "revision" in results[0] else {})
 

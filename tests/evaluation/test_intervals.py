@@ -6,7 +6,7 @@ import pytest
 
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.intervals import describe
-from reffuse.stats import RESAMPLES, TOKEN_BLOCK, paired_difference
+from reffuse.stats import MIN_BOOTSTRAP_WINDOWS, RESAMPLES, TOKEN_BLOCK, paired_difference, t_quantile
 
 
 def windows(rng, shift=0.0, n=8, length=100):
@@ -33,15 +33,32 @@ def test_noise_alone_is_not_resolved():
 
 
 def test_the_window_interval_by_hand():
-    """The interval over windows is the percentile interval of the pooled mean over resampled windows."""
+    """From enough windows, the interval over windows is the percentile interval of the pooled mean over
+    resampled windows."""
+    n = MIN_BOOTSTRAP_WINDOWS
     rng = np.random.default_rng(2)
-    x, y = windows(rng, n=5, length=40), windows(rng, n=5, length=40)
+    x, y = windows(rng, n=n, length=40), windows(rng, n=n, length=40)
     d = paired_difference(x, y, seed=3)
-    draws = np.random.default_rng(3).integers(0, 5, (RESAMPLES, 5))
+    draws = np.random.default_rng(3).integers(0, n, (RESAMPLES, n))
     diffs = [a - b for a, b in zip(x, y)]
     means = [sum(diffs[i].sum() for i in row) / sum(diffs[i].size for i in row) for row in draws]
     assert d["windows_interval_95"] == pytest.approx(list(np.quantile(means, [0.025, 0.975])))
+    assert d["windows_interval"] == "bootstrap" and "(t)" not in describe(d)
     assert TOKEN_BLOCK == 32
+
+
+def test_few_windows_get_a_t_interval_over_their_means():
+    """Below MIN_BOOTSTRAP_WINDOWS windows: mean ± t_0.975,n-1 · s / √n of the windows' own mean differences,
+    wider than the bootstrap of so few windows, and the text says so."""
+    rng = np.random.default_rng(2)
+    x, y = windows(rng, n=5, length=40), windows(rng, n=5, length=40)
+    d = paired_difference(x, y, seed=3)
+    means = np.array([(a - b).mean() for a, b in zip(x, y)])
+    half = t_quantile(0.975, 4) * means.std(ddof=1) / np.sqrt(5)
+    assert d["windows_interval"] == "t"
+    assert d["windows_interval_95"] == pytest.approx([means.mean() - half, means.mean() + half])
+    assert t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert " over windows (t), " in describe(d)
 
 
 def test_unpaired_inputs_are_refused():

@@ -10,10 +10,11 @@ import numpy as np
 
 from reffuse.cli import main
 from reffuse.evaluation.intervals import describe
-from reffuse.experiments.findings import RULES, by_steps, verdicts
+from reffuse.experiments.findings import RULES, by_steps, difference, verdicts
+from reffuse.experiments.provenance import changes_since
 from reffuse.experiments.report import markdown, regions_markdown
-from reffuse.experiments.run import region_summary
-from reffuse.stats import paired_difference
+from reffuse.experiments.run import SETUP_FILES, region_summary
+from reffuse.stats import RESAMPLES, paired_difference, spearman, t_quantile
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports" / "experiments"
 REPORT = REPORTS / "smollm2"            # the main run: region 1 on 16384 held-out tokens
@@ -26,8 +27,12 @@ def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_
     assert verdicts(result) == result["verdicts"]
     assert markdown(result, result["command"]) == (REPORT / "README.md").read_text()
     assert [v["finding"] for v in result["verdicts"]] == list("abcdefghijk")
-    # the rules were committed before the run and unchanged while it ran
+    # the rules were committed before the run and unchanged while it ran; the revised rules that judged it again
+    # were committed before that, and the verdicts the run recorded are kept beside the new ones
     assert result["rules"]["commit"] and result["rules"]["uncommitted_changes"] is False
+    assert result["revision"]["rules"]["commit"] and result["revision"]["rules"]["uncommitted_changes"] is False
+    assert [v["finding"] for v in result["verdicts_as_run"]] == list("abcdefghijk")
+    assert "Rules revised after review, " + result["revision"]["date"] in (REPORT / "README.md").read_text()
     summary = json.loads((REGIONS / "regions.json").read_text())
     results = [json.loads((REGIONS / f"region-{r['rank']}" / "experiments.json").read_text())
                for r in summary["regions"]]
@@ -40,6 +45,71 @@ def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_
     assert region_summary(results) | {"command": summary["command"], "seconds": summary["seconds"]} == summary
     assert regions_markdown(summary, summary["command"], summary["seconds"] / 60) == (REGIONS / "README.md").read_text()
     assert summary["rules"]["commit"] and summary["rules"]["uncommitted_changes"] is False
+    assert "**The regions overlap** (5-12, 4-11, 7-14, 6-13" in (REGIONS / "README.md").read_text()
+
+
+def test_h_recomputed_without_the_groups_whose_predictor_is_their_own_measurement():
+    """(h) from the committed groups alone, in each region (the main run's groups are region 1's): an adjacent
+    pair's neighbour damage is its damage, so the pairs are left out; cosine-M must then rank the damage better
+    than the groups' size does, and it does not, resolved, in any region (nor does any other predictor)."""
+    for index in range(4):
+        result = json.loads((REGIONS / f"region-{index + 1}" / "experiments.json").read_text())
+        groups = result["predictors"]["groups"]
+        pairs = [g for g in groups if g["group"][1] - g["group"][0] == 1]
+        assert len(groups) == 21 and len(pairs) == 6
+        assert all(g["neighbour damage"] == g["damage"] for g in pairs)         # the circular groups
+        kept = [g for g in groups if g["group"][1] - g["group"][0] > 1]
+        damage = np.array([g["damage"] for g in kept])
+        size = np.array([g["group"][1] - g["group"][0] + 1 for g in kept])
+        cosine = np.array([g["cosine-M"] for g in kept])
+        h = next(v for v in result["verdicts"] if v["finding"] == "h")
+        lead = spearman(cosine, damage) - spearman(size, damage)
+        assert (f"group size {spearman(size, damage):+.2f}" in h["here"]
+                and f"cosine-M {spearman(cosine, damage):+.2f}" in h["here"] and f"lead {lead:+.2f}" in h["here"])
+        if index == 0:  # region 1: the paired bootstrap of the lead by hand, the same groups drawn for both
+            draws = np.random.default_rng(0).integers(0, len(kept), (RESAMPLES, len(kept)))
+            leads = np.array([np.float64(spearman(cosine[d], damage[d])) - np.float64(spearman(size[d], damage[d]))
+                              for d in draws])
+            low, high = np.quantile(leads[np.isfinite(leads)], [0.025, 0.975])
+            assert low < 0 < high and f"lead {lead:+.2f} [{low:+.2f}, {high:+.2f}]" in h["here"]
+        assert h["verdict"] == "not resolved"
+        assert h["note"].endswith("resolved: none")
+        assert next(v for v in result["verdicts_as_run"] if v["finding"] == "h")["verdict"] == "held"
+
+
+def test_few_windows_are_judged_by_a_t_interval_and_that_moves_region_2():
+    """The regions are judged on 8 windows: the interval over windows is the t-interval of the windows' own
+    means, by hand here for (a)'s step from 4 to 3 groups in region 2, which it leaves unresolved; region 2's (a)
+    and (g), held by the percentile bootstrap, are partly held."""
+    region = json.loads((REGIONS / "region-2" / "experiments.json").read_text())
+    rows = by_steps(region)
+    before, after = rows[0]["fold"]["per_token"]["kl"], rows[1]["fold"]["per_token"]["kl"]
+    means = np.array([np.mean(np.array(a) - np.array(b)) for a, b in zip(after, before)])
+    assert len(means) == 8
+    half = t_quantile(0.975, 7) * means.std(ddof=1) / np.sqrt(8)
+    d = difference(rows[1]["fold"], rows[0]["fold"])
+    assert d["windows_interval"] == "t"
+    assert d["windows_interval_95"] == pytest.approx([means.mean() - half, means.mean() + half])
+    assert d["windows_interval_95"][0] < 0 < d["windows_interval_95"][1] and not d["resolved"]
+    now = {v["finding"]: v["verdict"] for v in region["verdicts"]}
+    was = {v["finding"]: v["verdict"] for v in region["verdicts_as_run"]}
+    assert (now["a"], was["a"], now["g"], was["g"]) == ("partly held", "held", "partly held", "held")
+    assert "over windows (t)" in next(v["here"] for v in region["verdicts"] if v["finding"] == "a")
+
+
+def test_the_setup_files_exist_and_their_changes_are_read_from_git():
+    root = Path(__file__).resolve().parents[2]
+    assert all((root / f).is_file() for f in SETUP_FILES)
+    head = changes_since("HEAD", SETUP_FILES)
+    assert all(f["commits"] == 0 and f["uncommitted"] for f in head["files"])  # nothing committed after HEAD
+    recorded = json.loads(COMMITTED.read_text())["revision"]["setup_changes"]
+    assert "reffuse/formats/corpus.py" in [f["file"] for f in recorded["files"]]  # the held-out text changed
+
+
+def test_report_only_refuses_a_folder_without_a_run(tmp_path, capsys):
+    assert main(["experiments", "--report-only", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "holds no experiments.json that reffuse experiments wrote" in error and error.count("\n") == 1
 
 
 def test_the_main_run_is_judged_on_16k_held_out_tokens_of_two_kinds_of_text_from_their_first_scene():
@@ -93,6 +163,12 @@ def test_the_study_runs_end_to_end_on_the_synthetic_model(tmp_path, capsys):
     assert [row["tokens"] for row in scale["rows"]] == [256, 1024] * 2 and scale["sizes"] == [256, 1024]
     assert all(0 <= g["calibrated"] for row in scale["rows"] for g in row["held_out_residual"])
     assert (out / "README.md").read_text().startswith("# FFN Fusion experiments at small scale")
+    assert result["setup"]["files"] == list(SETUP_FILES)
+    # judged again from its JSON: the same rules give the same verdicts, and those of the run are kept beside
+    assert main(["experiments", "--report-only", "--out", str(out)]) == 0
+    again = json.loads((out / "experiments.json").read_text())
+    assert again["verdicts"] == again["verdicts_as_run"] == result["verdicts"]
+    assert (out / "README.md").read_text() == markdown(again, again["command"])
 
 
 @pytest.mark.slow

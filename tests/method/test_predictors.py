@@ -79,6 +79,13 @@ def test_the_planner_s_predictor_is_the_rule_s_choice_on_the_committed_regions()
     # the numbers the docstring quotes
     assert f"+{lead['lead_over_cosine_m']:.3f} [+{lead['interval_95'][0]:.3f}, +{lead['interval_95'][1]:.3f}]" \
         in predictors.__doc__.replace("\n", " ")
+    # without the adjacent pairs, whose neighbour damage is their damage, the lead is not resolved
+    without = predictors.choose_predictor([[g for g in groups if g["group"][1] - g["group"][0] > 1]
+                                           for groups in regions])
+    lead = without["predictors"]["neighbour damage"]
+    assert without["chosen"] == "angular distance" and lead["interval_95"][0] < 0
+    assert f"+{lead['lead_over_cosine_m']:.3f} [{lead['interval_95'][0]:.3f}, +{lead['interval_95'][1]:.3f}]" \
+        in predictors.__doc__.replace("\n", " ")
 
 
 def test_choose_predictor_keeps_cosine_m_when_no_lead_is_resolved():

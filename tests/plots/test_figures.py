@@ -21,7 +21,7 @@ COMMITTED = ROOT / "figures"
 
 def draw(out: Path) -> tuple[dict[str, bytes], dict]:
     done = subprocess.run([sys.executable, "-m", "reffuse", "figures", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)  # a hang guard: a draw takes seconds  # a hang guard: a draw takes seconds
+                          text=True, timeout=600, cwd=ROOT)  # a hang guard: a draw takes seconds
     assert done.returncode == 0, f"reffuse figures failed:\n{done.stderr[-3000:]}"
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}, json.loads((out / "figures.json").read_text())
 

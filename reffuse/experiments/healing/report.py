@@ -10,7 +10,7 @@ from pathlib import Path
 from reffuse.experiments.healing.findings import Points, verdicts
 from reffuse.experiments.healing.plan import VARIANTS, Budgets
 from reffuse.experiments.healing.points import WindowScores
-from reffuse.experiments.provenance import changed_since
+from reffuse.experiments.provenance import changes_since
 from reffuse.files import json_text, read_json, write_text_atomic
 from reffuse.plots.healing import write_recovery_figure
 
@@ -63,7 +63,7 @@ def setup_changes(study: dict, results: list[dict]) -> dict:
             commits.setdefault("uncommitted changes", []).append(r["point"])
     first = study["setup"]["commit"]
     return {"study_started_at": first, "point_commits": sorted(c for c in commits if c),
-            "changed_since_start": changed_since(first, study["setup"]["files"])}
+            "changed_since_start": changes_since(first, study["setup"]["files"])["files"] if first else None}
 
 
 def summarize(folder) -> dict:
@@ -137,7 +137,7 @@ def markdown(s: dict, command: str) -> str:
     changed = setup["changed_since_start"]
     lines += ["## What this budget can say", "",
               f"The largest budget here is {max(budgets['local']):,} tokens (local) and {max(budgets['kd']):,} "
-              f"(kd), against the paper's {PAPER_TOKENS}: five orders of magnitude less. The curves measure the "
+              f"(kd), against the paper's {PAPER_TOKENS}: about five orders of magnitude less. The curves measure the "
               "shape of recovery at the start of training, on one 135M model and one kind of text. Their slope "
               "does not extrapolate to the paper's budget: a log-linear trend of a few points says nothing about "
               "where it flattens, and the paper's distillation data (general web text and synthetic dialogue) "
@@ -147,7 +147,9 @@ def markdown(s: dict, command: str) -> str:
               f"The study's setup files (training, fusion, corpus, the core) were at commit "
               f"{setup['study_started_at']} when it started; points ran at "
               f"{', '.join(setup['point_commits']) or 'no recorded commit'}. "
-              + ("Setup files changed since the start: " + ", ".join(changed) + "." if changed else
+              + ("Setup files changed since the start: " + ", ".join(
+                  f"{c['file']} ({'uncommitted changes' if c['uncommitted'] else str(c['commits']) + ' commits'})"
+                  for c in changed) + "." if changed else
                  "No setup file changed since the start." if changed is not None else
                  "Whether setup files changed since could not be read (no git checkout).")]
     return "\n".join(lines) + "\n"
