@@ -61,12 +61,19 @@ print(cfg)
 
 # %%
 block = model.blocks[0]
-for part in (block.attention, block.ffn):
-    for field in dataclasses.fields(part):
-        print(f"{type(part).__name__:9s} {field.name:5s} {getattr(part, field.name).shape}")
 
-attention_params = sum(getattr(block.attention, f.name).size for f in dataclasses.fields(block.attention))
-ffn_params = sum(getattr(block.ffn, f.name).size for f in dataclasses.fields(block.ffn))
+
+def weights(part) -> dict:
+    """A block part's weight arrays by field name; the fields other Llamas fill (biases) are None in SmolLM2."""
+    return {f.name: getattr(part, f.name) for f in dataclasses.fields(part) if getattr(part, f.name) is not None}
+
+
+for part in (block.attention, block.ffn):
+    for name, w in weights(part).items():
+        print(f"{type(part).__name__:9s} {name:5s} {w.shape}")
+
+attention_params = sum(w.size for w in weights(block.attention).values())
+ffn_params = sum(w.size for w in weights(block.ffn).values())
 print(f"\nper block: attention {attention_params:,} parameters, FFN {ffn_params:,} "
       f"({ffn_params / (attention_params + ffn_params):.0%} of the block)")
 print(f"embedding (shared with the LM head): {model.embed.size:,}; all blocks: "
