@@ -84,6 +84,17 @@ def interval_text(interval) -> str:
     return f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "-"
 
 
+def rate_choice_line(objective: str, sweep: list[dict]) -> str:
+    """The chosen rate of an objective, and whether it lies at an end of the candidates (the best rate may then
+    lie beyond them)."""
+    rows = sorted((r for r in sweep if r["objective"] == objective), key=lambda r: r["learning_rate"])
+    best = min(rows, key=lambda r: r["kl"])
+    edge = ("the largest candidate: a larger rate might do better still" if best is rows[-1] else
+            "the smallest candidate: a smaller rate might do better still" if best is rows[0] else
+            "inside the candidates")
+    return f"- {objective}: {best['learning_rate']:g}, {edge}."
+
+
 def markdown(s: dict, command: str) -> str:
     settings, fusion, budgets = s["settings"], s["fusion_study"], s["settings"]["budgets"]
     lines = [
@@ -111,6 +122,8 @@ def markdown(s: dict, command: str) -> str:
         "calibration tokens (KL to the original); the lowest wins (kd's rate serves kd, kd-fused and ce).", "",
         "| objective | learning rate | calibration KL |", "|---|---|---|"]
     lines += [f"| {r['objective']} | {r['learning_rate']:g} | {r['kl']:.4f} |" for r in s["sweep"]]
+    lines += [""] + [rate_choice_line(objective, s["sweep"]) for objective in ("kd", "local")
+                     if any(r["objective"] == objective for r in s["sweep"])]
     lines += ["", "## Recovery", "", f"![KL against training tokens]({FIGURE})", "",
               "Held-out KL(original || model) in nats, the mean over seeds where several ran, with its 95% interval "
               "over windows (a bootstrap of whole windows) and over texts (a t-interval over the held-out texts' "
