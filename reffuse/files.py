@@ -499,6 +499,24 @@ def replace_folder(staging: Path, target: Path) -> None:
 # Files
 
 
+_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+@contextlib.contextmanager
+def _write_failures_named(target: Path, temporary: Path, what: str | None = None):
+    """A write the system refuses (a full disk) while a result is made under `temporary`: one line naming
+    `target`, where nothing was published (the messages of the system name the temporary name, or nothing)."""
+    try:
+        yield
+    except OSError as e:
+        if not (e.errno in _WRITE_FAILURES or str(e.filename or "").startswith(str(temporary))):
+            raise
+        claim = _claims.get(target.absolute())
+        what = what or (claim.output.kind if claim else "file")
+        raise ReffuseError(f"the {what} for {target} could not be written ({e.strerror or e}): nothing was "
+                           f"published at {target}; check the free space and the permissions") from None
+
+
 def write_bytes_atomic(path, data: bytes) -> Path:
     """Write `data` to `path` all or nothing (a temporary file beside it, renamed onto it), by the output rule
     where the path was claimed."""
@@ -506,11 +524,12 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = partial_name(path)
     try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        share(temporary)
+        with _write_failures_named(path, temporary):
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            share(temporary)
         _publish(temporary, path, _claims.pop(path.absolute(), None))
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -537,8 +556,9 @@ def staged_file(target):
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = partial_name(target)
     try:
-        yield temporary
-        share(temporary)
+        with _write_failures_named(target, temporary):
+            yield temporary
+            share(temporary)
         _publish(temporary, target, _claims.pop(target.absolute(), None))
     finally:
         if os.path.lexists(temporary):
@@ -572,9 +592,6 @@ def json_text(value, inline_lists: bool = False) -> str:
 # Folders
 
 
-_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
-
-
 @contextlib.contextmanager
 def staged_folder(target, overwrite: bool = False, replaceable=None, what: str = "folder"):
     """Yield an empty temporary folder beside `target`; when the block ends without an exception, publish it
@@ -588,17 +605,12 @@ def staged_folder(target, overwrite: bool = False, replaceable=None, what: str =
     staging = partial_name(target)
     staging.mkdir()
     try:
-        try:
+        with _write_failures_named(target, staging, what):
             yield staging
             if _command is not None:  # a command's result; the Python API's folders are recognised by content
                 marker = {"written_by": "reffuse", "command": _command, "kind": what, "files": os.listdir(staging)}
                 (staging / MARKER).write_text(json.dumps(marker | {"files": sorted(marker["files"])}, indent=1) + "\n")
             share_tree(staging)
-        except OSError as e:
-            if not (e.errno in _WRITE_FAILURES or str(e.filename or "").startswith(str(staging))):
-                raise
-            raise ReffuseError(f"the {what} for {target} could not be written ({e.strerror or e}): nothing was "
-                               f"published at {target}; check the free space and the permissions") from None
         _publish(staging, target, claim)
     finally:
         if os.path.lexists(staging):

@@ -29,8 +29,9 @@ def test_every_command_has_help_with_examples(name, capsys):
     assert "example" in capsys.readouterr().out
 
 
-def test_demo_tiny_json_is_exact():
-    result = reffuse("demo", "--model", "tiny", "--json", "--repeats", "3")
+def test_demo_tiny_json_is_exact(tmp_path):
+    # its figures in a folder of its own: the default one is shared by every demo of tiny run in this checkout
+    result = reffuse("demo", "--model", "tiny", "--json", "--repeats", "3", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["fused_vs_parallel_relative_error"]["float64"] <= 1e-12

@@ -92,7 +92,20 @@ def test_token_counts_past_the_context_length_are_refused_before_the_work(short_
     dump = save_activations(tmp_path / "long.npz", activations(build_tiny(), np.arange(CONTEXT + 4)), "tiny")
     assert f"its {CONTEXT + 4} token ids are past the context length" in one_line_error(
         capsys, ["verify", "--model", model, "--against", str(dump)])
+    assert "has a context length of 16 positions, and `reffuse bench` times sequences of up to 512" in \
+        one_line_error(capsys, ["bench", "--model", model, "--repeats", "1", "--no-transformers", "--out",
+                                str(tmp_path / "b.json")])
     assert os.listdir(tmp_path) == ["long.npz"]                                   # nothing written by the refusals
+
+
+def test_text_a_command_cuts_into_windows_itself_stays_within_the_context_length(short_context, tmp_path):
+    """fuse reads calibration text in windows of its own length (256 tokens): of the context length where that
+    is shorter, never past it."""
+    out = tmp_path / "fused"
+    assert main(["fuse", "--model", str(short_context), "--groups", "4-8", "--calibrate", "--calibration-tokens",
+                 "256", "--out", str(out)]) == 0
+    texts = json.loads((out / "fuse.json").read_text())["texts"]
+    assert texts["calibration"]["window"] == texts["held_out"]["window"] == CONTEXT
 
 
 def test_flags_that_would_do_nothing_are_refused(short_context, tmp_path, capsys):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from reffuse.cli import main
 from reffuse.core.tiny import build_tiny
-from reffuse.files import MARKER, PARTIAL, host_name
+from reffuse.files import MARKER, PARTIAL, host_name, read_marker
 from reffuse.formats.checkpoint import save_model
 from reffuse.formats.registry import load_model
 
@@ -47,6 +48,7 @@ def writers(models, out: Path) -> dict[str, list[str]]:
                  "128", "--training-tokens", "128", "--out", str(out)],
         "export gguf": ["export", "--model", str(models["a"]), "--format", "gguf", "--out", str(out)],
         "export nemotron-nas": ["export", "--model", "tiny", "--format", "nemotron-nas", "--out", str(out)],
+        "export hf": ["export", "--model", str(models["a"]), "--format", "hf", "--out", str(out)],
         "dump": ["dump", "--model", "tiny", "--ids", "1,2,3", "--out", str(out)],
         "bench": ["bench", "--model", "tiny", "--repeats", "1", "--threads", "1", "--no-transformers", "--out",
                   str(out)],
@@ -54,6 +56,7 @@ def writers(models, out: Path) -> dict[str, list[str]]:
         "analyze": ["analyze", "--model", "tiny", "--dependency-tokens", "16", "--no-figures", "--out", str(out)],
         "figures": ["figures", "--only", "windows.png", "--out", str(out)],
         "demo": ["demo", "--model", "tiny", "--out", str(out)],
+        "conformance": ["conformance", "--reference-tokens", "4", "--out", str(out)],
     }
 
 
@@ -136,9 +139,56 @@ def test_a_multi_part_result_is_published_whole(models, tmp_path, capsys, monkey
     assert os.listdir(tmp_path) == ["analysis"]
 
 
-def reffuse(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "reffuse", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+@pytest.mark.parametrize("command", ["export gguf", "dump"])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_the_old_one(command, models, tmp_path, capsys,
+                                                                           monkeypatch):
+    out = tmp_path / FILE_OUTPUTS[command]
+    arguments = writers(models, out)[command]
+    assert main(arguments) == 0
+    before = out.read_bytes()
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() says it: no file name
+
+    def half_written(model, path, *args):
+        Path(path).write_bytes(b"GGUF and half a tensor")
+        full_disk()
+
+    if command == "export gguf":
+        import reffuse.commands.export as export
+        monkeypatch.setattr(export, "save_gguf", half_written)
+    else:
+        monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(arguments + ["--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.endswith(
+        f"for {out} could not be written (No space left on device): nothing was published at {out}; check the free "
+        "space and the permissions\n"), error
+    assert out.read_bytes() == before and os.listdir(tmp_path) == [out.name]
+
+
+def reffuse(*args) -> subprocess.Popen:
+    """`reffuse ARGS` in a process of its own, on one BLAS thread (two of them on a small machine do not spin
+    against each other, which takes minutes and changes nothing that is judged); its stderr goes to a file, which
+    never fills as a pipe would and stop the process in a write."""
+    stderr = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-m", "reffuse", *args], stdout=subprocess.DEVNULL, stderr=stderr,
+                               text=True, env=os.environ | {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    process.stderr_file = stderr
+    return process
+
+
+def ended(process: subprocess.Popen) -> tuple[int, str]:
+    """The exit status of `process` and what it wrote on stderr, once it has ended."""
+    code = process.wait(timeout=HANG_GUARD_SECONDS)
+    with process.stderr_file as stderr:
+        stderr.seek(0)
+        return code, stderr.read()
+
+
+# Two tiny experiments runs cost about 3 CPU-minutes: one trial in the test command, five when asked for
+# (REFFUSE_EXPERIMENTS_RACE_TRIALS=5), as the other commands get.
+RACE_TRIALS = {"experiments": int(os.environ.get("REFFUSE_EXPERIMENTS_RACE_TRIALS", "1"))}
 
 
 def partials(folder: Path) -> list[str]:
@@ -148,13 +198,13 @@ def partials(folder: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["fuse", "export gguf", "dump", "bench", "experiments"])
 def test_two_processes_racing_to_one_out_one_wins_the_other_says_why(command, models, tmp_path):
-    for trial in range(5):
+    for trial in range(RACE_TRIALS.get(command, 5)):
         out = tmp_path / str(trial) / FILE_OUTPUTS.get(command, "out")
         out.parent.mkdir()
         racers = [reffuse(*writers(models, out)[command]) for _ in range(2)]
-        results = [(r.wait(timeout=HANG_GUARD_SECONDS), *r.communicate()) for r in racers]
-        assert sorted(code for code, _, _ in results) == [0, 2], results
-        error = next(err for code, _, err in results if code == 2).strip().splitlines()[-1]
+        results = [ended(r) for r in racers]
+        assert sorted(code for code, _ in results) == [0, 2], results
+        error = next(err for code, err in results if code == 2).strip().splitlines()[-1]
         # lost at the check before the work, or at the one when publishing
         assert ("exists: give another file, or --overwrite" in error or "already holds a" in error
                 or "changed while this command ran (another process wrote there)" in error), error
@@ -186,13 +236,14 @@ def test_sigterm_or_sigint_leaves_the_old_result_or_the_new_one_and_nothing_part
             while not partials(out.parent) and process.poll() is None:
                 time.sleep(0.001)
             process.send_signal(sent)
-        code = process.wait(timeout=HANG_GUARD_SECONDS)
-        stderr = process.communicate()[1]
+        code, stderr = ended(process)
         # done; ended by reffuse on the signal; or ended by it before reffuse ran
         assert code in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM), stderr
         assert not partials(out.parent), stderr
-        if command == "experiments":
-            assert json.loads((out / "experiments.json").read_text())["verdicts"]        # whole: old or new
+        if command == "experiments":                                                  # whole: old or new
+            assert sorted(os.listdir(out)) == sorted([*read_marker(out)["files"], MARKER])
+            result = json.loads((out / "experiments.json").read_text())
+            assert result["verdicts"] and result["command"] in (out / "README.md").read_text()
         elif command == "fuse":
             assert len(layout_of(out)) in (8, 10)                                       # 4-8 fused, or 4-6
         else:
@@ -205,8 +256,7 @@ def test_a_killed_export_leaves_debris_that_the_next_write_beside_it_removes(mod
     while not partials(tmp_path) and process.poll() is None:   # ends when the export does: a hang guard is its own
         time.sleep(0.001)
     process.kill()                                # SIGKILL: nothing of the process runs, its temporary file stays
-    process.wait(timeout=HANG_GUARD_SECONDS)
-    process.communicate()
+    ended(process)
     stale = tmp_path / f".x.gguf.partial-{host_name()}-{2 ** 30}-0123abcd"     # and one of a process long gone
     stale.write_bytes(b"half a GGUF")
     assert main(writers(models, tmp_path / "y.npz")["dump"]) == 0

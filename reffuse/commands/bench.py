@@ -48,9 +48,10 @@ import sys
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
-from reffuse.speed.bench import default_threads, markdown, run_benchmark
+from reffuse.speed.bench import (DECODE_PROMPT_TOKENS, DECODE_TOKENS, PREFILL_TOKENS, default_threads, markdown,
+                                 run_benchmark)
 from reffuse.speed.train_bench import TRAIN_CHOICES, TRAIN_TOKENS, run_train_benchmark, train_markdown
-from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model
+from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, model_config
 from reffuse.progress import note
 from reffuse.files import Output, claim_file, json_naming, text_headed, write_json_atomic, write_text_atomic
 from reffuse.commands.common import (add_device_argument, add_json_argument, add_overwrite_argument, check_window,
@@ -118,6 +119,7 @@ def run(args) -> int:
     if args.train:
         check_window(args.model, args.window)
         return run_train(args)
+    check_context(args.model)
     tokenizer = find_tokenizer(args.tokenizer or args.model) if "llama.cpp" in args.against else None
     model = load_model(args.model, dtype="float32", device=args.device)
     if tokenizer is not None:
@@ -135,6 +137,17 @@ def run(args) -> int:
     else:
         sys.stdout.write(markdown(result, command))
     return 0
+
+
+def check_context(model_name) -> None:
+    """Refuse, before the work, a model whose context length is shorter than the sequences the benchmark times
+    (its sizes are fixed, so that results compare across models and machines)."""
+    longest = max(*PREFILL_TOKENS, DECODE_PROMPT_TOKENS + DECODE_TOKENS)
+    limit = model_config(model_name).max_positions
+    if limit is not None and limit < longest:
+        raise ReffuseError(f"{model_name} has a context length of {limit} positions, and `reffuse bench` times "
+                           f"sequences of up to {longest}: bench a model of a longer context (or time training on "
+                           f"shorter windows with --train and --window)")
 
 
 def run_train(args) -> int:

@@ -105,8 +105,7 @@ def add_overwrite_argument(parser, what: str) -> None:
 
 
 def add_json_argument(parser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object on stdout instead of the tables (files are written either way)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the tables")
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

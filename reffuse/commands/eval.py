@@ -1,8 +1,9 @@
 """Perplexity on held-out Shakespeare, and with --base the distance from a base model.
 
-The text is Hamlet, the corpus' held-out play (reffuse.formats.corpus has the fixed split), tokenised whole; its first
---held-out-tokens tokens are cut into non-overlapping windows of --window tokens, each scored on its own (its first
-token gets no prediction, so a window of W tokens scores W - 1). The output records the model, the text span
+The text is the corpus' held-out split (reffuse.formats.corpus has the fixed split): eight plays, each from its
+first scene, and the Sonnets. --held-out-tokens tokens are taken from them in non-overlapping windows of --window
+tokens, dealt out in equal shares over the nine texts, each window scored on its own (its first token gets no
+prediction, so a window of W tokens scores W - 1). The output records the model, the text span
 (play, character offsets, token count) and the windowing, so a number can be reproduced.
 
 With --base, the same windows also go through the base model: mean KL(base || model) of the next-token

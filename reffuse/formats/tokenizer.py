@@ -29,9 +29,11 @@ from reffuse.errors import ReffuseError
 from reffuse.files import check_regular_file, read_json
 from reffuse.optional import require
 
-# SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
-CHAT_TEMPLATE_SECONDS = 2.0        # a chat template that takes longer, or writes more, is refused
+# A chat template that takes longer, or writes more, is refused. Real ones take milliseconds: the limit is far
+# above them, so that a loaded machine never trips it, and it ends a template that would never end.
+CHAT_TEMPLATE_SECONDS = 10.0
 CHAT_TEMPLATE_CHARS = 1_000_000
+# SmolLM2's chat format (ChatML), used when a tokenizer has no chat template of its own.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

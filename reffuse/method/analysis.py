@@ -13,7 +13,7 @@ import numpy as np
 from reffuse.core.layout import attention_free_runs, full_blocks
 from reffuse.core.model import layout
 from reffuse.errors import ReffuseError
-from reffuse.options import FromArguments
+from reffuse.options import FromArguments, as_recorded
 from reffuse.formats.corpus import calibration_windows
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
@@ -63,7 +63,8 @@ def analysis_tokens(options, model) -> tuple[np.ndarray, dict]:
     check_tokenizer(tokenizer, model, options.model)
     windows = calibration_windows(tokenizer, length, tokens)
     described = windows.describe()
-    return windows.ids, {"split": described["split"], "spans": described["spans"], "tokenizer": tokenizer.source}
+    return windows.ids, {"split": described["split"], "spans": described["spans"],
+                         "tokenizer": as_recorded(options.tokenizer or options.model)}
 
 
 def remove_attention(options, model, sequences) -> tuple:
@@ -103,7 +104,7 @@ def analyze(options: AnalysisOptions) -> dict:
               "total": int(ids.size), "measured": measured.tokens_measured,
               "attention_sink_excluded": not options.include_sink, "ids": ids.tolist()}
     return {
-        "model": {"name": options.model, "config_name": model.config.name, "dtype": options.dtype,
+        "model": {"name": as_recorded(options.model), "config_name": model.config.name, "dtype": options.dtype,
                   "blocks": len(model.blocks), "layout": layout(model).rows()},
         "attention_removed": removed,
         "attention_removal": removal,

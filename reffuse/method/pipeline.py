@@ -107,7 +107,10 @@ class Texts:
 
 def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_tokens: int, window: int = 256,
                tokenizer=None) -> Texts:
-    """Calibration and held-out windows for `model`, tokenised by its own tokenizer (or `tokenizer`)."""
+    """Calibration and held-out windows for `model`, tokenised by its own tokenizer (or `tokenizer`); windows of
+    `window` tokens, or of the model's context length where that is shorter (past it, RoPE still computes, but
+    not what the model knows)."""
+    window = min(window, model.config.max_positions or window)
     if is_synthetic(model_name, model):
         return Texts(None, model, True, window, synthetic_windows(model, "calibration", window, calibration_tokens),
                      synthetic_windows(model, "held-out", window, held_out_tokens))

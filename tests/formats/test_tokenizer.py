@@ -102,9 +102,7 @@ def test_a_tokenizer_of_another_vocabulary_size_is_refused_either_way(tiny32):
     check_tokenizer(SimpleNamespace(vocab_size=256, source="a test"), tiny32, "tiny")
 
 
-@pytest.mark.parametrize("template, message", [
-    ("{% for i in range(100000) %}{% for j in range(100000) %}{% if j.real %}{% endif %}{% endfor %}{% endfor %}",
-     "ran longer than 2 s"),
+@pytest.mark.parametrize("template, message", [  # the time limit: tests/test_inputs.py
     ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "wrote more than 1000000 characters"),
     ("{% for m in messages %}{{ m.content", "could not be rendered \\(TemplateSyntaxError"),
     ("{{ ''.__class__.__mro__ }}", "could not be rendered \\(SecurityError"),
