@@ -26,8 +26,9 @@ from pathlib import Path
 
 from reffuse.commands.common import add_json_argument, print_json, positive_int
 from reffuse.errors import ReffuseError
-from reffuse.experiments.healing.report import write_report
+from reffuse.experiments.healing.report import FIGURE, figure_curves, write_report
 from reffuse.experiments.healing.study import run_study
+from reffuse.optional import available
 
 HELP = "the healing study: recovery curves of fused, attention-removed and FFN-removed models, and its findings"
 
@@ -46,6 +47,16 @@ def command_line(args) -> str:
     return "reffuse healing-study --out " + str(args.out) + (f" --up-to {args.up_to}" if args.up_to else "")
 
 
+def publish(folder: Path, command: str) -> dict:
+    """The report and, with matplotlib, the recovery figure, from the folder's points."""
+    summary = write_report(folder, command)
+    curves = figure_curves(summary)
+    if curves and available("matplotlib"):
+        from reffuse.plots.healing import write_recovery_figure
+        write_recovery_figure(curves, "SmolLM2-135M: held-out KL to the original while healing", folder / FIGURE)
+    return summary
+
+
 def run(args) -> int:
     folder = Path(args.out)
     if args.report_only:
@@ -53,8 +64,8 @@ def run(args) -> int:
             raise ReffuseError(f"{folder} holds no healing study (no study.json): run `reffuse healing-study "
                                f"--out {folder}` first")
     else:
-        run_study(folder, up_to=args.up_to, report=lambda f: write_report(f, command_line(args)))
-    summary = write_report(folder, command_line(args))
+        run_study(folder, up_to=args.up_to, report=lambda f: publish(f, command_line(args)))
+    summary = publish(folder, command_line(args))
     if args.json:
         print_json(summary)
     else:

@@ -1,5 +1,5 @@
 """The healing study's report, drawn from its folder's JSON alone (study.json and points/*.json), so that it is
-redrawn without training: the learning-rate choice, every point's held-out KL, perplexity and top-1 agreement,
+redrawn without training (the command draws the figure beside it, reffuse.plots.healing): the learning-rate choice, every point's held-out KL, perplexity and top-1 agreement,
 the recovery figure, the verdicts of (l)-(o), what the budget can say about the paper's, and which setup files
 changed after the points that used them. findings.json holds the verdicts and curves the report prints."""
 
@@ -12,7 +12,6 @@ from reffuse.experiments.healing.plan import VARIANTS, Budgets
 from reffuse.experiments.healing.points import WindowScores
 from reffuse.experiments.provenance import changes_since
 from reffuse.files import json_text, read_json, write_text_atomic
-from reffuse.plots.healing import write_recovery_figure
 
 FIGURE = "recovery.png"
 FINDINGS = "findings.json"
@@ -168,13 +167,15 @@ def markdown(s: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure_curves(summary: dict) -> dict:
+    """The curves as reffuse.plots.healing.recovery_figure takes them: (variant, objective) -> rows."""
+    return {(c["variant"], c["objective"]): c["rows"] for c in summary["curves"]}
+
+
 def write_report(folder, command: str) -> dict:
-    """README.md, recovery.png and findings.json in the folder, from its JSON."""
+    """README.md and findings.json in the folder, from its JSON (the figure is drawn by the command)."""
     folder = Path(folder)
     s = summarize(folder)
-    lines = {(c["variant"], c["objective"]): c["rows"] for c in s["curves"]}
-    if lines:
-        write_recovery_figure(lines, "SmolLM2-135M: held-out KL to the original while healing", folder / FIGURE)
     write_text_atomic(folder / FINDINGS, json_text(s, inline_lists=True))
     write_text_atomic(folder / "README.md", markdown(s, command))
     return s
