@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from reffuse.experiments.findings import REVISIONS, format_interval, predictors_against_size
-from reffuse.experiments.study import (DEFINITIONS, format_correlation, format_kl, format_perplexity, fused_name,
-                                       removed_name)
-from reffuse.stats import MIN_BOOTSTRAP_WINDOWS, spearman_interval
+from reffuse.experiments.findings import ON_THE_PLANS, OTHERS, REVISIONS, by_steps
+from reffuse.experiments.study import format_correlation, format_interval, format_kl, format_perplexity
+from reffuse.stats import MIN_BOOTSTRAP_WINDOWS
 
 
 def rules_line(rules: dict | None) -> str:
     """Which commit the verdict rules come from, and whether they were changed since."""
     if not rules or not rules.get("commit"):
-        return "The verdict rules (reffuse/experiments/findings.py) were applied outside a git checkout."
+        return "The verdict rules (reffuse/experiments/findings/) were applied outside a git checkout."
     state = ("with uncommitted changes to them: no commit records the rules this run applied"
              if rules["uncommitted_changes"] else "committed before this run, unchanged when it ran")
     return (f"The verdict rules are {' and '.join(f'`{f}`' for f in rules['files'])} as of commit "
@@ -90,31 +89,10 @@ def revision_lines(r: dict) -> list[str]:
                         "these numbers."]
 
 
-def predictors_against_size_lines(compared: dict) -> list[str]:
-    """(h) without the adjacent pairs, each predictor against the groups' size (findings.predictors_against_size)."""
-    table = compared["correlations"]
-    if table is None:
-        return []
-    lines = ["", f"The {compared['left_out']} adjacent pairs among these groups cannot test the neighbour damage: a "
-                 "pair's neighbour damage is its measured damage. And a predictor that only tracks how many blocks a "
-                 "group fuses adds nothing: the groups' size is the baseline. Without the "
-                 f"pairs ({compared['groups']} groups of three or more blocks), each predictor beside the groups' "
-                 "size, and its lead over size (paired bootstrap over the groups): a predictor adds information "
-                 "only where that lead is resolved above 0.", "",
-             "| predictor | Spearman with the damage | 95% interval | lead over group size | 95% interval |",
-             "|---|---:|---|---:|---|"]
-    for name, c in table.items():
-        lead = (f"{format_correlation(c['lead_over_size'])} | {format_interval(c['lead_interval_95'])}"
-                if "lead_over_size" in c else "- | -")
-        lines.append(f"| {name} | {format_correlation(c['spearman'])} | {format_interval(c['interval_95'])} | "
-                     f"{lead} |")
-    return lines
-
-
 def sink_variants(r: dict) -> list[tuple[str, str, dict]]:
     """(finding, variant, its scores) for every scored variant of the run, in the report's order."""
     variants = []
-    for row in sorted(r["intensity"], key=lambda row: -row["steps"]):
+    for row in by_steps(r):
         variants += [("a, f, g", f"{row['steps']} steps, {kind}", row[kind]) for kind in ("fold", "last", "calibrated")]
     variants += [("b", f"{row['depth_reduction']} FFNs removed", row) for row in r["removal"]["rows"]]
     variants += [("c", row["label"], row) for row in r["last_ffn"]]
@@ -163,86 +141,6 @@ def sink_section(r: dict) -> list[str]:
     return lines
 
 
-def planner_section(r: dict) -> list[str]:
-    """(k): the planner's plans against cosine-M's where the two cut the span differently."""
-    if "plan_costs" not in r:
-        return []
-    costs = r["plan_costs"]
-    a = costs["blocks"][0]
-    lines = ["", "## (k) The planner's predictor against cosine-M", "",
-             f"The planner's cost, the {costs['predictor']} of each adjacent pair (KL of fusing FFNs i, i+1 alone, "
-             f"{costs['tokens']} calibration tokens): "
-             + ", ".join(f"{a + i}-{a + i + 1} {format_kl(costs['matrix'][i][i + 1])}"
-                         for i in range(len(costs["matrix"]) - 1)) + ".", ""]
-    rows = [row for row in sorted(r["intensity"], key=lambda row: -row["steps"]) if "cosine_m_plan" in row]
-    if not rows:
-        return lines + ["Cosine-M cuts the span the same way at every k."]
-    lines += ["| steps | planner's groups | KL | cosine-M's groups | KL |", "|---:|---|---:|---|---:|"]
-    for row in rows:
-        lines.append(f"| {row['steps']} | {row['groups_text']} | {format_kl(row['fold']['kl'])} | "
-                     f"{row['cosine_m_plan']['groups_text']} | {format_kl(row['cosine_m_plan']['kl'])} |")
-    return lines
-
-
-def equal_latency_section(r: dict) -> list[str]:
-    """(i): every removal count, plain and refitted, with its modelled and measured decode latency."""
-    if "equal_latency" not in r:
-        return []
-    e, lat = r["equal_latency"], r["decode"]
-    modelled = e["modelled"]
-    lines = ["", "## (i) FFN removal vs fusion at equal latency", "",
-             f"Every count of the span's FFNs removed (least important first), plain and with the refit calibrated "
-             f"fusion gets (each kept FFN's down-projection fitted to the sequential update of the blocks it stands "
-             f"for). Decode latency per token: modelled by the cost model on {modelled['hardware']} at TP "
-             f"{modelled['tp']} and TP 1 (context {modelled['context']}), and measured on this CPU (median and "
-             f"interquartile range of {lat['pre-fusion'].get('repeats', '?')} repeats, models in alternation).", "",
-             f"| model | KL | perplexity | refitted: KL | refitted perplexity | TP {modelled['tp']} ms | TP 1 ms | "
-             "CPU ms (IQR) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cpu(name):
-        v = lat[name]
-        spread = f" ({v['ms_interquartile'][0]:.2f}-{v['ms_interquartile'][1]:.2f})" if "ms_interquartile" in v else ""
-        return f"{v['ms_per_token']:.2f}{spread}"
-
-    lines.append(f"| pre-fusion | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | - | - | "
-                 f"{modelled['ms']['pre-fusion']:.3f} | {modelled['ms_tp1']['pre-fusion']:.3f} | {cpu('pre-fusion')} |")
-    for row in sorted(r["intensity"], key=lambda row: -row["steps"]):
-        name = fused_name(row["steps"])
-        lines.append(f"| {name} ({row['groups_text']}) | {format_kl(row['fold']['kl'])} | "
-                     f"{format_perplexity(row['fold']['perplexity'])} | {format_kl(row['calibrated']['kl'])} "
-                     f"(calibrated) | {format_perplexity(row['calibrated']['perplexity'])} | {modelled['ms'][name]:.3f} "
-                     f"| {modelled['ms_tp1'][name]:.3f} | {cpu(name)} |")
-    for row in e["removal"]:
-        name = removed_name(row["removed_count"])
-        lines.append(f"| {name} ({','.join(map(str, row['removed']))}) | {format_kl(row['plain']['kl'])} | "
-                     f"{format_perplexity(row['plain']['perplexity'])} | {format_kl(row['refit']['kl'])} | "
-                     f"{format_perplexity(row['refit']['perplexity'])} | {modelled['ms'][name]:.3f} | "
-                     f"{modelled['ms_tp1'][name]:.3f} | {cpu(name)} |")
-    return lines
-
-
-def calibration_scale_section(r: dict) -> list[str]:
-    """(j): each plan calibrated on more and more text, with its residuals."""
-    if "calibration_scale" not in r:
-        return []
-    scale = r["calibration_scale"]
-    lines = ["", "## (j) Calibration at scale", "",
-             f"The plans calibrated on the first {', '.join(map(str, scale['sizes']))} calibration tokens (weighting "
-             f"{scale['weighting']}, ridge {scale['ridge']:g}, as chosen for (g)). Residual: ||H W^T - R||² / ||R||² "
-             "of the fused down-projection against the sequential run's update, mean over the groups, on the "
-             "tokens it was fitted on and on the held-out streams entering each group in the pre-fusion model "
-             "(plain fusion's in brackets).", "",
-             "| steps | calibration tokens | KL | perplexity | residual, fitted tokens | residual, held-out (plain) |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for row in scale["rows"]:
-        fitted = sum(f["fit_error_calibrated"] for f in row["fits"]) / len(row["fits"])
-        held = sum(g["calibrated"] for g in row["held_out_residual"]) / len(row["held_out_residual"])
-        plain = sum(g["plain"] for g in row["held_out_residual"]) / len(row["held_out_residual"])
-        lines.append(f"| {row['steps']} | {row['tokens']} | {format_kl(row['kl'])} | "
-                     f"{format_perplexity(row['perplexity'])} | {fitted:.3f} | {held:.3f} ({plain:.3f}) |")
-    return lines
-
-
 def text_kind_section(r: dict) -> list[str]:
     """The main variants' KL on each kind of held-out text (drama, verse) and on each text, from the per-window
     values: whether a finding rests on one kind."""
@@ -260,8 +158,7 @@ def text_kind_section(r: dict) -> list[str]:
             counts[key(span)] = counts.get(key(span), 0) + len(kl)
         return {k: sums[k] / counts[k] for k in sums}
 
-    variants = [(f"{row['steps']} steps, {kind}", row[kind]) for row in sorted(r["intensity"], key=lambda x: -x["steps"])
-                for kind in ("fold", "calibrated")]
+    variants = [(f"{row['steps']} steps, {kind}", row[kind]) for row in by_steps(r) for kind in ("fold", "calibrated")]
     variants += [(f"{row['depth_reduction']} FFNs removed", row) for row in r["removal"]["rows"]]
     lines = ["", "## Held-out text by kind", "",
              "Each variant's KL on each kind of held-out text (the mean over its predictions), from the per-window "
@@ -284,10 +181,6 @@ def markdown(r: dict, command: str) -> str:
     def spans(part):
         return "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
                          for s in part["spans"]) or part["split"]
-
-    def row_scores(s):
-        return (f"{format_kl(s['kl'])} | {format_perplexity(s['perplexity'])} | {100 * s['top1']:.1f}% | {format_kl(s['kl_vs_original'])} | "
-                f"{s['sink_norm']:.0f}")
 
     sink = r["sink"]
     norms = sink["pre_fusion_norms"]
@@ -328,103 +221,11 @@ def markdown(r: dict, command: str) -> str:
         lines.append(f"| ({v['finding']}) {v['title']} | {v['paper']} | {v['here']} | **{v['verdict']}** "
                      f"({v['rule']}{note}) |{was}")
 
-    header = "| KL | perplexity | top-1 | KL vs original | sink norm |"
-    planner = r.get("plan_costs", {}).get("predictor", "cosine-M")
-    cut = ("least FFN-level dependency stays inside the groups" if planner == "cosine-M" else
-           f"the least {planner} stays inside the groups (the KL of fusing each adjacent pair alone, on "
-           f"{r['plan_costs']['tokens']} calibration tokens; reffuse.method.planning says why this predictor)")
-    lines += ["", "## (a) Fusion intensity, (f) fold vs last, (g) calibrated", "",
-              f"The span {span[0]}-{span[1]} ({span[1] - span[0] + 1} FFNs) as k sequential steps, cut where the "
-              f"{cut}.", "",
-              "| steps | groups | plain fusion: KL | perplexity | top-1 | KL vs original | sink norm | norm last: KL | "
-              "calibrated: KL | calibrated perplexity | gap closed |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| {span[1] - span[0] + 1} (pre-fusion) | - | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | 100% | "
-                 f"{format_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | 0 | 0 | "
-                 f"{format_perplexity(r['pre_fusion']['perplexity'])} | - |")
-    for row in r["intensity"]:
-        closed = 1 - row["calibrated"]["kl"] / row["fold"]["kl"]
-        lines.append(f"| {row['steps']} | {row['groups_text']} | {row_scores(row['fold'])} | "
-                     f"{format_kl(row['last']['kl'])} | {format_kl(row['calibrated']['kl'])} | "
-                     f"{format_perplexity(row['calibrated']['perplexity'])} | {100 * closed:.0f}% |")
-    c = r["calibration"]
-    sweep = ", ".join(f"{s['weighting']} {s['ridge']:g}: {s['geometric_mean_ratio']:.3f}" for s in c["sweep"])
-    lines += ["", "Calibration: token weighting (none or relative, see reffuse.method.calibrate) and ridge chosen together on "
-                  f"{c['validation_tokens']} validation tokens of the calibration text, every plan above fitted on "
-                  f"the other {c['fit_tokens']}; the score is the geometric mean over the plans of KL(calibrated) / "
-                  f"KL(plain): {sweep}. Chosen: **{c['weighting']}, ridge {c['ridge']:g}** (the library defaults are "
-                  f"{c['default_weighting']}, {c['default_ridge']:g}), then refitted on all {c['tokens']} calibration "
-                  "tokens. Held-out text played no part in the choice."]
-
-    lat = r["decode"]
-    base_ms = lat["pre-fusion"]["ms_per_token"]
-    lines += ["", "## (b) FFN removal vs fusion at equal depth reduction", "",
-              "FFNs of the span scored by the KL of removing each alone (calibration text); the least important "
-              "removed. Decode latency of every model measured in the same run, in alternation.", "",
-              "| model | depth reduction | " + header[1:] + " decode ms/token | vs pre-fusion |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| original | - | - | {format_perplexity(r['original']['perplexity'])} | - | 0 | - | "
-                 f"{lat['original']['ms_per_token']:.2f} "
-                 f"| {100 * (lat['original']['ms_per_token'] / base_ms - 1):+.1f}% |")
-    lines.append(f"| pre-fusion | 0 | 0 | {format_perplexity(r['pre_fusion']['perplexity'])} | 100% | "
-                 f"{format_kl(r['pre_fusion']['kl_vs_original'])} | {norms[sink['layer']]:.0f} | {base_ms:.2f} | 0% |")
-    for row, removal_row in zip(r["intensity"], r["removal"]["rows"]):
-        fused_ms = lat[fused_name(row["steps"])]["ms_per_token"]
-        removed_ms = lat[removed_name(removal_row["depth_reduction"])]["ms_per_token"]
-        lines.append(f"| fused {row['groups_text']} | {row['depth_reduction']} | {row_scores(row['fold'])} | "
-                     f"{fused_ms:.2f} | {100 * (fused_ms / base_ms - 1):+.1f}% |")
-        lines.append(f"| fused {row['groups_text']}, calibrated | {row['depth_reduction']} | "
-                     f"{row_scores(row['calibrated'])} | {fused_ms:.2f} | {100 * (fused_ms / base_ms - 1):+.1f}% |")
-        lines.append(f"| removed FFNs {','.join(map(str, removal_row['removed']))} | {removal_row['depth_reduction']}"
-                     f" | {row_scores(removal_row)} | {removed_ms:.2f} | {100 * (removed_ms / base_ms - 1):+.1f}% |")
-
-    lines += planner_section(r) + equal_latency_section(r) + calibration_scale_section(r) + text_kind_section(r)
-    lines += ["", "## (c) The last FFN", "", "| group | " + header[1:], "|---|---:|---:|---:|---:|---:|"]
-    for row in r["last_ffn"]:
-        lines.append(f"| {row['label']}: {row['group'][0]}-{row['group'][1]} | {row_scores(row)} |")
-
-    lines += ["", "## (d) Reversed order vs fusion", "",
-              "| span | fused KL | reversed KL | fused perplexity | reversed perplexity | fused sink norm | "
-              "reversed sink norm |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for row in r["reversed"]:
-        lines.append(f"| {row['span'][0]}-{row['span'][1]} | {format_kl(row['fused']['kl'])} | "
-                     f"{format_kl(row['reversed']['kl'])} | "
-                     f"{format_perplexity(row['fused']['perplexity'])} | {format_perplexity(row['reversed']['perplexity'])} | "
-                     f"{row['fused']['sink_norm']:.0f} | {row['reversed']['sink_norm']:.0f} |")
-
-    full = r["full_block"]
-    lines += ["", "## (e) Full-block parallelization", "",
-              f"Rule: {DEFINITIONS['full_block_rule']}. Greedy selection (lowest M_max, ties by M_sum) over windows "
-              f"of {full['window']} blocks that have both attention and an FFN, on the block-level dependency matrix "
-              f"of the pre-fusion model ({full['tokens']} calibration tokens).", "",
-              "| steps | windows in parallel | M_max of the new window | KL | perplexity | top-1 | KL vs original |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
-    for row, step in zip(full["rows"], full["greedy"]):
-        lines.append(f"| {row['steps']} | {row['windows_text']} | {step['max']:.4f} | {format_kl(row['kl'])} | "
-                     f"{format_perplexity(row['perplexity'])} | {100 * row['top1']:.1f}% | {format_kl(row['kl_vs_original'])} |")
-    if full["single_windows"]:
-        lines += ["", f"Every eligible window alone (first {full['single_window_tokens']} held-out tokens), to see "
-                      "whether M_max predicts the damage:", "", "| window | M_max | M_sum | KL |",
-                  "|---|---:|---:|---:|"]
-        for w in sorted(full["single_windows"], key=lambda w: w["max"]):
-            lines.append(f"| {w['first']}-{w['last']} | {w['max']:.4f} | {w['sum']:.4f} | {format_kl(w['kl'])} |")
-        rho = full["rank_correlation_max_kl"]
-        if rho is not None:
-            interval = spearman_interval([w["max"] for w in full["single_windows"]],
-                                         [w["kl"] for w in full["single_windows"]])
-            lines += ["", f"Spearman rank correlation between M_max and KL: **{rho:.2f}**, 95% interval "
-                          f"{format_interval(interval)} (bootstrap over the windows)."]
-    if "predictors" in r:
-        p = r["predictors"]
-        lines += ["", "## (h) Which predictor ranks fusion damage", "",
-                  f"Each of the {len(p['groups'])} contiguous groups of the span fused alone, its KL to the pre-fusion "
-                  f"model on {p['tokens']} calibration tokens, against what each predictor says from the pre-fusion "
-                  "model alone (reffuse.method.predictors):", "",
-                  "| predictor | Spearman with the damage | 95% interval (bootstrap over groups) |", "|---|---:|---|"]
-        for name, c in p["correlations"].items():
-            interval = "-" if c["interval_95"] is None else f"{c['interval_95'][0]:+.2f} to {c['interval_95'][1]:+.2f}"
-            lines.append(f"| {name} | {format_correlation(c['spearman'])} | {interval} |")
-        lines += predictors_against_size_lines(predictors_against_size(p))
+    for finding in ON_THE_PLANS:
+        lines += finding.section(r)
+    lines += text_kind_section(r)
+    for finding in OTHERS:
+        lines += finding.section(r)
     lines += sink_section(r)
     lines += ["", "## Figures", "",
               "![fusion intensity](fusion_intensity.png)", "",

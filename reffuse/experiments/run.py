@@ -9,40 +9,17 @@ perplexity, and by top-1 agreement; the same against the original model is recor
 accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL and perplexity are the proxy
 (KL of the logits is reffuse's choice of proxy). The span fused is the run without its last block, [a, b-1], as in the paper.
 
-(a) fusion intensity: the span as k sequential FFN steps, k = ceil(L/2) .. 1 (L = b - a blocks), cut where
-    the least FFN-level dependency is left inside the groups (reffuse.method.planning), plain fusion, norm "fold";
-(b) FFN removal vs fusion at equal depth reduction: removing the L - k least important FFNs of the span (by the
-    KL of removing each alone, on calibration text) against fusing the span into k steps; decode latency of
-    every model in the same run, in alternation (reffuse.speed.bench.decode_samples);
-(c) the last FFN: fusing [a, b-1] vs [a+1, b] vs [a, b] (one group each);
-(d) reversed order: the blocks of a span run sequentially in reverse order, against fusing them;
-(e) full-block parallelization: the paper's greedy selection (reffuse.method.metrics.greedy_windows) of windows of 4
-    blocks that have both attention and an FFN, on the block-level dependency matrix of the pre-fusion model,
-    1 to 4 steps, each window run as x + Σ_j h_j(x) with h_j(x) = f_j(x) - x the whole block's update. This
-    combination rule is [INF]: the paper does not write it down (its App. B); it is eq. 5 for whole blocks;
-(f) norm "fold" (exact, each block's gain folded in) vs "last" (the paper's), at every k of (a);
-(g) calibrated vs plain fusion at every k of (a) (reffuse.method.calibrate), the token weighting and ridge chosen by
-    a sweep judged on a validation part of the calibration text (never on held-out text), then refitted on all
-    of it;
-(h) which predictor ranks fusion damage: every contiguous group of the span fused alone, its KL on calibration
-    text against the predictors of reffuse.method.predictors (cosine-M with and without the sink, neighbour
-    damage, block influence, angular distance, the first-order error term), by rank correlation;
-(i) FFN removal vs fusion at equal latency, as the paper compares them: every count of the span's FFNs removed,
-    plain and refitted as calibrated fusion is (reffuse.method.calibrate.calibrated_removal); each fused model
-    against the removal whose decode latency is nearest, modelled on a GPU by reffuse.speed.costmodel at the
-    largest tensor-parallel degree up to 8 the heads allow, and measured on this CPU (15 repeats, quartiles);
-(j) calibration at scale: the most-steps and the one-step plans calibrated on 2k, 8k and 32k calibration
-    tokens, with each group's residual on its own tokens and on held-out text;
-(k) the planner's predictor: where the neighbour damage and cosine-M cut the span differently, both plans on
-    held-out text.
+The findings (a)-(k) are the modules of reffuse.experiments.findings, one each, named by letter and subject
+(a_intensity: fusion intensity, b_removal: FFN removal vs fusion, ... k_planner: the planner's predictor): each
+module's docstring says what it measures, and the module holds that measurement, the rule that gives its verdict
+against the paper's observation, and its section of the report.
 
 The plans of (a) come from reffuse's planner (reffuse.method.planning), which cuts the span where the neighbour
 damage is least; the held-out text is 16384 tokens by default, dealt over eight plays and the Sonnets
 (reffuse.formats.corpus), and the report gives the main variants' KL on each kind of text.
 
 Variants are scored from cached prefix streams (reffuse.evaluation.prefix): the blocks before the first change never run
-twice. Each finding is measured by its function in `findings`, beside the rule that gives its verdict against the
-paper's observation; `study` holds what they all start from.
+twice. `study` holds what every finding starts from.
 """
 
 from __future__ import annotations
@@ -54,10 +31,16 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from reffuse.experiments.findings import (calibration, calibration_scale, decode_latency, decoded_models, ffn_removal,
-                                          full_block, fusion_intensity, last_ffn, modelled_latency,
-                                          predictor_comparison, predictors_against_size, removal_counts,
-                                          reversed_order, verdicts)
+from reffuse.experiments.findings import verdicts
+from reffuse.experiments.findings.a_intensity import fusion_intensity
+from reffuse.experiments.findings.b_removal import decode_latency, ffn_removal
+from reffuse.experiments.findings.c_last_ffn import last_ffn
+from reffuse.experiments.findings.d_reversed import reversed_order
+from reffuse.experiments.findings.e_full_block import full_block
+from reffuse.experiments.findings.g_calibrated import calibration
+from reffuse.experiments.findings.h_predictors import predictor_comparison, predictors_against_size
+from reffuse.experiments.findings.i_equal_latency import decoded_models, modelled_latency, removal_counts
+from reffuse.experiments.findings.j_calibration_scale import calibration_scale
 from reffuse.experiments.provenance import changes_since, provenance
 from reffuse.experiments.study import DEFINITIONS, prepare_study, step
 from reffuse.formats.registry import load_model
@@ -66,12 +49,12 @@ from reffuse.speed.timing import blas_threads
 
 
 # The code that turns the numbers into verdicts: the report names the commit these files come from.
-RULE_FILES = ("reffuse/experiments/findings.py", "reffuse/evaluation/intervals.py", "reffuse/stats.py")
+RULE_FILES = ("reffuse/experiments/findings", "reffuse/evaluation/intervals.py", "reffuse/stats.py")
 
 
 # The code that shapes the numbers the rules judge: the corpus split, the attention removal, the planner, the
 # predictors, calibration, scoring and fusion, and the measurements themselves. A run records their commit.
-SETUP_FILES = ("reffuse/experiments/run.py", "reffuse/experiments/study.py", "reffuse/experiments/findings.py",
+SETUP_FILES = ("reffuse/experiments/run.py", "reffuse/experiments/study.py", "reffuse/experiments/findings",
                "reffuse/formats/corpus.py", "reffuse/method/pipeline.py", "reffuse/method/removal.py",
                "reffuse/method/metrics.py", "reffuse/method/planning.py", "reffuse/method/predictors.py",
                "reffuse/method/calibrate.py", "reffuse/evaluation/prefix.py", "reffuse/core/fusion.py")

@@ -62,6 +62,20 @@ def format_correlation(rho: float | None) -> str:
     return "undefined" if rho is None else f"{rho:+.2f}"
 
 
+def format_interval(interval) -> str:
+    """A rank correlation's interval as [low, high] with signs; "no interval" for None."""
+    return "no interval" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+SCORE_COLUMNS = "| KL | perplexity | top-1 | KL vs original | sink norm |"  # the report's header of score_cells
+
+
+def score_cells(s: dict) -> str:
+    """A scored variant (Study.scores) as the report's table cells under SCORE_COLUMNS."""
+    return (f"{format_kl(s['kl'])} | {format_perplexity(s['perplexity'])} | {100 * s['top1']:.1f}% | "
+            f"{format_kl(s['kl_vs_original'])} | {s['sink_norm']:.0f}")
+
+
 def fused_name(steps: int) -> str:
     """The name under which the span fused into `steps` groups is decode-timed."""
     return f"fused, {steps} steps"

@@ -10,6 +10,7 @@ import numpy as np
 
 from reffuse.cli import main
 from reffuse.evaluation.intervals import describe
+from reffuse.experiments import findings
 from reffuse.experiments.findings import RULES, by_steps, difference, verdicts
 from reffuse.experiments.provenance import changes_since
 from reffuse.experiments.report import markdown, regions_markdown
@@ -46,6 +47,14 @@ def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_
     assert regions_markdown(summary, summary["command"], summary["seconds"] / 60) == (REGIONS / "README.md").read_text()
     assert summary["rules"]["commit"] and summary["rules"]["uncommitted_changes"] is False
     assert "**The regions overlap** (5-12, 4-11, 7-14, 6-13" in (REGIONS / "README.md").read_text()
+
+
+def test_each_finding_is_one_module_with_its_rule_and_its_place_in_the_report():
+    names = [finding.__name__.rsplit(".", 1)[1] for finding in findings.FINDINGS]
+    assert [name[:2] for name in names] == [f"{letter}_" for letter in "abcdefghijk"]
+    assert RULES == tuple(finding.judge for finding in findings.FINDINGS)
+    placed = findings.ON_THE_PLANS + findings.OTHERS     # every section once; (f)'s KL is a column of (a)'s table
+    assert len(set(placed)) == len(placed) and set(placed) == set(findings.FINDINGS) - {findings.f_norm}
 
 
 def test_h_recomputed_without_the_groups_whose_predictor_is_their_own_measurement():
@@ -99,7 +108,7 @@ def test_few_windows_are_judged_by_a_t_interval_and_that_moves_region_2():
 
 def test_the_setup_files_exist_and_their_changes_are_read_from_git():
     root = Path(__file__).resolve().parents[2]
-    assert all((root / f).is_file() for f in SETUP_FILES)
+    assert all((root / f).exists() for f in SETUP_FILES)   # files, and the findings' package
     head = changes_since("HEAD", SETUP_FILES)
     assert all(f["commits"] == 0 and f["uncommitted"] for f in head["files"])  # nothing committed after HEAD
     recorded = json.loads(COMMITTED.read_text())["revision"]["setup_changes"]
