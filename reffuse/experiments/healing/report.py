@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.experiments.healing.findings import Points, verdicts
-from reffuse.experiments.healing.plan import VARIANTS, Budgets
+from reffuse.experiments.healing.plan import VARIANTS, Budgets, study_points, sweep_points
 from reffuse.experiments.healing.points import WindowScores
 from reffuse.experiments.provenance import changes_since
 from reffuse.files import json_text, read_json, write_text_atomic
@@ -60,9 +60,10 @@ def setup_changes(study: dict, results: list[dict]) -> dict:
         commits.setdefault(prov.get("commit"), []).append(r["point"])
         if prov.get("uncommitted_changes"):
             commits.setdefault("uncommitted changes", []).append(r["point"])
-    first = study["setup"]["commit"]
+    first, rules = study["setup"]["commit"], study["rules"]["commit"]
     return {"study_started_at": first, "point_commits": sorted(c for c in commits if c),
-            "changed_since_start": changes_since(first, study["setup"]["files"])["files"] if first else None}
+            "changed_since_start": changes_since(first, study["setup"]["files"])["files"] if first else None,
+            "rules_changed_since": changes_since(rules, study["rules"]["files"])["files"] if rules else None}
 
 
 def summarize(folder) -> dict:
@@ -72,11 +73,13 @@ def summarize(folder) -> dict:
                for p in sorted((folder / "points").glob("*.json"))]
     budgets = budgets_of(study)
     points = Points(results)
+    planned = sweep_points(budgets) + study_points(budgets)
     return {"settings": study["settings"], "fusion_study": study["fusion_study"], "rules": study["rules"],
             "setup": setup_changes(study, results), "sweep": sweep_rows(results),
             "curves": [{"variant": v, "objective": o, "rows": rows} for (v, o), rows in curves(points).items()],
             "verdicts": [v.as_dict() for v in verdicts(results, budgets)],
-            "points": len(results), "seconds": sum(r["seconds"] for r in results)}
+            "points": len(results), "seconds": sum(r["seconds"] for r in results),
+            "planned": {"points": len(planned), "training_tokens": sum(p.tokens for p in planned)}}
 
 
 def interval_text(interval) -> str:
@@ -94,13 +97,28 @@ def rate_choice_line(objective: str, sweep: list[dict]) -> str:
     return f"- {objective}: {best['learning_rate']:g}, {edge}."
 
 
+def file_changes(changed: list[dict]) -> str:
+    def what(c: dict) -> str:
+        commits = f"{c['commits']} commit{'s' if c['commits'] != 1 else ''}" if c["commits"] else ""
+        return ", ".join(part for part in (commits, "uncommitted changes" if c["uncommitted"] else "") if part)
+    return ", ".join(f"{c['file']} ({what(c)})" for c in changed)
+
+
+def rules_changes(changed: list[dict] | None) -> str:
+    if changed is None:
+        return "; whether they changed since could not be read (no git checkout)."
+    return f"; changed since: {file_changes(changed)}." if changed else "; unchanged since."
+
+
 def markdown(s: dict, command: str) -> str:
     settings, fusion, budgets = s["settings"], s["fusion_study"], s["settings"]["budgets"]
     lines = [
         "# Healing study: does distillation recover what fusion costs?", "",
-        f"Command: `{command}`. {s['points']} points finished, {s['seconds'] / 3600:.1f} hours of compute on 2 "
-        f"CPU cores. Rules: `reffuse/experiments/healing/findings.py` at commit {s['rules']['commit']} "
-        f"({s['rules']['committed_at']}), fixed before the first point ran.", "",
+        f"Command: `{command}`. {s['points']} of {s['planned']['points']} points finished "
+        f"({s['planned']['training_tokens']:,} training tokens in all, {s['planned']['training_tokens'] / 1e6:.1f} "
+        f"million), {s['seconds'] / 3600:.1f} hours of compute on 2 CPU cores so far. Rules: `reffuse/experiments/healing/findings.py` at commit {s['rules']['commit']} "
+        f"({s['rules']['committed_at']}), committed before the first point ran"
+        + rules_changes(s["setup"]["rules_changed_since"]), "",
         "## Setup", "",
         f"SmolLM2-135M, attention removed from blocks {', '.join(map(str, fusion['attention_removed']))} (the fusion "
         f"study's region {fusion['region'][0]}-{fusion['region'][1]}, reports/experiments/smollm2). Variants: that "
@@ -159,9 +177,7 @@ def markdown(s: dict, command: str) -> str:
               f"The study's setup files (training, fusion, corpus, the core) were at commit "
               f"{setup['study_started_at']} when it started; points ran at "
               f"{', '.join(setup['point_commits']) or 'no recorded commit'}. "
-              + ("Setup files changed since the start: " + ", ".join(
-                  f"{c['file']} ({'uncommitted changes' if c['uncommitted'] else str(c['commits']) + ' commits'})"
-                  for c in changed) + "." if changed else
+              + ("Setup files changed since the start: " + file_changes(changed) + "." if changed else
                  "No setup file changed since the start." if changed is not None else
                  "Whether setup files changed since could not be read (no git checkout).")]
     return "\n".join(lines) + "\n"
