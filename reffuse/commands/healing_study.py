@@ -29,6 +29,7 @@ from reffuse.errors import ReffuseError
 from reffuse.experiments.healing.report import FIGURE, figure_curves, write_report
 from reffuse.experiments.healing.study import run_study
 from reffuse.optional import available
+from reffuse.options import as_recorded
 
 HELP = "the healing study: recovery curves of fused, attention-removed and FFN-removed models, and its findings"
 
@@ -44,7 +45,8 @@ def add_arguments(parser):
 
 
 def command_line(args) -> str:
-    return "reffuse healing-study --out " + str(args.out) + (f" --up-to {args.up_to}" if args.up_to else "")
+    """The command that runs the study (without --up-to, which only stops it early), its folder relative."""
+    return f"reffuse healing-study --out {as_recorded(str(args.out))}"
 
 
 def publish(folder: Path, command: str) -> dict:

@@ -2,6 +2,7 @@
 missing), and the committed study's verdicts recomputed from its JSON."""
 
 import json
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def scores(mean_kl: float, spread: float = 0.02, seed: int = 0) -> dict:
 
 def result(variant, objective, tokens, kl, seed=0, **kw) -> dict:
     point = Point(variant, objective, tokens, seed, **kw)
-    return {"point": asdict(point), "scores": scores(kl, seed=hash((variant, objective, tokens, seed)) % 1000),
+    return {"point": asdict(point), "scores": scores(kl, seed=zlib.crc32(repr(asdict(point)).encode())),
             "seconds": 1.0, "provenance": PROVENANCE, "log": None, "trainable": 1}
 
 
@@ -106,3 +107,18 @@ def test_the_committed_verdicts_recompute_from_the_points():
     recomputed = summarize(COMMITTED)
     assert recomputed["verdicts"] == committed["verdicts"]
     assert recomputed["curves"] == committed["curves"]
+
+
+def test_a_finding_waits_for_every_seed_the_plan_runs():
+    results = [r for r in study_results(0.35) if not (r["point"]["variant"] == "3 FFNs removed"
+                                                      and r["point"]["seed"] == 1)]
+    v = by_finding(results)
+    assert v["m"].verdict == "pending" and "3 FFNs removed" in v["m"].note
+    assert v["l"].verdict == "held"
+
+
+def test_no_gap_to_close_is_not_resolved():
+    results = [r for r in study_results(0.35) if r["point"]["variant"] != "fused, 4 steps"
+               or r["point"]["objective"] != "start"]
+    results.append(result("fused, 4 steps", "start", 0, 0.5))     # below the attention-removed model's 0.6
+    assert by_finding(results)["l"].verdict == "not resolved"

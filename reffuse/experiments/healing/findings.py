@@ -18,7 +18,7 @@ import numpy as np
 from reffuse.experiments.findings import Verdict, decide
 from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets
 from reffuse.experiments.healing.points import WindowScores
-from reffuse.stats import paired_window_sums
+from reffuse.stats import paired_window_sums, verdict
 
 # (l): "most of the gap" is more than half of it. The gap is the fused model's extra KL over the attention-removed
 # model before healing, measured in the same run; a fraction of it, not a number of nats, so that the rule does
@@ -65,11 +65,12 @@ class Points:
                 self.scores[(p["variant"], p["objective"], p["tokens"], p["seed"])] = \
                     WindowScores.from_json(r["scores"])
 
-    def pooled(self, variant: str, objective: str, tokens: int) -> Pooled | None:
-        """The point over every seed that finished (None if none did); budget 0 is the untrained start."""
+    def pooled(self, variant: str, objective: str, tokens: int, seeds=()) -> Pooled | None:
+        """The point over every seed that finished (None if none did, or if one of `seeds` has not); budget 0
+        is the untrained start."""
         key = (variant, "start", 0) if tokens == 0 else (variant, objective, tokens)
         runs = {seed: s for (v, o, t, seed), s in self.scores.items() if (v, o, t) == key}
-        if not runs:
+        if not runs or not set(seeds) <= set(runs):
             return None
         seeds = tuple(sorted(runs))
         mean = {field: np.mean([getattr(runs[s], field) for s in seeds], axis=0) for field in ("kl", "nll", "agree")}
@@ -89,11 +90,11 @@ def compare(x: Pooled, y: Pooled) -> dict:
 
 def below(d: dict, threshold: float = 0.0) -> bool:
     """Resolved below the threshold: the interval over texts lies under it."""
-    return d["clusters_interval_95"] is not None and d["clusters_interval_95"][1] < threshold
+    return verdict(d["clusters_interval_95"], threshold, "<") == "met"
 
 
 def above(d: dict, threshold: float = 0.0) -> bool:
-    return d["clusters_interval_95"] is not None and d["clusters_interval_95"][0] > threshold
+    return verdict(d["clusters_interval_95"], threshold, ">") == "met"
 
 
 def describe(d: dict) -> str:
@@ -113,9 +114,13 @@ def pending(finding: str, title: str, paper: str, rule: str, missing: list[str])
                    verdict="pending", note="missing: " + "; ".join(missing))
 
 
-def gathered(points: Points, wanted: dict) -> tuple[dict, list[str]]:
-    """The pooled points named in `wanted` (label -> (variant, objective, tokens)), and the labels missing."""
-    found = {label: points.pooled(*key) for label, key in wanted.items()}
+def gathered(points: Points, wanted: dict, budgets: Budgets) -> tuple[dict, list[str]]:
+    """The pooled points named in `wanted` (label -> (variant, objective, tokens)), and the labels missing: a
+    point the plan runs with several seeds is missing until every seed has run."""
+    def seeds(variant, objective, tokens):
+        several = objective == "kd" and tokens == max(budgets.kd) and variant in budgets.finding_variants
+        return budgets.seeds if several else ()
+    found = {label: points.pooled(*key, seeds=seeds(*key)) for label, key in wanted.items()}
     return found, [f"{label} ({key[0]}, {key[1]}, {key[2]:,} tokens)" for label, key in wanted.items()
                    if found[label] is None]
 
@@ -134,10 +139,14 @@ def gap_closed(points: Points, budgets: Budgets) -> Verdict:
             "resolved. The 1-step model is reported, not judged")
     wanted = {"fused": ("fused, 4 steps", "kd", largest), "removed": (ATTENTION_REMOVED, "kd", largest),
               "fused0": ("fused, 4 steps", "start", 0), "removed0": (ATTENTION_REMOVED, "start", 0)}
-    p, missing = gathered(points, wanted)
+    p, missing = gathered(points, wanted, budgets)
     if missing:
         return pending("l", "healing closes most of the fusion gap", paper, rule, missing)
     gap = p["fused0"].mean_kl - p["removed0"].mean_kl
+    if gap <= 0:
+        return Verdict("l", "healing closes most of the fusion gap", paper=paper, rule=rule, verdict="not resolved",
+                       here=f"before healing the fused model is {gap:+.4f} nats from the attention-removed model",
+                       note="no fusion gap to close: the rule measures nothing here")
     d = compare(p["fused"], p["removed"])
     here = (f"before healing the fused model is {gap:+.4f} nats above the attention-removed model; after "
             f"{largest:,} tokens: {describe(d)} (threshold {GAP_FRACTION * gap:+.4f})")
@@ -166,7 +175,7 @@ def fusion_vs_removal(points: Points, budgets: Budgets) -> Verdict:
             "and fusion for none; else not resolved")
     pairs = (("fused, 4 steps", "3 FFNs removed"), ("fused, 1 step", "6 FFNs removed"))
     wanted = {name: (name, "kd", largest) for pair in pairs for name in pair}
-    p, missing = gathered(points, wanted)
+    p, missing = gathered(points, wanted, budgets)
     if missing:
         return pending("m", "healed fusion vs healed FFN removal", paper, rule, missing)
     diffs = [compare(p[f], p[r]) for f, r in pairs]
@@ -190,7 +199,7 @@ def global_vs_local(points: Points, budgets: Budgets) -> Verdict:
             "global distillation's KL is resolved below local distillation's; did not hold if resolved above; "
             "else not resolved. The other budgets, and local distillation at 4x the tokens, are reported")
     wanted = {"global": ("fused, 4 steps", "kd-fused", largest), "local": ("fused, 4 steps", "local", largest)}
-    p, missing = gathered(points, wanted)
+    p, missing = gathered(points, wanted, budgets)
     if missing:
         return pending("n", "global vs local distillation", paper, rule, missing)
     d = compare(p["global"], p["local"])
@@ -219,7 +228,7 @@ def refit_start(points: Points, budgets: Budgets) -> Verdict:
             "resolved")
     pairs = (("fused, 4 steps, refit", "fused, 4 steps"), ("fused, 1 step, refit", "fused, 1 step"))
     wanted = {name: (name, "kd", largest) for pair in pairs for name in pair}
-    p, missing = gathered(points, wanted)
+    p, missing = gathered(points, wanted, budgets)
     if missing:
         return pending("o", "the refit as a starting point", paper, rule, missing)
     diffs = [compare(p[r], p[f]) for r, f in pairs]

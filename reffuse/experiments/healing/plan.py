@@ -63,6 +63,14 @@ class FusionChoices:
                    study["calibration"]["ridge"], study["calibration"]["weighting"],
                    study["settings"]["calibration_tokens"], study["settings"]["window"])
 
+    @classmethod
+    def from_record(cls, record: dict) -> "FusionChoices":
+        """The choices as a study folder's study.json recorded them (JSON: lists for tuples, string keys)."""
+        return cls(tuple(record["attention_removed"]), tuple(record["region"]),
+                   {int(k): [tuple(g) for g in groups] for k, groups in record["plans"].items()},
+                   {int(k): v for k, v in record["ffn_scores"].items()}, record["ridge"], record["weighting"],
+                   record["calibration_tokens"], record["calibration_window"])
+
     def removed(self, count: int) -> list[int]:
         """The `count` least important FFNs of the span (finding (b)'s order)."""
         return cheapest(self.ffn_scores, count)
@@ -88,9 +96,12 @@ class Variant:
                 if n.startswith(prefixes) and (".mlp." in n or "post_attention_layernorm" in n)]
 
     def fused_names(self) -> list[str]:
-        """The trainable set of "kd-fused" and "local": the fused blocks' FFN weights."""
-        fused = tuple(f"model.layers.{i}." for i, b in enumerate(self.model.blocks) if b.fused_from)
+        """The trainable set of "kd-fused" and "local": the fused blocks' gate, up and down projections."""
+        fused = tuple(f"model.layers.{i}.mlp." for i, b in enumerate(self.model.blocks) if b.fused_from)
         return [n for n in self.ffn_names() if n.startswith(fused)]
+
+    def trainable(self, objective: str) -> list[str]:
+        return self.fused_names() if objective in ("kd-fused", "local") else self.ffn_names()
 
 
 def build_variant(name: str, original: Model, choices: FusionChoices, calibration_windows) -> Variant:

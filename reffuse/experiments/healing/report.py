@@ -10,6 +10,7 @@ from pathlib import Path
 from reffuse.experiments.healing.findings import Points, verdicts
 from reffuse.experiments.healing.plan import VARIANTS, Budgets, study_points, sweep_points
 from reffuse.experiments.healing.points import WindowScores
+from reffuse.experiments.healing.study import read_points
 from reffuse.experiments.provenance import changes_since
 from reffuse.files import json_text, read_json, write_text_atomic
 
@@ -69,8 +70,7 @@ def setup_changes(study: dict, results: list[dict]) -> dict:
 def summarize(folder) -> dict:
     folder = Path(folder)
     study = read_json(folder / "study.json", "run `reffuse healing-study` to start the study")
-    results = [read_json(p, "delete the file to run its point again")
-               for p in sorted((folder / "points").glob("*.json"))]
+    results = read_points(folder)
     budgets = budgets_of(study)
     points = Points(results)
     planned = sweep_points(budgets) + study_points(budgets)
@@ -79,6 +79,7 @@ def summarize(folder) -> dict:
             "curves": [{"variant": v, "objective": o, "rows": rows} for (v, o), rows in curves(points).items()],
             "verdicts": [v.as_dict() for v in verdicts(results, budgets)],
             "points": len(results), "seconds": sum(r["seconds"] for r in results),
+            "cpus": sorted({r["cpus"] for r in results if r.get("cpus")}),
             "planned": {"points": len(planned), "training_tokens": sum(p.tokens for p in planned)}}
 
 
@@ -116,7 +117,8 @@ def markdown(s: dict, command: str) -> str:
         "# Healing study: does distillation recover what fusion costs?", "",
         f"Command: `{command}`. {s['points']} of {s['planned']['points']} points finished "
         f"({s['planned']['training_tokens']:,} training tokens in all, {s['planned']['training_tokens'] / 1e6:.1f} "
-        f"million), {s['seconds'] / 3600:.1f} hours of compute on 2 CPU cores so far. Rules: `reffuse/experiments/healing/findings.py` at commit {s['rules']['commit']} "
+        f"million), {s['seconds'] / 3600:.1f} hours of compute so far"
+        + (f" on {' or '.join(map(str, s['cpus']))} CPU cores" if s["cpus"] else "") + ". Rules: `reffuse/experiments/healing/findings.py` at commit {s['rules']['commit']} "
         f"({s['rules']['committed_at']}), committed before the first point ran"
         + rules_changes(s["setup"]["rules_changed_since"]), "",
         "## Setup", "",
@@ -141,7 +143,8 @@ def markdown(s: dict, command: str) -> str:
     lines += [f"| {r['objective']} | {r['learning_rate']:g} | {r['kl']:.4f} |" for r in s["sweep"]]
     lines += [""] + [rate_choice_line(objective, s["sweep"]) for objective in ("kd", "local")
                      if any(r["objective"] == objective for r in s["sweep"])]
-    lines += ["", "## Recovery", "", f"![KL against training tokens]({FIGURE})", "",
+    lines += ["", "## Recovery", ""] + ([f"![KL against training tokens]({FIGURE})", ""] if s["curves"] else [])
+    lines += [
               "Held-out KL(original || model) in nats, the mean over seeds where several ran, with its 95% interval "
               "over windows (a bootstrap of whole windows) and over texts (a t-interval over the held-out texts' "
               "own means; the verdicts use this one).", "",

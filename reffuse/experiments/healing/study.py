@@ -1,6 +1,6 @@
 """Running the healing study: the learning-rate choice on calibration text, then every point on held-out text,
-cheapest first, each saved as it finishes and every training run checkpointed, so that the study resumes across
-sessions where it stopped (`reffuse healing-study --out DIR` again).
+cheapest first, each saved as it finishes and every training run checkpointed, so that the study resumes where
+it stopped (`reffuse healing-study --out DIR` again).
 
 Folder layout: DIR/study.json (settings, the fusion study's choices, the learning-rate choice, provenance),
 DIR/points/<point>.json (one per finished point), DIR/README.md and DIR/recovery.png (the report, rewritten
@@ -10,17 +10,18 @@ after every point); training checkpoints live beside DIR in DIR.checkpoints and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
-from reffuse.experiments.healing.plan import (Budgets, FusionChoices, Point, Variant,
+from reffuse.experiments.healing.plan import (FUSION_STUDY, Budgets, FusionChoices, Point, Variant,
                                               build_variant, read_fusion_choices, study_points, sweep_points)
 from reffuse.experiments.healing.points import WindowScores, original_logits, score, train_point
 from reffuse.experiments.provenance import provenance
-from reffuse.files import json_text, read_json, write_text_atomic
+from reffuse.files import json_text, locked, read_json, write_text_atomic
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows, training_windows
 from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.method.removal import drop_attention
@@ -93,9 +94,8 @@ def choose_rates(folder: Path, budgets: Budgets) -> dict:
 class Runner:
     """Holds the models and texts once, and runs points."""
 
-    def __init__(self, folder: Path, settings: HealingStudySettings):
-        self.folder, self.settings = folder, settings
-        self.choices = read_fusion_choices()
+    def __init__(self, folder: Path, settings: HealingStudySettings, choices: FusionChoices):
+        self.folder, self.settings, self.choices = folder, settings, choices
         self.original = load_model(settings.model)
         self.pre = drop_attention(self.original, self.choices.attention_removed)
         self.texts = load_texts(find_tokenizer(settings.model), settings, self.choices)
@@ -123,10 +123,13 @@ class Runner:
         if point.tokens:
             model, log = train_point(point, variant, self.original, self.pre,
                                      point_windows(self.texts, point.tokens), checkpoint)
+        scoring = time.perf_counter()
         scores = score(model, self.windows(point.split), self.original_logits(point.split))
         shutil.rmtree(checkpoint, ignore_errors=True)
-        return {"point": asdict(point), "trainable": len(variant.ffn_names()), "scores": scores.to_json(),
-                "log": log.to_json() if log is not None else None, "seconds": time.perf_counter() - started,
+        trained = log.seconds if log is not None else 0.0       # every process's training steps, resumed or not
+        return {"point": asdict(point), "trainable": variant.trainable(point.objective) if point.tokens else [],
+                "scores": scores.to_json(), "log": log.to_json() if log is not None else None,
+                "seconds": trained + time.perf_counter() - scoring, "cpus": os.cpu_count(),
                 "provenance": provenance(SETUP_FILES)}
 
 
@@ -142,42 +145,53 @@ def check_settings(folder: Path, settings: HealingStudySettings) -> dict:
     if folder.exists() and any(folder.iterdir()):
         raise ReffuseError(f"{folder} is not empty and holds no healing study: choose another --out")
     study = {"settings": settings.to_json(), "fusion_study": asdict(read_fusion_choices()) | {
-        "file": "reports/experiments/smollm2/experiments.json",
-        "provenance": provenance(["reports/experiments/smollm2/experiments.json"])},
+        "file": FUSION_STUDY,
+        "provenance": provenance([FUSION_STUDY])},
         "rules": provenance(RULE_FILES), "setup": provenance(SETUP_FILES)}
     write_text_atomic(path, json_text(study))
     return study
+
+
+def recorded_choices(study: dict) -> FusionChoices:
+    """The fusion study's choices as the study recorded them when it started; the committed fusion study may have
+    been judged again since, and its choices must not move under a study in progress."""
+    recorded, now = FusionChoices.from_record(study["fusion_study"]), read_fusion_choices()
+    if recorded != now:
+        note(f"the fusion study's choices changed since this study started ({FUSION_STUDY}): the study goes on "
+             "with the ones it recorded")
+    return recorded
 
 
 def run_study(folder, settings: HealingStudySettings = HealingStudySettings(), up_to: int | None = None,
               report=None) -> list[dict]:
     """Run every point not yet in the folder, up to `up_to` training tokens; `report(folder)` after each."""
     folder = Path(folder)
-    check_settings(folder, settings)
+    study = check_settings(folder, settings)
     budgets = settings.budgets
     runner = None
     todo = sweep_points(budgets) + study_points(budgets)
-    for number, point in enumerate(todo, 1):
-        if up_to is not None and point.tokens > up_to:
-            continue
-        if point.split == "held-out" and point.tokens:
-            rates = choose_rates(folder, budgets)
-            if point.objective not in rates:
-                note(f"the learning-rate choice for {point.objective} is not complete: run the sweep first")
+    with locked(folder / "study.json"):      # two processes on one study run its points one at a time
+        for number, point in enumerate(todo, 1):
+            if up_to is not None and point.tokens > up_to:
                 continue
-            point = replace(point, learning_rate=rates[point.objective])
-        path = point_path(folder, point)
-        if path.is_file():
-            continue
-        if runner is None:
-            note("loading SmolLM2, the texts and the fusion study's choices")
-            runner = Runner(folder, settings)
-        note(f"[{number}/{len(todo)}] {point.variant}, {point.objective}, {point.tokens:,} tokens, seed "
-             f"{point.seed}" + (f", learning rate {point.learning_rate:g}" if point.tokens else "")
-             + f", scored on {point.split} text")
-        result = runner.run(point)
-        write_text_atomic(path, json_text(result, inline_lists=True))
-        if report is not None:
-            report(folder)
+            if point.split == "held-out" and point.tokens:
+                rates = choose_rates(folder, budgets)
+                if point.objective not in rates:
+                    note(f"the learning-rate choice for {point.objective} is not complete: run the sweep first")
+                    continue
+                point = replace(point, learning_rate=rates[point.objective])
+            path = point_path(folder, point)
+            if path.is_file():
+                continue
+            if runner is None:
+                note("loading SmolLM2, the texts and the fusion study's choices")
+                runner = Runner(folder, settings, recorded_choices(study))
+            note(f"[{number}/{len(todo)}] {point.variant}, {point.objective}, {point.tokens:,} tokens, seed "
+                 f"{point.seed}" + (f", learning rate {point.learning_rate:g}" if point.tokens else "")
+                 + f", scored on {point.split} text")
+            result = runner.run(point)
+            write_text_atomic(path, json_text(result, inline_lists=True))
+            if report is not None:
+                report(folder)
     return read_points(folder)
 
