@@ -19,9 +19,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
 TAIL_LINES=40
-# Seconds: hang guards, far above what a step should take on a GPU, and together (300 + 2 x 60 + 120) under the
-# 10 minutes a lent GPU machine gives one command. A rehearsal on a loaded CPU gets three times as long.
-LIMIT_GPU_RUN=300 LIMIT_TP=60 LIMIT_TESTS=120
+# Seconds: hang guards, far above what a step should take on a GPU, and together (240 + 2 x 60 + 120, with the
+# MPI setup and the kill grace) well under 10 minutes, a common limit on one command of a batch GPU machine. A
+# rehearsal on a loaded CPU gets three times as long.
+LIMIT_GPU_RUN=240 LIMIT_TP=60 LIMIT_TESTS=120
 
 rehearse=0 out=${OUT:-} wheels=.gpu-wheels fail_section=()
 while [ $# -gt 0 ]; do

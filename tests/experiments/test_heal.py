@@ -2,7 +2,6 @@
 ends with the same weights as one never interrupted."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -90,6 +90,7 @@ def test_the_report_is_drawn_from_the_folder(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert json.loads((tmp_path / FINDINGS).read_text()) == summary
     assert "### (l) healing closes most of the fusion gap: held" in text
+    assert "{" not in text.split("## Setup")[0], "a field left unformatted in the report's opening"
     fused = next(c for c in summary["curves"] if (c["variant"], c["objective"]) == ("fused, 4 steps", "kd"))
     assert [r["tokens"] for r in fused["rows"]] == [0, max(BUDGETS.kd)] and fused["rows"][1]["seeds"] == [0, 1]
     assert main(["healing-study", "--out", str(tmp_path), "--report-only"]) == 0

@@ -1,7 +1,8 @@
 """The healing study's report, drawn from its folder's JSON alone (study.json and points/*.json), so that it is
-redrawn without training (the command draws the figure beside it, reffuse.plots.healing): the learning-rate choice, every point's held-out KL, perplexity and top-1 agreement,
-the recovery figure, the verdicts of (l)-(o), what the budget can say about the paper's, and which setup files
-changed after the points that used them. findings.json holds the verdicts and curves the report prints."""
+redrawn without training: the learning-rate choice, every point's held-out KL, perplexity and top-1 agreement,
+the verdicts of (l)-(o), what the budget can say about the paper's, and which setup files changed after the points
+that used them. findings.json holds the verdicts and curves the report prints; the command draws the recovery
+figure beside it (reffuse.plots.healing)."""
 
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def markdown(s: dict, command: str) -> str:
         f"Command: `{command}`. {s['points']} of {s['planned']['points']} points finished "
         f"({s['planned']['training_tokens']:,} training tokens in all, {s['planned']['training_tokens'] / 1e6:.1f} "
         f"million), {s['seconds'] / 3600:.1f} hours of compute so far"
-        + (f" on {' or '.join(map(str, s['cpus']))} CPU cores" if s["cpus"] else "") + ". Rules: `reffuse/experiments/healing/findings.py` at commit {s['rules']['commit']} "
+        + (f" on {' or '.join(map(str, s['cpus']))} CPU cores" if s["cpus"] else "")
+        + f". Rules: `reffuse/experiments/healing/findings.py` at commit {s['rules']['commit']} "
         f"({s['rules']['committed_at']}), committed before the first point ran"
         + rules_changes(s["setup"]["rules_changed_since"]), "",
         "## Setup", "",
