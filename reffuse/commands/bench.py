@@ -8,8 +8,8 @@ it; and a run of 8 of the model's FFNs, sequential vs fused, at 1, 16, 128 and 5
 llama.cpp, llama.cpp's prefill and decode of the same weights (an F32 GGUF) join the alternation, and its decode
 of the attention-removed model is timed against the fused one. With --device gpu: the FFN run up to 4096 tokens,
 every timed region synchronised, transformers not compared. Medians after warm-up, timed in alternation. Shared
-machines are noisy: trust the ratios, which are measured in the same run. Each ratio is the median of the
-repeats' paired ratios with a bootstrap 95% interval; with few --repeats the intervals are wide, and below 6
+machines are noisy: trust the ratios, which are measured in the same run. Each ratio is the ratio of the
+medians with the bootstrap 95% interval of the paired repeats; with few --repeats the intervals are wide, and below 6
 there is none and no target is decided (the committed runs use 11).
 
 The speed targets (2 cores, float32) are checked and reported: prefill <= 0.8x transformers' time at every

@@ -18,8 +18,8 @@ One run measures, one after the other, with BLAS (threadpoolctl) and torch pinne
 
 Every time is a median over `repeats` after one untimed warm-up, and the things compared are timed in
 alternation (timing.compare_samples), because the machines this runs on are shared: compare ratios measured
-in the same run, never absolute times across runs. A ratio is the median of the repeats' paired ratios with a
-bootstrap 95% interval (reffuse.stats.paired_ratio), and a target's verdict follows from the intervals
+in the same run, never absolute times across runs. A ratio is the ratio of the two medians with the
+bootstrap 95% interval of the paired repeats (reffuse.stats.paired_ratio), and a target's verdict follows from the intervals
 (target_verdict, by reffuse.stats.verdict): met, not met, or unresolved.
 """
 
@@ -265,6 +265,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     if device != "cpu" and ffn_tokens == FFN_RUN_TOKENS:
         ffn_tokens = GPU_FFN_RUN_TOKENS
     result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
+              "ratio": RATIO,
               "environment": environment(threads, device)}
     hf, why_not = (None, "not asked for (--no-transformers)")
     if with_transformers and device != "cpu":
@@ -423,6 +424,20 @@ def check_targets(result: dict) -> list[dict]:
     ]
 
 
+# What a ratio is (reffuse.stats.paired_ratio); results made before it was recorded used the median of the
+# repeats' paired ratios.
+RATIO = "ratio of the medians"
+EARLIER_RATIO = "median of the repeats' paired ratios"
+
+
+def ratio_definition(result: dict) -> str:
+    return result.get("ratio", EARLIER_RATIO)
+
+
+def interval_definition(result: dict) -> str:
+    return "its 95% bootstrap interval" if "ratio" not in result else "the 95% bootstrap interval of the paired repeats"
+
+
 def markdown(result: dict, command: str | None = None) -> str:
     """The result as Markdown tables (benchmarks/results/*.md)."""
     def ratio(row, key):
@@ -433,8 +448,8 @@ def markdown(result: dict, command: str | None = None) -> str:
     lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
-    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation; a ratio is the median of "
-              "the repeats' paired ratios, with its 95% bootstrap interval in brackets. numpy " + env['numpy']
+    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation; a ratio is the " +
+              ratio_definition(result) + ", with " + interval_definition(result) + " in brackets. numpy " + env['numpy']
               + (f", BLAS {blas}" if blas else "")
               + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
@@ -491,7 +506,7 @@ def markdown(result: dict, command: str | None = None) -> str:
     for r in f["rows"]:
         lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | "
                      f"{ratio(r, 'speedup')} |")
-    lines += ["", "Each ratio is the median of the repeats' paired ratios; a target is met when the 95% interval of "
+    lines += ["", "Each ratio is the " + ratio_definition(result) + "; a target is met when the 95% interval of "
                   "every ratio it checks lies on its side, not met when one lies wholly on the other, and unresolved "
                   "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
     return "\n".join(lines + target_rows(result["targets"])) + "\n"

@@ -41,7 +41,8 @@ from reffuse.core.model import Model
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.optional import require
-from reffuse.speed.bench import describe_blas, environment, target_rows, target_verdict
+from reffuse.speed.bench import (RATIO, describe_blas, environment, interval_definition, ratio_definition,
+                                  target_rows, target_verdict)
 from reffuse.speed.timing import blas_threads, paired_ratio, ratio_text
 from reffuse.stats import verdict
 
@@ -291,6 +292,7 @@ def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TO
     model = load_model(model_name, dtype="float32")
     ids, text = text_window(model_name, model, tokens)
     result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
+              "ratio": RATIO,
               "tokens": int(len(ids)), "text": text, "hyperparameters": {**HYPERPARAMETERS,
                                                                         "betas": list(HYPERPARAMETERS["betas"])},
               "fused_model": {"attention_removed": [i for i in FUSED_REMOVED if i < len(model.blocks)],
@@ -353,8 +355,9 @@ def train_markdown(result: dict, command: str | None = None) -> str:
               f"betas {tuple(h['betas'])}, eps {h['eps']}, weight decay {h['weight_decay']} on matrices). Each engine "
               f"runs in a worker process of its own (its peak resident memory is its own); the two take steps in "
               f"turns, the order swapped every round, {result['repeats']} timed steps each after one untimed warm-up "
-              "step; tokens/s are the window's tokens over the median step; a ratio is the median of the rounds' "
-              "paired ratios with its 95% bootstrap interval in brackets. numpy " + env["numpy"]
+              "step; tokens/s are the window's tokens over the median step; a ratio is the " +
+              ratio_definition(result).replace("repeats'", "rounds'") + " with "
+              + interval_definition(result).replace("repeats", "rounds") + " in brackets. numpy " + env["numpy"]
               + (f", BLAS {blas}" if blas else "")
               + (f"; torch {env['torch']} ({torch_row.get('torch_blas') or '?'}, "
                  f"{torch_row.get('cpu_capability') or '?'} kernels), transformers {env['transformers']}"
