@@ -19,8 +19,8 @@ One run measures, one after the other, with BLAS (threadpoolctl) and torch pinne
 Every time is a median over `repeats` after one untimed warm-up, and the things compared are timed in
 alternation (timing.compare_samples), because the machines this runs on are shared: compare ratios measured
 in the same run, never absolute times across runs. A ratio is the ratio of the two medians with the
-bootstrap 95% interval of the paired repeats (reffuse.stats.paired_ratio), and a target's verdict follows from the intervals
-(target_verdict, by reffuse.stats.verdict): met, not met, or unresolved.
+bootstrap 95% interval of the paired repeats (reffuse.stats.paired_ratio), and a target's verdict follows from
+the intervals (target_verdict, by reffuse.stats.verdict): met, not met, or unresolved.
 """
 
 from __future__ import annotations
@@ -448,8 +448,9 @@ def markdown(result: dict, command: str | None = None) -> str:
     lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
-    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation; a ratio is the " +
-              ratio_definition(result) + ", with " + interval_definition(result) + " in brackets. numpy " + env['numpy']
+    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation; a ratio is the "
+              + ratio_definition(result) + ", with " + interval_definition(result) + " in brackets. numpy "
+              + env['numpy']
               + (f", BLAS {blas}" if blas else "")
               + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
