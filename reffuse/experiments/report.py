@@ -58,7 +58,7 @@ def revision_lines(r: dict) -> list[str]:
         under = (f"under the rules as of commit `{rules['commit'][:12]}` ({rules['committed_at']})"
                  + (", with uncommitted changes to them" if rules["uncommitted_changes"] else ""))
     changes = revision_text(r.get("rules"))
-    lines = ["", f"**Rules revised after review, {revision['date']}.** The results were seen before these rules "
+    lines = ["", f"**Rules revised on {revision['date']}.** The results were seen before these rules "
                  f"were revised; this report judges them again by `{revision['command']}`, nothing measured again, "
                  f"{under}. What changed: {changes}. The verdict column gives the verdict by the revised rules, the "
                  "column 'as run' the one the run recorded."] if changes else [
@@ -270,7 +270,7 @@ def regions_markdown(summary: dict, command: str, minutes: float) -> str:
     revision = summary.get("revision")
     if revision:
         rules = revision["rules"]
-        lines += ["", f"**Rules revised after review, {revision['date']}**, after these results were seen; every "
+        lines += ["", f"**Rules revised on {revision['date']}**, after these results were seen; every "
                       "region is judged again by them (`" + revision["command"] + "`, nothing measured again"
                       + (f"; rules as of commit `{rules['commit'][:12]}`" if rules.get("commit") else "")
                       + (", with uncommitted changes to them" if rules.get("uncommitted_changes") else "")

@@ -33,7 +33,7 @@ def test_the_committed_verdicts_and_report_follow_from_the_committed_numbers_by_
     assert result["rules"]["commit"] and result["rules"]["uncommitted_changes"] is False
     assert result["revision"]["rules"]["commit"] and result["revision"]["rules"]["uncommitted_changes"] is False
     assert [v["finding"] for v in result["verdicts_as_run"]] == list("abcdefghijk")
-    assert "Rules revised after review, " + result["revision"]["date"] in (REPORT / "README.md").read_text()
+    assert "Rules revised on " + result["revision"]["date"] in (REPORT / "README.md").read_text()
     summary = json.loads((REGIONS / "regions.json").read_text())
     results = [json.loads((REGIONS / f"region-{r['rank']}" / "experiments.json").read_text())
                for r in summary["regions"]]

@@ -9,7 +9,7 @@ import numpy as np
 
 from reffuse.stats import MIN_BOOTSTRAP_WINDOWS, paired_difference
 
-# The rules revised after a review of runs already made, newest last: the date, the findings whose verdicts the
+# The rules revised after runs already made, newest last: the date, the findings whose verdicts the
 # change can move ("all" for every comparison), and what changed. A report of a run made under earlier rules lists
 # the revisions dated after them.
 REVISIONS = (
