@@ -46,3 +46,15 @@ def changes_since(commit: str, files) -> dict:
     except (OSError, subprocess.SubprocessError):
         return {"since": commit, "head": None, "files": None}
     return {"since": commit, "head": head, "files": changed}
+
+
+def describe_changes(changed: list[dict]) -> str:
+    """changes_since's files in words: "`file` (2 commits, 2026-12-01 to 2026-12-05, and uncommitted changes); ..."."""
+    def when(f: dict) -> str:
+        if not f["commits"]:
+            return "uncommitted changes"
+        first, last = f["first"][:10], f["last"][:10]
+        return (f"{f['commits']} commit{'s' if f['commits'] != 1 else ''}, "
+                + (first if first == last else f"{first} to {last}")
+                + (", and uncommitted changes" if f["uncommitted"] else ""))
+    return "; ".join(f"`{f['file']}` ({when(f)})" for f in changed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reffuse.experiments.findings import ON_THE_PLANS, OTHERS, REVISIONS, by_steps
+from reffuse.experiments.provenance import describe_changes
 from reffuse.experiments.study import format_correlation, format_interval, format_kl, format_perplexity
 from reffuse.stats import MIN_BOOTSTRAP_WINDOWS
 
@@ -75,15 +76,7 @@ def revision_lines(r: dict) -> list[str]:
         return lines + ["", f"{recorded}, `{setup['since'][:12]}`. No setup file changed after it, up to "
                             f"`{setup['head'][:12]}`."]
 
-    def when(f):
-        if not f["commits"]:
-            return "uncommitted changes"
-        first, last = f["first"][:10], f["last"][:10]
-        return (f"{f['commits']} commit{'s' if f['commits'] != 1 else ''}, "
-                + (first if first == last else f"{first} to {last}")
-                + (", and uncommitted changes" if f["uncommitted"] else ""))
-
-    files = "; ".join(f"`{f['file']}` ({when(f)})" for f in setup["files"])
+    files = describe_changes(setup["files"])
     return lines + ["", f"{recorded}, `{setup['since'][:12]}`. Setup files changed after that commit, up to "
                         f"`{setup['head'][:12]}`: {files}. The same command on the current code need not give "
                         "these numbers."]

@@ -12,7 +12,7 @@ from reffuse.experiments.healing.findings import Points, verdicts
 from reffuse.experiments.healing.plan import VARIANTS, Budgets, study_points, sweep_points
 from reffuse.experiments.healing.points import WindowScores
 from reffuse.experiments.healing.study import read_points
-from reffuse.experiments.provenance import changes_since
+from reffuse.experiments.provenance import changes_since, describe_changes
 from reffuse.files import json_text, read_json, write_text_atomic
 
 FIGURE = "recovery.png"
@@ -99,17 +99,10 @@ def rate_choice_line(objective: str, sweep: list[dict]) -> str:
     return f"- {objective}: {best['learning_rate']:g}, {edge}."
 
 
-def file_changes(changed: list[dict]) -> str:
-    def what(c: dict) -> str:
-        commits = f"{c['commits']} commit{'s' if c['commits'] != 1 else ''}" if c["commits"] else ""
-        return ", ".join(part for part in (commits, "uncommitted changes" if c["uncommitted"] else "") if part)
-    return ", ".join(f"{c['file']} ({what(c)})" for c in changed)
-
-
 def rules_changes(changed: list[dict] | None) -> str:
     if changed is None:
         return "; whether they changed since could not be read (no git checkout)."
-    return f"; changed since: {file_changes(changed)}." if changed else "; unchanged since."
+    return f"; changed since: {describe_changes(changed)}." if changed else "; unchanged since."
 
 
 def markdown(s: dict, command: str) -> str:
@@ -182,7 +175,7 @@ def markdown(s: dict, command: str) -> str:
               f"The study's setup files (training, fusion, corpus, the core) were at commit "
               f"{setup['study_started_at']} when it started; points ran at "
               f"{', '.join(setup['point_commits']) or 'no recorded commit'}. "
-              + ("Setup files changed since the start: " + file_changes(changed) + "." if changed else
+              + ("Setup files changed since the start: " + describe_changes(changed) + "." if changed else
                  "No setup file changed since the start." if changed is not None else
                  "Whether setup files changed since could not be read (no git checkout).")]
     return "\n".join(lines) + "\n"
