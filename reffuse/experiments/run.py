@@ -7,7 +7,8 @@ that attention removed is the "pre-fusion" model, the paper's PreFusion: every f
 judged against it, by KL(pre-fusion || variant) of the next-token distributions on held-out text, by
 perplexity, and by top-1 agreement; the same against the original model is recorded too. The paper's
 accuracy benchmarks (MMLU, MT-Bench) have no counterpart at 135M parameters: KL and perplexity are the proxy
-(KL of the logits is reffuse's choice of proxy). The span fused is the run without its last block, [a, b-1], as in the paper.
+(KL of the logits is reffuse's choice of proxy). The span fused is the run without its last block, [a, b-1], as
+in the paper.
 
 The findings (a)-(k) are the modules of reffuse.experiments.findings, one each, named by letter and subject
 (a_intensity: fusion intensity, b_removal: FFN removal vs fusion, ... k_planner: the planner's predictor): each
@@ -60,11 +61,6 @@ SETUP_FILES = ("reffuse/experiments/run.py", "reffuse/experiments/study.py", "re
                "reffuse/method/calibrate.py", "reffuse/evaluation/prefix.py", "reffuse/core/fusion.py")
 
 
-def rules_provenance() -> dict:
-    """The commit that last changed the verdict rules (reffuse.experiments.provenance)."""
-    return provenance(RULE_FILES)
-
-
 def rejudge(result: dict, command: str) -> dict:
     """A run made earlier, judged again by the current rules: "verdicts" by them, "verdicts_as_run" the verdicts
     the run recorded (kept from the first judging), and "revision": when, by which command, under which commit
@@ -73,7 +69,7 @@ def rejudge(result: dict, command: str) -> dict:
     recorded = result.get("setup") or result["rules"]
     return result | {"verdicts_as_run": result.get("verdicts_as_run", result["verdicts"]), "verdicts": verdicts(result),
                      "revision": {"date": datetime.now(timezone.utc).date().isoformat(), "command": command,
-                                  "rules": rules_provenance(),
+                                  "rules": provenance(RULE_FILES),
                                   "setup_changes": changes_since(recorded["commit"], SETUP_FILES)
                                   if recorded.get("commit") else None}}
 
@@ -91,7 +87,7 @@ def run_experiments(model_name: str = "smollm2", drop_count: int = 8, held_out_t
     the calibration text sizes of finding (j)."""
     started = time.perf_counter()
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    result = {"model": model_name, "definitions": DEFINITIONS, "rules": rules_provenance(),
+    result = {"model": model_name, "definitions": DEFINITIONS, "rules": provenance(RULE_FILES),
               "setup": provenance(SETUP_FILES),
               "environment": {"machine": platform.machine(), "cores": os.cpu_count(), "threads": threads,
                               "python": platform.python_version(), "numpy": np.__version__,

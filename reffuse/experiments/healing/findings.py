@@ -97,7 +97,7 @@ def above(d: dict, threshold: float = 0.0) -> bool:
     return verdict(d["clusters_interval_95"], threshold, ">") == "met"
 
 
-def describe(d: dict) -> str:
+def describe_comparison(d: dict) -> str:
     t, w = d["clusters_interval_95"], d["windows_interval_95"]
     texts = f"[{t[0]:+.4f}, {t[1]:+.4f}] over {d['clusters']} texts" if t else "no interval over texts"
     windows = f"[{w[0]:+.4f}, {w[1]:+.4f}] over {d['windows']} windows" if w else "no interval over windows"
@@ -149,12 +149,12 @@ def gap_closed(points: Points, budgets: Budgets) -> Verdict:
                        note="no fusion gap to close: the rule measures nothing here")
     d = compare(p["fused"], p["removed"])
     here = (f"before healing the fused model is {gap:+.4f} nats above the attention-removed model; after "
-            f"{largest:,} tokens: {describe(d)} (threshold {GAP_FRACTION * gap:+.4f})")
+            f"{largest:,} tokens: {describe_comparison(d)} (threshold {GAP_FRACTION * gap:+.4f})")
     one = points.pooled("fused, 1 step", "kd", largest)
     one0 = points.pooled("fused, 1 step", "start", 0)
     if one is not None and one0 is not None:
         here += (f"; 1 step: {one0.mean_kl - p['removed0'].mean_kl:+.4f} before, "
-                 f"{describe(compare(one, p['removed']))} after")
+                 f"{describe_comparison(compare(one, p['removed']))} after")
     return Verdict("l", "healing closes most of the fusion gap", paper=paper, here=here, rule=rule,
                    verdict=decide(below(d, GAP_FRACTION * gap), against=above(d, GAP_FRACTION * gap)),
                    note=seeds_note(p["fused"], p["removed"]))
@@ -179,7 +179,7 @@ def fusion_vs_removal(points: Points, budgets: Budgets) -> Verdict:
     if missing:
         return pending("m", "healed fusion vs healed FFN removal", paper, rule, missing)
     diffs = [compare(p[f], p[r]) for f, r in pairs]
-    here = "; ".join(f"{f} - {r}: {describe(d)}" for (f, r), d in zip(pairs, diffs))
+    here = "; ".join(f"{f} - {r}: {describe_comparison(d)}" for (f, r), d in zip(pairs, diffs))
     lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
     return Verdict("m", "healed fusion vs healed FFN removal", paper=paper, here=here, rule=rule,
                    verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
@@ -203,14 +203,15 @@ def global_vs_local(points: Points, budgets: Budgets) -> Verdict:
     if missing:
         return pending("n", "global vs local distillation", paper, rule, missing)
     d = compare(p["global"], p["local"])
-    here = [f"{largest:,} tokens: global - local {describe(d)}"]
+    here = [f"{largest:,} tokens: global - local {describe_comparison(d)}"]
     for tokens in common[:-1]:
         g, loc = points.pooled("fused, 4 steps", "kd-fused", tokens), points.pooled("fused, 4 steps", "local", tokens)
         if g is not None and loc is not None:
-            here.append(f"{tokens:,}: {describe(compare(g, loc))}")
+            here.append(f"{tokens:,}: {describe_comparison(compare(g, loc))}")
     more = points.pooled("fused, 4 steps", "local", max(budgets.local))
     if more is not None and max(budgets.local) > largest:
-        here.append(f"global at {largest:,} - local at {max(budgets.local):,}: {describe(compare(p['global'], more))}")
+        here.append(f"global at {largest:,} - local at {max(budgets.local):,}: "
+                    f"{describe_comparison(compare(p['global'], more))}")
     return Verdict("n", "global vs local distillation", paper=paper, here="; ".join(here), rule=rule,
                    verdict=decide(below(d), against=above(d)), note=seeds_note(p["global"], p["local"]))
 
@@ -232,7 +233,7 @@ def refit_start(points: Points, budgets: Budgets) -> Verdict:
     if missing:
         return pending("o", "the refit as a starting point", paper, rule, missing)
     diffs = [compare(p[r], p[f]) for r, f in pairs]
-    here = "; ".join(f"{r} - {f}: {describe(d)}" for (r, f), d in zip(pairs, diffs))
+    here = "; ".join(f"{r} - {f}: {describe_comparison(d)}" for (r, f), d in zip(pairs, diffs))
     lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
     return Verdict("o", "the refit as a starting point", paper=paper, here=here, rule=rule,
                    verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
