@@ -208,6 +208,11 @@ def page_commands(page: Path) -> list[str]:
     return commands
 
 
+def against_a_dump(words: list[str]) -> bool:
+    """`verify --against X.npz` reads its token ids from the dump, and refuses flags that would choose others."""
+    return "--against" in words and words[words.index("--against") + 1].endswith(".npz")
+
+
 def runnable(command: str) -> str:
     """The command with this environment's executables and the smaller sizes."""
     command = command.replace(".venv/bin/", f"{BIN}/")
@@ -216,7 +221,7 @@ def runnable(command: str) -> str:
     command = re.sub(r"(^|&& )python ", lambda m: f"{m.group(1)}{sys.executable} ", command)
     words = shlex.split(command.split(" > ")[0].split("&& ")[-1])
     name = next((w for w in words if w in SMALLER), None)
-    if name is None:
+    if name is None or against_a_dump(words):
         return command
     extra = " ".join(shlex.quote(w) for w in SMALLER[name])
     if " > " in command:
