@@ -46,7 +46,7 @@ from reffuse.core.model import plain
 from reffuse.speed import costmodel
 from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
-from reffuse.speed.bench import describe_blas
+from reffuse.speed.environment import describe_blas
 from reffuse.speed.timing import ratio_text
 
 RESULTS = reffuse.checkout_root() / "benchmarks" / "results"

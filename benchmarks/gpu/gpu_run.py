@@ -18,7 +18,7 @@ gpu.md in --out are rewritten after every section, so a run cut short keeps what
   peak memory.
 
 Ratios are paired over repeats with 95% bootstrap intervals (reffuse.stats.paired_ratio) and each target's
-verdict follows reffuse.speed.bench.target_verdict: met, not met or unresolved. The exit status is 1 when a
+verdict follows reffuse.speed.bench_report.target_verdict: met, not met or unresolved. The exit status is 1 when a
 section failed or a parity check is not met; a speed target not met is a finding, printed, not a failure.
 
 With --rehearse (run.sh --rehearse: on the CPU, against the tests' strict CuPy stand-in), small sizes; PyTorch
@@ -45,8 +45,9 @@ from reffuse.core.backend import gpu_module, gpu_module_name, to_numpy
 from reffuse.core.generate import generate
 from reffuse.core.model import KVCache, forward
 from reffuse.core.names import named_weights
-from reffuse.speed.bench import (DECODE_PROMPT_TOKENS, decode_samples, ffn_run_model, judge_target,
-                                 measured_ratios, prompt_ids, reffuse_decode, reffuse_prefill, target_rows)
+from reffuse.speed.bench import (DECODE_PROMPT_TOKENS, decode_samples, ffn_run_model, prompt_ids, reffuse_decode,
+                                 reffuse_prefill)
+from reffuse.speed.bench_report import judge_target, measured_ratios, target_rows
 from reffuse.speed.timing import EventClock, compare_samples, ratio_text, time_ffn_run
 from reffuse.stats import paired_ratio
 

@@ -37,7 +37,7 @@ import reffuse
 from reffuse.core import model as core
 from reffuse.core.model import KVCache, forward
 from reffuse.formats.checkpoint import model_to_tensors
-from reffuse.speed.bench import blas_in_use
+from reffuse.speed.environment import blas_in_use
 from reffuse.files import write_json_atomic, write_text_atomic
 from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, median_seconds, ratio_text,
                                   streaming_bandwidth)

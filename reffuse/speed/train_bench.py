@@ -21,7 +21,7 @@ the worker loads the model, makes its trainable copy and waits; the parent then 
 one step at a time, after one untimed warm-up step each, the order swapped every round. A worker times its own
 step. Round i of both is a pair: the ratio reffuse tokens/s over PyTorch tokens/s is the median of the pairs'
 ratios, with its bootstrap 95% interval (reffuse.stats.paired_ratio), and the targets' verdicts follow from
-where the interval lies (reffuse.speed.bench.target_verdict). Both workers stay resident; one computes at a time.
+where the interval lies (reffuse.speed.bench_report.target_verdict). Both workers stay resident; one computes at a time.
 The warm-up step's loss is each engine's loss at the loaded weights: the two must agree.
 """
 
@@ -41,8 +41,9 @@ from reffuse.core.model import Model
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.optional import require
-from reffuse.speed.bench import (RATIO, describe_blas, environment, interval_definition, ratio_definition,
-                                  target_rows, target_verdict)
+from reffuse.speed.bench_report import (RATIO, interval_definition, ratio_definition, target_rows,
+                                         target_verdict)
+from reffuse.speed.environment import describe_blas, environment
 from reffuse.speed.timing import blas_threads, paired_ratio, ratio_text
 from reffuse.stats import verdict
 
@@ -285,7 +286,7 @@ def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TO
                         repeats: int = 7, with_pytorch: bool = True, progress=None) -> dict:
     """The training step timed for each trainable set in `trains` (module doc), as one JSON-ready dict."""
     from reffuse.formats.registry import load_model
-    from reffuse.speed.bench import default_threads
+    from reffuse.speed.environment import default_threads
 
     threads = threads or default_threads()
     note = progress or (lambda message: None)

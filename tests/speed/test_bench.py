@@ -7,8 +7,9 @@ import pytest
 
 from reffuse.core import fast
 from reffuse.core import model as model_module
-from reffuse.speed.bench import (check_targets, describe_blas, ffn_run_model, markdown, reffuse_decode, run_benchmark,
-                                 target_verdict)
+from reffuse.speed.bench import ffn_run_model, reffuse_decode, run_benchmark
+from reffuse.speed.bench_report import check_targets, markdown, target_verdict
+from reffuse.speed.environment import describe_blas
 from reffuse.speed.timing import ratio_text
 from reffuse.stats import paired_ratio
 from reffuse.cli import main
