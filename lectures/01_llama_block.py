@@ -25,7 +25,7 @@
 # | piece | paper | reffuse |
 # |---|---|---|
 # | RMSNorm | $\eta(x) = \frac{x}{\lVert x\rVert} \odot s$ | `reffuse.core.model.rms_norm` |
-# | rotary position embedding (RoPE) | — | `rope_tables`, `apply_rope` |
+# | rotary position embedding (RoPE) | — | `reffuse.core.rope.rope_tables`, `apply_rope` |
 # | grouped-query attention | $\mathrm{Attn}$ | `reffuse.core.model.attention` |
 # | SwiGLU | eq. 3 | `reffuse.core.model.swiglu` |
 # | the block | eq. 1–2: $g(X) = X + \mathrm{Attn}(\eta_1(X))$, $f(X) = g(X) + \mathrm{FFN}(\eta_2(g(X)))$ | `block_forward` |

@@ -41,6 +41,7 @@ import numpy as np
 
 import reffuse
 from reffuse.method import metrics
+from reffuse.method.analysis import Analysis
 from reffuse import (cache_prefix, calibration_windows, drop_attention, held_out_windows, inside_dependency,
                      kl_from_base, load_tokenizer, propose_groups)
 from reffuse.plots import show
@@ -99,13 +100,13 @@ print("least relied-on blocks:", [(int(i), round(float(reliance[i]), 3)) for i i
 
 # %%
 analysis_path = REPORTS / "analysis" / "smollm2" / "analysis.json"       # reffuse analyze --model smollm2
-analysis = json.loads(analysis_path.read_text())
-M_512 = metrics.matrix_from_json(analysis["dependency"]["block"])
-print(f"{analysis_path}: {analysis['tokens']['measured']} tokens measured")
+analysis = Analysis.from_json(json.loads(analysis_path.read_text()))
+M_512 = metrics.matrix_from_json(analysis.dependency["block"])
+print(f"{analysis_path}: {analysis.tokens.measured} tokens measured")
 
 both = np.isfinite(M) & np.isfinite(M_512)
 r = np.corrcoef(np.log2(M[both]), np.log2(M_512[both]))[0, 1]
-print(f"correlation of log2 M, 32 vs {analysis['tokens']['measured']} tokens: {r:.3f}")
+print(f"correlation of log2 M, 32 vs {analysis.tokens.measured} tokens: {r:.3f}")
 
 # %% [markdown]
 # ## 3. Per-block metrics (the paper's §5.5, Fig. 11)

@@ -46,6 +46,7 @@ from reffuse.core.model import plain
 from reffuse.speed import costmodel
 from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
+from reffuse.speed.bench_result import BenchResult
 from reffuse.speed.environment import describe_blas
 from reffuse.speed.timing import ratio_text
 
@@ -121,16 +122,16 @@ show(fig)
 # beside it) and put it on the roofline:
 
 # %%
-bench = json.loads((RESULTS / "bench_smollm2.json").read_text())
-run = bench["ffn_run"]
-print(f"{run['blocks']} FFNs of width {sorted(set(run['widths']))} -> one of width {run['fused_width']}; "
-      f"{bench['environment']['threads']} threads, numpy {bench['environment']['numpy']}")
+bench = BenchResult.from_json(json.loads((RESULTS / "bench_smollm2.json").read_text()))
+run = bench.ffn_run
+print(f"{run.blocks} FFNs of width {sorted(set(run.widths))} -> one of width {run.fused_width}; "
+      f"{bench.environment['threads']} threads, numpy {bench.environment['numpy']}")
 print(f"{'tokens':>6s} {'sequential ms':>13s} {'fused ms':>9s} {'seq/fused (95% interval)':>25s} "
       f"{'roofline ms (now)':>17s}")
-for row in sorted(run["rows"], key=lambda r: r["tokens"]):
-    bound = np.interp(row["tokens"], tokens, roofline_seconds)
-    speedup = ratio_text(row["speedup"], row["speedup_interval_95"])
-    print(f"{row['tokens']:6d} {1e3 * row['sequential']:13.3f} {1e3 * row['fused']:9.3f} {speedup:>25s} "
+for row in sorted(run.rows, key=lambda r: r.tokens):
+    bound = np.interp(row.tokens, tokens, roofline_seconds)
+    speedup = ratio_text(row.speedup, row.speedup_interval_95)
+    print(f"{row.tokens:6d} {1e3 * row.sequential:13.3f} {1e3 * row.fused:9.3f} {speedup:>25s} "
           f"{1e3 * bound:17.3f}")
 
 # %% [markdown]
@@ -157,30 +158,27 @@ for row in sorted(run["rows"], key=lambda r: r["tokens"]):
 # comes out at 0.79x transformers' time with an interval that holds the 0.8x target.
 
 # %%
-def ratio(row, key):
-    """A ratio of the benchmark and its 95% interval, as text."""
-    return ratio_text(row[key], row[f"{key}_interval_95"])
-
-
-print(f"BLAS: {describe_blas(bench['environment'])}")
-decode, prefill, bound = bench["decode"], bench["prefill"], bench["bound"]
-print(f"the bound: {bound['weight_bytes'] / 1e6:.0f} MB at {bound['bytes_per_second'] / 1e9:.1f} GB/s, "
-      f"at most {bound['tokens_per_second']:.1f} tokens/s")
-for engine, fraction in bound["fractions"].items():
-    print(f"  {engine:12s} {fraction * bound['tokens_per_second']:6.1f} tokens/s = {fraction:4.0%} of the bound")
-print(f"reffuse / transformers {ratio(decode, 'speedup')}, reffuse / llama.cpp {ratio(decode, 'fraction_of_llamacpp')}"
-      f"; same greedy tokens as transformers: {decode['same_greedy_tokens']}")
+print(f"BLAS: {describe_blas(bench.environment)}")
+decode, prefill, bound = bench.decode, bench.prefill, bench.bound
+print(f"the bound: {bound.weight_bytes / 1e6:.0f} MB at {bound.bytes_per_second / 1e9:.1f} GB/s, "
+      f"at most {bound.tokens_per_second:.1f} tokens/s")
+for engine, fraction in bound.fractions.items():
+    print(f"  {engine:12s} {fraction * bound.tokens_per_second:6.1f} tokens/s = {fraction:4.0%} of the bound")
+print(f"reffuse / transformers {ratio_text(decode.speedup, decode.speedup_interval_95)}, reffuse / llama.cpp "
+      f"{ratio_text(decode.fraction_of_llamacpp, decode.fraction_of_llamacpp_interval_95)}"
+      f"; same greedy tokens as transformers: {decode.same_greedy_tokens}")
 for row in prefill:
-    print(f"prefill {row['tokens']:3d} tokens: reffuse {1e3 * row['reffuse_seconds']:6.1f} ms = "
-          f"{ratio(row, 'time_ratio')} transformers' time, {ratio(row, 'llamacpp_time_ratio')} llama.cpp's")
-width = max(len(check["target"]) for check in bench["targets"])
-for check in bench["targets"]:
-    print(f"target: {check['target']:{width}s}  measured {check['measured']:.2f}  {check['verdict']}")
+    print(f"prefill {row.tokens:3d} tokens: reffuse {1e3 * row.reffuse_seconds:6.1f} ms = "
+          f"{ratio_text(row.time_ratio, row.time_ratio_interval_95)} transformers' time, "
+          f"{ratio_text(row.llamacpp_time_ratio, row.llamacpp_time_ratio_interval_95)} llama.cpp's")
+width = max(len(check.target) for check in bench.targets)
+for check in bench.targets:
+    print(f"target: {check.target:{width}s}  measured {check.measured:.2f}  {check.verdict}")
 
-engines = list(bound["fractions"])
+engines = list(bound.fractions)
 fig, ax = plt.subplots(figsize=(5.5, 2.8))
-ax.barh(engines, [bound["fractions"][e] * bound["tokens_per_second"] for e in engines], color="tab:blue")
-ax.axvline(bound["tokens_per_second"], color="black", linestyle=":", label="the bound: every weight read once")
+ax.barh(engines, [bound.fractions[e] * bound.tokens_per_second for e in engines], color="tab:blue")
+ax.axvline(bound.tokens_per_second, color="black", linestyle=":", label="the bound: every weight read once")
 ax.set_xlabel("decode tokens/s (SmolLM2, float32, 2 threads)")
 ax.invert_yaxis()
 ax.legend(fontsize=7, loc="lower right")
@@ -196,10 +194,10 @@ show(fig)
 # %% [markdown]
 # ## 4. reffuse's fast kernels: faster, and equal
 #
-# Lecture 01 stepped through the plain forward pass: `reffuse.core.model`'s `attention`, `swiglu` and
-# `rope_tables`, the equations as written, on which `reffuse.core.model.plain(model)` puts a model. The models
-# `reffuse.load_model` returns compute on `reffuse.core.fast.FAST` instead: the same arithmetic arranged for
-# speed, one replacement for each plain function.
+# Lecture 01 stepped through the plain forward pass: `reffuse.core.model`'s `attention` and `swiglu` and
+# `reffuse.core.rope`'s `rope_tables`, the equations as written, on which `reffuse.core.model.plain(model)` puts
+# a model. The models `reffuse.load_model` returns compute on `reffuse.core.fast.FAST` instead: the same
+# arithmetic arranged for speed, one replacement for each plain function.
 #
 # | plain | fast | what is arranged |
 # |---|---|---|

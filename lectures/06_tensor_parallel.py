@@ -46,6 +46,7 @@ import numpy as np
 
 import reffuse
 from reffuse.speed import costmodel
+from reffuse.speed.tp_result import TpResult
 from reffuse import attention, drop_attention, rms_norm, rope_tables, swiglu
 from reffuse.tp import allreduces_per_forward, rank_counts_that_work, ring_allreduce, shard_model, sharding_problems
 
@@ -207,15 +208,15 @@ else:
 
 # %%
 if have_mpi:
-    tiny_result = json.loads(launch(2, "-m", "reffuse", "tp", "--model", "tiny", "--groups", "4-8", "--json"))
+    raw = json.loads(launch(2, "-m", "reffuse", "tp", "--model", "tiny", "--groups", "4-8", "--json"))
 else:
-    tiny_result = json.loads((RESULTS / "tp_tiny_n2.json").read_text())
+    raw = json.loads((RESULTS / "tp_tiny_n2.json").read_text())
     print("(read from the committed results: benchmarks/results/tp_tiny_n2.json)")
-for variant in ("sequential", "fused"):
-    r = tiny_result[variant]
-    print(f"{variant:10s} blocks {r['blocks']:2d}   all-reduces per forward {r['allreduce_count']:2d}   "
-          f"bytes summed {r['allreduce_bytes']:7,d}")
-print(f"parity with one process: {tiny_result['parity']} (max relative error {tiny_result['max_rel_error']:.1e})")
+tiny_result = TpResult.from_json(raw)
+for variant, r in tiny_result.variants().items():
+    print(f"{variant:10s} blocks {r.blocks:2d}   all-reduces per forward {r.prefill.allreduce_count:2d}   "
+          f"bytes summed {r.prefill.allreduce_bytes:7,d}")
+print(f"parity with one process: {tiny_result.parity} (max relative error {tiny_result.errors.max_rel_error:.1e})")
 
 # %% [markdown]
 # 18 all-reduces become 14 = 18 − (5 − 1): the five FFNs of the run now sync once. The general count, for a
@@ -243,14 +244,13 @@ print("SmolLM2 all-reduces per forward: original", allreduces_per_forward(model)
 # sequential with fused only within the file); its counts and errors are exact.
 
 # %%
-smollm2_result = json.loads((RESULTS / "tp_smollm2_n3.json").read_text())
-print(f"ranks {smollm2_result['ranks']}, prefill of {smollm2_result['tokens']} tokens, "
-      f"parity {smollm2_result['parity']} (max relative error {smollm2_result['max_rel_error']:.1e})")
-for variant in ("sequential", "fused"):
-    r = smollm2_result[variant]
-    print(f"{variant:10s} all-reduces {r['allreduce_count']:2d}  prefill {1e3 * r['seconds']:7.2f} ms "
-          f"(all-reduce {1e3 * r['allreduce_seconds']:6.2f} ms)  decode step {1e3 * r['decode']['seconds']:6.2f} ms "
-          f"(all-reduce {1e3 * r['decode']['allreduce_seconds']:6.2f} ms)")
+smollm2_result = TpResult.from_json(json.loads((RESULTS / "tp_smollm2_n3.json").read_text()))
+print(f"ranks {smollm2_result.ranks}, prefill of {smollm2_result.tokens} tokens, "
+      f"parity {smollm2_result.parity} (max relative error {smollm2_result.errors.max_rel_error:.1e})")
+for variant, r in smollm2_result.variants().items():
+    print(f"{variant:10s} all-reduces {r.prefill.allreduce_count:2d}  prefill {1e3 * r.prefill.seconds:7.2f} ms "
+          f"(all-reduce {1e3 * r.prefill.allreduce_seconds:6.2f} ms)  decode step {1e3 * r.decode.seconds:6.2f} ms "
+          f"(all-reduce {1e3 * r.decode.allreduce_seconds:6.2f} ms)")
 
 # %% [markdown]
 # At the paper's scale the same arithmetic is `reffuse.speed.costmodel`: Llama-3.1-405B has 126 full blocks; the

@@ -34,7 +34,9 @@
 import numpy as np
 
 import reffuse
-from reffuse.core.model import FFN, Attention, Config, attention, rms_norm, rope_tables, swiglu
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Attention, attention, rms_norm, swiglu
+from reffuse.core.rope import rope_tables
 from reffuse.training import backward as bw
 from reffuse.training.gradcheck import numerical_gradient, relative_error  # central differences, entry by entry
 

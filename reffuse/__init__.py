@@ -23,8 +23,11 @@ from reffuse.core.fusion import fuse, fuse_ffns, with_last_norm
 from reffuse.core.generate import generate
 from reffuse.core.layout import (BlockLayout, Layout, attention_free_runs, attention_layers, format_layers,
                                  full_blocks, parse_layers)
-from reffuse.core.model import (FFN, Attention, Block, Config, KVCache, Model, apply_rope, attention, block_forward,
-                                cast, forward, layout, rms_norm, rope_tables, run_blocks, silu, swiglu, to_device)
+from reffuse.core.config import Config
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import (FFN, Attention, Block, Model, attention, block_forward, cast, forward, layout, rms_norm,
+                                run_blocks, silu, swiglu, to_device)
+from reffuse.core.rope import apply_rope, rope_tables
 from reffuse.core.tiny import build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.files import checkout_root

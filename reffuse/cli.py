@@ -13,7 +13,7 @@ import re
 import sys
 
 from reffuse.errors import ReffuseError
-from reffuse.files import Terminated, running
+from reffuse.outputs import Terminated, running
 
 COMMANDS = ["demo", "fetch", "generate", "verify", "dump", "eval", "bench", "tp", "costmodel", "analyze", "figures",
             "fuse", "heal", "experiments", "healing-study", "export", "conformance"]

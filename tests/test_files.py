@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 import reffuse
 from reffuse.errors import ReffuseError
-from reffuse.files import (MARKER, Output, check_output_folder, check_regular_file, check_writable_file, claim_file,
-                           partial_name, read_json, read_marker, remove_abandoned, running, staged_file, staged_folder,
-                           text_headed, write_text_atomic)
+from reffuse.files import check_regular_file, check_writable_file, partial_name, read_json, remove_abandoned
+from reffuse.outputs import (MARKER, check_output_folder, claim_file, Output, read_marker, running, staged_file,
+                             staged_folder, text_headed, write_text_atomic)
 from reffuse.formats.checkpoint import is_model_folder, load_folder, save_model
 
 NOTE = Output("note", recognise=text_headed("# a note"))

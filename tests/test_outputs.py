@@ -1,4 +1,4 @@
-"""One output rule for every command that writes (reffuse.files): what reffuse did not write is never written
+"""One output rule for every command that writes (reffuse.outputs): what reffuse did not write is never written
 over, with or without --overwrite; a result of the same command is replaced only with --overwrite; a result is
 published whole, or not at all; of two processes writing to one path one publishes and the other says why; and
 SIGTERM, SIGINT or SIGKILL leave the old result or the new one, and no temporary file after the next command."""
@@ -18,9 +18,10 @@ import pytest
 
 from reffuse.cli import main
 from reffuse.core.tiny import build_tiny
-from reffuse.files import MARKER, PARTIAL, host_name, read_marker
+from reffuse.files import PARTIAL, host_name
 from reffuse.formats.checkpoint import save_model
 from reffuse.formats.registry import load_model
+from reffuse.outputs import MARKER, read_marker
 
 from byte_tokenizer import byte_tokenizer
 

@@ -43,7 +43,8 @@ import numpy as np
 import reffuse
 from reffuse.core.backend import gpu_module, gpu_module_name, to_numpy
 from reffuse.core.generate import generate
-from reffuse.core.model import KVCache, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import forward
 from reffuse.core.names import named_weights
 from reffuse.speed.bench import (DECODE_PROMPT_TOKENS, decode_samples, ffn_run_model, prompt_ids, reffuse_decode,
                                  reffuse_prefill)
@@ -300,9 +301,11 @@ def speed_section(ctx: Context) -> dict:
     out["decode"] = decode
     out["targets"] = [
         judge_target(GPU_TARGETS["prefill"], "reffuse/PyTorch time, deciding length",
-                     measured_ratios(out["prefill"], "time_ratio"), 1.0, False),
-        judge_target(GPU_TARGETS["decode"], "reffuse/PyTorch tokens/s", measured_ratios([decode], "speedup"), 1.0,
-                     True)]
+                     measured_ratios((r["time_ratio"], r["time_ratio_interval_95"]) for r in out["prefill"]
+                                     if "time_ratio" in r), 1.0, False),
+        judge_target(GPU_TARGETS["decode"], "reffuse/PyTorch tokens/s",
+                     measured_ratios([(decode["speedup"], decode["speedup_interval_95"])] if "speedup" in decode
+                                     else []), 1.0, True)]
     return out
 
 
@@ -315,14 +318,11 @@ def ffn_run_section(ctx: Context) -> dict:
         progress(f"ffn_run: {tokens} tokens")
         rows.append(time_ffn_run(run, group, tokens, norm="fold", repeats=ctx.sizes.repeats, gpu_clock=events))
         free_pool()
-    base = rows[0]["sequential"]
-    for row in rows:
-        row["launch_bound"] = row["sequential"] < LAUNCH_BOUND_FACTOR * base
-    bound = [r for r in rows if r["launch_bound"]]
+    bound = [r for r in rows if r.sequential < LAUNCH_BOUND_FACTOR * rows[0].sequential]
     target = judge_target(GPU_TARGETS["ffn_run"], "sequential/fused time, deciding launch-bound length",
-                          measured_ratios(bound, "speedup"), 1.0, True)
+                          measured_ratios((r.speedup, r.speedup_interval_95) for r in bound), 1.0, True)
     return {"blocks": len(run.blocks), "dim": run.config.dim, "widths": [b.ffn.width for b in run.blocks],
-            "norm": "fold", "gpu_time": events, "launch_bound_tokens": [r["tokens"] for r in bound], "rows": rows,
+            "norm": "fold", "gpu_time": events, "launch_bound_tokens": [r.tokens for r in bound], "rows": rows,
             "targets": [target]}
 
 
@@ -380,9 +380,9 @@ def gib(n) -> str:
 
 def target_lines(targets: list, rehearse: bool) -> list[str]:
     note = " (a rehearsal: says nothing about speed)" if rehearse else ""
-    return [f"  target: {t['target']}: "
-            + ("not measured" if t["measured"] is None else
-               f"{ratio_text(t['measured'], t['interval_95'])}, {t['verdict']}") + note for t in targets]
+    return [f"  target: {t.target}: "
+            + ("not measured" if t.measured is None else f"{ratio_text(t.measured, t.interval_95)}, {t.verdict}")
+            + note for t in targets]
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -470,9 +470,10 @@ def markdown(result: dict) -> str:
                   "| tokens | sequential ms | fused ms | sequential / fused (95% interval) | GPU time: "
                   "sequential / fused | launch-bound |", "|---:|---:|---:|---:|---:|---|"]
         for r in ffn["rows"]:
-            gpu = (ratio_text(r["gpu_speedup"], r["gpu_speedup_interval_95"]) if "gpu_speedup" in r else "-")
-            lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.3f} | {1e3 * r['fused']:.3f} | "
-                         f"{ratio_text(r['speedup'], r['speedup_interval_95'])} | {gpu} | {r['launch_bound']} |")
+            gpu = "-" if r.gpu_speedup is None else ratio_text(r.gpu_speedup, r.gpu_speedup_interval_95)
+            lines.append(f"| {r.tokens} | {1e3 * r.sequential:.3f} | {1e3 * r.fused:.3f} | "
+                         f"{ratio_text(r.speedup, r.speedup_interval_95)} | {gpu} | "
+                         f"{r.tokens in ffn['launch_bound_tokens']} |")
         lines += ["", f"Launch-bound: a length whose sequential run takes less than {LAUNCH_BOUND_FACTOR:g}x its "
                       "time at 1 token (the launches, not the work, set its time)."]
         targets += ffn["targets"]
@@ -501,7 +502,8 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, out: Path) -> None:
     result["summary"] = summary_lines(result)
-    for name, text in (("gpu.json", json.dumps(result, indent=1) + "\n"), ("gpu.md", markdown(result))):
+    record = json.dumps(result, indent=1, default=lambda typed: typed.to_json())  # Targets and FFN-run rows
+    for name, text in (("gpu.json", record + "\n"), ("gpu.md", markdown(result))):
         partial = out / f".{name}.partial"
         partial.write_text(text)
         partial.replace(out / name)

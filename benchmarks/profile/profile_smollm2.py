@@ -35,10 +35,11 @@ import numpy as np
 
 import reffuse
 from reffuse.core import model as core
-from reffuse.core.model import KVCache, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.speed.environment import blas_in_use
-from reffuse.files import write_json_atomic, write_text_atomic
+from reffuse.outputs import write_json_atomic, write_text_atomic
 from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, median_seconds, ratio_text,
                                   streaming_bandwidth)
 from reffuse.stats import paired_ratio

@@ -1,13 +1,14 @@
 """Lecture 01, graded: RMSNorm, RoPE, grouped-query attention with a KV cache and SwiGLU against the functions the
-plain forward pass runs (reffuse.core.model: rms_norm, rope_tables and apply_rope, attention with its KVCache,
-swiglu, block_forward), on the tiny model's weights and on SmolLM2's block 0."""
+plain forward pass runs (reffuse.core.model: rms_norm, attention, swiglu, block_forward; reffuse.core.rope:
+rope_tables and apply_rope; reffuse.core.kv_cache: KVCache), on the tiny model's weights and on SmolLM2's block 0."""
 
 import numpy as np
 import pytest
 
 from grading import check
-from reffuse.core.model import (Attention, KVCache, apply_rope, attention, block_forward, rms_norm, rope_tables,
-                                swiglu)
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import Attention, attention, block_forward, rms_norm, swiglu
+from reffuse.core.rope import apply_rope, rope_tables
 
 
 def normalised_input(tiny, rng, tokens):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from grading import check, gradients, parts
-from reffuse.core.model import rms_norm, rope_tables
+from reffuse.core.model import rms_norm
+from reffuse.core.rope import rope_tables
 from reffuse.training import backward as bw
 
 

@@ -37,9 +37,9 @@ model = drop_attention(reffuse.load_model("smollm2"), range(14, 22))
 with blas_threads(None):
     for tokens in (1, 128):
         t = time_ffn_run(model, (14, 21), tokens, repeats=5)
-        print(f"3. T={tokens:3d}: sequential {1e3 * t['sequential']:.2f} ms, fused {1e3 * t['fused']:.2f} ms, "
-              f"sequential/fused {t['speedup']:.2f}x")
-        assert t["sequential"] > 0 and t["fused"] > 0
+        print(f"3. T={tokens:3d}: sequential {1e3 * t.sequential:.2f} ms, fused {1e3 * t.fused:.2f} ms, "
+              f"sequential/fused {t.speedup:.2f}x")
+        assert t.sequential > 0 and t.fused > 0
 
 # 4. Fusion removes fixed costs (kernels, all-reduce steps) and leaves the roofline part unchanged, so the ratio
 #    moves with the share of those fixed costs in a token: up with a larger kernel overhead or alpha, down with

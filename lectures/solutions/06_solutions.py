@@ -11,6 +11,7 @@ import numpy as np
 
 import reffuse
 from reffuse.speed import costmodel
+from reffuse.speed.tp_result import TpResult
 from reffuse import FFN, drop_attention, rms_norm, swiglu
 from reffuse.tp import ring_allreduce, sharding_problems
 
@@ -69,11 +70,11 @@ if mpiexec.exists():
     for kind in ("ring", "mpi"):
         out = subprocess.run([str(mpiexec), "-n", "4", sys.executable, "-m", "reffuse", "tp", "--model", "tiny",
                               "--allreduce", kind, "--json"], capture_output=True, text=True, timeout=300, check=True)
-        result = json.loads(out.stdout)
-        r = result["sequential"]
-        print(f"3. --allreduce {kind}: {r['allreduce_count']} all-reduces, {1e3 * r['allreduce_seconds']:.2f} ms "
-              f"per prefill forward, parity {result['parity']}")
-        assert result["parity"]
+        result = TpResult.from_json(json.loads(out.stdout))
+        r = result.sequential.prefill
+        print(f"3. --allreduce {kind}: {r.allreduce_count} all-reduces, {1e3 * r.allreduce_seconds:.2f} ms "
+              f"per prefill forward, parity {result.parity}")
+        assert result.parity
 else:
     print("3. skipped: no mpiexec in this environment (install the `mpi` extra)")
 

@@ -5,7 +5,9 @@ import numpy as np
 
 import reffuse
 from reffuse import held_out_windows, load_tokenizer
-from reffuse.core.model import Attention, Config, apply_rope, attention, rope_tables, softmax_
+from reffuse.core.config import Config
+from reffuse.core.model import Attention, attention, softmax_
+from reffuse.core.rope import apply_rope, rope_tables
 from reffuse.core.names import named_weights
 from reffuse.evaluation.scoring import evaluate
 from reffuse.formats.corpus import training_windows

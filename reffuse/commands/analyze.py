@@ -29,13 +29,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from reffuse.core.layout import format_groups
-from reffuse.files import check_output_folder, read_json, staged_folder, write_json_atomic
+from reffuse.files import read_json
+from reffuse.outputs import check_output_folder, staged_folder, write_json_atomic
 from reffuse.optional import available, install_hint
 from reffuse.progress import note
 from reffuse.commands.common import (add_attention_removal_arguments, add_device_argument, add_dtype_argument,
                                      add_json_argument, add_overwrite_argument, add_token_arguments, check_window,
                                      format_table, non_negative_int, positive_int, print_json)
-from reffuse.method.analysis import DEFAULT_TOKENS, AnalysisOptions, analyze
+from reffuse.method.analysis import DEFAULT_TOKENS, Analysis, AnalysisOptions, analyze
 from reffuse.speed.timing import blas_threads
 
 HELP = "dependency matrix, per-block metrics, greedy windows and a fusion plan, with figures"
@@ -82,25 +83,24 @@ def add_arguments(parser):
     add_json_argument(parser)
 
 
-def summary(result: dict, paths) -> str:
-    tokens, plan = result["tokens"], result["plan"]
+def summary(result: Analysis, paths) -> str:
+    tokens, plan, steps = result.tokens, result.plan, result.greedy.steps
     spans = "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
-                      for s in tokens["spans"]) or tokens["split"]
-    lines = [f"model: {result['model']['name']} ({result['model']['blocks']} blocks), attention removed: "
-             f"{result['attention_removal']['blocks']}",
-             f"tokens: {tokens['sequences']} x {tokens['sequence_length']} from {spans}; {tokens['measured']} measured"
-             + (" (attention sink excluded)" if tokens["attention_sink_excluded"] else ""),
-             f"{result['block_evaluations']} block evaluations in {result['seconds']:.1f} s "
-             f"({result['cpu_seconds']:.1f} s of CPU)", ""]
-    lines.append(f"greedy windows of {result['windows']['length']} ({result['greedy']['blocks']} blocks)")
+                      for s in tokens.spans) or tokens.split
+    lines = [f"model: {result.model.name} ({result.model.blocks} blocks), attention removed: "
+             f"{result.attention_removal.blocks}",
+             f"tokens: {tokens.sequences} x {tokens.sequence_length} from {spans}; {tokens.measured} measured"
+             + (" (attention sink excluded)" if tokens.attention_sink_excluded else ""),
+             f"{result.block_evaluations} block evaluations in {result.seconds:.1f} s "
+             f"({result.cpu_seconds:.1f} s of CPU)", ""]
+    lines.append(f"greedy windows of {result.windows.length} ({result.greedy.blocks} blocks)")
     lines.append(format_table(["step", "blocks", "M_max", "M_sum", "tied"],
                               [[s["step"], f"{s['first']}-{s['last']}", f"{s['max']:.4f}", f"{s['sum']:.4f}",
-                                ",".join(map(str, s["tied"]))] for s in result["greedy"]["steps"]]
-                              ) if result["greedy"]["steps"] else "  no eligible window")
+                                ",".join(map(str, s["tied"]))] for s in steps]) if steps else "  no eligible window")
     lines.append("")
-    groups = format_groups(plan["groups"], ", ") if plan["groups"] else "none (no attention-free run long enough)"
-    lines.append(f"fusion plan ({'last FFN of each run left out' if plan['leave_out_last'] else 'last FFN kept'}, "
-                 f"max group size {plan['max_group_size'] or 'none'}): {groups}")
+    groups = format_groups(plan.groups, ", ") if plan.groups else "none (no attention-free run long enough)"
+    lines.append(f"fusion plan ({'last FFN of each run left out' if plan.leave_out_last else 'last FFN kept'}, "
+                 f"max group size {plan.max_group_size or 'none'}): {groups}")
     lines += ["", "written:"] + [f"  {p}" for p in paths]
     return "\n".join(lines)
 
@@ -115,13 +115,13 @@ def run(args) -> int:
     with blas_threads(args.threads or None):
         result = analyze(AnalysisOptions.from_namespace(args))
     with staged_folder(args.out, args.overwrite, is_analysis, ANALYSIS) as staging:  # the JSON and its figures, whole
-        names = [write_json_atomic(staging / "analysis.json", result).name]
+        names = [write_json_atomic(staging / "analysis.json", result.to_json()).name]
         if figures:
             from reffuse.plots.dependency import write_analysis_figures
             names += [p.name for p in write_analysis_figures(result, staging)]
     paths = [args.out / name for name in names]
     if args.json:
-        print_json(result)
+        print_json(result.to_json())
     else:
         print(summary(result, paths))
     return 0

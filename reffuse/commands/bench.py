@@ -42,6 +42,7 @@ examples:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -54,7 +55,7 @@ from reffuse.speed.environment import default_threads
 from reffuse.speed.train_bench import TRAIN_CHOICES, TRAIN_TOKENS, run_train_benchmark, train_markdown
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, model_config
 from reffuse.progress import note
-from reffuse.files import Output, claim_file, json_naming, text_headed, write_json_atomic, write_text_atomic
+from reffuse.outputs import claim_file, json_naming, Output, text_headed, write_json_atomic, write_text_atomic
 from reffuse.commands.common import (add_device_argument, add_json_argument, add_overwrite_argument, check_window,
                                      positive_int, print_json)
 
@@ -128,13 +129,13 @@ def run(args) -> int:
     result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
                            with_transformers=not args.no_transformers, progress=note, llamacpp_tokenizer=tokenizer)
     command = command_line(args)
-    result["command"] = command
+    result = dataclasses.replace(result, command=command)
     if args.out is not None:
-        write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result.to_json())
         write_text_atomic(args.out.with_suffix(".md"), markdown(result, command))
         note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if args.json:
-        print_json(result)
+        print_json(result.to_json())
     else:
         sys.stdout.write(markdown(result, command))
     return 0
@@ -159,13 +160,13 @@ def run_train(args) -> int:
                                  threads=args.threads, repeats=args.repeats,
                                  with_pytorch=not args.no_transformers, progress=note)
     command = command_line(args)
-    result["command"] = command
+    result = dataclasses.replace(result, command=command)
     if args.out is not None:
-        write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result.to_json())
         write_text_atomic(args.out.with_suffix(".md"), train_markdown(result, command))
         note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if args.json:
-        print_json(result)
+        print_json(result.to_json())
     else:
         sys.stdout.write(train_markdown(result, command))
     return 0

@@ -22,8 +22,8 @@ import numpy as np
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.activations import FORMAT, activations, save_activations
 from reffuse.formats.registry import load_model
-from reffuse.files import Output, claim_file
 from reffuse.commands.common import add_dtype_argument, add_input_arguments, add_overwrite_argument, input_ids
+from reffuse.outputs import Output, claim_file
 
 HELP = "write per-block activations and logits to an .npz file (documented format)"
 

@@ -47,8 +47,8 @@ from reffuse.experiments.run import SCALE_TOKENS, region_summary, rejudge, run_e
 from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
-from reffuse.files import (check_output_folder, json_naming, read_json, staged_folder, write_json_atomic,
-                           write_text_atomic)
+from reffuse.files import read_json
+from reffuse.outputs import check_output_folder, json_naming, staged_folder, write_json_atomic, write_text_atomic
 from reffuse.commands.common import (DROP_ATTENTION_COUNT_HELP, add_json_argument, add_overwrite_argument,
                                      add_token_arguments, check_window, positive_int, print_json)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from reffuse.commands.common import add_json_argument, add_overwrite_argument, print_json
 from reffuse.errors import ReffuseError
-from reffuse.files import Output, check_output_folder, claim_file, staged_file
+from reffuse.outputs import check_output_folder, claim_file, Output, staged_file
 from reffuse.formats.checkpoint import hf_model_type, is_model_folder, save_model, save_nemotron_nas
 from reffuse.formats.gguf import LAYOUT_KEY
 from reffuse.formats.gguf_export import TENSOR_TYPES, plan_gguf, save_gguf

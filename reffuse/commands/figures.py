@@ -34,7 +34,8 @@ import shutil
 from pathlib import Path
 
 from reffuse.commands.common import add_overwrite_argument
-from reffuse.files import MARKER, check_output_folder, checkout_root, read_json, staged_folder
+from reffuse.files import checkout_root, read_json
+from reffuse.outputs import MARKER, check_output_folder, staged_folder
 from reffuse.plots.committed import FIGURES, MANIFEST, draw_figures
 
 HELP = "redraw every figure in figures/ from the committed results (deterministic PNGs)"

@@ -53,7 +53,8 @@ from reffuse.core.fusion import NORM_MODES
 from reffuse.core.layout import format_layers
 from reffuse.formats.registry import model_config
 from reffuse.tp import ALLREDUCE_KINDS, run_or_abort, setup_on_every_rank
-from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, prepare, run_job
+from reffuse.speed.tp_result import TpResult
+from reffuse.tp.job import CUDA_AWARE, RELATIVE_TOLERANCE, JobOptions, PreparedJob, prepare, run_job
 from reffuse.stats import MIN_PAIRS
 from reffuse.tp.runtime import mpi
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
@@ -99,38 +100,36 @@ def add_arguments(parser):
     add_json_argument(parser)
 
 
-def print_tables(result: dict) -> None:
-    groups = ", ".join(f"{a}-{b} ({b - a + 1} FFNs -> 1)" for a, b in result["groups"])
-    print(f"tensor parallelism: {result['model']} over {result['ranks']} rank(s) on {result['device']}, "
-          f"{result['blas_threads_per_rank']} BLAS thread(s) each; all-reduce: {result['allreduce']}")
-    if result.get("allreduce_path"):
-        print(f"GPU buffers {result['allreduce_path']} (CUDA-aware MPI: {result['cuda_aware']}, by "
-              f"{result['cuda_aware_source']})")
-    if result["attention_removed"]:
-        print(f"attention removed in blocks {format_layers(result['attention_removed'])} to make an attention-free "
+def print_tables(result: TpResult) -> None:
+    groups = ", ".join(f"{a}-{b} ({b - a + 1} FFNs -> 1)" for a, b in result.groups)
+    print(f"tensor parallelism: {result.model} over {result.ranks} rank(s) on {result.device}, "
+          f"{result.blas_threads_per_rank} BLAS thread(s) each; all-reduce: {result.allreduce}")
+    if result.allreduce_path:
+        print(f"GPU buffers {result.allreduce_path} (CUDA-aware MPI: {result.cuda_aware}, by "
+              f"{result.cuda_aware_source})")
+    if result.attention_removed:
+        print(f"attention removed in blocks {format_layers(result.attention_removed)} to make an attention-free "
               "run; the sequential and the fused model both lack it")
-    print(f"fused: {groups}, norm {result['norm']}")
-    print(f"input: {result['tokens']} random token ids (prefill), then {result['decode_tokens']} decode steps; "
-          f"times: rank 0's, medians of {result['repeats']} (machine load {result['load_average_1min']:.1f})\n")
+    print(f"fused: {groups}, norm {result.norm}")
+    print(f"input: {result.tokens} random token ids (prefill), then {result.decode_tokens} decode steps; "
+          f"times: rank 0's, medians of {result.repeats} (machine load {result.load_average_1min:.1f})\n")
     rows = []
-    for name in ("sequential", "fused"):
-        r = result[name]
-        for phase, record, errs in (("prefill", r, r["prefill_errors"]),
-                                    ("decode", r.get("decode"), r.get("decode_errors"))):
+    for name, r in result.variants().items():
+        for phase, record, errs in (("prefill", r.prefill, r.prefill_errors), ("decode", r.decode, r.decode_errors)):
             if record is None:
                 continue
-            rows.append([f"{name} {phase}", r["blocks_with_attention"], r["ffn_blocks"],
-                         record["allreduce_count"], f"{record['allreduce_bytes'] / 1024:.1f}",
-                         f"{1e3 * record['allreduce_seconds']:.3f}", f"{1e3 * record['seconds']:.3f}",
-                         f"{errs['max_abs_error']:.2e}", f"{errs['max_rel_error']:.2e}"])
+            rows.append([f"{name} {phase}", r.blocks_with_attention, r.ffn_blocks, record.allreduce_count,
+                         f"{record.allreduce_bytes / 1024:.1f}", f"{1e3 * record.allreduce_seconds:.3f}",
+                         f"{1e3 * record.seconds:.3f}", f"{errs.max_abs_error:.2e}", f"{errs.max_rel_error:.2e}"])
     print("per forward")
     print(format_table(["", "attention", "FFN blocks", "all-reduces", "KiB summed", "all-reduce ms", "total ms",
                         "max |error|", "relative"], rows) + "\n")
-    seq, fused = result["sequential"], result["fused"]
-    print(f"all-reduces per forward: sequential {seq['allreduce_count']} (expected {seq['expected_allreduce_count']}"
-          f"), fused {fused['allreduce_count']} (expected {fused['expected_allreduce_count']}): fusion saves "
-          f"{seq['allreduce_count'] - fused['allreduce_count']}")
-    for phase, ratio in result["fused_over_sequential_time"].items():
+    seq, fused = result.sequential, result.fused
+    saved = seq.prefill.allreduce_count - fused.prefill.allreduce_count
+    print(f"all-reduces per forward: sequential {seq.prefill.allreduce_count} (expected "
+          f"{seq.expected_allreduce_count}), fused {fused.prefill.allreduce_count} (expected "
+          f"{fused.expected_allreduce_count}): fusion saves {saved}")
+    for phase, ratio in result.fused_over_sequential_time.items():
         if ratio["interval_95"] is None:
             print(f"fused / sequential time, {phase}: {ratio['median']:.2f}x over {ratio['repeats']} paired "
                   f"forwards, too few for a 95% interval (--repeats so that there are {MIN_PAIRS} or more)")
@@ -139,9 +138,9 @@ def print_tables(result: dict) -> None:
         print(f"fused / sequential time, {phase}: {ratio['median']:.2f}x, 95% interval {low:.2f}-{high:.2f} over "
               f"{ratio['repeats']} paired forwards: " + ("resolved" if ratio["resolved"] else
                                                         "unresolved (the interval holds 1)"))
-    verdict = "ok" if result["parity"] else "FAILED"
-    print(f"parity with the single-process forward on rank 0: max relative error {result['max_rel_error']:.2e} "
-          f"(<= {result['tolerance_rel']:.0e}): {verdict}")
+    verdict = "ok" if result.parity else "FAILED"
+    print(f"parity with the single-process forward on rank 0: max relative error {result.errors.max_rel_error:.2e} "
+          f"(<= {result.tolerance_rel:.0e}): {verdict}")
 
 
 def run(args) -> int:
@@ -151,16 +150,16 @@ def run(args) -> int:
     options = JobOptions.from_namespace(args)
     watchdog = Watchdog(comm, options.timeout, PROGRAM)
     prepared = setup_on_every_rank(comm, lambda: prepare(options, comm, watchdog), PROGRAM, watchdog)
-    setup_on_every_rank(comm, lambda: check_same_job(comm, prepared["identity"], watchdog, "model"), PROGRAM, watchdog)
+    setup_on_every_rank(comm, lambda: check_same_job(comm, prepared.identity, watchdog, "model"), PROGRAM, watchdog)
     return run_or_abort(comm, lambda: run_prepared(args, options, prepared, watchdog), PROGRAM)
 
 
-def run_prepared(args, options: JobOptions, prepared: dict, watchdog: Watchdog) -> int:
+def run_prepared(args, options: JobOptions, prepared: PreparedJob, watchdog: Watchdog) -> int:
     result = run_job(options, prepared, watchdog)
     if result is None:  # ranks other than 0 report nothing
         return 0
     if args.json:
-        print_json(result)
+        print_json(result.to_json())
     else:
         print_tables(result)
-    return 0 if result["parity"] else 1
+    return 0 if result.parity else 1

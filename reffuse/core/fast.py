@@ -1,8 +1,8 @@
 """The forward pass's arithmetic arranged for speed: the kernels FAST, on which reffuse.load_model returns models.
 
-Each replaces a plain function of reffuse.core.model and is tested equal to it (tests/core/test_fast_paths.py):
-bit for bit where the operations are the same, within float32 rounding where a sum runs over fewer zeros or in
-another order.
+Each replaces a plain function of reffuse.core.model (rope_rows: of reffuse.core.rope) and is tested equal to it
+(tests/core/test_fast_paths.py): bit for bit where the operations are the same, within float32 rounding where a sum
+runs over fewer zeros or in another order.
 
     attention_stacked  for `attention`: q, k and v in one product, masked work skipped (StackedAttention);
                        on a GPU, attention_in_few_kernels
@@ -30,8 +30,11 @@ import numpy as np
 
 from reffuse.core import gpu_kernels
 from reffuse.core.backend import array_module
-from reffuse.core.model import (FFN, Attention, Config, Kernels, KVCache, Model, apply_rope, has_heads, linear,
-                                map_arrays, rms_norm, rope_tables, silu, swiglu, weights_of)
+from reffuse.core.config import Config
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import (FFN, Attention, Kernels, Model, has_heads, linear, map_arrays, rms_norm, silu, swiglu,
+                                weights_of)
+from reffuse.core.rope import apply_rope, rope_tables
 from reffuse.errors import ReffuseError
 
 

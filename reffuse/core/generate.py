@@ -16,7 +16,8 @@ import numpy as np
 
 from reffuse.core.backend import array_module
 from reffuse.errors import ReffuseError
-from reffuse.core.model import KVCache, Model, check_token_ids, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import Model, check_token_ids, forward
 
 
 MIN_TEMPERATURE = 1e-100  # below it, logits of ~1e2 divided by it would overflow float64's 1.8e308

@@ -9,9 +9,9 @@
 
 Layout conventions, named because every port of Llama weights trips over one of them:
 - Weights are stored (out_features, in_features) as in PyTorch and HF, so a projection is `x @ W.T`.
-- RoPE is HF's rotate-half convention: dimension i of a head rotates with dimension i + head_dim/2.
-  GGUF files (llama.cpp) rotate interleaved pairs (2i, 2i+1) and permute the q/k rows to match; the GGUF
-  loader undoes that permutation.
+- RoPE is HF's rotate-half convention: dimension i of a head rotates with dimension i + head_dim/2
+  (reffuse.core.rope). GGUF files (llama.cpp) rotate interleaved pairs (2i, 2i+1) and permute the q/k rows to
+  match; the GGUF loader undoes that permutation.
 - RMSNorm is x / sqrt(mean(x²) + eps) ⊙ gain, as in HF. The paper writes x/||x|| ⊙ s: the same up to a
   factor sqrt(d), which lives in the gain.
 - Grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads), as HF's repeat_kv.
@@ -19,17 +19,20 @@ Layout conventions, named because every port of Llama weights trips over one of 
 - A sub-block may be one linear map instead (Nemotron-NAS `replace_with_linear`): x + η(x) W^T, no heads, no cache.
 
 A model computes attention, its FFNs and the RoPE tables with the functions its field `kernels` holds. The default,
-PLAIN, is this module's `attention`, `swiglu` and `rope_tables`: `forward` on a PLAIN model is the equations as
-written here, and `plain(model)` puts any model on them, to read it or step through it. `reffuse.load_model`
-returns models on reffuse.core.fast.FAST: the same arithmetic arranged for speed, each kernel tested equal to the
-plain function it replaces.
+PLAIN, is this module's `attention` and `swiglu` and reffuse.core.rope's `rope_tables`: `forward` on a PLAIN model
+is the equations as written here, and `plain(model)` puts any model on them, to read it or step through it.
+`reffuse.load_model` returns models on reffuse.core.fast.FAST: the same arithmetic arranged for speed, each kernel
+tested equal to the plain function it replaces.
+
+Beside this module: a model's Config (and RopeScaling) in reffuse.core.config; RoPE's tables and rotation in
+reffuse.core.rope; the KVCache that `forward(..., cache=...)` extends, and the checks on how many positions a model
+takes (check_context, check_window), in reffuse.core.kv_cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -37,62 +40,15 @@ import numpy as np
 
 from reffuse.core import layout as layouts
 from reffuse.core.backend import array_module, to_device as _array_to_device
+from reffuse.core.config import Config
+from reffuse.core.kv_cache import KVCache, check_window
 from reffuse.core.layout import BlockLayout, Layout
+from reffuse.core.rope import apply_rope, rope_tables
 from reffuse.errors import ReffuseError
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configuration and weights
-
-
-ROPE_SCALINGS = ("linear", "llama3", "factors")
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """How RoPE's frequencies are stretched past the training length (HF's rope_parameters / rope_scaling).
-
-    linear   every frequency divided by `factor` (positions interpolated)
-    llama3   Llama-3.1's rule: wavelengths shorter than original_max_positions / high_freq_factor kept, longer
-             than original_max_positions / low_freq_factor divided by `factor`, a linear blend in between
-    factors  frequency i divided by factors[i] (llama.cpp's rope_freqs tensor, the form a GGUF holds either in)
-    """
-    kind: str
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_positions: int = 8192
-    factors: tuple[float, ...] = ()
-
-    def to_json(self) -> dict:
-        if self.kind == "factors":
-            return {"rope_type": "factors", "factors": list(self.factors)}
-        scaling = {"rope_type": self.kind, "factor": self.factor}
-        if self.kind == "llama3":
-            scaling.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
-                           original_max_position_embeddings=self.original_max_positions)
-        return scaling
-
-
-@dataclass(frozen=True)
-class Config:
-    """What the weights do not say by their shapes."""
-    vocab_size: int
-    dim: int                    # d, the width of the residual stream
-    n_heads: int                # query heads
-    n_kv_heads: int             # key/value heads (grouped-query attention when fewer than n_heads); the
-                                # blocks' own weights may hold other counts (Nemotron-NAS)
-    head_dim: int               # need not be dim / n_heads
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True  # the LM head reuses the token embedding
-    name: str = "model"
-    max_positions: int | None = None  # the context length it was trained for (None: not recorded)
-    rope_scaling: RopeScaling | None = None
-    qkv_bias: bool = False      # q, k and v projections add a bias (Qwen2; Llama's attention_bias)
-    o_bias: bool = False        # the output projection adds a bias (Llama's attention_bias)
-    attention_window: int | None = None  # sliding-window attention (Mistral): computed exactly up to this many
-                                         # positions, where it equals full attention, and refused beyond
+# Weights
 
 
 @dataclass(frozen=True)
@@ -177,120 +133,6 @@ def swiglu(ffn: FFN, x):
     return hidden @ ffn.down.T                       # [T, dh] -> [T, d]
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
-    """RoPE's angular frequencies [head_dim/2], float64: theta^(-2i/head_dim), stretched as `scaling` says."""
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [head_dim/2]
-    if scaling is None:
-        return inv_freq
-    if scaling.kind == "linear":
-        return inv_freq / scaling.factor
-    if scaling.kind == "factors":
-        return inv_freq / np.asarray(scaling.factors, dtype=np.float64)
-    # llama3: long wavelengths (low frequencies) interpolated, short ones kept, a linear blend between
-    original = scaling.original_max_positions
-    wavelength = 2 * math.pi / inv_freq
-    blend = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-    blended = (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
-    return np.where(wavelength < original / scaling.high_freq_factor, inv_freq,
-                    np.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, blended))
-
-
-def rope_tables(positions, head_dim: int, theta: float, dtype, xp=np, scaling: RopeScaling | None = None):
-    """cos and sin [T, head_dim] for rotate-half RoPE: angle(pos, i) = pos · theta^(-2i/head_dim), i < head_dim/2
-    (each frequency stretched as `scaling` says)."""
-    inv_freq = rope_frequencies(head_dim, theta, scaling)                            # [head_dim/2]
-    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]   # [T, head_dim/2]
-    angles = np.concatenate([angles, angles], axis=-1)                             # [T, head_dim]
-    return xp.asarray(np.cos(angles), dtype=dtype), xp.asarray(np.sin(angles), dtype=dtype)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate each pair (i, i + head_dim/2) of x [heads, T, head_dim] by its position's angle."""
-    xp = array_module(x)
-    half = x.shape[-1] // 2
-    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
-    return x * cos + rotated * sin
-
-
-def check_context(model: Model, positions: int) -> int:
-    """Refuse more positions than the model's context length (or its attention window), or a KV cache for them
-    that cannot fit in memory."""
-    limit = model.config.max_positions
-    if limit is not None and positions > limit:
-        raise ReffuseError(f"{positions} positions (prompt and new tokens) exceed the context length of "
-                           f"{model.config.name}, {limit}: shorten the prompt or ask for fewer new tokens")
-    check_window(model, positions)
-    kv_rows = sum(b.attention.k.shape[0] for b in model.blocks if has_heads(b.attention))  # Σ n_kv·head_dim
-    kv_bytes = 2 * kv_rows * positions * model.dtype.itemsize
-    memory = _physical_memory()
-    if memory is not None and kv_bytes > memory:
-        raise ReffuseError(f"a KV cache of {positions} positions needs {kv_bytes / 2 ** 30:.1f} GiB, more than this "
-                           f"machine's {memory / 2 ** 30:.1f} GiB: ask for fewer new tokens")
-    return positions
-
-
-def check_window(model: Model, positions: int) -> None:
-    """Refuse more positions than a sliding attention window: reffuse computes full attention, equal to it only
-    within the window."""
-    window = model.config.attention_window
-    if window is not None and positions > window:
-        raise ReffuseError(f"{positions} positions exceed the sliding attention window of {model.config.name}, "
-                           f"{window}: reffuse computes full attention, which equals it only within the window; "
-                           "shorten the input")
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, one pair per attention block, preallocated.
-
-    `forward(model, ids, cache=cache)` reads positions from `cache.length`, appends the new keys and values,
-    and advances `cache.length`, so decoding one token at a time costs one new row per block.
-    """
-
-    def __init__(self, model: Model, max_tokens: int):
-        xp, hd = array_module(model.embed), model.config.head_dim
-        max_tokens = check_context(model, int(max_tokens))
-        self.max_tokens, self.length = max_tokens, 0
-        self.keys, self.values = {}, {}
-        for i, block in enumerate(model.blocks):
-            if has_heads(block.attention):
-                n_kv = block.attention.k.shape[0] // hd  # per block; a tensor-parallel shard holds fewer heads
-                self.keys[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
-                self.values[i] = xp.zeros((n_kv, max_tokens, hd), dtype=model.dtype)
-
-    def check(self, model: Model) -> None:
-        """Refuse a cache that was made for a model of another structure."""
-        hd = model.config.head_dim
-        wanted = {i: (b.attention.k.shape[0] // hd, hd) for i, b in enumerate(model.blocks) if has_heads(b.attention)}
-        held = {i: (k.shape[0], k.shape[2]) for i, k in self.keys.items()}
-        if wanted != held or any(k.dtype != model.dtype for k in self.keys.values()):
-            raise ReffuseError(f"this KV cache was made for another model ({len(held)} attention blocks, not the "
-                               f"{len(wanted)} of {model.config.name}, or other heads or dtype): make one with "
-                               "KVCache(model, max_tokens)")
-
-    def rows(self, layer: int, n: int):
-        """Views of the rows that positions length..length+n-1 of `layer` take: keys and values [n_kv, n, hd]."""
-        end = self.length + n
-        if end > self.max_tokens:
-            raise ReffuseError(f"KV cache holds {self.max_tokens} positions; {end} were asked for: "
-                               "create the cache with a larger max_tokens")
-        return self.keys[layer][:, self.length:end], self.values[layer][:, self.length:end]
-
-    def append(self, layer: int, k, v):
-        """Store k, v [n_kv, T, hd] after the cached positions; return all keys and values so far [n_kv, S, hd]."""
-        key_rows, value_rows = self.rows(layer, k.shape[1])
-        key_rows[...] = k
-        value_rows[...] = v
-        end = self.length + k.shape[1]
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
-
-
 def softmax_(scores):
     """softmax over the last axis, in place: the scores are attention's largest array, so no temporaries of
     their size are made (the trailing _ says the argument is overwritten)."""
@@ -332,7 +174,8 @@ def attention(attn: Attention, x, config: Config, cos, sin, cache: KVCache | Non
 @dataclass(frozen=True)
 class Kernels:
     """The functions `forward` computes attention, an FFN, the RoPE tables and RMSNorm with, and how a model holds
-    its sub-blocks for them. PLAIN is this module's; reffuse.core.fast.FAST the same arithmetic arranged for speed."""
+    its sub-blocks for them. PLAIN is the plain functions (this module's, and reffuse.core.rope's rope_tables);
+    reffuse.core.fast.FAST the same arithmetic arranged for speed."""
     name: str
     attention: Callable  # (attn, x [T, d], config, cos, sin, cache, layer) -> [T, d], as `attention`
     ffn: Callable        # (ffn, x [T, d]) -> [T, d], as `swiglu`
@@ -392,8 +235,8 @@ class Model:
 
 
 def plain(model: Model) -> Model:
-    """The model on PLAIN, to read or step through: `forward` then calls `attention`, `swiglu` and `rope_tables`
-    of this module. The same weights, shared."""
+    """The model on PLAIN, to read or step through: `forward` then calls `attention` and `swiglu` of this module
+    and `rope_tables` of reffuse.core.rope. The same weights, shared."""
     return PLAIN.arrange(dataclasses.replace(model, kernels=PLAIN))
 
 

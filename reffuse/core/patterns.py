@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reffuse.core.model import FFN, Attention, Block, Config, Linear, Model
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Attention, Block, Linear, Model
 from reffuse.errors import ReffuseError
 
 PATTERN_CONFIG = Config(vocab_size=260, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, rope_theta=10000.0,

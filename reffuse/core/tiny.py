@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from reffuse.core.model import FFN, Attention, Block, Config, Model
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Attention, Block, Model
 
 TINY_CONFIG = Config(vocab_size=256, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=10000.0,
                      norm_eps=1e-5, tie_embeddings=True, name="tiny (synthetic, random weights)")

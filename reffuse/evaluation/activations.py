@@ -35,7 +35,7 @@ import numpy as np
 
 from reffuse.core.backend import to_numpy
 from reffuse.errors import ReffuseError
-from reffuse.files import write_bytes_atomic
+from reffuse.outputs import write_bytes_atomic
 from reffuse.core.model import Model, check_token_ids, forward
 
 FORMAT = "reffuse-activations-1"

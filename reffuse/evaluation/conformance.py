@@ -33,10 +33,11 @@ from reffuse.core.patterns import FUSED, PATTERN_CONFIG, PATTERNS, build_pattern
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.activations import FORMAT as DUMP_FORMAT, activations, compare, load_activations, \
     save_activations
-from reffuse.files import read_json, staged_folder
+from reffuse.files import read_json
 from reffuse.formats.checkpoint import save_nemotron_nas
 from reffuse.formats.gguf_export import plan_gguf, save_gguf
 from reffuse.optional import require
+from reffuse.outputs import staged_folder
 
 KIT_FORMAT = "reffuse-conformance-1"
 KIT_FILE = "kit.json"

@@ -29,6 +29,10 @@ from reffuse.core.names import named_weights
 from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.evaluation.prefix import cache_prefix, score_variant
+from reffuse.experiments.demo_result import (CALIBRATED, FUSED, HEALED, ORIGINAL, REMOVED, DecodeSpeed, DemoResult,
+                                             Exactness, FfnDependency, GapClosed, Healing, HeldOutQuality,
+                                             LayoutChange, ModelQuality, RegionRow, RegionTime, RemovalChoice, Samples,
+                                             SequentialVsParallel, Speed, TextsRecord, WindowsRecord, interval_of)
 from reffuse.formats.corpus import training_windows
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
@@ -83,28 +87,35 @@ def step(number: int, text: str) -> None:
     note(f"[{number}/{STEPS}] {text}")
 
 
-def exactness(removed: Model, groups, norm: str, ids) -> dict:
+def exactness(removed: Model, groups, norm: str, ids) -> Exactness:
     """Fused vs the parallel form (Theorem 3.1: equal) in float32 and float64, on the token ids `ids`."""
-    errors = {}
-    model64 = cast(removed, "float64")
-    for dtype, model in (("float32", removed), ("float64", model64)):
+    errors = []
+    for model in (removed, cast(removed, "float64")):
         reference = model if norm == "fold" else with_last_norm(model, groups)
         parallel = forward(reference, ids, parallel_groups=groups)
-        errors[dtype] = relative_error(forward(fuse(model, groups, norm=norm), ids), parallel)
-    return {"fused_vs_parallel_relative_error": errors, "exactness_tokens": int(len(ids))}
+        errors.append(relative_error(forward(fuse(model, groups, norm=norm), ids), parallel))
+    return Exactness(*errors, int(len(ids)))
 
 
-def speed_row(original, seconds, tokens_per_run: int | None = None) -> dict:
-    """A model's timed runs against the original's, repeat by repeat: the median time (per token, and as a rate,
-    with `tokens_per_run`), and the speedup original / model, the ratio of the two medians with the 95% interval
-    of the paired repeats (reffuse.stats.paired_ratio; > 1: faster than the original)."""
-    median, speedup = statistics.median(seconds), paired_ratio(original, seconds)
-    row = ({"ms": 1e3 * median} if tokens_per_run is None else
-           {"tokens_per_second": tokens_per_run / median, "ms_per_token": 1e3 * median / tokens_per_run})
-    return {**row, "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
+def timed(original, seconds) -> tuple[float, float, tuple | None]:
+    """A model's timed runs against the original's, repeat by repeat: the median time, and the speedup original /
+    model, the ratio of the two medians with the 95% interval of the paired repeats (reffuse.stats.paired_ratio;
+    > 1: faster than the original)."""
+    speedup = paired_ratio(original, seconds)
+    return statistics.median(seconds), speedup["median"], interval_of(speedup["interval_95"])
 
 
-def layout_changes(original: Model, fused: Model) -> list[dict]:
+def decode_speed(original, seconds, tokens_per_run: int) -> DecodeSpeed:
+    median, speedup, interval = timed(original, seconds)
+    return DecodeSpeed(tokens_per_run / median, 1e3 * median / tokens_per_run, speedup, interval)
+
+
+def region_time(original, seconds) -> RegionTime:
+    median, speedup, interval = timed(original, seconds)
+    return RegionTime(1e3 * median, speedup, interval)
+
+
+def layout_changes(original: Model, fused: Model) -> list[LayoutChange]:
     """The blocks of the fused model that differ from the layers they stand for in the original: fused, or their
     attention removed. Each with the original layers, their attention and FFN widths, and its own."""
     before = layout(original).rows()
@@ -113,9 +124,8 @@ def layout_changes(original: Model, fused: Model) -> list[dict]:
         was = [before[i] for i in layers]
         if len(layers) > 1 or any(r["attention"] != row["attention"] or r["ffn_width"] != row["ffn_width"]
                                   for r in was):
-            changes.append({"block": row["block"], "layers": list(layers), "attention": row["attention"],
-                            "ffn_width": row["ffn_width"], "attention_before": [r["attention"] for r in was],
-                            "ffn_widths_before": [r["ffn_width"] for r in was]})
+            changes.append(LayoutChange(row["block"], tuple(layers), row["attention"], row["ffn_width"],
+                                        tuple(r["attention"] for r in was), tuple(r["ffn_width"] for r in was)))
     return changes
 
 
@@ -125,17 +135,17 @@ def gap_closed(plain: float, better: float, reference: float) -> float | None:
     return (plain - better) / (plain - reference) if plain != reference else None
 
 
-def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> dict:
+def samples(models: dict, tokenizer, prompt: str, tokens: int, vocab: int) -> Samples:
     """A greedy continuation of the prompt from each model (token ids for the synthetic model)."""
     ids = tokenizer.encode(prompt) if tokenizer else list(np.random.default_rng(3).integers(0, vocab, 8))
-    out = {"prompt": prompt if tokenizer else [int(i) for i in ids], "continuations": {}}
+    continuations = {}
     for name, model in models.items():
         new = generate(model, ids, tokens)
-        out["continuations"][name] = tokenizer.decode(new) if tokenizer else [int(i) for i in new]
-    return out
+        continuations[name] = tokenizer.decode(new) if tokenizer else [int(i) for i in new]
+    return Samples(prompt if tokenizer else [int(i) for i in ids], continuations)
 
 
-def heal_fused_blocks(original: Model, fused: Model, texts, options: DemoOptions) -> tuple[Model, dict]:
+def heal_fused_blocks(original: Model, fused: Model, texts, options: DemoOptions) -> tuple[Model, Healing]:
     """The fused blocks trained by distillation from the original on --training-tokens of training text, in
     windows of HEALING_WINDOW tokens, one per step."""
     if texts.synthetic:
@@ -146,14 +156,13 @@ def heal_fused_blocks(original: Model, fused: Model, texts, options: DemoOptions
     steps = len(windows)
     training = TrainingOptions(steps=steps, learning_rate=HEALING_LEARNING_RATE, warmup=steps // 10)
     healed, log = train(fused, windows.ids, names, training, teacher=original, progress=False)
-    return healed, {"tokens": log.tokens, "window": HEALING_WINDOW, "steps": steps, "trainable": "fused blocks",
-                    "weights": int(sum(named_weights(fused)[n].size for n in names)),
-                    "options": training.to_json(), "losses": log.losses, "seconds": log.seconds,
-                    "text": windows.describe()}
+    weights = int(sum(named_weights(fused)[n].size for n in names))
+    return healed, Healing(log.tokens, HEALING_WINDOW, steps, "fused blocks", weights, training, log.losses,
+                           log.seconds, WindowsRecord.from_json(windows.describe()))
 
 
-def run_demo(options: DemoOptions) -> dict:
-    """Every step of the module docstring; a JSON-ready dict (without figures)."""
+def run_demo(options: DemoOptions) -> DemoResult:
+    """Every step of the module docstring (the figures left to the command)."""
     started = time.perf_counter()
     count = options.drop_attention_count
     if options.drop_attention is None and count is None and options.groups is None:
@@ -162,86 +171,82 @@ def run_demo(options: DemoOptions) -> dict:
         raise ReffuseError(f"--drop-attention-count {count} must be at least 1")
     original = load_model(options.model, device=options.device)
     synthetic = is_synthetic(options.model, original)
-    result = {"model": options.model, "model_name": original.config.name, "synthetic": synthetic, "norm": options.norm}
     # In a model as narrow as tiny, a second BLAS thread only adds waiting, which on a busy machine grows to most of
     # the run; wider models keep the BLAS library's own choice.
     with blas_threads(1 if original.config.dim < ONE_BLAS_THREAD_BELOW else None):
         step(1, "text: calibration and held-out windows")
         texts = load_texts(options.model, original, options.calibration_tokens, options.held_out_tokens)
         check_calibration_tokens(texts.calibration.ids.size)
-        result["texts"] = texts.describe()
 
         step(2, "attention removal")
-        removal = None
-        removed, removal = remove_attention(original, texts, options.drop_attention, count, options.scoring_tokens)
-        result["attention_removal"] = removal
+        removed, record = remove_attention(original, texts, options.drop_attention, count, options.scoring_tokens)
+        removal = None if record is None else RemovalChoice.from_json(record)
 
         step(3, "dependencies and the fusion plan")
         if options.groups is not None:
-            groups = options.groups
-            result["plan"] = {"groups": [list(g) for g in groups], "rule": "given (--groups)"}
+            plan, groups = None, options.groups
         else:
-            plan, _ = plan_fusion(removed, texts.scoring(options.scoring_tokens, SCORING_WINDOW), options.max_group_size)
+            scoring = texts.scoring(options.scoring_tokens, SCORING_WINDOW)
+            plan, _ = plan_fusion(removed, scoring, options.max_group_size)
             groups = plan.groups
-            result["plan"] = plan.to_json()
             if not groups:
                 raise ReffuseError("the plan has no group to fuse (the attention-free runs are too short): remove more "
                                    "attention (--drop-attention-count)")
         fused = fuse(removed, groups, norm=options.norm)  # checks the groups: clear errors before any long work
         region = next(r for r in attention_free_runs(removed) if r[0] <= groups[0][0] <= r[1])
-        result.update(groups=[list(g) for g in groups], region=list(region))
         M = ffn_dependency(removed, texts.scoring(options.dependency_tokens, DEPENDENCY_WINDOW), up_to=region[1])
-        result["ffn_dependency"] = {"matrix": matrix_to_json(M), "tokens": options.dependency_tokens}
+        dependency = FfnDependency(matrix_to_json(M), options.dependency_tokens)
 
         step(4, "fusion and its exactness")
-        result.update(exactness(removed, groups, options.norm, texts.held_out.ids[0][:EXACTNESS_TOKENS]))
-        result.update(layout_before=layout(original).rows(), layout_removed=layout(removed).rows(),
-                      layout_after=layout(fused).rows(), layout_changes=layout_changes(original, fused))
+        exact = exactness(removed, groups, options.norm, texts.held_out.ids[0][:EXACTNESS_TOKENS])
 
         step(5, "calibration of the fused down-projections")
         with Progress("calibrating fused groups", len(groups), "groups") as bar:
             calibrated, fits = calibrated_fuse(removed, groups, texts.calibration.ids, norm=options.norm,
                                                ridge=options.ridge, progress=bar.update, weighting=options.weighting)
-        result["calibration"] = [f.as_dict() for f in fits]
 
         step(6, "healing: distillation of the fused blocks")
-        healed, result["healing"] = heal_fused_blocks(original, fused, texts, options)
+        healed, healing = heal_fused_blocks(original, fused, texts, options)
 
-        models = {"attention removed": removed, "fused": fused, "fused, calibrated": calibrated,
-                  "fused, healed": healed}
+        models = {REMOVED: removed, FUSED: fused, CALIBRATED: calibrated, HEALED: healed}
         if synthetic:
             step(7, "quality on held-out text: left out (a synthetic model reads random ids)")
-            result["quality"] = {"meaningful": False}
+            quality, gap = None, None
         else:
             step(7, "quality on held-out text")
-            first = min(removal["blocks"][0], groups[0][0]) if removal else groups[0][0]
-            result.update(held_out_quality(original, removed, models, texts, first))
+            first = min(removal.blocks[0], groups[0][0]) if removal else groups[0][0]
+            quality, gap = held_out_quality(original, removed, models, texts, first)
 
         step(8, "speed (one run, in alternation) and greedy samples")
-        speed_models = {"original": original, "attention removed": removed, "fused, calibrated": calibrated}
+        speed_models = {ORIGINAL: original, REMOVED: removed, CALIBRATED: calibrated}
         prompt = texts.held_out.ids[0][:32]
         with Progress("timing decode", options.repeats * len(speed_models), "decodes") as bar:
             seconds, _ = decode_samples({name: (lambda p, n, m=m: reffuse_decode(m, p, n))
                                          for name, m in speed_models.items()}, prompt, options.decode_tokens,
                                         options.repeats, progress=bar.update)
-        decode = {name: speed_row(seconds["original"], s, tokens_per_run=options.decode_tokens)
-                  for name, s in seconds.items()}
+        decode = {name: decode_speed(seconds[ORIGINAL], s, options.decode_tokens) for name, s in seconds.items()}
         region_rows = []
         for tokens in (1, 128):
             times = time_region(speed_models, region, tokens, options.repeats)
-            region_rows.append({"tokens": tokens, **{name: speed_row(times["original"], t)
-                                                     for name, t in times.items()}})
-        result["speed"] = {"decode": decode, "decode_tokens": options.decode_tokens, "prompt_tokens": len(prompt),
-                           "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                           "region": list(region), "region_rows": region_rows, "repeats": options.repeats}
-        result["samples"] = samples({"original": original, **models}, texts.tokenizer, options.prompt,
-                                    options.sample_tokens, original.config.vocab_size)
+            region_rows.append(RegionRow(tokens, {name: region_time(times[ORIGINAL], t)
+                                                  for name, t in times.items()}))
+        speed = Speed(decode, options.decode_tokens, len(prompt),
+                      os.getloadavg()[0] if hasattr(os, "getloadavg") else None, tuple(region), tuple(region_rows),
+                      options.repeats)
+        greedy = samples({ORIGINAL: original, **models}, texts.tokenizer, options.prompt, options.sample_tokens,
+                         original.config.vocab_size)
 
-    result["seconds"] = time.perf_counter() - started
-    return result
+    return DemoResult(model=options.model, model_name=original.config.name, synthetic=synthetic, norm=options.norm,
+                      texts=TextsRecord.from_json(texts.describe()), attention_removal=removal, plan=plan,
+                      groups=tuple(tuple(g) for g in groups), region=tuple(region), ffn_dependency=dependency,
+                      exactness=exact, layout_before=layout(original).rows(), layout_removed=layout(removed).rows(),
+                      layout_after=layout(fused).rows(), layout_changes=tuple(layout_changes(original, fused)),
+                      calibration=tuple(fits), healing=healing, quality=quality, sequential_vs_parallel=gap,
+                      speed=speed, samples=greedy, seconds=time.perf_counter() - started)
 
 
-def held_out_quality(original: Model, removed: Model, models: dict, texts, first: int) -> dict:
+def held_out_quality(original: Model, removed: Model, models: dict, texts,
+                     first: int) -> tuple[HeldOutQuality, SequentialVsParallel]:
     """Perplexity, KL to the original and top-1 agreement of every model on the held-out text, the blocks before
     `first` run once (reffuse.evaluation.prefix); the share of the fusion gap that calibration and healing close;
     and the approximation that fusion makes, sequential vs parallel."""
@@ -250,29 +255,21 @@ def held_out_quality(original: Model, removed: Model, models: dict, texts, first
         bar.update()
         before_fusion = cache_prefix(removed, texts.held_out.ids)
         bar.update()
-        quality = {"original": {"perplexity": score_variant(judge, original, len(original.blocks))["perplexity"]}}
+        quality = {ORIGINAL: ModelQuality(score_variant(judge, original, len(original.blocks))["perplexity"])}
         for name, model in models.items():
             s = score_variant(judge, model, first, reference=before_fusion)
-            quality[name] = {"perplexity": s["perplexity"], "kl_vs_original": s["kl_from_base"],
-                             "top1_vs_original": s["top1_agreement"],
-                             "kl_vs_attention_removed": s["kl_from_reference"] if model is not removed else 0.0,
-                             "top1_vs_attention_removed":
-                                 s["top1_agreement_reference"] if model is not removed else 1.0}
+            quality[name] = ModelQuality(s["perplexity"], s["kl_from_base"], s["top1_agreement"],
+                                         s["kl_from_reference"] if model is not removed else 0.0,
+                                         s["top1_agreement_reference"] if model is not removed else 1.0)
             bar.update()
-    plain, removed_scores = quality["fused"], quality["attention removed"]
+    plain, unfused = quality[FUSED], quality[REMOVED]
 
-    def closes(name: str) -> dict:
-        return {"kl_vs_attention_removed": gap_closed(plain["kl_vs_attention_removed"],
-                                                      quality[name]["kl_vs_attention_removed"], 0.0),
-                "perplexity": gap_closed(plain["perplexity"], quality[name]["perplexity"],
-                                         removed_scores["perplexity"])}
+    def closes(name: str) -> GapClosed:
+        return GapClosed(gap_closed(plain.kl_vs_attention_removed, quality[name].kl_vs_attention_removed, 0.0),
+                         gap_closed(plain.perplexity, quality[name].perplexity, unfused.perplexity))
 
-    return {"quality": {"models": quality, "predictions": judge.predictions, "meaningful": True,
-                        "calibration_closes": closes("fused, calibrated"), "healing_closes": closes("fused, healed"),
-                        "calibrated_beats_plain_kl_vs_original":
-                            quality["fused, calibrated"]["kl_vs_original"] < plain["kl_vs_original"]},
-            # The fused model is the parallel form exactly, so its distance from the model it was fused from
-            # (attention removed, blocks sequential) is what running the blocks in parallel costs.
-            "sequential_vs_parallel": {"kl": plain["kl_vs_attention_removed"],
-                                       "top1_agreement": plain["top1_vs_attention_removed"],
-                                       "predictions": judge.predictions}}
+    beats = quality[CALIBRATED].kl_vs_original < plain.kl_vs_original
+    # The fused model is the parallel form exactly, so its distance from the model it was fused from (attention
+    # removed, blocks sequential) is what running the blocks in parallel costs.
+    return (HeldOutQuality(quality, judge.predictions, closes(CALIBRATED), closes(HEALED), beats),
+            SequentialVsParallel(plain.kl_vs_attention_removed, plain.top1_vs_attention_removed, judge.predictions))

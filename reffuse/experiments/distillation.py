@@ -30,7 +30,7 @@ from reffuse.core.layout import format_groups
 from reffuse.evaluation.intervals import describe
 from reffuse.evaluation.prefix import score_variant
 from reffuse.experiments.study import prepare_study
-from reffuse.files import write_json_atomic, write_text_atomic
+from reffuse.outputs import write_json_atomic, write_text_atomic
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import calibrated_fuse
 from reffuse.method.distill import distilled_fuse

@@ -24,12 +24,13 @@ from reffuse.core.names import named_weights
 from reffuse.core.model import Model
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import evaluate
-from reffuse.files import check_output_folder, json_text
+from reffuse.files import json_text
 from reffuse.formats.checkpoint import is_model_folder, save_model
 from reffuse.formats.corpus import held_out_windows, training_windows
 from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.method.pipeline import is_synthetic, synthetic_windows
 from reffuse.options import FromArguments
+from reffuse.outputs import check_output_folder
 from reffuse.progress import Progress, note
 from reffuse.training.trainer import TRAIN_CHOICES, TrainingOptions, train, trainable_names
 

@@ -31,11 +31,13 @@ import numpy as np
 
 from reffuse.core import names
 from reffuse.core.layout import BlockLayout, blocks_from_json
-from reffuse.formats.checkpoint import check_config, model_from_tensors
+from reffuse.formats.checkpoint import model_from_tensors
+from reffuse.formats.hf_config import check_config, rope_from_json
 from reffuse.formats.nemotron_nas import unpadded
 from reffuse.errors import ReffuseError
 from reffuse.progress import Progress
-from reffuse.core.model import Config, Model, RopeScaling, cast
+from reffuse.core.config import Config, RopeScaling
+from reffuse.core.model import Model, cast
 from reffuse.optional import require
 
 ARCHITECTURES = ("llama", "deci", "qwen2")  # deci: llama.cpp's name for Nemotron-NAS (per-block structure)
@@ -233,7 +235,6 @@ def rope_scaling_from_gguf(reader, architecture: str, head_dim: int, path) -> Ro
                            "(it computes linear and llama.cpp's rope_freqs factors)")
     recorded = _json_metadata(reader, ROPE_SCALING_KEY, path)
     if recorded is not None:
-        from reffuse.formats.checkpoint import rope_from_json
         return rope_from_json({"rope_scaling": recorded}, f"{path}: {ROPE_SCALING_KEY}")[1]
     if freqs is not None:
         factors = dequantize(freqs, path).astype(np.float64).ravel()

@@ -35,7 +35,8 @@ import numpy as np
 
 from reffuse.core import names
 from reffuse.core.layout import as_layout, format_layers
-from reffuse.core.model import FFN, Block, Model, rope_frequencies
+from reffuse.core.model import FFN, Block, Model
+from reffuse.core.rope import rope_frequencies
 from reffuse.errors import ReffuseError
 from reffuse.files import partial_name, share
 from reffuse.formats.checkpoint import is_plain_llama, model_to_tensors

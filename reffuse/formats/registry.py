@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Callable
 
 from reffuse.core.fast import for_speed
-from reffuse.core.model import Config, Model, cast, to_device
+from reffuse.core.config import Config
+from reffuse.core.model import Model, cast, to_device
 from reffuse.core.tiny import SMOLLM2_SHAPED_CONFIG, TINY_CONFIG, build_smollm2_shaped, build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.optional import require_all
 from reffuse.files import read_json
-from reffuse.formats.checkpoint import config_from_json, load_folder
+from reffuse.formats.checkpoint import load_folder
+from reffuse.formats.hf_config import config_from_json
 from reffuse.formats.fetch import fetch
 from reffuse.formats.gguf import config_from_gguf, load_gguf, open_gguf
 from reffuse.formats.smollm2 import converted_folder, load_smollm2, smollm2_tokenizer

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from reffuse.core.model import Model, cast
 from reffuse.errors import ReffuseError
-from reffuse.files import (locked, partial_name, publish_once, read_json, remove_abandoned, replace_folder, share_tree,
-                           write_json_atomic)
+from reffuse.files import locked, partial_name, publish_once, read_json, remove_abandoned, replace_folder, share_tree
+from reffuse.outputs import write_json_atomic
 from reffuse.formats.checkpoint import load_folder, write_model_files
 from reffuse.formats.fetch import SOURCES, fetch, file_sha256
 from reffuse.formats.gguf import load_gguf, open_gguf

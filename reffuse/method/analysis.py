@@ -6,7 +6,7 @@ paper's greedy selection and a fusion plan, all on calibration text (or random i
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
                                     dependency, greedy_windows, matrix_to_json, window_statistics)
 from reffuse.method.pipeline import choose_attention_removal, is_synthetic
-from reffuse.method.planning import propose_groups
+from reffuse.method.planning import Plan, propose_groups
 from reffuse.method.removal import drop_attention
 from reffuse.progress import Progress
 
@@ -44,6 +44,136 @@ class AnalysisOptions(FromArguments):
     dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"
+
+
+@dataclass
+class AnalyzedModel:
+    """The model as measured, after any attention removal."""
+    name: str                  # as given (--model): a path is recorded relative to the working folder
+    config_name: str
+    dtype: str
+    blocks: int
+    layout: list[dict]         # reffuse.core.layout.Layout.rows()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> AnalyzedModel:
+        return cls(**raw)
+
+
+@dataclass
+class AttentionRemoval:
+    """How the blocks that lost their attention were chosen (reffuse.method.pipeline.choose_attention_removal)."""
+    how: str
+    blocks: str                       # as text ("14-21"; "-" for none)
+    joint_kl: float | None = None     # KL of removing them all; None for none (and in analyses recorded before it)
+    kl_scores: dict | None = None     # block -> KL of removing its attention alone, where that chose them
+
+    def to_json(self) -> dict:
+        raw = {"how": self.how, "blocks": self.blocks}
+        if self.joint_kl is not None:
+            raw["joint_kl"] = self.joint_kl
+        if self.kl_scores is not None:
+            raw["kl_scores"] = self.kl_scores
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: dict) -> AttentionRemoval:
+        return cls(raw["how"], raw["blocks"], raw.get("joint_kl"), raw.get("kl_scores"))
+
+
+@dataclass
+class AnalysisTokens:
+    """The token ids measured on, and where they came from, so that the analysis can be rerun on the same ids."""
+    split: str
+    spans: list[dict]                 # reffuse.formats.corpus.TokenWindows.describe(); none for random ids
+    tokenizer: str | None             # None for random ids
+    sequences: int
+    sequence_length: int
+    total: int
+    measured: int                     # the positions measured: the attention sink left out unless included
+    attention_sink_excluded: bool
+    ids: list[list[int]]
+
+    def to_json(self) -> dict:
+        raw = asdict(self)
+        return raw if self.tokenizer is not None else {k: v for k, v in raw.items() if k != "tokenizer"}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> AnalysisTokens:
+        return cls(raw["split"], raw["spans"], raw.get("tokenizer"), raw["sequences"], raw["sequence_length"],
+                   raw["total"], raw["measured"], raw["attention_sink_excluded"], raw["ids"])
+
+
+@dataclass
+class WindowStatistics:
+    """M_max and M_sum of every window of `length` blocks."""
+    length: int
+    granularity: str
+    rows: list[dict]                  # reffuse.method.metrics.window_statistics
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> WindowStatistics:
+        return cls(**raw)
+
+
+@dataclass
+class GreedySelection:
+    """The paper's greedy choice of windows."""
+    granularity: str
+    blocks: str                       # the windows it may take: "full" blocks only (the paper) or "all"
+    tie_tolerance: float
+    steps: list[dict]                 # reffuse.method.metrics.greedy_windows
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> GreedySelection:
+        return cls(**raw)
+
+
+@dataclass
+class Analysis:
+    """What `reffuse analyze` measured: what analysis.json holds, and the figures are drawn from."""
+    model: AnalyzedModel
+    attention_removed: list[int]
+    attention_removal: AttentionRemoval
+    attention_free_runs: list[list[int]]
+    tokens: AnalysisTokens
+    definitions: dict[str, str]       # term -> what it means (reffuse.method.metrics.DEFINITIONS)
+    dependency: dict[str, list]       # granularity -> M (reffuse.method.metrics.matrix_to_json: null undefined)
+    per_block: dict[str, list]        # metric -> its value at each block
+    windows: WindowStatistics
+    greedy: GreedySelection
+    plan: Plan
+    block_evaluations: int
+    seconds: float
+    cpu_seconds: float
+
+    def attention_free_blocks(self) -> list[int]:
+        return [row["block"] for row in self.model.layout if not row["attention"]]
+
+    def to_json(self) -> dict:
+        return {"model": self.model.to_json(), "attention_removed": self.attention_removed,
+                "attention_removal": self.attention_removal.to_json(), "attention_free_runs": self.attention_free_runs,
+                "tokens": self.tokens.to_json(), "definitions": self.definitions, "dependency": self.dependency,
+                "per_block": self.per_block, "windows": self.windows.to_json(), "greedy": self.greedy.to_json(),
+                "plan": self.plan.to_json(), "block_evaluations": self.block_evaluations, "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Analysis:
+        return cls(AnalyzedModel.from_json(raw["model"]), raw["attention_removed"],
+                   AttentionRemoval.from_json(raw["attention_removal"]), raw["attention_free_runs"],
+                   AnalysisTokens.from_json(raw["tokens"]), raw["definitions"], raw["dependency"], raw["per_block"],
+                   WindowStatistics.from_json(raw["windows"]), GreedySelection.from_json(raw["greedy"]),
+                   Plan.from_json(raw["plan"]), raw["block_evaluations"], raw["seconds"], raw["cpu_seconds"])
 
 
 def analysis_tokens(options, model) -> tuple[np.ndarray, dict]:
@@ -71,18 +201,16 @@ def remove_attention(options, model, sequences) -> tuple:
     """The model with attention removed as asked, the removed blocks, and how they were chosen
     (reffuse.method.pipeline.choose_attention_removal, scored on the analysis tokens)."""
     if options.drop_attention is None and options.drop_attention_count is None:
-        return model, [], {"how": "none", "blocks": "-"}
+        return model, [], AttentionRemoval("none", "-")
     choice = choose_attention_removal(model, list(sequences), blocks=options.drop_attention,
                                       count=options.drop_attention_count, contiguous=True)
-    how = {"how": choice["rule"] + ("" if choice["scores"] is None else ", by KL of removing each attention alone "
-                                                                        "on the analysis tokens"),
-           "blocks": choice["blocks_text"], "joint_kl": choice["joint_kl"]}
-    if choice["scores"] is not None:
-        how["kl_scores"] = choice["scores"]
-    return drop_attention(model, choice["blocks"]), choice["blocks"], how
+    how = choice["rule"] + ("" if choice["scores"] is None else ", by KL of removing each attention alone on the "
+                                                                "analysis tokens")
+    removal = AttentionRemoval(how, choice["blocks_text"], choice["joint_kl"], choice["scores"])
+    return drop_attention(model, choice["blocks"]), choice["blocks"], removal
 
 
-def analyze(options: AnalysisOptions) -> dict:
+def analyze(options: AnalysisOptions) -> Analysis:
     """Everything analysis.json holds (see the module docstring)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     model = load_model(options.model, dtype=options.dtype, device=options.device)
@@ -100,25 +228,15 @@ def analyze(options: AnalysisOptions) -> dict:
     steps = greedy_windows(block_matrix, options.window_blocks, eligible=eligible)
     plan = propose_groups(model, measured.matrices["ffn"], options.max_group_size,
                           leave_out_last=not options.include_last, groups_per_run=options.groups_per_run)
-    tokens = {**source, "sequences": len(sequences), "sequence_length": int(ids.shape[1]),
-              "total": int(ids.size), "measured": measured.tokens_measured,
-              "attention_sink_excluded": not options.include_sink, "ids": ids.tolist()}
-    return {
-        "model": {"name": as_recorded(options.model), "config_name": model.config.name, "dtype": options.dtype,
-                  "blocks": len(model.blocks), "layout": layout(model).rows()},
-        "attention_removed": removed,
-        "attention_removal": removal,
-        "attention_free_runs": [list(r) for r in attention_free_runs(model)],
-        "tokens": tokens,
-        "definitions": DEFINITIONS,
-        "dependency": {g: matrix_to_json(measured.matrices[g]) for g in GRANULARITIES},
-        "per_block": {k: [float(v) for v in values] for k, values in measured.per_block.items()},
-        "windows": {"length": options.window_blocks, "granularity": "block",
-                    "rows": window_statistics(block_matrix, options.window_blocks)},
-        "greedy": {"granularity": "block", "blocks": options.greedy_blocks, "tie_tolerance": TIE_TOLERANCE,
-                   "steps": steps},
-        "plan": plan.to_json(),
-        "block_evaluations": measured.block_evaluations,
-        "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - cpu_start,
-    }
+    tokens = AnalysisTokens(source["split"], source["spans"], source.get("tokenizer"), len(sequences),
+                            int(ids.shape[1]), int(ids.size), measured.tokens_measured, not options.include_sink,
+                            ids.tolist())
+    return Analysis(
+        AnalyzedModel(as_recorded(options.model), model.config.name, options.dtype, len(model.blocks),
+                      layout(model).rows()),
+        removed, removal, [list(r) for r in attention_free_runs(model)], tokens, DEFINITIONS,
+        {g: matrix_to_json(measured.matrices[g]) for g in GRANULARITIES},
+        {k: [float(v) for v in values] for k, values in measured.per_block.items()},
+        WindowStatistics(options.window_blocks, "block", window_statistics(block_matrix, options.window_blocks)),
+        GreedySelection("block", options.greedy_blocks, TIE_TOLERANCE, steps),
+        plan, measured.block_evaluations, time.perf_counter() - start, time.process_time() - cpu_start)

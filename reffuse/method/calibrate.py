@@ -89,6 +89,10 @@ class GroupCalibration:
                 "ridge_absolute": self.ridge_absolute, "fit_error_plain": self.fit_error_plain,
                 "fit_error_calibrated": self.fit_error_calibrated, "form": self.form, "weighting": self.weighting}
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> GroupCalibration:
+        return cls(**{**raw, "group": tuple(raw["group"])})
+
 
 def check_calibration_tokens(tokens: int) -> None:
     """Refuse calibration text too short to refit a down-projection (before any long work, where callers can)."""

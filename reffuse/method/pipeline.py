@@ -23,7 +23,6 @@ import numpy as np
 
 from reffuse.core.fusion import fuse
 from reffuse.core.model import layout
-from reffuse.files import check_output_folder
 from reffuse.formats.checkpoint import is_model_folder, save_model
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows
 from reffuse.errors import ReffuseError
@@ -34,6 +33,7 @@ from reffuse.method.planning import propose_groups
 from reffuse.method.predictors import PLANNER_PREDICTOR, neighbour_damage_matrix
 from reffuse.evaluation.prefix import cache_prefix, kl_from_base
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
+from reffuse.outputs import check_output_folder
 from reffuse.progress import Progress, note
 from reffuse.core.layout import attention_free_runs, attention_layers, format_layers
 from reffuse.method.removal import attention_scores, cheapest, cheapest_windows, check_layers, drop_attention

@@ -51,12 +51,19 @@ class Plan:
     max_group_size: int | None
     leave_out_last: bool
     groups_per_run: int | None
-    predictor: str = "cosine-M"    # what the cost matrix holds (reffuse.method.predictors.PREDICTORS)
+    predictor: str | None = "cosine-M"  # what the cost matrix holds (reffuse.method.predictors.PREDICTORS); None
+                                        # in a plan recorded before plans named it
+    rule: str = SPLIT_RULE              # as the plan was made: a recorded plan keeps the words it was recorded with
 
     def to_json(self) -> dict:
-        return {"groups": [list(g) for g in self.groups], "runs": self.runs, "max_group_size": self.max_group_size,
-                "leave_out_last": self.leave_out_last, "groups_per_run": self.groups_per_run, "rule": SPLIT_RULE,
-                "predictor": self.predictor}
+        raw = {"groups": [list(g) for g in self.groups], "runs": self.runs, "max_group_size": self.max_group_size,
+               "leave_out_last": self.leave_out_last, "groups_per_run": self.groups_per_run, "rule": self.rule}
+        return raw if self.predictor is None else raw | {"predictor": self.predictor}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Plan:
+        return cls([tuple(g) for g in raw["groups"]], raw["runs"], raw["max_group_size"], raw["leave_out_last"],
+                   raw["groups_per_run"], raw.get("predictor"), raw["rule"])
 
 
 def inside_dependency(M: np.ndarray, first: int, last: int) -> float:

@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from reffuse.files import write_bytes_atomic
+from reffuse.outputs import write_bytes_atomic
 from reffuse.optional import require
 
 DPI = 110

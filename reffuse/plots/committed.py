@@ -13,7 +13,9 @@ from pathlib import Path
 
 from reffuse.core.layout import contiguous_ranges, format_groups
 from reffuse.errors import ReffuseError
-from reffuse.files import check_output_folder, read_json, write_text_atomic
+from reffuse.files import read_json
+from reffuse.method.analysis import Analysis
+from reffuse.outputs import check_output_folder, write_text_atomic
 from reffuse.plots import data_digest, drawing_versions, save_figure
 from reffuse.plots.costmodel import measured_vs_predicted_figure, tp_projection_figure
 from reffuse.plots.dependency import block_metrics_figure, window_figure
@@ -22,7 +24,9 @@ from reffuse.plots.experiments import fusion_intensity_figure, removal_vs_fusion
 from reffuse.plots.layout import layout_figure
 from reffuse.plots.speed import ffn_speed_figure
 from reffuse.plots.tp import allreduce_figure
+from reffuse.speed.bench_result import BenchResult
 from reffuse.speed.costmodel import fuse_layout, get_layout, tp_run_layout
+from reffuse.speed.tp_result import TpResult
 
 MANIFEST = "figures.json"  # the versions that drew the PNGs, and a digest of the data each one shows
 
@@ -59,49 +63,48 @@ def allreduce_counts(root: Path):
     if not paths:
         raise ReffuseError(f"no tp_*.json in {root / 'benchmarks' / 'results'}: they are the committed output of "
                            "`mpiexec -n N reffuse tp --json` (benchmarks/results/tp.md lists the commands)")
-    results = [read_json(p, "it is the output of `reffuse tp --json`: run it again") for p in paths]
-    results.sort(key=lambda r: (r["model"], r["ranks"], r["allreduce"]))
+    results = [TpResult.from_json(read_json(p, "it is the output of `reffuse tp --json`: run it again")) for p in paths]
+    results.sort(key=lambda r: (r.model, r.ranks, r.allreduce))
     return allreduce_figure(results)
 
 
-def analysis_title(analysis: dict) -> str:
-    return f"{analysis['model']['name']} ({analysis['tokens']['measured']} tokens)"
+def analysis_title(analysis: Analysis) -> str:
+    return f"{analysis.model.name} ({analysis.tokens.measured} tokens)"
 
 
 def dependency_heatmap(root: Path):
-    analysis = committed(root, "analysis")
-    return heatmap(analysis["dependency"]["block"], f"Dependency between blocks, {analysis_title(analysis)}",
-                   analysis["attention_removed"])
+    analysis = Analysis.from_json(committed(root, "analysis"))
+    return heatmap(analysis.dependency["block"], f"Dependency between blocks, {analysis_title(analysis)}",
+                   analysis.attention_removed)
 
 
 def block_metrics(root: Path):
-    analysis = committed(root, "analysis")
-    attention_free = [row["block"] for row in analysis["model"]["layout"] if not row["attention"]]
-    return block_metrics_figure(analysis["per_block"], f"Per-block metrics, {analysis_title(analysis)}",
-                                attention_free)
+    analysis = Analysis.from_json(committed(root, "analysis"))
+    return block_metrics_figure(analysis.per_block, f"Per-block metrics, {analysis_title(analysis)}",
+                                analysis.attention_free_blocks())
 
 
 def windows(root: Path):
-    analysis = committed(root, "analysis")
-    stats = analysis["windows"]
-    return window_figure(stats["rows"], analysis["greedy"]["steps"],
-                         f"M_max and M_sum of every window of {stats['length']} blocks, greedy choices, "
-                         f"{analysis_title(analysis)}", stats["length"])
+    analysis = Analysis.from_json(committed(root, "analysis"))
+    stats = analysis.windows
+    return window_figure(stats.rows, analysis.greedy.steps,
+                         f"M_max and M_sum of every window of {stats.length} blocks, greedy choices, "
+                         f"{analysis_title(analysis)}", stats.length)
 
 
 def ffn_speed_vs_tokens(root: Path):
-    return ffn_speed_figure(committed(root, "bench"),
+    return ffn_speed_figure(BenchResult.from_json(committed(root, "bench")),
                             "Fused vs sequential run of 8 SmolLM2 FFNs, by token count")
 
 
 def layout_before_after(root: Path):
     """SmolLM2 as it is, with attention removed, and fused, as the committed `reffuse tp` run on SmolLM2 did it."""
-    result = committed(root, "tp_smollm2")
+    result = TpResult.from_json(committed(root, "tp_smollm2"))
     removed = tp_run_layout(result)                   # attention removed where the run says, its groups to fuse
-    removed_text = format_groups(contiguous_ranges(result["attention_removed"]))
+    removed_text = format_groups(contiguous_ranges(result.attention_removed))
     panels = {"SmolLM2-135M as trained": get_layout("smollm2"),
               f"attention removed in blocks {removed_text}": removed,
-              f"FFNs {format_groups(result['groups'])} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
+              f"FFNs {format_groups(result.groups)} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
     return layout_figure({label: layout.rows() for label, layout in panels.items()},
                          "Block layout before and after fusion (SmolLM2)")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.core.layout import contiguous_ranges
+from reffuse.method.analysis import Analysis
 from reffuse.method.metrics import matrix_from_json
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.layout import layout_figure
@@ -116,28 +117,28 @@ def window_figure(windows: list[dict], greedy_steps: list[dict], title: str, win
     return fig
 
 
-def write_analysis_figures(analysis: dict, folder) -> list[Path]:
-    """Every figure of an analysis.json (as a dict) into `folder`; returns the paths written."""
+def write_analysis_figures(analysis: Analysis, folder) -> list[Path]:
+    """Every figure of an analysis into `folder`; returns the paths written."""
     folder = Path(folder)
-    model = analysis["model"]["name"]
-    attention_free = [row["block"] for row in analysis["model"]["layout"] if not row["attention"]]
-    tokens = analysis["tokens"]["measured"]
+    model = analysis.model.name
+    attention_free = analysis.attention_free_blocks()
+    tokens = analysis.tokens.measured
     paths = []
-    for granularity, matrix in analysis["dependency"].items():
+    for granularity, matrix in analysis.dependency.items():
         what = "blocks" if granularity == "block" else "FFN sub-blocks"
         fig = dependency_heatmap(matrix, f"{model}: dependency between {what} ({tokens} tokens)", attention_free)
         paths.append(save_figure(fig, folder / f"dependency_{granularity}.png"))
-    fig = block_metrics_figure(analysis["per_block"], f"{model}: per-block metrics ({tokens} tokens)",
+    fig = block_metrics_figure(analysis.per_block, f"{model}: per-block metrics ({tokens} tokens)",
                                attention_free)
     paths.append(save_figure(fig, folder / "block_metrics.png"))
-    windows, greedy = analysis["windows"], analysis["greedy"]
+    windows, greedy = analysis.windows, analysis.greedy
     eligible = None
-    if greedy["blocks"] == "full":
-        eligible = [row["attention"] and row["ffn_width"] > 0 for row in analysis["model"]["layout"]]
-    fig = window_figure(windows["rows"], greedy["steps"],
-                        f"{model}: window statistics ({windows['granularity']} level), greedy choices",
-                        windows["length"], eligible)
+    if greedy.blocks == "full":
+        eligible = [row["attention"] and row["ffn_width"] > 0 for row in analysis.model.layout]
+    fig = window_figure(windows.rows, greedy.steps,
+                        f"{model}: window statistics ({windows.granularity} level), greedy choices",
+                        windows.length, eligible)
     paths.append(save_figure(fig, folder / "windows.png"))
-    fig = layout_figure({model: analysis["model"]["layout"]}, f"{model}: block layout")
+    fig = layout_figure({model: analysis.model.layout}, f"{model}: block layout")
     paths.append(save_figure(fig, folder / "layout.png"))
     return paths

@@ -182,12 +182,13 @@ def full_block_figure(result: dict):
 
 def write_experiment_figures(result: dict, folder) -> list[Path]:
     """Every figure of the report into `folder`, under the names the report links."""
-    folder = Path(folder)
+    folder, removal = Path(folder), result["attention_removal"]
     figures = {"fusion_intensity.png": fusion_intensity_figure(result),
                "removal_vs_fusion.png": removal_vs_fusion_figure(result),
                "ablations.png": ablations_figure(result),
                "attention_scores.png": attention_scores_figure(
-                   result["attention_removal"], f"Attention removal scores, {result['model_name']}")}
+                   removal["scores"], removal["blocks"], removal["rule"], removal["joint_kl"],
+                   f"Attention removal scores, {result['model_name']}")}
     if result["full_block"]["rows"]:
         figures["full_block.png"] = full_block_figure(result)
     return [save_figure(fig, folder / name) for name, fig in figures.items()]

@@ -1,7 +1,7 @@
 """Attention removal (reffuse.method.removal): each block's single-removal score, the blocks chosen marked.
 
-Drawn from the "attention_removal" record that `reffuse fuse`, `demo` and `experiments` write
-({"scores": {block: KL}, "blocks": [...], "rule": ..., "joint_kl": ...}).
+Drawn from the attention removal that `reffuse demo` and `experiments` record
+(reffuse.method.pipeline.choose_attention_removal): the scores, the blocks chosen, the rule and the joint KL.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from reffuse.plots import pyplot
 CHOSEN, KEPT = "tab:red", "0.6"
 
 
-def attention_scores_figure(removal: dict, title: str):
-    """Bars of KL(base || without block i's attention) per block, log scale; the removed blocks in red."""
+def attention_scores_figure(scores: dict, removed, rule: str, joint_kl: float, title: str):
+    """Bars of KL(base || without block i's attention) per block (`scores`: block, or its text, -> KL), log scale;
+    the `removed` blocks in red."""
     plt = pyplot()
-    scores = {int(k): v for k, v in removal["scores"].items()}
+    scores = {int(k): v for k, v in scores.items()}
     blocks = sorted(scores)
-    chosen = set(removal["blocks"])
+    chosen = set(removed)
     fig, ax = plt.subplots(figsize=(8, 3.2))
     colours = [CHOSEN if b in chosen else KEPT for b in blocks]
     ax.bar(blocks, [scores[b] for b in blocks], color=colours, width=0.8)
@@ -26,7 +27,7 @@ def attention_scores_figure(removal: dict, title: str):
     ax.set_xticks(blocks)
     ax.tick_params(axis="x", labelsize=7)
     ax.bar([float("nan")], [float("nan")], color=CHOSEN,
-           label=f"removed ({removal['rule']}); jointly {removal['joint_kl']:.3g} nats")
+           label=f"removed ({rule}); jointly {joint_kl:.3g} nats")
     ax.bar([float("nan")], [float("nan")], color=KEPT, label="kept")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_title(title)

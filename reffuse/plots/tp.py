@@ -10,38 +10,40 @@ from __future__ import annotations
 import numpy as np
 
 from reffuse.plots import pyplot
+from reffuse.speed.tp_result import TpResult
 
 SEQUENTIAL, FUSED = "tab:blue", "tab:orange"
 
 
-def run_label(result: dict) -> str:
-    """"tiny\nN=2 mpi" from a `reffuse tp --json` result (the model name up to its first " (", "." or "-")."""
-    model = result["model"].split(" (")[0].split(".")[0].split("-")[0]
-    return f"{model}\nN={result['ranks']} {result['allreduce']}"
+def run_label(result: TpResult) -> str:
+    """"tiny\nN=2 mpi" from a `reffuse tp` result (the model name up to its first " (", "." or "-")."""
+    model = result.model.split(" (")[0].split(".")[0].split("-")[0]
+    return f"{model}\nN={result.ranks} {result.allreduce}"
 
 
-def allreduce_figure(results: list[dict], title: str = "All-reduces per forward under tensor parallelism"):
-    """results: `reffuse tp --json` objects. Bars: sequential vs fused for each run."""
+def allreduce_figure(results: list[TpResult], title: str = "All-reduces per forward under tensor parallelism"):
+    """results: `reffuse tp` results. Bars: sequential vs fused for each run."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
     x = np.arange(len(results))
     width = 0.38
     labels = [run_label(r) for r in results]
     for offset, name, colour in ((-width / 2, "sequential", SEQUENTIAL), (width / 2, "fused", FUSED)):
-        counts = [r[name]["allreduce_count"] for r in results]
+        variants = [r.variants()[name] for r in results]
+        counts = [v.prefill.allreduce_count for v in variants]
         bars = axes[0].bar(x + offset, counts, width, color=colour, edgecolor="black", linewidth=0.3, label=name)
         axes[0].bar_label(bars, fontsize=7)
         for ax, phase in ((axes[1], "prefill"), (axes[2], "decode")):
-            records = [r[name] if phase == "prefill" else r[name].get("decode", {}) for r in results]
-            total = np.array([1e3 * rec.get("seconds", np.nan) for rec in records])
-            allreduce = np.array([1e3 * rec.get("allreduce_seconds", np.nan) for rec in records])
+            records = [v.prefill if phase == "prefill" else v.decode for v in variants]
+            total = np.array([np.nan if rec is None else 1e3 * rec.seconds for rec in records])
+            allreduce = np.array([np.nan if rec is None else 1e3 * rec.allreduce_seconds for rec in records])
             ax.bar(x + offset, allreduce, width, color=colour, edgecolor="black", linewidth=0.3,
                    label=f"{name}: all-reduce")
             ax.bar(x + offset, total - allreduce, width, bottom=allreduce, color=colour, alpha=0.35,
                    edgecolor="black", linewidth=0.3, label=f"{name}: rest")
     axes[0].set_ylabel("all-reduces per forward")
     axes[0].set_title("syncs per forward")
-    tokens = {r["tokens"] for r in results}
+    tokens = {r.tokens for r in results}
     axes[1].set_title(f"prefill ({tokens.pop()} tokens), one forward" if len(tokens) == 1 else "prefill, one forward")
     axes[2].set_title("decode, one token per forward")
     for ax in axes[1:]:

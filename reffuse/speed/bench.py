@@ -40,10 +40,13 @@ from reffuse.errors import ReffuseError
 from reffuse.core.backend import device_of
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import attention_free_runs
-from reffuse.core.model import Block, KVCache, Model, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import Block, Model, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
 from reffuse.speed.bench_report import RATIO, check_targets
+from reffuse.speed.bench_result import (BenchResult, Bound, Decode, FfnRun, LlamaCppFusion, LlamaCppUse, PairedRatio,
+                                        PrefillRow, TransformersUse, paired_interval)
 from reffuse.speed.environment import default_threads, environment
 from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, streaming_bandwidth,
                                   time_ffn_run)
@@ -123,7 +126,7 @@ def llamacpp_runner(model: Model, tokenizer, path, threads: int, n_ctx: int = 51
 
 
 def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int,
-                       decode_tokens: int = DECODE_TOKENS) -> dict:
+                       decode_tokens: int = DECODE_TOKENS) -> LlamaCppFusion:
     """Does fusion speed up a production CPU engine? llama.cpp's decode of the model with attention removed
     (method.removal.default_attention_removal) against the same with its run fused (default_groups), in alternation."""
     from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
@@ -140,8 +143,8 @@ def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int,
         del runners
     rate = {name: decode_tokens / statistics.median(s) for name, s in samples.items()}
     speedup = paired_ratio(samples["attention removed"], samples["fused"])  # > 1: the fused model is faster
-    return {"attention_removed": removed_blocks, "groups": [list(g) for g in groups], "tokens_per_second": rate,
-            "fused_speedup": speedup["median"], "fused_speedup_paired": speedup}
+    return LlamaCppFusion(tuple(removed_blocks), tuple(tuple(g) for g in groups), rate["attention removed"],
+                          rate["fused"], speedup["median"], PairedRatio.from_json(speedup))
 
 
 def load_transformers(model_name: str):
@@ -183,11 +186,11 @@ def decode_samples(runners: dict, prompt, new_tokens: int, repeats: int, progres
 
 def run_benchmark(model: Model, model_name: str, threads: int | None = None, repeats: int = 7,
                   prefill_tokens=PREFILL_TOKENS, ffn_tokens=FFN_RUN_TOKENS, decode_tokens: int = DECODE_TOKENS,
-                  with_transformers: bool = True, progress=None, llamacpp_tokenizer=None) -> dict:
-    """All measurements of the module doc as one JSON-ready dict. `model` must be float32, on the CPU or a GPU;
-    on a GPU the FFN run goes up to 4096 tokens and transformers (a CPU build of torch) is not compared. With
-    `llamacpp_tokenizer`, llama.cpp runs the same weights (an F32 GGUF) in the same alternation, and its decode
-    of the attention-removed model is timed against the fused one (fusion_in_llamacpp)."""
+                  with_transformers: bool = True, progress=None, llamacpp_tokenizer=None) -> BenchResult:
+    """All measurements of the module doc. `model` must be float32, on the CPU or a GPU; on a GPU the FFN run
+    goes up to 4096 tokens and transformers (a CPU build of torch) is not compared. With `llamacpp_tokenizer`,
+    llama.cpp runs the same weights (an F32 GGUF) in the same alternation, and its decode of the
+    attention-removed model is timed against the fused one (fusion_in_llamacpp)."""
     if model.dtype != np.float32:
         raise ReffuseError(f"the benchmark runs float32 models; this one is {model.dtype} (load it with dtype float32)")
     threads = threads or default_threads()
@@ -195,33 +198,30 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     device = device_of(model.embed)
     if device != "cpu" and ffn_tokens == FFN_RUN_TOKENS:
         ffn_tokens = GPU_FFN_RUN_TOKENS
-    result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
-              "ratio": RATIO,
-              "environment": environment(threads, device)}
+    env = environment(threads, device)
     hf, why_not = (None, "not asked for (--no-transformers)")
     if with_transformers and device != "cpu":
         why_not = "the model is on a GPU; transformers runs on the CPU build of torch"
     elif with_transformers:
         note("loading transformers' model")
         hf, why_not = load_transformers(model_name)
-    result["transformers"] = {"used": hf is not None, "reason": why_not}
     if hf is not None:
         import torch
         import transformers
-        result["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
+        env.update(torch=torch.__version__, transformers=transformers.__version__)
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
-    llama, gguf_folder = None, None
+    llama, gguf_folder, fusion = None, None, None
     if llamacpp_tokenizer is not None:
         note("exporting the model as an F32 GGUF for llama.cpp")
         gguf_folder = tempfile.TemporaryDirectory(prefix="reffuse-bench-")
         llama = llamacpp_runner(model, llamacpp_tokenizer, Path(gguf_folder.name) / "model-f32.gguf", threads)
         import llama_cpp
-        result["environment"]["llama_cpp_python"] = llama_cpp.__version__
-    result["llama_cpp"] = {"used": llama is not None}
+        env["llama_cpp_python"] = llama_cpp.__version__
+    llama_used = llama is not None
     try:
         with blas_threads(threads):
-            result["prefill"] = []
+            prefill = []
             for tokens in prefill_tokens:
                 note(f"prefill, {tokens} tokens")
                 ids = prompt_ids(model, tokens)
@@ -231,14 +231,17 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                 if llama is not None:
                     fns["llama.cpp"] = lambda: llama.logits(ids)
                 samples = compare_samples(fns, repeats)
-                row = {"tokens": tokens, "reffuse_seconds": statistics.median(samples["reffuse"])}
-                for engine, seconds_key, ratio_key in (("transformers", "transformers_seconds", "time_ratio"),
-                                                       ("llama.cpp", "llamacpp_seconds", "llamacpp_time_ratio")):
-                    if engine in samples:
-                        ratio = paired_ratio(samples["reffuse"], samples[engine])  # < 1: reffuse takes less time
-                        row.update({seconds_key: statistics.median(samples[engine]), ratio_key: ratio["median"],
-                                    f"{ratio_key}_interval_95": ratio["interval_95"]})
-                result["prefill"].append(row)
+                row = PrefillRow(tokens=tokens, reffuse_seconds=statistics.median(samples["reffuse"]))
+                if hf is not None:
+                    ratio = paired_ratio(samples["reffuse"], samples["transformers"])  # < 1: reffuse takes less
+                    row = dataclasses.replace(row, transformers_seconds=statistics.median(samples["transformers"]),
+                                              time_ratio=ratio["median"], time_ratio_interval_95=paired_interval(ratio))
+                if llama is not None:
+                    ratio = paired_ratio(samples["reffuse"], samples["llama.cpp"])
+                    row = dataclasses.replace(row, llamacpp_seconds=statistics.median(samples["llama.cpp"]),
+                                              llamacpp_time_ratio=ratio["median"],
+                                              llamacpp_time_ratio_interval_95=paired_interval(ratio))
+                prefill.append(row)
 
             note(f"decode, {decode_tokens} tokens")
             prompt = prompt_ids(model, DECODE_PROMPT_TOKENS)
@@ -248,35 +251,31 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             if llama is not None:
                 runners["llama.cpp"] = llama.timed_greedy
             samples, tokens = decode_samples(runners, prompt, decode_tokens, repeats)
-            seconds = {name: statistics.median(s) for name, s in samples.items()}
-            decode = {"prompt_tokens": len(prompt), "new_tokens": decode_tokens,
-                      "reffuse_tokens_per_second": decode_tokens / seconds["reffuse"]}
+            rate = {name: decode_tokens / statistics.median(s) for name, s in samples.items()}
+            decode = Decode(prompt_tokens=len(prompt), new_tokens=decode_tokens,
+                            reffuse_tokens_per_second=rate["reffuse"])
             if hf is not None:
                 speedup = paired_ratio(samples["transformers"], samples["reffuse"])  # their time / ours = speed ratio
-                decode.update(transformers_tokens_per_second=decode_tokens / seconds["transformers"],
-                              speedup=speedup["median"], speedup_interval_95=speedup["interval_95"],
-                              same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
+                decode = dataclasses.replace(decode, transformers_tokens_per_second=rate["transformers"],
+                                             speedup=speedup["median"], speedup_interval_95=paired_interval(speedup),
+                                             same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
             if llama is not None:
                 fraction = paired_ratio(samples["llama.cpp"], samples["reffuse"])
-                decode.update(llamacpp_tokens_per_second=decode_tokens / seconds["llama.cpp"],
-                              fraction_of_llamacpp=fraction["median"],
-                              fraction_of_llamacpp_interval_95=fraction["interval_95"],
-                              same_greedy_tokens_as_llamacpp=tokens["reffuse"] == tokens["llama.cpp"])
-            result["decode"] = decode
+                decode = dataclasses.replace(decode, llamacpp_tokens_per_second=rate["llama.cpp"],
+                                             fraction_of_llamacpp=fraction["median"],
+                                             fraction_of_llamacpp_interval_95=paired_interval(fraction),
+                                             same_greedy_tokens_as_llamacpp=tokens["reffuse"] == tokens["llama.cpp"])
+            bound = None
             if device == "cpu":
                 note("the machine's streaming bound")
-                bound = decode_bound(sum(t.nbytes for t in model_to_tensors(model).values()),
-                                     streaming_bandwidth(threads))
-                bound["fractions"] = {engine: decode[f"{key}_tokens_per_second"] / bound["tokens_per_second"]
-                                      for engine, key in (("reffuse", "reffuse"), ("transformers", "transformers"),
-                                                          ("llama.cpp", "llamacpp"))
-                                      if f"{key}_tokens_per_second" in decode}
-                result["bound"] = bound
+                bound = Bound.from_json({**decode_bound(sum(t.nbytes for t in model_to_tensors(model).values()),
+                                                        streaming_bandwidth(threads)), "fractions": {}})
+                bound = dataclasses.replace(bound, fractions={engine: engine_rate / bound.tokens_per_second
+                                                              for engine, engine_rate in decode.rates().items()})
             if llama is not None:
                 del llama, runners  # the engine freed before the next two load
                 note("llama.cpp: the attention-removed model against the fused one")
-                result["llama_cpp"]["fusion"] = fusion_in_llamacpp(model, llamacpp_tokenizer, threads, repeats,
-                                                                   decode_tokens)
+                fusion = fusion_in_llamacpp(model, llamacpp_tokenizer, threads, repeats, decode_tokens)
 
             run = ffn_run_model(model)
             group = (0, len(run.blocks) - 1)
@@ -284,15 +283,17 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             for tokens in ffn_tokens:
                 note(f"FFN run, {tokens} tokens")
                 rows.append(time_ffn_run(run, group, tokens, norm="fold", repeats=repeats))
-            result["ffn_run"] = {"blocks": len(run.blocks), "dim": model.config.dim,
-                                 "widths": [b.ffn.width for b in run.blocks], "norm": "fold",
-                                 "fused_width": fuse(run, [group]).blocks[0].ffn.width, "rows": rows}
+            ffn_run = FfnRun(len(run.blocks), model.config.dim, tuple(b.ffn.width for b in run.blocks), "fold",
+                             fuse(run, [group]).blocks[0].ffn.width, tuple(rows))
     finally:
         if hf is not None:
             torch.set_num_threads(torch_threads)
         if gguf_folder is not None:
             gguf_folder.cleanup()
     if hasattr(os, "getloadavg"):
-        result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
-    result["targets"] = check_targets(result)
-    return result
+        env["load_average_1min_at_end"] = os.getloadavg()[0]
+    result = BenchResult(model=model_name, model_name=model.config.name, dtype="float32", repeats=repeats,
+                         ratio=RATIO, environment=env, transformers=TransformersUse(hf is not None, why_not),
+                         llama_cpp=LlamaCppUse(llama_used, fusion), prefill=tuple(prefill), decode=decode,
+                         bound=bound, ffn_run=ffn_run, targets=())
+    return dataclasses.replace(result, targets=check_targets(result))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from reffuse.speed.bench_result import NOT_RECORDED, BenchResult, Target
 from reffuse.speed.environment import describe_blas
 from reffuse.speed.timing import ratio_text
 from reffuse.stats import verdict
@@ -35,13 +36,15 @@ def target_verdict(intervals, threshold: float, higher_is_better: bool) -> str:
     return "met" if all(v == "met" for v in verdicts) else "not met" if "not met" in verdicts else "unresolved"
 
 
-def measured_ratios(rows, key) -> list[tuple]:
-    """(ratio, its 95% interval) of `key` in each row that has it: a ratio recorded without an interval key is its
-    own interval; one whose interval is None (too few repeats) has none."""
-    return [(r[key], r.get(f"{key}_interval_95", [r[key], r[key]])) for r in rows if r.get(key) is not None]
+def measured_ratios(ratios) -> list[tuple]:
+    """(ratio, its 95% interval) of each (ratio, interval) that was measured (the ratio not None): a ratio
+    recorded without an interval (NOT_RECORDED) is its own interval; one whose interval is None (too few repeats)
+    has none."""
+    return [(value, (value, value) if interval == NOT_RECORDED else interval) for value, interval in ratios
+            if value is not None]
 
 
-def judge_target(target: str, unit: str, measured, threshold: float, higher_is_better: bool) -> dict:
+def judge_target(target: str, unit: str, measured, threshold: float, higher_is_better: bool) -> Target:
     """A target (its words) with the measured ratio that decides it, where it is checked at several lengths
     (measured: measured_ratios), that ratio's 95% interval and the verdict of target_verdict over all of them."""
     sign = 1 if higher_is_better else -1
@@ -51,29 +54,31 @@ def judge_target(target: str, unit: str, measured, threshold: float, higher_is_b
         return (verdict(m[1], threshold, target_side(higher_is_better)) != "not met", reach)
 
     value, interval = min(measured, key=deciding) if measured else (None, None)
-    return {"target": target, "measured": value, "interval_95": interval, "unit": unit,
-            "verdict": target_verdict([m[1] for m in measured], threshold, higher_is_better)}
+    return Target(target, value, None if interval is None else tuple(interval), unit,
+                  target_verdict([m[1] for m in measured], threshold, higher_is_better))
 
 
-def check_targets(result: dict) -> list[dict]:
+def check_targets(result: BenchResult) -> tuple[Target, ...]:
     """Each speed target with the measured ratio (where it is checked at several lengths, the one that decides),
     its 95% interval and the verdict of target_verdict (judge_target). A ratio whose interval is None (too few
     repeats) leaves the target unresolved."""
     def check(name, unit, measured, threshold, higher_is_better):
         return judge_target(TARGETS[name], unit, measured, threshold, higher_is_better)
 
-    ffn_rows = result["ffn_run"]["rows"]
-    return [
+    ffn_rows, decode = result.ffn_run.rows, result.decode
+    return (
         check("prefill", "reffuse/transformers time ratio, deciding length",
-              measured_ratios(result["prefill"], "time_ratio"), 0.8, False),
-        check("decode", "reffuse/transformers tokens/s", measured_ratios([result["decode"]], "speedup"), 2.5, True),
+              measured_ratios((r.time_ratio, r.time_ratio_interval_95) for r in result.prefill), 0.8, False),
+        check("decode", "reffuse/transformers tokens/s",
+              measured_ratios([(decode.speedup, decode.speedup_interval_95)]), 2.5, True),
         check("decode_llamacpp", "reffuse/llama.cpp tokens/s",
-              measured_ratios([result["decode"]], "fraction_of_llamacpp"), 0.5, True),
+              measured_ratios([(decode.fraction_of_llamacpp, decode.fraction_of_llamacpp_interval_95)]), 0.5, True),
         check("ffn_run_1", "sequential/fused time",
-              measured_ratios([r for r in ffn_rows if r["tokens"] == 1], "speedup"), 1.3, True),
+              measured_ratios((r.speedup, r.speedup_interval_95) for r in ffn_rows if r.tokens == 1), 1.3, True),
         check("ffn_run_large", "sequential/fused time, deciding length",
-              measured_ratios([r for r in ffn_rows if r["tokens"] in (128, 512)], "speedup"), 1.0, True),
-    ]
+              measured_ratios((r.speedup, r.speedup_interval_95) for r in ffn_rows if r.tokens in (128, 512)), 1.0,
+              True),
+    )
 
 
 # What a ratio is (reffuse.stats.paired_ratio); results made before it was recorded used the median of the
@@ -82,96 +87,100 @@ RATIO = "ratio of the medians"
 EARLIER_RATIO = "median of the repeats' paired ratios"
 
 
-def ratio_definition(result: dict) -> str:
-    return result.get("ratio", EARLIER_RATIO)
+def ratio_definition(result) -> str:
+    """What a ratio of `result` (a BenchResult or a TrainResult) is."""
+    return result.ratio or EARLIER_RATIO
 
 
-def interval_definition(result: dict) -> str:
-    return "its 95% bootstrap interval" if "ratio" not in result else "the 95% bootstrap interval of the paired repeats"
+def interval_definition(result) -> str:
+    return ("its 95% bootstrap interval" if result.ratio is None
+            else "the 95% bootstrap interval of the paired repeats")
 
 
-def markdown(result: dict, command: str | None = None) -> str:
+def markdown(result: BenchResult, command: str | None = None) -> str:
     """The result as Markdown tables (benchmarks/results/*.md)."""
-    def ratio(row, key):
-        return ratio_text(row[key], row.get(f"{key}_interval_95", ()))
-
-    env = result["environment"]
+    env = result.environment
     blas = describe_blas(env)
-    lines = [f"# reffuse bench: {result['model']} ({result['model_name']}), float32, {env['threads']} thread{'s' if env['threads'] != 1 else ''}", ""]
+    threads = env["threads"]
+    lines = [f"# reffuse bench: {result.model} ({result.model_name}), float32, {threads} "
+             f"thread{'s' if threads != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
-    lines += [f"Medians of {result['repeats']} repeats after warm-up, timed in alternation; a ratio is the "
+    lines += [f"Medians of {result.repeats} repeats after warm-up, timed in alternation; a ratio is the "
               + ratio_definition(result) + ", with " + interval_definition(result) + " in brackets. numpy "
               + env['numpy']
               + (f", BLAS {blas}" if blas else "")
               + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
-              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a {env['cores']}-core "
-              "machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
-    if not result["transformers"]["used"]:
-        lines += ["", f"transformers not measured: {result['transformers']['reason']}"]
+              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a "
+              f"{env['cores']}-core machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
+    if not result.transformers.used:
+        lines += ["", f"transformers not measured: {result.transformers.reason}"]
     lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time (95% interval) |",
               "|---:|---:|---:|---:|"]
-    for r in result["prefill"]:
-        hf = r.get("transformers_seconds")
-        lines.append(f"| {r['tokens']} | {1e3 * r['reffuse_seconds']:.1f} | "
-                     + (f"{1e3 * hf:.1f} | {ratio(r, 'time_ratio')} |" if hf else "- | - |"))
-    d = result["decode"]
-    lines += ["", f"| decode ({d['new_tokens']} tokens after {d['prompt_tokens']}) | reffuse tokens/s | "
+    for r in result.prefill:
+        hf = r.transformers_seconds
+        lines.append(f"| {r.tokens} | {1e3 * r.reffuse_seconds:.1f} | "
+                     + (f"{1e3 * hf:.1f} | {ratio_text(r.time_ratio, r.time_ratio_interval_95)} |" if hf else
+                        "- | - |"))
+    d = result.decode
+    lines += ["", f"| decode ({d.new_tokens} tokens after {d.prompt_tokens}) | reffuse tokens/s | "
                   "transformers tokens/s | reffuse / transformers (95% interval) |", "|---|---:|---:|---:|"]
-    hf = d.get("transformers_tokens_per_second")
-    lines.append(f"| greedy, KV cache | {d['reffuse_tokens_per_second']:.1f} | "
-                 + (f"{hf:.1f} | {ratio(d, 'speedup')} |" if hf else "- | - |"))
-    if "same_greedy_tokens" in d:
-        lines += ["", f"Same greedy tokens from both: {'yes' if d['same_greedy_tokens'] else 'no'}."]
-    if result.get("llama_cpp", {}).get("used"):
+    hf = d.transformers_tokens_per_second
+    lines.append(f"| greedy, KV cache | {d.reffuse_tokens_per_second:.1f} | "
+                 + (f"{hf:.1f} | {ratio_text(d.speedup, d.speedup_interval_95)} |" if hf else "- | - |"))
+    if d.same_greedy_tokens is not None:
+        lines += ["", f"Same greedy tokens from both: {'yes' if d.same_greedy_tokens else 'no'}."]
+    if result.llama_cpp is not None and result.llama_cpp.used:
         lines += ["", f"llama.cpp (llama-cpp-python {env.get('llama_cpp_python', '?')}) on the same weights as an F32 "
                       "GGUF, F32 KV cache, the same threads, in the same alternation:", "",
                   "| | reffuse | llama.cpp | reffuse / llama.cpp (95% interval) |", "|---|---:|---:|---:|"]
-        for r in result["prefill"]:
-            lines.append(f"| prefill {r['tokens']} tokens, ms | {1e3 * r['reffuse_seconds']:.1f} | "
-                         f"{1e3 * r['llamacpp_seconds']:.1f} | {ratio(r, 'llamacpp_time_ratio')} the time |")
-        lines.append(f"| decode, tokens/s | {d['reffuse_tokens_per_second']:.1f} | "
-                     f"{d['llamacpp_tokens_per_second']:.1f} | {ratio(d, 'fraction_of_llamacpp')} the speed |")
-        fusion = result["llama_cpp"]["fusion"]
-        rate, paired = fusion["tokens_per_second"], fusion["fused_speedup_paired"]
+        for r in result.prefill:
+            lines.append(f"| prefill {r.tokens} tokens, ms | {1e3 * r.reffuse_seconds:.1f} | "
+                         f"{1e3 * r.llamacpp_seconds:.1f} | "
+                         f"{ratio_text(r.llamacpp_time_ratio, r.llamacpp_time_ratio_interval_95)} the time |")
+        lines.append(f"| decode, tokens/s | {d.reffuse_tokens_per_second:.1f} | "
+                     f"{d.llamacpp_tokens_per_second:.1f} | "
+                     f"{ratio_text(d.fraction_of_llamacpp, d.fraction_of_llamacpp_interval_95)} the speed |")
+        fusion = result.llama_cpp.fusion
+        paired = fusion.fused_speedup_paired
         lines += ["", f"Fusion in llama.cpp: decode of the model with attention removed in "
-                      f"{fusion['attention_removed'] or 'no block (it has an attention-free run)'} "
-                      f"({rate['attention removed']:.1f} tokens/s) against the same with "
-                      f"{', '.join(f'{a}-{b}' for a, b in fusion['groups'])} fused ({rate['fused']:.1f} tokens/s): "
-                      f"{fusion['fused_speedup']:.3f}x, 95% interval {paired['interval_95'][0]:.3f}-"
-                      f"{paired['interval_95'][1]:.3f} over {paired['repeats']} paired repeats: "
-                      + ("resolved." if paired["resolved"] else "not resolved (the interval holds 1).")]
-    if "bound" in result:
-        b, bw = result["bound"], result["bound"]["bandwidth"]
-        lines += ["", f"The bound on decode: a step reads every weight once, {b['weight_bytes'] / 1e6:.0f} MB; NumPy "
-                      f"streams {bw['gemv_out_in_bytes_per_second'] / 1e9:.1f} GB/s here in a GEMV over weights stored "
-                      f"(out, in), as reffuse stores them ({bw['gemv_in_out_bytes_per_second'] / 1e9:.1f} GB/s stored "
-                      f"(in, out)), and {bw['copy_bytes_per_second'] / 1e9:.1f} GB/s in a copy: at most "
-                      f"{b['tokens_per_second']:.1f} tokens/s.", "",
+                      f"{list(fusion.attention_removed) or 'no block (it has an attention-free run)'} "
+                      f"({fusion.removed_tokens_per_second:.1f} tokens/s) against the same with "
+                      f"{', '.join(f'{a}-{b}' for a, b in fusion.groups)} fused ({fusion.fused_tokens_per_second:.1f} "
+                      f"tokens/s): {fusion.fused_speedup:.3f}x, 95% interval {paired.interval_95[0]:.3f}-"
+                      f"{paired.interval_95[1]:.3f} over {paired.repeats} paired repeats: "
+                      + ("resolved." if paired.resolved else "not resolved (the interval holds 1).")]
+    if result.bound is not None:
+        b, bw = result.bound, result.bound.bandwidth
+        lines += ["", f"The bound on decode: a step reads every weight once, {b.weight_bytes / 1e6:.0f} MB; NumPy "
+                      f"streams {bw.gemv_out_in_bytes_per_second / 1e9:.1f} GB/s here in a GEMV over weights stored "
+                      f"(out, in), as reffuse stores them ({bw.gemv_in_out_bytes_per_second / 1e9:.1f} GB/s stored "
+                      f"(in, out)), and {bw.copy_bytes_per_second / 1e9:.1f} GB/s in a copy: at most "
+                      f"{b.tokens_per_second:.1f} tokens/s.", "",
                   "| engine | decode tokens/s | fraction of the bound |", "|---|---:|---:|"]
-        for engine, fraction in b["fractions"].items():
-            lines.append(f"| {engine} | {fraction * b['tokens_per_second']:.1f} | {fraction:.0%} |")
-    f = result["ffn_run"]
-    lines += ["", f"Fused-FFN microbenchmark: a run of {f['blocks']} FFNs (d={f['dim']}, widths "
-                  f"{'/'.join(map(str, sorted(set(f['widths']))))}), fused into one of width {f['fused_width']}.", "",
+        for engine, fraction in b.fractions.items():
+            lines.append(f"| {engine} | {fraction * b.tokens_per_second:.1f} | {fraction:.0%} |")
+    f = result.ffn_run
+    lines += ["", f"Fused-FFN microbenchmark: a run of {f.blocks} FFNs (d={f.dim}, widths "
+                  f"{'/'.join(map(str, sorted(set(f.widths))))}), fused into one of width {f.fused_width}.", "",
               "| tokens | sequential ms | fused ms | sequential / fused (95% interval) |", "|---:|---:|---:|---:|"]
-    for r in f["rows"]:
-        lines.append(f"| {r['tokens']} | {1e3 * r['sequential']:.2f} | {1e3 * r['fused']:.2f} | "
-                     f"{ratio(r, 'speedup')} |")
+    for r in f.rows:
+        lines.append(f"| {r.tokens} | {1e3 * r.sequential:.2f} | {1e3 * r.fused:.2f} | "
+                     f"{ratio_text(r.speedup, r.speedup_interval_95)} |")
     lines += ["", "Each ratio is the " + ratio_definition(result) + "; a target is met when the 95% interval of "
                   "every ratio it checks lies on its side, not met when one lies wholly on the other, and unresolved "
                   "otherwise.", "", "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
-    return "\n".join(lines + target_rows(result["targets"])) + "\n"
+    return "\n".join(lines + target_rows(result.targets)) + "\n"
 
 
-def target_rows(targets: list) -> list[str]:
-    """The rows of a Markdown table | target | measured | 95% interval | verdict |, one per target."""
+def target_rows(targets) -> list[str]:
+    """The rows of a Markdown table | target | measured | 95% interval | verdict |, one per Target."""
     rows = []
     for t in targets:
-        value = "-" if t["measured"] is None else f"{t['measured']:.2f} ({t['unit']})"
+        value = "-" if t.measured is None else f"{t.measured:.2f} ({t.unit})"
         # three decimals: an interval that stops just short of a threshold must not print as reaching it
-        interval = "-" if t["interval_95"] is None else f"{t['interval_95'][0]:.3f}-{t['interval_95'][1]:.3f}"
-        shown = t["verdict"] if t["verdict"] in ("met", "not measured") else f"**{t['verdict']}**"
-        rows.append(f"| {t['target']} | {value} | {interval} | {shown} |")
+        interval = "-" if t.interval_95 is None else f"{t.interval_95[0]:.3f}-{t.interval_95[1]:.3f}"
+        shown = t.verdict if t.verdict in ("met", "not measured") else f"**{t.verdict}**"
+        rows.append(f"| {t.target} | {value} | {interval} | {shown} |")
     return rows

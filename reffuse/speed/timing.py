@@ -8,6 +8,7 @@ the things compared taking turns in every repeat, and a ratio comes with the int
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -17,6 +18,7 @@ from reffuse.core.backend import array_module, synchronize
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import check_groups, original_layers
 from reffuse.core.model import Model, run_blocks
+from reffuse.speed.bench_result import FfnRow, paired_interval
 from reffuse.stats import MIN_PAIRS, paired_ratio
 
 
@@ -121,11 +123,11 @@ def blas_threads(n: int | None):
 
 
 def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = "fold", repeats: int = 7,
-                 seed: int = 0, gpu_clock: bool = False) -> dict:
+                 seed: int = 0, gpu_clock: bool = False) -> FfnRow:
     """Median seconds for one run of attention-free blocks on `tokens` positions: sequential (eq. 4 block by
     block) vs fused (one wide SwiGLU), with the ratio sequential / fused (> 1 means fusion is faster): the median
     of the paired repeats' ratios, and its 95% interval (paired_ratio). With `gpu_clock` (a model on a GPU whose
-    module has CUDA events), the same on the GPU's clock beside: "sequential_gpu", "fused_gpu", "gpu_speedup"."""
+    module has CUDA events), the same on the GPU's clock beside: sequential_gpu, fused_gpu, gpu_speedup."""
     (first, last), = check_groups(model, [group])
     fused = fuse(model, [group], norm=norm)
     xp = array_module(model.embed)
@@ -135,13 +137,15 @@ def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = 
                                "fused": lambda: run_blocks(fused, x, start=first, stop=first + 1)}, repeats,
                               clocks=clocks)
     speedup = paired_ratio(samples["sequential"], samples["fused"])
-    row = {"tokens": tokens, **{name: statistics.median(s) for name, s in samples.items()},
-           "speedup": speedup["median"], "speedup_interval_95": speedup["interval_95"]}
-    if clocks:
-        gpu = paired_ratio(clocks["sequential"].samples, clocks["fused"].samples)
-        row.update({f"{name}_gpu": statistics.median(c.samples) for name, c in clocks.items()},
-                   gpu_speedup=gpu["median"], gpu_speedup_interval_95=gpu["interval_95"])
-    return row
+    row = FfnRow(tokens=tokens, sequential=statistics.median(samples["sequential"]),
+                 fused=statistics.median(samples["fused"]), speedup=speedup["median"],
+                 speedup_interval_95=paired_interval(speedup))
+    if not clocks:
+        return row
+    gpu = paired_ratio(clocks["sequential"].samples, clocks["fused"].samples)
+    return dataclasses.replace(row, sequential_gpu=statistics.median(clocks["sequential"].samples),
+                               fused_gpu=statistics.median(clocks["fused"].samples), gpu_speedup=gpu["median"],
+                               gpu_speedup_interval_95=paired_interval(gpu))
 
 
 def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int = 7, seed: int = 0) -> dict:

@@ -27,6 +27,7 @@ The warm-up step's loss is each engine's loss at the loaded weights: the two mus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -43,8 +44,11 @@ from reffuse.errors import ReffuseError
 from reffuse.optional import require
 from reffuse.speed.bench_report import (RATIO, interval_definition, ratio_definition, target_rows,
                                          target_verdict)
+from reffuse.speed.bench_result import Target, paired_interval
 from reffuse.speed.environment import describe_blas, environment
 from reffuse.speed.timing import blas_threads, paired_ratio, ratio_text
+from reffuse.speed.train_result import (EngineSteps, FusedModel, Hyperparameters, TorchLibraries, TrainResult,
+                                        TrainRow)
 from reffuse.stats import verdict
 
 TRAIN_CHOICES = ("all", "fused")
@@ -237,7 +241,7 @@ class Worker:
 
 
 def time_training(model_name: str, train: str, ids, threads: int, repeats: int, with_pytorch: bool = True,
-                  progress=None) -> dict:
+                  progress=None) -> TrainRow:
     """One trainable set: every engine's step seconds, in turns (module doc), its peak memory and losses, and
     the paired ratio reffuse tokens/s over PyTorch's."""
     note = progress or (lambda message: None)
@@ -263,28 +267,30 @@ def time_training(model_name: str, train: str, ids, threads: int, repeats: int, 
         for worker in workers.values():
             worker.close()
     tokens = len(spec["ids"])
-    row = {"train": train, "tokens": tokens, "trainable_tensors": ready["reffuse"]["trainable_tensors"],
-           "trainable_parameters": ready["reffuse"]["trainable_parameters"]}
-    for engine in engines:
-        median = statistics.median(seconds[engine])
-        row[engine] = {"implementation": ready[engine]["implementation"], "step_seconds": seconds[engine],
-                       "median_step_seconds": median, "tokens_per_second": tokens / median,
-                       "peak_rss_bytes": peaks[engine], "rss_after_setup_bytes": ready[engine]["rss_after_setup_bytes"],
-                       "setup_seconds": ready[engine]["setup_seconds"], "losses": losses[engine],
-                       **{k: ready[engine][k] for k in ("torch_blas", "cpu_capability", "torch_threads")
-                          if k in ready[engine]}}
-    if with_pytorch:
-        ratio = paired_ratio(seconds["pytorch"], seconds["reffuse"])  # their time / ours = our speed / theirs
-        ours, theirs = np.asarray(losses["reffuse"]), np.asarray(losses["pytorch"])
-        row.update(speed_ratio=ratio["median"], speed_ratio_interval_95=ratio["interval_95"],
-                   first_loss_relative_difference=float(abs(ours[0] - theirs[0]) / abs(theirs[0])),
-                   worst_loss_relative_difference=float(np.max(np.abs(ours - theirs) / np.abs(theirs))))
-    return row
+    steps = {}
+    for engine in engines:  # the workers' replies (worker_main) read into the record
+        median, reply = statistics.median(seconds[engine]), ready[engine]
+        libraries = TorchLibraries.from_json(reply) if "torch_threads" in reply else None
+        steps[engine] = EngineSteps(
+            implementation=reply["implementation"], step_seconds=tuple(seconds[engine]), median_step_seconds=median,
+            tokens_per_second=tokens / median, peak_rss_bytes=peaks[engine],
+            rss_after_setup_bytes=reply["rss_after_setup_bytes"], setup_seconds=reply["setup_seconds"],
+            losses=tuple(losses[engine]), libraries=libraries)
+    row = TrainRow(train=train, tokens=tokens, trainable_tensors=ready["reffuse"]["trainable_tensors"],
+                   trainable_parameters=ready["reffuse"]["trainable_parameters"], reffuse=steps["reffuse"])
+    if not with_pytorch:
+        return row
+    ratio = paired_ratio(seconds["pytorch"], seconds["reffuse"])  # their time / ours = our speed / theirs
+    ours, theirs = np.asarray(losses["reffuse"]), np.asarray(losses["pytorch"])
+    return dataclasses.replace(row, pytorch=steps["pytorch"], speed_ratio=ratio["median"],
+                               speed_ratio_interval_95=paired_interval(ratio),
+                               first_loss_relative_difference=float(abs(ours[0] - theirs[0]) / abs(theirs[0])),
+                               worst_loss_relative_difference=float(np.max(np.abs(ours - theirs) / np.abs(theirs))))
 
 
 def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TOKENS, threads: int | None = None,
-                        repeats: int = 7, with_pytorch: bool = True, progress=None) -> dict:
-    """The training step timed for each trainable set in `trains` (module doc), as one JSON-ready dict."""
+                        repeats: int = 7, with_pytorch: bool = True, progress=None) -> TrainResult:
+    """The training step timed for each trainable set in `trains` (module doc)."""
     from reffuse.formats.registry import load_model
     from reffuse.speed.environment import default_threads
 
@@ -292,105 +298,101 @@ def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TO
     note = progress or (lambda message: None)
     model = load_model(model_name, dtype="float32")
     ids, text = text_window(model_name, model, tokens)
-    result = {"model": model_name, "model_name": model.config.name, "dtype": "float32", "repeats": repeats,
-              "ratio": RATIO,
-              "tokens": int(len(ids)), "text": text, "hyperparameters": {**HYPERPARAMETERS,
-                                                                        "betas": list(HYPERPARAMETERS["betas"])},
-              "fused_model": {"attention_removed": [i for i in FUSED_REMOVED if i < len(model.blocks)],
-                              "groups": [list(g) for g in FUSED_GROUPS]},
-              "environment": environment(threads), "pytorch": {"used": with_pytorch}}
+    blocks, config_name = len(model.blocks), model.config.name
     del model
+    env = environment(threads)
     if with_pytorch:
         torch = require("torch", "reference", "timing training against PyTorch")
         transformers = require("transformers", "reference", "timing training against PyTorch")
-        result["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
-    result["rows"] = []
+        env.update(torch=torch.__version__, transformers=transformers.__version__)
+    rows = []
     for train in trains:
         note(f"--train {train}: starting the workers")
-        result["rows"].append(time_training(model_name, train, ids, threads, repeats, with_pytorch, note))
+        rows.append(time_training(model_name, train, ids, threads, repeats, with_pytorch, note))
     if hasattr(os, "getloadavg"):
-        result["environment"]["load_average_1min_at_end"] = os.getloadavg()[0]
-    result["targets"] = check_train_targets(result)
-    return result
+        env["load_average_1min_at_end"] = os.getloadavg()[0]
+    result = TrainResult(model=model_name, model_name=config_name, dtype="float32", repeats=repeats, ratio=RATIO,
+                         tokens=int(len(ids)), text=text, hyperparameters=Hyperparameters(**HYPERPARAMETERS),
+                         fused_model=FusedModel(tuple(i for i in FUSED_REMOVED if i < blocks), FUSED_GROUPS),
+                         environment=env, pytorch_used=with_pytorch, rows=tuple(rows), targets=())
+    return dataclasses.replace(result, targets=check_train_targets(result))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Targets and the Markdown record
 
 
-def check_train_targets(result: dict) -> list[dict]:
+def check_train_targets(result: TrainResult) -> tuple[Target, Target]:
     """The two training targets with what was measured and the verdict: the speed target from the 95% interval
     of the --train all ratio (target_verdict), only when measured at TARGET_TOKENS tokens on TARGET_THREADS
     threads; the memory target from reffuse's largest peak over the rows at TARGET_TOKENS tokens, strictly
     under PEAK_RSS_BYTES."""
-    rows = [r for r in result["rows"] if r["tokens"] == TARGET_TOKENS]
-    speed = [r for r in rows if r["train"] == "all" and "speed_ratio" in r
-             and result["environment"]["threads"] == TARGET_THREADS]
-    targets = [{"target": TRAIN_TARGETS["train_speed"], "unit": "reffuse/PyTorch tokens/s",
-                "measured": speed[0]["speed_ratio"] if speed else None,
-                "interval_95": speed[0]["speed_ratio_interval_95"] if speed else None,
-                "verdict": target_verdict([r["speed_ratio_interval_95"] for r in speed], SPEED_RATIO, True)}]
-    peak = max((r["reffuse"]["peak_rss_bytes"] for r in rows), default=None)
-    targets.append({"target": TRAIN_TARGETS["train_memory"], "unit": "GiB, largest reffuse peak",
-                    "measured": None if peak is None else peak / 2 ** 30, "interval_95": None,
-                    "verdict": "not measured" if peak is None else verdict([peak, peak], PEAK_RSS_BYTES, "<")})
-    return targets
+    rows = [r for r in result.rows if r.tokens == TARGET_TOKENS]
+    speed = [r for r in rows if r.train == "all" and r.speed_ratio is not None
+             and result.environment["threads"] == TARGET_THREADS]
+    peak = max((r.reffuse.peak_rss_bytes for r in rows), default=None)
+    return (Target(TRAIN_TARGETS["train_speed"], speed[0].speed_ratio if speed else None,
+                   speed[0].speed_ratio_interval_95 if speed else None, "reffuse/PyTorch tokens/s",
+                   target_verdict([r.speed_ratio_interval_95 for r in speed], SPEED_RATIO, True)),
+            Target(TRAIN_TARGETS["train_memory"], None if peak is None else peak / 2 ** 30, None,
+                   "GiB, largest reffuse peak",
+                   "not measured" if peak is None else verdict([peak, peak], PEAK_RSS_BYTES, "<")))
 
 
 def gib(n: int) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
 
-def train_markdown(result: dict, command: str | None = None) -> str:
+def train_markdown(result: TrainResult, command: str | None = None) -> str:
     """The result as Markdown (for benchmarks/results/*.md)."""
-    env = result["environment"]
+    env = result.environment
     blas = describe_blas(env)
-    h = result["hyperparameters"]
-    lines = [f"# reffuse bench --train: {result['model']} ({result['model_name']}), float32, {env['threads']} "
+    h = result.hyperparameters
+    lines = [f"# reffuse bench --train: {result.model} ({result.model_name}), float32, {env['threads']} "
              f"thread{'s' if env['threads'] != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
-    torch_row = next((r["pytorch"] for r in result["rows"] if "pytorch" in r), {})
-    lines += [f"One training step on {result['text']}: forward, mean next-token cross-entropy, backward to every "
-              f"trainable weight, clipping by global norm ({h['clip']}) and one AdamW step (lr {h['learning_rate']}, "
-              f"betas {tuple(h['betas'])}, eps {h['eps']}, weight decay {h['weight_decay']} on matrices). Each engine "
+    libraries = next((r.pytorch.libraries for r in result.rows if r.pytorch and r.pytorch.libraries), None)
+    torch_blas, kernels = (libraries.torch_blas, libraries.cpu_capability) if libraries else (None, None)
+    lines += [f"One training step on {result.text}: forward, mean next-token cross-entropy, backward to every "
+              f"trainable weight, clipping by global norm ({h.clip}) and one AdamW step (lr {h.learning_rate}, "
+              f"betas {h.betas}, eps {h.eps}, weight decay {h.weight_decay} on matrices). Each engine "
               f"runs in a worker process of its own (its peak resident memory is its own); the two take steps in "
-              f"turns, the order swapped every round, {result['repeats']} timed steps each after one untimed warm-up "
+              f"turns, the order swapped every round, {result.repeats} timed steps each after one untimed warm-up "
               "step; tokens/s are the window's tokens over the median step; a ratio is the " +
               ratio_definition(result).replace("repeats'", "rounds'") + " with "
               + interval_definition(result).replace("repeats", "rounds") + " in brackets. numpy " + env["numpy"]
               + (f", BLAS {blas}" if blas else "")
-              + (f"; torch {env['torch']} ({torch_row.get('torch_blas') or '?'}, "
-                 f"{torch_row.get('cpu_capability') or '?'} kernels), transformers {env['transformers']}"
-                 if "torch" in env else "")
+              + (f"; torch {env['torch']} ({torch_blas or '?'}, {kernels or '?'} kernels), transformers "
+                 f"{env['transformers']}" if "torch" in env else "")
               + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
               f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a "
               f"{env['cores']}-core machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
-    if not result["pytorch"]["used"]:
+    if not result.pytorch_used:
         lines += ["", "PyTorch not measured (--no-transformers)."]
     lines += ["", "| trainable | tensors (parameters) | tokens | reffuse tokens/s | PyTorch tokens/s | "
                   "reffuse / PyTorch tokens/s (95% interval) | reffuse peak RSS | PyTorch peak RSS |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        ours, theirs = r["reffuse"], r.get("pytorch")
-        lines.append(f"| {r['train']} | {r['trainable_tensors']} ({r['trainable_parameters'] / 1e6:.1f}M) | "
-                     f"{r['tokens']} | {ours['tokens_per_second']:.1f} | "
-                     + (f"{theirs['tokens_per_second']:.1f} | "
-                        f"{ratio_text(r['speed_ratio'], r['speed_ratio_interval_95'])} | " if theirs else "- | - | ")
-                     + f"{gib(ours['peak_rss_bytes'])} | "
-                     + (f"{gib(theirs['peak_rss_bytes'])} |" if theirs else "- |"))
+    for r in result.rows:
+        ours, theirs = r.reffuse, r.pytorch
+        lines.append(f"| {r.train} | {r.trainable_tensors} ({r.trainable_parameters / 1e6:.1f}M) | "
+                     f"{r.tokens} | {ours.tokens_per_second:.1f} | "
+                     + (f"{theirs.tokens_per_second:.1f} | "
+                        f"{ratio_text(r.speed_ratio, r.speed_ratio_interval_95)} | " if theirs else "- | - | ")
+                     + f"{gib(ours.peak_rss_bytes)} | "
+                     + (f"{gib(theirs.peak_rss_bytes)} |" if theirs else "- |"))
     lines.append("")
-    for r in result["rows"]:
-        ours, theirs = r["reffuse"], r.get("pytorch")
-        lines.append(f"- --train {r['train']}: reffuse {ours['median_step_seconds']:.2f} s a step, "
-                     f"{gib(ours['rss_after_setup_bytes'])} resident before the first step"
-                     + (f"; PyTorch ({theirs['implementation']}) {theirs['median_step_seconds']:.2f} s, "
-                        f"{gib(theirs['rss_after_setup_bytes'])} before the first step; loss at the loaded weights "
-                        f"{ours['losses'][0]:.5f} (reffuse) and {theirs['losses'][0]:.5f} (PyTorch), relative "
-                        f"difference {r['first_loss_relative_difference']:.1e}, at most "
-                        f"{r['worst_loss_relative_difference']:.1e} over all {len(ours['losses'])} steps"
+    for r in result.rows:
+        ours, theirs = r.reffuse, r.pytorch
+        lines.append(f"- --train {r.train}: reffuse {ours.median_step_seconds:.2f} s a step, "
+                     f"{gib(ours.rss_after_setup_bytes)} resident before the first step"
+                     + (f"; PyTorch ({theirs.implementation}) {theirs.median_step_seconds:.2f} s, "
+                        f"{gib(theirs.rss_after_setup_bytes)} before the first step; loss at the loaded weights "
+                        f"{ours.losses[0]:.5f} (reffuse) and {theirs.losses[0]:.5f} (PyTorch), relative "
+                        f"difference {r.first_loss_relative_difference:.1e}, at most "
+                        f"{r.worst_loss_relative_difference:.1e} over all {len(ours.losses)} steps"
                         if theirs else "") + ".")
     lines += ["", "A target is met when its 95% interval lies on its side, not met when it lies wholly on the other, "
                   "unresolved otherwise; the memory target is one measurement.", "",
               "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
-    return "\n".join(lines + target_rows(result["targets"])) + "\n"
+    return "\n".join(lines + target_rows(result.targets)) + "\n"

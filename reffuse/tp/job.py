@@ -10,20 +10,23 @@ import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from reffuse.core.backend import synchronize, to_numpy
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import attention_free_runs
-from reffuse.core.model import KVCache, Model, forward, to_device, weights_of
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import Model, forward, to_device, weights_of
 from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.formats.registry import load_model
 from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
 from reffuse.speed.timing import blas_threads
+from reffuse.speed.tp_result import Errors, ForwardRecord, TpResult, VariantResult
 from reffuse.stats import paired_ratio
-from reffuse.tp.allreduce import AllReduce
+from reffuse.tp.allreduce import AllReduce, AllReduceStats
 from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
 from reffuse.tp.sharding import allreduces_per_forward, check_shardable, shard_model
@@ -73,11 +76,22 @@ def weights_digest(model: Model) -> str:
     return digest.hexdigest()
 
 
-def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
+@dataclass
+class PreparedJob:
+    """Everything one rank needs before communicating (what prepare returns)."""
+    state: ParallelState
+    removed: list[int]             # the blocks whose attention was removed
+    groups: list                   # the fused runs, (first, last)
+    ids: Any                       # the token ids: prefill, then decode
+    identity: dict                 # what identifies the model loaded, for check_same_job once every rank has it
+    models: dict[str, Model]       # "sequential", "fused": whole, on this rank's device on rank 0 only
+    shards: dict[str, Model]       # the same names: this rank's shard, on its device
+
+
+def prepare(options: JobOptions, comm, watchdog: Watchdog) -> PreparedJob:
     """Everything each rank needs before communicating: its device, the models, its shards, the token ids, and
-    what identifies the model it loaded ("identity", for check_same_job once every rank has loaded). First of
-    all, before anything can fail on one rank only, every rank checks that all were started with the same
-    arguments."""
+    what identifies the model it loaded. First of all, before anything can fail on one rank only, every rank
+    checks that all were started with the same arguments."""
     check_same_job(comm, asdict(options), watchdog, "arguments")
     state = parallel_state(comm, options.device)
     for name in ("prefill_tokens", "repeats", "threads"):
@@ -88,7 +102,8 @@ def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
     if options.fail_on_rank is not None and not 0 <= options.fail_on_rank < state.size:
         raise ReffuseError(f"--fail-on-rank {options.fail_on_rank} is not a rank: ranks are 0..{state.size - 1}")
     # one rank per machine loads first: a model fetched and converted on first use is then cached for the others
-    model = rank_zero_first(state.node, lambda: load_model(options.model, dtype=options.dtype), f"loading {options.model}")
+    model = rank_zero_first(state.node, lambda: load_model(options.model, dtype=options.dtype),
+                            f"loading {options.model}")
     if options.drop_attention is not None:
         removed = list(options.drop_attention)
     else:
@@ -100,12 +115,13 @@ def prepare(options: JobOptions, comm, watchdog: Watchdog) -> dict:
     models = {"sequential": model, "fused": fuse(model, groups, norm=options.norm)}
     for m in models.values():
         check_shardable(m, state.size)
-    ids = np.random.default_rng(options.seed).integers(0, model.config.vocab_size, options.prefill_tokens + options.decode_tokens)
+    ids = np.random.default_rng(options.seed).integers(0, model.config.vocab_size,
+                                                       options.prefill_tokens + options.decode_tokens)
     # the full model is needed on rank 0 only, for the single-process reference
-    return {"state": state, "removed": removed, "groups": groups, "ids": ids, "identity": identity,
-            "models": {name: to_device(m, state.device) if state.rank == 0 else m for name, m in models.items()},
-            "shards": {name: to_device(shard_model(m, state.rank, state.size), state.device)
-                       for name, m in models.items()}}
+    return PreparedJob(state, removed, groups, ids, identity,
+                       {name: to_device(m, state.device) if state.rank == 0 else m for name, m in models.items()},
+                       {name: to_device(shard_model(m, state.rank, state.size), state.device)
+                        for name, m in models.items()})
 
 
 def run_forwards(models: dict, ids, tokens: int, allreduce: AllReduce | None = None, watchdog=None):
@@ -113,7 +129,8 @@ def run_forwards(models: dict, ids, tokens: int, allreduce: AllReduce | None = N
     `models` (name -> Model), the models taking turns at every forward: forward i of one model and forward i of
     another ran under the same load, a pair.
 
-    Returns, per model, the logits of every forward (as NumPy) and, per forward, its seconds and all-reduce stats.
+    Returns, per model, the logits of every forward (as NumPy) and its ForwardRecord (all-reduce stats zero
+    without `allreduce`).
     With a watchdog, every rank enters each forward together (a barrier, outside the timing).
     """
     caches = {name: KVCache(model, len(ids)) for name, model in models.items()}
@@ -130,83 +147,75 @@ def run_forwards(models: dict, ids, tokens: int, allreduce: AllReduce | None = N
             synchronize(out)
             seconds = time.perf_counter() - start
             logits[name].append(to_numpy(out))
-            stats = allreduce.stats.as_dict() if allreduce is not None else {}
-            records[name].append({f"allreduce_{k}": v for k, v in stats.items()} | {"seconds": seconds})
+            stats = allreduce.stats if allreduce is not None else AllReduceStats()
+            records[name].append(ForwardRecord(stats.count, stats.bytes, stats.seconds, seconds))
     return logits, records
 
 
-def errors(outputs: list, references: list) -> dict:
+def errors(outputs: list, references: list) -> Errors:
     """max |tp - single process| over the given forwards, and that over max |single process|."""
     max_abs = max(float(np.max(np.abs(o - r))) for o, r in zip(outputs, references))
     scale = max(float(np.max(np.abs(r))) for r in references)
-    return {"max_abs_error": max_abs, "max_rel_error": max_abs / scale}
+    return Errors(max_abs, max_abs / scale)
 
 
-def median_record(records: list[dict]) -> dict:
+def median_record(records: list[ForwardRecord]) -> ForwardRecord:
     """Median seconds over forwards of one kind; counts and bytes are the same in each of them."""
-    return {key: statistics.median(r[key] for r in records) if isinstance(value, float) else value
-            for key, value in records[0].items()}
+    return ForwardRecord(records[0].allreduce_count, records[0].allreduce_bytes,
+                         statistics.median(r.allreduce_seconds for r in records),
+                         statistics.median(r.seconds for r in records))
 
 
-def measure(options: JobOptions, models: dict, shards: dict, state: ParallelState, allreduce: AllReduce, ids) -> dict:
+def measure(options: JobOptions, models: dict, shards: dict, state: ParallelState, allreduce: AllReduce,
+            ids) -> tuple[dict[str, VariantResult], dict] | None:
     """Tensor-parallel prefill and decode of every model (name -> Model, and its shard on this rank), the models
-    alternated forward by forward and timed over repeats; fused / sequential time as the median of the paired
-    forwards' ratios with its 95% interval; on rank 0, errors against one process."""
+    alternated forward by forward and timed over repeats. On rank 0: each model's record with its errors against
+    one process, and fused / sequential time per phase, the median of the paired forwards' ratios with its 95%
+    interval; None on the other ranks."""
     prefills, decodes = {name: [] for name in models}, {name: [] for name in models}
     for _ in range(options.repeats):
         logits, records = run_forwards(shards, ids, options.prefill_tokens, allreduce, allreduce.watchdog)
         for name in models:
             prefills[name].append(records[name][0])
             decodes[name].extend(records[name][1:])
-    reference = run_forwards(models, ids, options.prefill_tokens)[0] if state.rank == 0 else None  # one process
-    results = {}
-    for name, model in models.items():
-        result = results[name] = {"blocks": len(model.blocks),
-                                  "blocks_with_attention": sum(b.attention is not None for b in model.blocks),
-                                  "ffn_blocks": sum(b.ffn is not None for b in model.blocks),
-                                  "expected_allreduce_count": allreduces_per_forward(model),
-                                  **median_record(prefills[name])}
-        if decodes[name]:
-            result["decode"] = median_record(decodes[name])
-        if reference is not None:
-            result |= errors(logits[name], reference[name])
-            result["prefill_errors"] = errors(logits[name][:1], reference[name][:1])
-            if decodes[name]:
-                result["decode_errors"] = errors(logits[name][1:], reference[name][1:])
-
-    def seconds(records):
-        return [r["seconds"] for r in records]
-
-    results["fused_over_sequential_time"] = {
-        phase: paired_ratio(seconds(forwards["fused"]), seconds(forwards["sequential"]))
-        for phase, forwards in (("prefill", prefills), ("decode", decodes)) if forwards["fused"]}
-    return results
+    if state.rank != 0:
+        return None
+    reference = run_forwards(models, ids, options.prefill_tokens)[0]  # one process
+    variants = {name: VariantResult(len(model.blocks), sum(b.attention is not None for b in model.blocks),
+                                    sum(b.ffn is not None for b in model.blocks), allreduces_per_forward(model),
+                                    median_record(prefills[name]),
+                                    median_record(decodes[name]) if decodes[name] else None,
+                                    errors(logits[name], reference[name]),
+                                    errors(logits[name][:1], reference[name][:1]),
+                                    errors(logits[name][1:], reference[name][1:]) if decodes[name] else None)
+                for name, model in models.items()}
+    ratios = {phase: paired_ratio([r.seconds for r in forwards["fused"]], [r.seconds for r in forwards["sequential"]])
+              for phase, forwards in (("prefill", prefills), ("decode", decodes)) if forwards["fused"]}
+    return variants, ratios
 
 
-def report(options: JobOptions, prepared: dict, results: dict, threads: int, allreduce: AllReduce) -> dict:
-    state = prepared["state"]
-    max_abs = max(results[name]["max_abs_error"] for name in ("sequential", "fused"))
-    max_rel = max(results[name]["max_rel_error"] for name in ("sequential", "fused"))
-    return {"model": prepared["models"]["sequential"].config.name, "ranks": state.size, "device": options.device,
-            "allreduce": options.allreduce,
-            "cuda_aware": allreduce.cuda_aware if options.device == "gpu" else None,
-            "allreduce_path": (None if options.device != "gpu" else "device buffers handed to MPI (CUDA-aware)"
-                               if allreduce.cuda_aware else "staged through host memory"),
-            "cuda_aware_source": allreduce.cuda_aware_source if options.device == "gpu" else None,
-            "dtype": options.dtype, "tokens": options.prefill_tokens, "decode_tokens": options.decode_tokens, "repeats": options.repeats,
-            "blas_threads_per_rank": threads, "load_average_1min": os.getloadavg()[0],
-            "attention_removed": prepared["removed"], "groups": [list(g) for g in prepared["groups"]], "norm": options.norm,
-            "max_abs_error": max_abs, "max_rel_error": max_rel, "tolerance_rel": RELATIVE_TOLERANCE[options.dtype],
-            "parity": max_rel <= RELATIVE_TOLERANCE[options.dtype], **results}
+def report(options: JobOptions, prepared: PreparedJob, variants: dict[str, VariantResult], ratios: dict,
+           allreduce: AllReduce) -> TpResult:
+    gpu = options.device == "gpu"
+    tolerance = RELATIVE_TOLERANCE[options.dtype]
+    worst = Errors(max(v.errors.max_abs_error for v in variants.values()),
+                   max(v.errors.max_rel_error for v in variants.values()))
+    path = (("device buffers handed to MPI (CUDA-aware)" if allreduce.cuda_aware else "staged through host memory")
+            if gpu else None)
+    return TpResult(prepared.models["sequential"].config.name, prepared.state.size, options.device, options.allreduce,
+                    allreduce.cuda_aware if gpu else None, path, allreduce.cuda_aware_source if gpu else None,
+                    options.dtype, options.prefill_tokens, options.decode_tokens, options.repeats, options.threads,
+                    os.getloadavg()[0], prepared.removed, [list(g) for g in prepared.groups], options.norm, worst,
+                    tolerance, worst.max_rel_error <= tolerance, variants["sequential"], variants["fused"], ratios)
 
 
-def run_job(options: JobOptions, prepared: dict, watchdog: Watchdog) -> dict | None:
+def run_job(options: JobOptions, prepared: PreparedJob, watchdog: Watchdog) -> TpResult | None:
     """Both models measured on every rank; rank 0's report (report), None on the other ranks."""
-    state = prepared["state"]
+    state = prepared.state
     kind = FailingAllReduce if options.fail_on_rank == state.rank else AllReduce
     allreduce = kind(state.comm, options.allreduce, CUDA_AWARE[options.cuda_aware], watchdog)
     with blas_threads(options.threads):
-        results = measure(options, prepared["models"], prepared["shards"], state, allreduce, prepared["ids"])
-    if state.rank != 0:
+        measured = measure(options, prepared.models, prepared.shards, state, allreduce, prepared.ids)
+    if measured is None:
         return None
-    return report(options, prepared, results, options.threads, allreduce)
+    return report(options, prepared, *measured, allreduce)

@@ -31,7 +31,8 @@ import dataclasses
 from reffuse.core.backend import array_module
 from reffuse.errors import ReffuseError
 from reffuse.core.layout import sharding_problems
-from reffuse.core.model import FFN, Attention, Block, Config, Linear, Model
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Attention, Block, Linear, Model
 
 
 def query_heads(config: Config, rank: int, n_ranks: int) -> range:

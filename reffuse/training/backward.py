@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from reffuse.core.backend import array_module
-from reffuse.core.model import FFN, Attention, Config, apply_rope, silu, softmax_
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Attention, silu, softmax_
+from reffuse.core.rope import apply_rope
 
 # ---------------------------------------------------------------------------------------------------------------
 # Token embedding

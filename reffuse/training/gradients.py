@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from reffuse.core.backend import array_module
-from reffuse.core.model import Block, Linear, Model, check_token_ids, rope_tables, run_blocks
+from reffuse.core.model import Block, Linear, Model, check_token_ids, run_blocks
+from reffuse.core.rope import rope_tables
 from reffuse.core.names import ATTENTION_NAMES, EMBED, FFN_NAMES, FINAL_NORM, LM_HEAD, block_prefix, named_weights
 from reffuse.errors import ReffuseError
 from reffuse.training import backward as bw

@@ -24,7 +24,7 @@ from reffuse.core.backend import array_module, to_numpy
 from reffuse.core.model import Model, forward
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
-from reffuse.files import write_bytes_atomic
+from reffuse.outputs import write_bytes_atomic
 from reffuse.progress import note
 from reffuse.training.gradients import check_trainable, gradients
 from reffuse.training.optim import AdamW, Schedule, clip_by_global_norm
@@ -56,6 +56,10 @@ class TrainingOptions:
 
     def to_json(self) -> dict:
         return {**asdict(self), "betas": list(self.betas)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "TrainingOptions":
+        return cls(**{**raw, "betas": tuple(raw["betas"])})
 
 
 @dataclass
@@ -146,6 +150,23 @@ def load_checkpoint(folder: Path, weights: dict, optimizer: AdamW, state: dict) 
     return TrainingLog.from_json(saved["log"])
 
 
+def take_step(optimizer: AdamW, schedule: Schedule, grads: dict, loss: float, step: int, clip: float,
+              log: TrainingLog, tokens: int, started: float, what: str = "training") -> None:
+    """Step `step` of a run: its gradients clipped by global norm, one AdamW update at the schedule's rate, and
+    the step in the log (`tokens` read, the time since `started`). A non-finite loss stops the run before the
+    update, which would carry it into every weight."""
+    if not math.isfinite(loss):
+        raise ReffuseError(f"{what} diverged at step {step} (loss {loss}): use a smaller learning rate")
+    norm = clip_by_global_norm(grads, clip)
+    rate = schedule.rate(step)
+    optimizer.step(grads, rate)
+    log.losses.append(loss)
+    log.gradient_norms.append(norm)
+    log.learning_rates.append(rate)
+    log.tokens += tokens
+    log.seconds += time.perf_counter() - started
+
+
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
@@ -193,16 +214,8 @@ def train(student: Model, windows, trainable, options: TrainingOptions, teacher:
         if options.windows_per_step > 1:
             for g in total.values():
                 g /= options.windows_per_step
-        if not math.isfinite(step_loss):
-            raise ReffuseError(f"training diverged at step {step} (loss {step_loss}): use a smaller learning rate")
-        norm = clip_by_global_norm(total, options.clip)
-        rate = schedule.rate(step)
-        optimizer.step(total, rate)
-        log.losses.append(step_loss)
-        log.gradient_norms.append(norm)
-        log.learning_rates.append(rate)
-        log.tokens += options.windows_per_step * window_tokens
-        log.seconds += time.perf_counter() - started
+        take_step(optimizer, schedule, total, step_loss, step, options.clip, log,
+                  options.windows_per_step * window_tokens, started)
         if progress:
             rate_tokens = log.tokens / log.seconds if log.seconds else 0.0
             left = (options.steps - step) * log.seconds / len(log.losses)

@@ -6,7 +6,8 @@ import pytest
 import reffuse
 from reffuse.core.backend import array_module, device_of, gpu_available, to_numpy
 from reffuse.errors import ReffuseError
-from reffuse.core.model import KVCache, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import forward
 
 needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no usable GPU (CuPy missing or no CUDA device)")
 

@@ -14,8 +14,10 @@ import pytest
 import reffuse
 from reffuse.core.fast import for_speed
 from reffuse.core.layout import sharding_problems
-from reffuse.core.model import (KVCache, Linear, RopeScaling, attention_output, ffn_output, forward, plain,
-                                rope_frequencies)
+from reffuse.core.config import RopeScaling
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import Linear, attention_output, ffn_output, forward, plain
+from reffuse.core.rope import rope_frequencies
 from reffuse.core.patterns import FUSED, PATTERN_CONFIG, PATTERNS, build_pattern
 from reffuse.errors import ReffuseError
 from reffuse.formats.checkpoint import load_folder, save_model, save_nemotron_nas

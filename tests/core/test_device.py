@@ -7,7 +7,8 @@ import pytest
 import reffuse
 from reffuse.core.backend import array_module, device_of, to_numpy
 from reffuse.core.generate import generate
-from reffuse.core.model import KVCache, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import forward
 
 # GPU and CPU differ only in the order of additions; here both are NumPy underneath, so they agree to rounding of
 # the same order: the targets of the CPU tests (1e-12 float64, 1e-5 float32, of the largest logit)

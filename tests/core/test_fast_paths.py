@@ -1,4 +1,5 @@
-"""The fast kernels (reffuse.core.fast) against the plain functions of reffuse.core.model they replace.
+"""The fast kernels (reffuse.core.fast) against the plain functions (reffuse.core.model, reffuse.core.rope) they
+replace.
 
 Bit for bit where the operations are the same (the RoPE rows, the FFN below its threshold); otherwise
 float64 to 1e-12, and float32 within the float32 targets of reffuse.evaluation.verify: a stacked product, a sum
@@ -15,9 +16,12 @@ import pytest
 import reffuse
 from reffuse.core import fast
 from reffuse.core import model as core
+from reffuse.core import rope
 from reffuse.core.fast import FAST, StackedAttention, attention_stacked, for_speed, rope_rows, stacked, swiglu_in_cache
 from reffuse.core.fusion import fuse
-from reffuse.core.model import PLAIN, Attention, KVCache, attention, forward, plain, rope_tables, swiglu
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import PLAIN, Attention, attention, forward, plain, swiglu
+from reffuse.core.rope import rope_tables
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.verify import TARGETS
@@ -122,7 +126,8 @@ def test_forward_on_the_fast_kernels_and_on_the_plain_ones(tiny64, tiny32, tiny_
 
 def test_the_plain_forward_calls_the_plain_functions_and_nothing_in_fast(tiny64, tiny32, tiny_ids, monkeypatch):
     """Step through `forward` on plain(model) with every function of reffuse.core.fast made to raise and every call
-    recorded: it reaches attention, swiglu and rope_tables of reffuse.core.model, and gives the fast model's logits."""
+    recorded: it reaches attention and swiglu of reffuse.core.model and rope_tables of reffuse.core.rope, and gives
+    the fast model's logits."""
     cases = [(plain(for_speed(model)), check, forward(for_speed(model), tiny_ids, parallel_groups=[(4, 6)]))
              for model, check in float_checks(tiny64, tiny32)]
 
@@ -147,7 +152,7 @@ def test_the_plain_forward_calls_the_plain_functions_and_nothing_in_fast(tiny64,
         finally:
             sys.settrace(before)
         assert not {name for file, name in called if file == fast.__file__}
-        assert {(core.__file__, name) for name in ("attention", "swiglu", "rope_tables")} <= called
+        assert {(core.__file__, "attention"), (core.__file__, "swiglu"), (rope.__file__, "rope_tables")} <= called
         assert check(logits, fast_logits)
 
 

@@ -16,8 +16,9 @@ import reffuse
 from reffuse.core import fast, gpu_kernels
 from reffuse.core.backend import to_numpy
 from reffuse.core.fast import attention_in_few_kernels, for_speed, stacked
-from reffuse.core.model import (KVCache, apply_rope, attention, forward, rms_norm, rope_tables, silu, softmax_,
-                                to_device)
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import attention, forward, rms_norm, silu, softmax_, to_device
+from reffuse.core.rope import apply_rope, rope_tables
 from reffuse.core.tiny import SMOLLM2_SHAPED_CONFIG, build_synthetic, build_tiny
 from reffuse.evaluation.verify import TARGETS
 

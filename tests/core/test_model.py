@@ -5,7 +5,9 @@ import pytest
 
 import reffuse
 from reffuse.errors import ReffuseError
-from reffuse.core.model import (KVCache, apply_rope, attention, check_token_ids, forward, rms_norm, rope_tables, silu)
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import attention, check_token_ids, forward, rms_norm, silu
+from reffuse.core.rope import apply_rope, rope_tables
 
 
 def loop_attention(attn, x, cfg):

@@ -2,11 +2,14 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import reffuse
+from reffuse.experiments.demo_result import (CALIBRATED, FUSED, HEALED, REMOVED, DemoResult, RemovalChoice,
+                                             TextsRecord)
 from reffuse.method.calibrate import calibrated_fuse
 from reffuse.cli import main
 from reffuse.method.pipeline import PROVENANCE_FILE
@@ -50,6 +53,44 @@ def test_demo_tiny_json_is_complete_and_exact(tiny_demo):
         assert (folder / name).is_file()
 
 
+def test_the_demo_json_reads_back_as_it_was_written(tiny_demo):
+    report, _ = tiny_demo
+    assert DemoResult.from_json(report).to_json() == report
+
+
+def test_a_demo_with_held_out_quality_reads_back_and_prints(tiny_demo, capsys):
+    """The quality a real model gets (a synthetic one has none), measured here on tiny's ids."""
+    from reffuse.commands.demo import print_report
+    from reffuse.core.fusion import fuse
+    from reffuse.experiments.demo import held_out_quality
+    from reffuse.method.pipeline import load_texts
+
+    report, _ = tiny_demo
+    demo = DemoResult.from_json(report)
+    original = reffuse.load_model("tiny")
+    removed = drop_attention(original, demo.attention_removal.blocks)
+    fused = fuse(removed, demo.groups)
+    models = {REMOVED: removed, FUSED: fused, CALIBRATED: fused, HEALED: fused}
+    texts = load_texts("tiny", original, 256, 256)
+    quality, gap = held_out_quality(original, removed, models, texts, demo.attention_removal.blocks[0])
+    assert quality.models[FUSED].kl_vs_attention_removed == gap.kl
+    raw = demo.to_json() | {"quality": quality.to_json(), "sequential_vs_parallel": gap.to_json()}
+    assert DemoResult.from_json(raw).to_json() == raw
+    print_report(DemoResult.from_json(raw))
+    assert "calibration closes" in capsys.readouterr().out
+
+
+COMMITTED = sorted(Path(__file__).parents[2].glob("reports/experiments/**/experiments.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.parent.name))
+def test_the_parts_the_experiments_record_as_the_demo_does_read_back(path):
+    """No demo JSON is committed; the experiments' texts and attention removal are the same records."""
+    raw = json.loads(path.read_text())
+    assert TextsRecord.from_json(raw["texts"]).to_json() == raw["texts"]
+    assert RemovalChoice.from_json(raw["attention_removal"]).to_json() == raw["attention_removal"]
+
+
 RATIO = r"(\d+\.\d+)x \((\d+\.\d+)-(\d+\.\d+)\)"  # 1.47x (0.95-1.91)
 MS = r"(\d+\.\d{3})"
 
@@ -64,7 +105,7 @@ def agrees(ratio: float, numerator: float, denominator: float, half_unit: float)
 def test_every_printed_speedup_lies_in_its_interval_and_on_the_side_of_its_rates(tiny_demo, capsys):
     from reffuse.commands.demo import print_report
     report, _ = tiny_demo
-    print_report(report)
+    print_report(DemoResult.from_json(report))
     text = capsys.readouterr().out
     printed = re.findall(RATIO, text)
     assert len(printed) == 3 + 2 * 2 + 1 + 2, text  # the decode table, the region table, the summary's line 4

@@ -7,7 +7,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from reffuse.core.generate import generate
-from reffuse.core.model import KVCache, forward
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import forward
 from reffuse.errors import ReffuseError
 from reffuse.formats.checkpoint import load_folder, save_model
 from reffuse.method.removal import drop_attention

@@ -10,7 +10,8 @@ import reffuse  # noqa: E402
 from reffuse.formats.checkpoint import model_from_tensors  # noqa: E402
 from reffuse.errors import ReffuseError  # noqa: E402
 from reffuse.formats.gguf import hf_name, load_gguf, rope_rows_to_interleaved, rope_rows_to_rotate_half  # noqa: E402
-from reffuse.core.model import Config, apply_rope, rope_tables  # noqa: E402
+from reffuse.core.config import Config  # noqa: E402
+from reffuse.core.rope import apply_rope, rope_tables  # noqa: E402
 
 # Small enough to write in milliseconds; widths are multiples of 32 so rows can be Q8_0 blocks.
 CONFIG = Config(vocab_size=96, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=10000.0, norm_eps=1e-5,

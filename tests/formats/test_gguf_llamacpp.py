@@ -17,7 +17,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 import reffuse  # noqa: E402
-from reffuse.core.model import RopeScaling, forward  # noqa: E402
+from reffuse.core.config import RopeScaling  # noqa: E402
+from reffuse.core.model import forward  # noqa: E402
 from reffuse.core.patterns import PATTERN_CONFIG, build_pattern  # noqa: E402
 from reffuse.evaluation.llamacpp import LlamaCpp  # noqa: E402
 from reffuse.formats.checkpoint import model_to_tensors  # noqa: E402

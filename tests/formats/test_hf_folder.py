@@ -10,7 +10,7 @@ import reffuse
 from reffuse.core.layout import BlockLayout
 from reffuse.formats.checkpoint import bfloat16_to_float32, tensor_shapes
 from reffuse.errors import ReffuseError
-from reffuse.core.model import Config
+from reffuse.core.config import Config
 
 CONFIG = Config(vocab_size=96, dim=64, n_heads=4, n_kv_heads=2, head_dim=16, rope_theta=10000.0, norm_eps=1e-5,
                 tie_embeddings=False, name="hf-test")

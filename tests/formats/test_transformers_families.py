@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import reffuse  # noqa: E402
 from reffuse.core.model import forward  # noqa: E402
-from reffuse.formats.checkpoint import ARITHMETIC_FREE_KEYS, READ_KEYS  # noqa: E402
+from reffuse.formats.hf_config import ARITHMETIC_FREE_KEYS, READ_KEYS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # transformers and torch take seconds to import
 

@@ -12,7 +12,8 @@ from reffuse.errors import ReffuseError
 from reffuse.core.layout import full_blocks
 from reffuse.method.metrics import (block_evaluations_needed, cosine_distance, dependency,
                              greedy_windows, matrix_from_json, matrix_to_json, residual_stream, window_statistics)
-from reffuse.core.model import FFN, Block, Config, Model, rms_norm
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Block, Model, rms_norm
 from reffuse.method.removal import drop_attention
 from reffuse.speed.timing import blas_threads
 
@@ -286,6 +287,8 @@ def test_analyze_command_writes_what_it_measured(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "analysis.json").read_text())
     assert printed["dependency"] == written["dependency"]
+    from reffuse.method.analysis import Analysis
+    assert Analysis.from_json(written).to_json() == written
     assert sorted(p.name for p in out.glob("*.png")) == ["block_metrics.png", "dependency_block.png",
                                                          "dependency_ffn.png", "layout.png", "windows.png"]
     tokens = written["tokens"]

@@ -1,6 +1,8 @@
 """The speed work's correctness (never its timings): blocked SwiGLU, the benchmark's output, the speed figure."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from reffuse.core import fast
 from reffuse.core import model as model_module
 from reffuse.speed.bench import ffn_run_model, reffuse_decode, run_benchmark
 from reffuse.speed.bench_report import check_targets, markdown, target_verdict
+from reffuse.speed.bench_result import BenchResult, FfnRow, PrefillRow, TransformersUse
 from reffuse.speed.environment import describe_blas
 from reffuse.speed.timing import ratio_text
 from reffuse.stats import paired_ratio
@@ -72,40 +75,46 @@ def tiny_result():
 
 def test_benchmark_result_has_every_part(tiny_result):
     r = tiny_result
-    assert [row["tokens"] for row in r["prefill"]] == [8, 16]
-    assert all(row["reffuse_seconds"] > 0 and "time_ratio" not in row for row in r["prefill"])
-    assert r["decode"]["new_tokens"] == 3 and r["decode"]["reffuse_tokens_per_second"] > 0
-    assert r["ffn_run"]["blocks"] == 8 and r["ffn_run"]["fused_width"] == sum(r["ffn_run"]["widths"])
-    assert {row["tokens"] for row in r["ffn_run"]["rows"]} == {1, 128}
-    assert r["transformers"] == {"used": False, "reason": "not asked for (--no-transformers)"}
-    assert r["environment"]["threads"] == 1
-    processor = r["environment"]["processor"]
+    assert [row.tokens for row in r.prefill] == [8, 16]
+    assert all(row.reffuse_seconds > 0 and row.time_ratio is None for row in r.prefill)
+    assert r.decode.new_tokens == 3 and r.decode.reffuse_tokens_per_second > 0
+    assert r.ffn_run.blocks == 8 and r.ffn_run.fused_width == sum(r.ffn_run.widths)
+    assert {row.tokens for row in r.ffn_run.rows} == {1, 128}
+    assert r.transformers == TransformersUse(False, "not asked for (--no-transformers)")
+    assert r.environment["threads"] == 1
+    processor = r.environment["processor"]
     assert processor is None or (processor in markdown(r) and processor.strip() == processor)
-    bound = r["bound"]  # every weight once, at the best streaming rate measured in the run
-    assert bound["seconds_per_token"] == pytest.approx(bound["weight_bytes"] / max(bound["bandwidth"].values()))
-    assert set(bound["fractions"]) == {"reffuse"} and "fraction of the bound" in markdown(r)
-    json.dumps(r)  # JSON-ready
+    bound = r.bound  # every weight once, at the best streaming rate measured in the run
+    assert bound.seconds_per_token == pytest.approx(bound.weight_bytes / max(dataclasses.astuple(bound.bandwidth)))
+    assert set(bound.fractions) == {"reffuse"} and "fraction of the bound" in markdown(r)
+    raw = json.loads(json.dumps(r.to_json()))  # JSON-ready, and read back the same
+    assert "time_ratio" not in raw["prefill"][0] and BenchResult.from_json(raw) == r
+
+
+def prefill_rows(*ratios):
+    """Prefill rows of the given (tokens, time ratio, its interval)."""
+    return tuple(PrefillRow(tokens=tokens, reffuse_seconds=0.1, time_ratio=ratio, time_ratio_interval_95=interval)
+                 for tokens, ratio, interval in ratios)
 
 
 def test_targets_are_judged_from_the_intervals_of_the_ratios(tiny_result):
-    r = dict(tiny_result)
-    r["prefill"] = [{"tokens": 64, "time_ratio": 0.7, "time_ratio_interval_95": [0.68, 0.72]},
-                    {"tokens": 128, "time_ratio": 0.79, "time_ratio_interval_95": [0.77, 0.81]}]
-    r["decode"] = dict(r["decode"], speedup=2.6, speedup_interval_95=[2.55, 2.7],
-                       fraction_of_llamacpp=0.45, fraction_of_llamacpp_interval_95=[0.4, 0.49])
-    r["ffn_run"] = dict(r["ffn_run"], rows=[{"tokens": 1, "speedup": 1.4},  # no interval: its own
-                                            {"tokens": 128, "speedup": 1.01, "speedup_interval_95": [1.0, 1.02]},
-                                            {"tokens": 512, "speedup": 0.99, "speedup_interval_95": [0.97, 1.01]}])
-    checks = [(t["measured"], t["interval_95"], t["verdict"]) for t in check_targets(r)]
-    assert checks == [(0.79, [0.77, 0.81], "unresolved"),  # the worst length's interval holds 0.8
-                      (2.6, [2.55, 2.7], "met"), (0.45, [0.4, 0.49], "not met"), (1.4, [1.4, 1.4], "met"),
-                      (0.99, [0.97, 1.01], "unresolved")]
+    ffn_rows = (FfnRow(tokens=1, sequential=1.4, fused=1.0, speedup=1.4),  # no interval: its own
+                FfnRow(tokens=128, sequential=1.0, fused=1.0, speedup=1.01, speedup_interval_95=(1.0, 1.02)),
+                FfnRow(tokens=512, sequential=1.0, fused=1.0, speedup=0.99, speedup_interval_95=(0.97, 1.01)))
+    r = dataclasses.replace(
+        tiny_result, prefill=prefill_rows((64, 0.7, (0.68, 0.72)), (128, 0.79, (0.77, 0.81))),
+        decode=dataclasses.replace(tiny_result.decode, speedup=2.6, speedup_interval_95=(2.55, 2.7),
+                                   fraction_of_llamacpp=0.45, fraction_of_llamacpp_interval_95=(0.4, 0.49)),
+        ffn_run=dataclasses.replace(tiny_result.ffn_run, rows=ffn_rows))
+    checks = [(t.measured, t.interval_95, t.verdict) for t in check_targets(r)]
+    assert checks == [(0.79, (0.77, 0.81), "unresolved"),  # the worst length's interval holds 0.8
+                      (2.6, (2.55, 2.7), "met"), (0.45, (0.4, 0.49), "not met"), (1.4, (1.4, 1.4), "met"),
+                      (0.99, (0.97, 1.01), "unresolved")]
     # one length wholly on the wrong side decides, whatever the others say, and is the one shown
-    r["prefill"] = [{"tokens": 64, "time_ratio": 0.82, "time_ratio_interval_95": [0.81, 0.83]},
-                    {"tokens": 128, "time_ratio": 0.8, "time_ratio_interval_95": [0.7, 0.9]}]
-    assert [check_targets(r)[0][key] for key in ("measured", "verdict")] == [0.82, "not met"]
+    r = dataclasses.replace(r, prefill=prefill_rows((64, 0.82, (0.81, 0.83)), (128, 0.8, (0.7, 0.9))))
+    assert (check_targets(r)[0].measured, check_targets(r)[0].verdict) == (0.82, "not met")
     # no transformers, no llama.cpp: not measured
-    assert [t["verdict"] for t in check_targets(tiny_result)][:3] == ["not measured"] * 3
+    assert [t.verdict for t in check_targets(tiny_result)][:3] == ["not measured"] * 3
     assert "not measured" in markdown(tiny_result)
 
 
@@ -135,12 +144,12 @@ def test_bench_command_on_tiny_writes_json_and_markdown(tmp_path, capsys, monkey
     monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
     assert main(["bench", "--model", "tiny", "--repeats", "1", "--threads", "1", "--no-transformers",
                  "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["command"] == ("OPENBLAS_CORETYPE=Haswell reffuse bench --model tiny --repeats 1 --threads 1 "
-                                 f"--no-transformers --out {out}")
-    assert [row["tokens"] for row in result["ffn_run"]["rows"]] == [1, 16, 128, 512]
+    result = BenchResult.from_json(json.loads(out.read_text()))
+    assert result.command == ("OPENBLAS_CORETYPE=Haswell reffuse bench --model tiny --repeats 1 --threads 1 "
+                              f"--no-transformers --out {out}")
+    assert [row.tokens for row in result.ffn_run.rows] == [1, 16, 128, 512]
     md = out.with_suffix(".md").read_text()
-    assert result["command"] in md and "| 512 |" in md
+    assert result.command in md and "| 512 |" in md
     assert "sequential / fused" in capsys.readouterr().out
 
 
@@ -184,21 +193,29 @@ def test_describe_blas_says_whether_the_environment_chose_the_kernels():
 def test_too_few_pairs_give_no_interval_and_no_verdict(tiny_result):
     few = paired_ratio([1.2, 1.25, 1.21, 1.3, 1.22], [1.0] * 5)  # 5 pairs: even their whole span covers 94%
     assert few["interval_95"] is None and not few["resolved"] and few["median"] == pytest.approx(1.22)
-    r = dict(tiny_result)
-    r["decode"] = dict(r["decode"], speedup=3.0, speedup_interval_95=None)
-    check = check_targets(r)[1]
-    assert (check["measured"], check["interval_95"], check["verdict"]) == (3.0, None, "unresolved")
-    decode = r["decode"]
-    assert "no interval: fewer than 6 repeats" in ratio_text(decode["speedup"], decode["speedup_interval_95"])
+    decode = dataclasses.replace(tiny_result.decode, speedup=3.0, speedup_interval_95=None)
+    check = check_targets(dataclasses.replace(tiny_result, decode=decode))[1]
+    assert (check.measured, check.interval_95, check.verdict) == (3.0, None, "unresolved")
+    assert "no interval: fewer than 6 repeats" in ratio_text(decode.speedup, decode.speedup_interval_95)
+
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_every_committed_bench_result_reads_and_writes_back_as_it_is():
+    committed = [p for p in sorted(RESULTS.rglob("bench_*.json")) if '"ffn_run"' in p.read_text()]
+    assert {p.stem for p in committed} >= {"bench_smollm2", "bench_smollm2_haswell"}
+    for path in committed:
+        raw = json.loads(path.read_text())
+        assert BenchResult.from_json(raw).to_json() == raw, path.name
 
 
 @pytest.mark.parametrize("name", ["bench_smollm2", "bench_smollm2_haswell"])
 def test_the_committed_verdicts_and_tables_follow_from_the_committed_numbers_by_the_code(name):
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / f"{name}.json"
-    result = json.loads(path.read_text())
-    assert check_targets(result) == result["targets"]
-    assert markdown(result, result["command"]) == path.with_suffix(".md").read_text()
+    path = RESULTS / f"{name}.json"
+    result = BenchResult.from_json(json.loads(path.read_text()))
+    assert check_targets(result) == result.targets
+    assert markdown(result, result.command) == path.with_suffix(".md").read_text()
 
 
 class _Event:

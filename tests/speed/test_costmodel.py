@@ -6,6 +6,7 @@ Hardware, never how fast this machine is.
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from reffuse.core.layout import BlockLayout, attention_free_runs
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
 from reffuse.core.model import weights_of
+from reffuse.speed.tp_result import TpResult
 from reffuse.tp.sharding import allreduces_per_forward
 
 
@@ -184,14 +186,17 @@ def test_cpu_calibration_gives_a_usable_hardware(cpu, layouts):
     assert [r["tp"] for r in projection["rows"]] == [1] and "no all-reduce" in projection["skipped_tp"]["3"]
 
 
-def tp_result(ranks, counts, attention_removed=()):
-    """A `reffuse tp --json` result, reduced to what the cost model reads."""
-    def variant(count):
-        record = {"allreduce_count": count, "allreduce_seconds": 1e-4, "seconds": 1e-3}
-        return record | {"decode": dict(record)}
-    return {"model": "tiny (synthetic, random weights)", "ranks": ranks, "blas_threads_per_rank": 1, "tokens": 16,
-            "decode_tokens": 4, "groups": [[4, 8]], "attention_removed": list(attention_removed),
-            "sequential": variant(counts[0]), "fused": variant(counts[1])}
+def tp_result(ranks, counts, attention_removed=()) -> TpResult:
+    """The committed `reffuse tp` run of tiny (groups 4-8), with these ranks, (sequential, fused) all-reduce
+    counts and blocks without attention."""
+    committed = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "tp_tiny_n2.json"
+    result = TpResult.from_json(json.loads(committed.read_text()))
+
+    def variant(record, count):
+        return dataclasses.replace(record, prefill=dataclasses.replace(record.prefill, allreduce_count=count),
+                                   decode=dataclasses.replace(record.decode, allreduce_count=count))
+    return dataclasses.replace(result, ranks=ranks, attention_removed=list(attention_removed),
+                               sequential=variant(result.sequential, counts[0]), fused=variant(result.fused, counts[1]))
 
 
 def test_predictions_for_tp_runs_count_what_the_runs_counted(cpu):
@@ -272,7 +277,7 @@ def test_measured_table_reuses_a_recorded_calibration(tmp_path, capsys, cpu):
     recorded = tmp_path / "costmodel.json"
     recorded.write_text(json.dumps({"measured": {"hardware": {"calibration": calibration}}}))
     run = tmp_path / "tp_tiny_n2.json"
-    run.write_text(json.dumps(tp_result(2, (18, 14))))
+    run.write_text(json.dumps(tp_result(2, (18, 14)).to_json()))
     assert main(["costmodel", "--json", "--measured", str(run), "--calibration", str(recorded)]) == 0
     captured = capsys.readouterr()
     assert "calibrating" not in captured.err                                   # nothing was measured

@@ -1,7 +1,9 @@
 """`reffuse bench --train` on the tiny model: the result's structure, both engines' losses agreeing, the fused model
 and its trainable set, and the verdicts following the intervals (never a wall-clock verdict)."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from reffuse.core.tiny import TINY_CONFIG, build_synthetic, build_tiny  # noqa: 
 from reffuse.speed.torch_models import TorchStep, is_plain_llama  # noqa: E402
 from reffuse.speed.train_bench import (HYPERPARAMETERS, PEAK_RSS_BYTES, ReffuseStep, check_train_targets,  # noqa: E402
                                        train_markdown, trainable_set, training_model)
+from reffuse.speed.train_result import (EngineSteps, FusedModel, Hyperparameters, TrainResult,  # noqa: E402
+                                        TrainRow)
 
 TOKENS, REPEATS = 16, 2
 
@@ -24,40 +28,39 @@ def cli_result(tmp_path_factory):
     code = main(["bench", "--model", "tiny", "--train", "all", "--train", "fused", "--window", str(TOKENS),
                  "--threads", "1", "--repeats", str(REPEATS), "--out", str(out)])
     assert code == 0
-    return json.loads(out.read_text()), out.with_suffix(".md").read_text()
+    return TrainResult.from_json(json.loads(out.read_text())), out.with_suffix(".md").read_text()
 
 
 def test_result_has_both_trainable_sets_and_both_engines(cli_result):
     result, _ = cli_result
-    assert [r["train"] for r in result["rows"]] == ["all", "fused"]
-    assert result["tokens"] == TOKENS and result["environment"]["threads"] == 1 and result["pytorch"]["used"]
-    assert "--train all --train fused" in result["command"]
-    for row in result["rows"]:
-        for engine in ("reffuse", "pytorch"):
-            side = row[engine]
-            assert len(side["step_seconds"]) == REPEATS and all(s > 0 for s in side["step_seconds"])
-            assert len(side["losses"]) == REPEATS + 1                      # the warm-up step's too
-            assert side["tokens_per_second"] == pytest.approx(TOKENS / side["median_step_seconds"])
-            assert side["peak_rss_bytes"] >= side["rss_after_setup_bytes"] > 0
-        assert "equations" in row["pytorch"]["implementation"]             # tiny has attention-free blocks
-        assert row["speed_ratio"] > 0 and row["speed_ratio_interval_95"] is None  # too few repeats for one
-    all_row, fused_row = result["rows"]
-    assert all_row["trainable_parameters"] > fused_row["trainable_parameters"]
+    assert [r.train for r in result.rows] == ["all", "fused"]
+    assert result.tokens == TOKENS and result.environment["threads"] == 1 and result.pytorch_used
+    assert "--train all --train fused" in result.command
+    for row in result.rows:
+        for side in (row.reffuse, row.pytorch):
+            assert len(side.step_seconds) == REPEATS and all(s > 0 for s in side.step_seconds)
+            assert len(side.losses) == REPEATS + 1                      # the warm-up step's too
+            assert side.tokens_per_second == pytest.approx(TOKENS / side.median_step_seconds)
+            assert side.peak_rss_bytes >= side.rss_after_setup_bytes > 0
+        assert "equations" in row.pytorch.implementation             # tiny has attention-free blocks
+        assert row.speed_ratio > 0 and row.speed_ratio_interval_95 is None  # too few repeats for one
+    all_row, fused_row = result.rows
+    assert all_row.trainable_parameters > fused_row.trainable_parameters
 
 
 def test_both_engines_compute_the_same_losses(cli_result):
     result, _ = cli_result
-    for row in result["rows"]:
-        assert row["first_loss_relative_difference"] < 1e-5    # the same weights, the same window
-        assert row["worst_loss_relative_difference"] < 1e-4    # and the same updates after it
-        np.testing.assert_allclose(row["reffuse"]["losses"], row["pytorch"]["losses"], rtol=1e-4)
+    for row in result.rows:
+        assert row.first_loss_relative_difference < 1e-5    # the same weights, the same window
+        assert row.worst_loss_relative_difference < 1e-4    # and the same updates after it
+        np.testing.assert_allclose(row.reffuse.losses, row.pytorch.losses, rtol=1e-4)
 
 
 def test_markdown_and_targets_of_a_run_off_the_target_settings(cli_result):
     result, text = cli_result
-    assert result["command"] in text
+    assert result.command in text
     assert "| all | " in text and "| fused | " in text
-    assert [t["verdict"] for t in result["targets"]] == ["not measured", "not measured"]  # 16 tokens, 1 thread
+    assert [t.verdict for t in result.targets] == ["not measured", "not measured"]  # 16 tokens, 1 thread
 
 
 def test_fused_model_and_its_trainable_set():
@@ -81,36 +84,60 @@ def test_transformers_step_agrees_with_reffuse_on_a_plain_llama():
     assert losses[-1, 0] < losses[0, 0]
 
 
+def reffuse_steps(peak_rss_bytes: int) -> EngineSteps:
+    return EngineSteps(implementation="reffuse", step_seconds=(5.12,), median_step_seconds=5.12,
+                       tokens_per_second=100.0, peak_rss_bytes=peak_rss_bytes, rss_after_setup_bytes=2 ** 29,
+                       setup_seconds=1.0, losses=(3.0, 2.9))
+
+
+def made_result(rows, threads=2, pytorch_used=True) -> TrainResult:
+    """A result of these rows, its targets not yet judged."""
+    return TrainResult(model="m", model_name="m", dtype="float32", repeats=7, tokens=512, text="text",
+                       hyperparameters=Hyperparameters(**HYPERPARAMETERS), fused_model=FusedModel((5,), ((5, 8),)),
+                       environment={"threads": threads, "numpy": np.__version__, "cores": 2},
+                       pytorch_used=pytorch_used, rows=tuple(rows), targets=())
+
+
 def result_with(ratio_interval, peak_gib, threads=2, tokens=512):
-    row = {"train": "all", "tokens": tokens, "speed_ratio": 1.0, "speed_ratio_interval_95": ratio_interval,
-           "reffuse": {"peak_rss_bytes": int(peak_gib * 2 ** 30)}}
-    return {"environment": {"threads": threads}, "rows": [row]}
+    row = TrainRow(train="all", tokens=tokens, trainable_tensors=3, trainable_parameters=10 ** 6,
+                   reffuse=reffuse_steps(int(peak_gib * 2 ** 30)), speed_ratio=1.0,
+                   speed_ratio_interval_95=ratio_interval)
+    return made_result([row], threads)
 
 
-@pytest.mark.parametrize("interval, expected", [([1.02, 1.3], "met"), ([0.6, 0.9], "not met"),
-                                                ([0.9, 1.1], "unresolved"), (None, "unresolved")])
+@pytest.mark.parametrize("interval, expected", [((1.02, 1.3), "met"), ((0.6, 0.9), "not met"),
+                                                ((0.9, 1.1), "unresolved"), (None, "unresolved")])
 def test_speed_verdict_follows_the_interval(interval, expected):
     speed, _ = check_train_targets(result_with(interval, 2.0))
-    assert speed["verdict"] == expected and speed["interval_95"] == interval
+    assert speed.verdict == expected and speed.interval_95 == interval
 
 
 def test_memory_verdict_and_the_target_settings():
-    assert check_train_targets(result_with([1.1, 1.2], 2.5))[1]["verdict"] == "met"
-    assert check_train_targets(result_with([1.1, 1.2], PEAK_RSS_BYTES / 2 ** 30))[1]["verdict"] == "not met"
-    speed, memory = check_train_targets(result_with([1.1, 1.2], 2.5, threads=4))
-    assert speed["verdict"] == "not measured" and memory["verdict"] == "met"   # memory does not depend on threads
-    assert [t["verdict"] for t in check_train_targets(result_with([1.1, 1.2], 2.5, tokens=256))] == \
+    assert check_train_targets(result_with((1.1, 1.2), 2.5))[1].verdict == "met"
+    assert check_train_targets(result_with((1.1, 1.2), PEAK_RSS_BYTES / 2 ** 30))[1].verdict == "not met"
+    speed, memory = check_train_targets(result_with((1.1, 1.2), 2.5, threads=4))
+    assert speed.verdict == "not measured" and memory.verdict == "met"   # memory does not depend on threads
+    assert [t.verdict for t in check_train_targets(result_with((1.1, 1.2), 2.5, tokens=256))] == \
         ["not measured", "not measured"]
 
 
 def test_markdown_shows_verdicts_and_intervals():
-    result = {"model": "m", "model_name": "m", "repeats": 7, "text": "text", "pytorch": {"used": False},
-              "hyperparameters": {**HYPERPARAMETERS, "betas": list(HYPERPARAMETERS["betas"])},
-              "environment": {"threads": 2, "numpy": np.__version__, "cores": 2},
-              "rows": [{"train": "all", "tokens": 512, "trainable_tensors": 3, "trainable_parameters": 10 ** 6,
-                        "reffuse": {"tokens_per_second": 100.0, "peak_rss_bytes": 2 ** 30,
-                                    "median_step_seconds": 5.12, "rss_after_setup_bytes": 2 ** 29}}]}
-    result["targets"] = check_train_targets(result)
+    row = TrainRow(train="all", tokens=512, trainable_tensors=3, trainable_parameters=10 ** 6,
+                   reffuse=reffuse_steps(2 ** 30))
+    result = made_result([row], pytorch_used=False)
+    result = dataclasses.replace(result, targets=check_train_targets(result))
     text = train_markdown(result, "reffuse bench --train all")
     assert "PyTorch not measured" in text and "| all | 3 (1.0M) | 512 | 100.0 | - | - | 1.00 GiB | - |" in text
     assert "| not measured |" in text and "| met |" in text
+
+
+def test_the_committed_training_result_reads_back_as_it_is_and_gives_its_report():
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    committed = [p for p in sorted(results.rglob("bench_*.json")) if '"trainable_tensors"' in p.read_text()]
+    assert {p.stem for p in committed} >= {"bench_train_smollm2"}
+    for path in committed:
+        raw = json.loads(path.read_text())
+        result = TrainResult.from_json(raw)
+        assert result.to_json() == raw, path.name
+        assert check_train_targets(result) == result.targets
+        assert train_markdown(result, result.command) == path.with_suffix(".md").read_text()

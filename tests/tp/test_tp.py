@@ -15,7 +15,10 @@ import reffuse
 from reffuse.core.backend import to_numpy
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
-from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, attention, rope_tables, swiglu
+from reffuse.core.config import Config
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import FFN, Attention, Block, Model, attention, swiglu
+from reffuse.core.rope import rope_tables
 from reffuse.tp import (AllReduce, allreduces_per_forward, check_shardable, kv_heads, query_heads,
                         rank_counts_that_work, ring_allreduce, shard_model, sharding_problems)
 
@@ -252,13 +255,15 @@ def test_the_stand_in_catches_a_buffer_handed_to_mpi_before_its_stream_finished(
 
 def test_allreduce_figure_draws_from_tp_json(tmp_path):
     pytest.importorskip("matplotlib")
+    import dataclasses
+    import json
+
     from reffuse.plots import save_figure
     from reffuse.plots.tp import allreduce_figure
+    from reffuse.speed.tp_result import TpResult
 
-    def variant(count, seconds):
-        return {"allreduce_count": count, "allreduce_seconds": seconds / 4, "seconds": seconds,
-                "decode": {"allreduce_count": count, "allreduce_seconds": seconds / 40, "seconds": seconds / 10}}
-    result = {"model": "tiny (synthetic, random weights)", "ranks": 2, "allreduce": "mpi", "tokens": 64,
-              "sequential": variant(18, 0.01), "fused": variant(14, 0.008)}
-    path = save_figure(allreduce_figure([result, result | {"ranks": 4}]), tmp_path / "tp.png")
+    committed = reffuse.checkout_root() / "benchmarks" / "results" / "tp_tiny_n2.json"
+    result = TpResult.from_json(json.loads(committed.read_text()))
+    without_decode = dataclasses.replace(result, ranks=4, fused=dataclasses.replace(result.fused, decode=None))
+    path = save_figure(allreduce_figure([result, without_decode]), tmp_path / "tp.png")
     assert path.stat().st_size > 0

@@ -66,6 +66,9 @@ def test_plain_reffuse_tp_is_one_rank():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["ranks"] == 1 and report["max_abs_error"] == 0.0  # no all-reduce sums anything: identical
+    from reffuse.speed.tp_result import TpResult
+    typed = TpResult.from_json(report)
+    assert typed.unrecorded == () and typed.to_json() == report and list(typed.to_json()) == list(report)
 
 
 RING_VS_MPI = textwrap.dedent("""

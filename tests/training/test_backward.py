@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from reffuse.core.fusion import fuse_ffns
-from reffuse.core.model import FFN, Attention, Config, apply_rope, rms_norm, rope_tables, swiglu
+from reffuse.core.config import Config
+from reffuse.core.model import FFN, Attention, rms_norm, swiglu
+from reffuse.core.rope import apply_rope, rope_tables
 from reffuse.training import backward as bw
 from reffuse.training.gradcheck import numerical_gradient, relative_error
 from reffuse.training.losses import head_loss

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.core.model import Config
+from reffuse.core.config import Config
 from reffuse.core.names import named_weights
 from reffuse.core.tiny import build_synthetic
 from reffuse.training.gradcheck import numerical_gradient

@@ -125,6 +125,23 @@ def gathered(points: Points, wanted: dict, budgets: Budgets) -> tuple[dict, list
                    if found[label] is None]
 
 
+def pairs_at_largest_budget(finding: str, title: str, paper: str, rule: str, pairs, points: Points,
+                            budgets: Budgets) -> Verdict:
+    """A finding over pairs (x, y) of variants distilled (kd) on the largest budget, each judged by x's KL minus
+    y's: held if x is resolved below in every pair, partly held if in some and y below in none, did not hold if y
+    is resolved below in some and x in none, else not resolved."""
+    wanted = {name: (name, "kd", max(budgets.kd)) for pair in pairs for name in pair}
+    p, missing = gathered(points, wanted, budgets)
+    if missing:
+        return pending(finding, title, paper, rule, missing)
+    diffs = [compare(p[x], p[y]) for x, y in pairs]
+    here = "; ".join(f"{x} - {y}: {describe_comparison(d)}" for (x, y), d in zip(pairs, diffs))
+    lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
+    return Verdict(finding, title, paper=paper, here=here, rule=rule,
+                   verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
+                   note=seeds_note(*p.values()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (l) healing closes most of the fusion gap
 
@@ -174,16 +191,7 @@ def fusion_vs_removal(points: Points, budgets: Budgets) -> Verdict:
             "and removal is resolved below for neither; did not hold if removal is resolved below for some pair "
             "and fusion for none; else not resolved")
     pairs = (("fused, 4 steps", "3 FFNs removed"), ("fused, 1 step", "6 FFNs removed"))
-    wanted = {name: (name, "kd", largest) for pair in pairs for name in pair}
-    p, missing = gathered(points, wanted, budgets)
-    if missing:
-        return pending("m", "healed fusion vs healed FFN removal", paper, rule, missing)
-    diffs = [compare(p[f], p[r]) for f, r in pairs]
-    here = "; ".join(f"{f} - {r}: {describe_comparison(d)}" for (f, r), d in zip(pairs, diffs))
-    lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
-    return Verdict("m", "healed fusion vs healed FFN removal", paper=paper, here=here, rule=rule,
-                   verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
-                   note=seeds_note(*p.values()))
+    return pairs_at_largest_budget("m", "healed fusion vs healed FFN removal", paper, rule, pairs, points, budgets)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,16 +236,7 @@ def refit_start(points: Points, budgets: Budgets) -> Verdict:
             "for neither; did not hold if plain fusion is resolved below for some and the refit for none; else not "
             "resolved")
     pairs = (("fused, 4 steps, refit", "fused, 4 steps"), ("fused, 1 step, refit", "fused, 1 step"))
-    wanted = {name: (name, "kd", largest) for pair in pairs for name in pair}
-    p, missing = gathered(points, wanted, budgets)
-    if missing:
-        return pending("o", "the refit as a starting point", paper, rule, missing)
-    diffs = [compare(p[r], p[f]) for r, f in pairs]
-    here = "; ".join(f"{r} - {f}: {describe_comparison(d)}" for (r, f), d in zip(pairs, diffs))
-    lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
-    return Verdict("o", "the refit as a starting point", paper=paper, here=here, rule=rule,
-                   verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
-                   note=seeds_note(*p.values()))
+    return pairs_at_largest_budget("o", "the refit as a starting point", paper, rule, pairs, points, budgets)
 
 
 FINDINGS = (gap_closed, fusion_vs_removal, global_vs_local, refit_start)

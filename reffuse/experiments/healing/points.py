@@ -25,8 +25,8 @@ from reffuse.formats.corpus import TokenWindows
 from reffuse.method.calibrate import sequential_update
 from reffuse.method.distill import local_loss_and_gradients
 from reffuse.progress import note
-from reffuse.training.optim import AdamW, Schedule, clip_by_global_norm
-from reffuse.training.trainer import (CHECKPOINT_FILE, TrainingLog, TrainingOptions, load_checkpoint,
+from reffuse.training.optim import AdamW, Schedule
+from reffuse.training.trainer import (CHECKPOINT_FILE, TrainingLog, TrainingOptions, load_checkpoint, take_step,
                                       save_checkpoint, train, window_index)
 
 WARMUP_FRACTION = 0.1    # as `reffuse heal`: 10% of the steps warm up, the cosine ends at 10% of the peak
@@ -152,17 +152,8 @@ def train_local(variant: Variant, pre: Model, windows: np.ndarray, options: Trai
             prefix = f"model.layers.{index}.mlp."
             grads.update({prefix + "gate_proj.weight": d_gate, prefix + "up_proj.weight": d_up,
                           prefix + "down_proj.weight": d_down})
-        if not math.isfinite(loss):
-            raise ReffuseError(f"local distillation diverged at step {step} (loss {loss}): use a smaller "
-                               "learning rate")
-        norm = clip_by_global_norm(grads, options.clip)
-        rate = schedule.rate(step)
-        optimizer.step(grads, rate)
-        log.losses.append(loss)
-        log.gradient_norms.append(norm)
-        log.learning_rates.append(rate)
-        log.tokens += windows.shape[1]
-        log.seconds += time.perf_counter() - started
+        take_step(optimizer, schedule, grads, loss, step, options.clip, log, windows.shape[1], started,
+                  what="local distillation")
         if step % 16 == 0 or step == options.steps:
             save_checkpoint(checkpoint, weights, optimizer, log, state)
             note(f"local step {step}/{options.steps}  tokens {log.tokens:,}  loss {loss:.4f}")

@@ -13,7 +13,8 @@ from reffuse.experiments.healing.plan import VARIANTS, Budgets, study_points, sw
 from reffuse.experiments.healing.points import WindowScores
 from reffuse.experiments.healing.study import read_points
 from reffuse.experiments.provenance import changes_since, describe_changes
-from reffuse.files import json_text, read_json, write_text_atomic
+from reffuse.files import json_text, read_json
+from reffuse.outputs import write_text_atomic
 
 FIGURE = "recovery.png"
 FINDINGS = "findings.json"

@@ -21,7 +21,8 @@ from reffuse.experiments.healing.plan import (FUSION_STUDY, Budgets, FusionChoic
                                               build_variant, read_fusion_choices, study_points, sweep_points)
 from reffuse.experiments.healing.points import WindowScores, original_logits, score, train_point
 from reffuse.experiments.provenance import provenance
-from reffuse.files import json_text, locked, read_json, write_text_atomic
+from reffuse.files import json_text, locked, read_json
+from reffuse.outputs import write_text_atomic
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows, training_windows
 from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.method.removal import drop_attention
@@ -116,7 +117,6 @@ class Runner:
         return self.texts.held_out if split == "held-out" else self.texts.calibration
 
     def run(self, point: Point) -> dict:
-        started = time.perf_counter()
         variant = self.variant(point.variant)
         model, log = variant.model, None
         checkpoint = self.folder.with_name(self.folder.name + ".checkpoints") / point.key

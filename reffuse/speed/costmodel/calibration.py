@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.core.fast import for_speed
-from reffuse.core.model import FFN, Attention, Block, Config, KVCache, Model, forward
+from reffuse.core.config import Config
+from reffuse.core.kv_cache import KVCache
+from reffuse.core.model import FFN, Attention, Block, Model, forward
 from reffuse.errors import ReffuseError
 from reffuse.optional import install_hint
 from reffuse.speed.costmodel.hardware import NUMPY_CALLS, Hardware, cpu_hardware, h100_sxm

@@ -12,19 +12,20 @@ from reffuse.speed.costmodel.latency import decode_projection, parameter_count
 from reffuse.speed.costmodel.paper import LEFT_OUT, PAPER_TABLE2, paper_comparison, paper_grid, paper_sensitivity
 from reffuse.speed.costmodel.presets import get_layout
 from reffuse.speed.costmodel.tp_runs import predict_tp_run
+from reffuse.speed.tp_result import TpResult
 
 
-def read_tp_results(paths) -> list[tuple[str, dict]]:
-    """(path, result) of each `reffuse tp --json` output, checked to hold what a prediction needs."""
+def read_tp_results(paths) -> list[tuple[str, TpResult]]:
+    """(path, result) of each `reffuse tp --json` output."""
     results = []
     for path in paths:
-        result = read_json(path, "give the JSON that `mpiexec -n N reffuse tp ... --json > FILE` writes")
-        if not isinstance(result, dict):
+        raw = read_json(path, "give the JSON that `mpiexec -n N reffuse tp ... --json > FILE` writes")
+        if not isinstance(raw, dict):
             raise ReffuseError(f"{path} is not the JSON object that `reffuse tp --json` prints")
-        missing = [key for key in ("ranks", "model", "tokens", "groups", "sequential", "fused") if key not in result]
-        if missing:
-            raise ReffuseError(f"{path} lacks {', '.join(missing)}: is it the output of `reffuse tp --json`?")
-        results.append((str(path), result))
+        try:
+            results.append((str(path), TpResult.from_json(raw)))
+        except KeyError as missing:
+            raise ReffuseError(f"{path} lacks {missing}: is it the output of `reffuse tp --json`?") from None
     return results
 
 

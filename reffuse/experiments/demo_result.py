@@ -1,0 +1,389 @@
+"""What `reffuse demo` found (reffuse.experiments.demo.run_demo), typed: the records its command, report and figures
+read, and its JSON both ways.
+
+A speedup's 95% interval is a pair, or None where fewer than reffuse.stats.MIN_PAIRS repeats gave none. A synthetic
+model has no held-out quality: `quality` and `sequential_vs_parallel` are then None ({"meaningful": false} and
+absent in the JSON).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from reffuse.formats.corpus import Span
+from reffuse.method.calibrate import GroupCalibration
+from reffuse.method.planning import Plan
+from reffuse.training.trainer import TrainingOptions
+
+GIVEN_PLAN = "given (--groups)"  # the rule of groups given on the command line instead of planned
+# The models' names: the keys of the quality, speed and samples records, and their labels in tables and figures.
+ORIGINAL, REMOVED, FUSED, CALIBRATED, HEALED = ("original", "attention removed", "fused", "fused, calibrated",
+                                                "fused, healed")
+
+
+def interval_json(interval: tuple | None) -> list | None:
+    return None if interval is None else list(interval)
+
+
+def interval_of(raw) -> tuple | None:
+    return None if raw is None else tuple(raw)
+
+
+@dataclass(frozen=True)
+class WindowsRecord:
+    """Token windows as reffuse.formats.corpus.TokenWindows.describe() records them: where the text came from."""
+    split: str
+    windows: int
+    window: int
+    tokens: int
+    spans: tuple[Span, ...]
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "windows": self.windows, "window": self.window, "tokens": self.tokens,
+                "spans": [s.as_dict() for s in self.spans]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> WindowsRecord:
+        return cls(raw["split"], raw["windows"], raw["window"], raw["tokens"], tuple(Span(**s) for s in raw["spans"]))
+
+
+@dataclass(frozen=True)
+class TextsRecord:
+    """Calibration and held-out text as reffuse.method.pipeline.Texts.describe() records them, and why disjoint."""
+    synthetic: bool
+    calibration: WindowsRecord
+    held_out: WindowsRecord
+    disjoint: str
+
+    def to_json(self) -> dict:
+        return {"synthetic": self.synthetic, "calibration": self.calibration.to_json(),
+                "held_out": self.held_out.to_json(), "disjoint": self.disjoint}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TextsRecord:
+        return cls(raw["synthetic"], WindowsRecord.from_json(raw["calibration"]),
+                   WindowsRecord.from_json(raw["held_out"]), raw["disjoint"])
+
+
+@dataclass(frozen=True)
+class RemovalChoice:
+    """The attention removed and why, as reffuse.method.pipeline.choose_attention_removal records it: single-removal
+    scores (None where the blocks were given), their sum over the choice, and its KL measured jointly."""
+    blocks: tuple[int, ...]
+    blocks_text: str
+    rule: str
+    score: str                        # what a score measures
+    scores: dict[int, float] | None
+    summed_score: float | None
+    joint_kl: float
+    scoring_tokens: int
+    scoring_text: str
+
+    def to_json(self) -> dict:
+        return {"blocks": list(self.blocks), "blocks_text": self.blocks_text, "rule": self.rule, "score": self.score,
+                "scores": None if self.scores is None else {str(b): kl for b, kl in self.scores.items()},
+                "summed_score": self.summed_score, "joint_kl": self.joint_kl, "scoring_tokens": self.scoring_tokens,
+                "scoring_text": self.scoring_text}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> RemovalChoice:
+        scores = None if raw["scores"] is None else {int(b): kl for b, kl in raw["scores"].items()}
+        return cls(tuple(raw["blocks"]), raw["blocks_text"], raw["rule"], raw["score"], scores, raw["summed_score"],
+                   raw["joint_kl"], raw["scoring_tokens"], raw["scoring_text"])
+
+
+@dataclass(frozen=True)
+class FfnDependency:
+    """The FFN-level dependency matrix of the attention-removed model (reffuse.method.metrics.matrix_to_json: null
+    where undefined or not run)."""
+    matrix: list[list]
+    tokens: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> FfnDependency:
+        return cls(raw["matrix"], raw["tokens"])
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """max |fused - parallel| / max |parallel| over the logits (Theorem 3.1: zero but for rounding)."""
+    float32: float
+    float64: float
+    tokens: int
+
+    def to_json(self) -> dict:
+        """Two keys of the demo's JSON."""
+        return {"fused_vs_parallel_relative_error": {"float32": self.float32, "float64": self.float64},
+                "exactness_tokens": self.tokens}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Exactness:
+        """From the demo's whole JSON, where its two keys lie."""
+        errors = raw["fused_vs_parallel_relative_error"]
+        return cls(errors["float32"], errors["float64"], raw["exactness_tokens"])
+
+
+@dataclass(frozen=True)
+class LayoutChange:
+    """A block of the fused model that differs from the layers it stands for: fused, or its attention removed."""
+    block: int
+    layers: tuple[int, ...]
+    attention: bool
+    ffn_width: int
+    attention_before: tuple[bool, ...]  # of each layer, as loaded
+    ffn_widths_before: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"block": self.block, "layers": list(self.layers), "attention": self.attention,
+                "ffn_width": self.ffn_width, "attention_before": list(self.attention_before),
+                "ffn_widths_before": list(self.ffn_widths_before)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> LayoutChange:
+        return cls(raw["block"], tuple(raw["layers"]), raw["attention"], raw["ffn_width"],
+                   tuple(raw["attention_before"]), tuple(raw["ffn_widths_before"]))
+
+
+@dataclass(frozen=True)
+class Healing:
+    """The fused blocks' short distillation from the original: its budget, options and loss at each step."""
+    tokens: int
+    window: int
+    steps: int
+    trainable: str
+    weights: int
+    options: TrainingOptions
+    losses: list[float]
+    seconds: float
+    text: WindowsRecord
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, "window": self.window, "steps": self.steps, "trainable": self.trainable,
+                "weights": self.weights, "options": self.options.to_json(), "losses": self.losses,
+                "seconds": self.seconds, "text": self.text.to_json()}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Healing:
+        return cls(raw["tokens"], raw["window"], raw["steps"], raw["trainable"], raw["weights"],
+                   TrainingOptions.from_json(raw["options"]), raw["losses"], raw["seconds"],
+                   WindowsRecord.from_json(raw["text"]))
+
+
+@dataclass(frozen=True)
+class ModelQuality:
+    """One model on held-out text; the original, the reference of the rest, has only its perplexity."""
+    perplexity: float
+    kl_vs_original: float | None = None
+    top1_vs_original: float | None = None
+    kl_vs_attention_removed: float | None = None
+    top1_vs_attention_removed: float | None = None
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ModelQuality:
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class GapClosed:
+    """The share of the fusion gap a step closes (reffuse.experiments.demo.gap_closed); None without a gap."""
+    kl_vs_attention_removed: float | None
+    perplexity: float | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> GapClosed:
+        return cls(raw["kl_vs_attention_removed"], raw["perplexity"])
+
+
+@dataclass(frozen=True)
+class HeldOutQuality:
+    """Every model on held-out text, by name, and what calibration and healing win back of the fusion gap."""
+    models: dict[str, ModelQuality]
+    predictions: int
+    calibration_closes: GapClosed
+    healing_closes: GapClosed
+    calibrated_beats_plain_kl_vs_original: bool
+
+    def to_json(self) -> dict:
+        return {"models": {name: q.to_json() for name, q in self.models.items()}, "predictions": self.predictions,
+                "meaningful": True, "calibration_closes": self.calibration_closes.to_json(),
+                "healing_closes": self.healing_closes.to_json(),
+                "calibrated_beats_plain_kl_vs_original": self.calibrated_beats_plain_kl_vs_original}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> HeldOutQuality:
+        return cls({name: ModelQuality.from_json(q) for name, q in raw["models"].items()}, raw["predictions"],
+                   GapClosed.from_json(raw["calibration_closes"]), GapClosed.from_json(raw["healing_closes"]),
+                   raw["calibrated_beats_plain_kl_vs_original"])
+
+
+@dataclass(frozen=True)
+class SequentialVsParallel:
+    """The approximation fusion makes: the fused model (the parallel form) against the sequential blocks."""
+    kl: float
+    top1_agreement: float
+    predictions: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> SequentialVsParallel:
+        return cls(raw["kl"], raw["top1_agreement"], raw["predictions"])
+
+
+@dataclass(frozen=True)
+class DecodeSpeed:
+    """A model's decode: its median rate, and its speedup over the original with the 95% interval."""
+    tokens_per_second: float
+    ms_per_token: float
+    speedup: float
+    speedup_interval_95: tuple | None
+
+    def to_json(self) -> dict:
+        return {"tokens_per_second": self.tokens_per_second, "ms_per_token": self.ms_per_token,
+                "speedup": self.speedup, "speedup_interval_95": interval_json(self.speedup_interval_95)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> DecodeSpeed:
+        return cls(raw["tokens_per_second"], raw["ms_per_token"], raw["speedup"],
+                   interval_of(raw["speedup_interval_95"]))
+
+
+@dataclass(frozen=True)
+class RegionTime:
+    """A model's median time of the run's blocks, and its speedup over the original with the 95% interval."""
+    ms: float
+    speedup: float
+    speedup_interval_95: tuple | None
+
+    def to_json(self) -> dict:
+        return {"ms": self.ms, "speedup": self.speedup, "speedup_interval_95": interval_json(self.speedup_interval_95)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> RegionTime:
+        return cls(raw["ms"], raw["speedup"], interval_of(raw["speedup_interval_95"]))
+
+
+@dataclass(frozen=True)
+class RegionRow:
+    """The run's blocks timed on `tokens` tokens, each model by name."""
+    tokens: int
+    times: dict[str, RegionTime]
+
+    def to_json(self) -> dict:
+        return {"tokens": self.tokens, **{name: t.to_json() for name, t in self.times.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> RegionRow:
+        return cls(raw["tokens"], {name: RegionTime.from_json(t) for name, t in raw.items() if name != "tokens"})
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Decode and the run's blocks, every model timed in one run, in alternation."""
+    decode: dict[str, DecodeSpeed]  # the original first
+    decode_tokens: int
+    prompt_tokens: int
+    load_average_1min: float | None  # None where the system gives none
+    region: tuple[int, int]
+    region_rows: tuple[RegionRow, ...]
+    repeats: int
+
+    def to_json(self) -> dict:
+        return {"decode": {name: d.to_json() for name, d in self.decode.items()}, "decode_tokens": self.decode_tokens,
+                "prompt_tokens": self.prompt_tokens, "load_average_1min": self.load_average_1min,
+                "region": list(self.region), "region_rows": [row.to_json() for row in self.region_rows],
+                "repeats": self.repeats}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Speed:
+        return cls({name: DecodeSpeed.from_json(d) for name, d in raw["decode"].items()}, raw["decode_tokens"],
+                   raw["prompt_tokens"], raw["load_average_1min"], tuple(raw["region"]),
+                   tuple(RegionRow.from_json(row) for row in raw["region_rows"]), raw["repeats"])
+
+
+@dataclass(frozen=True)
+class Samples:
+    """A greedy continuation of the prompt from each model: text, or token ids for a synthetic model."""
+    prompt: str | list[int]
+    continuations: dict[str, str | list[int]]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Samples:
+        return cls(raw["prompt"], raw["continuations"])
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """Every step of the demo on one model; `figures` are None until the command draws them."""
+    model: str
+    model_name: str
+    synthetic: bool
+    norm: str
+    texts: TextsRecord
+    attention_removal: RemovalChoice | None  # None: no attention removed
+    plan: Plan | None                        # None: the groups given (--groups)
+    groups: tuple[tuple[int, int], ...]
+    region: tuple[int, int]                  # the attention-free run holding the first group
+    ffn_dependency: FfnDependency
+    exactness: Exactness
+    layout_before: list[dict]                # reffuse.core.layout.Layout.rows(): as loaded,
+    layout_removed: list[dict]               # attention removed,
+    layout_after: list[dict]                 # and fused
+    layout_changes: tuple[LayoutChange, ...]
+    calibration: tuple[GroupCalibration, ...]
+    healing: Healing
+    quality: HeldOutQuality | None
+    sequential_vs_parallel: SequentialVsParallel | None
+    speed: Speed
+    samples: Samples
+    seconds: float
+    figures: tuple[str, ...] | None = None
+
+    def attention_free_blocks(self) -> list[int]:
+        """The blocks without attention once it is removed, before fusion."""
+        return [row["block"] for row in self.layout_removed if not row["attention"]]
+
+    def to_json(self) -> dict:
+        groups = [list(g) for g in self.groups]
+        raw = {"model": self.model, "model_name": self.model_name, "synthetic": self.synthetic, "norm": self.norm,
+               "texts": self.texts.to_json(),
+               "attention_removal": None if self.attention_removal is None else self.attention_removal.to_json(),
+               "plan": {"groups": groups, "rule": GIVEN_PLAN} if self.plan is None else self.plan.to_json(),
+               "groups": groups, "region": list(self.region), "ffn_dependency": self.ffn_dependency.to_json(),
+               **self.exactness.to_json(), "layout_before": self.layout_before, "layout_removed": self.layout_removed,
+               "layout_after": self.layout_after, "layout_changes": [c.to_json() for c in self.layout_changes],
+               "calibration": [f.as_dict() for f in self.calibration], "healing": self.healing.to_json(),
+               "quality": {"meaningful": False} if self.quality is None else self.quality.to_json()}
+        if self.sequential_vs_parallel is not None:
+            raw["sequential_vs_parallel"] = self.sequential_vs_parallel.to_json()
+        raw |= {"speed": self.speed.to_json(), "samples": self.samples.to_json(), "seconds": self.seconds}
+        return raw if self.figures is None else raw | {"figures": list(self.figures)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> DemoResult:
+        removal, plan, quality = raw["attention_removal"], raw["plan"], raw["quality"]
+        gap, figures = raw.get("sequential_vs_parallel"), raw.get("figures")
+        return cls(raw["model"], raw["model_name"], raw["synthetic"], raw["norm"], TextsRecord.from_json(raw["texts"]),
+                   None if removal is None else RemovalChoice.from_json(removal),
+                   None if plan["rule"] == GIVEN_PLAN else Plan.from_json(plan),
+                   tuple(tuple(g) for g in raw["groups"]), tuple(raw["region"]),
+                   FfnDependency.from_json(raw["ffn_dependency"]), Exactness.from_json(raw), raw["layout_before"],
+                   raw["layout_removed"], raw["layout_after"],
+                   tuple(LayoutChange.from_json(c) for c in raw["layout_changes"]),
+                   tuple(GroupCalibration.from_dict(f) for f in raw["calibration"]), Healing.from_json(raw["healing"]),
+                   HeldOutQuality.from_json(quality) if quality["meaningful"] else None,
+                   None if gap is None else SequentialVsParallel.from_json(gap), Speed.from_json(raw["speed"]),
+                   Samples.from_json(raw["samples"]), raw["seconds"], None if figures is None else tuple(figures))
