@@ -51,16 +51,30 @@ def running(command: str, stop_on_sigterm: bool = True):
     is left of its temporary names when it ends by a signal is removed."""
     global _command
     previous_command, _command = _command, command
-    handlers = {}
+    handlers, received = {}, []
     if stop_on_sigterm and _in_main_thread():
         def terminate(signum, frame):
+            received.append(signum)
             raise Terminated(signum)
+
+        def interrupt(signum, frame):
+            received.append(signum)
+            raise KeyboardInterrupt
+
         handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, terminate)
+        handlers[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     except (KeyboardInterrupt, Terminated):
         remove_own_partials()
         raise
+    except BaseException as e:
+        if not received:
+            raise
+        # The signal's exception was raised inside library code that turned it into another error (numpy's
+        # `tofile` does): the command still ends as the signal asked.
+        remove_own_partials()
+        raise (KeyboardInterrupt() if received[0] == signal.SIGINT else Terminated(received[0])) from e
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -3,6 +3,7 @@ permissions, never over what was not asked for, and never twice to one path by t
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import reffuse
 from reffuse.errors import ReffuseError
 from reffuse.files import check_regular_file, check_writable_file, partial_name, read_json, remove_abandoned
 from reffuse.outputs import (MARKER, check_output_folder, claim_file, Output, read_marker, running, staged_file,
-                             staged_folder, text_headed, write_text_atomic)
+                             staged_folder, Terminated, text_headed, write_text_atomic)
 from reffuse.formats.checkpoint import is_model_folder, load_folder, save_model
 
 NOTE = Output("note", recognise=text_headed("# a note"))
@@ -223,3 +224,18 @@ def test_a_save_killed_at_any_moment_leaves_the_old_model_or_the_new_one(tmp_pat
         assert config["torch_dtype"] == stored                               # config and weights of one save
         seen.add(stored)
     assert seen == {"float32", "float64"}  # kills found both models
+
+
+@pytest.mark.parametrize("signum, ends_by", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_that_library_code_turns_into_another_error_still_ends_the_command(tmp_path, signum, ends_by):
+    """numpy's `tofile`, interrupted by the signal's exception, raises a TypeError of its own instead: the command
+    still ends as the signal asked, and its temporary files are removed."""
+    temporary = partial_name(tmp_path / "x.gguf")
+    with pytest.raises(ends_by):
+        with running("export"):
+            temporary.write_bytes(b"half a GGUF")
+            try:
+                signal.getsignal(signum)(signum, None)    # the handler, as the signal would run it
+            except BaseException:
+                raise TypeError("expected str, bytes or os.PathLike object, not BufferedWriter") from None
+    assert not temporary.exists()
