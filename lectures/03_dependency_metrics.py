@@ -101,7 +101,7 @@ print("least relied-on blocks:", [(int(i), round(float(reliance[i]), 3)) for i i
 # %%
 analysis_path = REPORTS / "analysis" / "smollm2" / "analysis.json"       # reffuse analyze --model smollm2
 analysis = Analysis.from_json(json.loads(analysis_path.read_text()))
-M_512 = metrics.matrix_from_json(analysis.dependency["block"])
+M_512 = analysis.dependency.block                                         # [30, 30], NaN where j <= i
 print(f"{analysis_path}: {analysis.tokens.measured} tokens measured")
 
 both = np.isfinite(M) & np.isfinite(M_512)
@@ -117,8 +117,7 @@ print(f"correlation of log2 M, 32 vs {analysis.tokens.measured} tokens: {r:.3f}"
 # orthogonal to the stream. The paper's fusion regions are low on the first two.
 
 # %%
-show(block_metrics_figure({k: list(v) for k, v in measured.per_block.items()},
-                          f"SmolLM2: per-block metrics ({measured.tokens_measured} tokens)"))
+show(block_metrics_figure(measured, f"SmolLM2: per-block metrics ({measured.tokens_measured} tokens)"))
 print("cosdist(h(X), X), blocks 1..29: median %.2f" % np.median(measured.cos_dist_h_x[1:]))
 
 # %% [markdown]
@@ -127,13 +126,14 @@ print("cosdist(h(X), X), blocks 1..29: median %.2f" % np.median(measured.cos_dis
 # For full-block parallelization the paper slides a window of 4 blocks along the model and summarises the
 # $4\times4$ submatrix by its largest entry $M_{\max}$ and its sum $M_{\text{sum}}$. The greedy selection takes
 # the window with the lowest $M_{\max}$ (ties by $M_{\text{sum}}$), removes overlapping windows, and repeats.
-# We use the 512-token matrix here, since the selection is sensitive to noise.
+# We use the 512-token matrix here, since the selection is sensitive to noise: `reffuse analyze` ran both on it,
+# `metrics.window_statistics(M_512, window=4)` and `metrics.greedy_windows(M_512, window=4,
+# eligible=reffuse.full_blocks(model))`, and its analysis records what they found.
 
 # %%
-windows = metrics.window_statistics(M_512, window=4)
-steps = metrics.greedy_windows(M_512, window=4, eligible=reffuse.full_blocks(model))
+windows, steps = analysis.windows.rows, analysis.greedy.steps
 for s in steps[:4]:
-    print(f"step {s['step']}: blocks {s['first']}-{s['last']}  M_max {s['max']:.3f}  M_sum {s['sum']:.3f}")
+    print(f"step {s.step}: blocks {s.first}-{s.last}  M_max {s.max:.3f}  M_sum {s.sum:.3f}")
 show(window_figure(windows, steps, "SmolLM2: window statistics (512 tokens), greedy choices", 4))
 
 # %% [markdown]

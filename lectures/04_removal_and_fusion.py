@@ -39,6 +39,8 @@ import json
 import reffuse
 from reffuse import (attention_scores, cache_prefix, calibrated_fuse, calibration_windows, cheapest,
                      drop_attention, drop_ffns, ffn_scores, held_out_windows, load_tokenizer, score_variant)
+from reffuse.experiments.findings import StudyResult
+from reffuse.experiments.run import RegionSummary
 
 REPORTS = reffuse.checkout_root() / "reports"
 
@@ -55,7 +57,7 @@ judge = cache_prefix(model, held_out)
 def judged(variant, first):
     """KL(original || variant) in nats per token, perplexity and top-1 agreement, on held-out text."""
     s = score_variant(judge, variant, first)
-    return f"KL {s['kl_from_base']:.3f}  perplexity {s['perplexity']:7.2f}  top-1 agreement {s['top1_agreement']:.1%}"
+    return f"KL {s.kl_from_base:.3f}  perplexity {s.perplexity:7.2f}  top-1 agreement {s.top1_agreement:.1%}"
 
 
 print("original:", judged(model, 0))
@@ -94,7 +96,7 @@ base_removed = cache_prefix(removed, held_out)                        # judge ag
 
 
 def kl_to_removed(variant, first_changed):
-    return score_variant(base_removed, variant, first_changed, kl_only=True)["kl_from_base"]
+    return score_variant(base_removed, variant, first_changed, kl_only=True).kl_from_base
 
 
 plans = {7: [], 3: [(first, first + 2), (first + 3, first + 4), (first + 5, last - 1)],
@@ -106,8 +108,9 @@ for layers, groups in plans.items():
 # %% [markdown]
 # The damage grows quickly with the group size. In a model this small each FFN's update is a large fraction of
 # the residual stream (lecture 01), and the first-order error of running $k$ FFNs in parallel grows with the
-# updates accumulated inside the group (the first-order view in `docs/paper.md`). The paper's 49B and 253B models have far smaller
-# per-layer updates in their fusion regions (its Fig. 11), which is why it can fuse 8–15 FFNs per group.
+# updates accumulated inside the group (the first-order view in `docs/paper.md`). The paper's 49B and 253B models
+# have far smaller per-layer updates in their fusion regions (its Fig. 11), which is why it can fuse 8–15 FFNs per
+# group.
 #
 # ## 3. The last FFN
 #
@@ -135,7 +138,8 @@ pairs = [(first, first + 1), (first + 2, first + 3), (first + 4, first + 5)]
 ffn_importance = ffn_scores(removed, scoring, layers=range(first, last + 1))
 dropped = cheapest(ffn_importance, len(pairs))
 fused_pairs = reffuse.fuse(removed, pairs)
-print(f"fusion of 3 pairs (saves 3 steps):    KL to the attention-removed model {kl_to_removed(fused_pairs, first):.3f}")
+print(f"fusion of 3 pairs (saves 3 steps):    KL to the attention-removed model "
+      f"{kl_to_removed(fused_pairs, first):.3f}")
 print(f"removal of FFNs {dropped} (saves 3 steps): KL to the attention-removed model "
       f"{kl_to_removed(drop_ffns(removed, dropped), first):.3f}")
 
@@ -176,15 +180,16 @@ print("calibrated, against the original:", judged(calibrated, first))
 # verdicts of each region:
 
 # %%
-summary = json.loads((REPORTS / "experiments" / "smollm2_regions" / "regions.json").read_text())
-print(f"{summary['command']}\n")
-for region in summary["regions"]:
-    print(f"region {region['rank']}, attention removed {region['attention_removed']}: "
-          + ", ".join(f"({finding}) {verdict}" for finding, verdict in region["verdicts"].items()))
-first = json.loads((REPORTS / "experiments" / "smollm2" / "experiments.json").read_text())
-print(f"\n{first['command']}: region 1 on {first['texts']['held_out']['tokens']} held-out tokens, in full:")
-for verdict in first["verdicts"]:
-    print(f"({verdict['finding']}) {verdict['title']}: {verdict['verdict']}\n    here: {verdict['here']}")
+regions = REPORTS / "experiments" / "smollm2_regions" / "regions.json"       # reffuse experiments --regions 4
+summary = RegionSummary.from_json(json.loads(regions.read_text()))
+print(f"{summary.command}\n")
+for region in summary.regions:
+    print(f"region {region.rank}, attention removed {region.attention_removed}: "
+          + ", ".join(f"({finding}) {verdict}" for finding, verdict in region.verdicts.items()))
+first = StudyResult.from_json(json.loads((REPORTS / "experiments" / "smollm2" / "experiments.json").read_text()))
+print(f"\n{first.command}: region 1 on {first.texts.held_out.tokens} held-out tokens, in full:")
+for verdict in first.verdicts:
+    print(f"({verdict.finding}) {verdict.title}: {verdict.verdict}\n    here: {verdict.here}")
 
 # %% [markdown]
 # The reports, with every number and the rule behind each verdict, are `reports/experiments/smollm2/README.md`

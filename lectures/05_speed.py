@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -47,6 +47,7 @@ from reffuse.speed import costmodel
 from reffuse.plots import pyplot, show
 from reffuse.plots.costmodel import tp_projection_figure
 from reffuse.speed.bench_result import BenchResult
+from reffuse.speed.costmodel.report import CostmodelReport
 from reffuse.speed.environment import describe_blas
 from reffuse.speed.timing import ratio_text
 
@@ -68,12 +69,12 @@ plt = pyplot()
 # %%
 cpu = costmodel.calibrate_cpu(mpi=False)               # about 3 seconds
 cal = cpu.calibration
-P, W = cal["gemm_flops_all_threads"], cal["gemv_bandwidth_all_threads"]
-print(f"{cal['cores']} cores, load average {cal['load_average']:.1f} while measuring")
-print(f"peak float32 GEMM   P = {P / 1e9:6.1f} GFLOP/s (1 thread: {cal['gemm_flops_1_thread'] / 1e9:.1f})")
+P, W = cal.gemm_flops_all_threads, cal.gemv_bandwidth_all_threads
+print(f"{cal.cores} cores, load average {cal.load_average:.1f} while measuring")
+print(f"peak float32 GEMM   P = {P / 1e9:6.1f} GFLOP/s (1 thread: {cal.gemm_flops_1_thread / 1e9:.1f})")
 print(f"memory bandwidth    W = {W / 1e9:6.1f} GB/s")
 print(f"ridge point       P/W = {P / W:6.1f} FLOP/byte")
-print(f"one NumPy call        = {1e6 * cal['numpy_call_seconds']:6.2f} µs")
+print(f"one NumPy call        = {1e6 * cal.numpy_call_seconds:6.2f} µs")
 
 # %% [markdown]
 # For one SwiGLU FFN of width $d_h$ on $T$ tokens in float32: $F = 2 \cdot 3\, d\, d_h\, T$ (three projections,
@@ -125,7 +126,7 @@ show(fig)
 bench = BenchResult.from_json(json.loads((RESULTS / "bench_smollm2.json").read_text()))
 run = bench.ffn_run
 print(f"{run.blocks} FFNs of width {sorted(set(run.widths))} -> one of width {run.fused_width}; "
-      f"{bench.environment['threads']} threads, numpy {bench.environment['numpy']}")
+      f"{bench.environment.threads} threads, numpy {bench.environment.numpy}")
 print(f"{'tokens':>6s} {'sequential ms':>13s} {'fused ms':>9s} {'seq/fused (95% interval)':>25s} "
       f"{'roofline ms (now)':>17s}")
 for row in sorted(run.rows, key=lambda r: r.tokens):
@@ -253,28 +254,28 @@ print(f"weights in one allocation against separate arrays: decode step {ratio_te
 
 # %%
 comparison = costmodel.paper_comparison()
-print(f"TP{comparison['tp']}, {comparison['hardware']} ({comparison['precision']}), context {comparison['context']}")
+print(f"TP{comparison.tp}, {comparison.hardware} ({comparison.precision}), context {comparison.context}")
 print(f"{'model':22s} {'projected tok/s':>15s} {'paper tok/s':>11s} {'projected x':>11s} {'paper x':>8s}")
-for row in comparison["rows"]:
-    print(f"{row['model']:22s} {row['tokens_per_second']:15.1f} {row['paper_tokens_per_second']:11.2f} "
-          f"{row['projected_speedup']:11.3f} {row['paper_speedup']:8.3f}")
-print(f"fusion alone (fused / PreFusion): projected {comparison['fusion_alone']['projected']:.3f}, "
-      f"paper {comparison['fusion_alone']['paper']:.3f}")
+for row in comparison.rows:
+    print(f"{row.model:22s} {row.projected.tokens_per_second:15.1f} {row.paper_tokens_per_second:11.2f} "
+          f"{row.projected_speedup:11.3f} {row.paper_speedup:8.3f}")
+print(f"fusion alone (fused / PreFusion): projected {comparison.fusion_alone.projected:.3f}, "
+      f"paper {comparison.fusion_alone.paper:.3f}")
 
 # %% [markdown]
 # The ratios are close to the paper's; the absolute tokens/s are optimistic, as a roofline must be (the model
-# says what it leaves out: `comparison["left_out"]`). But three of its constants are chosen, not measured: the
+# says what it leaves out: `comparison.left_out`). But three of its constants are chosen, not measured: the
 # fixed cost of a kernel, the latency of one all-reduce ring step, and how much of the HBM bandwidth a real kernel
 # reaches. `paper_grid` tries every combination over wide ranges and keeps those where the model stays what it
 # claims to be, an upper bound (at least the paper's tokens/s for all three models). How much of the paper's
 # fusion gain can fewer all-reduces and kernels explain, at most?
 
 # %%
-grid = costmodel.paper_grid()["summary"]
-low, high = grid["fusion_alone_range"]
-print(f"{grid['admissible']} of {grid['points']} points keep the model an upper bound; over them fusion alone is "
-      f"{low:.3f}x to {high:.3f}x, the paper's {grid['paper_fusion_alone']:.3f}x: "
-      f"at most {grid['explains_at_most']:.0%} of its gain")
+grid = costmodel.paper_grid().summary
+low, high = grid.fusion_alone_range
+print(f"{grid.admissible} of {grid.points} points keep the model an upper bound; over them fusion alone is "
+      f"{low:.3f}x to {high:.3f}x, the paper's {grid.paper_fusion_alone:.3f}x: "
+      f"at most {grid.explains_at_most:.0%} of its gain")
 
 # %% [markdown]
 # Where does a token's time go, and why does fusion gain
@@ -284,13 +285,13 @@ print(f"{grid['admissible']} of {grid['points']} points keep the model an upper 
 # %%
 prefusion = costmodel.get_layout("ultra-253b-prefusion")
 projection = costmodel.decode_projection(prefusion, costmodel.get_hardware("h100-sxm"))
-for row in projection["rows"]:
-    seq, fus = row["sequential"], row["fused"]
-    print(f"TP{row['tp']}: roofline {1e3 * seq['roofline_seconds']:5.2f} ms, kernels "
-          f"{1e3 * seq['kernel_overhead_seconds']:5.2f} ms, all-reduce {1e3 * seq['allreduce_seconds']:5.2f} ms "
-          f"-> fused saves {1e3 * (seq['seconds'] - fus['seconds']):4.2f} ms ({row['fusion_speedup']:.3f}x)")
+for row in projection.rows:
+    seq, fus = row.sequential, row.fused
+    print(f"TP{row.tp}: roofline {1e3 * seq.roofline_seconds:5.2f} ms, kernels "
+          f"{1e3 * seq.kernel_overhead_seconds:5.2f} ms, all-reduce {1e3 * seq.allreduce_seconds:5.2f} ms "
+          f"-> fused saves {1e3 * (seq.seconds - fus.seconds):4.2f} ms ({row.fusion_speedup:.3f}x)")
 
-show(tp_projection_figure(json.loads((RESULTS / "costmodel.json").read_text())))
+show(tp_projection_figure(CostmodelReport.from_json(json.loads((RESULTS / "costmodel.json").read_text()))))
 
 # %% [markdown]
 # ## 6. GPU numbers

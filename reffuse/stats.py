@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -81,7 +82,39 @@ def _pooled_mean_interval(sums: np.ndarray, counts: np.ndarray, rng: np.random.G
     return bootstrap(lambda drawn: sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1), sums.size, seed=rng)
 
 
-def paired_difference(x_windows, y_windows, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class PairedDifference:
+    """paired_difference's answer: the mean of x - y, its two 95% intervals (each [low, high], or None where it
+    cannot be formed), which interval over windows it is ("bootstrap" or "t"), the sign count, and whether the
+    data say which variant is lower (resolved, and then sign, -1 or +1; else 0)."""
+    mean: float
+    windows_interval_95: list[float] | None
+    windows_interval: str
+    tokens_interval_95: list[float] | None
+    x_below_y_windows: int
+    windows: int
+    resolved: bool
+    sign: int
+
+    @property
+    def lower(self) -> bool:
+        """x resolved below y."""
+        return self.resolved and self.mean < 0
+
+    @property
+    def higher(self) -> bool:
+        """x resolved above y."""
+        return self.resolved and self.mean > 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> PairedDifference:
+        return cls(**record)
+
+
+def paired_difference(x_windows, y_windows, seed: int = 0) -> PairedDifference:
     """The mean of d = x - y over all predictions of two variants scored on the same held-out windows, with two
     95% intervals of that mean and the sign count.
 
@@ -89,11 +122,11 @@ def paired_difference(x_windows, y_windows, seed: int = 0) -> dict:
     lengths for both. The intervals, from one seeded stream:
     - over windows: whole windows resampled, the mean Σ_drawn Σ d / Σ_drawn count; from fewer than
       MIN_BOOTSTRAP_WINDOWS windows instead the t-interval over the windows' own means Σ d / count (t_interval);
-      "windows_interval" names which ("bootstrap" or "t"); "x_below_y_windows" counts the windows whose Σ d is
+      windows_interval names which ("bootstrap" or "t"); x_below_y_windows counts the windows whose Σ d is
       below 0;
     - over tokens: a block bootstrap, each window's predictions cut into blocks of TOKEN_BLOCK consecutive ones
       (neighbouring tokens are not independent; blocks keep most of that dependence), blocks resampled.
-    "resolved" when both intervals exclude 0 (otherwise the data do not say which variant is better); "sign" is
+    Resolved when both intervals exclude 0 (otherwise the data do not say which variant is better); the sign is
     then the sign of the mean, else 0."""
     x = [np.asarray(w, dtype=np.float64) for w in x_windows]
     y = [np.asarray(w, dtype=np.float64) for w in y_windows]
@@ -108,16 +141,34 @@ def paired_difference(x_windows, y_windows, seed: int = 0) -> dict:
     windows = _pooled_mean_interval(sums, counts, rng) if method == "bootstrap" else t_interval(sums / counts)
     tokens = _pooled_mean_interval(np.array([b.sum() for b in blocks]), np.array([b.size for b in blocks]), rng)
     resolved = excludes(windows, 0.0) and excludes(tokens, 0.0)
-    return {"mean": float(sums.sum() / counts.sum()), "windows_interval_95": windows, "windows_interval": method,
-            "tokens_interval_95": tokens, "x_below_y_windows": int((sums < 0).sum()), "windows": len(d),
-            "resolved": resolved, "sign": int(np.sign(sums.sum())) if resolved else 0}
+    return PairedDifference(mean=float(sums.sum() / counts.sum()), windows_interval_95=windows,
+                            windows_interval=method, tokens_interval_95=tokens,
+                            x_below_y_windows=int((sums < 0).sum()), windows=len(d), resolved=resolved,
+                            sign=int(np.sign(sums.sum())) if resolved else 0)
 
 
-def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class ClusteredDifference:
+    """paired_window_sums's answer: the mean of x - y and its 95% intervals over windows and over clusters."""
+    mean: float
+    windows_interval_95: list[float] | None
+    clusters_interval_95: list[float] | None
+    windows: int
+    clusters: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> ClusteredDifference:
+        return cls(**record)
+
+
+def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> ClusteredDifference:
     """The mean of d = x - y over all predictions of two variants scored on the same windows, from per-window
     sums (Σ over a window's predictions of x and of y, and their count), with two 95% intervals:
-    - "windows_interval_95": whole windows resampled, Σ_drawn Σ d / Σ_drawn count (a cluster bootstrap);
-    - "clusters_interval_95": a t-interval over the clusters' own means Σ d / count (the windows of one text
+    - windows_interval_95: whole windows resampled, Σ_drawn Σ d / Σ_drawn count (a cluster bootstrap);
+    - clusters_interval_95: a t-interval over the clusters' own means Σ d / count (the windows of one text
       are correlated, so its texts are the independent units; few units, hence t, not a bootstrap).
     Either is None where it cannot be formed (fewer than 2 clusters)."""
     d = np.asarray(x_sums, dtype=np.float64) - np.asarray(y_sums, dtype=np.float64)
@@ -127,15 +178,33 @@ def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> dict:
                            f"got {d.shape} sums for {counts.shape} windows")
     labels = list(dict.fromkeys(clusters.tolist()))
     per_cluster = [d[clusters == c].sum() / counts[clusters == c].sum() for c in labels]
-    return {"mean": float(d.sum() / counts.sum()),
-            "windows_interval_95": _pooled_mean_interval(d, counts, np.random.default_rng(seed)),
-            "clusters_interval_95": t_interval(per_cluster), "windows": int(d.size), "clusters": len(labels)}
+    return ClusteredDifference(mean=float(d.sum() / counts.sum()),
+                               windows_interval_95=_pooled_mean_interval(d, counts, np.random.default_rng(seed)),
+                               clusters_interval_95=t_interval(per_cluster), windows=int(d.size),
+                               clusters=len(labels))
 
 
-def paired_ratio(numerator, denominator, seed: int = 0) -> dict:
-    """The ratio of the medians, median(numerator) / median(denominator), under "median", with the bootstrap 95%
-    interval of that ratio, the repeats resampled as pairs (repeat i of both together, so that a load shared by a
-    pair stays shared); "resolved" when the interval excludes 1. With fewer than MIN_PAIRS pairs the interval is
+@dataclass(frozen=True)
+class PairedRatio:
+    """paired_ratio's answer: the ratio of the medians, its 95% interval (None from too few pairs), the number of
+    pairs, and whether the interval excludes 1."""
+    median: float
+    interval_95: list[float] | None
+    repeats: int
+    resolved: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> PairedRatio:
+        return cls(**record)
+
+
+def paired_ratio(numerator, denominator, seed: int = 0) -> PairedRatio:
+    """The ratio of the medians, median(numerator) / median(denominator), with the bootstrap 95% interval of that
+    ratio, the repeats resampled as pairs (repeat i of both together, so that a load shared by a pair stays
+    shared); resolved when the interval excludes 1. With fewer than MIN_PAIRS pairs the interval is
     None and nothing is resolved.
 
     The ratio of the medians is the ratio of the rates printed beside it (tokens / median seconds), so the two
@@ -149,8 +218,8 @@ def paired_ratio(numerator, denominator, seed: int = 0) -> dict:
                            f"{denominator.shape}")
     interval = (bootstrap(lambda drawn: np.median(numerator[drawn], axis=1) / np.median(denominator[drawn], axis=1),
                           numerator.size, seed=seed) if numerator.size >= MIN_PAIRS else None)
-    return {"median": float(np.median(numerator) / np.median(denominator)), "interval_95": interval,
-            "repeats": int(numerator.size), "resolved": excludes(interval, 1.0)}
+    return PairedRatio(median=float(np.median(numerator) / np.median(denominator)), interval_95=interval,
+                       repeats=int(numerator.size), resolved=excludes(interval, 1.0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,11 +348,25 @@ def spearman_interval(a, b, seed: int = 0) -> list[float] | None:
     return bootstrap(lambda drawn: resampled_spearman(a, b, drawn), len(a), seed=seed)
 
 
-def spearman_lead(a_sets, b_sets, targets, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class RankLead:
+    """spearman_lead's answer: the mean lead of one rank correlation over another and its 95% interval."""
+    lead: float
+    interval_95: list[float] | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> RankLead:
+        return cls(**record)
+
+
+def spearman_lead(a_sets, b_sets, targets, seed: int = 0) -> RankLead:
     """How much better a ranks the target than b does: spearman(a, t) - spearman(b, t), averaged over independent
-    sets (regions, each a sequence of a values, of b values and of targets over the same units), under "lead",
-    with its paired bootstrap 95% interval (every set's units resampled, the same draw for a and b) under
-    "interval_95". A lead whose interval lies above 0 is resolved."""
+    sets (regions, each a sequence of a values, of b values and of targets over the same units), with its paired
+    bootstrap 95% interval (every set's units resampled, the same draw for a and b). A lead whose interval lies
+    above 0 is resolved."""
     a_sets, b_sets, targets = ([np.asarray(v, dtype=np.float64) for v in sets] for sets in (a_sets, b_sets, targets))
     # an undefined correlation (None) becomes NaN, and so does the lead
     leads = [np.float64(spearman(a, t)) - np.float64(spearman(b, t)) for a, b, t in zip(a_sets, b_sets, targets)]
@@ -292,5 +375,5 @@ def spearman_lead(a_sets, b_sets, targets, seed: int = 0) -> dict:
         return sum(resampled_spearman(a, t, d) - resampled_spearman(b, t, d)
                    for a, b, t, d in zip(a_sets, b_sets, targets, drawn)) / len(targets)
 
-    return {"lead": float(np.mean(np.asarray(leads, dtype=np.float64))),
-            "interval_95": bootstrap(mean_lead, *(t.size for t in targets), seed=seed)}
+    return RankLead(lead=float(np.mean(np.asarray(leads, dtype=np.float64))),
+                    interval_95=bootstrap(mean_lead, *(t.size for t in targets), seed=seed))

@@ -10,7 +10,7 @@ import reffuse
 PACKAGE = Path(reffuse.__file__).parent
 
 # Lowest first; a module may import from its own layer and from every layer before it.
-LAYERS = [("reffuse.errors", "reffuse.stats", "reffuse.files", "reffuse.outputs", "reffuse.options",
+LAYERS = [("reffuse.errors", "reffuse.records", "reffuse.stats", "reffuse.files", "reffuse.outputs", "reffuse.options",
            "reffuse.progress", "reffuse.optional"),
           ("reffuse.core",),
           ("reffuse.formats",),

@@ -72,9 +72,9 @@ def test_a_paired_ratio_is_the_ratio_of_medians_with_a_bootstrap_of_resampled_pa
     ratio = paired_ratio(numerator, denominator)
     drawn = np.random.default_rng(0).integers(0, 7, (RESAMPLES, 7))  # the repeats drawn as pairs
     ratios = np.median(np.array(numerator)[drawn], axis=1) / np.median(np.array(denominator)[drawn], axis=1)
-    assert ratio["interval_95"] == pytest.approx(list(np.quantile(ratios, [0.025, 0.975])))
-    assert ratio["median"] == pytest.approx(np.median(numerator) / np.median(denominator))
-    assert ratio["resolved"] and ratio["repeats"] == 7
+    assert ratio.interval_95 == pytest.approx(list(np.quantile(ratios, [0.025, 0.975])))
+    assert ratio.median == pytest.approx(np.median(numerator) / np.median(denominator))
+    assert ratio.resolved and ratio.repeats == 7
 
 
 def test_a_paired_ratio_agrees_with_the_medians_where_the_median_of_pair_ratios_does_not():
@@ -82,9 +82,9 @@ def test_a_paired_ratio_agrees_with_the_medians_where_the_median_of_pair_ratios_
     denominator = [0.6, 1.4, 1.0, 1.0, 0.8, 1.0, 1.1]
     assert np.median(np.divide(numerator, denominator)) > 1.1  # the pairs' own ratios say "numerator slower"
     ratio = paired_ratio(numerator, denominator)
-    assert ratio["median"] == pytest.approx(0.8 / 1.0)  # the medians, as rates printed from them say: faster
-    low, high = ratio["interval_95"]
-    assert low <= ratio["median"] <= high
+    assert ratio.median == pytest.approx(0.8 / 1.0)  # the medians, as rates printed from them say: faster
+    low, high = ratio.interval_95
+    assert low <= ratio.median <= high
 
 
 def test_a_paired_ratio_lies_inside_its_interval_on_noisy_repeats():
@@ -94,12 +94,12 @@ def test_a_paired_ratio_lies_inside_its_interval_on_noisy_repeats():
         load = rng.lognormal(0, 0.3, n)  # shared by a pair
         numerator, denominator = load * rng.lognormal(0, 0.3, n), load * rng.lognormal(0.05, 0.3, n)
         ratio = paired_ratio(numerator, denominator)
-        assert ratio["interval_95"][0] <= ratio["median"] <= ratio["interval_95"][1]
+        assert ratio.interval_95[0] <= ratio.median <= ratio.interval_95[1]
 
 
 def test_a_paired_ratio_from_too_few_pairs_has_no_interval():
     few = paired_ratio([1.5] * (MIN_PAIRS - 1), [1.0] * (MIN_PAIRS - 1))
-    assert few["interval_95"] is None and not few["resolved"] and few["median"] == 1.5
+    assert few.interval_95 is None and not few.resolved and few.median == 1.5
 
 
 # Student's t

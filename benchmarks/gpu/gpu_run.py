@@ -282,7 +282,7 @@ def speed_section(ctx: Context) -> dict:
                **{f"{name}_gpu_seconds": statistics.median(c.samples) for name, c in clocks.items()}}
         if peer is not None:
             ratio = paired_ratio(samples["reffuse"], samples["pytorch"])  # < 1: reffuse takes less time
-            row.update(time_ratio=ratio["median"], time_ratio_interval_95=ratio["interval_95"])
+            row.update(time_ratio=ratio.median, time_ratio_interval_95=ratio.interval_95)
         out["prefill"].append(row)
         free_pool()
     progress(f"speed: decode, {sizes.decode_tokens} tokens")
@@ -296,7 +296,7 @@ def speed_section(ctx: Context) -> dict:
                  for name, s in samples.items()}}
     if peer is not None:
         speedup = paired_ratio(samples["pytorch"], samples["reffuse"])  # their time / ours = our speed / theirs
-        decode.update(speedup=speedup["median"], speedup_interval_95=speedup["interval_95"],
+        decode.update(speedup=speedup.median, speedup_interval_95=speedup.interval_95,
                       same_greedy_tokens=tokens["reffuse"] == tokens["pytorch"])
     out["decode"] = decode
     out["targets"] = [
@@ -360,7 +360,7 @@ def training_section(ctx: Context) -> dict:
                           "tokens_per_second": len(ids) / statistics.median(samples["pytorch"]),
                           "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
         ratio = paired_ratio(samples["pytorch"], samples["reffuse"])  # our tokens/s over theirs
-        out.update(speed_ratio=ratio["median"], speed_ratio_interval_95=ratio["interval_95"],
+        out.update(speed_ratio=ratio.median, speed_ratio_interval_95=ratio.interval_95,
                    first_loss_relative_difference=abs(losses["reffuse"][0] - losses["pytorch"][0])
                    / abs(losses["pytorch"][0]))
     return out

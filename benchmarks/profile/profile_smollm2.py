@@ -123,8 +123,8 @@ def stacking(model, threads: int, repeats: int) -> dict:
                 rows.append({"products": name, "tokens": tokens,
                              "separate_seconds": statistics.median(samples["separate"]),
                              "stacked_seconds": statistics.median(samples["stacked"]),
-                             "stacked_over_separate_time": ratio["median"],
-                             "stacked_over_separate_interval_95": ratio["interval_95"]})
+                             "stacked_over_separate_time": ratio.median,
+                             "stacked_over_separate_interval_95": ratio.interval_95})
     return {"rows": rows}
 
 
@@ -149,7 +149,7 @@ def arena_effect(model, prompt, threads: int, rounds: int = 9, steps: int = 30) 
         for _ in range(rounds):
             for name, m in (("separate", separate), ("arena", model)):
                 samples[name].append(median_seconds(decode_step(m, prompt), steps, warmup=0))
-    return {"seconds": samples, "arena_over_separate_time": paired_ratio(samples["arena"], samples["separate"])}
+    return {"seconds": samples, "arena_over_separate_time": paired_ratio(samples["arena"], samples["separate"]).to_json()}
 
 
 def main(argv=None) -> int:
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
               "bandwidth": bandwidth,
               "weight_bytes": weight_bytes, "bound_seconds_per_token": bound["seconds_per_token"],
               "fraction_of_bound": bound["seconds_per_token"] / decode["seconds"],
-              "fast_over_plain_time": fast_over_plain}
+              "fast_over_plain_time": {name: ratio.to_json() for name, ratio in fast_over_plain.items()}}
     try:
         from reffuse.formats.registry import load_tokenizer
         from reffuse.speed.bench import llamacpp_runner
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
         f"{1e3 * measured['plain'][run]['seconds']:.2f} | {1e3 * measured['fast'][run]['seconds']:.2f}"
         for run in runs) + " |")
     ratios = [cell for run in runs
-              for cell in ("", ratio_text(fast_over_plain[run]["median"], fast_over_plain[run]["interval_95"]))]
+              for cell in ("", ratio_text(fast_over_plain[run].median, fast_over_plain[run].interval_95))]
     lines.append("| fast / plain time | " + " | ".join(ratios) + " |")
     lines += ["", "The attention part includes its RoPE rotation; the LM head's, the final norm. `attention`, "
                   "`ffn` and `rope` are the model's kernels (`Model.kernels`), plain or fast."]

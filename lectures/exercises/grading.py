@@ -37,8 +37,8 @@ def check(what: str, got, want, rtol: float = RTOL) -> None:
         pytest.fail(f"{what}: {int(bad.sum())} of {got.size} elements are NaN or infinite, the first at "
                     f"{list(first)} (expected {float(want[first]):.6g} there)", pytrace=False)
     row = error_row(what, got, want)
-    allowed = rtol * row["max_reference"]
-    if row["max_abs"] <= allowed:
+    allowed = rtol * row.max_reference
+    if row.max_abs <= allowed:
         return
     difference = np.abs(got.astype(np.float64) - want.astype(np.float64))
     worst = np.unravel_index(difference.argmax(), difference.shape)
@@ -46,8 +46,8 @@ def check(what: str, got, want, rtol: float = RTOL) -> None:
     wrong = int((difference > allowed).sum())
     tolerance = f"tolerance {rtol:g} of it" if rtol else "expected bit for bit"
     message = (f"{what}: {where} is {float(got[worst]):.8g}, expected {float(want[worst]):.8g}: off by "
-               f"{row['max_abs']:.2e}, {row['relative']:.1e} of the largest expected value "
-               f"{row['max_reference']:.4g} ({tolerance})")
+               f"{row.max_abs:.2e}, {row.relative:.1e} of the largest expected value "
+               f"{row.max_reference:.4g} ({tolerance})")
     if got.size > 1:
         message += f"; {wrong:,} of {got.size:,} elements are off by more"
     if got.dtype != want.dtype:

@@ -24,7 +24,7 @@ for tokens in (1, 512):
 # 2. Intensity of one FFN ≈ 6 d dh T / (bytes per weight · 3 d dh) = 2T / bytes_per_weight, so it crosses the
 #    ridge point P/W at T = ridge · bytes_per_weight / 2.
 cpu = costmodel.calibrate_cpu(mpi=False)
-ridge_cpu = cpu.calibration["gemm_flops_all_threads"] / cpu.calibration["gemv_bandwidth_all_threads"]
+ridge_cpu = cpu.calibration.gemm_flops_all_threads / cpu.calibration.gemv_bandwidth_all_threads
 h100 = costmodel.get_hardware("h100-sxm")
 ridge_h100 = h100.peak_flops["fp8"] / h100.memory_bandwidth
 print(f"2. this CPU (float32): compute-bound from T ≈ {ridge_cpu * 4 / 2:.0f} tokens; "
@@ -45,8 +45,8 @@ with blas_threads(None):
 #    moves with the share of those fixed costs in a token: up with a larger kernel overhead or alpha, down with
 #    anything that makes the roofline part larger — BF16 weights double the bytes read, which moves it most.
 rows = costmodel.paper_sensitivity()
-base = rows[0]["fusion_alone"]
-moves = {r["variant"]: r["fusion_alone"] - base for r in rows[1:]}
+base = rows[0].fusion_alone
+moves = {r.variant: r.fusion_alone - base for r in rows[1:]}
 largest = max(moves, key=lambda v: abs(moves[v]))
 for variant, move in moves.items():
     print(f"4. {variant:28s} fusion alone {base + move:.3f} ({move:+.3f})")
@@ -60,7 +60,7 @@ assert moves["BF16 weights"] < 0 < moves["kernel overhead 6 us"]
 prefusion = costmodel.get_layout("ultra-253b-prefusion")
 speedups = {}
 for context in (1024, 32768):
-    row = next(r for r in costmodel.decode_projection(prefusion, h100, degrees=[8], context=context)["rows"])
-    speedups[context] = row["fusion_speedup"]
-    print(f"5. TP8, context {context:5d}: fused / pre-fusion = {row['fusion_speedup']:.3f}x")
+    row = next(r for r in costmodel.decode_projection(prefusion, h100, degrees=[8], context=context).rows)
+    speedups[context] = row.fusion_speedup
+    print(f"5. TP8, context {context:5d}: fused / pre-fusion = {row.fusion_speedup:.3f}x")
 assert speedups[32768] < speedups[1024]

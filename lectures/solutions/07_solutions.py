@@ -72,7 +72,7 @@ for label, blocks in {"fused blocks": [i for i, b in enumerate(student.blocks) i
                       "whole run": [i for i, b in enumerate(student.blocks) if b.attention is None]}.items():
     names = [n for n in named_weights(student) if n.startswith(tuple(f"model.layers.{i}." for i in blocks))]
     healed, _ = train(student, text, names, options, teacher=original, progress=False)
-    results[label] = evaluate(healed, held_out, base=original)["kl_from_base"]
+    results[label] = evaluate(healed, held_out, base=original).kl_from_base
     print(f"5. training the {label} (blocks {blocks}): held-out KL {results[label]:.3f}")
 print("   more trainable weights fit the teacher more closely at this budget" if results["whole run"] <
       results["fused blocks"] else "   the fused blocks alone do as well at this budget")

@@ -85,8 +85,8 @@ def add_arguments(parser):
 
 def summary(result: Analysis, paths) -> str:
     tokens, plan, steps = result.tokens, result.plan, result.greedy.steps
-    spans = "; ".join(f"{s['title']} characters {s['start']}-{s['end']} ({s['tokens']} tokens)"
-                      for s in tokens.spans) or tokens.split
+    spans = "; ".join(f"{s.title} characters {s.start}-{s.end} ({s.tokens} tokens)" for s in tokens.spans) \
+        or tokens.split
     lines = [f"model: {result.model.name} ({result.model.blocks} blocks), attention removed: "
              f"{result.attention_removal.blocks}",
              f"tokens: {tokens.sequences} x {tokens.sequence_length} from {spans}; {tokens.measured} measured"
@@ -95,8 +95,8 @@ def summary(result: Analysis, paths) -> str:
              f"({result.cpu_seconds:.1f} s of CPU)", ""]
     lines.append(f"greedy windows of {result.windows.length} ({result.greedy.blocks} blocks)")
     lines.append(format_table(["step", "blocks", "M_max", "M_sum", "tied"],
-                              [[s["step"], f"{s['first']}-{s['last']}", f"{s['max']:.4f}", f"{s['sum']:.4f}",
-                                ",".join(map(str, s["tied"]))] for s in steps]) if steps else "  no eligible window")
+                              [[s.step, f"{s.first}-{s.last}", f"{s.max:.4f}", f"{s.sum:.4f}",
+                                ",".join(map(str, s.tied))] for s in steps]) if steps else "  no eligible window")
     lines.append("")
     groups = format_groups(plan.groups, ", ") if plan.groups else "none (no attention-free run long enough)"
     lines.append(f"fusion plan ({'last FFN of each run left out' if plan.leave_out_last else 'last FFN kept'}, "

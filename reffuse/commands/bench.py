@@ -50,9 +50,9 @@ from pathlib import Path
 
 from reffuse.errors import ReffuseError
 from reffuse.speed.bench import DECODE_PROMPT_TOKENS, DECODE_TOKENS, PREFILL_TOKENS, run_benchmark
-from reffuse.speed.bench_report import markdown
+from reffuse.speed.bench_report import markdown, train_markdown
 from reffuse.speed.environment import default_threads
-from reffuse.speed.train_bench import TRAIN_CHOICES, TRAIN_TOKENS, run_train_benchmark, train_markdown
+from reffuse.speed.train_bench import TRAIN_CHOICES, TRAIN_TOKENS, run_train_benchmark
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, model_config
 from reffuse.progress import note
 from reffuse.outputs import claim_file, json_naming, Output, text_headed, write_json_atomic, write_text_atomic

@@ -35,12 +35,10 @@ def add_arguments(parser):
 def run(args) -> int:
     manifest = build_kit(args.out, args.overwrite, args.reference_tokens, args.seed)
     if args.json:
-        print_json(manifest)
+        print_json(manifest.to_json())
         return 0
     print(format_table(["pattern", "blocks", "llama.cpp file"],
-                       [[p["name"], len(p["blocks"]),
-                         p["gguf"] or "none (kit.json says why)"]
-                        for p in manifest["patterns"]]))
-    print(f"\nwrote {args.out} ({len(manifest['patterns'])} patterns, {manifest['tokens']} tokens each); "
+                       [[p.name, len(p.blocks), p.gguf or "none (kit.json says why)"] for p in manifest.patterns]))
+    print(f"\nwrote {args.out} ({len(manifest.patterns)} patterns, {manifest.tokens} tokens each); "
           f"how to use it: {args.out / 'README.md'}")
     return 0

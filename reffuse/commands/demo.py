@@ -59,7 +59,8 @@ def add_arguments(parser):
                         help="model name or folder (default: smollm2; tiny: synthetic, offline)")
     add_attention_removal_arguments(parser, "8 for smollm2, 2 for tiny; none when --groups is given")
     parser.add_argument("--groups", type=groups_argument, default=None,
-                        help="runs to fuse, FIRST-LAST[,...] (default: planned from the damage of fusing each adjacent pair)")
+                        help="runs to fuse, FIRST-LAST[,...] (default: planned from the damage of fusing each "
+                             "adjacent pair)")
     parser.add_argument("--max-group-size", type=positive_int, default=4,
                         help="most blocks per planned group (default 4)")
     parser.add_argument("--norm", choices=NORM_MODES, default="fold",

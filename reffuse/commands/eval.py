@@ -18,9 +18,10 @@ examples:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, fields
 
-from reffuse.formats.corpus import held_out_windows
-from reffuse.evaluation.scoring import evaluate
+from reffuse.formats.corpus import WindowsRecord, held_out_windows
+from reffuse.evaluation.scoring import Scores, evaluate
 from reffuse.formats.registry import check_tokenizer, find_tokenizer, load_model, load_tokenizer
 from reffuse.progress import Progress
 from reffuse.commands.common import (add_device_argument, add_dtype_argument, add_json_argument, add_token_arguments,
@@ -29,6 +30,33 @@ from reffuse.commands.common import (add_device_argument, add_dtype_argument, ad
 HELP = "perplexity on held-out text; with --base, KL to the base model and top-1 agreement"
 DEFAULT_TOKENS = 2048
 DEFAULT_WINDOW = 256
+WINDOWING = "non-overlapping windows scored independently; the first token of each window has no prediction"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `reffuse eval` measured (its --json prints this): the scores, and the model, text and windows they
+    were measured on, so that a number can be reproduced."""
+    model: str                # as given (--model)
+    model_name: str           # its config name
+    base: str | None          # --base, None without one
+    dtype: str
+    tokenizer: str            # where the tokenizer came from
+    text: WindowsRecord
+    windowing: str            # how windows are scored
+    scores: Scores            # base_perplexity, kl_from_base and top1_agreement only with a base
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "model_name": self.model_name, "base": self.base, "dtype": self.dtype,
+                "tokenizer": self.tokenizer, "text": self.text.to_json(), "windowing": self.windowing,
+                **self.scores.to_json(), "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> EvalResult:
+        scores = Scores.from_json({f.name: raw[f.name] for f in fields(Scores) if f.name in raw})
+        return cls(raw["model"], raw["model_name"], raw["base"], raw["dtype"], raw["tokenizer"],
+                   WindowsRecord.from_json(raw["text"]), raw["windowing"], scores, raw["seconds"])
 
 
 def add_arguments(parser):
@@ -58,24 +86,20 @@ def run(args) -> int:
     with Progress(f"scoring {args.model}" + (f" against {args.base}" if base else ""), len(windows),
                   "windows") as bar:
         scores = evaluate(model, windows, base, progress=bar.update)
-    result = {"model": args.model, "model_name": model.config.name, "base": args.base, "dtype": args.dtype,
-              "tokenizer": tokenizer.source, "text": windows.describe(),
-              "windowing": "non-overlapping windows scored independently; the first token of each window "
-                           "has no prediction",
-              **scores, "seconds": time.perf_counter() - start}
+    result = EvalResult(args.model, model.config.name, args.base, args.dtype, tokenizer.source, windows.describe(),
+                        WINDOWING, scores, time.perf_counter() - start)
     if args.json:
-        print_json(result)
+        print_json(result.to_json())
         return 0
-    text = result["text"]
-    spans = "; ".join(f"{s['title']} ({s['play']}) characters {s['start']}-{s['end']}, {s['tokens']} tokens"
-                      for s in text["spans"])
+    text = result.text
+    spans = "; ".join(f"{s.title} ({s.play}) characters {s.start}-{s.end}, {s.tokens} tokens" for s in text.spans)
     print(f"model: {args.model} ({model.config.name}), {args.dtype}")
-    print(f"text: {text['split']}: {spans}")
-    print(f"windows: {text['windows']} x {text['window']} tokens, scored independently: "
-          f"{scores['predictions']} predictions\n")
-    header, row = ["perplexity"], [f"{scores['perplexity']:.4f}"]
+    print(f"text: {text.split}: {spans}")
+    print(f"windows: {text.windows} x {text.window} tokens, scored independently: "
+          f"{scores.predictions} predictions\n")
+    header, row = ["perplexity"], [f"{scores.perplexity:.4f}"]
     if base is not None:
         header += ["base perplexity", "KL(base||model) nats", "top-1 agreement"]
-        row += [f"{scores['base_perplexity']:.4f}", f"{scores['kl_from_base']:.3e}", f"{scores['top1_agreement']:.2%}"]
+        row += [f"{scores.base_perplexity:.4f}", f"{scores.kl_from_base:.3e}", f"{scores.top1_agreement:.2%}"]
     print(format_table(header, [row]))
     return 0

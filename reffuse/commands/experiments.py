@@ -37,13 +37,15 @@ examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
+from reffuse.experiments.findings import StudyResult
 from reffuse.experiments.report import markdown, regions_markdown
 from reffuse.errors import ReffuseError
-from reffuse.experiments.run import SCALE_TOKENS, region_summary, rejudge, run_experiments
+from reffuse.experiments.run import SCALE_TOKENS, RegionSummary, region_summary, rejudge, run_experiments
 from reffuse.optional import available, install_hint
 from reffuse.plots.experiments import write_experiment_figures
 from reffuse.progress import note
@@ -115,24 +117,26 @@ def run(args) -> int:
                                      decode_tokens=args.decode_tokens, repeats=args.repeats, region_rank=rank,
                                      scale_tokens=args.scale_tokens)
             folder = Path() if args.regions == 1 else Path(f"region-{rank}")
-            result["command"] = command if args.regions == 1 else f"{command}  (region {rank} of {args.regions})"
+            result = dataclasses.replace(
+                result, command=command if args.regions == 1 else f"{command}  (region {rank} of {args.regions})")
             drawn = write_report(result, staging / folder, figures)
-            note(f"region {rank}: {len(drawn)} figures, {result['seconds'] / 60:.1f} minutes")
+            note(f"region {rank}: {len(drawn)} figures, {result.seconds / 60:.1f} minutes")
             results.append(result)
         if args.regions > 1:
-            summary = region_summary(results) | {"command": command, "seconds": sum(r["seconds"] for r in results)}
-            write_json_atomic(staging / "regions.json", summary)
-            write_text_atomic(staging / "README.md", regions_markdown(summary, command, summary["seconds"] / 60))
-    note(f"wrote {args.out / 'README.md'} ({sum(r['seconds'] for r in results) / 60:.1f} minutes)")
+            summary = region_summary(results, command, sum(r.seconds for r in results))
+            write_json_atomic(staging / "regions.json", summary.to_json())
+            write_text_atomic(staging / "README.md", regions_markdown(summary, command, summary.seconds / 60))
+    note(f"wrote {args.out / 'README.md'} ({sum(r.seconds for r in results) / 60:.1f} minutes)")
     if args.json:
-        print_json(results[0] if args.regions == 1 else {"summary": summary, "regions": results})
+        print_json(results[0].to_json() if args.regions == 1 else
+                   {"summary": summary.to_json(), "regions": [r.to_json() for r in results]})
     else:
         for result in results:
             if args.regions > 1:
-                print(f"region {result['settings']['region_rank']}: attention removed "
-                      f"{result['attention_removal']['blocks_text']}")
-            for v in result["verdicts"]:
-                print(f"({v['finding']}) {v['title']}: {v['verdict']}\n    here: {v['here']}")
+                print(f"region {result.settings.region_rank}: attention removed "
+                      f"{result.attention_removal.blocks_text}")
+            for v in result.verdicts:
+                print(f"({v.finding}) {v.title}: {v.verdict}\n    here: {v.here}")
     return 0
 
 
@@ -141,8 +145,8 @@ def rewrite_reports(out: Path) -> int:
     figures rewritten in place; a run over regions gets its summary rewritten too."""
     remedy = "give the --out folder of an earlier `reffuse experiments` run"
     regions = out / "regions.json"
-    summary = read_json(regions, remedy) if regions.is_file() else None
-    folders = [out / f"region-{r['rank']}" for r in summary["regions"]] if summary else [out]
+    summary = RegionSummary.from_json(read_json(regions, remedy)) if regions.is_file() else None
+    folders = [out / f"region-{r.rank}" for r in summary.regions] if summary else [out]
     for folder in folders:
         if not is_report(folder):
             raise ReffuseError(f"{folder} holds no experiments.json that reffuse experiments wrote: {remedy}")
@@ -153,24 +157,24 @@ def rewrite_reports(out: Path) -> int:
         note(f"figures will be kept as they are: drawing them needs matplotlib ({install_hint('real')})")
     results = []
     for folder in folders:
-        result = rejudge(read_json(folder / "experiments.json", remedy), command)
+        result = rejudge(StudyResult.from_json(read_json(folder / "experiments.json", remedy)), command)
         write_report(result, folder, figures)
-        changed = [f"({v['finding']}) {was['verdict']} -> {v['verdict']}"
-                   for v, was in zip(result["verdicts"], result["verdicts_as_run"]) if v["verdict"] != was["verdict"]]
+        changed = [f"({v.finding}) {was.verdict} -> {v.verdict}"
+                   for v, was in zip(result.verdicts, result.verdicts_as_run) if v.verdict != was.verdict]
         print(f"{folder / 'README.md'}: {'; '.join(changed) or 'no verdict changed'}")
         results.append(result)
     if summary:
-        summary = region_summary(results) | {"command": summary["command"], "seconds": summary["seconds"]}
-        write_json_atomic(regions, summary)
-        write_text_atomic(out / "README.md", regions_markdown(summary, summary["command"], summary["seconds"] / 60))
+        summary = region_summary(results, summary.command, summary.seconds)
+        write_json_atomic(regions, summary.to_json())
+        write_text_atomic(out / "README.md", regions_markdown(summary, summary.command, summary.seconds / 60))
         print(out / "README.md")
     return 0
 
 
-def write_report(result: dict, folder: Path, figures: bool) -> list:
+def write_report(result: StudyResult, folder: Path, figures: bool) -> list:
     """One region's experiments.json, README.md and figures into `folder`; returns the figures drawn."""
-    report = markdown(result, result["command"])  # before anything is written
+    report = markdown(result, result.command)  # before anything is written
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "experiments.json", result, inline_lists=True)
+    write_json_atomic(folder / "experiments.json", result.to_json(), inline_lists=True)
     write_text_atomic(folder / "README.md", report)
     return write_experiment_figures(result, folder) if figures else []

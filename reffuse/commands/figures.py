@@ -14,7 +14,8 @@ the bytes with each other, and with the committed figures/ where the versions ma
     layout_before_after.png              plots.layout.layout_figure               benchmarks/results/tp_smollm2_n3.json
                                                                                     (its attention removal and groups)
     fusion_intensity.png                 plots.experiments.fusion_intensity_figure  reports/experiments/smollm2/
-    removal_vs_fusion.png                plots.experiments.removal_vs_fusion_figure   experiments.json (reffuse experiments)
+    removal_vs_fusion.png                plots.experiments.removal_vs_fusion_figure   experiments.json
+                                                                                    (reffuse experiments)
     ffn_speed_vs_tokens.png              plots.speed.ffn_speed_figure             benchmarks/results/bench_smollm2.json
                                                                                     (reffuse bench)
     allreduce_counts.png                 plots.tp.allreduce_figure                benchmarks/results/tp_*.json

@@ -44,7 +44,8 @@ def add_arguments(parser):
     add_attention_removal_arguments(parser)
     plan = parser.add_mutually_exclusive_group(required=True)
     plan.add_argument("--groups", type=groups_argument, help="runs to fuse, FIRST-LAST[,FIRST-LAST...]")
-    plan.add_argument("--plan", choices=["auto"], help="auto: propose groups from the damage of fusing each adjacent FFN pair")
+    plan.add_argument("--plan", choices=["auto"],
+                      help="auto: propose groups from the damage of fusing each adjacent FFN pair")
     parser.add_argument("--max-group-size", type=positive_int, default=4,
                         help="--plan auto: most blocks per group (default 4)")
     parser.add_argument("--include-last", action="store_true",
@@ -69,18 +70,18 @@ def run(args) -> int:
     record = fuse_and_save(FuseOptions.from_namespace(args))
     out = Path(args.out)
     if args.json:
-        print_json(record)
+        print_json(record.to_json())
         return 0
-    removal = record["attention_removal"]
-    if removal:
-        print(f"attention removed: blocks {removal['blocks_text']} ({removal['rule']})"
-              + (f"; joint KL on calibration text {removal['joint_kl']:.3e} nats" if "joint_kl" in removal else ""))
-    print(f"fused groups ({args.norm}): {format_groups(record['groups'], ', ')}")
-    for fit in record["calibration"] or []:
-        print(f"calibrated {fit['group'][0]}-{fit['group'][1]}: relative fit error on {fit['tokens']} calibration "
-              f"tokens {fit['fit_error_plain']:.3e} -> {fit['fit_error_calibrated']:.3e}")
+    removal = record.attention_removal
+    if removal is not None:
+        print(f"attention removed: blocks {removal.blocks_text} ({removal.rule})"
+              + (f"; joint KL on calibration text {removal.joint_kl:.3e} nats" if removal.joint_kl is not None else ""))
+    print(f"fused groups ({args.norm}): {format_groups(record.groups, ', ')}")
+    for fit in record.calibration or ():
+        print(f"calibrated {fit.group[0]}-{fit.group[1]}: relative fit error on {fit.tokens} calibration "
+              f"tokens {fit.fit_error_plain:.3e} -> {fit.fit_error_calibrated:.3e}")
     print(format_table(["block", "attention", "FFN width", "fused from"],
-                       [[r["block"], "yes" if r["attention"] else "-", r["ffn_width"],
-                         ",".join(map(str, r["fused_from"])) or "-"] for r in record["layout"]]))
+                       [[i, "yes" if b.attention else "-", b.ffn_width, ",".join(map(str, b.fused_from)) or "-"]
+                        for i, b in enumerate(record.layout)]))
     print(f"\nsaved to {out}; score it with: reffuse eval --model {out} --base {args.model}")
     return 0

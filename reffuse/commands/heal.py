@@ -34,7 +34,8 @@ from __future__ import annotations
 from reffuse.commands.common import (add_device_argument, add_json_argument, add_token_arguments, check_window,
                                      non_negative_int, non_negative_number, number_argument, positive_int,
                                      positive_number, print_json)
-from reffuse.experiments.heal import TRAIN_CHOICES, HealOptions, run_heal, summary
+from reffuse.experiments.heal import HealOptions, run_heal, summary
+from reffuse.training.trainer import TRAIN_CHOICES
 
 HELP = "heal a fused model by knowledge distillation from the model it came from"
 
@@ -81,7 +82,7 @@ def run(args) -> int:
     check_window(args.model, args.window)
     record = run_heal(HealOptions.from_namespace(args))
     if args.json:
-        print_json(record)
+        print_json(record.to_json())
     else:
         print(summary(record))
         print(f"saved to {args.out}; score it with: reffuse eval --model {args.out} --base {args.teacher}")

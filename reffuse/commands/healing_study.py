@@ -26,7 +26,7 @@ from pathlib import Path
 
 from reffuse.commands.common import add_json_argument, print_json, positive_int
 from reffuse.errors import ReffuseError
-from reffuse.experiments.healing.report import FIGURE, figure_curves, write_report
+from reffuse.experiments.healing.report import FIGURE, HealingSummary, write_report
 from reffuse.experiments.healing.study import run_study
 from reffuse.optional import available
 from reffuse.options import as_recorded
@@ -49,13 +49,13 @@ def command_line(args) -> str:
     return f"reffuse healing-study --out {as_recorded(str(args.out))}"
 
 
-def publish(folder: Path, command: str) -> dict:
+def publish(folder: Path, command: str) -> HealingSummary:
     """The report and, with matplotlib, the recovery figure, from the folder's points."""
     summary = write_report(folder, command)
-    curves = figure_curves(summary)
-    if curves and available("matplotlib"):
+    if summary.curves and available("matplotlib"):
         from reffuse.plots.healing import write_recovery_figure
-        write_recovery_figure(curves, "SmolLM2-135M: held-out KL to the original while healing", folder / FIGURE)
+        write_recovery_figure(summary.curves, "SmolLM2-135M: held-out KL to the original while healing",
+                              folder / FIGURE)
     return summary
 
 
@@ -69,9 +69,9 @@ def run(args) -> int:
         run_study(folder, up_to=args.up_to, report=lambda f: publish(f, command_line(args)))
     summary = publish(folder, command_line(args))
     if args.json:
-        print_json(summary)
+        print_json(summary.to_json())
     else:
-        for v in summary["verdicts"]:
-            print(f"({v['finding']}) {v['title']}: {v['verdict']}")
-        print(f"{summary['points']} points, {summary['seconds'] / 3600:.1f} hours; report in {folder / 'README.md'}")
+        for v in summary.verdicts:
+            print(f"({v.finding}) {v.title}: {v.verdict}")
+        print(f"{summary.points} points, {summary.seconds / 3600:.1f} hours; report in {folder / 'README.md'}")
     return 0

@@ -16,9 +16,9 @@ logits against the single-process forward of the same model on rank 0: parity me
 max |logit| in float32 (1e-12 in float64, where float32 rounding no longer hides that sharding is exact).
 It prints per forward: all-reduces, bytes summed, all-reduce time and total time, sequential vs fused.
 Times are rank 0's, medians of --repeats; ranks start each forward together (a barrier, not counted). The two
-models take turns forward by forward, so that forward i of each ran under the same load: fused / sequential
-time is the median of those pairs' ratios, with a bootstrap 95% interval (prefill: --repeats pairs; decode:
---repeats x --decode-tokens).
+models take turns forward by forward, so that forward i of each ran under the same load, a pair: fused /
+sequential time is the ratio of the two medians, with the bootstrap 95% interval of the pairs (prefill: --repeats
+pairs; decode: --repeats x --decode-tokens).
 
 The fused plan: --groups, or else the longest attention-free run without its last block (the paper finds a
 run's last FFN the most sensitive); for tiny that is 4-8. A model without an attention-free run (SmolLM2)
@@ -130,14 +130,14 @@ def print_tables(result: TpResult) -> None:
           f"{seq.expected_allreduce_count}), fused {fused.prefill.allreduce_count} (expected "
           f"{fused.expected_allreduce_count}): fusion saves {saved}")
     for phase, ratio in result.fused_over_sequential_time.items():
-        if ratio["interval_95"] is None:
-            print(f"fused / sequential time, {phase}: {ratio['median']:.2f}x over {ratio['repeats']} paired "
+        if ratio.interval_95 is None:
+            print(f"fused / sequential time, {phase}: {ratio.median:.2f}x over {ratio.repeats} paired "
                   f"forwards, too few for a 95% interval (--repeats so that there are {MIN_PAIRS} or more)")
             continue
-        low, high = ratio["interval_95"]
-        print(f"fused / sequential time, {phase}: {ratio['median']:.2f}x, 95% interval {low:.2f}-{high:.2f} over "
-              f"{ratio['repeats']} paired forwards: " + ("resolved" if ratio["resolved"] else
-                                                        "unresolved (the interval holds 1)"))
+        low, high = ratio.interval_95
+        print(f"fused / sequential time, {phase}: {ratio.median:.2f}x, 95% interval {low:.2f}-{high:.2f} over "
+              f"{ratio.repeats} paired forwards: " + ("resolved" if ratio.resolved else
+                                                     "unresolved (the interval holds 1)"))
     verdict = "ok" if result.parity else "FAILED"
     print(f"parity with the single-process forward on rank 0: max relative error {result.errors.max_rel_error:.2e} "
           f"(<= {result.tolerance_rel:.0e}): {verdict}")

@@ -64,18 +64,18 @@ def run_kit(args) -> int:
     """One line per pattern of a conformance kit, llama.cpp against the kit's float64 reference."""
     rows = verify_kit(args.model)
     if args.json:
-        print_json(rows)
+        print_json([r.to_json() for r in rows])
     else:
         print(f"llama.cpp on the conformance kit {args.model}, logits against its float64 reference "
               f"(target: <= {TARGETS['llama.cpp']['relative']:g} of the largest logit)\n")
         print(format_table(["pattern", "max |diff| / max |logit|", "top-1", "verdict"],
-                           [[r["pattern"], "-" if r["relative"] is None else f"{r['relative']:.1e}",
-                             "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}", r["verdict"]]
+                           [[r.pattern, "-" if r.relative is None else f"{r.relative:.1e}",
+                             "-" if r.top1_agreement is None else f"{r.top1_agreement:.0%}", r.verdict]
                             for r in rows]))
         for r in rows:
-            if r["note"]:
-                print(f"{r['pattern']}: {r['note']}")
-    return 0 if all(r.get("met", True) for r in rows) else 1
+            if r.note:
+                print(f"{r.pattern}: {r.note}")
+    return 0 if all(r.met is not False for r in rows) else 1
 
 
 def run(args) -> int:
@@ -92,32 +92,32 @@ def run(args) -> int:
         check_dump_path(args.against)
         ids = None
     result = verify(args.model, args.against, ids, args.dtype, args.generate, args.rtol, args.atol, args.tokenizer)
-    checks, logits, precision = result["targets_met"], result["logits"], result["targets"]
     if args.json:
-        print_json(result)
-        return 0 if all(checks.values()) else 1
-    print(f"model: {result['model']}    against: {result['against']}    dtype: {result['dtype']}    "
-          f"tokens: {result['tokens']}\n")
-    rows = result["hidden_states"] + [logits]
+        print_json(result.to_json())
+        return 0 if result.met else 1
+    print(f"model: {result.model}    against: {result.against}    dtype: {result.dtype}    "
+          f"tokens: {result.tokens}\n")
     print(format_table(["output of", "max |diff|", "max |reference|", "relative", "without the sink",
                         "worst position"],
-                       [[r["step"], f"{r['max_abs']:.3e}", f"{r['max_reference']:.4g}", f"{r['relative']:.3e}",
-                         f"{r['relative_without_sink']:.3e}" if "relative_without_sink" in r else "-",
-                         r.get("worst_position", "-")] for r in rows]))
-    print(f"\ntop-1 agreement over positions: {result['top1_agreement']:.1%}")
-    if "greedy" in result:
-        g = result["greedy"]
-        print(f"greedy continuation: {g['identical_prefix']}/{g['tokens']} ids identical before the first difference")
-    if "quantized_file" in result:
-        q = result["quantized_file"]
-        print(f"llama.cpp on the published {q['file']} (its own quantized kernels, not judged): max |diff| "
-              f"{q['max_abs']:.3g}, {q['relative']:.1%} of the largest logit, NMSE {q['nmse']:.2e}, top-1 "
-              f"agreement {q['top1_agreement']:.1%}: that gap is quantization, not a bug")
+                       [[r.step, f"{r.max_abs:.3e}", f"{r.max_reference:.4g}", f"{r.relative:.3e}",
+                         "-" if r.relative_without_sink is None else f"{r.relative_without_sink:.3e}",
+                         "-" if r.worst_position is None else r.worst_position]
+                        for r in result.comparison.outputs()]))
+    print(f"\ntop-1 agreement over positions: {result.comparison.top1_agreement:.1%}")
+    if result.greedy is not None:
+        g = result.greedy
+        print(f"greedy continuation: {g.identical_prefix}/{g.tokens} ids identical before the first difference")
+    if result.quantized_file is not None:
+        q = result.quantized_file
+        print(f"llama.cpp on the published {q.file} (its own quantized kernels, not judged): max |diff| "
+              f"{q.logits.max_abs:.3g}, {q.logits.relative:.1%} of the largest logit, NMSE {q.logits.nmse:.2e}, "
+              f"top-1 agreement {q.top1_agreement:.1%}: that gap is quantization, not a bug")
+    checks = result.targets_met
     failed = [check for check, met in checks.items() if not met]
-    print(f"targets for a {precision} comparison: {len(checks) - len(failed)} of {len(checks)} met"
-          + (f"; the first output that diverges: {result['first_diverging']}" if result["first_diverging"] else ""))
+    print(f"targets for a {result.targets} comparison: {len(checks) - len(failed)} of {len(checks)} met"
+          + (f"; the first output that diverges: {result.first_diverging}" if result.first_diverging else ""))
     for check in failed:
         print(f"NOT MET: {check}")
-    if result.get("hint"):
-        print(f"hint: {result['hint']}")
+    if result.hint:
+        print(f"hint: {result.hint}")
     return 0 if not failed else 1

@@ -29,6 +29,7 @@ and `reffuse verify --model M --against theirs.npz` reports the error of every b
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from reffuse.core.backend import to_numpy
 from reffuse.errors import ReffuseError
 from reffuse.outputs import write_bytes_atomic
+from reffuse.records import present_fields
 from reffuse.core.model import Model, check_token_ids, forward
 
 FORMAT = "reffuse-activations-1"
@@ -114,31 +116,68 @@ def load_activations(path) -> dict:
     return data
 
 
-def error_row(name: str, candidate, reference) -> dict:
-    """max |candidate - reference|, max |reference|, their ratio, and the mean squared difference over the
-    reference's mean square (NMSE), computed in float64; for [T, ...] arrays
-    also the same without the first position (the attention sink, whose norm can be 10^4 times the others' and
-    hides every other error) and the position of the largest error."""
+@dataclass(frozen=True)
+class ErrorRow:
+    """How far one output (the embedding, a block, a sub-block, the logits) of a candidate is from a reference's,
+    computed in float64; for outputs over positions also the same without the first position (the attention
+    sink, whose norm can be 10^4 times the others' and hides every other error) and the position of the largest
+    error (None for other outputs)."""
+    step: str                                   # which output
+    max_abs: float                              # max |candidate - reference|
+    max_reference: float                        # max |reference|
+    relative: float                             # max_abs / max_reference
+    nmse: float                                 # mean squared difference over the reference's mean square
+    relative_without_sink: float | None = None  # relative, positions 1.. only
+    worst_position: int | None = None
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ErrorRow:
+        return cls(raw["step"], raw["max_abs"], raw["max_reference"], raw["relative"], raw["nmse"],
+                   raw.get("relative_without_sink"), raw.get("worst_position"))
+
+
+def error_row(name: str, candidate, reference) -> ErrorRow:
+    """The errors of `candidate` against `reference` (ErrorRow), computed in float64."""
     a, b = np.asarray(candidate, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     difference = np.abs(a - b)
     max_abs, scale = float(difference.max()), float(np.max(np.abs(b)))
     power = float(np.mean(b ** 2))
-    row = {"step": name, "max_abs": max_abs, "max_reference": scale, "relative": max_abs / scale if scale else 0.0,
-           "nmse": float(np.mean((a - b) ** 2)) / power if power else 0.0}
-    if a.ndim >= 2 and a.shape[0] > 1:
-        rest_abs, rest_scale = float(difference[1:].max()), float(np.max(np.abs(b[1:])))
-        row.update(relative_without_sink=rest_abs / rest_scale if rest_scale else 0.0,
-                   worst_position=int(np.unravel_index(difference.argmax(), difference.shape)[0]))
-    return row
+    relative, nmse = max_abs / scale if scale else 0.0, float(np.mean((a - b) ** 2)) / power if power else 0.0
+    if a.ndim < 2 or a.shape[0] < 2:
+        return ErrorRow(name, max_abs, scale, relative, nmse)
+    rest_abs, rest_scale = float(difference[1:].max()), float(np.max(np.abs(b[1:])))
+    return ErrorRow(name, max_abs, scale, relative, nmse, rest_abs / rest_scale if rest_scale else 0.0,
+                    int(np.unravel_index(difference.argmax(), difference.shape)[0]))
 
 
-def compare(candidate: dict, reference: dict, sides=("candidate", "reference"), block_names=None) -> dict:
+@dataclass(frozen=True)
+class Comparison:
+    """Per-output errors of a candidate against a reference (compare), and how often their argmax agrees."""
+    hidden_states: tuple[ErrorRow, ...]  # the embedding, then per block its sub-blocks (where both sides have
+                                         # them) and its output; none where a side has no hidden states
+    logits: ErrorRow
+    top1_agreement: float                # fraction of positions whose argmax agrees
+
+    def outputs(self) -> tuple[ErrorRow, ...]:
+        """Every output compared, in the order the model computes them: the hidden states, then the logits."""
+        return self.hidden_states + (self.logits,)
+
+    def to_json(self) -> dict:
+        return {"hidden_states": [row.to_json() for row in self.hidden_states], "logits": self.logits.to_json(),
+                "top1_agreement": self.top1_agreement}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Comparison:
+        return cls(tuple(ErrorRow.from_json(row) for row in raw["hidden_states"]), ErrorRow.from_json(raw["logits"]),
+                   raw["top1_agreement"])
+
+
+def compare(candidate: dict, reference: dict, sides=("candidate", "reference"), block_names=None) -> Comparison:
     """Per-step errors of candidate against reference (both as returned by activations / load_activations).
-
-    Returns {"hidden_states": [row per step: embedding, then per block its sub-blocks (attn_out, resid_mid,
-    mlp_out, where both sides have them) and its output], "logits": row, "top1_agreement": fraction of positions
-    whose argmax agrees}. Rows are error_row's. `sides` names the two in messages; block_names labels the blocks
-    (default "block i").
+    `sides` names the two in messages; block_names labels the blocks (default "block i").
     """
     if not np.array_equal(candidate["token_ids"], reference["token_ids"]):
         raise ReffuseError(f"{sides[0]} and {sides[1]} ran on different token ids")
@@ -158,5 +197,4 @@ def compare(candidate: dict, reference: dict, sides=("candidate", "reference"), 
             rows += [error_row(f"{name} {k}", candidate[k][i], reference[k][i]) for k in parts]
             rows.append(error_row(name, ours[i + 1], theirs[i + 1]))
     agreement = float(np.mean(candidate["logits"].argmax(-1) == reference["logits"].argmax(-1)))
-    return {"hidden_states": rows, "logits": error_row("logits", candidate["logits"], reference["logits"]),
-            "top1_agreement": agreement}
+    return Comparison(tuple(rows), error_row("logits", candidate["logits"], reference["logits"]), agreement)

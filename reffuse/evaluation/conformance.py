@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from reffuse.core.fusion import fuse
+from reffuse.core.layout import BlockLayout, blocks_from_json
 from reffuse.core.model import cast
 from reffuse.core.patterns import FUSED, PATTERN_CONFIG, PATTERNS, build_pattern
 from reffuse.errors import ReffuseError
@@ -38,6 +40,7 @@ from reffuse.formats.checkpoint import save_nemotron_nas
 from reffuse.formats.gguf_export import plan_gguf, save_gguf
 from reffuse.optional import require
 from reffuse.outputs import staged_folder
+from reffuse.records import as_tuple, present_fields
 
 KIT_FORMAT = "reffuse-conformance-1"
 KIT_FILE = "kit.json"
@@ -84,57 +87,160 @@ def is_kit(folder) -> bool:
         return False
 
 
-def build_kit(out, overwrite: bool = False, tokens: int = TOKENS, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class KitConfig:
+    """What every model of the kit shares."""
+    dim: int
+    n_heads: int
+    n_kv_heads: int       # unless a block says otherwise
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> KitConfig:
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    """A pattern written the way an engine is known to compute wrongly: a minimal reproduction."""
+    gguf: str             # the file, relative to the kit
+    engine: str
+    why: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Reproduction:
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class KitPattern:
+    """One pattern of the kit: its blocks, and its files (paths relative to the kit)."""
+    name: str
+    description: str
+    blocks: tuple[BlockLayout, ...]
+    nemotron_nas: str                          # the DeciLM folder
+    gguf: str | None                           # None where no GGUF can hold the pattern
+    references: dict[str, str]                 # dtype -> the reference dump
+    not_in_gguf: str | None = None             # why no GGUF holds it
+    gguf_architecture: str | None = None
+    gguf_notes: tuple[str, ...] | None = None  # what the GGUF holds other than the model as it is
+    reproduction: Reproduction | None = None
+
+    def to_json(self) -> dict:
+        return present_fields(self, kept_when_none=("gguf",)) | {
+            "blocks": [{"block": i, **b.to_json()} for i, b in enumerate(self.blocks)]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> KitPattern:
+        reproduction = raw.get("reproduction")
+        return cls(raw["name"], raw["description"], blocks_from_json(raw["blocks"], f"{KIT_FILE}: {raw['name']}"),
+                   raw["nemotron_nas"], raw["gguf"], raw["references"], raw.get("not_in_gguf"),
+                   raw.get("gguf_architecture"), as_tuple(raw.get("gguf_notes")),
+                   None if reproduction is None else Reproduction.from_json(reproduction))
+
+
+@dataclass(frozen=True)
+class KitManifest:
+    """What kit.json holds: the kit's format, its shared configuration, the token ids' seed, and every pattern."""
+    format: str            # KIT_FORMAT
+    dump_format: str       # the references' format (reffuse.evaluation.activations.FORMAT)
+    tokens: int            # token ids per pattern
+    seed: int
+    config: KitConfig
+    patterns: tuple[KitPattern, ...]
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "dump_format": self.dump_format, "tokens": self.tokens, "seed": self.seed,
+                "config": self.config.to_json(), "patterns": [p.to_json() for p in self.patterns]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> KitManifest:
+        return cls(raw["format"], raw["dump_format"], raw["tokens"], raw["seed"], KitConfig.from_json(raw["config"]),
+                   tuple(KitPattern.from_json(p) for p in raw["patterns"]))
+
+
+def build_pattern_files(name: str, description: str, folder: Path, tokenizer, ids, seed: int) -> KitPattern:
+    """The files of one pattern in `folder` (the kit's folder of that name); returns its entry of kit.json."""
+    model = pattern_model(name, seed)
+    save_nemotron_nas(cast(model, "float32"), folder / "nemotron-nas", tokenizer)
+    gguf = not_in_gguf = architecture = notes = reproduction = None
+    try:
+        plan = plan_gguf(model)
+    except ReffuseError as e:
+        not_in_gguf = str(e)
+    else:
+        gguf, architecture, notes = f"{name}/model-f32.gguf", plan.architecture, tuple(plan.notes())
+        save_gguf(model, folder / "model-f32.gguf", tokenizer, "f32")
+        if name in LLAMACPP_DIVERGENCE:
+            save_gguf(model, folder / "model-f32-as-is.gguf", tokenizer, "f32", stand_in_ffns=False)
+            reproduction = Reproduction(f"{name}/model-f32-as-is.gguf", "llama.cpp", LLAMACPP_DIVERGENCE[name])
+    references = {}
+    for dtype in ("float64", "float32"):
+        save_activations(folder / f"reference-{dtype}.npz", activations(cast(model, dtype), ids, sub_blocks=True),
+                         f"{name} ({dtype})")
+        references[dtype] = f"{name}/reference-{dtype}.npz"
+    return KitPattern(name, description, model.layout().blocks, f"{name}/nemotron-nas", gguf, references,
+                      not_in_gguf, architecture, notes, reproduction)
+
+
+def build_kit(out, overwrite: bool = False, tokens: int = TOKENS, seed: int = 0) -> KitManifest:
     """Write the kit into the folder `out` (all or nothing); returns its manifest (kit.json)."""
     if not 1 <= tokens <= PATTERN_CONFIG.max_positions:
         raise ReffuseError(f"--reference-tokens {tokens}: give 1 to {PATTERN_CONFIG.max_positions} (the kit's "
                            "context length)")
     tokenizer = byte_level_tokenizer()
     ids = np.random.default_rng(seed).integers(0, PATTERN_CONFIG.vocab_size, tokens)
-    manifest = {"format": KIT_FORMAT, "dump_format": DUMP_FORMAT, "tokens": tokens, "seed": seed,
-                "config": {"dim": PATTERN_CONFIG.dim, "n_heads": PATTERN_CONFIG.n_heads,
-                           "n_kv_heads": PATTERN_CONFIG.n_kv_heads, "head_dim": PATTERN_CONFIG.head_dim,
-                           "vocab_size": PATTERN_CONFIG.vocab_size, "rope_theta": PATTERN_CONFIG.rope_theta,
-                           "norm_eps": PATTERN_CONFIG.norm_eps}, "patterns": []}
+    config = KitConfig(PATTERN_CONFIG.dim, PATTERN_CONFIG.n_heads, PATTERN_CONFIG.n_kv_heads, PATTERN_CONFIG.head_dim,
+                       PATTERN_CONFIG.vocab_size, PATTERN_CONFIG.rope_theta, PATTERN_CONFIG.norm_eps)
     with staged_folder(out, overwrite, is_kit, "conformance kit") as staging:
-        for name, (description, _) in PATTERNS.items():
-            model, folder = pattern_model(name, seed), staging / name
-            entry = {"name": name, "description": description, "blocks": model.layout().rows(),
-                     "nemotron_nas": f"{name}/nemotron-nas", "gguf": None, "references": {}}
-            save_nemotron_nas(cast(model, "float32"), folder / "nemotron-nas", tokenizer)
-            try:
-                plan = plan_gguf(model)
-            except ReffuseError as e:
-                entry["not_in_gguf"] = str(e)
-            else:
-                save_gguf(model, folder / "model-f32.gguf", tokenizer, "f32")
-                entry |= {"gguf": f"{name}/model-f32.gguf", "gguf_architecture": plan.architecture,
-                          "gguf_notes": plan.notes()}
-                if name in LLAMACPP_DIVERGENCE:
-                    save_gguf(model, folder / "model-f32-as-is.gguf", tokenizer, "f32", stand_in_ffns=False)
-                    entry["reproduction"] = {"gguf": f"{name}/model-f32-as-is.gguf", "engine": "llama.cpp",
-                                             "why": LLAMACPP_DIVERGENCE[name]}
-            for dtype in ("float64", "float32"):
-                path = folder / f"reference-{dtype}.npz"
-                save_activations(path, activations(cast(model, dtype), ids, sub_blocks=True), f"{name} ({dtype})")
-                entry["references"][dtype] = f"{name}/reference-{dtype}.npz"
-            manifest["patterns"].append(entry)
-        (staging / KIT_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        patterns = tuple(build_pattern_files(name, description, staging / name, tokenizer, ids, seed)
+                         for name, (description, _) in PATTERNS.items())
+        manifest = KitManifest(KIT_FORMAT, DUMP_FORMAT, tokens, seed, config, patterns)
+        (staging / KIT_FILE).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
         (staging / "README.md").write_text(kit_readme(manifest))
     return manifest
 
 
-def load_kit(folder) -> dict:
+def load_kit(folder) -> KitManifest:
     """The manifest of the kit in `folder`, checked to be one."""
     folder = Path(folder)
     manifest = read_json(folder / KIT_FILE, "write a kit with `reffuse conformance --out FOLDER`")
     if not isinstance(manifest, dict) or manifest.get("format") != KIT_FORMAT:
         raise ReffuseError(f"{folder / KIT_FILE} is not a conformance kit of format {KIT_FORMAT}: write the kit "
                            "again with `reffuse conformance --out FOLDER`")
-    return manifest
+    return KitManifest.from_json(manifest)
 
 
-def verify_kit(folder, threads: int | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class KitRow:
+    """llama.cpp on one GGUF of the kit (verify_kit), its logits against the kit's float64 reference."""
+    pattern: str                   # the pattern, or its reproduction
+    file: str                      # the GGUF, relative to the kit ("-" where none)
+    relative: float | None         # max |logit difference| over max |reference logit|; None where not run
+    top1_agreement: float | None
+    verdict: str
+    met: bool | None = None        # agrees, or diverges as known; None where not run
+    note: str = ""                 # a known divergence, or what the GGUF holds beside the model
+
+    def to_json(self) -> dict:
+        return present_fields(self, kept_when_none=("relative", "top1_agreement"))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> KitRow:
+        return cls(raw["pattern"], raw["file"], raw["relative"], raw["top1_agreement"], raw["verdict"],
+                   raw.get("met"), raw["note"])
+
+
+def verify_kit(folder, threads: int | None = None) -> list[KitRow]:
     """llama.cpp on every GGUF of the kit against the float64 reference: one row per pattern (and one per
     reproduction), with the largest logit difference over the largest logit, top-1 agreement and the verdict."""
     from reffuse.evaluation.llamacpp import LlamaCpp
@@ -142,39 +248,35 @@ def verify_kit(folder, threads: int | None = None) -> list[dict]:
 
     folder, target = Path(folder), TARGETS["llama.cpp"]["relative"]
     rows = []
-    for entry in load_kit(folder)["patterns"]:
-        reference = load_activations(folder / entry["references"]["float64"])
-        files = [(entry["name"], entry.get("gguf"), None)]
-        if entry.get("reproduction"):
-            files.append((f"{entry['name']} (as is, no stand-in FFN)", entry["reproduction"]["gguf"],
-                          entry["reproduction"]["why"]))
+    for entry in load_kit(folder).patterns:
+        reference = load_activations(folder / entry.references["float64"])
+        files = [(entry.name, entry.gguf, None)]
+        if entry.reproduction is not None:
+            files.append((f"{entry.name} (as is, no stand-in FFN)", entry.reproduction.gguf, entry.reproduction.why))
         for label, gguf, known in files:
             if gguf is None:
-                rows.append({"pattern": label, "file": "-", "relative": None, "top1_agreement": None,
-                             "verdict": "not in GGUF", "note": entry.get("not_in_gguf", "")})
+                rows.append(KitRow(label, "-", None, None, "not in GGUF", note=entry.not_in_gguf or ""))
                 continue
             ids = reference["token_ids"]
             engine = LlamaCpp(folder / gguf, n_ctx=max(64, len(ids) + 8), threads=threads)
             logits = engine.logits(ids)
             del engine
             result = compare({"token_ids": ids, "logits": logits}, reference, sides=("llama.cpp", "the reference"))
-            met = result["logits"]["relative"] <= target
+            met = result.logits.relative <= target
             verdict = ("agrees" if met else "DIVERGES") if known is None else \
                 ("known divergence reproduced" if not met else "agrees: the known divergence is gone")
-            rows.append({"pattern": label, "file": gguf, "relative": result["logits"]["relative"],
-                         "top1_agreement": result["top1_agreement"], "verdict": verdict,
-                         "met": met or known is not None,
-                         "note": known or "; ".join(entry.get("gguf_notes", []))})
+            rows.append(KitRow(label, gguf, result.logits.relative, result.top1_agreement, verdict,
+                               met or known is not None, known or "; ".join(entry.gguf_notes or ())))
     return rows
 
 
-def kit_readme(manifest: dict) -> str:
+def kit_readme(manifest: KitManifest) -> str:
     """The README written into the kit, for engine developers."""
-    rows = "\n".join(f"| `{p['name']}` | {p['description']} | "
-                     + (f"`{p['gguf']}` ({p['gguf_architecture']})" if p.get("gguf") else "none: " + p["not_in_gguf"])
-                     + " |" for p in manifest["patterns"])
-    return KIT_README.format(tokens=manifest["tokens"], rows=rows, format=manifest["dump_format"],
-                             **manifest["config"])
+    rows = "\n".join(f"| `{p.name}` | {p.description} | "
+                     + (f"`{p.gguf}` ({p.gguf_architecture})" if p.gguf else "none: " + p.not_in_gguf) + " |"
+                     for p in manifest.patterns)
+    return KIT_README.format(tokens=manifest.tokens, rows=rows, format=manifest.dump_format,
+                             **manifest.config.to_json())
 
 
 KIT_README = """# A conformance kit for Nemotron-NAS (DeciLM) engines

@@ -25,7 +25,8 @@ from reffuse.core.backend import to_numpy
 from reffuse.core.layout import original_layers
 from reffuse.core.model import Model, forward, lm_logits, run_blocks
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.scoring import check_windows, chunked_log_softmax, exp_saturating, score_windows
+from reffuse.evaluation.scoring import (PerToken, Scores, check_windows, chunked_log_softmax, exp_saturating,
+                                       score_windows)
 
 
 @dataclass
@@ -80,13 +81,13 @@ def variant_logits(prefix: Prefix, variant: Model, first: int, window: int, para
 
 def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = False,
                   reference: Prefix | None = None, parallel=(), whole_blocks: bool = False,
-                  per_token: bool = False) -> dict:
+                  per_token: bool = False) -> Scores:
     """Perplexity, KL(base || variant) and top-1 agreement of `variant` on the cached windows (as `evaluate`).
 
     reference: another model's Prefix on the same windows (e.g. the original model's, when the base is the
     attention-removed one); its KL and top-1 agreement are added as kl_from_reference, top1_agreement_reference.
     parallel, whole_blocks: runs of the variant computed in the parallel form (reffuse.core.model.run_blocks).
-    per_token: add "per_token", each prediction's KL(base || variant), negative log-likelihood and top-1
+    per_token: add per_token, each prediction's KL(base || variant), negative log-likelihood and top-1
         agreement (0/1), one list per window, for paired intervals (reffuse.stats.paired_difference).
     """
     if reference is not None and [len(w) for w in reference.windows] != [len(w) for w in prefix.windows]:
@@ -95,17 +96,15 @@ def score_variant(prefix: Prefix, variant: Model, first: int, kl_only: bool = Fa
     t = score_windows(prefix.windows, lambda w: variant_logits(prefix, variant, first, w, parallel, whole_blocks),
                       _cached(prefix), _cached(reference) if reference is not None else None, kl_only)
     n = t.predictions
-    scores = {"kl_from_base": t.kl / n, "predictions": n}
-    if not kl_only:
-        scores.update({"perplexity": exp_saturating(t.nll / n), "mean_nll": t.nll / n,
-                       "base_perplexity": exp_saturating(prefix.base_nll / n), "top1_agreement": t.agree / n})
-    if reference is not None:
-        scores.update({"kl_from_reference": t.kl_reference / n, "top1_agreement_reference": t.agree_reference / n,
-                       "reference_perplexity": exp_saturating(reference.base_nll / n)})
-    if per_token:
-        scores["per_token"] = {"kl": _rounded(t.window_kl), "nll": _rounded(t.window_nll),
-                               "top1": [window.astype(int).tolist() for window in t.window_agree]}
-    return scores
+    measured = {} if kl_only else {"perplexity": exp_saturating(t.nll / n), "mean_nll": t.nll / n,
+                                   "base_perplexity": exp_saturating(prefix.base_nll / n),
+                                   "top1_agreement": t.agree / n}
+    against_reference = {} if reference is None else {
+        "kl_from_reference": t.kl_reference / n, "top1_agreement_reference": t.agree_reference / n,
+        "reference_perplexity": exp_saturating(reference.base_nll / n)}
+    each = PerToken(_rounded(t.window_kl), _rounded(t.window_nll),
+                    [window.astype(int).tolist() for window in t.window_agree]) if per_token else None
+    return Scores(n, kl_from_base=t.kl / n, per_token=each, **measured, **against_reference)
 
 
 def _cached(prefix: Prefix):
@@ -123,13 +122,13 @@ def _rounded(windows) -> list:
 
 
 def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parallel=(), whole_blocks: bool = False,
-                  per_token: bool = False) -> dict:
+                  per_token: bool = False) -> Scores:
     """KL(base || variant) with the first token's stream put back: `variant` runs from block `first` up to the
     block that stands for `layer` of the base model, position 0's stream there is replaced by the base model's,
     and the rest runs on. What the variant's damage is without the change it made to the attention sink.
 
     layer: a block boundary of the base model that the variant also has (a fused run's end, not its inside).
-    per_token: add each prediction's KL, one list per window, as score_variant does."""
+    per_token: add each prediction's KL, one list per window, as score_variant does (Scores)."""
     starts = [span[0] for span in original_layers(variant)] + [len(prefix.model.blocks)]
     if layer not in starts or layer < first:
         raise ReffuseError(f"layer {layer} is not a block boundary of the variant at or after block {first}")
@@ -150,12 +149,10 @@ def sink_restored(prefix: Prefix, variant: Model, first: int, layer: int, parall
                                              whole_blocks=whole_blocks))
 
     t = score_windows(prefix.windows, logits, _cached(prefix), kl_only=True)
-    scores = {"kl_from_base": t.kl / t.predictions}
-    if per_token:
-        scores["per_token"] = {"kl": _rounded(t.window_kl)}
-    return scores
+    return Scores(t.predictions, kl_from_base=t.kl / t.predictions,
+                  per_token=PerToken(_rounded(t.window_kl)) if per_token else None)
 
 
 def kl_from_base(prefix: Prefix, variant: Model, first: int) -> float:
     """Mean over the cached predictions of KL(base || variant) of the next-token distributions, in nats."""
-    return score_variant(prefix, variant, first, kl_only=True)["kl_from_base"]
+    return score_variant(prefix, variant, first, kl_only=True).kl_from_base

@@ -1,8 +1,9 @@
 """transformers' LlamaForCausalLM as an independent reference for reffuse's numerics (the `reference` extra).
 
 For a GGUF, transformers does its own conversion (dequantization, q/k un-permutation, name mapping), so
-agreement checks reffuse's loader as well as its forward pass. Activations come in reffuse.evaluation.activations' layout:
-the output of the token embedding and of every decoder layer (forward hooks), and the logits.
+agreement checks reffuse's loader as well as its forward pass. Activations come in
+reffuse.evaluation.activations' layout: the output of the token embedding and of every decoder layer (forward
+hooks), and the logits.
 
 transformers computes RMSNorm, the attention softmax and the RoPE tables in float32 whatever the model's dtype,
 so even in float64 it agrees with reffuse's float64 only to about float32's precision (~1e-7 relative). Tighter

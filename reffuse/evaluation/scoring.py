@@ -18,7 +18,7 @@ reffuse.evaluation.prefix gives it a variant's logits and the base model's cache
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -119,6 +119,50 @@ def score_windows(windows, logits_of: Callable[[int], object], base_of: Callable
     return totals
 
 
+@dataclass(frozen=True)
+class PerToken:
+    """Each held-out prediction's KL(base || model), negative log-likelihood (nats) and top-1 agreement with the
+    base (0/1), one list per window in window order; None where not measured."""
+    kl: list
+    nll: list | None = None
+    top1: list | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, record: dict) -> PerToken:
+        return cls(**record)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's scores on held-out windows (evaluate, reffuse.evaluation.prefix.score_variant): perplexity and
+    mean negative log-likelihood of the next tokens; against a base model KL(base || model) in nats, top-1
+    agreement and the base's perplexity; against a second reference the same; each None where not measured."""
+    predictions: int
+    kl_from_base: float | None = None
+    perplexity: float | None = None
+    mean_nll: float | None = None
+    base_perplexity: float | None = None
+    top1_agreement: float | None = None
+    kl_from_reference: float | None = None
+    top1_agreement_reference: float | None = None
+    reference_perplexity: float | None = None
+    per_token: PerToken | None = None
+
+    def to_json(self) -> dict:
+        record = {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None}
+        if self.per_token is not None:
+            record["per_token"] = self.per_token.to_json()
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> Scores:
+        per_token = record.get("per_token")
+        return cls(**(record | {"per_token": PerToken.from_json(per_token) if per_token is not None else None}))
+
+
 def check_windows(model: Model, windows) -> list[np.ndarray]:
     """Token windows as int64 arrays, each of at least 2 tokens (1 token has nothing to predict)."""
     windows = [check_token_ids(model, w) for w in windows]
@@ -136,7 +180,7 @@ def _check_same_vocabulary(model: Model, base: Model) -> None:
                            f"({model.config.vocab_size}): KL and agreement need the same tokenizer")
 
 
-def evaluate(model: Model, windows, base: Model | None = None, progress=None) -> dict:
+def evaluate(model: Model, windows, base: Model | None = None, progress=None) -> Scores:
     """Perplexity of `model` on token windows; with a base model also KL(base || model), top-1 agreement
     and the base model's own perplexity. `progress`, if given, is called after each window."""
     windows = check_windows(model, windows)
@@ -150,13 +194,12 @@ def evaluate(model: Model, windows, base: Model | None = None, progress=None) ->
     t = score_windows(windows, lambda w: forward(model, windows[w]), base_of if base is not None else None,
                       progress=progress)
     n = t.predictions
-    result = {"perplexity": exp_saturating(t.nll / n), "mean_nll": t.nll / n, "predictions": n}
-    if base is not None:
-        result.update({"base_perplexity": exp_saturating(t.base_nll / n), "kl_from_base": t.kl / n,
-                       "top1_agreement": t.agree / n})
-    return result
+    if base is None:
+        return Scores(n, perplexity=exp_saturating(t.nll / n), mean_nll=t.nll / n)
+    return Scores(n, perplexity=exp_saturating(t.nll / n), mean_nll=t.nll / n,
+                  base_perplexity=exp_saturating(t.base_nll / n), kl_from_base=t.kl / n, top1_agreement=t.agree / n)
 
 
 def perplexity(model: Model, windows) -> float:
     """exp of the mean next-token negative log-likelihood over the windows (each scored on its own)."""
-    return evaluate(model, windows)["perplexity"]
+    return evaluate(model, windows).perplexity

@@ -31,8 +31,8 @@ from reffuse.options import FromArguments
 from reffuse.evaluation.prefix import cache_prefix, score_variant
 from reffuse.experiments.demo_result import (CALIBRATED, FUSED, HEALED, ORIGINAL, REMOVED, DecodeSpeed, DemoResult,
                                              Exactness, FfnDependency, GapClosed, Healing, HeldOutQuality,
-                                             LayoutChange, ModelQuality, RegionRow, RegionTime, RemovalChoice, Samples,
-                                             SequentialVsParallel, Speed, TextsRecord, WindowsRecord, interval_of)
+                                             LayoutChange, ModelQuality, RegionRow, RegionTime, Samples,
+                                             SequentialVsParallel, Speed)
 from reffuse.formats.corpus import training_windows
 from reffuse.formats.registry import load_model
 from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
@@ -40,6 +40,7 @@ from reffuse.method.metrics import matrix_to_json
 from reffuse.method.pipeline import (DEPENDENCY_WINDOW, SCORING_WINDOW, ffn_dependency, is_synthetic, load_texts,
                                      plan_fusion, remove_attention, synthetic_windows)
 from reffuse.progress import Progress, note
+from reffuse.records import as_tuple
 from reffuse.training.trainer import TrainingOptions, train, trainable_names
 from reffuse.speed.bench import decode_samples, reffuse_decode
 from reffuse.speed.timing import blas_threads, time_region
@@ -102,7 +103,7 @@ def timed(original, seconds) -> tuple[float, float, tuple | None]:
     model, the ratio of the two medians with the 95% interval of the paired repeats (reffuse.stats.paired_ratio;
     > 1: faster than the original)."""
     speedup = paired_ratio(original, seconds)
-    return statistics.median(seconds), speedup["median"], interval_of(speedup["interval_95"])
+    return statistics.median(seconds), speedup.median, as_tuple(speedup.interval_95)
 
 
 def decode_speed(original, seconds, tokens_per_run: int) -> DecodeSpeed:
@@ -118,14 +119,13 @@ def region_time(original, seconds) -> RegionTime:
 def layout_changes(original: Model, fused: Model) -> list[LayoutChange]:
     """The blocks of the fused model that differ from the layers they stand for in the original: fused, or their
     attention removed. Each with the original layers, their attention and FFN widths, and its own."""
-    before = layout(original).rows()
+    before = layout(original).blocks
     changes = []
-    for row, layers in zip(layout(fused).rows(), original_layers(fused)):
+    for index, (block, layers) in enumerate(zip(layout(fused).blocks, original_layers(fused))):
         was = [before[i] for i in layers]
-        if len(layers) > 1 or any(r["attention"] != row["attention"] or r["ffn_width"] != row["ffn_width"]
-                                  for r in was):
-            changes.append(LayoutChange(row["block"], tuple(layers), row["attention"], row["ffn_width"],
-                                        tuple(r["attention"] for r in was), tuple(r["ffn_width"] for r in was)))
+        if len(layers) > 1 or any(b.attention != block.attention or b.ffn_width != block.ffn_width for b in was):
+            changes.append(LayoutChange(index, tuple(layers), block.attention, block.ffn_width,
+                                        tuple(b.attention for b in was), tuple(b.ffn_width for b in was)))
     return changes
 
 
@@ -158,7 +158,7 @@ def heal_fused_blocks(original: Model, fused: Model, texts, options: DemoOptions
     healed, log = train(fused, windows.ids, names, training, teacher=original, progress=False)
     weights = int(sum(named_weights(fused)[n].size for n in names))
     return healed, Healing(log.tokens, HEALING_WINDOW, steps, "fused blocks", weights, training, log.losses,
-                           log.seconds, WindowsRecord.from_json(windows.describe()))
+                           log.seconds, windows.describe())
 
 
 def run_demo(options: DemoOptions) -> DemoResult:
@@ -179,8 +179,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         check_calibration_tokens(texts.calibration.ids.size)
 
         step(2, "attention removal")
-        removed, record = remove_attention(original, texts, options.drop_attention, count, options.scoring_tokens)
-        removal = None if record is None else RemovalChoice.from_json(record)
+        removed, removal = remove_attention(original, texts, options.drop_attention, count, options.scoring_tokens)
 
         step(3, "dependencies and the fusion plan")
         if options.groups is not None:
@@ -237,7 +236,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
                          original.config.vocab_size)
 
     return DemoResult(model=options.model, model_name=original.config.name, synthetic=synthetic, norm=options.norm,
-                      texts=TextsRecord.from_json(texts.describe()), attention_removal=removal, plan=plan,
+                      texts=texts.describe(), attention_removal=removal, plan=plan,
                       groups=tuple(tuple(g) for g in groups), region=tuple(region), ffn_dependency=dependency,
                       exactness=exact, layout_before=layout(original).rows(), layout_removed=layout(removed).rows(),
                       layout_after=layout(fused).rows(), layout_changes=tuple(layout_changes(original, fused)),
@@ -255,12 +254,12 @@ def held_out_quality(original: Model, removed: Model, models: dict, texts,
         bar.update()
         before_fusion = cache_prefix(removed, texts.held_out.ids)
         bar.update()
-        quality = {ORIGINAL: ModelQuality(score_variant(judge, original, len(original.blocks))["perplexity"])}
+        quality = {ORIGINAL: ModelQuality(score_variant(judge, original, len(original.blocks)).perplexity)}
         for name, model in models.items():
             s = score_variant(judge, model, first, reference=before_fusion)
-            quality[name] = ModelQuality(s["perplexity"], s["kl_from_base"], s["top1_agreement"],
-                                         s["kl_from_reference"] if model is not removed else 0.0,
-                                         s["top1_agreement_reference"] if model is not removed else 1.0)
+            quality[name] = ModelQuality(s.perplexity, s.kl_from_base, s.top1_agreement,
+                                         s.kl_from_reference if model is not removed else 0.0,
+                                         s.top1_agreement_reference if model is not removed else 1.0)
             bar.update()
     plain, unfused = quality[FUSED], quality[REMOVED]
 

@@ -10,86 +10,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from reffuse.formats.corpus import Span
+from reffuse.formats.corpus import WindowsRecord
 from reffuse.method.calibrate import GroupCalibration
+from reffuse.method.pipeline import RemovalChoice, TextsRecord
 from reffuse.method.planning import Plan
+from reffuse.records import as_json, as_tuple, records_of
 from reffuse.training.trainer import TrainingOptions
 
 GIVEN_PLAN = "given (--groups)"  # the rule of groups given on the command line instead of planned
 # The models' names: the keys of the quality, speed and samples records, and their labels in tables and figures.
 ORIGINAL, REMOVED, FUSED, CALIBRATED, HEALED = ("original", "attention removed", "fused", "fused, calibrated",
                                                 "fused, healed")
-
-
-def interval_json(interval: tuple | None) -> list | None:
-    return None if interval is None else list(interval)
-
-
-def interval_of(raw) -> tuple | None:
-    return None if raw is None else tuple(raw)
-
-
-@dataclass(frozen=True)
-class WindowsRecord:
-    """Token windows as reffuse.formats.corpus.TokenWindows.describe() records them: where the text came from."""
-    split: str
-    windows: int
-    window: int
-    tokens: int
-    spans: tuple[Span, ...]
-
-    def to_json(self) -> dict:
-        return {"split": self.split, "windows": self.windows, "window": self.window, "tokens": self.tokens,
-                "spans": [s.as_dict() for s in self.spans]}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> WindowsRecord:
-        return cls(raw["split"], raw["windows"], raw["window"], raw["tokens"], tuple(Span(**s) for s in raw["spans"]))
-
-
-@dataclass(frozen=True)
-class TextsRecord:
-    """Calibration and held-out text as reffuse.method.pipeline.Texts.describe() records them, and why disjoint."""
-    synthetic: bool
-    calibration: WindowsRecord
-    held_out: WindowsRecord
-    disjoint: str
-
-    def to_json(self) -> dict:
-        return {"synthetic": self.synthetic, "calibration": self.calibration.to_json(),
-                "held_out": self.held_out.to_json(), "disjoint": self.disjoint}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> TextsRecord:
-        return cls(raw["synthetic"], WindowsRecord.from_json(raw["calibration"]),
-                   WindowsRecord.from_json(raw["held_out"]), raw["disjoint"])
-
-
-@dataclass(frozen=True)
-class RemovalChoice:
-    """The attention removed and why, as reffuse.method.pipeline.choose_attention_removal records it: single-removal
-    scores (None where the blocks were given), their sum over the choice, and its KL measured jointly."""
-    blocks: tuple[int, ...]
-    blocks_text: str
-    rule: str
-    score: str                        # what a score measures
-    scores: dict[int, float] | None
-    summed_score: float | None
-    joint_kl: float
-    scoring_tokens: int
-    scoring_text: str
-
-    def to_json(self) -> dict:
-        return {"blocks": list(self.blocks), "blocks_text": self.blocks_text, "rule": self.rule, "score": self.score,
-                "scores": None if self.scores is None else {str(b): kl for b, kl in self.scores.items()},
-                "summed_score": self.summed_score, "joint_kl": self.joint_kl, "scoring_tokens": self.scoring_tokens,
-                "scoring_text": self.scoring_text}
-
-    @classmethod
-    def from_json(cls, raw: dict) -> RemovalChoice:
-        scores = None if raw["scores"] is None else {int(b): kl for b, kl in raw["scores"].items()}
-        return cls(tuple(raw["blocks"]), raw["blocks_text"], raw["rule"], raw["score"], scores, raw["summed_score"],
-                   raw["joint_kl"], raw["scoring_tokens"], raw["scoring_text"])
 
 
 @dataclass(frozen=True)
@@ -137,14 +68,12 @@ class LayoutChange:
     ffn_widths_before: tuple[int, ...]
 
     def to_json(self) -> dict:
-        return {"block": self.block, "layers": list(self.layers), "attention": self.attention,
-                "ffn_width": self.ffn_width, "attention_before": list(self.attention_before),
-                "ffn_widths_before": list(self.ffn_widths_before)}
+        return as_json(asdict(self))
 
     @classmethod
     def from_json(cls, raw: dict) -> LayoutChange:
-        return cls(raw["block"], tuple(raw["layers"]), raw["attention"], raw["ffn_width"],
-                   tuple(raw["attention_before"]), tuple(raw["ffn_widths_before"]))
+        return cls(raw["block"], as_tuple(raw["layers"]), raw["attention"], raw["ffn_width"],
+                   as_tuple(raw["attention_before"]), as_tuple(raw["ffn_widths_before"]))
 
 
 @dataclass(frozen=True)
@@ -213,14 +142,14 @@ class HeldOutQuality:
     calibrated_beats_plain_kl_vs_original: bool
 
     def to_json(self) -> dict:
-        return {"models": {name: q.to_json() for name, q in self.models.items()}, "predictions": self.predictions,
+        return {"models": as_json(self.models), "predictions": self.predictions,
                 "meaningful": True, "calibration_closes": self.calibration_closes.to_json(),
                 "healing_closes": self.healing_closes.to_json(),
                 "calibrated_beats_plain_kl_vs_original": self.calibrated_beats_plain_kl_vs_original}
 
     @classmethod
     def from_json(cls, raw: dict) -> HeldOutQuality:
-        return cls({name: ModelQuality.from_json(q) for name, q in raw["models"].items()}, raw["predictions"],
+        return cls(records_of(ModelQuality, raw["models"]), raw["predictions"],
                    GapClosed.from_json(raw["calibration_closes"]), GapClosed.from_json(raw["healing_closes"]),
                    raw["calibrated_beats_plain_kl_vs_original"])
 
@@ -249,13 +178,11 @@ class DecodeSpeed:
     speedup_interval_95: tuple | None
 
     def to_json(self) -> dict:
-        return {"tokens_per_second": self.tokens_per_second, "ms_per_token": self.ms_per_token,
-                "speedup": self.speedup, "speedup_interval_95": interval_json(self.speedup_interval_95)}
+        return as_json(asdict(self))
 
     @classmethod
     def from_json(cls, raw: dict) -> DecodeSpeed:
-        return cls(raw["tokens_per_second"], raw["ms_per_token"], raw["speedup"],
-                   interval_of(raw["speedup_interval_95"]))
+        return cls(raw["tokens_per_second"], raw["ms_per_token"], raw["speedup"], as_tuple(raw["speedup_interval_95"]))
 
 
 @dataclass(frozen=True)
@@ -266,11 +193,11 @@ class RegionTime:
     speedup_interval_95: tuple | None
 
     def to_json(self) -> dict:
-        return {"ms": self.ms, "speedup": self.speedup, "speedup_interval_95": interval_json(self.speedup_interval_95)}
+        return as_json(asdict(self))
 
     @classmethod
     def from_json(cls, raw: dict) -> RegionTime:
-        return cls(raw["ms"], raw["speedup"], interval_of(raw["speedup_interval_95"]))
+        return cls(raw["ms"], raw["speedup"], as_tuple(raw["speedup_interval_95"]))
 
 
 @dataclass(frozen=True)
@@ -280,11 +207,12 @@ class RegionRow:
     times: dict[str, RegionTime]
 
     def to_json(self) -> dict:
-        return {"tokens": self.tokens, **{name: t.to_json() for name, t in self.times.items()}}
+        return {"tokens": self.tokens, **as_json(self.times)}
 
     @classmethod
     def from_json(cls, raw: dict) -> RegionRow:
-        return cls(raw["tokens"], {name: RegionTime.from_json(t) for name, t in raw.items() if name != "tokens"})
+        times = {name: t for name, t in raw.items() if name != "tokens"}
+        return cls(raw["tokens"], records_of(RegionTime, times))
 
 
 @dataclass(frozen=True)
@@ -299,15 +227,14 @@ class Speed:
     repeats: int
 
     def to_json(self) -> dict:
-        return {"decode": {name: d.to_json() for name, d in self.decode.items()}, "decode_tokens": self.decode_tokens,
+        return {"decode": as_json(self.decode), "decode_tokens": self.decode_tokens,
                 "prompt_tokens": self.prompt_tokens, "load_average_1min": self.load_average_1min,
-                "region": list(self.region), "region_rows": [row.to_json() for row in self.region_rows],
-                "repeats": self.repeats}
+                "region": as_json(self.region), "region_rows": as_json(self.region_rows), "repeats": self.repeats}
 
     @classmethod
     def from_json(cls, raw: dict) -> Speed:
-        return cls({name: DecodeSpeed.from_json(d) for name, d in raw["decode"].items()}, raw["decode_tokens"],
-                   raw["prompt_tokens"], raw["load_average_1min"], tuple(raw["region"]),
+        return cls(records_of(DecodeSpeed, raw["decode"]), raw["decode_tokens"],
+                   raw["prompt_tokens"], raw["load_average_1min"], as_tuple(raw["region"]),
                    tuple(RegionRow.from_json(row) for row in raw["region_rows"]), raw["repeats"])
 
 
@@ -357,33 +284,33 @@ class DemoResult:
         return [row["block"] for row in self.layout_removed if not row["attention"]]
 
     def to_json(self) -> dict:
-        groups = [list(g) for g in self.groups]
+        groups = as_json(self.groups)
         raw = {"model": self.model, "model_name": self.model_name, "synthetic": self.synthetic, "norm": self.norm,
                "texts": self.texts.to_json(),
                "attention_removal": None if self.attention_removal is None else self.attention_removal.to_json(),
                "plan": {"groups": groups, "rule": GIVEN_PLAN} if self.plan is None else self.plan.to_json(),
-               "groups": groups, "region": list(self.region), "ffn_dependency": self.ffn_dependency.to_json(),
+               "groups": groups, "region": as_json(self.region), "ffn_dependency": self.ffn_dependency.to_json(),
                **self.exactness.to_json(), "layout_before": self.layout_before, "layout_removed": self.layout_removed,
-               "layout_after": self.layout_after, "layout_changes": [c.to_json() for c in self.layout_changes],
+               "layout_after": self.layout_after, "layout_changes": as_json(self.layout_changes),
                "calibration": [f.as_dict() for f in self.calibration], "healing": self.healing.to_json(),
                "quality": {"meaningful": False} if self.quality is None else self.quality.to_json()}
         if self.sequential_vs_parallel is not None:
             raw["sequential_vs_parallel"] = self.sequential_vs_parallel.to_json()
         raw |= {"speed": self.speed.to_json(), "samples": self.samples.to_json(), "seconds": self.seconds}
-        return raw if self.figures is None else raw | {"figures": list(self.figures)}
+        return raw if self.figures is None else raw | {"figures": as_json(self.figures)}
 
     @classmethod
     def from_json(cls, raw: dict) -> DemoResult:
         removal, plan, quality = raw["attention_removal"], raw["plan"], raw["quality"]
-        gap, figures = raw.get("sequential_vs_parallel"), raw.get("figures")
+        gap = raw.get("sequential_vs_parallel")
         return cls(raw["model"], raw["model_name"], raw["synthetic"], raw["norm"], TextsRecord.from_json(raw["texts"]),
                    None if removal is None else RemovalChoice.from_json(removal),
                    None if plan["rule"] == GIVEN_PLAN else Plan.from_json(plan),
-                   tuple(tuple(g) for g in raw["groups"]), tuple(raw["region"]),
+                   as_tuple(raw["groups"]), as_tuple(raw["region"]),
                    FfnDependency.from_json(raw["ffn_dependency"]), Exactness.from_json(raw), raw["layout_before"],
                    raw["layout_removed"], raw["layout_after"],
                    tuple(LayoutChange.from_json(c) for c in raw["layout_changes"]),
                    tuple(GroupCalibration.from_dict(f) for f in raw["calibration"]), Healing.from_json(raw["healing"]),
                    HeldOutQuality.from_json(quality) if quality["meaningful"] else None,
                    None if gap is None else SequentialVsParallel.from_json(gap), Speed.from_json(raw["speed"]),
-                   Samples.from_json(raw["samples"]), raw["seconds"], None if figures is None else tuple(figures))
+                   Samples.from_json(raw["samples"]), raw["seconds"], as_tuple(raw.get("figures")))

@@ -23,16 +23,18 @@ from pathlib import Path
 from reffuse.core.names import named_weights
 from reffuse.core.model import Model
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.scoring import evaluate
+from reffuse.evaluation.scoring import Scores, evaluate
 from reffuse.files import json_text
 from reffuse.formats.checkpoint import is_model_folder, save_model
-from reffuse.formats.corpus import held_out_windows, training_windows
+from reffuse.formats.corpus import WindowsRecord, held_out_windows, training_windows
 from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.method.pipeline import is_synthetic, synthetic_windows
 from reffuse.options import FromArguments
 from reffuse.outputs import check_output_folder
 from reffuse.progress import Progress, note
-from reffuse.training.trainer import TRAIN_CHOICES, TrainingOptions, train, trainable_names
+from reffuse.records import present_fields
+from reffuse.training.trainer import TrainingLog, TrainingOptions, train, trainable_names
+
 
 @dataclass
 class HealOptions(FromArguments):
@@ -71,12 +73,57 @@ def checkpoint_folder(out) -> Path:
     return out.with_name(out.name + ".checkpoint")
 
 
-def score(model: Model, teacher: Model, windows, label: str) -> dict:
+@dataclass(frozen=True)
+class HealTexts:
+    """The text a run trained on and the held-out text that scored it."""
+    synthetic: bool                 # random token ids (a model without a tokenizer), not the corpus
+    training: WindowsRecord
+    held_out: WindowsRecord
+    epochs: float                   # passes over the training text
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> HealTexts:
+        return cls(record["synthetic"], WindowsRecord.from_json(record["training"]),
+                   WindowsRecord.from_json(record["held_out"]), record["epochs"])
+
+
+@dataclass(frozen=True)
+class HealRecord:
+    """What heal.json records: every choice, the loss curve, and the held-out scores before and after."""
+    options: dict                   # the command's options (HealOptions.to_json) as the run recorded them
+    training: TrainingOptions
+    trainable: list[str]            # the names of the tensors trained
+    student: str
+    teacher: str
+    texts: HealTexts
+    log: TrainingLog
+    held_out_before: Scores         # the student against the teacher, before training
+    held_out_after: Scores          # the healed model, on the same windows
+    seconds: float                  # the whole run, loading and scoring included
+    command: str | None = None      # how a committed run was made, where it was written beside the record
+    load_note: str | None = None    # the machine's load during a committed run, likewise
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> HealRecord:
+        return cls(record["options"], TrainingOptions.from_json(record["training"]), record["trainable"],
+                   record["student"], record["teacher"], HealTexts.from_json(record["texts"]),
+                   TrainingLog.from_json(record["log"]), Scores.from_json(record["held_out_before"]),
+                   Scores.from_json(record["held_out_after"]), record["seconds"], record.get("command"),
+                   record.get("load_note"))
+
+
+def score(model: Model, teacher: Model, windows, label: str) -> Scores:
     with Progress(f"scoring {label} on held-out text", total=len(windows), unit="windows") as bar:
         return evaluate(model, windows.ids, base=teacher, progress=lambda *_: bar.update())
 
 
-def run_heal(options: HealOptions) -> dict:
+def run_heal(options: HealOptions) -> HealRecord:
     """Heal, save, and return what heal.json records."""
     training_options = options.training()  # checks the numbers before any loading
     if not options.out:
@@ -111,13 +158,10 @@ def run_heal(options: HealOptions) -> dict:
                         checkpoint_every=options.checkpoint_every, resume=options.resume)
     note("[5/5] scoring the healed model and saving it")
     after = score(healed, teacher, held_out, "the healed model")
-    record = {"options": options.to_json(), "training": training_options.to_json(), "trainable": names,
-              "student": student.config.name, "teacher": teacher.config.name,
-              "texts": {"synthetic": synthetic, "training": text.describe(), "held_out": held_out.describe(),
-                        "epochs": needed / len(text)},
-              "log": log.to_json(), "held_out_before": before, "held_out_after": after,
-              "seconds": time.perf_counter() - started}
-    files = {"heal.json": json_text(record, inline_lists=True)}
+    record = HealRecord(options.to_json(), training_options, names, student.config.name, teacher.config.name,
+                        HealTexts(synthetic, text.describe(), held_out.describe(), needed / len(text)), log,
+                        before, after, time.perf_counter() - started)
+    files = {"heal.json": json_text(record.to_json(), inline_lists=True)}
     source = Path(options.model)
     for name in ("fuse.json", "heal.json"):
         if (source / name).is_file():  # the student's own record, kept beside the new one
@@ -127,12 +171,12 @@ def run_heal(options: HealOptions) -> dict:
     return record
 
 
-def summary(record: dict) -> str:
+def summary(record: HealRecord) -> str:
     """Held-out KL to the teacher and perplexity, before and after, in a few lines."""
-    b, a = record["held_out_before"], record["held_out_after"]
+    b, a = record.held_out_before, record.held_out_after
     return "\n".join([
-        f"healed {record['student']} ({record['options']['train']}: {len(record['trainable'])} tensors) on "
-        f"{record['log']['tokens']:,} tokens in {record['seconds']:.0f} s",
-        f"held-out KL to the teacher  {b['kl_from_base']:.4g} -> {a['kl_from_base']:.4g} nats",
-        f"held-out perplexity         {b['perplexity']:.2f} -> {a['perplexity']:.2f}  "
-        f"(teacher {b['base_perplexity']:.2f})"])
+        f"healed {record.student} ({record.options['train']}: {len(record.trainable)} tensors) on "
+        f"{record.log.tokens:,} tokens in {record.seconds:.0f} s",
+        f"held-out KL to the teacher  {b.kl_from_base:.4g} -> {a.kl_from_base:.4g} nats",
+        f"held-out perplexity         {b.perplexity:.2f} -> {a.perplexity:.2f}  "
+        f"(teacher {b.base_perplexity:.2f})"])

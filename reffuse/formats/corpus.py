@@ -80,6 +80,24 @@ class Span:
 
 
 @dataclass(frozen=True)
+class WindowsRecord:
+    """Token windows as a result records them (TokenWindows.describe): where the text came from."""
+    split: str
+    windows: int
+    window: int
+    tokens: int
+    spans: tuple[Span, ...]
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "windows": self.windows, "window": self.window, "tokens": self.tokens,
+                "spans": [s.as_dict() for s in self.spans]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> WindowsRecord:
+        return cls(raw["split"], raw["windows"], raw["window"], raw["tokens"], tuple(Span(**s) for s in raw["spans"]))
+
+
+@dataclass(frozen=True)
 class TokenWindows:
     """Non-overlapping windows of token ids, and the text they came from."""
     ids: np.ndarray          # [n_windows, window] int64
@@ -90,10 +108,10 @@ class TokenWindows:
     def window(self) -> int:
         return self.ids.shape[1]
 
-    def describe(self) -> dict:
-        """What was evaluated, for JSON output."""
-        return {"split": self.split, "windows": int(self.ids.shape[0]), "window": int(self.window),
-                "tokens": int(self.ids.size), "spans": [s.as_dict() for s in self.spans]}
+    def describe(self) -> WindowsRecord:
+        """What was evaluated, for a result to record."""
+        return WindowsRecord(self.split, int(self.ids.shape[0]), int(self.window), int(self.ids.size),
+                             tuple(self.spans))
 
     def __iter__(self):
         return iter(self.ids)

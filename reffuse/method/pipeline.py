@@ -24,18 +24,19 @@ import numpy as np
 from reffuse.core.fusion import fuse
 from reffuse.core.model import layout
 from reffuse.formats.checkpoint import is_model_folder, save_model
-from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows
+from reffuse.formats.corpus import TokenWindows, WindowsRecord, calibration_windows, held_out_windows
 from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments
 from reffuse.method.metrics import block_evaluations_needed, dependency
 from reffuse.core.model import Model
-from reffuse.method.planning import propose_groups
+from reffuse.method.planning import Plan, propose_groups
 from reffuse.method.predictors import PLANNER_PREDICTOR, neighbour_damage_matrix
 from reffuse.evaluation.prefix import cache_prefix, kl_from_base
-from reffuse.method.calibrate import DEFAULT_RIDGE, DEFAULT_WEIGHTING, calibrated_fuse, check_calibration_tokens
+from reffuse.method.calibrate import (DEFAULT_RIDGE, DEFAULT_WEIGHTING, GroupCalibration, calibrated_fuse,
+                                      check_calibration_tokens)
 from reffuse.outputs import check_output_folder
 from reffuse.progress import Progress, note
-from reffuse.core.layout import attention_free_runs, attention_layers, format_layers
+from reffuse.core.layout import BlockLayout, attention_free_runs, attention_layers, blocks_from_json, format_layers
 from reffuse.method.removal import attention_scores, cheapest, cheapest_windows, check_layers, drop_attention
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 
@@ -63,6 +64,24 @@ def check_disjoint(calibration: TokenWindows, held_out: TokenWindows) -> None:
             if a.play == b.play and a.start < b.end and b.start < a.end:
                 raise ReffuseError(f"calibration text ({a.play} characters {a.start}-{a.end}) overlaps held-out "
                                    f"text (characters {b.start}-{b.end}): results would be judged on fitted text")
+
+
+@dataclass(frozen=True)
+class TextsRecord:
+    """Calibration and held-out text as a result records them (Texts.describe), and why they are disjoint."""
+    synthetic: bool
+    calibration: WindowsRecord
+    held_out: WindowsRecord
+    disjoint: str
+
+    def to_json(self) -> dict:
+        return {"synthetic": self.synthetic, "calibration": self.calibration.to_json(),
+                "held_out": self.held_out.to_json(), "disjoint": self.disjoint}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> TextsRecord:
+        return cls(raw["synthetic"], WindowsRecord.from_json(raw["calibration"]),
+                   WindowsRecord.from_json(raw["held_out"]), raw["disjoint"])
 
 
 @dataclass
@@ -98,11 +117,42 @@ class Texts:
             return synthetic_windows(self.model, "calibration", self.window, n_tokens)
         return calibration_windows(self.tokenizer, self.window, n_tokens)
 
-    def describe(self) -> dict:
-        return {"synthetic": self.synthetic, "calibration": self.calibration.describe(),
-                "held_out": self.held_out.describe(),
-                "disjoint": "synthetic ids from different seeds" if self.synthetic else
-                            "different plays of the fixed split (reffuse.formats.corpus), checked from the spans"}
+    def describe(self) -> TextsRecord:
+        return TextsRecord(self.synthetic, self.calibration.describe(), self.held_out.describe(),
+                           "synthetic ids from different seeds" if self.synthetic else
+                           "different plays of the fixed split (reffuse.formats.corpus), checked from the spans")
+
+
+@dataclass(frozen=True)
+class RemovalChoice:
+    """The attention removed and why (choose_attention_removal): single-removal scores (None where the blocks were
+    given), their sum over the choice, and its KL measured jointly; only the blocks and the rule where nothing was
+    scored (blocks given without text)."""
+    blocks: tuple[int, ...]
+    blocks_text: str
+    rule: str
+    score: str | None = None                   # what a score measures
+    scores: dict[int, float] | None = None     # block -> KL of removing its attention alone
+    summed_score: float | None = None
+    joint_kl: float | None = None              # KL of removing them all at once, nats
+    scoring_tokens: int | None = None
+    scoring_text: str | None = None
+
+    def to_json(self) -> dict:
+        raw = {"blocks": list(self.blocks), "blocks_text": self.blocks_text, "rule": self.rule}
+        if self.joint_kl is None:
+            return raw
+        return raw | {"score": self.score,
+                      "scores": None if self.scores is None else {str(b): kl for b, kl in self.scores.items()},
+                      "summed_score": self.summed_score, "joint_kl": self.joint_kl,
+                      "scoring_tokens": self.scoring_tokens, "scoring_text": self.scoring_text}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> RemovalChoice:
+        scores = raw.get("scores")
+        return cls(tuple(raw["blocks"]), raw["blocks_text"], raw["rule"], raw.get("score"),
+                   None if scores is None else {int(b): kl for b, kl in scores.items()}, raw.get("summed_score"),
+                   raw.get("joint_kl"), raw.get("scoring_tokens"), raw.get("scoring_text"))
 
 
 def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_tokens: int, window: int = 256,
@@ -124,7 +174,7 @@ def load_texts(model_name: str, model: Model, calibration_tokens: int, held_out_
 
 
 def choose_attention_removal(model: Model, windows, blocks=None, count: int | None = None,
-                             contiguous: bool = False, rank: int = 1) -> dict:
+                             contiguous: bool = False, rank: int = 1) -> RemovalChoice:
     """Which attentions to remove: `blocks` as given, or the `count` cheapest by single-removal KL score
     (reffuse.method.removal), as a contiguous window of least summed score when `contiguous` (the rank-th least
     with `rank`: 1 the cheapest, 2 the next, ...).
@@ -153,12 +203,10 @@ def choose_attention_removal(model: Model, windows, blocks=None, count: int | No
         blocks = check_layers(model, blocks, "attention to remove")
         rule = "given"
     removed = drop_attention(model, blocks)
-    return {"blocks": blocks, "blocks_text": format_layers(blocks), "rule": rule,
-            "score": "mean KL(base || base without this block's attention) over calibration predictions, nats",
-            "scores": {str(k): v for k, v in scores.items()} if scores else None,
-            "summed_score": sum(scores[b] for b in blocks) if scores else None,
-            "joint_kl": kl_from_base(prefix, removed, min(blocks)),
-            "scoring_tokens": int(sum(len(w) for w in windows)), "scoring_text": text}
+    return RemovalChoice(tuple(blocks), format_layers(blocks), rule,
+                         "mean KL(base || base without this block's attention) over calibration predictions, nats",
+                         dict(scores) if scores else None, sum(scores[b] for b in blocks) if scores else None,
+                         kl_from_base(prefix, removed, min(blocks)), int(sum(len(w) for w in windows)), text)
 
 
 def ordinal(n: int) -> str:
@@ -170,7 +218,7 @@ DEPENDENCY_WINDOW = 64    # tokens per window of the dependency matrices
 
 
 def remove_attention(model: Model, texts: Texts | None, blocks=None, count: int | None = None,
-                     scoring_tokens: int = 256) -> tuple[Model, dict | None]:
+                     scoring_tokens: int = 256) -> tuple[Model, RemovalChoice | None]:
     """The attention removal `fuse` and `demo` share: `blocks` as given, or the `count` consecutive blocks whose
     single removals cost least in sum, scored on `scoring_tokens` of calibration text; neither: nothing removed.
     Returns the model and what was removed and why (None for nothing)."""
@@ -178,10 +226,10 @@ def remove_attention(model: Model, texts: Texts | None, blocks=None, count: int 
         return model, None
     if texts is None:  # blocks as given, nothing to score them on
         blocks = check_layers(model, blocks, "attention to remove")
-        return drop_attention(model, blocks), {"blocks": blocks, "blocks_text": format_layers(blocks), "rule": "given"}
+        return drop_attention(model, blocks), RemovalChoice(tuple(blocks), format_layers(blocks), "given")
     removal = choose_attention_removal(model, texts.scoring(scoring_tokens, SCORING_WINDOW), blocks=blocks,
                                        count=count, contiguous=True)
-    return drop_attention(model, removal["blocks"]), removal
+    return drop_attention(model, removal.blocks), removal
 
 
 def ffn_dependency(model: Model, windows, up_to: int | None = None, sink_only: bool = False) -> np.ndarray:
@@ -244,7 +292,41 @@ class FuseOptions(FromArguments):
     device: str = "cpu"
 
 
-def fuse_and_save(options: FuseOptions) -> dict:
+@dataclass(frozen=True)
+class FuseRecord:
+    """What fuse.json records beside a fused model (fuse_and_save): every choice, score and text span that made
+    it. Each step left out is None (and a plan absent unless --plan)."""
+    model: str                                     # as given (--model)
+    model_name: str                                # its config name
+    norm: str                                      # how norm gains were fused (reffuse.core.fusion.NORM_MODES)
+    texts: TextsRecord | None                      # None where no text was needed
+    attention_removal: RemovalChoice | None
+    groups: tuple[tuple[int, int], ...]            # the runs fused, (first, last) before fusion
+    calibration: tuple[GroupCalibration, ...] | None
+    layout: tuple[BlockLayout, ...]                # the fused model's blocks
+    plan: Plan | None = None                       # --plan auto: how the groups were chosen
+
+    def to_json(self) -> dict:
+        raw = {"model": self.model, "model_name": self.model_name, "norm": self.norm,
+               "texts": None if self.texts is None else self.texts.to_json(),
+               "attention_removal": None if self.attention_removal is None else self.attention_removal.to_json()}
+        if self.plan is not None:
+            raw["plan"] = self.plan.to_json()
+        return raw | {"groups": [list(g) for g in self.groups],
+                      "calibration": None if self.calibration is None else [f.as_dict() for f in self.calibration],
+                      "layout": [{"block": i, **b.to_json()} for i, b in enumerate(self.layout)]}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> FuseRecord:
+        texts, removal, fits, plan = raw["texts"], raw["attention_removal"], raw["calibration"], raw.get("plan")
+        return cls(raw["model"], raw["model_name"], raw["norm"],
+                   None if texts is None else TextsRecord.from_json(texts),
+                   None if removal is None else RemovalChoice.from_json(removal), tuple(map(tuple, raw["groups"])),
+                   None if fits is None else tuple(GroupCalibration.from_dict(f) for f in fits),
+                   blocks_from_json(raw["layout"], PROVENANCE_FILE), None if plan is None else Plan.from_json(plan))
+
+
+def fuse_and_save(options: FuseOptions) -> FuseRecord:
     """Every step of `reffuse fuse` (its --help lists them), the model saved to `options.out` with its tokenizer
     and fuse.json; returns what fuse.json records."""
     out = check_output_folder(options.out, options.overwrite, is_model_folder, "model")  # before any long work
@@ -253,30 +335,24 @@ def fuse_and_save(options: FuseOptions) -> dict:
     texts = load_texts(options.model, model, options.calibration_tokens, 256) if needs_text else None
     if options.calibrate:
         check_calibration_tokens(texts.calibration.ids.size)
-    record = {"model": options.model, "model_name": model.config.name, "norm": options.norm,
-              "texts": texts.describe() if texts else None}
+    model, removal = remove_attention(model, texts, options.drop_attention, options.drop_attention_count,
+                                      options.scoring_tokens)
 
-    model, record["attention_removal"] = remove_attention(model, texts, options.drop_attention,
-                                                          options.drop_attention_count, options.scoring_tokens)
-
+    plan = None
     if options.plan:
         plan, _ = plan_fusion(model, texts.scoring(options.scoring_tokens, SCORING_WINDOW), options.max_group_size,
                               leave_out_last=not options.include_last)
-        groups, record["plan"] = plan.groups, plan.to_json()
-        if not groups:
+        if not plan.groups:
             raise ReffuseError("the plan has no group to fuse (runs too short): remove more attention")
-    else:
-        groups = options.groups
-    record["groups"] = [list(g) for g in groups]
+    groups = plan.groups if plan is not None else options.groups
 
+    fits = None
     if options.calibrate:
         with Progress("calibrating fused groups", len(groups), "groups") as bar:
             fused, fits = calibrated_fuse(model, groups, texts.calibration.ids, norm=options.norm, ridge=options.ridge,
                                           progress=bar.update, weighting=options.weighting)
-        record["calibration"] = [f.as_dict() for f in fits]
     else:
         fused = fuse(model, groups, norm=options.norm)
-        record["calibration"] = None
 
     tokenizer = texts.tokenizer if texts is not None else None
     if tokenizer is None and not is_synthetic(options.model, model):
@@ -284,7 +360,10 @@ def fuse_and_save(options: FuseOptions) -> dict:
             tokenizer = load_tokenizer(options.model)
         except ReffuseError as e:
             note(f"no tokenizer saved beside the model: {e}")
-    record["layout"] = layout(fused).rows()
-    save_model(fused, out, options.overwrite, tokenizer, {PROVENANCE_FILE: json.dumps(record, indent=1) + "\n"})
+    record = FuseRecord(options.model, model.config.name, options.norm, texts.describe() if texts else None, removal,
+                        tuple(tuple(g) for g in groups), None if fits is None else tuple(fits), layout(fused).blocks,
+                        plan)
+    save_model(fused, out, options.overwrite, tokenizer,
+               {PROVENANCE_FILE: json.dumps(record.to_json(), indent=1) + "\n"})
     note(f"saved {out} ({len(fused.blocks)} blocks)")
     return record

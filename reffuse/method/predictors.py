@@ -36,6 +36,7 @@ since it is a KL over every token.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -128,7 +129,22 @@ def neighbour_damage_matrix(model: Model, prefix: Prefix, runs) -> np.ndarray:
     return C
 
 
-def compare(values: dict, measured: dict, seed: int = 0) -> dict:
+@dataclass(frozen=True)
+class RankCorrelation:
+    """A predictor's Spearman correlation with the measured damage over the groups (None where undefined) and its
+    95% bootstrap interval over groups (None where no resample defines it)."""
+    spearman: float | None
+    interval_95: list[float] | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> RankCorrelation:
+        return cls(raw["spearman"], raw["interval_95"])
+
+
+def compare(values: dict, measured: dict, seed: int = 0) -> dict[str, RankCorrelation]:
     """Each predictor's Spearman correlation with the measured damage over the groups, and its 95% percentile
     bootstrap interval over groups (groups resampled with replacement, the same draws for every predictor)."""
     groups = sorted(measured)
@@ -136,28 +152,60 @@ def compare(values: dict, measured: dict, seed: int = 0) -> dict:
     result = {}
     for name in PREDICTORS:
         predicted = [values[g][name] for g in groups]
-        result[name] = {"spearman": spearman(predicted, target),
-                        "interval_95": spearman_interval(predicted, target, seed)}
+        result[name] = RankCorrelation(spearman(predicted, target), spearman_interval(predicted, target, seed))
     return result
 
 
-def choose_predictor(regions: list[list[dict]], seed: int = 0) -> dict:
-    """The rule of the module doc applied to regions, each a list of {"damage": ..., predictor: value, ...} (one per
-    group, as `reffuse experiments` records them under predictors.groups). Returns the chosen predictor and, for
-    each predictor, its mean rank correlation over the regions and its lead over cosine-M with the interval."""
-    target = [np.array([g["damage"] for g in groups]) for groups in regions]
-    cosine = [np.array([g["cosine-M"] for g in groups]) for groups in regions]
+@dataclass(frozen=True)
+class GroupPrediction:
+    """One candidate group: its measured damage and each predictor's value (predictor name -> value)."""
+    group: tuple[int, int]
+    damage: float                 # KL(pre || pre with the group fused), nats
+    values: dict[str, float]
+
+    def to_json(self) -> dict:
+        return {"group": list(self.group), "damage": self.damage, **self.values}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> GroupPrediction:
+        values = {name: value for name, value in raw.items() if name not in ("group", "damage")}
+        return cls(tuple(raw["group"]), raw["damage"], values)
+
+
+@dataclass(frozen=True)
+class PredictorLead:
+    """A predictor's mean rank correlation over the regions, and its lead over cosine-M with the 95% interval."""
+    mean_spearman: float
+    lead_over_cosine_m: float
+    interval_95: list[float] | None
+
+
+@dataclass(frozen=True)
+class PredictorChoice:
+    """choose_predictor's answer: the predictor chosen, from how many regions, every predictor's lead, the rule."""
+    chosen: str
+    regions: int
+    predictors: dict[str, PredictorLead]
+    rule: str
+
+
+def choose_predictor(regions: list[list[GroupPrediction]], seed: int = 0) -> PredictorChoice:
+    """The rule of the module doc applied to regions, each a list of groups (as `reffuse experiments` records them
+    under predictors.groups). Returns the chosen predictor and, for each predictor, its mean rank correlation over
+    the regions and its lead over cosine-M with the interval."""
+    target = [np.array([g.damage for g in groups]) for groups in regions]
+    cosine = [np.array([g.values["cosine-M"] for g in groups]) for groups in regions]
     table = {}
     for name in PREDICTORS:
-        values = [np.array([g[name] for g in groups]) for groups in regions]
+        values = [np.array([g.values[name] for g in groups]) for groups in regions]
         # an undefined correlation (None) becomes NaN, and so does its mean over the regions
         correlations = np.array([spearman(v, t) for v, t in zip(values, target)], dtype=np.float64)
         lead = spearman_lead(values, cosine, target, seed)
-        table[name] = {"mean_spearman": float(np.mean(correlations)), "lead_over_cosine_m": lead["lead"],
-                       "interval_95": lead["interval_95"]}
+        table[name] = PredictorLead(float(np.mean(correlations)), lead.lead, lead.interval_95)
     resolved = [name for name, row in table.items()
-                if name != "cosine-M" and verdict(row["interval_95"], 0.0, ">") == "met"]
-    chosen = max(resolved, key=lambda name: table[name]["mean_spearman"]) if resolved else "cosine-M"
-    return {"chosen": chosen, "regions": len(regions), "predictors": table,
-            "rule": "the highest mean rank correlation among the predictors whose lead over cosine-M (mean over "
-                    "regions, paired bootstrap over groups) has a 95% interval above 0; cosine-M if none has"}
+                if name != "cosine-M" and verdict(row.interval_95, 0.0, ">") == "met"]
+    chosen = max(resolved, key=lambda name: table[name].mean_spearman) if resolved else "cosine-M"
+    return PredictorChoice(chosen, len(regions), table,
+                           "the highest mean rank correlation among the predictors whose lead over cosine-M (mean "
+                           "over regions, paired bootstrap over groups) has a 95% interval above 0; cosine-M if "
+                           "none has")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from reffuse.core.layout import contiguous_ranges, format_groups
 from reffuse.errors import ReffuseError
+from reffuse.experiments.findings import StudyResult
 from reffuse.files import read_json
 from reffuse.method.analysis import Analysis
 from reffuse.outputs import check_output_folder, write_text_atomic
@@ -26,6 +27,7 @@ from reffuse.plots.speed import ffn_speed_figure
 from reffuse.plots.tp import allreduce_figure
 from reffuse.speed.bench_result import BenchResult
 from reffuse.speed.costmodel import fuse_layout, get_layout, tp_run_layout
+from reffuse.speed.costmodel.report import CostmodelReport
 from reffuse.speed.tp_result import TpResult
 
 MANIFEST = "figures.json"  # the versions that drew the PNGs, and a digest of the data each one shows
@@ -58,6 +60,14 @@ def committed(root: Path, source: str):
 # One function per figure: root folder -> matplotlib figure
 
 
+def study(root: Path) -> StudyResult:
+    return StudyResult.from_json(committed(root, "experiments"))
+
+
+def costmodel(root: Path) -> CostmodelReport:
+    return CostmodelReport.from_json(committed(root, "costmodel"))
+
+
 def allreduce_counts(root: Path):
     paths = sorted((root / "benchmarks" / "results").glob("tp_*.json"))
     if not paths:
@@ -74,7 +84,7 @@ def analysis_title(analysis: Analysis) -> str:
 
 def dependency_heatmap(root: Path):
     analysis = Analysis.from_json(committed(root, "analysis"))
-    return heatmap(analysis.dependency["block"], f"Dependency between blocks, {analysis_title(analysis)}",
+    return heatmap(analysis.dependency.block, f"Dependency between blocks, {analysis_title(analysis)}",
                    analysis.attention_removed)
 
 
@@ -105,7 +115,7 @@ def layout_before_after(root: Path):
     panels = {"SmolLM2-135M as trained": get_layout("smollm2"),
               f"attention removed in blocks {removed_text}": removed,
               f"FFNs {format_groups(result.groups)} fused into one wide FFN (Theorem 3.1)": fuse_layout(removed)}
-    return layout_figure({label: layout.rows() for label, layout in panels.items()},
+    return layout_figure({label: layout.blocks for label, layout in panels.items()},
                          "Block layout before and after fusion (SmolLM2)")
 
 
@@ -114,12 +124,12 @@ FIGURES = {
     "block_metrics.png": block_metrics,
     "windows.png": windows,
     "layout_before_after.png": layout_before_after,
-    "fusion_intensity.png": lambda root: fusion_intensity_figure(committed(root, "experiments")),
-    "removal_vs_fusion.png": lambda root: removal_vs_fusion_figure(committed(root, "experiments")),
+    "fusion_intensity.png": lambda root: fusion_intensity_figure(study(root)),
+    "removal_vs_fusion.png": lambda root: removal_vs_fusion_figure(study(root)),
     "ffn_speed_vs_tokens.png": ffn_speed_vs_tokens,
     "allreduce_counts.png": allreduce_counts,
-    "latency_model.png": lambda root: tp_projection_figure(committed(root, "costmodel")),
-    "costmodel_measured_vs_predicted.png": lambda root: measured_vs_predicted_figure(committed(root, "costmodel")),
+    "latency_model.png": lambda root: tp_projection_figure(costmodel(root)),
+    "costmodel_measured_vs_predicted.png": lambda root: measured_vs_predicted_figure(costmodel(root)),
 }
 
 

@@ -1,5 +1,6 @@
-"""Figures of the dependency analysis (the paper's §3, App. B and Fig. 11), drawn from the JSON-able data `reffuse analyze` writes, so
-that `reffuse figures` can redraw them from a committed analysis.json.
+"""Figures of the dependency analysis (the paper's §3, App. B and Fig. 11), drawn from what `reffuse analyze`
+records (reffuse.method.analysis.Analysis), so that `reffuse figures` can redraw them from a committed
+analysis.json.
 
 - dependency heatmap: M[i, j] on a log2 colour scale 2^-9 .. 2^-1 (the paper's Fig 3), blue weak, red strong,
   "dropped block (i)" across and "measured block (j)" down, the attention-free (removed) region in a dotted box;
@@ -10,11 +11,12 @@ that `reffuse figures` can redraw them from a committed analysis.json.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from reffuse.core.layout import contiguous_ranges
-from reffuse.method.analysis import Analysis
+from reffuse.method.analysis import Analysis, GreedyStep, WindowRow
 from reffuse.method.metrics import matrix_from_json
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.layout import layout_figure
@@ -62,8 +64,9 @@ def dependency_heatmap(matrix, title: str, attention_removed=(), ax=None, groups
     return fig
 
 
-def block_metrics_figure(per_block: dict, title: str, attention_free=()):
-    """The three per-block metrics against the block index; attention-free blocks shaded."""
+def block_metrics_figure(per_block, title: str, attention_free=()):
+    """The three per-block metrics against the block index; attention-free blocks shaded. per_block: the
+    analysis' BlockMetrics, or the Dependency measured (reffuse.method.metrics): both name the metrics alike."""
     plt = pyplot()
     # the first blocks of a trained model turn and grow the stream far more than the rest: log scales keep the
     # rest readable; cosdist(h, X) stays near 1 and is drawn linearly
@@ -71,7 +74,7 @@ def block_metrics_figure(per_block: dict, title: str, attention_free=()):
               ("cos_dist_h_x", "cosdist(h(X), X)", "linear")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, (key, label, scale) in zip(axes, panels):
-        values = np.array([np.nan if v is None else v for v in per_block[key]], dtype=np.float64)
+        values = np.array([np.nan if v is None else v for v in getattr(per_block, key)], dtype=np.float64)
         blocks = np.arange(len(values))
         for first, last in contiguous_ranges(attention_free):
             ax.axvspan(first - 0.5, last + 0.5, color="0.88", zorder=0)
@@ -89,17 +92,18 @@ def block_metrics_figure(per_block: dict, title: str, attention_free=()):
     return fig
 
 
-def window_figure(windows: list[dict], greedy_steps: list[dict], title: str, window: int, eligible=None):
+def window_figure(windows: Sequence[WindowRow], greedy_steps: Sequence[GreedyStep], title: str, window: int,
+                  eligible=None):
     """M_max and M_sum per window start, the greedy choices marked with their step number; windows the greedy
     selection could not take (eligible[b] False for one of their blocks) in grey."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(9, 5.4), sharex=True)
-    starts = np.array([w["first"] for w in windows])
-    chosen = {s["first"]: s["step"] for s in greedy_steps}
-    excluded = [eligible is not None and not all(eligible[w["first"]:w["last"] + 1]) for w in windows]
+    starts = np.array([w.first for w in windows])
+    chosen = {s.first: s.step for s in greedy_steps}
+    excluded = [eligible is not None and not all(eligible[w.first:w.last + 1]) for w in windows]
     colours = [STRONG if s in chosen else EXCLUDED if out else WEAK for s, out in zip(starts, excluded)]
     for ax, key, label in [(axes[0], "max", "M_max"), (axes[1], "sum", "M_sum")]:
-        values = np.array([np.nan if w[key] is None else w[key] for w in windows], dtype=np.float64)
+        values = np.array([getattr(w, key) for w in windows], dtype=np.float64)
         ax.bar(starts, values, color=colours, width=0.8)
         for start, step in chosen.items():
             value = values[list(starts).index(start)]
@@ -124,7 +128,7 @@ def write_analysis_figures(analysis: Analysis, folder) -> list[Path]:
     attention_free = analysis.attention_free_blocks()
     tokens = analysis.tokens.measured
     paths = []
-    for granularity, matrix in analysis.dependency.items():
+    for granularity, matrix in analysis.dependency.by_granularity().items():
         what = "blocks" if granularity == "block" else "FFN sub-blocks"
         fig = dependency_heatmap(matrix, f"{model}: dependency between {what} ({tokens} tokens)", attention_free)
         paths.append(save_figure(fig, folder / f"dependency_{granularity}.png"))
@@ -134,7 +138,7 @@ def write_analysis_figures(analysis: Analysis, folder) -> list[Path]:
     windows, greedy = analysis.windows, analysis.greedy
     eligible = None
     if greedy.blocks == "full":
-        eligible = [row["attention"] and row["ffn_width"] > 0 for row in analysis.model.layout]
+        eligible = [block.attention and block.ffn_width > 0 for block in analysis.model.layout]
     fig = window_figure(windows.rows, greedy.steps,
                         f"{model}: window statistics ({windows.granularity} level), greedy choices",
                         windows.length, eligible)

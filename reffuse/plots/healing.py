@@ -5,10 +5,12 @@ is redrawn without training."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from reffuse.experiments.healing.report import Curve
 from reffuse.plots import pyplot, save_figure
 
 STYLES = {  # variant -> colour on the left panel, the refit variants dashed; the right panel cycles colours
@@ -23,22 +25,22 @@ def _x(tokens: np.ndarray, zero_at: float) -> np.ndarray:
     return np.where(tokens == 0, zero_at, tokens)
 
 
-def recovery_figure(curves: dict, title: str):
-    """`curves`: (variant, objective) -> rows of {"tokens", "kl", "interval": [low, high] or None}, budget 0
-    included. Left panel: objective "kd" for every variant; right: the other objectives and the kd curves of the
-    fused 4-step model they are compared with."""
+def recovery_figure(curves: Sequence[Curve], title: str):
+    """The study's curves, budget 0 included. Left panel: objective "kd" for every variant; right: the other
+    objectives and the kd curves of the fused 4-step model they are compared with."""
     plt = pyplot()
-    budgets = sorted({r["tokens"] for rows in curves.values() for r in rows if r["tokens"]})
+    budgets = sorted({r.tokens for c in curves for r in c.rows if r.tokens})
     zero_at = budgets[0] / 4 if budgets else 1.0
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     palette = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2)
-    for (variant, objective), rows in curves.items():
+    for curve in curves:
+        variant, objective = curve.variant, curve.objective
         fused_four = variant == "fused, 4 steps" and objective == "kd"
         for ax in ([left] if objective == "kd" else []) + ([right] if objective != "kd" or fused_four else []):
-            tokens = np.array([r["tokens"] for r in rows])
-            kl = np.array([r["kl"] for r in rows])
-            errors = np.array([[r["kl"] - r["interval"][0], r["interval"][1] - r["kl"]] if r["interval"] else
-                               [0.0, 0.0] for r in rows]).T.clip(min=0)
+            tokens = np.array([r.tokens for r in curve.rows])
+            kl = np.array([r.kl for r in curve.rows])
+            errors = np.array([[r.kl - r.interval[0], r.interval[1] - r.kl] if r.interval else [0.0, 0.0]
+                               for r in curve.rows]).T.clip(min=0)
             label = variant if ax is left else f"{variant}: {objective}"
             colour = STYLES.get(variant, "tab:brown") if ax is left else next(palette)
             ax.errorbar(_x(tokens, zero_at), kl, yerr=errors, marker="o", markersize=3, capsize=2,
@@ -61,5 +63,5 @@ def recovery_figure(curves: dict, title: str):
     return fig
 
 
-def write_recovery_figure(curves: dict, title: str, path) -> Path:
+def write_recovery_figure(curves: Sequence[Curve], title: str, path) -> Path:
     return save_figure(recovery_figure(curves, title), Path(path))

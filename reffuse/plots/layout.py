@@ -1,32 +1,34 @@
 """The block layout (the paper's Fig 9): per block, whether it has attention and how wide its FFN is.
 
-Drawn from `reffuse.layout(model).rows()` ({"block", "attention", "ffn_width", "fused_from"}), one panel per model,
-so a layout before and after fusion can be compared.
+Drawn from a model's blocks (`reffuse.layout(model).blocks`, reffuse.core.layout.BlockLayout), one panel per
+model, so a layout before and after fusion can be compared.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
+from reffuse.core.layout import BlockLayout
 from reffuse.plots import pyplot
 
 ATTENTION, NO_ATTENTION, FUSED = "tab:red", "0.8", "tab:purple"
 
 
-def layout_figure(layouts: dict, title: str):
-    """layouts: label -> layout rows. Bars are FFN widths, coloured by whether the block has attention."""
+def layout_figure(layouts: dict[str, Sequence[BlockLayout]], title: str):
+    """layouts: label -> the blocks of a model. Bars are FFN widths, coloured by whether the block has attention
+    (purple: a fused block)."""
     plt = pyplot()
     fig, axes = plt.subplots(len(layouts), 1, figsize=(9, 2.4 * len(layouts) + 0.6), squeeze=False)
-    for ax, (label, rows) in zip(axes[:, 0], layouts.items()):
-        blocks = np.array([r["block"] for r in rows])
-        widths = np.array([r["ffn_width"] for r in rows])
-        colours = [FUSED if len(r["fused_from"]) > 1 else ATTENTION if r["attention"] else NO_ATTENTION
-                   for r in rows]
-        ax.bar(blocks, widths, color=colours, width=0.8, edgecolor="black", linewidth=0.3)
+    for ax, (label, blocks) in zip(axes[:, 0], layouts.items()):
+        widths = np.array([b.ffn_width for b in blocks])
+        colours = [FUSED if len(b.fused_from) > 1 else ATTENTION if b.attention else NO_ATTENTION for b in blocks]
+        ax.bar(np.arange(len(blocks)), widths, color=colours, width=0.8, edgecolor="black", linewidth=0.3)
         ax.set_ylabel("FFN width (hidden units)")
         ax.set_xlabel("block")
         ax.set_title(label)
-        ax.set_xlim(-0.7, len(rows) - 0.3)
+        ax.set_xlim(-0.7, len(blocks) - 0.3)
         for colour, name in [(ATTENTION, "attention + FFN"), (NO_ATTENTION, "FFN only (attention removed)"),
                              (FUSED, "fused FFNs")]:
             if colour in colours:

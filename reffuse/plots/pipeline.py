@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reffuse.core.layout import format_groups
+from reffuse.core.layout import blocks_from_json, format_groups
 from reffuse.experiments.demo_result import CALIBRATED, FUSED, HEALED, ORIGINAL, REMOVED, DemoResult
 from reffuse.plots import pyplot, save_figure
 from reffuse.speed.timing import ratio_text
@@ -58,10 +58,11 @@ def write_demo_figures(result: DemoResult, folder: Path) -> list[Path]:
     from reffuse.plots.removal import attention_scores_figure
 
     name = result.model_name
-    figures = {"layout.png": layout_figure({f"{name} as loaded": result.layout_before,
-                                            REMOVED: result.layout_removed,
-                                            f"fused ({result.norm}): {format_groups(result.groups)}":
-                                                result.layout_after}, "Block layout before and after fusion"),
+    layouts = {f"{name} as loaded": result.layout_before, REMOVED: result.layout_removed,
+               f"fused ({result.norm}): {format_groups(result.groups)}": result.layout_after}
+    figures = {"layout.png": layout_figure({label: blocks_from_json(rows, f"the demo's layout {label}")
+                                            for label, rows in layouts.items()},
+                                           "Block layout before and after fusion"),
                "quality_speed.png": pipeline_summary_figure(result)}
     removal = result.attention_removal
     if removal and removal.scores:

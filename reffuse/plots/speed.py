@@ -21,7 +21,7 @@ def ffn_speed_figure(results, title: str = "Fused vs sequential FFN run"):
         rows = sorted(run.rows, key=lambda r: r.tokens)
         tokens = [r.tokens for r in rows]
         ratio = [r.speedup for r in rows]  # the median of the paired repeats' ratios
-        threads = result.environment["threads"]
+        threads = result.environment.threads
         label = (f"{result.model}: {run.blocks} FFNs of width {'/'.join(map(str, sorted(set(run.widths))))}"
                  f", {threads} thread{'s' if threads != 1 else ''}")
         if all(r.speedup_interval_95 for r in rows):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import statistics
 import tempfile
 import time
@@ -45,8 +44,9 @@ from reffuse.core.model import Block, Model, forward
 from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
 from reffuse.speed.bench_report import RATIO, check_targets
-from reffuse.speed.bench_result import (BenchResult, Bound, Decode, FfnRun, LlamaCppFusion, LlamaCppUse, PairedRatio,
-                                        PrefillRow, TransformersUse, paired_interval)
+from reffuse.records import as_tuple
+from reffuse.speed.bench_result import (BenchResult, Bound, Decode, FfnRun, LlamaCppFusion, LlamaCppUse, PrefillRow,
+                                        TransformersUse)
 from reffuse.speed.environment import default_threads, environment
 from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, streaming_bandwidth,
                                   time_ffn_run)
@@ -144,7 +144,7 @@ def fusion_in_llamacpp(model: Model, tokenizer, threads: int, repeats: int,
     rate = {name: decode_tokens / statistics.median(s) for name, s in samples.items()}
     speedup = paired_ratio(samples["attention removed"], samples["fused"])  # > 1: the fused model is faster
     return LlamaCppFusion(tuple(removed_blocks), tuple(tuple(g) for g in groups), rate["attention removed"],
-                          rate["fused"], speedup["median"], PairedRatio.from_json(speedup))
+                          rate["fused"], speedup.median, speedup)
 
 
 def load_transformers(model_name: str):
@@ -208,7 +208,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
     if hf is not None:
         import torch
         import transformers
-        env.update(torch=torch.__version__, transformers=transformers.__version__)
+        env = dataclasses.replace(env, torch=torch.__version__, transformers=transformers.__version__)
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     llama, gguf_folder, fusion = None, None, None
@@ -217,7 +217,7 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
         gguf_folder = tempfile.TemporaryDirectory(prefix="reffuse-bench-")
         llama = llamacpp_runner(model, llamacpp_tokenizer, Path(gguf_folder.name) / "model-f32.gguf", threads)
         import llama_cpp
-        env["llama_cpp_python"] = llama_cpp.__version__
+        env = dataclasses.replace(env, llama_cpp_python=llama_cpp.__version__)
     llama_used = llama is not None
     try:
         with blas_threads(threads):
@@ -235,12 +235,13 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
                 if hf is not None:
                     ratio = paired_ratio(samples["reffuse"], samples["transformers"])  # < 1: reffuse takes less
                     row = dataclasses.replace(row, transformers_seconds=statistics.median(samples["transformers"]),
-                                              time_ratio=ratio["median"], time_ratio_interval_95=paired_interval(ratio))
+                                              time_ratio=ratio.median,
+                                              time_ratio_interval_95=as_tuple(ratio.interval_95))
                 if llama is not None:
                     ratio = paired_ratio(samples["reffuse"], samples["llama.cpp"])
                     row = dataclasses.replace(row, llamacpp_seconds=statistics.median(samples["llama.cpp"]),
-                                              llamacpp_time_ratio=ratio["median"],
-                                              llamacpp_time_ratio_interval_95=paired_interval(ratio))
+                                              llamacpp_time_ratio=ratio.median,
+                                              llamacpp_time_ratio_interval_95=as_tuple(ratio.interval_95))
                 prefill.append(row)
 
             note(f"decode, {decode_tokens} tokens")
@@ -257,13 +258,13 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             if hf is not None:
                 speedup = paired_ratio(samples["transformers"], samples["reffuse"])  # their time / ours = speed ratio
                 decode = dataclasses.replace(decode, transformers_tokens_per_second=rate["transformers"],
-                                             speedup=speedup["median"], speedup_interval_95=paired_interval(speedup),
+                                             speedup=speedup.median, speedup_interval_95=as_tuple(speedup.interval_95),
                                              same_greedy_tokens=tokens["reffuse"] == tokens["transformers"])
             if llama is not None:
                 fraction = paired_ratio(samples["llama.cpp"], samples["reffuse"])
                 decode = dataclasses.replace(decode, llamacpp_tokens_per_second=rate["llama.cpp"],
-                                             fraction_of_llamacpp=fraction["median"],
-                                             fraction_of_llamacpp_interval_95=paired_interval(fraction),
+                                             fraction_of_llamacpp=fraction.median,
+                                             fraction_of_llamacpp_interval_95=as_tuple(fraction.interval_95),
                                              same_greedy_tokens_as_llamacpp=tokens["reffuse"] == tokens["llama.cpp"])
             bound = None
             if device == "cpu":
@@ -290,10 +291,8 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             torch.set_num_threads(torch_threads)
         if gguf_folder is not None:
             gguf_folder.cleanup()
-    if hasattr(os, "getloadavg"):
-        env["load_average_1min_at_end"] = os.getloadavg()[0]
     result = BenchResult(model=model_name, model_name=model.config.name, dtype="float32", repeats=repeats,
-                         ratio=RATIO, environment=env, transformers=TransformersUse(hf is not None, why_not),
+                         ratio=RATIO, environment=env.at_end(), transformers=TransformersUse(hf is not None, why_not),
                          llama_cpp=LlamaCppUse(llama_used, fusion), prefill=tuple(prefill), decode=decode,
                          bound=bound, ffn_run=ffn_run, targets=())
     return dataclasses.replace(result, targets=check_targets(result))

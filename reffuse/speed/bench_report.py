@@ -1,13 +1,15 @@
-"""A benchmark's verdicts and its report: the speed targets, the rule that turns measured ratios into met, not met
-or unresolved (by reffuse.stats.verdict), and the Markdown of benchmarks/results/*.md."""
+"""A benchmark's verdicts and its report: the speed and training targets, the rule that turns measured ratios into
+met, not met or unresolved (by reffuse.stats.verdict), and the Markdown of benchmarks/results/*.md."""
 
 from __future__ import annotations
 
 import math
 
-from reffuse.speed.bench_result import NOT_RECORDED, BenchResult, Target
-from reffuse.speed.environment import describe_blas
+from reffuse.records import NOT_RECORDED
+from reffuse.speed.bench_result import BenchResult, Target
+from reffuse.speed.environment import Environment, describe_blas
 from reffuse.speed.timing import ratio_text
+from reffuse.speed.train_result import TrainResult
 from reffuse.stats import verdict
 
 # The targets this benchmark checks, on 2 cores in float32 (reffuse's speed goals).
@@ -101,19 +103,16 @@ def markdown(result: BenchResult, command: str | None = None) -> str:
     """The result as Markdown tables (benchmarks/results/*.md)."""
     env = result.environment
     blas = describe_blas(env)
-    threads = env["threads"]
-    lines = [f"# reffuse bench: {result.model} ({result.model_name}), float32, {threads} "
-             f"thread{'s' if threads != 1 else ''}", ""]
+    lines = [f"# reffuse bench: {result.model} ({result.model_name}), float32, {env.threads} "
+             f"thread{'s' if env.threads != 1 else ''}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
     lines += [f"Medians of {result.repeats} repeats after warm-up, timed in alternation; a ratio is the "
               + ratio_definition(result) + ", with " + interval_definition(result) + " in brackets. numpy "
-              + env['numpy']
+              + env.numpy
               + (f", BLAS {blas}" if blas else "")
-              + (f", torch {env['torch']}, transformers {env['transformers']}" if "torch" in env else "")
-              + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
-              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a "
-              f"{env['cores']}-core machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
+              + (f", torch {env.torch}, transformers {env.transformers}" if env.torch else "")
+              + load_and_machine(env)]
     if not result.transformers.used:
         lines += ["", f"transformers not measured: {result.transformers.reason}"]
     lines += ["", "| prefill tokens | reffuse ms | transformers ms | reffuse / transformers time (95% interval) |",
@@ -132,7 +131,7 @@ def markdown(result: BenchResult, command: str | None = None) -> str:
     if d.same_greedy_tokens is not None:
         lines += ["", f"Same greedy tokens from both: {'yes' if d.same_greedy_tokens else 'no'}."]
     if result.llama_cpp is not None and result.llama_cpp.used:
-        lines += ["", f"llama.cpp (llama-cpp-python {env.get('llama_cpp_python', '?')}) on the same weights as an F32 "
+        lines += ["", f"llama.cpp (llama-cpp-python {env.llama_cpp_python or '?'}) on the same weights as an F32 "
                       "GGUF, F32 KV cache, the same threads, in the same alternation:", "",
                   "| | reffuse | llama.cpp | reffuse / llama.cpp (95% interval) |", "|---|---:|---:|---:|"]
         for r in result.prefill:
@@ -174,6 +173,16 @@ def markdown(result: BenchResult, command: str | None = None) -> str:
     return "\n".join(lines + target_rows(result.targets)) + "\n"
 
 
+def load_and_machine(env: Environment) -> str:
+    """The sentence of a report on the load while it ran and the machine it ran on."""
+    def load(value):
+        return float("nan") if value is None else value
+
+    return (f". Load average (1 min) {load(env.load_average_1min_at_start):.1f} at the start, "
+            f"{load(env.load_average_1min_at_end):.1f} at the end, this run included (on a {env.cores}-core "
+            "machine" + (f", {env.processor}" if env.processor else "") + ").")
+
+
 def target_rows(targets) -> list[str]:
     """The rows of a Markdown table | target | measured | 95% interval | verdict |, one per Target."""
     rows = []
@@ -184,3 +193,88 @@ def target_rows(targets) -> list[str]:
         shown = t.verdict if t.verdict in ("met", "not measured") else f"**{t.verdict}**"
         rows.append(f"| {t.target} | {value} | {interval} | {shown} |")
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `reffuse bench --train` (speed.train_bench): its targets and its Markdown record
+
+# The targets, on 2 threads in float32 at 512 tokens (reffuse's training goals).
+TARGET_THREADS, TARGET_TOKENS = 2, 512
+SPEED_RATIO = 1.0                  # reffuse tokens/s over PyTorch's, --train all
+PEAK_RSS_BYTES = 3 * 2 ** 30       # reffuse's peak resident memory in a training step
+TRAIN_TARGETS = {"train_speed": "training tokens/s >= 1.0x PyTorch's (--train all, 512 tokens, 2 threads)",
+                 "train_memory": "reffuse's peak resident memory < 3 GiB (every trainable set, 512 tokens)"}
+
+
+def check_train_targets(result: TrainResult) -> tuple[Target, Target]:
+    """The two training targets with what was measured and the verdict: the speed target from the 95% interval
+    of the --train all ratio (target_verdict), only when measured at TARGET_TOKENS tokens on TARGET_THREADS
+    threads; the memory target from reffuse's largest peak over the rows at TARGET_TOKENS tokens, strictly
+    under PEAK_RSS_BYTES."""
+    rows = [r for r in result.rows if r.tokens == TARGET_TOKENS]
+    speed = [r for r in rows if r.train == "all" and r.speed_ratio is not None
+             and result.environment.threads == TARGET_THREADS]
+    peak = max((r.reffuse.peak_rss_bytes for r in rows), default=None)
+    return (Target(TRAIN_TARGETS["train_speed"], speed[0].speed_ratio if speed else None,
+                   speed[0].speed_ratio_interval_95 if speed else None, "reffuse/PyTorch tokens/s",
+                   target_verdict([r.speed_ratio_interval_95 for r in speed], SPEED_RATIO, True)),
+            Target(TRAIN_TARGETS["train_memory"], None if peak is None else peak / 2 ** 30, None,
+                   "GiB, largest reffuse peak",
+                   "not measured" if peak is None else verdict([peak, peak], PEAK_RSS_BYTES, "<")))
+
+
+def gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def train_markdown(result: TrainResult, command: str | None = None) -> str:
+    """The result as Markdown (for benchmarks/results/*.md)."""
+    env = result.environment
+    blas = describe_blas(env)
+    h = result.hyperparameters
+    lines = [f"# reffuse bench --train: {result.model} ({result.model_name}), float32, {env.threads} "
+             f"thread{'s' if env.threads != 1 else ''}", ""]
+    if command:
+        lines += ["Produced by:", "", f"    {command}", ""]
+    libraries = next((r.pytorch.libraries for r in result.rows if r.pytorch and r.pytorch.libraries), None)
+    torch_blas, kernels = (libraries.torch_blas, libraries.cpu_capability) if libraries else (None, None)
+    lines += [f"One training step on {result.text}: forward, mean next-token cross-entropy, backward to every "
+              f"trainable weight, clipping by global norm ({h.clip}) and one AdamW step (lr {h.learning_rate}, "
+              f"betas {h.betas}, eps {h.eps}, weight decay {h.weight_decay} on matrices). Each engine "
+              f"runs in a worker process of its own (its peak resident memory is its own); the two take steps in "
+              f"turns, the order swapped every round, {result.repeats} timed steps each after one untimed warm-up "
+              "step; tokens/s are the window's tokens over the median step; a ratio is the " +
+              ratio_definition(result).replace("repeats'", "rounds'") + " with "
+              + interval_definition(result).replace("repeats", "rounds") + " in brackets. numpy " + env.numpy
+              + (f", BLAS {blas}" if blas else "")
+              + (f"; torch {env.torch} ({torch_blas or '?'}, {kernels or '?'} kernels), transformers "
+                 f"{env.transformers}" if env.torch else "")
+              + load_and_machine(env)]
+    if not result.pytorch_used:
+        lines += ["", "PyTorch not measured (--no-transformers)."]
+    lines += ["", "| trainable | tensors (parameters) | tokens | reffuse tokens/s | PyTorch tokens/s | "
+                  "reffuse / PyTorch tokens/s (95% interval) | reffuse peak RSS | PyTorch peak RSS |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result.rows:
+        ours, theirs = r.reffuse, r.pytorch
+        lines.append(f"| {r.train} | {r.trainable_tensors} ({r.trainable_parameters / 1e6:.1f}M) | "
+                     f"{r.tokens} | {ours.tokens_per_second:.1f} | "
+                     + (f"{theirs.tokens_per_second:.1f} | "
+                        f"{ratio_text(r.speed_ratio, r.speed_ratio_interval_95)} | " if theirs else "- | - | ")
+                     + f"{gib(ours.peak_rss_bytes)} | "
+                     + (f"{gib(theirs.peak_rss_bytes)} |" if theirs else "- |"))
+    lines.append("")
+    for r in result.rows:
+        ours, theirs = r.reffuse, r.pytorch
+        lines.append(f"- --train {r.train}: reffuse {ours.median_step_seconds:.2f} s a step, "
+                     f"{gib(ours.rss_after_setup_bytes)} resident before the first step"
+                     + (f"; PyTorch ({theirs.implementation}) {theirs.median_step_seconds:.2f} s, "
+                        f"{gib(theirs.rss_after_setup_bytes)} before the first step; loss at the loaded weights "
+                        f"{ours.losses[0]:.5f} (reffuse) and {theirs.losses[0]:.5f} (PyTorch), relative "
+                        f"difference {r.first_loss_relative_difference:.1e}, at most "
+                        f"{r.worst_loss_relative_difference:.1e} over all {len(ours.losses)} steps"
+                        if theirs else "") + ".")
+    lines += ["", "A target is met when its 95% interval lies on its side, not met when it lies wholly on the other, "
+                  "unresolved otherwise; the memory target is one measurement.", "",
+              "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
+    return "\n".join(lines + target_rows(result.targets)) + "\n"

@@ -2,48 +2,18 @@
 command read, and their JSON (benchmarks/results/bench_*.json) both ways.
 
 A ratio's 95% interval is a pair, None where too few repeats gave none (reffuse.stats.paired_ratio), or
-NOT_RECORDED in a record made before intervals were kept: its key is then absent from the JSON. Other parts a run
-did not measure (an engine not compared, the bound on a GPU) are None and absent from the JSON as well.
+NOT_RECORDED (reffuse.records) in a record made before intervals were kept: its key is then absent from the JSON.
+Other parts a run did not measure (an engine not compared, the bound on a GPU) are None and absent from the JSON as
+well.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-NOT_RECORDED = ()  # the interval of a ratio recorded without one
-
-
-def interval_of(raw: dict, key: str) -> tuple | None:
-    """The interval under `key` in a JSON record: a pair, None, or NOT_RECORDED where the key is absent."""
-    if key not in raw:
-        return NOT_RECORDED
-    return None if raw[key] is None else tuple(raw[key])
-
-
-def paired_interval(paired: dict) -> tuple | None:
-    """The 95% interval of a reffuse.stats.paired_ratio as a record holds it: a pair, or None (too few repeats)."""
-    return None if paired["interval_95"] is None else tuple(paired["interval_95"])
-
-
-def as_json(value):
-    """A field's value as JSON: a record by its to_json, a tuple as a list."""
-    if hasattr(value, "to_json"):
-        return value.to_json()
-    if isinstance(value, dict):
-        return {key: as_json(v) for key, v in value.items()}
-    return [as_json(v) for v in value] if isinstance(value, tuple) else value
-
-
-def present_fields(record, kept_when_none=()) -> dict:
-    """The record's fields as JSON, in their order, without those not measured: None (unless in `kept_when_none`,
-    whose JSON holds a null) and NOT_RECORDED intervals."""
-    out = {}
-    for field in fields(record):
-        value = getattr(record, field.name)
-        not_measured = value is None and field.name not in kept_when_none
-        if not (not_measured or (field.name.endswith("interval_95") and value == NOT_RECORDED)):
-            out[field.name] = as_json(value)
-    return out
+from reffuse.records import NOT_RECORDED, as_json, as_tuple, interval_of, present_fields
+from reffuse.speed.environment import Environment
+from reffuse.stats import PairedRatio
 
 
 @dataclass(frozen=True)
@@ -202,24 +172,8 @@ class FfnRun:
 
     @classmethod
     def from_json(cls, raw: dict) -> FfnRun:
-        return cls(raw["blocks"], raw["dim"], tuple(raw["widths"]), raw["norm"], raw["fused_width"],
+        return cls(raw["blocks"], raw["dim"], as_tuple(raw["widths"]), raw["norm"], raw["fused_width"],
                    tuple(FfnRow.from_json(r) for r in raw["rows"]))
-
-
-@dataclass(frozen=True)
-class PairedRatio:
-    """reffuse.stats.paired_ratio: the ratio of the medians, its 95% interval, the pairs, whether it excludes 1."""
-    median: float
-    interval_95: tuple | None
-    repeats: int
-    resolved: bool
-
-    def to_json(self) -> dict:
-        return present_fields(self, kept_when_none=("interval_95",))
-
-    @classmethod
-    def from_json(cls, raw: dict) -> PairedRatio:
-        return cls(raw["median"], interval_of(raw, "interval_95"), raw["repeats"], raw["resolved"])
 
 
 @dataclass(frozen=True)
@@ -233,7 +187,7 @@ class LlamaCppFusion:
     fused_speedup_paired: PairedRatio
 
     def to_json(self) -> dict:
-        return {"attention_removed": list(self.attention_removed), "groups": as_json(self.groups),
+        return {"attention_removed": as_json(self.attention_removed), "groups": as_json(self.groups),
                 "tokens_per_second": {"attention removed": self.removed_tokens_per_second,
                                       "fused": self.fused_tokens_per_second},
                 "fused_speedup": self.fused_speedup, "fused_speedup_paired": self.fused_speedup_paired.to_json()}
@@ -241,7 +195,7 @@ class LlamaCppFusion:
     @classmethod
     def from_json(cls, raw: dict) -> LlamaCppFusion:
         rate = raw["tokens_per_second"]
-        return cls(tuple(raw["attention_removed"]), tuple(tuple(g) for g in raw["groups"]),
+        return cls(as_tuple(raw["attention_removed"]), as_tuple(raw["groups"]),
                    rate["attention removed"], rate["fused"], raw["fused_speedup"],
                    PairedRatio.from_json(raw["fused_speedup_paired"]))
 
@@ -284,7 +238,7 @@ class BenchResult:
     dtype: str
     repeats: int
     ratio: str | None = None
-    environment: dict                   # speed.environment.environment, with the versions of the engines compared
+    environment: Environment            # with the versions of the engines compared
     transformers: TransformersUse
     llama_cpp: LlamaCppUse | None = None  # None: a record made before llama.cpp was compared
     prefill: tuple[PrefillRow, ...]
@@ -300,7 +254,7 @@ class BenchResult:
     @classmethod
     def from_json(cls, raw: dict) -> BenchResult:
         return cls(model=raw["model"], model_name=raw["model_name"], dtype=raw["dtype"], repeats=raw["repeats"],
-                   ratio=raw.get("ratio"), environment=dict(raw["environment"]),
+                   ratio=raw.get("ratio"), environment=Environment.from_json(raw["environment"]),
                    transformers=TransformersUse.from_json(raw["transformers"]),
                    llama_cpp=LlamaCppUse.from_json(raw["llama_cpp"]) if "llama_cpp" in raw else None,
                    prefill=tuple(PrefillRow.from_json(r) for r in raw["prefill"]),

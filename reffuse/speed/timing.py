@@ -18,7 +18,8 @@ from reffuse.core.backend import array_module, synchronize
 from reffuse.core.fusion import fuse
 from reffuse.core.layout import check_groups, original_layers
 from reffuse.core.model import Model, run_blocks
-from reffuse.speed.bench_result import FfnRow, paired_interval
+from reffuse.records import as_tuple
+from reffuse.speed.bench_result import FfnRow
 from reffuse.stats import MIN_PAIRS, paired_ratio
 
 
@@ -138,14 +139,14 @@ def time_ffn_run(model: Model, group: tuple[int, int], tokens: int, norm: str = 
                               clocks=clocks)
     speedup = paired_ratio(samples["sequential"], samples["fused"])
     row = FfnRow(tokens=tokens, sequential=statistics.median(samples["sequential"]),
-                 fused=statistics.median(samples["fused"]), speedup=speedup["median"],
-                 speedup_interval_95=paired_interval(speedup))
+                 fused=statistics.median(samples["fused"]), speedup=speedup.median,
+                 speedup_interval_95=as_tuple(speedup.interval_95))
     if not clocks:
         return row
     gpu = paired_ratio(clocks["sequential"].samples, clocks["fused"].samples)
     return dataclasses.replace(row, sequential_gpu=statistics.median(clocks["sequential"].samples),
-                               fused_gpu=statistics.median(clocks["fused"].samples), gpu_speedup=gpu["median"],
-                               gpu_speedup_interval_95=paired_interval(gpu))
+                               fused_gpu=statistics.median(clocks["fused"].samples), gpu_speedup=gpu.median,
+                               gpu_speedup_interval_95=as_tuple(gpu.interval_95))
 
 
 def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int = 7, seed: int = 0) -> dict:

@@ -24,6 +24,7 @@ from reffuse.core.model import Model
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.optional import available, require
+from reffuse.speed.train_result import Hyperparameters, TorchLibraries
 
 PURPOSE = "running a reffuse model in PyTorch"
 
@@ -113,7 +114,7 @@ class TorchStep:
     equations_forward; only the trainable tensors require grad; on torch's `device` ("cpu", "cuda"), from a model
     whose weights are NumPy arrays. step() -> the loss before the update."""
 
-    def __init__(self, model: Model, trainable, ids, hyperparameters: dict, device: str = "cpu"):
+    def __init__(self, model: Model, trainable, ids, hyperparameters: Hyperparameters, device: str = "cpu"):
         torch = self.torch = require("torch", "reference", PURPOSE)
         trainable, ids = set(trainable), np.asarray(ids, dtype=np.int64)
         self.targets = torch.from_numpy(ids[1:].copy()).to(device)
@@ -139,10 +140,10 @@ class TorchStep:
             raise ReffuseError(f"PyTorch's model has no parameter {missing[0]}")
         self.params = [p for n, p in params.items() if n in trainable]
         h = self.hyperparameters = hyperparameters
-        groups = [{"params": [p for p in self.params if p.ndim == 2], "weight_decay": h["weight_decay"]},
+        groups = [{"params": [p for p in self.params if p.ndim == 2], "weight_decay": h.weight_decay},
                   {"params": [p for p in self.params if p.ndim != 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=h["learning_rate"],
-                                           betas=h["betas"], eps=h["eps"])
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=h.learning_rate,
+                                           betas=h.betas, eps=h.eps)
         self.parameters = sum(p.numel() for p in self.params)
 
     def step(self) -> float:
@@ -150,16 +151,16 @@ class TorchStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.nn.functional.cross_entropy(self.logits()[:-1], self.targets)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.hyperparameters["clip"])
+        torch.nn.utils.clip_grad_norm_(self.params, self.hyperparameters.clip)
         self.optimizer.step()
         return loss.item()
 
 
-def torch_libraries() -> dict:
+def torch_libraries() -> TorchLibraries:
     """What torch computes with here: its BLAS, its CPU kernels, its threads."""
     torch = require("torch", "reference", PURPOSE)
     shown = torch.__config__.show()
     mkl = re.search(r"Math Kernel Library Version ([\w.]+)", shown)
     blas = re.search(r"BLAS_INFO=(\w+)", shown)
-    return {"torch_blas": f"MKL {mkl.group(1)}" if mkl else blas.group(1) if blas else None,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+    return TorchLibraries(f"MKL {mkl.group(1)}" if mkl else blas.group(1) if blas else None,
+                          torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from reffuse.records import as_json, records_of
+from reffuse.stats import PairedRatio
+
 # Keys `reffuse tp` started writing after the runs committed in benchmarks/results were measured: a result read
 # without them writes none of them back.
 LATER_KEYS = ("allreduce_path", "cuda_aware_source", "fused_over_sequential_time")
@@ -101,7 +104,7 @@ class TpResult:
     parity: bool                       # errors.max_rel_error <= tolerance_rel
     sequential: VariantResult
     fused: VariantResult
-    fused_over_sequential_time: dict   # phase -> reffuse.stats.paired_ratio of the paired forwards' seconds
+    fused_over_sequential_time: dict[str, PairedRatio]  # phase -> the paired forwards' fused / sequential seconds
     unrecorded: tuple[str, ...] = ()   # the LATER_KEYS a committed run predates: not written back
 
     def variants(self) -> dict[str, VariantResult]:
@@ -116,7 +119,7 @@ class TpResult:
                "attention_removed": self.attention_removed, "groups": self.groups, "norm": self.norm,
                **self.errors.to_json(), "tolerance_rel": self.tolerance_rel, "parity": self.parity,
                "sequential": self.sequential.to_json(), "fused": self.fused.to_json(),
-               "fused_over_sequential_time": self.fused_over_sequential_time}
+               "fused_over_sequential_time": as_json(self.fused_over_sequential_time)}
         return {key: value for key, value in raw.items() if key not in self.unrecorded}
 
     @classmethod
@@ -126,5 +129,5 @@ class TpResult:
                    raw["decode_tokens"], raw["repeats"], raw["blas_threads_per_rank"], raw["load_average_1min"],
                    raw["attention_removed"], raw["groups"], raw["norm"], Errors.from_json(raw), raw["tolerance_rel"],
                    raw["parity"], VariantResult.from_json(raw["sequential"]), VariantResult.from_json(raw["fused"]),
-                   raw.get("fused_over_sequential_time", {}),
+                   records_of(PairedRatio, raw.get("fused_over_sequential_time", {})),
                    tuple(key for key in LATER_KEYS if key not in raw))

@@ -19,15 +19,15 @@ Trainable sets: "all" (every weight) and "fused" (the fused blocks of the fused 
 Each engine runs in a worker process of its own, so that its peak resident memory (peak_rss_bytes) is its own:
 the worker loads the model, makes its trainable copy and waits; the parent then has the two take steps in turns,
 one step at a time, after one untimed warm-up step each, the order swapped every round. A worker times its own
-step. Round i of both is a pair: the ratio reffuse tokens/s over PyTorch tokens/s is the median of the pairs'
-ratios, with its bootstrap 95% interval (reffuse.stats.paired_ratio), and the targets' verdicts follow from
-where the interval lies (reffuse.speed.bench_report.target_verdict). Both workers stay resident; one computes at a time.
+step. Round i of both is a pair: the ratio reffuse tokens/s over PyTorch tokens/s is the ratio of their median
+steps, with the bootstrap 95% interval of the pairs (reffuse.stats.paired_ratio), and the targets' verdicts follow
+from where the interval lies (reffuse.speed.bench_report.check_train_targets). Both workers stay resident; one
+computes at a time.
 The warm-up step's loss is each engine's loss at the loaded weights: the two must agree.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource
@@ -36,36 +36,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, replace
+
 import numpy as np
 
 from reffuse.core.model import Model
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.optional import require
-from reffuse.speed.bench_report import (RATIO, interval_definition, ratio_definition, target_rows,
-                                         target_verdict)
-from reffuse.speed.bench_result import Target, paired_interval
-from reffuse.speed.environment import describe_blas, environment
-from reffuse.speed.timing import blas_threads, paired_ratio, ratio_text
+from reffuse.records import as_json, as_tuple, present_fields
+from reffuse.speed.bench_report import RATIO, check_train_targets
+from reffuse.speed.environment import environment
+from reffuse.speed.timing import blas_threads
 from reffuse.speed.train_result import (EngineSteps, FusedModel, Hyperparameters, TorchLibraries, TrainResult,
                                         TrainRow)
-from reffuse.stats import verdict
+from reffuse.stats import paired_ratio
 
 TRAIN_CHOICES = ("all", "fused")
 TRAIN_TOKENS = 512
 FUSED_REMOVED = range(5, 13)       # blocks whose attention the fused model drops (those that have one)
 FUSED_GROUPS = ((5, 8), (9, 11))   # then fuses
-HYPERPARAMETERS = {"learning_rate": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "clip": 1.0}
+HYPERPARAMETERS = Hyperparameters(learning_rate=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip=1.0)
 ENGINES = ("reffuse", "pytorch")
 PAUSE_SECONDS = 0.05               # before each step: the last engine's idle OpenMP/BLAS threads stop spinning
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-# The targets, on 2 threads in float32 at 512 tokens (reffuse's training goals).
-TARGET_THREADS, TARGET_TOKENS = 2, 512
-SPEED_RATIO = 1.0                  # reffuse tokens/s over PyTorch's, --train all
-PEAK_RSS_BYTES = 3 * 2 ** 30       # reffuse's peak resident memory in a training step
-TRAIN_TARGETS = {"train_speed": "training tokens/s >= 1.0x PyTorch's (--train all, 512 tokens, 2 threads)",
-                 "train_memory": "reffuse's peak resident memory < 3 GiB (every trainable set, 512 tokens)"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,14 +122,14 @@ class ReffuseStep:
         self.model = with_weights(model, {n: w.copy() for n, w in named_weights(model).items() if n in trainable})
         weights = {n: w for n, w in named_weights(self.model).items() if n in trainable}  # what it computes with
         h = HYPERPARAMETERS
-        self.optimizer = AdamW(weights, h["betas"], h["eps"], h["weight_decay"])
+        self.optimizer = AdamW(weights, h.betas, h.eps, h.weight_decay)
         self.trainable, self.ids = set(trainable), np.asarray(ids, dtype=np.int64)
         self.parameters = sum(int(w.size) for w in weights.values())
 
     def step(self) -> float:
         loss, grads = self.gradients(self.model, self.ids, trainable=self.trainable)
-        self.clip(grads, HYPERPARAMETERS["clip"])
-        self.optimizer.step(grads, HYPERPARAMETERS["learning_rate"])
+        self.clip(grads, HYPERPARAMETERS.clip)
+        self.optimizer.step(grads, HYPERPARAMETERS.learning_rate)
         return float(loss)
 
 
@@ -158,10 +152,47 @@ def peak_rss_bytes() -> int:
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker process times (worker_main), sent to it as the first line of its input."""
+    model: str
+    train: str                         # "all" or "fused"
+    ids: tuple[int, ...]               # the window both engines train on
+    threads: int
+    engine: str                        # "reffuse" or "pytorch"
+
+    def to_json(self) -> dict:
+        return as_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> WorkerSpec:
+        return cls(raw["model"], raw["train"], as_tuple(raw["ids"]), raw["threads"], raw["engine"])
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """A worker's first reply, once its engine is set up: what computes the step, and what setting it up cost."""
+    implementation: str
+    trainable_tensors: int
+    trainable_parameters: int
+    setup_seconds: float
+    rss_after_setup_bytes: int
+    libraries: TorchLibraries | None = None   # PyTorch's only
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> WorkerSetup:
+        libraries = raw.get("libraries")
+        return cls(raw["implementation"], raw["trainable_tensors"], raw["trainable_parameters"], raw["setup_seconds"],
+                   raw["rss_after_setup_bytes"], None if libraries is None else TorchLibraries.from_json(libraries))
+
+
 def worker_main() -> None:
-    """One engine's worker: a JSON spec on the first line of stdin, then "step" (reply: seconds, loss) as often
-    as asked, then "stop" (reply: the peak resident memory). Replies are JSON lines on the original stdout;
-    anything else written to stdout goes to stderr."""
+    """One engine's worker: a WorkerSpec on the first line of stdin (reply: a WorkerSetup), then "step" (reply:
+    seconds, loss) as often as asked, then "stop" (reply: the peak resident memory). Replies are JSON lines on the
+    original stdout; anything else written to stdout goes to stderr."""
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -170,27 +201,25 @@ def worker_main() -> None:
         replies.write(json.dumps(fields) + "\n")
         replies.flush()
 
-    spec = json.loads(sys.stdin.readline())
+    spec = WorkerSpec.from_json(json.loads(sys.stdin.readline()))
     try:
         started = time.perf_counter()
-        with blas_threads(spec["threads"]):
+        with blas_threads(spec.threads):
             from reffuse.formats.registry import load_model
-            model = training_model(load_model(spec["model"], dtype="float32"), spec["train"])
-            trainable = trainable_set(model, spec["train"])
-            libraries = {}
-            if spec["engine"] == "pytorch":
-                from reffuse.speed.torch_models import torch_libraries
-                require("torch", "reference", "timing training against PyTorch").set_num_threads(spec["threads"])
+            model = training_model(load_model(spec.model, dtype="float32"), spec.train)
+            trainable = trainable_set(model, spec.train)
+            libraries = None
+            if spec.engine == "pytorch":
+                from reffuse.speed.torch_models import TorchStep, torch_libraries
+                require("torch", "reference", "timing training against PyTorch").set_num_threads(spec.threads)
                 libraries = torch_libraries()
-            if spec["engine"] == "reffuse":
-                engine = ReffuseStep(model, trainable, spec["ids"])
+                engine = TorchStep(model, trainable, spec.ids, HYPERPARAMETERS)
             else:
-                from reffuse.speed.torch_models import TorchStep
-                engine = TorchStep(model, trainable, spec["ids"], HYPERPARAMETERS)
+                engine = ReffuseStep(model, trainable, spec.ids)
             del model
-            reply(implementation=engine.implementation, trainable_tensors=len(trainable),
-                  trainable_parameters=engine.parameters, setup_seconds=time.perf_counter() - started,
-                  rss_after_setup_bytes=peak_rss_bytes(), **libraries)
+            setup = WorkerSetup(engine.implementation, len(trainable), engine.parameters,
+                                time.perf_counter() - started, peak_rss_bytes(), libraries)
+            reply(**setup.to_json())
             for line in sys.stdin:
                 if line.strip() != "step":
                     break
@@ -206,14 +235,14 @@ def worker_main() -> None:
 class Worker:
     """A worker process (worker_main) for one engine, its threads pinned by the environment as well."""
 
-    def __init__(self, spec: dict):
-        self.engine = spec["engine"]
-        env = {**os.environ, **{name: str(spec["threads"]) for name in THREAD_VARIABLES}}
+    def __init__(self, spec: WorkerSpec):
+        self.engine = spec.engine
+        env = {**os.environ, **{name: str(spec.threads) for name in THREAD_VARIABLES}}
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from reffuse.speed.train_bench import worker_main; worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.send(json.dumps(spec))
+        self.send(json.dumps(spec.to_json()))
 
     def send(self, line: str) -> None:
         self.process.stdin.write(line + "\n")
@@ -229,9 +258,20 @@ class Worker:
                                f"{reply.get('error') or self.log.read()[-3000:] or 'no output'}")
         return reply
 
-    def ask(self, command: str) -> dict:
-        self.send(command)
-        return self.receive()
+    def setup(self) -> WorkerSetup:
+        """The worker's first reply, once its engine is set up."""
+        return WorkerSetup.from_json(self.receive())
+
+    def step(self) -> tuple[float, float]:
+        """One training step: its seconds, and the loss before its update."""
+        self.send("step")
+        reply = self.receive()
+        return reply["seconds"], reply["loss"]
+
+    def stop(self) -> int:
+        """No more steps: the worker's peak resident memory, in bytes."""
+        self.send("stop")
+        return self.receive()["peak_rss_bytes"]
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -245,47 +285,45 @@ def time_training(model_name: str, train: str, ids, threads: int, repeats: int, 
     """One trainable set: every engine's step seconds, in turns (module doc), its peak memory and losses, and
     the paired ratio reffuse tokens/s over PyTorch's."""
     note = progress or (lambda message: None)
-    spec = {"model": model_name, "train": train, "ids": [int(i) for i in ids], "threads": threads}
+    ids = tuple(int(i) for i in ids)
     engines = list(ENGINES if with_pytorch else ENGINES[:1])
     workers = {}
     try:
         for engine in engines:
-            workers[engine] = Worker({**spec, "engine": engine})
-        ready = {engine: worker.receive() for engine, worker in workers.items()}
-        losses = {engine: [workers[engine].ask("step")["loss"]] for engine in engines}  # warm-up, untimed
+            workers[engine] = Worker(WorkerSpec(model_name, train, ids, threads, engine))
+        ready = {engine: worker.setup() for engine, worker in workers.items()}
+        losses = {engine: [workers[engine].step()[1]] for engine in engines}  # warm-up, untimed
         seconds = {engine: [] for engine in engines}
         for round_ in range(repeats):
             for engine in engines if round_ % 2 == 0 else engines[::-1]:
                 time.sleep(PAUSE_SECONDS)
-                reply = workers[engine].ask("step")
-                seconds[engine].append(reply["seconds"])
-                losses[engine].append(reply["loss"])
+                step_seconds, loss = workers[engine].step()
+                seconds[engine].append(step_seconds)
+                losses[engine].append(loss)
             note(f"--train {train}: round {round_ + 1}/{repeats}, "
                  + ", ".join(f"{e} {s[-1]:.2f} s" for e, s in seconds.items()))
-        peaks = {engine: worker.ask("stop")["peak_rss_bytes"] for engine, worker in workers.items()}
+        peaks = {engine: worker.stop() for engine, worker in workers.items()}
     finally:
         for worker in workers.values():
             worker.close()
-    tokens = len(spec["ids"])
     steps = {}
-    for engine in engines:  # the workers' replies (worker_main) read into the record
-        median, reply = statistics.median(seconds[engine]), ready[engine]
-        libraries = TorchLibraries.from_json(reply) if "torch_threads" in reply else None
+    for engine in engines:
+        median, setup = statistics.median(seconds[engine]), ready[engine]
         steps[engine] = EngineSteps(
-            implementation=reply["implementation"], step_seconds=tuple(seconds[engine]), median_step_seconds=median,
-            tokens_per_second=tokens / median, peak_rss_bytes=peaks[engine],
-            rss_after_setup_bytes=reply["rss_after_setup_bytes"], setup_seconds=reply["setup_seconds"],
-            losses=tuple(losses[engine]), libraries=libraries)
-    row = TrainRow(train=train, tokens=tokens, trainable_tensors=ready["reffuse"]["trainable_tensors"],
-                   trainable_parameters=ready["reffuse"]["trainable_parameters"], reffuse=steps["reffuse"])
+            implementation=setup.implementation, step_seconds=tuple(seconds[engine]), median_step_seconds=median,
+            tokens_per_second=len(ids) / median, peak_rss_bytes=peaks[engine],
+            rss_after_setup_bytes=setup.rss_after_setup_bytes, setup_seconds=setup.setup_seconds,
+            losses=tuple(losses[engine]), libraries=setup.libraries)
+    row = TrainRow(train=train, tokens=len(ids), trainable_tensors=ready["reffuse"].trainable_tensors,
+                   trainable_parameters=ready["reffuse"].trainable_parameters, reffuse=steps["reffuse"])
     if not with_pytorch:
         return row
     ratio = paired_ratio(seconds["pytorch"], seconds["reffuse"])  # their time / ours = our speed / theirs
     ours, theirs = np.asarray(losses["reffuse"]), np.asarray(losses["pytorch"])
-    return dataclasses.replace(row, pytorch=steps["pytorch"], speed_ratio=ratio["median"],
-                               speed_ratio_interval_95=paired_interval(ratio),
-                               first_loss_relative_difference=float(abs(ours[0] - theirs[0]) / abs(theirs[0])),
-                               worst_loss_relative_difference=float(np.max(np.abs(ours - theirs) / np.abs(theirs))))
+    return replace(row, pytorch=steps["pytorch"], speed_ratio=ratio.median,
+                   speed_ratio_interval_95=as_tuple(ratio.interval_95),
+                   first_loss_relative_difference=float(abs(ours[0] - theirs[0]) / abs(theirs[0])),
+                   worst_loss_relative_difference=float(np.max(np.abs(ours - theirs) / np.abs(theirs))))
 
 
 def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TOKENS, threads: int | None = None,
@@ -304,95 +342,13 @@ def run_train_benchmark(model_name: str, trains=("all",), tokens: int = TRAIN_TO
     if with_pytorch:
         torch = require("torch", "reference", "timing training against PyTorch")
         transformers = require("transformers", "reference", "timing training against PyTorch")
-        env.update(torch=torch.__version__, transformers=transformers.__version__)
+        env = replace(env, torch=torch.__version__, transformers=transformers.__version__)
     rows = []
     for train in trains:
         note(f"--train {train}: starting the workers")
         rows.append(time_training(model_name, train, ids, threads, repeats, with_pytorch, note))
-    if hasattr(os, "getloadavg"):
-        env["load_average_1min_at_end"] = os.getloadavg()[0]
     result = TrainResult(model=model_name, model_name=config_name, dtype="float32", repeats=repeats, ratio=RATIO,
-                         tokens=int(len(ids)), text=text, hyperparameters=Hyperparameters(**HYPERPARAMETERS),
+                         tokens=int(len(ids)), text=text, hyperparameters=HYPERPARAMETERS,
                          fused_model=FusedModel(tuple(i for i in FUSED_REMOVED if i < blocks), FUSED_GROUPS),
-                         environment=env, pytorch_used=with_pytorch, rows=tuple(rows), targets=())
-    return dataclasses.replace(result, targets=check_train_targets(result))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Targets and the Markdown record
-
-
-def check_train_targets(result: TrainResult) -> tuple[Target, Target]:
-    """The two training targets with what was measured and the verdict: the speed target from the 95% interval
-    of the --train all ratio (target_verdict), only when measured at TARGET_TOKENS tokens on TARGET_THREADS
-    threads; the memory target from reffuse's largest peak over the rows at TARGET_TOKENS tokens, strictly
-    under PEAK_RSS_BYTES."""
-    rows = [r for r in result.rows if r.tokens == TARGET_TOKENS]
-    speed = [r for r in rows if r.train == "all" and r.speed_ratio is not None
-             and result.environment["threads"] == TARGET_THREADS]
-    peak = max((r.reffuse.peak_rss_bytes for r in rows), default=None)
-    return (Target(TRAIN_TARGETS["train_speed"], speed[0].speed_ratio if speed else None,
-                   speed[0].speed_ratio_interval_95 if speed else None, "reffuse/PyTorch tokens/s",
-                   target_verdict([r.speed_ratio_interval_95 for r in speed], SPEED_RATIO, True)),
-            Target(TRAIN_TARGETS["train_memory"], None if peak is None else peak / 2 ** 30, None,
-                   "GiB, largest reffuse peak",
-                   "not measured" if peak is None else verdict([peak, peak], PEAK_RSS_BYTES, "<")))
-
-
-def gib(n: int) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
-
-
-def train_markdown(result: TrainResult, command: str | None = None) -> str:
-    """The result as Markdown (for benchmarks/results/*.md)."""
-    env = result.environment
-    blas = describe_blas(env)
-    h = result.hyperparameters
-    lines = [f"# reffuse bench --train: {result.model} ({result.model_name}), float32, {env['threads']} "
-             f"thread{'s' if env['threads'] != 1 else ''}", ""]
-    if command:
-        lines += ["Produced by:", "", f"    {command}", ""]
-    libraries = next((r.pytorch.libraries for r in result.rows if r.pytorch and r.pytorch.libraries), None)
-    torch_blas, kernels = (libraries.torch_blas, libraries.cpu_capability) if libraries else (None, None)
-    lines += [f"One training step on {result.text}: forward, mean next-token cross-entropy, backward to every "
-              f"trainable weight, clipping by global norm ({h.clip}) and one AdamW step (lr {h.learning_rate}, "
-              f"betas {h.betas}, eps {h.eps}, weight decay {h.weight_decay} on matrices). Each engine "
-              f"runs in a worker process of its own (its peak resident memory is its own); the two take steps in "
-              f"turns, the order swapped every round, {result.repeats} timed steps each after one untimed warm-up "
-              "step; tokens/s are the window's tokens over the median step; a ratio is the " +
-              ratio_definition(result).replace("repeats'", "rounds'") + " with "
-              + interval_definition(result).replace("repeats", "rounds") + " in brackets. numpy " + env["numpy"]
-              + (f", BLAS {blas}" if blas else "")
-              + (f"; torch {env['torch']} ({torch_blas or '?'}, {kernels or '?'} kernels), transformers "
-                 f"{env['transformers']}" if "torch" in env else "")
-              + f". Load average (1 min) {env.get('load_average_1min_at_start', float('nan')):.1f} at the start, "
-              f"{env.get('load_average_1min_at_end', float('nan')):.1f} at the end, this run included (on a "
-              f"{env['cores']}-core machine" + (f", {env['processor']}" if env.get("processor") else "") + ")."]
-    if not result.pytorch_used:
-        lines += ["", "PyTorch not measured (--no-transformers)."]
-    lines += ["", "| trainable | tensors (parameters) | tokens | reffuse tokens/s | PyTorch tokens/s | "
-                  "reffuse / PyTorch tokens/s (95% interval) | reffuse peak RSS | PyTorch peak RSS |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result.rows:
-        ours, theirs = r.reffuse, r.pytorch
-        lines.append(f"| {r.train} | {r.trainable_tensors} ({r.trainable_parameters / 1e6:.1f}M) | "
-                     f"{r.tokens} | {ours.tokens_per_second:.1f} | "
-                     + (f"{theirs.tokens_per_second:.1f} | "
-                        f"{ratio_text(r.speed_ratio, r.speed_ratio_interval_95)} | " if theirs else "- | - | ")
-                     + f"{gib(ours.peak_rss_bytes)} | "
-                     + (f"{gib(theirs.peak_rss_bytes)} |" if theirs else "- |"))
-    lines.append("")
-    for r in result.rows:
-        ours, theirs = r.reffuse, r.pytorch
-        lines.append(f"- --train {r.train}: reffuse {ours.median_step_seconds:.2f} s a step, "
-                     f"{gib(ours.rss_after_setup_bytes)} resident before the first step"
-                     + (f"; PyTorch ({theirs.implementation}) {theirs.median_step_seconds:.2f} s, "
-                        f"{gib(theirs.rss_after_setup_bytes)} before the first step; loss at the loaded weights "
-                        f"{ours.losses[0]:.5f} (reffuse) and {theirs.losses[0]:.5f} (PyTorch), relative "
-                        f"difference {r.first_loss_relative_difference:.1e}, at most "
-                        f"{r.worst_loss_relative_difference:.1e} over all {len(ours.losses)} steps"
-                        if theirs else "") + ".")
-    lines += ["", "A target is met when its 95% interval lies on its side, not met when it lies wholly on the other, "
-                  "unresolved otherwise; the memory target is one measurement.", "",
-              "| target | measured | 95% interval | verdict |", "|---|---:|---:|:---:|"]
-    return "\n".join(lines + target_rows(result.targets)) + "\n"
+                         environment=env.at_end(), pytorch_used=with_pytorch, rows=tuple(rows), targets=())
+    return replace(result, targets=check_train_targets(result))

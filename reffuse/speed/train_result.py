@@ -1,13 +1,15 @@
 """What `reffuse bench --train` measured (speed.train_bench.run_train_benchmark), typed: the records its report and
 command read, and their JSON (benchmarks/results/bench_train_*.json) both ways. Intervals and parts not measured
-follow speed.bench_result: None or NOT_RECORDED, and absent from the JSON.
+follow speed.bench_result: None or NOT_RECORDED (reffuse.records), and absent from the JSON.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reffuse.speed.bench_result import NOT_RECORDED, Target, as_json, interval_of, present_fields
+from reffuse.records import NOT_RECORDED, as_json, as_tuple, interval_of, present_fields
+from reffuse.speed.bench_result import Target
+from reffuse.speed.environment import Environment
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class Hyperparameters:
 
     @classmethod
     def from_json(cls, raw: dict) -> Hyperparameters:
-        return cls(raw["learning_rate"], tuple(raw["betas"]), raw["eps"], raw["weight_decay"], raw["clip"])
+        return cls(raw["learning_rate"], as_tuple(raw["betas"]), raw["eps"], raw["weight_decay"], raw["clip"])
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class FusedModel:
 
     @classmethod
     def from_json(cls, raw: dict) -> FusedModel:
-        return cls(tuple(raw["attention_removed"]), tuple(tuple(g) for g in raw["groups"]))
+        return cls(as_tuple(raw["attention_removed"]), as_tuple(raw["groups"]))
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,10 @@ class EngineSteps:
 
     @classmethod
     def from_json(cls, raw: dict) -> EngineSteps:
-        return cls(implementation=raw["implementation"], step_seconds=tuple(raw["step_seconds"]),
+        return cls(implementation=raw["implementation"], step_seconds=as_tuple(raw["step_seconds"]),
                    median_step_seconds=raw["median_step_seconds"], tokens_per_second=raw["tokens_per_second"],
                    peak_rss_bytes=raw["peak_rss_bytes"], rss_after_setup_bytes=raw["rss_after_setup_bytes"],
-                   setup_seconds=raw["setup_seconds"], losses=tuple(raw["losses"]),
+                   setup_seconds=raw["setup_seconds"], losses=as_tuple(raw["losses"]),
                    libraries=TorchLibraries.from_json(raw) if "torch_threads" in raw else None)
 
 
@@ -126,7 +128,7 @@ class TrainResult:
     text: str                           # what the window is
     hyperparameters: Hyperparameters
     fused_model: FusedModel
-    environment: dict                   # speed.environment.environment, with torch's and transformers' versions
+    environment: Environment            # with torch's and transformers' versions
     pytorch_used: bool
     rows: tuple[TrainRow, ...]
     targets: tuple[Target, ...]
@@ -137,7 +139,7 @@ class TrainResult:
         if self.ratio is not None:
             head["ratio"] = self.ratio
         raw = {**head, "tokens": self.tokens, "text": self.text, "hyperparameters": self.hyperparameters.to_json(),
-               "fused_model": self.fused_model.to_json(), "environment": as_json(self.environment),
+               "fused_model": self.fused_model.to_json(), "environment": self.environment.to_json(),
                "pytorch": {"used": self.pytorch_used}, "rows": as_json(self.rows), "targets": as_json(self.targets)}
         return raw if self.command is None else {**raw, "command": self.command}
 
@@ -146,6 +148,7 @@ class TrainResult:
         return cls(model=raw["model"], model_name=raw["model_name"], dtype=raw["dtype"], repeats=raw["repeats"],
                    ratio=raw.get("ratio"), tokens=raw["tokens"], text=raw["text"],
                    hyperparameters=Hyperparameters.from_json(raw["hyperparameters"]),
-                   fused_model=FusedModel.from_json(raw["fused_model"]), environment=dict(raw["environment"]),
+                   fused_model=FusedModel.from_json(raw["fused_model"]),
+                   environment=Environment.from_json(raw["environment"]),
                    pytorch_used=raw["pytorch"]["used"], rows=tuple(TrainRow.from_json(r) for r in raw["rows"]),
                    targets=tuple(Target.from_json(t) for t in raw["targets"]), command=raw.get("command"))

@@ -25,7 +25,7 @@ from reffuse.formats.registry import load_model
 from reffuse.method.removal import default_attention_removal, default_groups, drop_attention
 from reffuse.speed.timing import blas_threads
 from reffuse.speed.tp_result import Errors, ForwardRecord, TpResult, VariantResult
-from reffuse.stats import paired_ratio
+from reffuse.stats import PairedRatio, paired_ratio
 from reffuse.tp.allreduce import AllReduce, AllReduceStats
 from reffuse.tp.runtime import ParallelState, parallel_state, rank_zero_first
 from reffuse.tp.watchdog import DEFAULT_TIMEOUT_SECONDS, Watchdog, check_same_job
@@ -167,11 +167,11 @@ def median_record(records: list[ForwardRecord]) -> ForwardRecord:
 
 
 def measure(options: JobOptions, models: dict, shards: dict, state: ParallelState, allreduce: AllReduce,
-            ids) -> tuple[dict[str, VariantResult], dict] | None:
+            ids) -> tuple[dict[str, VariantResult], dict[str, PairedRatio]] | None:
     """Tensor-parallel prefill and decode of every model (name -> Model, and its shard on this rank), the models
     alternated forward by forward and timed over repeats. On rank 0: each model's record with its errors against
-    one process, and fused / sequential time per phase, the median of the paired forwards' ratios with its 95%
-    interval; None on the other ranks."""
+    one process, and fused / sequential time per phase, the ratio of the medians of the paired forwards' seconds
+    with its 95% interval (reffuse.stats.paired_ratio); None on the other ranks."""
     prefills, decodes = {name: [] for name in models}, {name: [] for name in models}
     for _ in range(options.repeats):
         logits, records = run_forwards(shards, ids, options.prefill_tokens, allreduce, allreduce.watchdog)
@@ -194,8 +194,8 @@ def measure(options: JobOptions, models: dict, shards: dict, state: ParallelStat
     return variants, ratios
 
 
-def report(options: JobOptions, prepared: PreparedJob, variants: dict[str, VariantResult], ratios: dict,
-           allreduce: AllReduce) -> TpResult:
+def report(options: JobOptions, prepared: PreparedJob, variants: dict[str, VariantResult],
+           ratios: dict[str, PairedRatio], allreduce: AllReduce) -> TpResult:
     gpu = options.device == "gpu"
     tolerance = RELATIVE_TOLERANCE[options.dtype]
     worst = Errors(max(v.errors.max_abs_error for v in variants.values()),

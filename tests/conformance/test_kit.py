@@ -13,8 +13,8 @@ from reffuse.cli import main  # noqa: E402
 from reffuse.core.model import forward  # noqa: E402
 from reffuse.errors import ReffuseError  # noqa: E402
 from reffuse.evaluation.activations import activations, load_activations, save_activations  # noqa: E402
-from reffuse.evaluation.conformance import build_kit, load_kit  # noqa: E402
-from reffuse.evaluation.verify import verify  # noqa: E402
+from reffuse.evaluation.conformance import KitManifest, build_kit, load_kit  # noqa: E402
+from reffuse.evaluation.verify import VerifyResult, verify  # noqa: E402
 from reffuse.formats.checkpoint import load_folder  # noqa: E402
 from reffuse.formats.gguf import load_gguf  # noqa: E402
 
@@ -29,35 +29,43 @@ def kit(tmp_path_factory):
 def test_every_pattern_reads_back_to_its_reference_bit_for_bit(kit):
     """The weights are float32 numbers, so the float64 reference is the function of the files themselves."""
     manifest = load_kit(kit)
-    assert [p["name"] for p in manifest["patterns"]] == [
+    assert [p.name for p in manifest.patterns] == [
         "both-sub-blocks", "attention-no-op", "ffn-no-op-attention-kept", "both-no-op", "linear-attention",
         "linear-ffn", "varying-heads-and-widths", "fused-wide-ffn"]
-    for pattern in manifest["patterns"]:
-        reference = load_activations(kit / pattern["references"]["float64"])
-        folder = load_folder(kit / pattern["nemotron_nas"], dtype="float64")
-        assert folder.layout().rows() == pattern["blocks"], pattern["name"]
+    for pattern in manifest.patterns:
+        reference = load_activations(kit / pattern.references["float64"])
+        folder = load_folder(kit / pattern.nemotron_nas, dtype="float64")
+        assert folder.layout().blocks == pattern.blocks, pattern.name
         np.testing.assert_array_equal(forward(folder, reference["token_ids"]), reference["logits"])
-        if pattern["gguf"]:  # GGUF stores RMSNorm's eps as float32: 1e-5 moves by 3e-13, the logits by ~1e-12
-            gguf = load_gguf(kit / pattern["gguf"], dtype="float64")
-            assert gguf.layout().rows() == pattern["blocks"], pattern["name"]
+        if pattern.gguf:  # GGUF stores RMSNorm's eps as float32: 1e-5 moves by 3e-13, the logits by ~1e-12
+            gguf = load_gguf(kit / pattern.gguf, dtype="float64")
+            assert gguf.layout().blocks == pattern.blocks, pattern.name
             logits = forward(gguf, reference["token_ids"])
             assert np.abs(logits - reference["logits"]).max() <= 1e-10 * np.abs(reference["logits"]).max()
     varying = json.loads((kit / "varying-heads-and-widths" / "nemotron-nas" / "config.json").read_text())
     assert [(c["attention"]["n_heads_in_group"], c["ffn"]["ffn_mult"]) for c in varying["block_configs"]] == \
         [(4, 12.0), (1, 36.0), (2, 24.0)]                   # FFN widths 256, 768, 512 at hidden size 32
-    linear_ffn = next(p for p in manifest["patterns"] if p["name"] == "linear-ffn")
-    assert linear_ffn["gguf"] is None and "llama.cpp's deci graph does not compute" in linear_ffn["not_in_gguf"]
-    kept = next(p for p in manifest["patterns"] if p["name"] == "ffn-no-op-attention-kept")
-    assert kept["reproduction"]["engine"] == "llama.cpp" and "all-zero FFN" in kept["gguf_notes"][0]
+    linear_ffn = next(p for p in manifest.patterns if p.name == "linear-ffn")
+    assert linear_ffn.gguf is None and "llama.cpp's deci graph does not compute" in linear_ffn.not_in_gguf
+    kept = next(p for p in manifest.patterns if p.name == "ffn-no-op-attention-kept")
+    assert kept.reproduction.engine == "llama.cpp" and "all-zero FFN" in kept.gguf_notes[0]
     assert (kit / "README.md").read_text().count("reffuse verify") >= 2
+
+
+def test_kit_json_is_written_as_its_manifest_reads_it(kit):
+    raw = json.loads((kit / "kit.json").read_text())
+    assert KitManifest.from_json(raw).to_json() == raw
+    assert list(raw["patterns"][0]) == ["name", "description", "blocks", "nemotron_nas", "gguf", "references",
+                                        "gguf_architecture", "gguf_notes"]
 
 
 def test_a_dump_of_the_reference_meets_the_float64_targets_sub_block_by_sub_block(kit):
     result = verify(str(kit / "linear-attention" / "nemotron-nas"), str(kit / "linear-attention" /
                                                                        "reference-float64.npz"))
-    steps = [row["step"] for row in result["hidden_states"]]
+    steps = [row.step for row in result.comparison.hidden_states]
     assert steps[:5] == ["embedding", "block 0 attn_out", "block 0 resid_mid", "block 0 mlp_out", "block 0"]
-    assert result["targets"] == "float64" and all(result["targets_met"].values())
+    assert result.targets == "float64" and result.met and result.hint is None
+    assert VerifyResult.from_json(result.to_json()) == result
 
 
 def test_the_first_diverging_sub_block_is_named(kit, tmp_path):
@@ -68,13 +76,13 @@ def test_the_first_diverging_sub_block_is_named(kit, tmp_path):
     dump["resid_mid"][1] += dump["attn_out"][1] / 101
     path = save_activations(tmp_path / "wrong.npz", dump, dump["model"])
     result = verify(str(kit / "varying-heads-and-widths" / "nemotron-nas"), str(path))
-    assert result["first_diverging"] == "block 1 attn_out"
+    assert result.first_diverging == "block 1 attn_out"
 
 
 def test_a_fused_block_says_which_layers_it_stands_for(kit):
     result = verify(str(kit / "fused-wide-ffn" / "nemotron-nas"), str(kit / "fused-wide-ffn" /
                                                                      "reference-float64.npz"))
-    assert "block 1 (fused from layers 1-3)" in [row["step"] for row in result["hidden_states"]]
+    assert "block 1 (fused from layers 1-3)" in [row.step for row in result.comparison.hidden_states]
 
 
 def test_a_float64_dump_with_float32_rounding_gets_a_hint(kit, tmp_path):
@@ -82,8 +90,9 @@ def test_a_float64_dump_with_float32_rounding_gets_a_hint(kit, tmp_path):
     promoted = {k: v.astype(np.float64) if getattr(v, "dtype", None) == np.float32 else v for k, v in dump.items()}
     path = save_activations(tmp_path / "promoted.npz", promoted, "float32, stored as float64")
     result = verify(str(kit / "both-sub-blocks" / "nemotron-nas"), str(path))
-    assert not all(result["targets_met"].values())
-    assert "misses float64's target by float32's rounding" in result["hint"]
+    assert not result.met
+    assert "misses float64's target by float32's rounding" in result.hint
+    assert VerifyResult.from_json(result.to_json()) == result
 
 
 def test_a_dump_of_another_model_says_which_side_is_which(kit, tiny32, tmp_path):
@@ -103,7 +112,7 @@ def test_the_kit_goes_only_where_it_may(kit, tmp_path):
     assert main(["conformance", "--out", str(tmp_path / "again"), "--reference-tokens", "8"]) == 0
     assert main(["conformance", "--out", str(tmp_path / "again"), "--reference-tokens", "8", "--overwrite",
                  "--json"]) == 0
-    assert json.loads((tmp_path / "again" / "kit.json").read_text())["tokens"] == 8
+    assert load_kit(tmp_path / "again").tokens == 8
 
 
 def test_the_export_says_it_stands_an_all_zero_ffn_in_for_an_absent_one(kit, tmp_path, capsys):
@@ -121,6 +130,6 @@ def test_the_export_says_it_stands_an_all_zero_ffn_in_for_an_absent_one(kit, tmp
     assert [int(widths.parts[i][0]) for i in widths.data] == [48, 32, 48]
     reference = load_activations(kit / "ffn-no-op-attention-kept" / "reference-float64.npz")
     back = load_gguf(out, dtype="float64")
-    assert back.layout().rows()[1]["ffn_width"] == 0 and back.blocks[1].ffn is None
+    assert back.layout().blocks[1].ffn_width == 0 and back.blocks[1].ffn is None
     logits = forward(back, reference["token_ids"])
     assert np.abs(logits - reference["logits"]).max() <= 1e-10 * np.abs(reference["logits"]).max()

@@ -14,7 +14,7 @@ pytest.importorskip("llama_cpp")
 import reffuse  # noqa: E402
 from reffuse.cli import main  # noqa: E402
 from reffuse.core.patterns import build_pattern  # noqa: E402
-from reffuse.evaluation.conformance import build_kit, verify_kit  # noqa: E402
+from reffuse.evaluation.conformance import KitRow, build_kit, verify_kit  # noqa: E402
 from reffuse.evaluation.llamacpp import LlamaCpp  # noqa: E402
 from reffuse.evaluation.verify import verify  # noqa: E402
 from reffuse.formats.checkpoint import load_folder, save_model, save_nemotron_nas  # noqa: E402
@@ -27,14 +27,15 @@ LLAMACPP = 1e-4  # reffuse.evaluation.verify.TARGETS["llama.cpp"]
 
 def test_llamacpp_computes_every_pattern_of_the_kit(tmp_path, capsys):
     build_kit(tmp_path / "kit")
-    rows = {row["pattern"]: row for row in verify_kit(tmp_path / "kit", threads=1)}
+    rows = {row.pattern: row for row in verify_kit(tmp_path / "kit", threads=1)}
     for name, row in rows.items():
-        if row["verdict"] == "not in GGUF":
-            assert name == "linear-ffn"
+        assert KitRow.from_json(row.to_json()) == row
+        if row.verdict == "not in GGUF":
+            assert name == "linear-ffn" and row.met is None
         elif "as is" in name:  # the deci graph drops the attention of a layer without FFN
-            assert row["relative"] > 1e-2 and row["verdict"] == "known divergence reproduced", row
+            assert row.relative > 1e-2 and row.verdict == "known divergence reproduced" and row.met, row
         else:
-            assert row["relative"] <= LLAMACPP and row["top1_agreement"] == 1.0, row
+            assert row.relative <= LLAMACPP and row.top1_agreement == 1.0 and row.met, row
     assert main(["verify", "--model", str(tmp_path / "kit"), "--against", "llama.cpp"]) == 0
     out = capsys.readouterr().out
     assert out.count("agrees") == 7 and "known divergence reproduced" in out
@@ -60,7 +61,7 @@ def test_a_nemotron_folder_with_varying_heads_widths_and_a_linear_block_runs_in_
     assert loaded.layout().rows() == model.layout().rows()
     np.testing.assert_array_equal(reffuse.forward(loaded, ids), reffuse.forward(model, ids))
     fused = reffuse.fuse(loaded, [(3, 4)])
-    assert fused.layout().rows()[3]["ffn_width"] == 768 and fused.layout().rows()[3]["fused_from"] == [3, 4]
+    assert fused.layout().blocks[3].ffn_width == 768 and fused.layout().blocks[3].fused_from == (3, 4)
     ours = reffuse.forward(reffuse.cast(fused, "float64"), ids)
     path = save_gguf(fused, tmp_path / "fused.gguf", None)
     theirs = LlamaCpp(path, n_ctx=64, threads=1).logits(ids)
@@ -73,7 +74,7 @@ def test_a_nemotron_folder_with_varying_heads_widths_and_a_linear_block_runs_in_
 def test_a_saved_folder_without_a_tokenizer_is_verified_on_ids(tmp_path):
     folder = save_model(reffuse.cast(build_pattern(["attn+ffn", "attn+-", "-+ffn"]), "float32"), tmp_path / "m")
     result = verify(str(folder), "llama.cpp", np.arange(20) % 260, generate_tokens=4)
-    assert result["logits"]["relative"] <= LLAMACPP and "deci" in result["against"]
+    assert result.comparison.logits.relative <= LLAMACPP and "deci" in result.against
 
 
 def test_smollm2_without_two_ffns_agrees_with_llamacpp_through_the_export(smollm2, smollm2_tokenizer, tmp_path):
@@ -86,11 +87,12 @@ def test_smollm2_without_two_ffns_agrees_with_llamacpp_through_the_export(smollm
     folder = save_model(model, tmp_path / "no-ffn", tokenizer=smollm2_tokenizer)
     ids = np.asarray(smollm2_tokenizer.encode(DEFAULT_TEXT)[:64])
     result = verify(str(folder), "llama.cpp", ids, generate_tokens=8)
-    assert result["logits"]["relative"] <= LLAMACPP and result["greedy"]["identical_prefix"] == 8
+    assert result.comparison.logits.relative <= LLAMACPP and result.greedy.identical_prefix == 8
     as_is = save_gguf(model, tmp_path / "as-is.gguf", smollm2_tokenizer, stand_in_ffns=False)
     theirs = LlamaCpp(as_is, n_ctx=128).logits(ids)
     ours = reffuse.forward(model, ids)
     error, top1 = np.abs(theirs - ours).max() / np.abs(ours).max(), np.mean(theirs.argmax(-1) == ours.argmax(-1))
     print(f"SmolLM2 without FFNs 10-11, llama.cpp vs reffuse: as is {error:.2f} of the largest logit, top-1 "
-          f"{top1:.1%}; through the export {result['logits']['relative']:.1e}, top-1 {result['top1_agreement']:.1%}")
+          f"{top1:.1%}; through the export {result.comparison.logits.relative:.1e}, top-1 "
+          f"{result.comparison.top1_agreement:.1%}")
     assert error > 0.1

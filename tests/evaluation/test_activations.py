@@ -7,6 +7,7 @@ import pytest
 
 import reffuse
 from reffuse.evaluation.activations import FORMAT, activations, compare, load_activations, save_activations
+from reffuse.evaluation.verify import GreedyComparison, QuantizedGap, VerifyResult
 from reffuse.cli import build_parser, main
 from reffuse.errors import ReffuseError
 
@@ -24,9 +25,10 @@ def test_dump_round_trip(tiny32, tmp_path):
     loaded = load_activations(save_activations(tmp_path / "a.npz", acts, "tiny"))
     assert loaded["model"] == "tiny"
     result = compare(loaded, acts)
-    assert result["logits"]["max_abs"] == 0 and all(r["max_abs"] == 0 for r in result["hidden_states"])
-    assert result["top1_agreement"] == 1.0
-    assert [r["step"] for r in result["hidden_states"][:3]] == ["embedding", "block 0", "block 1"]
+    assert result.logits.max_abs == 0 and all(r.max_abs == 0 for r in result.hidden_states)
+    assert result.top1_agreement == 1.0
+    assert [r.step for r in result.hidden_states[:3]] == ["embedding", "block 0", "block 1"]
+    assert result.logits.worst_position == 0 and result.hidden_states[1].relative_without_sink == 0
 
 
 def test_cli_dump_then_verify_a_float32_dump_in_float64(tiny32, tmp_path, capsys):
@@ -34,10 +36,12 @@ def test_cli_dump_then_verify_a_float32_dump_in_float64(tiny32, tmp_path, capsys
     assert main(["dump", "--model", "tiny", "--ids", "1,2,3,4,5,6,7,8", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["verify", "--model", "tiny", "--against", str(out), "--dtype", "float64", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["targets"] == "float32"  # the dump is float32, so float32's targets apply
-    assert result["tokens"] == 8 and all(result["targets_met"].values())
-    assert 0 < result["logits"]["relative"] < 1e-5  # float32 rounding against float64, not zero
+    printed = json.loads(capsys.readouterr().out)
+    result = VerifyResult.from_json(printed)
+    assert result.to_json() == printed and list(result.to_json()) == list(printed)
+    assert result.targets == "float32"  # the dump is float32, so float32's targets apply
+    assert result.tokens == 8 and result.met and result.greedy is None
+    assert 0 < result.comparison.logits.relative < 1e-5  # float32 rounding against float64, not zero
 
 
 def test_verify_reports_a_wrong_dump(tiny32, tmp_path, capsys):
@@ -65,9 +69,9 @@ def test_a_float64_dump_is_compared_in_float64_without_flags(tmp_path, capsys):
     model = reffuse.load_model("tiny", dtype="float64")  # as verify loads it: on the same kernels
     path = save_activations(tmp_path / "f64.npz", activations(model, np.arange(8)), "float64 kernels")
     assert main(["verify", "--model", "tiny", "--against", str(path), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["dtype"] == "float64" and result["targets"] == "float64"
-    assert result["logits"]["relative"] == 0.0
+    result = VerifyResult.from_json(json.loads(capsys.readouterr().out))
+    assert result.dtype == "float64" and result.targets == "float64"
+    assert result.comparison.logits.relative == 0.0
 
 
 def test_a_dump_with_hfs_post_norm_last_state_is_refused(tiny32, tmp_path, capsys):
@@ -103,3 +107,16 @@ def test_malformed_dumps(tmp_path, arrays, message):
 def test_dump_needs_text_or_ids_for_a_model_without_tokenizer(tmp_path):
     with pytest.raises(ReffuseError, match="'tiny' is synthetic and has no tokenizer: give token ids instead"):
         run_raising(["dump", "--model", "tiny", "--out", str(tmp_path / "x.npz")])
+
+
+def test_a_verify_result_with_every_part_writes_the_json_it_is_read_from(tiny32):
+    acts = activations(tiny32, np.arange(6))
+    comparison = compare(acts, acts)
+    result = VerifyResult(comparison, "tiny", "llama.cpp (a test)", "float32", 6, "llama.cpp", {"logits": True}, None,
+                          GreedyComparison(3, 2, [1, 2, 3], [1, 2, 4]),
+                          QuantizedGap(comparison.logits, 1.0, "model.Q4_1.gguf"))
+    raw = json.loads(json.dumps(result.to_json()))
+    assert list(raw) == ["hidden_states", "logits", "top1_agreement", "greedy", "quantized_file", "model", "against",
+                         "dtype", "tokens", "targets", "targets_met", "first_diverging"]
+    assert raw["quantized_file"]["judged"] is False and "worst_position" in raw["logits"]
+    assert VerifyResult.from_json(raw) == result and VerifyResult.from_json(raw).to_json() == raw

@@ -18,10 +18,10 @@ def test_a_clear_difference_is_resolved_with_its_sign_and_count():
     y = windows(rng)
     x = [w + 0.05 + 0.01 * rng.standard_normal(w.size) for w in y]
     d = paired_difference(x, y)
-    assert d["resolved"] and d["sign"] == 1 and d["x_below_y_windows"] == 0 and d["windows"] == 8
-    assert d["mean"] == pytest.approx(np.concatenate(x).mean() - np.concatenate(y).mean())
-    for low, high in (d["windows_interval_95"], d["tokens_interval_95"]):
-        assert 0 < low < d["mean"] < high
+    assert d.resolved and d.sign == 1 and d.x_below_y_windows == 0 and d.windows == 8
+    assert d.mean == pytest.approx(np.concatenate(x).mean() - np.concatenate(y).mean())
+    for low, high in (d.windows_interval_95, d.tokens_interval_95):
+        assert 0 < low < d.mean < high
     assert "not resolved" not in describe(d)
 
 
@@ -29,7 +29,7 @@ def test_noise_alone_is_not_resolved():
     rng = np.random.default_rng(2)  # (one seed in twenty resolves noise: that is what 95% means)
     x, y = windows(rng), windows(rng)
     d = paired_difference(x, y)
-    assert not d["resolved"] and d["sign"] == 0 and describe(d).endswith("not resolved")
+    assert not d.resolved and d.sign == 0 and describe(d).endswith("not resolved")
 
 
 def test_the_window_interval_by_hand():
@@ -42,8 +42,8 @@ def test_the_window_interval_by_hand():
     draws = np.random.default_rng(3).integers(0, n, (RESAMPLES, n))
     diffs = [a - b for a, b in zip(x, y)]
     means = [sum(diffs[i].sum() for i in row) / sum(diffs[i].size for i in row) for row in draws]
-    assert d["windows_interval_95"] == pytest.approx(list(np.quantile(means, [0.025, 0.975])))
-    assert d["windows_interval"] == "bootstrap" and "(t)" not in describe(d)
+    assert d.windows_interval_95 == pytest.approx(list(np.quantile(means, [0.025, 0.975])))
+    assert d.windows_interval == "bootstrap" and "(t)" not in describe(d)
     assert TOKEN_BLOCK == 32
 
 
@@ -55,8 +55,8 @@ def test_few_windows_get_a_t_interval_over_their_means():
     d = paired_difference(x, y, seed=3)
     means = np.array([(a - b).mean() for a, b in zip(x, y)])
     half = t_quantile(0.975, 4) * means.std(ddof=1) / np.sqrt(5)
-    assert d["windows_interval"] == "t"
-    assert d["windows_interval_95"] == pytest.approx([means.mean() - half, means.mean() + half])
+    assert d.windows_interval == "t"
+    assert d.windows_interval_95 == pytest.approx([means.mean() - half, means.mean() + half])
     assert t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
     assert " over windows (t), " in describe(d)
 

@@ -25,6 +25,6 @@ def test_llamacpp_agrees_on_the_original_removed_fused_and_calibrated_models(smo
     ids = np.asarray(smollm2_tokenizer.encode(DEFAULT_TEXT)[:64])
     for name, source in sources.items():
         result = verify(source, "llama.cpp", ids, generate_tokens=32)
-        assert result["logits"]["relative"] <= 1e-4, name
-        assert result["greedy"]["identical_prefix"] == 32, name
-        assert ("deci" in result["against"]) == (name != "original")
+        assert result.comparison.logits.relative <= 1e-4, name
+        assert result.greedy.identical_prefix == 32, name
+        assert ("deci" in result.against) == (name != "original")

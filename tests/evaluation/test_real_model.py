@@ -39,12 +39,12 @@ def test_parity_with_transformers(smollm2, reference_llama, passage_ids):
     from reffuse.evaluation.reference import reference_activations
     result = compare(activations(smollm2, passage_ids), reference_activations(reference_llama, passage_ids))
     # reffuse's float32 targets over >= 64 tokens (measured here: 1.0e-4 absolute, 3e-6 relative)
-    assert result["logits"]["max_abs"] <= 2e-4
-    assert result["logits"]["relative"] <= 1e-5
-    assert result["top1_agreement"] == 1.0
-    assert len(result["hidden_states"]) == 31 and result["hidden_states"][0]["max_abs"] == 0  # same embedding rows
+    assert result.logits.max_abs <= 2e-4
+    assert result.logits.relative <= 1e-5
+    assert result.top1_agreement == 1.0
+    assert len(result.hidden_states) == 31 and result.hidden_states[0].max_abs == 0  # same embedding rows
     # Every block's output to the same relative target as the logits (measured at most 8e-6)
-    assert max(row["relative"] for row in result["hidden_states"]) <= 1e-5
+    assert max(row.relative for row in result.hidden_states) <= 1e-5
 
 
 def test_greedy_ids_agree_with_transformers_for_32_tokens(smollm2, reference_llama, passage_ids):

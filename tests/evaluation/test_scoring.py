@@ -1,11 +1,14 @@
 """Perplexity, KL to a base model and top-1 agreement: definitions checked on tiny models with known answers."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
+from reffuse.commands.eval import WINDOWING, EvalResult
 from reffuse.errors import ReffuseError
+from reffuse.formats.corpus import Span, TokenWindows
 from reffuse.evaluation.scoring import CHUNK_ROWS, evaluate, perplexity
 from reffuse.core.model import Model, forward
 from reffuse.method.removal import drop_ffns
@@ -35,14 +38,14 @@ def test_perplexity_is_the_mean_next_token_likelihood_of_independent_windows(tin
         log_probs = direct_log_probs(forward(tiny64, ids))
         nll += [-log_probs[t, ids[t + 1]] for t in range(len(ids) - 1)]  # the first token has no prediction
     got = evaluate(tiny64, windows)
-    assert got["predictions"] == windows.shape[0] * (windows.shape[1] - 1)
-    assert got["perplexity"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-12)
+    assert got.predictions == windows.shape[0] * (windows.shape[1] - 1)
+    assert got.perplexity == pytest.approx(math.exp(np.mean(nll)), rel=1e-12)
 
 
 def test_model_against_itself(tiny32, windows):
     got = evaluate(tiny32, windows, base=tiny32)
-    assert got["kl_from_base"] == 0.0 and got["top1_agreement"] == 1.0
-    assert got["base_perplexity"] == got["perplexity"]
+    assert got.kl_from_base == 0.0 and got.top1_agreement == 1.0
+    assert got.base_perplexity == got.perplexity
 
 
 def test_kl_and_agreement_against_a_changed_model(tiny64, windows):
@@ -54,10 +57,10 @@ def test_kl_and_agreement_against_a_changed_model(tiny64, windows):
         kl += list(np.sum(np.exp(p) * (p - direct_log_probs(model)), axis=-1))
         agree += list(base.argmax(-1) == model.argmax(-1))
     got = evaluate(changed, windows, base=tiny64)
-    assert got["kl_from_base"] > 0
-    assert got["kl_from_base"] == pytest.approx(np.mean(kl), rel=1e-9)
-    assert got["top1_agreement"] == np.mean(agree)
-    assert got["base_perplexity"] == pytest.approx(perplexity(tiny64, windows), rel=1e-12)
+    assert got.kl_from_base > 0
+    assert got.kl_from_base == pytest.approx(np.mean(kl), rel=1e-9)
+    assert got.top1_agreement == np.mean(agree)
+    assert got.base_perplexity == pytest.approx(perplexity(tiny64, windows), rel=1e-12)
 
 
 def test_long_windows_are_scored_in_chunks_with_the_same_result(tiny64):
@@ -65,15 +68,15 @@ def test_long_windows_are_scored_in_chunks_with_the_same_result(tiny64):
     changed = drop_ffns(tiny64, [2])
     got = evaluate(changed, [ids], base=tiny64)
     p, q = direct_log_probs(forward(tiny64, ids)[:-1]), direct_log_probs(forward(changed, ids)[:-1])
-    assert got["mean_nll"] == pytest.approx(-np.mean(q[np.arange(len(ids) - 1), ids[1:]]), rel=1e-12)
-    assert got["kl_from_base"] == pytest.approx(np.mean(np.sum(np.exp(p) * (p - q), -1)), rel=1e-9)
+    assert got.mean_nll == pytest.approx(-np.mean(q[np.arange(len(ids) - 1), ids[1:]]), rel=1e-12)
+    assert got.kl_from_base == pytest.approx(np.mean(np.sum(np.exp(p) * (p - q), -1)), rel=1e-9)
 
 
 def test_extreme_logits_stay_finite(tiny64, windows):
     m = tiny64
     loud = Model(m.config, m.embed, m.blocks, m.norm_gain * 1e4, m.lm_head)  # logits in the tens of thousands
     got = evaluate(loud, windows, base=m)
-    assert all(math.isfinite(got[k]) for k in ("mean_nll", "kl_from_base"))
+    assert math.isfinite(got.mean_nll) and math.isfinite(got.kl_from_base)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -108,10 +111,18 @@ def transformers_perplexity(hf_model, windows) -> float:
     return math.exp(nll / predictions)
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+def test_an_eval_result_writes_the_json_it_is_read_from(tiny64, windows, with_base):
+    text = TokenWindows(windows, (Span("hamlet_gut", "Hamlet", 0, 90, 60),), "held-out").describe()
+    result = EvalResult("tiny", "tiny", "tiny" if with_base else None, "float64", "a test", text, WINDOWING,
+                        evaluate(tiny64, windows, base=tiny64 if with_base else None), 0.5)
+    raw = json.loads(json.dumps(result.to_json()))
+    assert EvalResult.from_json(raw) == result and EvalResult.from_json(raw).to_json() == raw
+    assert ("kl_from_base" in raw) == with_base and raw["text"]["spans"][0]["title"] == "Hamlet"
+
+
 def test_eval_command_perplexity_agrees_with_transformers(smollm2, smollm2_tokenizer, reference_llama, capsys):
     """Acceptance: `reffuse eval --model smollm2 --json` against transformers on the very windows it records."""
-    import json
-
     from reffuse.cli import main
     from reffuse.formats.corpus import held_out_windows
 
@@ -123,16 +134,18 @@ def test_eval_command_perplexity_agrees_with_transformers(smollm2, smollm2_token
     try:
         with blas_threads(1):
             assert main(["eval", "--model", "smollm2", "--json"]) == 0
-            result = json.loads(capsys.readouterr().out)
-            text = result["text"]
-            windows = held_out_windows(smollm2_tokenizer, text["window"], text["tokens"])
+            printed = json.loads(capsys.readouterr().out)
+            result = EvalResult.from_json(printed)
+            assert result.to_json() == printed
+            text = result.text
+            windows = held_out_windows(smollm2_tokenizer, text.window, text.tokens)
             assert windows.describe() == text  # the recorded span is enough to rebuild the windows
             expected = transformers_perplexity(reference_llama, windows)
     finally:
         torch.set_num_threads(torch_threads)
     # 4 significant digits: within half a unit of the 4th digit (the acceptance asks for 0.1%, 20x looser).
     # Both run float32 forwards (logits differ by ~1e-4 absolute), which moves the perplexity by ~1e-6 relative.
-    assert abs(result["perplexity"] - expected) <= 5e-5 * expected
+    assert abs(result.scores.perplexity - expected) <= 5e-5 * expected
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -28,19 +28,19 @@ def with_scaled_ffn(model: Model, layer: int, factor: float) -> Model:
 
 def test_restoring_the_sink_of_the_base_model_changes_nothing(tiny64, windows):
     prefix = cache_prefix(tiny64, windows)
-    assert sink_restored(prefix, tiny64, 4, 10)["kl_from_base"] == pytest.approx(0, abs=1e-12)
+    assert sink_restored(prefix, tiny64, 4, 10).kl_from_base == pytest.approx(0, abs=1e-12)
 
 
 def test_a_fused_run_scored_with_its_sink_restored(tiny64, windows):
     prefix = cache_prefix(tiny64, windows)
     fused = fuse(tiny64, [(4, 8)])
-    plain = score_variant(prefix, fused, 4, kl_only=True)["kl_from_base"]
+    plain = score_variant(prefix, fused, 4, kl_only=True).kl_from_base
     restored = sink_restored(prefix, fused, 4, 9, per_token=True)
-    assert 0 <= restored["kl_from_base"] and restored["kl_from_base"] != plain
-    assert [len(w) for w in restored["per_token"]["kl"]] == [15, 15, 15]
+    assert 0 <= restored.kl_from_base and restored.kl_from_base != plain
+    assert [len(w) for w in restored.per_token.kl] == [15, 15, 15]
     # a change to every token's stream, restored at the first token only, is not undone
     scaled = with_scaled_ffn(tiny64, 5, 3.0)
-    assert sink_restored(prefix, scaled, 5, 6)["kl_from_base"] > 1e-10  # the base model restored: below 1e-12
+    assert sink_restored(prefix, scaled, 5, 6).kl_from_base > 1e-10  # the base model restored: below 1e-12
 
 
 def test_the_sink_is_restored_at_a_block_boundary_only(tiny64, windows):

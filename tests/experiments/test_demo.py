@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 
 import reffuse
-from reffuse.experiments.demo_result import (CALIBRATED, FUSED, HEALED, REMOVED, DemoResult, RemovalChoice,
-                                             TextsRecord)
+from reffuse.experiments.demo_result import CALIBRATED, FUSED, HEALED, REMOVED, DemoResult
 from reffuse.method.calibrate import calibrated_fuse
 from reffuse.cli import main
-from reffuse.method.pipeline import PROVENANCE_FILE
-from reffuse.method.pipeline import synthetic_windows
+from reffuse.method.pipeline import PROVENANCE_FILE, RemovalChoice, TextsRecord, synthetic_windows
 from reffuse.method.removal import drop_attention
 from reffuse.core.tiny import build_tiny
 
-FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--scoring-tokens", "128", "--dependency-tokens", "64",
-        "--repeats", "6", "--decode-tokens", "2",  # 6: the fewest repeats that give each speedup its interval
-        "--sample-tokens", "2"]
+FAST = ["--held-out-tokens", "256", "--calibration-tokens", "256", "--scoring-tokens", "128",
+        "--dependency-tokens", "64",
+        "--repeats", "6",  # the fewest repeats that give each speedup its interval
+        "--decode-tokens", "2", "--sample-tokens", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,8 @@ def test_every_printed_speedup_lies_in_its_interval_and_on_the_side_of_its_rates
                    (float(original_ms), float(fused_ms), float(fused_x), 0.0005)]
     assert len(summary) == 1 and len(region) == 2, text
     for numerator, denominator, value, half_unit in checks:
-        assert agrees(value, numerator, denominator, half_unit), f"{value}x printed beside {numerator} and {denominator}"
+        assert agrees(value, numerator, denominator, half_unit), \
+            f"{value}x printed beside {numerator} and {denominator}"
         if value != 1.0:  # above 1 beside a faster rate (or shorter time), below 1 beside a slower one
             assert (numerator >= denominator) if value > 1 else (numerator <= denominator), \
                 f"{value}x is on the wrong side of 1 beside {numerator} and {denominator}"
@@ -205,5 +205,5 @@ def test_demo_and_fuse_given_the_same_flags_remove_the_same_blocks(smollm2):
         texts = load_texts("smollm2", smollm2, args.calibration_tokens, 256)
         _, removal = remove_attention(smollm2, texts, count=args.drop_attention_count,
                                       scoring_tokens=args.scoring_tokens)
-        chosen.append(removal["blocks"])
-    assert chosen[0] == chosen[1] == list(range(5, 13))  # as the committed experiments chose, on the same text
+        chosen.append(removal.blocks)
+    assert chosen[0] == chosen[1] == tuple(range(5, 13))  # as the committed experiments chose, on the same text

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,14 @@ import pytest
 import reffuse
 from reffuse.cli import main
 from reffuse.core.names import named_weights
+from reffuse.experiments.heal import HealRecord
 from reffuse.training.trainer import trainable_names
+
+COMMITTED = Path(__file__).resolve().parents[2] / "reports" / "healing" / "smollm2_fused.json"
+
+
+def read_record(folder) -> HealRecord:
+    return HealRecord.from_json(json.loads((folder / "heal.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +39,17 @@ def heal_arguments(student, out, *extra):
 def test_heal_saves_a_model_and_records_before_and_after(fused_tiny, tmp_path, capsys):
     out = tmp_path / "healed"
     assert main(heal_arguments(fused_tiny, out, "--training-tokens", "2048")) == 0
-    record = json.loads((out / "heal.json").read_text())
-    assert record["training"]["steps"] == 32 and record["log"]["tokens"] == 2048
-    assert record["trainable"] == trainable_names(reffuse.load_model(fused_tiny), "fused")
-    assert record["texts"]["synthetic"] and (out / "student-fuse.json").is_file()
-    assert {"kl_from_base", "perplexity"} <= set(record["held_out_before"]) & set(record["held_out_after"])
+    record = read_record(out)
+    assert record.training.steps == 32 and record.log.tokens == 2048
+    assert record.trainable == trainable_names(reffuse.load_model(fused_tiny), "fused")
+    assert record.texts.synthetic and (out / "student-fuse.json").is_file()
+    assert None not in (record.held_out_before.kl_from_base, record.held_out_after.kl_from_base,
+                        record.held_out_before.perplexity, record.held_out_after.perplexity)
+    assert HealRecord.from_json(record.to_json()) == record
     healed = reffuse.load_model(out)
     changed = [n for n, w in named_weights(healed).items()
                if not np.array_equal(w, named_weights(reffuse.load_model(fused_tiny))[n])]
-    assert changed == record["trainable"]
+    assert changed == record.trainable
     assert "held-out KL to the teacher" in capsys.readouterr().out
     assert not (tmp_path / "healed.checkpoint").exists()
 
@@ -83,22 +93,23 @@ def test_a_killed_run_resumes_to_the_same_weights(fused_tiny, tmp_path):
     process.wait()
     assert checkpoint.exists() and not killed.exists(), "the run ended before it could be killed"
     assert main(heal_arguments(fused_tiny, killed, *arguments, "--resume")) == 0
-    resumed_record = json.loads((killed / "heal.json").read_text())
-    straight_record = json.loads((straight / "heal.json").read_text())
-    assert resumed_record["log"]["losses"] == straight_record["log"]["losses"]
+    assert read_record(killed).log.losses == read_record(straight).log.losses
     for name, w in named_weights(reffuse.load_model(straight)).items():
         np.testing.assert_array_equal(named_weights(reffuse.load_model(killed))[name], w)
 
 
+def test_the_committed_healing_run_round_trips():
+    raw = json.loads(COMMITTED.read_text())
+    assert HealRecord.from_json(raw).to_json() == raw
+
+
 def test_the_healing_page_quotes_the_committed_healing_run():
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[2]
-    record = json.loads((root / "reports" / "healing" / "smollm2_fused.json").read_text())
-    readme = (root / "docs" / "healing.md").read_text()
-    before, after = record["held_out_before"], record["held_out_after"]
-    quoted = [f"{before['kl_from_base']:.3f} -> {after['kl_from_base']:.4f}",
-              f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}", f"{before['base_perplexity']:.2f}",
-              f"{before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}", f"{record['seconds']:,.0f} s"]
+    record = HealRecord.from_json(json.loads(COMMITTED.read_text()))
+    readme = (COMMITTED.parents[2] / "docs" / "healing.md").read_text()
+    before, after = record.held_out_before, record.held_out_after
+    quoted = [f"{before.kl_from_base:.3f} -> {after.kl_from_base:.4f}",
+              f"{before.perplexity:.2f} -> {after.perplexity:.2f}", f"{before.base_perplexity:.2f}",
+              f"{before.top1_agreement:.1%} -> {after.top1_agreement:.1%}", f"{record.seconds:,.0f} s"]
     for text in quoted:
         assert text in readme, text
-    assert record["training"]["steps"] == 128 and record["texts"]["held_out"]["tokens"] == 16384
+    assert record.training.steps == 128 and record.texts.held_out.tokens == 16384

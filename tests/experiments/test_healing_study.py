@@ -3,7 +3,6 @@ missing), and the committed study's verdicts recomputed from its JSON."""
 
 import json
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,38 +10,38 @@ import pytest
 
 from reffuse.cli import main
 from reffuse.experiments.healing.findings import GAP_FRACTION, verdicts
-from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets, Point
-from reffuse.experiments.healing.points import WindowScores
-from reffuse.experiments.healing.report import FINDINGS, FIGURE, summarize, write_report
-from reffuse.experiments.provenance import provenance
+from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets, FusionChoices, Point
+from reffuse.experiments.healing.points import HealingPoint, WindowScores
+from reffuse.experiments.healing.report import FINDINGS, FIGURE, HealingSummary, summarize, write_report
+from reffuse.experiments.healing.study import HealingStudySettings, RecordedFusionStudy, StudyRecord
+from reffuse.experiments.provenance import Provenance, provenance
+from reffuse.files import json_text
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "reports" / "healing" / "study"
 BUDGETS = Budgets(kd=(1024, 4096), local=(1024, 4096, 16384), seeds=(0, 1), sweep_tokens=1024)
 TEXTS, WINDOWS_PER_TEXT, PREDICTIONS = 4, 3, 100
-PROVENANCE = {"files": ["reffuse/experiments/healing"], "commit": None, "committed_at": None,
-              "uncommitted_changes": None}
+PROVENANCE = Provenance(("reffuse/experiments/healing",), None, None, None)
 
 
-def scores(mean_kl: float, spread: float = 0.02, seed: int = 0) -> dict:
+def scores(mean_kl: float, spread: float = 0.02, seed: int = 0) -> WindowScores:
     """Windows of 4 texts whose mean KL is mean_kl, each window off by a seeded amount."""
     rng = np.random.default_rng(seed)
     n = TEXTS * WINDOWS_PER_TEXT
     per_window = mean_kl + spread * rng.standard_normal(n)
     per_window += mean_kl - per_window.mean()
-    return asdict(WindowScores(kl=list(per_window * PREDICTIONS), nll=[3.0 * PREDICTIONS] * n,
-                               agree=[60] * n, predictions=[PREDICTIONS] * n,
-                               text=[i // WINDOWS_PER_TEXT for i in range(n)],
-                               texts=[f"play {i}" for i in range(TEXTS)]))
+    return WindowScores(kl=list(per_window * PREDICTIONS), nll=[3.0 * PREDICTIONS] * n, agree=[60] * n,
+                        predictions=[PREDICTIONS] * n, text=[i // WINDOWS_PER_TEXT for i in range(n)],
+                        texts=[f"play {i}" for i in range(TEXTS)])
 
 
-def result(variant, objective, tokens, kl, seed=0, **kw) -> dict:
+def result(variant, objective, tokens, kl, seed=0, **kw) -> HealingPoint:
     point = Point(variant, objective, tokens, seed, **kw)
-    return {"point": asdict(point), "scores": scores(kl, seed=zlib.crc32(repr(asdict(point)).encode())),
-            "seconds": 1.0, "provenance": PROVENANCE, "log": None, "trainable": 1}
+    return HealingPoint(point, [], scores(kl, seed=zlib.crc32(repr(point.to_json()).encode())), None, 1.0, 1,
+                        PROVENANCE)
 
 
-def study_results(healed_fused: float) -> list[dict]:
+def study_results(healed_fused: float) -> list[HealingPoint]:
     """Every point the rules read: before healing the fused model is 0.4 nats above the attention-removed one."""
     largest, kd_local = max(BUDGETS.kd), max(set(BUDGETS.kd) & set(BUDGETS.local))
     start = {ATTENTION_REMOVED: 0.6, "fused, 4 steps": 1.0, "fused, 1 step": 2.0}
@@ -69,30 +68,42 @@ def test_each_rule_decides_from_the_points():
 
 
 def test_a_finding_is_pending_until_its_points_have_run():
-    results = [r for r in study_results(0.35) if r["point"]["objective"] != "local"]
+    results = [r for r in study_results(0.35) if r.point.objective != "local"]
     v = by_finding(results)
     assert v["n"].verdict == "pending" and "local" in v["n"].note
     assert v["l"].verdict == "held"
 
 
+def write_study_folder(folder: Path) -> None:
+    """A study folder holding the made-up points of study_results(0.35)."""
+    (folder / "points").mkdir()
+    choices = FusionChoices((5, 6), (5, 12), {4: [(5, 8)], 1: [(5, 11)]}, {5: 0.2, 6: 0.1}, 1.0, "none", 2048, 256)
+    study = StudyRecord(HealingStudySettings(budgets=BUDGETS), RecordedFusionStudy(choices, "fusion.json", PROVENANCE),
+                        provenance(["reffuse/experiments/healing/findings.py"]),
+                        provenance(["reffuse/experiments/healing"]))
+    (folder / "study.json").write_text(json_text(study.to_json()))
+    for i, r in enumerate(study_results(0.35)):
+        (folder / "points" / f"{i}.json").write_text(json_text(r.to_json(), inline_lists=True))
+
+
+def test_a_summary_round_trips_through_its_json(tmp_path):
+    write_study_folder(tmp_path)
+    summary = summarize(tmp_path)
+    assert summary.curves and summary.verdicts
+    record = json.loads(json_text(summary.to_json(), inline_lists=True))
+    assert HealingSummary.from_json(record) == summary and HealingSummary.from_json(record).to_json() == record
+
+
 @pytest.mark.slow
 def test_the_report_is_drawn_from_the_folder(tmp_path):
-    (tmp_path / "points").mkdir()
-    study = {"settings": {"model": "smollm2", "window": 512, "held_out_tokens": 16384,
-                          "calibration_scoring_tokens": 8192, "budgets": json.loads(json.dumps(asdict(BUDGETS)))},
-             "fusion_study": {"attention_removed": [5, 6], "region": [5, 12]},
-             "rules": provenance(["reffuse/experiments/healing/findings.py"]),
-             "setup": provenance(["reffuse/experiments/healing"])}
-    (tmp_path / "study.json").write_text(json.dumps(study))
-    for i, r in enumerate(study_results(0.35)):
-        (tmp_path / "points" / f"{i}.json").write_text(json.dumps(r))
+    write_study_folder(tmp_path)
     summary = write_report(tmp_path, "reffuse healing-study --out X")
     text = (tmp_path / "README.md").read_text()
-    assert json.loads((tmp_path / FINDINGS).read_text()) == summary
+    assert json.loads((tmp_path / FINDINGS).read_text()) == summary.to_json()
     assert "### (l) healing closes most of the fusion gap: held" in text
     assert "{" not in text.split("## Setup")[0], "a field left unformatted in the report's opening"
-    fused = next(c for c in summary["curves"] if (c["variant"], c["objective"]) == ("fused, 4 steps", "kd"))
-    assert [r["tokens"] for r in fused["rows"]] == [0, max(BUDGETS.kd)] and fused["rows"][1]["seeds"] == [0, 1]
+    fused = next(c for c in summary.curves if (c.variant, c.objective) == ("fused, 4 steps", "kd"))
+    assert [r.tokens for r in fused.rows] == [0, max(BUDGETS.kd)] and fused.rows[1].seeds == [0, 1]
     assert main(["healing-study", "--out", str(tmp_path), "--report-only"]) == 0
     assert (tmp_path / FIGURE).is_file()
 
@@ -104,22 +115,44 @@ def test_report_only_refuses_a_folder_without_a_study(tmp_path, capsys):
 
 @pytest.mark.skipif(not (COMMITTED / FINDINGS).is_file(), reason="no committed healing study")
 def test_the_committed_verdicts_recompute_from_the_points():
-    committed = json.loads((COMMITTED / FINDINGS).read_text())
+    committed = HealingSummary.from_json(json.loads((COMMITTED / FINDINGS).read_text()))
     recomputed = summarize(COMMITTED)
-    assert recomputed["verdicts"] == committed["verdicts"]
-    assert recomputed["curves"] == committed["curves"]
+    assert recomputed.verdicts == committed.verdicts
+    assert recomputed.curves == committed.curves
+
+
+@pytest.mark.skipif(not (COMMITTED / FINDINGS).is_file(), reason="no committed healing study")
+def test_the_committed_study_files_round_trip():
+    """Every JSON file of the committed study reads into its type and writes back the same."""
+    types = {"study.json": StudyRecord, FINDINGS: HealingSummary}
+    files = [(COMMITTED / name, kind) for name, kind in types.items()]
+    files += [(path, HealingPoint) for path in sorted((COMMITTED / "points").glob("*.json"))]
+    assert len(files) > 2
+    for path, kind in files:
+        record = json.loads(path.read_text())
+        assert kind.from_json(record).to_json() == record, path
 
 
 def test_a_finding_waits_for_every_seed_the_plan_runs():
-    results = [r for r in study_results(0.35) if not (r["point"]["variant"] == "3 FFNs removed"
-                                                      and r["point"]["seed"] == 1)]
+    results = [r for r in study_results(0.35) if not (r.point.variant == "3 FFNs removed" and r.point.seed == 1)]
     v = by_finding(results)
     assert v["m"].verdict == "pending" and "3 FFNs removed" in v["m"].note
     assert v["l"].verdict == "held"
 
 
 def test_no_gap_to_close_is_not_resolved():
-    results = [r for r in study_results(0.35) if r["point"]["variant"] != "fused, 4 steps"
-               or r["point"]["objective"] != "start"]
+    results = [r for r in study_results(0.35) if r.point.variant != "fused, 4 steps" or r.point.objective != "start"]
     results.append(result("fused, 4 steps", "start", 0, 0.5))     # below the attention-removed model's 0.6
     assert by_finding(results)["l"].verdict == "not resolved"
+
+
+def test_the_recovery_figure_draws_every_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    from reffuse.plots.healing import recovery_figure
+    write_study_folder(tmp_path)
+    curves = summarize(tmp_path).curves
+    left, right = recovery_figure(curves, "made-up points").axes
+    kd = [c.variant for c in curves if c.objective == "kd"]
+    others = [f"{c.variant}: {c.objective}" for c in curves if c.objective != "kd"]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == kd
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["fused, 4 steps: kd"] + others

@@ -55,7 +55,7 @@ def test_token_windows_take_texts_in_order_and_never_cross_them():
     got = token_windows(texts("abcdefghij", "0123456789xyz"), CharTokenizer(), window=4, n_tokens=16)
     assert [CharTokenizer().decode(w) for w in got.ids] == ["abcd", "efgh", "0123", "4567"]
     assert got.spans == (Span("text0", "Text 0", 0, 8, 8), Span("text1", "Text 1", 0, 8, 8))
-    assert got.describe()["tokens"] == 16 and got.window == 4 and len(got) == 4
+    assert got.describe().tokens == 16 and got.window == 4 and len(got) == 4
 
 
 def test_token_windows_stop_at_the_last_text_needed():
@@ -103,7 +103,8 @@ def test_held_out_windows_are_dealt_over_the_texts_from_their_first_scene(corpus
     assert [s.play for s in got.spans] == list(HELD_OUT) and [s.tokens for s in got.spans] == [200] + [100] * 8
     assert [s.kind for s in got.spans] == ["drama"] * 8 + ["verse"]
     counts = [s.tokens // 100 for s in got.spans]                  # windows per text, in order
-    decoded = ["".join(CharTokenizer().decode(w) for w in got.ids[i:i + n]) for i, n in zip(np.cumsum([0] + counts), counts)]
+    decoded = ["".join(CharTokenizer().decode(w) for w in got.ids[i:i + n])
+               for i, n in zip(np.cumsum([0] + counts), counts)]
     for span, text in zip(got.spans, decoded):
         full = play_text(span.play, corpus)
         assert text == full[span.start:span.end] and span.end - span.start == span.tokens

@@ -76,7 +76,7 @@ def test_calibration_lowers_the_fit_error_on_its_own_data(tiny64, norm):
         assert fit.fit_error_calibrated < 0.1 * fit.fit_error_plain
     # and the whole model moves towards the sequential one on the same text
     plain = fuse(tiny64, groups, norm=norm)
-    assert evaluate(calibrated, windows, tiny64)["kl_from_base"] < evaluate(plain, windows, tiny64)["kl_from_base"]
+    assert evaluate(calibrated, windows, tiny64).kl_from_base < evaluate(plain, windows, tiny64).kl_from_base
     # only the down-projections changed
     for group in groups:
         index = fused_index(groups, group)
@@ -130,7 +130,7 @@ def test_float32_model_stays_float32():
     calibrated, _ = calibrated_fuse(model, [(4, 9)], calibration_ids())
     assert calibrated.blocks[4].ffn.down.dtype == np.float32
     assert np.isfinite(forward(calibrated, calibration_ids()[0])).all()
-    assert reffuse.layout(calibrated).rows()[4]["fused_from"] == [4, 5, 6, 7, 8, 9]
+    assert reffuse.layout(calibrated).blocks[4].fused_from == (4, 5, 6, 7, 8, 9)
 
 
 def test_relative_weighting_fits_and_bad_weighting_is_refused(tiny64):
@@ -162,4 +162,4 @@ def test_refitted_removal_is_plain_removal_under_a_huge_ridge_and_fits_better_wi
     refit, fits = calibrated_removal(tiny64, (4, 9), removed, windows, ridge=1e-3)
     assert [f.group for f in fits] == [(4, 6), (8, 9)]
     assert all(f.fit_error_calibrated < f.fit_error_plain for f in fits)
-    assert evaluate(refit, windows, tiny64)["kl_from_base"] < evaluate(plain, windows, tiny64)["kl_from_base"]
+    assert evaluate(refit, windows, tiny64).kl_from_base < evaluate(plain, windows, tiny64).kl_from_base

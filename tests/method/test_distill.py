@@ -67,12 +67,14 @@ def test_distilled_fuse_on_the_tiny_model(tiny64):
 def test_the_distillation_comparison_runs_on_the_tiny_model():
     """reffuse.experiments.distillation end to end on the synthetic model: three versions per plan, each scored with
     its per-prediction values, and the report's paired differences."""
-    from reffuse.experiments.distillation import STEP_COUNTS, comparisons, markdown, run_distillation
+    from reffuse.experiments.distillation import (STEP_COUNTS, DistillationResult, comparisons, markdown,
+                                                  run_distillation)
     result = run_distillation("tiny", drop_count=2, held_out_tokens=256, calibration_tokens=1024, scoring_tokens=64,
                               dependency_tokens=64, window=64)
-    assert [row["steps"] for row in result["rows"]] == list(STEP_COUNTS)
-    for row in result["rows"]:
-        assert set(row["scores"]) == {"plain", "refit", "distilled"}
+    assert [row.steps for row in result.rows] == list(STEP_COUNTS)
+    for row in result.rows:
+        assert set(row.scores) == {"plain", "refit", "distilled"}
         assert set(comparisons(row)) == {"distilled - plain", "refit - plain", "distilled - refit"}
-        assert all(d["losses"][-1] <= d["losses"][0] for d in row["distillation"])
+        assert all(d.losses[-1] <= d.losses[0] for d in row.distillation)
     assert "| 1 |" in markdown(result, "test")
+    assert DistillationResult.from_json(result.to_json()) == result

@@ -49,9 +49,9 @@ def test_compare_ranks_a_perfect_and_a_reversed_predictor():
     values = {g: {name: float(g[1]) for name in predictors.PREDICTORS} for g in groups}
     values = {g: v | {"block influence": -float(g[1])} for g, v in values.items()}
     result = predictors.compare(values, measured)
-    assert result["cosine-M"]["spearman"] == pytest.approx(1.0)
-    assert result["block influence"]["spearman"] == pytest.approx(-1.0)
-    low, high = result["cosine-M"]["interval_95"]
+    assert result["cosine-M"].spearman == pytest.approx(1.0)
+    assert result["block influence"].spearman == pytest.approx(-1.0)
+    low, high = result["cosine-M"].interval_95
     assert low <= 1.0 <= high + 1e-12
 
 
@@ -69,28 +69,29 @@ def test_the_neighbour_damage_matrix_holds_each_adjacent_pair_s_damage(setting):
 def test_the_planner_s_predictor_is_the_rule_s_choice_on_the_committed_regions():
     import json
     from pathlib import Path
+    from reffuse.experiments.findings import StudyResult
     report = Path(__file__).resolve().parents[2] / "reports" / "experiments" / "smollm2_regions"
-    regions = [json.loads((report / f"region-{k}" / "experiments.json").read_text())["predictors"]["groups"]
-               for k in range(1, 5)]
+    regions = [StudyResult.from_json(json.loads((report / f"region-{k}" / "experiments.json").read_text()))
+               .predictors.groups for k in range(1, 5)]
     choice = predictors.choose_predictor(regions)
-    assert choice["chosen"] == predictors.PLANNER_PREDICTOR == "neighbour damage"
-    lead = choice["predictors"]["neighbour damage"]
-    assert lead["lead_over_cosine_m"] == pytest.approx(0.105, abs=5e-4) and lead["interval_95"][0] > 0
+    assert choice.chosen == predictors.PLANNER_PREDICTOR == "neighbour damage"
+    lead = choice.predictors["neighbour damage"]
+    assert lead.lead_over_cosine_m == pytest.approx(0.105, abs=5e-4) and lead.interval_95[0] > 0
     # the numbers the docstring quotes
-    assert f"+{lead['lead_over_cosine_m']:.3f} [+{lead['interval_95'][0]:.3f}, +{lead['interval_95'][1]:.3f}]" \
+    assert f"+{lead.lead_over_cosine_m:.3f} [+{lead.interval_95[0]:.3f}, +{lead.interval_95[1]:.3f}]" \
         in predictors.__doc__.replace("\n", " ")
     # without the adjacent pairs, whose neighbour damage is their damage, the lead is not resolved
-    without = predictors.choose_predictor([[g for g in groups if g["group"][1] - g["group"][0] > 1]
-                                           for groups in regions])
-    lead = without["predictors"]["neighbour damage"]
-    assert without["chosen"] == "angular distance" and lead["interval_95"][0] < 0
-    assert f"+{lead['lead_over_cosine_m']:.3f} [{lead['interval_95'][0]:.3f}, +{lead['interval_95'][1]:.3f}]" \
+    without = predictors.choose_predictor([[g for g in groups if g.group[1] - g.group[0] > 1] for groups in regions])
+    lead = without.predictors["neighbour damage"]
+    assert without.chosen == "angular distance" and lead.interval_95[0] < 0
+    assert f"+{lead.lead_over_cosine_m:.3f} [{lead.interval_95[0]:.3f}, +{lead.interval_95[1]:.3f}]" \
         in predictors.__doc__.replace("\n", " ")
 
 
 def test_choose_predictor_keeps_cosine_m_when_no_lead_is_resolved():
     rng = np.random.default_rng(0)
-    groups = [{"damage": float(d), **{name: float(d + rng.normal()) for name in predictors.PREDICTORS}}
+    groups = [predictors.GroupPrediction((0, d + 1), float(d), {name: float(d + rng.normal())
+                                                                 for name in predictors.PREDICTORS}
+                                         | {"cosine-M": float(d)})    # cosine-M ranks perfectly: nothing beats it
               for d in range(12)]
-    groups = [g | {"cosine-M": g["damage"]} for g in groups]    # cosine-M ranks perfectly: nothing can beat it
-    assert predictors.choose_predictor([groups, groups])["chosen"] == "cosine-M"
+    assert predictors.choose_predictor([groups, groups]).chosen == "cosine-M"

@@ -30,15 +30,15 @@ def test_prefix_scores_equal_full_evaluation(tiny64, windows):
     variant = drop_attention(tiny64, [10])
     fast = score_variant(cache_prefix(tiny64, windows), variant, 10)
     full = evaluate(variant, windows, tiny64)
-    for key in ("perplexity", "kl_from_base", "top1_agreement", "base_perplexity"):
-        assert fast[key] == pytest.approx(full[key], rel=1e-9)  # the same float64 arithmetic, reordered
+    for key in ("perplexity", "kl_from_base", "top1_agreement", "base_perplexity"):  # the same float64 arithmetic,
+        assert getattr(fast, key) == pytest.approx(getattr(full, key), rel=1e-9)     # reordered
 
 
 def test_attention_scores_are_the_kl_of_each_removal(tiny64, windows):
     scores = attention_scores(tiny64, windows)
     assert sorted(scores) == attention_layers(tiny64)
     for layer in (0, 11):
-        direct = evaluate(drop_attention(tiny64, [layer]), windows, tiny64)["kl_from_base"]
+        direct = evaluate(drop_attention(tiny64, [layer]), windows, tiny64).kl_from_base
         assert scores[layer] == pytest.approx(direct, rel=1e-9)
     assert all(s > 0 for s in scores.values())
 
@@ -58,7 +58,7 @@ def test_drop_ffns_leaves_an_empty_block(tiny64, windows):
     removed = drop_ffns(tiny64, [5])
     assert removed.blocks[5].ffn is None and removed.blocks[5].attention is None
     assert attention_free_runs(removed) == [(6, 9)]
-    assert np.isfinite(evaluate(removed, windows, tiny64)["kl_from_base"])
+    assert np.isfinite(evaluate(removed, windows, tiny64).kl_from_base)
 
 
 def test_cheapest_anywhere_and_contiguous():

@@ -39,7 +39,8 @@ def test_figures_are_deterministic_and_match_the_committed_ones(tmp_path):
         "figures/ does not hold exactly the figures `reffuse figures` draws: run `reffuse figures --out figures/`"
     recorded = json.loads((COMMITTED / "figures.json").read_text())
     stale = [name for name in first if recorded["data_sha256"].get(name) != manifest["data_sha256"][name]]
-    assert not stale, f"committed figures show other data than a fresh draw: {stale}; run `reffuse figures --out figures/`"
+    assert not stale, \
+        f"committed figures show other data than a fresh draw: {stale}; run `reffuse figures --out figures/`"
     if recorded["versions"] == manifest["versions"]:  # same rasteriser: the same bytes
         stale = [name for name in first if first[name] != committed[name]]
         assert not stale, f"committed figures differ from a fresh draw: {stale}; run `reffuse figures --out figures/`"

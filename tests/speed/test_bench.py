@@ -12,7 +12,7 @@ from reffuse.core import model as model_module
 from reffuse.speed.bench import ffn_run_model, reffuse_decode, run_benchmark
 from reffuse.speed.bench_report import check_targets, markdown, target_verdict
 from reffuse.speed.bench_result import BenchResult, FfnRow, PrefillRow, TransformersUse
-from reffuse.speed.environment import describe_blas
+from reffuse.speed.environment import BlasLibrary, describe_blas, environment
 from reffuse.speed.timing import ratio_text
 from reffuse.stats import paired_ratio
 from reffuse.cli import main
@@ -81,8 +81,8 @@ def test_benchmark_result_has_every_part(tiny_result):
     assert r.ffn_run.blocks == 8 and r.ffn_run.fused_width == sum(r.ffn_run.widths)
     assert {row.tokens for row in r.ffn_run.rows} == {1, 128}
     assert r.transformers == TransformersUse(False, "not asked for (--no-transformers)")
-    assert r.environment["threads"] == 1
-    processor = r.environment["processor"]
+    assert r.environment.threads == 1
+    processor = r.environment.processor
     assert processor is None or (processor in markdown(r) and processor.strip() == processor)
     bound = r.bound  # every weight once, at the best streaming rate measured in the run
     assert bound.seconds_per_token == pytest.approx(bound.weight_bytes / max(dataclasses.astuple(bound.bandwidth)))
@@ -163,9 +163,9 @@ def test_bench_command_bad_options(capsys):
 
 def test_a_paired_ratio_is_resolved_only_when_its_interval_excludes_one():
     clear = paired_ratio([1.2, 1.25, 1.21, 1.3, 1.22, 1.24, 1.23], [1.0] * 7)
-    assert clear["resolved"] and 1.2 <= clear["interval_95"][0] <= clear["median"] <= clear["interval_95"][1]
+    assert clear.resolved and 1.2 <= clear.interval_95[0] <= clear.median <= clear.interval_95[1]
     noisy = paired_ratio([1.1, 0.95, 1.2, 0.9, 1.05, 1.0, 0.97], [1.0] * 7)
-    assert not noisy["resolved"] and noisy["interval_95"][0] < 1 < noisy["interval_95"][1]
+    assert not noisy.resolved and noisy.interval_95[0] < 1 < noisy.interval_95[1]
 
 
 def test_the_profile_script_runs_and_accounts_for_the_step(smollm2, tmp_path):
@@ -183,16 +183,17 @@ def test_the_profile_script_runs_and_accounts_for_the_step(smollm2, tmp_path):
 
 
 def test_describe_blas_says_whether_the_environment_chose_the_kernels():
-    blas = [{"internal_api": "openblas", "version": "0.3.31", "architecture": "SkylakeX"}]
-    assert describe_blas({"blas": blas}) == "openblas 0.3.31 (SkylakeX kernels), detected by OpenBLAS for this CPU"
-    chosen = {"blas": blas, "openblas_coretype": "Haswell", "openblas_l2_size": "512"}
+    here = dataclasses.replace(environment(1), blas=(BlasLibrary("openblas", "0.3.31", "SkylakeX", "pthreads"),),
+                               openblas_coretype=None, openblas_l2_size=None)
+    assert describe_blas(here) == "openblas 0.3.31 (SkylakeX kernels), detected by OpenBLAS for this CPU"
+    chosen = dataclasses.replace(here, openblas_coretype="Haswell", openblas_l2_size="512")
     assert describe_blas(chosen).endswith("chosen by OPENBLAS_CORETYPE=Haswell OPENBLAS_L2_SIZE=512 in the environment")
-    assert describe_blas({"blas": None}) == ""
+    assert describe_blas(dataclasses.replace(here, blas=None)) == ""
 
 
 def test_too_few_pairs_give_no_interval_and_no_verdict(tiny_result):
     few = paired_ratio([1.2, 1.25, 1.21, 1.3, 1.22], [1.0] * 5)  # 5 pairs: even their whole span covers 94%
-    assert few["interval_95"] is None and not few["resolved"] and few["median"] == pytest.approx(1.22)
+    assert few.interval_95 is None and not few.resolved and few.median == pytest.approx(1.22)
     decode = dataclasses.replace(tiny_result.decode, speedup=3.0, speedup_interval_95=None)
     check = check_targets(dataclasses.replace(tiny_result, decode=decode))[1]
     assert (check.measured, check.interval_95, check.verdict) == (3.0, None, "unresolved")

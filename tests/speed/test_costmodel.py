@@ -12,10 +12,11 @@ import pytest
 
 from reffuse.cli import main
 from reffuse.speed.costmodel import (MODEL_PRESETS, PAPER_TABLE2, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS,
-                               Hardware, allreduce_count, calibrate_cpu, cpu_hardware,
-                               deci_ffn_width, decode_projection, forward_cost, fuse_layout, get_hardware,
-                               get_layout, h100_sxm, layout_from_model, paper_comparison, parameter_count,
-                               predict_tp_run, tensor_parallel_degrees)
+                                     Calibration, Hardware, MpiAllreduce, allreduce_count, calibrate_cpu, cpu_hardware,
+                                     deci_ffn_width, decode_projection, forward_cost, fuse_layout, get_hardware,
+                                     get_layout, h100_sxm, layout_from_model, paper_comparison, parameter_count,
+                                     predict_tp_run, tensor_parallel_degrees)
+from reffuse.speed.costmodel.report import CostmodelReport, MeasuredRuns
 from reffuse.core.layout import BlockLayout, attention_free_runs
 from reffuse.errors import ReffuseError
 from reffuse.core.fusion import fuse
@@ -141,20 +142,20 @@ def test_fusion_saves_only_fixed_costs_at_decode(layouts, h100):
     assert forward_cost(fused, free, 8, context=1024).seconds == pytest.approx(
         forward_cost(pre, free, 8, context=1024).seconds, rel=1e-12)
     projection = decode_projection(pre, h100, range(1, 9), context=1024)
-    speedups = [row["fusion_speedup"] for row in projection["rows"]]
+    speedups = [row.fusion_speedup for row in projection.rows]
     assert all(s > 1 for s in speedups) and speedups == sorted(speedups)
 
 
 def test_paper_comparison_reports_the_papers_numbers_and_ratios():
     comparison = paper_comparison()
-    rows = {row["model"]: row for row in comparison["rows"]}
-    assert {name: row["paper_tokens_per_second"] for name, row in rows.items()} == PAPER_TABLE2
-    assert rows["ultra-253b-prefusion"]["paper_speedup"] == pytest.approx(1.53, abs=0.005)
-    assert rows["ultra-253b-fused"]["paper_speedup"] == pytest.approx(1.71, abs=0.005)
-    assert comparison["fusion_alone"]["paper"] == pytest.approx(1.12, abs=0.005)
-    projected = [row["tokens_per_second"] for row in comparison["rows"]]
+    rows = {row.model: row for row in comparison.rows}
+    assert {name: row.paper_tokens_per_second for name, row in rows.items()} == PAPER_TABLE2
+    assert rows["ultra-253b-prefusion"].paper_speedup == pytest.approx(1.53, abs=0.005)
+    assert rows["ultra-253b-fused"].paper_speedup == pytest.approx(1.71, abs=0.005)
+    assert comparison.fusion_alone.paper == pytest.approx(1.12, abs=0.005)
+    projected = [row.projected.tokens_per_second for row in comparison.rows]
     assert projected == sorted(projected)  # the model orders them as the paper does
-    assert comparison["tp"] == 8 and comparison["precision"] == "fp8" and comparison["left_out"]
+    assert comparison.tp == 8 and comparison.precision == "fp8" and comparison.left_out
 
 
 # --- presets, the CPU calibration, tp runs ------------------------------------------------------------------------
@@ -174,16 +175,16 @@ def cpu():
 
 def test_cpu_calibration_gives_a_usable_hardware(cpu, layouts):
     cal = cpu.calibration
-    for key in ("gemm_flops_1_thread", "gemm_flops_all_threads", "gemv_bandwidth_1_thread", "machine_bandwidth",
-                "numpy_call_seconds"):
-        assert cal[key] > 0, key
-    assert cal["mpi_allreduce"]["available"] is False                          # not asked for
-    assert cpu_hardware(json.loads(json.dumps(cal))) == cpu                     # rebuilt from recorded JSON
+    assert min(cal.gemm_flops_1_thread, cal.gemm_flops_all_threads, cal.gemv_bandwidth_1_thread,
+               cal.machine_bandwidth, cal.numpy_call_seconds) > 0
+    assert cal.mpi_allreduce == MpiAllreduce(available=False, reason="not asked for")
+    recorded = json.loads(json.dumps(cal.to_json()))
+    assert cpu_hardware(Calibration.from_json(recorded)) == cpu                 # rebuilt from recorded JSON
     assert forward_cost(layouts["smollm2"], cpu, tp=1, context=64).seconds > 0
     with pytest.raises(ReffuseError, match="no all-reduce calibration"):
         forward_cost(layouts["smollm2"], cpu, tp=3)
     projection = decode_projection(layouts["smollm2"], cpu, range(1, 4))       # TP 3 skipped, with the reason
-    assert [r["tp"] for r in projection["rows"]] == [1] and "no all-reduce" in projection["skipped_tp"]["3"]
+    assert [r.tp for r in projection.rows] == [1] and "no all-reduce" in projection.skipped_tp[3]
 
 
 def tp_result(ranks, counts, attention_removed=()) -> TpResult:
@@ -202,11 +203,11 @@ def tp_result(ranks, counts, attention_removed=()) -> TpResult:
 def test_predictions_for_tp_runs_count_what_the_runs_counted(cpu):
     calibrated = dataclasses.replace(cpu, allreduce_alpha=1e-5, link_bandwidth=1e9)
     rows = predict_tp_run(tp_result(2, (18, 14)), calibrated)
-    assert [(r["variant"], r["phase"]) for r in rows] == [("sequential", "prefill"), ("sequential", "decode"),
-                                                          ("fused", "prefill"), ("fused", "decode")]
-    assert all(r["predicted_allreduce_count"] == r["measured_allreduce_count"] for r in rows)
+    assert [(r.variant, r.phase) for r in rows] == [("sequential", "prefill"), ("sequential", "decode"),
+                                                    ("fused", "prefill"), ("fused", "decode")]
+    assert all(r.predicted_allreduce_count == r.measured_allreduce_count for r in rows)
     rows = predict_tp_run(tp_result(2, (17, 13), attention_removed=[3]), calibrated)
-    assert {r["predicted_allreduce_count"] for r in rows} == {17, 13}
+    assert {r.predicted_allreduce_count for r in rows} == {17, 13}
 
 
 # --- command line and errors --------------------------------------------------------------------------------------
@@ -214,15 +215,15 @@ def test_predictions_for_tp_runs_count_what_the_runs_counted(cpu):
 
 def test_costmodel_json_keys(capsys):
     assert main(["costmodel", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert set(report) == {"setting", "paper_comparison", "paper_sensitivity", "paper_grid", "hardware", "projections",
-                           "layouts", "measured", "left_out"}
-    assert [p["model"] for p in report["projections"]] == ["llama-3.1-405b", "ultra-253b-prefusion"]
-    row = report["projections"][1]["rows"][-1]
-    assert row["tp"] == 8 and set(row) == {"tp", "sequential", "fused", "fusion_speedup"}
-    assert {"seconds", "tokens_per_second", "allreduce_count", "allreduce_seconds", "kernel_overhead_seconds",
-            "roofline_seconds", "fits_in_memory"} <= set(row["sequential"])
-    assert report["measured"] is None
+    raw = json.loads(capsys.readouterr().out)
+    assert set(raw) == {"setting", "paper_comparison", "paper_sensitivity", "paper_grid", "hardware", "projections",
+                        "layouts", "measured", "left_out"}
+    report = CostmodelReport.from_json(raw)
+    assert report.to_json() == raw
+    assert [p.model for p in report.projections] == ["llama-3.1-405b", "ultra-253b-prefusion"]
+    row = report.projections[1].rows[-1]
+    assert row.tp == 8 and row.fusion_speedup == row.sequential.seconds / row.fused.seconds
+    assert report.measured is None
 
 
 def test_costmodel_text_shows_the_paper_beside_the_model(capsys):
@@ -264,25 +265,28 @@ def test_figures_draw_from_the_report(tmp_path, capsys, cpu):
     from reffuse.plots.costmodel import plot_measured_vs_predicted, plot_tp_projection
 
     assert main(["costmodel", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = CostmodelReport.from_json(json.loads(capsys.readouterr().out))
     calibrated = dataclasses.replace(cpu, allreduce_alpha=1e-5, link_bandwidth=1e9)
-    report["measured"] = {"rows": predict_tp_run(tp_result(2, (18, 14)), calibrated)}
+    measured = MeasuredRuns(calibrated.describe(), tuple(predict_tp_run(tp_result(2, (18, 14)), calibrated)))
+    report = dataclasses.replace(report, measured=measured)
     first = plot_tp_projection(report, tmp_path / "projection.png").read_bytes()
     assert first == plot_tp_projection(report, tmp_path / "again.png").read_bytes()  # deterministic
     assert plot_measured_vs_predicted(report, tmp_path / "measured.png").stat().st_size > 0
 
 
 def test_measured_table_reuses_a_recorded_calibration(tmp_path, capsys, cpu):
-    calibration = cpu.calibration | {"mpi_allreduce": {"available": True, "alpha": 1e-5, "link_bandwidth": 1e9}}
+    calibration = dataclasses.replace(cpu.calibration,
+                                      mpi_allreduce=MpiAllreduce(available=True, alpha=1e-5, link_bandwidth=1e9))
     recorded = tmp_path / "costmodel.json"
-    recorded.write_text(json.dumps({"measured": {"hardware": {"calibration": calibration}}}))
+    recorded.write_text(json.dumps({"measured": {"hardware": {"calibration": calibration.to_json()}}}))
     run = tmp_path / "tp_tiny_n2.json"
     run.write_text(json.dumps(tp_result(2, (18, 14)).to_json()))
     assert main(["costmodel", "--json", "--measured", str(run), "--calibration", str(recorded)]) == 0
     captured = capsys.readouterr()
     assert "calibrating" not in captured.err                                   # nothing was measured
-    rows = json.loads(captured.out)["measured"]["rows"]
-    assert len(rows) == 4 and {r["file"] for r in rows} == {str(run)}
+    measured = CostmodelReport.from_json(json.loads(captured.out)).measured
+    assert measured.hardware.calibration == calibration                        # the recorded one, as it was
+    assert len(measured.rows) == 4 and {r.file for r in measured.rows} == {str(run)}
     assert main(["costmodel", "--measured", str(run), "--calibration", str(run)]) == 2
     assert "holds no CPU calibration" in capsys.readouterr().err
 
@@ -292,13 +296,34 @@ def test_the_grid_of_chosen_constants_bounds_what_the_model_explains():
     they explain is the top of their fusion-alone range over the paper's."""
     from reffuse.speed.costmodel.paper import PAPER_TABLE2, paper_grid
     grid = paper_grid()
-    summary, points = grid["summary"], grid["points"]
-    assert summary["points"] == len(points) == 10 * 9 * 3
-    admissible = [p for p in points if p["upper_bound"]]
-    assert len(admissible) == summary["admissible"] > 0
-    assert all(t >= paper for p in admissible for t, paper in zip(p["tokens_per_second"], PAPER_TABLE2.values()))
-    top = max(p["fusion_alone"] for p in admissible)
-    assert summary["fusion_alone_range"][1] == top
-    assert summary["explains_at_most"] == pytest.approx((top - 1) / (summary["paper_fusion_alone"] - 1))
-    assert 0 < summary["explains_at_most"] < 1  # the mechanisms modelled do not explain all of the paper's gain
+    summary, points = grid.summary, grid.points
+    assert summary.points == len(points) == 10 * 9 * 3
+    admissible = [p for p in points if p.upper_bound]
+    assert len(admissible) == summary.admissible > 0
+    assert all(t >= paper for p in admissible for t, paper in zip(p.tokens_per_second, PAPER_TABLE2.values()))
+    top = max(p.fusion_alone for p in admissible)
+    assert summary.fusion_alone_range[1] == top == summary.highest_at.fusion_alone
+    assert summary.explains_at_most == pytest.approx((top - 1) / (summary.paper_fusion_alone - 1))
+    assert 0 < summary.explains_at_most < 1  # the mechanisms modelled do not explain all of the paper's gain
+
+
+def test_the_committed_report_round_trips():
+    """benchmarks/results/costmodel.json read into its records and written back is the same JSON, and the
+    records hold what the report of that run printed."""
+    committed = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "costmodel.json"
+    raw = json.loads(committed.read_text())
+    report = CostmodelReport.from_json(raw)
+    assert report.to_json() == raw
+    assert [row.projected.allreduce_count for row in report.paper_comparison.rows] == [252, 188, 143]
+    assert report.measured.hardware.calibration.mpi_allreduce.available
+    assert {row.file for row in report.measured.rows} == {
+        f"benchmarks/results/costmodel/tp_{run}.json" for run in ("tiny_n1", "tiny_n2", "smollm2_n1", "smollm2_n3")}
+
+
+def test_a_grid_with_no_admissible_point_writes_no_range():
+    """The range, its top and what it explains are absent from the JSON when no point is admissible."""
+    from reffuse.speed.costmodel.paper import GridSummary
+    summary = GridSummary(points=270, admissible=0, paper_fusion_alone=1.119)
+    assert summary.to_json() == {"points": 270, "admissible": 0, "paper_fusion_alone": 1.119}
+    assert GridSummary.from_json(summary.to_json()) == summary
 

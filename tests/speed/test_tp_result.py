@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from reffuse.speed.tp_result import LATER_KEYS, TpResult
+from reffuse.stats import PairedRatio
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = sorted(ROOT.glob("benchmarks/results/**/tp_*.json"))
@@ -30,4 +31,5 @@ def test_a_result_with_the_later_keys_writes_them_all():
                    "fused_over_sequential_time": {"prefill": ratio, "decode": ratio}}
     result = TpResult.from_json(today)
     assert result.unrecorded == () and result.to_json() == today
+    assert result.fused_over_sequential_time["decode"] == PairedRatio(0.9, [0.8, 0.95], 8, True)
     assert set(LATER_KEYS) <= set(result.to_json())

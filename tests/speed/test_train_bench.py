@@ -14,10 +14,10 @@ from reffuse.cli import main  # noqa: E402
 from reffuse.core.model import cast  # noqa: E402
 from reffuse.core.tiny import TINY_CONFIG, build_synthetic, build_tiny  # noqa: E402
 from reffuse.speed.torch_models import TorchStep, is_plain_llama  # noqa: E402
-from reffuse.speed.train_bench import (HYPERPARAMETERS, PEAK_RSS_BYTES, ReffuseStep, check_train_targets,  # noqa: E402
-                                       train_markdown, trainable_set, training_model)
-from reffuse.speed.train_result import (EngineSteps, FusedModel, Hyperparameters, TrainResult,  # noqa: E402
-                                        TrainRow)
+from reffuse.speed.bench_report import PEAK_RSS_BYTES, check_train_targets, train_markdown  # noqa: E402
+from reffuse.speed.train_bench import HYPERPARAMETERS, ReffuseStep, trainable_set, training_model  # noqa: E402
+from reffuse.speed.environment import environment  # noqa: E402
+from reffuse.speed.train_result import EngineSteps, FusedModel, TrainResult, TrainRow  # noqa: E402
 
 TOKENS, REPEATS = 16, 2
 
@@ -34,7 +34,7 @@ def cli_result(tmp_path_factory):
 def test_result_has_both_trainable_sets_and_both_engines(cli_result):
     result, _ = cli_result
     assert [r.train for r in result.rows] == ["all", "fused"]
-    assert result.tokens == TOKENS and result.environment["threads"] == 1 and result.pytorch_used
+    assert result.tokens == TOKENS and result.environment.threads == 1 and result.pytorch_used
     assert "--train all --train fused" in result.command
     for row in result.rows:
         for side in (row.reffuse, row.pytorch):
@@ -93,8 +93,8 @@ def reffuse_steps(peak_rss_bytes: int) -> EngineSteps:
 def made_result(rows, threads=2, pytorch_used=True) -> TrainResult:
     """A result of these rows, its targets not yet judged."""
     return TrainResult(model="m", model_name="m", dtype="float32", repeats=7, tokens=512, text="text",
-                       hyperparameters=Hyperparameters(**HYPERPARAMETERS), fused_model=FusedModel((5,), ((5, 8),)),
-                       environment={"threads": threads, "numpy": np.__version__, "cores": 2},
+                       hyperparameters=HYPERPARAMETERS, fused_model=FusedModel((5,), ((5, 8),)),
+                       environment=dataclasses.replace(environment(threads), cores=2),
                        pytorch_used=pytorch_used, rows=tuple(rows), targets=())
 
 

@@ -205,7 +205,8 @@ def test_tensor_parallel_forward_equals_the_single_process_one(tiny32, tiny_ids,
         scale = max(np.abs(r).max() for r in reference)
         for logits, _ in tp_forwards(model, tiny_ids, n_ranks, prefill=20):
             for out, ref in zip(logits, reference):
-                # float32: the partial sums are added in another order, ~1e-7 relative; reffuse's parity bound is <= 1e-5
+                # float32: the partial sums are added in another order, ~1e-7 relative; reffuse's parity bound is
+                # <= 1e-5
                 assert np.abs(out - ref).max() <= 1e-5 * scale
 
 

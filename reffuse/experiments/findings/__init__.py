@@ -1,11 +1,11 @@
-"""The findings (a)-(k) of `reffuse experiments`, one module each: the function that measures the finding on a
-Study, the rule (`judge`) that turns the measurement into a verdict against the paper's observation, and the
-finding's section of the report (`section`). A new finding is a new module, named in FINDINGS and in the report's
-order below.
+"""The findings (a)-(k) of `reffuse experiments`, one module each: the record of what the finding measures and the
+function that measures it on a Study, the rule (`judge`) that turns the measurement into a verdict against the
+paper's observation, and the finding's section of the report (`section`). A new finding is a new module, named in
+FINDINGS and in the report's order below, with its measurement a field of StudyResult (findings.result).
 
-A measurement returns the JSON-ready value stored under its key of the run's result; a rule reads only that
-result (so it can be re-applied to a committed run) and returns a Verdict (findings.rules): "held", "partly held",
-"did not hold", "not resolved" or "not measured", or None where the run did not measure the finding.
+A rule reads only the run's StudyResult (so it can be re-applied to a committed run, read back from its JSON) and
+returns a Verdict (findings.rules): "held", "partly held", "did not hold", "not resolved" or "not measured", or
+None where the run did not measure the finding.
 
 Every comparison a rule makes is a paired difference over the same held-out predictions
 (reffuse.stats.paired_difference): its mean, a 95% interval over windows and one over token blocks, and the sign
@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from reffuse.experiments.findings import (a_intensity, b_removal, c_last_ffn, d_reversed, e_full_block, f_norm,
                                           g_calibrated, h_predictors, i_equal_latency, j_calibration_scale, k_planner)
-from reffuse.experiments.findings.rules import (REVISIONS, Verdict, by_steps, decide, decide_lower, difference,
-                                                higher, lower)
+from reffuse.experiments.findings.a_intensity import by_steps
+from reffuse.experiments.findings.result import StudyResult
+from reffuse.experiments.findings.rules import REVISIONS, Verdict, decide, difference
 
 # The findings in letter order, the order of the verdict table; RULES, their rules in that order.
 FINDINGS = (a_intensity, b_removal, c_last_ffn, d_reversed, e_full_block, f_norm, g_calibrated, h_predictors,
@@ -34,8 +35,12 @@ RULES = tuple(finding.judge for finding in FINDINGS)
 ON_THE_PLANS = (a_intensity, g_calibrated, b_removal, k_planner, i_equal_latency, j_calibration_scale)
 OTHERS = (c_last_ffn, d_reversed, e_full_block, h_predictors)
 
+# What other modules take from the package: the above, the result, and what the rules share.
+__all__ = ["FINDINGS", "ON_THE_PLANS", "OTHERS", "REVISIONS", "RULES", "StudyResult", "Verdict", "by_steps", "decide",
+           "difference", "verdicts"]
 
-def verdicts(r: dict) -> list[dict]:
-    """One entry per finding, by the rules of FINDINGS, from the run's JSON result: (a)-(h), and (i)-(k) where the
-    run measured them (runs made before they existed did not)."""
-    return [v.as_dict() for v in (rule(r) for rule in RULES) if v is not None]
+
+def verdicts(result: StudyResult) -> list[Verdict]:
+    """One verdict per finding, by the rules of FINDINGS: (a)-(h), and (i)-(k) where the run measured them (runs
+    made before they existed did not)."""
+    return [v for v in (rule(result) for rule in RULES) if v is not None]

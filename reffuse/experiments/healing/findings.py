@@ -17,8 +17,8 @@ import numpy as np
 
 from reffuse.experiments.findings import Verdict, decide
 from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets
-from reffuse.experiments.healing.points import WindowScores
-from reffuse.stats import paired_window_sums, verdict
+from reffuse.experiments.healing.points import HealingPoint, WindowScores
+from reffuse.stats import ClusteredDifference, paired_window_sums, verdict
 
 # (l): "most of the gap" is more than half of it. The gap is the fused model's extra KL over the attention-removed
 # model before healing, measured in the same run; a fraction of it, not a number of nats, so that the rule does
@@ -49,7 +49,7 @@ class Pooled:
     def top1(self) -> float:
         return float(self.agree.sum() / self.predictions.sum())
 
-    def kl_interval(self) -> dict:
+    def kl_interval(self) -> ClusteredDifference:
         """The mean KL with its intervals over windows and over texts (a difference from zero)."""
         return paired_window_sums(self.kl, np.zeros_like(self.kl), self.predictions, self.text)
 
@@ -57,13 +57,10 @@ class Pooled:
 class Points:
     """The finished held-out points, looked up by variant, objective, budget and seed."""
 
-    def __init__(self, results: list[dict]):
-        self.scores = {}
-        for r in results:
-            p = r["point"]
-            if p["split"] == "held-out":
-                self.scores[(p["variant"], p["objective"], p["tokens"], p["seed"])] = \
-                    WindowScores.from_json(r["scores"])
+    def __init__(self, results: list[HealingPoint]):
+        self.scores: dict[tuple[str, str, int, int], WindowScores] = {
+            (r.point.variant, r.point.objective, r.point.tokens, r.point.seed): r.scores
+            for r in results if r.point.split == "held-out"}
 
     def pooled(self, variant: str, objective: str, tokens: int, seeds=()) -> Pooled | None:
         """The point over every seed that finished (None if none did, or if one of `seeds` has not); budget 0
@@ -73,9 +70,13 @@ class Points:
         if not runs or not set(seeds) <= set(runs):
             return None
         seeds = tuple(sorted(runs))
-        mean = {field: np.mean([getattr(runs[s], field) for s in seeds], axis=0) for field in ("kl", "nll", "agree")}
+
+        def seeds_mean(field: str) -> np.ndarray:
+            return np.mean([getattr(runs[s], field) for s in seeds], axis=0)
+
         first = runs[seeds[0]]
-        return Pooled(mean["kl"], mean["nll"], mean["agree"], np.asarray(first.predictions, dtype=np.float64),
+        return Pooled(seeds_mean("kl"), seeds_mean("nll"), seeds_mean("agree"),
+                      np.asarray(first.predictions, dtype=np.float64),
                       np.asarray(first.text), seeds, tuple(runs[s].mean_kl for s in seeds))
 
     def keys(self) -> list[tuple[str, str, int]]:
@@ -83,25 +84,25 @@ class Points:
         return sorted({(v, o, t) for v, o, t, _ in self.scores}, key=lambda k: (k[0], k[1], k[2]))
 
 
-def compare(x: Pooled, y: Pooled) -> dict:
+def compare(x: Pooled, y: Pooled) -> ClusteredDifference:
     """x - y in mean KL, with both intervals."""
     return paired_window_sums(x.kl, y.kl, x.predictions, x.text)
 
 
-def below(d: dict, threshold: float = 0.0) -> bool:
+def below(d: ClusteredDifference, threshold: float = 0.0) -> bool:
     """Resolved below the threshold: the interval over texts lies under it."""
-    return verdict(d["clusters_interval_95"], threshold, "<") == "met"
+    return verdict(d.clusters_interval_95, threshold, "<") == "met"
 
 
-def above(d: dict, threshold: float = 0.0) -> bool:
-    return verdict(d["clusters_interval_95"], threshold, ">") == "met"
+def above(d: ClusteredDifference, threshold: float = 0.0) -> bool:
+    return verdict(d.clusters_interval_95, threshold, ">") == "met"
 
 
-def describe_comparison(d: dict) -> str:
-    t, w = d["clusters_interval_95"], d["windows_interval_95"]
-    texts = f"[{t[0]:+.4f}, {t[1]:+.4f}] over {d['clusters']} texts" if t else "no interval over texts"
-    windows = f"[{w[0]:+.4f}, {w[1]:+.4f}] over {d['windows']} windows" if w else "no interval over windows"
-    return f"{d['mean']:+.4f} nats ({texts}; {windows})"
+def describe_comparison(d: ClusteredDifference) -> str:
+    t, w = d.clusters_interval_95, d.windows_interval_95
+    texts = f"[{t[0]:+.4f}, {t[1]:+.4f}] over {d.clusters} texts" if t else "no interval over texts"
+    windows = f"[{w[0]:+.4f}, {w[1]:+.4f}] over {d.windows} windows" if w else "no interval over windows"
+    return f"{d.mean:+.4f} nats ({texts}; {windows})"
 
 
 def seeds_note(*pooled: Pooled) -> str:
@@ -242,6 +243,6 @@ def refit_start(points: Points, budgets: Budgets) -> Verdict:
 FINDINGS = (gap_closed, fusion_vs_removal, global_vs_local, refit_start)
 
 
-def verdicts(results: list[dict], budgets: Budgets) -> list[Verdict]:
+def verdicts(results: list[HealingPoint], budgets: Budgets) -> list[Verdict]:
     points = Points(results)
     return [finding(points, budgets) for finding in FINDINGS]

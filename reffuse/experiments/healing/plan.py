@@ -22,7 +22,7 @@ Objectives:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from reffuse.core.fusion import fuse
 from reffuse.core.model import Model
@@ -56,16 +56,23 @@ class FusionChoices:
     calibration_window: int
 
     @classmethod
-    def from_study(cls, study: dict) -> "FusionChoices":
+    def from_study(cls, study: dict) -> FusionChoices:
         plans = {row["steps"]: [tuple(g) for g in row["groups"]] for row in study["intensity"]}
         return cls(tuple(study["attention_removal"]["blocks"]), tuple(study["region"]), plans,
                    {int(k): v for k, v in study["removal"]["ffn_scores"].items()},
                    study["calibration"]["ridge"], study["calibration"]["weighting"],
                    study["settings"]["calibration_tokens"], study["settings"]["window"])
 
+    def to_json(self) -> dict:
+        """The choices as a study folder's study.json records them (lists for tuples, string keys)."""
+        return {"attention_removed": list(self.attention_removed), "region": list(self.region),
+                "plans": {str(steps): [list(g) for g in groups] for steps, groups in self.plans.items()},
+                "ffn_scores": {str(ffn): kl for ffn, kl in self.ffn_scores.items()}, "ridge": self.ridge,
+                "weighting": self.weighting, "calibration_tokens": self.calibration_tokens,
+                "calibration_window": self.calibration_window}
+
     @classmethod
-    def from_record(cls, record: dict) -> "FusionChoices":
-        """The choices as a study folder's study.json recorded them (JSON: lists for tuples, string keys)."""
+    def from_json(cls, record: dict) -> FusionChoices:
         return cls(tuple(record["attention_removed"]), tuple(record["region"]),
                    {int(k): [tuple(g) for g in groups] for k, groups in record["plans"].items()},
                    {int(k): v for k, v in record["ffn_scores"].items()}, record["ridge"], record["weighting"],
@@ -136,6 +143,13 @@ class Point:
     learning_rate: float = 0.0
     split: str = "held-out"  # where it is scored: "held-out", or "calibration" for the learning-rate choice
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> Point:
+        return cls(**record)
+
     @property
     def key(self) -> str:
         rate = f"-lr{self.learning_rate:g}" if self.split == "calibration" else ""
@@ -155,6 +169,14 @@ class Budgets:
     finding_variants: tuple = field(default=(ATTENTION_REMOVED, "fused, 4 steps", "fused, 4 steps, refit",
                                              "3 FFNs removed", "fused, 1 step", "fused, 1 step, refit",
                                              "6 FFNs removed"))
+
+    def to_json(self) -> dict:
+        """The budgets as study.json records them: lists for tuples."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, record: dict) -> Budgets:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items()})
 
 
 def sweep_points(budgets: Budgets) -> list[Point]:

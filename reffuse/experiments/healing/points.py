@@ -21,10 +21,12 @@ from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.scoring import log_softmax, score_windows
 from reffuse.experiments.healing.plan import Point, Variant
+from reffuse.experiments.provenance import Provenance
 from reffuse.formats.corpus import TokenWindows
 from reffuse.method.calibrate import sequential_update
 from reffuse.method.distill import local_loss_and_gradients
 from reffuse.progress import note
+from reffuse.records import present_fields
 from reffuse.training.optim import AdamW, Schedule
 from reffuse.training.trainer import (CHECKPOINT_FILE, TrainingLog, TrainingOptions, load_checkpoint, take_step,
                                       save_checkpoint, train, window_index)
@@ -60,8 +62,30 @@ class WindowScores:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "WindowScores":
+    def from_json(cls, data: dict) -> WindowScores:
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class HealingPoint:
+    """A finished point as its file in the study's points/ folder holds it."""
+    point: Point
+    trainable: list[str] | int     # the names of the tensors trained (the learning-rate sweep recorded their count)
+    scores: WindowScores
+    log: TrainingLog | None        # None for an untrained start
+    seconds: float                 # training (over every resumed part) and scoring
+    cpus: int | None               # the machine's cores; not recorded by the sweep's points
+    provenance: Provenance         # the setup files' commit
+
+    def to_json(self) -> dict:
+        return present_fields(self, kept_when_none=("log",))
+
+    @classmethod
+    def from_json(cls, record: dict) -> HealingPoint:
+        log = record["log"]
+        return cls(Point.from_json(record["point"]), record["trainable"], WindowScores.from_json(record["scores"]),
+                   TrainingLog.from_json(log) if log is not None else None, record["seconds"], record.get("cpus"),
+                   Provenance.from_json(record["provenance"]))
 
 
 def window_texts(windows: TokenWindows) -> tuple[list[int], list[str]]:

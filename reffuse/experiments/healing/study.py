@@ -9,24 +9,24 @@ after every point); training checkpoints live beside DIR in DIR.checkpoints and 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reffuse.errors import ReffuseError
 from reffuse.experiments.healing.plan import (FUSION_STUDY, Budgets, FusionChoices, Point, Variant,
                                               build_variant, read_fusion_choices, study_points, sweep_points)
-from reffuse.experiments.healing.points import WindowScores, original_logits, score, train_point
-from reffuse.experiments.provenance import provenance
+from reffuse.experiments.healing.points import HealingPoint, original_logits, score, train_point
+from reffuse.experiments.provenance import Provenance, provenance
 from reffuse.files import json_text, locked, read_json
 from reffuse.outputs import write_text_atomic
 from reffuse.formats.corpus import TokenWindows, calibration_windows, held_out_windows, training_windows
 from reffuse.formats.registry import find_tokenizer, load_model
 from reffuse.method.removal import drop_attention
 from reffuse.progress import note
+from reffuse.records import present_fields
 
 # The code and data that shape the study's numbers: a change to any of them after a point was run is reported.
 SETUP_FILES = ("reffuse/experiments/healing", "reffuse/training", "reffuse/formats/corpus.py",
@@ -45,7 +45,44 @@ class HealingStudySettings:
     budgets: Budgets = Budgets()
 
     def to_json(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))  # tuples as lists, as the folder's JSON holds them
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> HealingStudySettings:
+        return cls(**(record | {"budgets": Budgets.from_json(record["budgets"])}))
+
+
+@dataclass(frozen=True)
+class RecordedFusionStudy:
+    """The fusion study's choices as the healing study recorded them when it started, and where they came from."""
+    choices: FusionChoices
+    file: str                  # the fusion study's JSON, relative to the checkout
+    provenance: Provenance     # its commit
+
+    def to_json(self) -> dict:
+        return self.choices.to_json() | {"file": self.file, "provenance": self.provenance.to_json()}
+
+    @classmethod
+    def from_json(cls, record: dict) -> RecordedFusionStudy:
+        return cls(FusionChoices.from_json(record), record["file"], Provenance.from_json(record["provenance"]))
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study folder's study.json: what every point shares, written when the study starts."""
+    settings: HealingStudySettings
+    fusion_study: RecordedFusionStudy
+    rules: Provenance          # the findings' rules files when the study started
+    setup: Provenance          # the setup files when the study started
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> StudyRecord:
+        return cls(HealingStudySettings.from_json(record["settings"]),
+                   RecordedFusionStudy.from_json(record["fusion_study"]), Provenance.from_json(record["rules"]),
+                   Provenance.from_json(record["setup"]))
 
 
 @dataclass
@@ -74,14 +111,19 @@ def point_path(folder: Path, point: Point) -> Path:
     return folder / "points" / f"{point.key}.json"
 
 
-def read_points(folder: Path) -> list[dict]:
-    return [read_json(p, "delete the file to run its point again") for p in sorted((folder / "points").glob("*.json"))]
+def read_points(folder: Path) -> list[HealingPoint]:
+    return [HealingPoint.from_json(read_json(p, "delete the file to run its point again"))
+            for p in sorted((folder / "points").glob("*.json"))]
+
+
+def read_study(folder: Path, remedy: str) -> StudyRecord:
+    return StudyRecord.from_json(read_json(folder / "study.json", remedy))
 
 
 def choose_rates(folder: Path, budgets: Budgets) -> dict:
     """The learning rate of each objective from the sweep: the candidate with the lowest calibration KL."""
-    done = {(p["point"]["objective"], p["point"]["learning_rate"]): WindowScores.from_json(p["scores"]).mean_kl
-            for p in read_points(folder) if p["point"]["split"] == "calibration"}
+    done = {(r.point.objective, r.point.learning_rate): r.scores.mean_kl
+            for r in read_points(folder) if r.point.split == "calibration"}
     rates = {}
     for objective, candidates in (("kd", budgets.kd_rates), ("local", budgets.local_rates)):
         scored = {r: done[(objective, r)] for r in candidates if (objective, r) in done}
@@ -116,7 +158,7 @@ class Runner:
     def windows(self, split: str) -> TokenWindows:
         return self.texts.held_out if split == "held-out" else self.texts.calibration
 
-    def run(self, point: Point) -> dict:
+    def run(self, point: Point) -> HealingPoint:
         variant = self.variant(point.variant)
         model, log = variant.model, None
         checkpoint = self.folder.with_name(self.folder.name + ".checkpoints") / point.key
@@ -127,35 +169,31 @@ class Runner:
         scores = score(model, self.windows(point.split), self.original_logits(point.split))
         shutil.rmtree(checkpoint, ignore_errors=True)
         trained = log.seconds if log is not None else 0.0       # every process's training steps, resumed or not
-        return {"point": asdict(point), "trainable": variant.trainable(point.objective) if point.tokens else [],
-                "scores": scores.to_json(), "log": log.to_json() if log is not None else None,
-                "seconds": trained + time.perf_counter() - scoring, "cpus": os.cpu_count(),
-                "provenance": provenance(SETUP_FILES)}
+        return HealingPoint(point, variant.trainable(point.objective) if point.tokens else [], scores, log,
+                            trained + time.perf_counter() - scoring, os.cpu_count(), provenance(SETUP_FILES))
 
 
-def check_settings(folder: Path, settings: HealingStudySettings) -> dict:
+def check_settings(folder: Path, settings: HealingStudySettings) -> StudyRecord:
     """The folder's study.json, written on first use; refuse a folder of a study with other settings."""
     path = folder / "study.json"
     if path.is_file():
-        study = read_json(path, f"delete {folder} to start the study afresh")
-        if study.get("settings") != settings.to_json():
+        study = read_study(folder, f"delete {folder} to start the study afresh")
+        if study.settings != settings:
             raise ReffuseError(f"{folder} holds a healing study with other settings ({path}): use another --out, "
                                "or the same settings to continue it")
         return study
     if folder.exists() and any(folder.iterdir()):
         raise ReffuseError(f"{folder} is not empty and holds no healing study: choose another --out")
-    study = {"settings": settings.to_json(), "fusion_study": asdict(read_fusion_choices()) | {
-        "file": FUSION_STUDY,
-        "provenance": provenance([FUSION_STUDY])},
-        "rules": provenance(RULE_FILES), "setup": provenance(SETUP_FILES)}
-    write_text_atomic(path, json_text(study))
+    study = StudyRecord(settings, RecordedFusionStudy(read_fusion_choices(), FUSION_STUDY, provenance([FUSION_STUDY])),
+                        provenance(RULE_FILES), provenance(SETUP_FILES))
+    write_text_atomic(path, json_text(study.to_json()))
     return study
 
 
-def recorded_choices(study: dict) -> FusionChoices:
+def recorded_choices(study: StudyRecord) -> FusionChoices:
     """The fusion study's choices as the study recorded them when it started; the committed fusion study may have
     been judged again since, and its choices must not move under a study in progress."""
-    recorded, now = FusionChoices.from_record(study["fusion_study"]), read_fusion_choices()
+    recorded, now = study.fusion_study.choices, read_fusion_choices()
     if recorded != now:
         note(f"the fusion study's choices changed since this study started ({FUSION_STUDY}): the study goes on "
              "with the ones it recorded")
@@ -163,7 +201,7 @@ def recorded_choices(study: dict) -> FusionChoices:
 
 
 def run_study(folder, settings: HealingStudySettings = HealingStudySettings(), up_to: int | None = None,
-              report=None) -> list[dict]:
+              report=None) -> list[HealingPoint]:
     """Run every point not yet in the folder, up to `up_to` training tokens; `report(folder)` after each."""
     folder = Path(folder)
     study = check_settings(folder, settings)
@@ -190,7 +228,7 @@ def run_study(folder, settings: HealingStudySettings = HealingStudySettings(), u
                  f"{point.seed}" + (f", learning rate {point.learning_rate:g}" if point.tokens else "")
                  + f", scored on {point.split} text")
             result = runner.run(point)
-            write_text_atomic(path, json_text(result, inline_lists=True))
+            write_text_atomic(path, json_text(result.to_json(), inline_lists=True))
             if report is not None:
                 report(folder)
     return read_points(folder)

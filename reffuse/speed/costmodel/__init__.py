@@ -1,4 +1,5 @@
-"""A decode-latency model: why fewer, wider FFN layers decode faster under tensor parallelism (the paper's §3, "Efficiency motivation", and App. E).
+"""A decode-latency model: why fewer, wider FFN layers decode faster under tensor parallelism (the paper's §3,
+"Efficiency motivation", and App. E).
 
 A teaching model, not a simulator. Every term is a line of arithmetic and every number has a stated source.
 
@@ -45,15 +46,30 @@ The package reads in that order: `latency` (the equations above), `hardware` (th
 
 from reffuse.speed.costmodel.calibration import (HARDWARE_PRESETS, calibrate_cpu, get_hardware, measure_mpi_allreduce,
                                                  mpiexec_path)
-from reffuse.speed.costmodel.hardware import H100_SOURCES, NUMPY_CALLS, PRECISION_BYTES, Hardware, cpu_hardware, h100_sxm
-from reffuse.speed.costmodel.latency import (Cost, allgather_seconds, allreduce_count, allreduce_seconds,
-                                             check_tensor_parallel, cost_summary, decode_projection, forward_cost,
-                                             parameter_count, tensor_parallel_degrees)
-from reffuse.speed.costmodel.paper import (LEFT_OUT, PAPER_TABLE2, PAPER_TP, paper_comparison, paper_grid,
-                                            paper_sensitivity)
+from reffuse.speed.costmodel.hardware import (H100_SOURCES, NUMPY_CALLS, PRECISION_BYTES, Calibration, Hardware,
+                                              HardwareRecord, MpiAllreduce, cpu_hardware, h100_sxm)
+from reffuse.speed.costmodel.latency import (Cost, CostSummary, Projection, allgather_seconds, allreduce_count,
+                                             allreduce_seconds, check_tensor_parallel, cost_summary, decode_projection,
+                                             forward_cost, parameter_count, tensor_parallel_degrees)
+from reffuse.speed.costmodel.paper import (LEFT_OUT, PAPER_TABLE2, PAPER_TP, PaperComparison, PaperGrid, SensitivityRow,
+                                           paper_comparison, paper_grid, paper_sensitivity)
 from reffuse.speed.costmodel.presets import (MODEL_PRESETS, ULTRA_FUSED_MULTS, ULTRA_FUSION_GROUPS, ULTRA_GROUP_MULTS,
                                              deci_ffn_width, default_fusion_groups, get_layout, layout_from_model,
                                              llama_405b_layout, smollm2_layout, tiny_layout, ultra_fused_layout,
                                              ultra_prefusion_layout)
-from reffuse.speed.costmodel.tp_runs import predict_tp_run, tp_run_layout
+from reffuse.speed.costmodel.tp_runs import TpRunPrediction, predict_tp_run, tp_run_layout
 from reffuse.core.layout import BlockLayout, Layout, fuse_layout
+
+__all__ = ["HARDWARE_PRESETS", "calibrate_cpu", "get_hardware", "measure_mpi_allreduce", "mpiexec_path",
+           "H100_SOURCES", "NUMPY_CALLS", "PRECISION_BYTES", "Calibration", "Hardware", "HardwareRecord",
+           "MpiAllreduce", "cpu_hardware", "h100_sxm",
+           "Cost", "CostSummary", "Projection", "allgather_seconds", "allreduce_count", "allreduce_seconds",
+           "check_tensor_parallel", "cost_summary", "decode_projection", "forward_cost", "parameter_count",
+           "tensor_parallel_degrees",
+           "LEFT_OUT", "PAPER_TABLE2", "PAPER_TP", "PaperComparison", "PaperGrid", "SensitivityRow", "paper_comparison",
+           "paper_grid", "paper_sensitivity",
+           "MODEL_PRESETS", "ULTRA_FUSED_MULTS", "ULTRA_FUSION_GROUPS", "ULTRA_GROUP_MULTS", "deci_ffn_width",
+           "default_fusion_groups", "get_layout", "layout_from_model", "llama_405b_layout", "smollm2_layout",
+           "tiny_layout", "ultra_fused_layout", "ultra_prefusion_layout",
+           "TpRunPrediction", "predict_tp_run", "tp_run_layout",
+           "BlockLayout", "Layout", "fuse_layout"]

@@ -19,7 +19,8 @@ from reffuse.core.kv_cache import KVCache
 from reffuse.core.model import FFN, Attention, Block, Model, forward
 from reffuse.errors import ReffuseError
 from reffuse.optional import install_hint
-from reffuse.speed.costmodel.hardware import NUMPY_CALLS, Hardware, cpu_hardware, h100_sxm
+from reffuse.speed.costmodel.hardware import (NUMPY_CALLS, Calibration, Hardware, MpiAllreduce, cpu_hardware,
+                                              h100_sxm)
 from reffuse.speed.timing import blas_threads
 
 MPI_PROBE = Path(__file__).with_name("mpi_probe.py")
@@ -86,27 +87,27 @@ def mpiexec_path() -> str | None:
     return beside if os.path.exists(beside) else shutil.which("mpiexec")
 
 
-def measure_mpi_allreduce(timeout: float = 12.0) -> dict:
+def measure_mpi_allreduce(timeout: float = 12.0) -> MpiAllreduce:
     """alpha and beta of MPI's Allreduce between 2 ranks on this machine, from `mpiexec -n 2`: a small message
     (latency) and a 1 MiB one (bandwidth); for N = 2 a ring is t = 2·alpha + bytes / beta. Also the GEMV
     bandwidth each of 2 ranks gets when both stream at once."""
     launcher = mpiexec_path()
     if launcher is None:
-        return {"available": False, "reason": f"no mpiexec ({install_hint('mpi')})"}
+        return MpiAllreduce(available=False, reason=f"no mpiexec ({install_hint('mpi')})")
     try:
         one_thread = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         done = subprocess.run([launcher, "-n", "2", sys.executable, str(MPI_PROBE)], capture_output=True,
                               text=True, timeout=timeout, env=one_thread)
     except subprocess.TimeoutExpired:
-        return {"available": False, "reason": f"mpiexec -n 2 did not finish in {timeout:.0f} s"}
+        return MpiAllreduce(available=False, reason=f"mpiexec -n 2 did not finish in {timeout:.0f} s")
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        return {"available": False, "reason": f"mpiexec -n 2 failed: {last}"}
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
+        return MpiAllreduce(available=False, reason=f"mpiexec -n 2 failed: {last}")
+    probe = json.loads(done.stdout.strip().splitlines()[-1])                        # the line mpi_probe prints
     alpha = probe["small_seconds"] / 2                                               # 2 (N - 1) steps at N = 2
     beta = (probe["large_bytes"] - probe["small_bytes"]) / max(probe["large_seconds"] - probe["small_seconds"],
                                                                1e-9)
-    return {"available": True, "alpha": alpha, "link_bandwidth": beta, **probe}
+    return MpiAllreduce(available=True, alpha=alpha, link_bandwidth=beta, **probe)
 
 
 def calibrate_cpu(mpi: bool = True, dtype: str = "fp32") -> Hardware:
@@ -128,23 +129,25 @@ def calibrate_cpu(mpi: bool = True, dtype: str = "fp32") -> Hardware:
     weight = rng.random((32768, 1024), dtype=np_dtype)               # [out, in], stored like reffuse's weights
     x = rng.random((1, 1024), dtype=np_dtype)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    measured = {}
-    for label, threads in (("1_thread", 1), ("all_threads", cores)):
+    rates = []                                                       # (GEMM FLOP/s, GEMV bytes/s) per setting
+    for threads in (1, cores):
         with blas_threads(threads):
-            measured[f"gemm_flops_{label}"] = 2 * 1024 ** 3 / _best_seconds(lambda: a @ b, repeats=5)
-            measured[f"gemv_bandwidth_{label}"] = weight.nbytes / _best_seconds(lambda: x @ weight.T, repeats=9)
+            rates.append((2 * 1024 ** 3 / _best_seconds(lambda: a @ b, repeats=5),
+                          weight.nbytes / _best_seconds(lambda: x @ weight.T, repeats=9)))
+    (gemm_1_thread, gemv_1_thread), (gemm_all_threads, gemv_all_threads) = rates
     seconds = _decode_seconds(_overhead_models(np_dtype))
     for part in ("attention", "ffn"):  # a model with one such block, less the model with none
         seconds[part] = max(seconds[part] - seconds["forward"], 0.0)
     per_call = sum(seconds.values()) / sum(NUMPY_CALLS.values())
-    comm = measure_mpi_allreduce() if mpi else {"available": False, "reason": "not asked for"}
+    comm = measure_mpi_allreduce() if mpi else MpiAllreduce(available=False, reason="not asked for")
     # the most memory bandwidth the machine was seen to give: one process with all threads, or two ranks at once
-    machine = max(measured["gemv_bandwidth_all_threads"], measured["gemv_bandwidth_1_thread"],
-                  comm.get("ranks", 0) * comm.get("gemv_bandwidth_per_rank", 0.0))
-    calibration = {"cores": cores, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                   **measured, "machine_bandwidth": machine,
-                   "decode_overhead_seconds": seconds, "numpy_call_seconds": per_call, "mpi_allreduce": comm,
-                   "dtype": dtype, "calibration_seconds": time.perf_counter() - started}
+    machine = max(gemv_all_threads, gemv_1_thread, (comm.ranks or 0) * (comm.gemv_bandwidth_per_rank or 0.0))
+    calibration = Calibration(cores=cores, load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                              gemm_flops_1_thread=gemm_1_thread, gemv_bandwidth_1_thread=gemv_1_thread,
+                              gemm_flops_all_threads=gemm_all_threads, gemv_bandwidth_all_threads=gemv_all_threads,
+                              machine_bandwidth=machine, decode_overhead_seconds=seconds,
+                              numpy_call_seconds=per_call, mpi_allreduce=comm, dtype=dtype,
+                              calibration_seconds=time.perf_counter() - started)
     return cpu_hardware(calibration)
 
 

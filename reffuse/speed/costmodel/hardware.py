@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from reffuse.errors import ReffuseError
-
+from reffuse.records import present_fields
 
 
 # bytes per weight in each precision the presets use
@@ -14,7 +14,88 @@ PRECISION_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4, "fp64": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a calibration of this machine recorded (reffuse.speed.costmodel.calibration measures it)
+
+
+@dataclass(frozen=True)
+class MpiAllreduce:
+    """MPI's Allreduce between 2 ranks of this machine (measure_mpi_allreduce), or why it was not measured: the
+    fields after `reason` are None then, and absent from the JSON."""
+    available: bool
+    reason: str | None = None                   # why it was not measured
+    alpha: float | None = None                  # seconds per ring step
+    link_bandwidth: float | None = None         # bytes/s (beta)
+    ranks: int | None = None
+    small_bytes: int | None = None              # the latency probe's message
+    small_seconds: float | None = None
+    large_bytes: int | None = None              # the bandwidth probe's message
+    large_seconds: float | None = None
+    gemv_bandwidth_per_rank: float | None = None    # bytes/s each of the ranks streams while both do
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> MpiAllreduce:
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """This machine's figures from calibrate_cpu: each the best of several timings (the machine undisturbed).
+    Rates in FLOP/s and bytes/s."""
+    cores: int
+    load_average: float | None                  # 1-minute load average while measuring; None: not known here
+    gemm_flops_1_thread: float
+    gemv_bandwidth_1_thread: float
+    gemm_flops_all_threads: float
+    gemv_bandwidth_all_threads: float
+    machine_bandwidth: float                    # the most the machine was seen to stream, by one or two processes
+    decode_overhead_seconds: dict[str, float]   # "forward", "attention", "ffn" -> seconds of a decode step's calls
+    numpy_call_seconds: float                   # the cost of one NumPy call: the `cpu` kernel overhead
+    mpi_allreduce: MpiAllreduce
+    dtype: str                                  # the precision measured: "fp32" or "fp64"
+    calibration_seconds: float                  # how long the calibration took
+
+    def to_json(self) -> dict:
+        return present_fields(self, kept_when_none=("load_average",))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Calibration:
+        return cls(**raw | {"decode_overhead_seconds": dict(raw["decode_overhead_seconds"]),
+                            "mpi_allreduce": MpiAllreduce.from_json(raw["mpi_allreduce"])})
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Hardware
+
+
+@dataclass(frozen=True)
+class HardwareRecord:
+    """A Hardware as the report records it (Hardware.describe): the peak FLOP/s of its weights' precision only."""
+    name: str
+    precision: str
+    peak_flops: float                   # FLOP/s in `precision`, dense
+    memory_bandwidth: float             # bytes/s
+    kernel_overhead: float              # seconds per kernel
+    kernels: dict[str, int]             # kernels per "attention" and "ffn" sub-block and per "forward"
+    allreduce_alpha: float | None       # seconds per ring step; None: not known on this hardware
+    link_bandwidth: float | None        # bytes/s, one direction, per device
+    activation_bytes: int
+    lm_head_vocab_parallel: bool
+    memory_capacity: float | None       # bytes per device; None: not known
+    sources: tuple[str, ...]
+    calibration: Calibration | None     # the `cpu` hardware's; None for a preset from its datasheet
+
+    def to_json(self) -> dict:
+        return present_fields(self, kept_when_none=("allreduce_alpha", "link_bandwidth", "memory_capacity",
+                                                    "calibration"))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> HardwareRecord:
+        calibration = None if raw["calibration"] is None else Calibration.from_json(raw["calibration"])
+        return cls(**raw | {"kernels": dict(raw["kernels"]), "sources": tuple(raw["sources"]),
+                            "calibration": calibration})
 
 
 @dataclass(frozen=True)
@@ -33,7 +114,7 @@ class Hardware:
     memory_capacity: float | None   # bytes per device, to flag layouts that do not fit
     cores_shared_by_ranks: int = 0  # >0: ranks of one job share this many cores (a CPU), see for_ranks
     sources: tuple[str, ...] = ()
-    calibration: dict | None = None
+    calibration: Calibration | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -59,21 +140,19 @@ class Hardware:
             return self
         threads = threads or max(1, cores // n_ranks)
         share = max(1.0, n_ranks * threads / cores)  # time-sharing when busy threads outnumber cores
-        one, machine = cal["gemm_flops_1_thread"], max(cal["gemm_flops_all_threads"], cal["gemm_flops_1_thread"])
+        one, machine = cal.gemm_flops_1_thread, max(cal.gemm_flops_all_threads, cal.gemm_flops_1_thread)
         flops = min(one * threads, machine)
-        bandwidth = min(cal["gemv_bandwidth_1_thread"] * threads, cal["machine_bandwidth"] / n_ranks)
+        bandwidth = min(cal.gemv_bandwidth_1_thread * threads, cal.machine_bandwidth / n_ranks)
         return dataclasses.replace(self, peak_flops={self.precision: flops / share},
                                    memory_bandwidth=bandwidth / share, kernel_overhead=self.kernel_overhead * share,
                                    allreduce_alpha=None if self.allreduce_alpha is None
                                    else self.allreduce_alpha * share)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "precision": self.precision, "peak_flops": self.peak_flops[self.precision],
-                "memory_bandwidth": self.memory_bandwidth, "kernel_overhead": self.kernel_overhead,
-                "kernels": self.kernels, "allreduce_alpha": self.allreduce_alpha,
-                "link_bandwidth": self.link_bandwidth, "activation_bytes": self.activation_bytes,
-                "lm_head_vocab_parallel": self.lm_head_vocab_parallel, "memory_capacity": self.memory_capacity,
-                "sources": list(self.sources), "calibration": self.calibration}
+    def describe(self) -> HardwareRecord:
+        return HardwareRecord(self.name, self.precision, self.peak_flops[self.precision], self.memory_bandwidth,
+                              self.kernel_overhead, self.kernels, self.allreduce_alpha, self.link_bandwidth,
+                              self.activation_bytes, self.lm_head_vocab_parallel, self.memory_capacity,
+                              self.sources, self.calibration)
 
 
 # H100 SXM5 80GB, from NVIDIA's H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100, SXM column):
@@ -114,14 +193,15 @@ def h100_sxm(precision: str = "fp8") -> Hardware:
 NUMPY_CALLS = {"attention": 37, "ffn": 16, "forward": 27}
 
 
-def cpu_hardware(calibration: dict) -> Hardware:
+def cpu_hardware(calibration: Calibration) -> Hardware:
     """The `cpu` Hardware from a calibration (calibrate_cpu's, or one recorded in a `reffuse costmodel --json`)."""
-    comm = calibration["mpi_allreduce"]
-    dtype = calibration["dtype"]
-    return Hardware(name="cpu", peak_flops={dtype: calibration["gemm_flops_all_threads"]},
-                    memory_bandwidth=calibration["gemv_bandwidth_all_threads"],
-                    kernel_overhead=calibration["numpy_call_seconds"], kernels=dict(NUMPY_CALLS),
-                    allreduce_alpha=comm.get("alpha"), link_bandwidth=comm.get("link_bandwidth"),
+    comm = calibration.mpi_allreduce
+    dtype = calibration.dtype
+    return Hardware(name="cpu", peak_flops={dtype: calibration.gemm_flops_all_threads},
+                    memory_bandwidth=calibration.gemv_bandwidth_all_threads,
+                    kernel_overhead=calibration.numpy_call_seconds, kernels=dict(NUMPY_CALLS),
+                    allreduce_alpha=comm.alpha, link_bandwidth=comm.link_bandwidth,
                     activation_bytes=PRECISION_BYTES[dtype], precision=dtype, lm_head_vocab_parallel=False,
-                    memory_capacity=None, cores_shared_by_ranks=calibration["cores"],
-                    sources=("measured on this machine by reffuse.speed.costmodel.calibrate_cpu",), calibration=calibration)
+                    memory_capacity=None, cores_shared_by_ranks=calibration.cores,
+                    sources=("measured on this machine by reffuse.speed.costmodel.calibrate_cpu",),
+                    calibration=calibration)

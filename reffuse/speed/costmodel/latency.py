@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from reffuse.core.layout import Layout, fuse_layout, sharding_problems
 from reffuse.errors import ReffuseError
+from reffuse.records import as_tuple, present_fields
 from reffuse.speed.costmodel.hardware import Hardware
 
 
@@ -78,6 +79,11 @@ class Cost:
     def seconds(self) -> float:
         return self.roofline + self.overhead + self.allreduce
 
+    @property
+    def collective_seconds(self) -> float:
+        """The all-reduces and all-gather with their kernel launches: what a run's timer around them measures."""
+        return self.parts["allreduce"]
+
 
 def _add(cost: Cost, hw: Hardware, part: str, flops: float, nbytes: float, kernels: int) -> None:
     """One sub-block: roofline time plus kernel overhead."""
@@ -135,19 +141,87 @@ def forward_cost(layout: Layout, hw: Hardware, tp: int = 1, tokens: int = 1, con
     return cost
 
 
-def cost_summary(cost: Cost, hw: Hardware, tp: int, batch: int = 1, tokens: int = 1) -> dict:
-    """A JSON-ready account of one prediction."""
+@dataclass(frozen=True)
+class CostSummary:
+    """One prediction as the report records it: a forward pass on one device, where its time goes, its work."""
+    tp: int
+    seconds: float                      # one forward pass
+    tokens_per_second: float            # the tokens of every sequence of the batch, over `seconds`
+    roofline_seconds: float
+    memory_bound_seconds: float         # the part of the roofline where bytes, not FLOPs, set the time
+    kernel_overhead_seconds: float
+    allreduce_seconds: float            # all-reduces and the LM head's all-gather, alpha-beta
+    allreduce_count: int
+    kernels: int
+    flops_per_device: float
+    bytes_per_device: float
+    weight_bytes_per_device: float
+    fits_in_memory: bool | None         # the weights fit one device's memory; None: its capacity is not known
+    seconds_by_part: dict[str, float]   # "attention", "ffn", "lm_head", "allreduce" -> seconds, overheads included
+
+    def to_json(self) -> dict:
+        return present_fields(self, kept_when_none=("fits_in_memory",))
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CostSummary:
+        """From its JSON, or from a JSON object that holds its keys among others (a row of paper_comparison)."""
+        return cls(**{f.name: raw[f.name] for f in fields(cls)} | {"seconds_by_part": dict(raw["seconds_by_part"])})
+
+
+def cost_summary(cost: Cost, hw: Hardware, tp: int, batch: int = 1, tokens: int = 1) -> CostSummary:
+    """The account of one prediction that the report records."""
     fits = None if hw.memory_capacity is None else bool(cost.weight_bytes <= hw.memory_capacity)
-    return {"tp": tp, "seconds": cost.seconds, "tokens_per_second": batch * tokens / cost.seconds,
-            "roofline_seconds": cost.roofline, "memory_bound_seconds": cost.memory_bound_seconds,
-            "kernel_overhead_seconds": cost.overhead, "allreduce_seconds": cost.allreduce,
-            "allreduce_count": cost.allreduces, "kernels": cost.kernels, "flops_per_device": cost.flops,
-            "bytes_per_device": cost.bytes, "weight_bytes_per_device": cost.weight_bytes,
-            "fits_in_memory": fits, "seconds_by_part": cost.parts}
+    return CostSummary(tp=tp, seconds=cost.seconds, tokens_per_second=batch * tokens / cost.seconds,
+                       roofline_seconds=cost.roofline, memory_bound_seconds=cost.memory_bound_seconds,
+                       kernel_overhead_seconds=cost.overhead, allreduce_seconds=cost.allreduce,
+                       allreduce_count=cost.allreduces, kernels=cost.kernels, flops_per_device=cost.flops,
+                       bytes_per_device=cost.bytes, weight_bytes_per_device=cost.weight_bytes,
+                       fits_in_memory=fits, seconds_by_part=cost.parts)
+
+
+@dataclass(frozen=True)
+class ProjectionRow:
+    """Decode at one TP degree, the layout as it is and fused."""
+    tp: int
+    sequential: CostSummary
+    fused: CostSummary
+    fusion_speedup: float               # sequential over fused seconds
+
+    def to_json(self) -> dict:
+        return present_fields(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> ProjectionRow:
+        return cls(raw["tp"], CostSummary.from_json(raw["sequential"]), CostSummary.from_json(raw["fused"]),
+                   raw["fusion_speedup"])
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Decode of one layout at every TP degree it can be split over (decode_projection)."""
+    model: str
+    parameters: int
+    blocks: int
+    fused_blocks: int                   # blocks after fusing its groups
+    fusion_groups: tuple[tuple[int, int], ...]
+    context: int                        # cached positions
+    batch: int                          # sequences decoded together
+    rows: tuple[ProjectionRow, ...]
+    skipped_tp: dict[int, str]          # a TP degree the layout cannot be split over -> why
+
+    def to_json(self) -> dict:
+        return present_fields(self) | {"skipped_tp": {str(tp): why for tp, why in self.skipped_tp.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> Projection:
+        return cls(raw["model"], raw["parameters"], raw["blocks"], raw["fused_blocks"],
+                   as_tuple(raw["fusion_groups"]), raw["context"], raw["batch"],
+                   tuple(ProjectionRow.from_json(row) for row in raw["rows"]),
+                   {int(tp): why for tp, why in raw["skipped_tp"].items()})
 
 
 def decode_projection(layout: Layout, hw: Hardware, degrees=range(1, 9), context: int = 1024,
-                      batch: int = 1) -> dict:
+                      batch: int = 1) -> Projection:
     """Single-user decode at every workable TP degree in `degrees`, sequential vs fused (when the layout has
     fusion groups; otherwise the two are the same model)."""
     fused = fuse_layout(layout) if layout.fusion_groups else layout
@@ -157,12 +231,10 @@ def decode_projection(layout: Layout, hw: Hardware, degrees=range(1, 9), context
         if tp > 1 and hw.allreduce_alpha is None:
             problems = [f"{hw.name} has no all-reduce calibration (MPI was not measured)"]
         if problems:
-            skipped[str(tp)] = "; ".join(problems)
+            skipped[tp] = "; ".join(problems)
             continue
         seq = cost_summary(forward_cost(layout, hw, tp, 1, context, batch), hw, tp, batch)
         fus = cost_summary(forward_cost(fused, hw, tp, 1, context, batch), hw, tp, batch)
-        rows.append({"tp": tp, "sequential": seq, "fused": fus,
-                     "fusion_speedup": seq["seconds"] / fus["seconds"]})
-    return {"model": layout.name, "parameters": parameter_count(layout), "blocks": len(layout.blocks),
-            "fused_blocks": len(fused.blocks), "fusion_groups": [list(g) for g in layout.fusion_groups],
-            "context": context, "batch": batch, "rows": rows, "skipped_tp": skipped}
+        rows.append(ProjectionRow(tp, seq, fus, seq.seconds / fus.seconds))
+    return Projection(layout.name, parameter_count(layout), len(layout.blocks), len(fused.blocks),
+                      tuple(tuple(g) for g in layout.fusion_groups), context, batch, tuple(rows), skipped)

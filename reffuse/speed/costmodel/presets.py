@@ -104,8 +104,9 @@ def ultra_prefusion_layout() -> Layout:
                       "Layers 0..65 and 115..125 are the released config's blocks in order, placeholders "
                       "dropped; layer 118 is taken to be a block with attention and FFN both removed.",
                       "The per-layer FFN widths inside each fused group are not published: we use the most nearly "
-                      "equal split into DeciLM widths that sums to the released fused width exactly "
-                      f"({', '.join(str(len(g)) + ' layers -> ' + str(m) for g, m in zip(ULTRA_GROUP_MULTS, ULTRA_FUSED_MULTS))}).",
+                      "equal split into DeciLM widths that sums to the released fused width exactly ("
+                      + ", ".join(f"{len(g)} layers -> {m}" for g, m in zip(ULTRA_GROUP_MULTS, ULTRA_FUSED_MULTS))
+                      + ").",
                       "Parameter count: the layout gives ~250.2e9, ~1% under the published '253B'; the "
                       "released config's shapes give the same count, so the gap is in the name, not the layout.",
                   ))
