@@ -41,7 +41,7 @@ assert r > 0.5
 # 4. Greedy with windows of 3 on the committed 512-token matrix.
 analysis_path = Path(__file__).resolve().parents[2] / "reports" / "analysis" / "smollm2" / "analysis.json"
 analysis = Analysis.from_json(json.loads(analysis_path.read_text()))
-M_512 = metrics.matrix_from_json(analysis.dependency["block"])
+M_512 = analysis.dependency.block
 threes = metrics.greedy_windows(M_512, window=3, eligible=reffuse.full_blocks(model), max_steps=3)
 fours = metrics.greedy_windows(M_512, window=4, eligible=reffuse.full_blocks(model), max_steps=3)
 print("4. windows of 3:", [(s["first"], s["last"]) for s in threes], " windows of 4:",

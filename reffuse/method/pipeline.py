@@ -3,7 +3,7 @@ and `fuse_and_save`, the whole of `reffuse fuse`.
 
     texts = load_texts("smollm2", model, calibration_tokens=1024, held_out_tokens=512)
     removal = choose_attention_removal(model, texts.scoring(128), count=8, contiguous=True)
-    removed = drop_attention(model, removal["blocks"])
+    removed = drop_attention(model, removal.blocks)
     plan, costs = plan_fusion(removed, texts.scoring(256), max_group_size=4)
     fused, fits = calibrated_fuse(removed, plan.groups, texts.calibration.ids)
 
