@@ -8,11 +8,23 @@ is used here, so that every layer of reffuse may use it.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 # The interval of a ratio recorded before intervals were kept: its key is absent from the JSON. It is empty, so
 # that code asking whether there is an interval to print finds none.
 NOT_RECORDED = ()
+
+
+class FlatRecord:
+    """A record whose fields are JSON values (numbers, strings, lists, None): it is written as its fields, tuples
+    as lists, and read back from them."""
+
+    def to_json(self) -> dict:
+        return as_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: dict):
+        return cls(**raw)
 
 
 def as_json(value):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from reffuse.errors import ReffuseError
+from reffuse.records import FlatRecord
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -83,7 +84,7 @@ def _pooled_mean_interval(sums: np.ndarray, counts: np.ndarray, rng: np.random.G
 
 
 @dataclass(frozen=True)
-class PairedDifference:
+class PairedDifference(FlatRecord):
     """paired_difference's answer: the mean of x - y, its two 95% intervals (each [low, high], or None where it
     cannot be formed), which interval over windows it is ("bootstrap" or "t"), the sign count, and whether the
     data say which variant is lower (resolved, and then sign, -1 or +1; else 0)."""
@@ -105,13 +106,6 @@ class PairedDifference:
     def higher(self) -> bool:
         """x resolved above y."""
         return self.resolved and self.mean > 0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> PairedDifference:
-        return cls(**record)
 
 
 def paired_difference(x_windows, y_windows, seed: int = 0) -> PairedDifference:
@@ -148,20 +142,13 @@ def paired_difference(x_windows, y_windows, seed: int = 0) -> PairedDifference:
 
 
 @dataclass(frozen=True)
-class ClusteredDifference:
+class ClusteredDifference(FlatRecord):
     """paired_window_sums's answer: the mean of x - y and its 95% intervals over windows and over clusters."""
     mean: float
     windows_interval_95: list[float] | None
     clusters_interval_95: list[float] | None
     windows: int
     clusters: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> ClusteredDifference:
-        return cls(**record)
 
 
 def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> ClusteredDifference:
@@ -185,20 +172,13 @@ def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> Clust
 
 
 @dataclass(frozen=True)
-class PairedRatio:
+class PairedRatio(FlatRecord):
     """paired_ratio's answer: the ratio of the medians, its 95% interval (None from too few pairs), the number of
     pairs, and whether the interval excludes 1."""
     median: float
     interval_95: list[float] | None
     repeats: int
     resolved: bool
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> PairedRatio:
-        return cls(**record)
 
 
 def paired_ratio(numerator, denominator, seed: int = 0) -> PairedRatio:
@@ -349,17 +329,10 @@ def spearman_interval(a, b, seed: int = 0) -> list[float] | None:
 
 
 @dataclass(frozen=True)
-class RankLead:
+class RankLead(FlatRecord):
     """spearman_lead's answer: the mean lead of one rank correlation over another and its 95% interval."""
     lead: float
     interval_95: list[float] | None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> RankLead:
-        return cls(**record)
 
 
 def spearman_lead(a_sets, b_sets, targets, seed: int = 0) -> RankLead:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from reffuse.records import NOT_RECORDED, as_json, as_tuple, interval_of, present_fields, records_of
+from reffuse.records import NOT_RECORDED, FlatRecord, as_json, as_tuple, interval_of, present_fields, records_of
 
 
 @dataclass(frozen=True)
@@ -30,3 +30,14 @@ def test_fields_not_measured_are_left_out_and_an_interval_not_recorded_has_no_ke
     for raw in ({"value": 1.5}, {"value": 1.5, "value_interval_95": None}, {"value": 1.5, "value_interval_95": [1, 2]}):
         assert Ratio.from_json(raw).to_json() == raw
     assert records_of(Ratio, {"decode": {"value": 2.0}}) == {"decode": Ratio(2.0)}
+
+
+@dataclass(frozen=True)
+class Step(FlatRecord):
+    first: int
+    tied: tuple[int, ...]
+
+
+def test_a_flat_record_writes_its_fields_tuples_as_lists_and_reads_them_back():
+    assert Step(3, (3, 5)).to_json() == {"first": 3, "tied": [3, 5]}
+    assert Step.from_json({"first": 3, "tied": [3, 5]}) == Step(3, [3, 5])

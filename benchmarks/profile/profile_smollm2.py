@@ -181,9 +181,9 @@ def main(argv=None) -> int:
     result = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "threads": args.threads,
               "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
               "blas": blas_in_use(), **measured["fast"], "plain": measured["plain"], "stacking": stacked, "arena": arena,
-              "bandwidth": bandwidth,
-              "weight_bytes": weight_bytes, "bound_seconds_per_token": bound["seconds_per_token"],
-              "fraction_of_bound": bound["seconds_per_token"] / decode["seconds"],
+              "bandwidth": bandwidth.to_json(),
+              "weight_bytes": weight_bytes, "bound_seconds_per_token": bound.seconds_per_token,
+              "fraction_of_bound": bound.seconds_per_token / decode["seconds"],
               "fast_over_plain_time": {name: ratio.to_json() for name, ratio in fast_over_plain.items()}}
     try:
         from reffuse.formats.registry import load_tokenizer
@@ -231,8 +231,8 @@ def main(argv=None) -> int:
                   f"against the same weights as separate arrays: a decode step takes {ratio['median']:.2f}x the time "
                   f"(95% interval {ratio['interval_95'][0]:.2f}-{ratio['interval_95'][1]:.2f} over "
                   f"{ratio['repeats']} alternated rounds of 30 steps)."]
-    gemv, copy = bandwidth["gemv_out_in_bytes_per_second"] / 1e9, bandwidth["copy_bytes_per_second"] / 1e9
-    other = bandwidth["gemv_in_out_bytes_per_second"] / 1e9
+    gemv, copy = bandwidth.gemv_out_in_bytes_per_second / 1e9, bandwidth.copy_bytes_per_second / 1e9
+    other = bandwidth.gemv_in_out_bytes_per_second / 1e9
     lines += ["", f"The bound: a decode step reads {weight_bytes / 1e6:.0f} MB of weights; NumPy streams "
                   f"{gemv:.1f} GB/s in a GEMV over weights stored (out, in) as reffuse stores them ({other:.1f} GB/s "
                   f"stored (in, out)) and {copy:.1f} GB/s in a copy here, so a step cannot take less than "

@@ -44,8 +44,7 @@ analysis = Analysis.from_json(json.loads(analysis_path.read_text()))
 M_512 = analysis.dependency.block
 threes = metrics.greedy_windows(M_512, window=3, eligible=reffuse.full_blocks(model), max_steps=3)
 fours = metrics.greedy_windows(M_512, window=4, eligible=reffuse.full_blocks(model), max_steps=3)
-print("4. windows of 3:", [(s["first"], s["last"]) for s in threes], " windows of 4:",
-      [(s["first"], s["last"]) for s in fours])
+print("4. windows of 3:", [(s.first, s.last) for s in threes], " windows of 4:", [(s.first, s.last) for s in fours])
 assert len(threes) == 3
 
 # 5. Another attention-free region: 20-27.

@@ -128,16 +128,22 @@ def run(args) -> int:
         check_tokenizer(tokenizer, model, args.model)
     result = run_benchmark(model, args.model, threads=args.threads, repeats=args.repeats,
                            with_transformers=not args.no_transformers, progress=note, llamacpp_tokenizer=tokenizer)
+    return publish(args, result, markdown)
+
+
+def publish(args, result, render) -> int:
+    """Stamp `result` with its command line, write it to --out (its JSON, and `render`'s Markdown beside it) and
+    print it: its JSON with --json, else the Markdown."""
     command = command_line(args)
     result = dataclasses.replace(result, command=command)
     if args.out is not None:
         write_json_atomic(args.out, result.to_json())
-        write_text_atomic(args.out.with_suffix(".md"), markdown(result, command))
+        write_text_atomic(args.out.with_suffix(".md"), render(result, command))
         note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if args.json:
         print_json(result.to_json())
     else:
-        sys.stdout.write(markdown(result, command))
+        sys.stdout.write(render(result, command))
     return 0
 
 
@@ -159,14 +165,4 @@ def run_train(args) -> int:
     result = run_train_benchmark(args.model, trains=list(dict.fromkeys(args.train)), tokens=args.window,
                                  threads=args.threads, repeats=args.repeats,
                                  with_pytorch=not args.no_transformers, progress=note)
-    command = command_line(args)
-    result = dataclasses.replace(result, command=command)
-    if args.out is not None:
-        write_json_atomic(args.out, result.to_json())
-        write_text_atomic(args.out.with_suffix(".md"), train_markdown(result, command))
-        note(f"wrote {args.out} and {args.out.with_suffix('.md')}")
-    if args.json:
-        print_json(result.to_json())
-    else:
-        sys.stdout.write(train_markdown(result, command))
-    return 0
+    return publish(args, result, train_markdown)

@@ -83,7 +83,12 @@ class Layout:
 
     def rows(self) -> list[dict]:
         """One JSON row per block: its index, attention present, FFN width, the layers a fused block replaces."""
-        return [{"block": i, **b.to_json()} for i, b in enumerate(self.blocks)]
+        return blocks_to_json(self.blocks)
+
+
+def blocks_to_json(blocks) -> list[dict]:
+    """BlockLayouts as JSON rows, each with its index: what blocks_from_json reads back."""
+    return [{"block": i, **b.to_json()} for i, b in enumerate(blocks)]
 
 
 def blocks_from_json(rows, source: str) -> tuple[BlockLayout, ...]:

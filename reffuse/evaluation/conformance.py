@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from reffuse.core.fusion import fuse
-from reffuse.core.layout import BlockLayout, blocks_from_json
+from reffuse.core.layout import BlockLayout, blocks_from_json, blocks_to_json
 from reffuse.core.model import cast
 from reffuse.core.patterns import FUSED, PATTERN_CONFIG, PATTERNS, build_pattern
 from reffuse.errors import ReffuseError
@@ -40,7 +40,7 @@ from reffuse.formats.checkpoint import save_nemotron_nas
 from reffuse.formats.gguf_export import plan_gguf, save_gguf
 from reffuse.optional import require
 from reffuse.outputs import staged_folder
-from reffuse.records import as_tuple, present_fields
+from reffuse.records import FlatRecord, as_tuple, present_fields
 
 KIT_FORMAT = "reffuse-conformance-1"
 KIT_FILE = "kit.json"
@@ -88,7 +88,7 @@ def is_kit(folder) -> bool:
 
 
 @dataclass(frozen=True)
-class KitConfig:
+class KitConfig(FlatRecord):
     """What every model of the kit shares."""
     dim: int
     n_heads: int
@@ -98,27 +98,13 @@ class KitConfig:
     rope_theta: float
     norm_eps: float
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> KitConfig:
-        return cls(**raw)
-
 
 @dataclass(frozen=True)
-class Reproduction:
+class Reproduction(FlatRecord):
     """A pattern written the way an engine is known to compute wrongly: a minimal reproduction."""
     gguf: str             # the file, relative to the kit
     engine: str
     why: str
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> Reproduction:
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -137,7 +123,7 @@ class KitPattern:
 
     def to_json(self) -> dict:
         return present_fields(self, kept_when_none=("gguf",)) | {
-            "blocks": [{"block": i, **b.to_json()} for i, b in enumerate(self.blocks)]}
+            "blocks": blocks_to_json(self.blocks)}
 
     @classmethod
     def from_json(cls, raw: dict) -> KitPattern:

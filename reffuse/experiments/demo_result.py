@@ -14,7 +14,7 @@ from reffuse.formats.corpus import WindowsRecord
 from reffuse.method.calibrate import GroupCalibration
 from reffuse.method.pipeline import RemovalChoice, TextsRecord
 from reffuse.method.planning import Plan
-from reffuse.records import as_json, as_tuple, records_of
+from reffuse.records import FlatRecord, as_json, as_tuple, records_of
 from reffuse.training.trainer import TrainingOptions
 
 GIVEN_PLAN = "given (--groups)"  # the rule of groups given on the command line instead of planned
@@ -24,18 +24,11 @@ ORIGINAL, REMOVED, FUSED, CALIBRATED, HEALED = ("original", "attention removed",
 
 
 @dataclass(frozen=True)
-class FfnDependency:
+class FfnDependency(FlatRecord):
     """The FFN-level dependency matrix of the attention-removed model (reffuse.method.metrics.matrix_to_json: null
     where undefined or not run)."""
     matrix: list[list]
     tokens: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> FfnDependency:
-        return cls(raw["matrix"], raw["tokens"])
 
 
 @dataclass(frozen=True)
@@ -119,17 +112,10 @@ class ModelQuality:
 
 
 @dataclass(frozen=True)
-class GapClosed:
+class GapClosed(FlatRecord):
     """The share of the fusion gap a step closes (reffuse.experiments.demo.gap_closed); None without a gap."""
     kl_vs_attention_removed: float | None
     perplexity: float | None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> GapClosed:
-        return cls(raw["kl_vs_attention_removed"], raw["perplexity"])
 
 
 @dataclass(frozen=True)
@@ -155,18 +141,11 @@ class HeldOutQuality:
 
 
 @dataclass(frozen=True)
-class SequentialVsParallel:
+class SequentialVsParallel(FlatRecord):
     """The approximation fusion makes: the fused model (the parallel form) against the sequential blocks."""
     kl: float
     top1_agreement: float
     predictions: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> SequentialVsParallel:
-        return cls(raw["kl"], raw["top1_agreement"], raw["predictions"])
 
 
 @dataclass(frozen=True)
@@ -239,17 +218,10 @@ class Speed:
 
 
 @dataclass(frozen=True)
-class Samples:
+class Samples(FlatRecord):
     """A greedy continuation of the prompt from each model: text, or token ids for a synthetic model."""
     prompt: str | list[int]
     continuations: dict[str, str | list[int]]
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> Samples:
-        return cls(raw["prompt"], raw["continuations"])
 
 
 @dataclass(frozen=True)

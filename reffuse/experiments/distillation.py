@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reffuse.core.fusion import fuse
@@ -38,7 +38,7 @@ from reffuse.method.calibrate import calibrated_fuse
 from reffuse.method.distill import GroupDistillation, distilled_fuse
 from reffuse.method.pipeline import TextsRecord, load_texts
 from reffuse.progress import note
-from reffuse.records import as_json, as_tuple
+from reffuse.records import FlatRecord, as_json, as_tuple
 from reffuse.speed.timing import blas_threads
 from reffuse.stats import PairedDifference, paired_difference
 
@@ -86,20 +86,13 @@ class DistillationRow:
 
 
 @dataclass(frozen=True)
-class DistillationSettings:
+class DistillationSettings(FlatRecord):
     drop_count: int
     held_out_tokens: int
     calibration_tokens: int
     window: int
     steps: int             # Adam steps of the distillation
     learning_rate: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> DistillationSettings:
-        return cls(**raw)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import asdict, dataclass
 
 from reffuse.files import checkout_root
+from reffuse.records import FlatRecord
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Provenance:
 
 
 @dataclass(frozen=True)
-class FileChange:
+class FileChange(FlatRecord):
     """One file changed after a commit: by how many commits, the dates of the first and the last (None when only
     the checkout changed it), and whether the checkout changes it now."""
     file: str
@@ -36,13 +37,6 @@ class FileChange:
     first: str | None
     last: str | None
     uncommitted: bool
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> FileChange:
-        return cls(**raw)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from reffuse.method.planning import propose_groups
 from reffuse.method.predictors import PLANNER_PREDICTOR, neighbour_damage_matrix
 from reffuse.method.removal import drop_attention
 from reffuse.progress import note
-from reffuse.records import present_fields
+from reffuse.records import FlatRecord, present_fields
 
 WINDOW = 4        # full-block windows (the paper's hardware choice)
 MAX_STEPS = 4     # greedy full-block steps, as the paper's Table 7
@@ -154,7 +154,7 @@ class ReferenceScores:
 
 
 @dataclass(frozen=True)
-class Sink:
+class Sink(FlatRecord):
     """The attention sink: the first held-out token and its stream's norm entering each block of the pre-fusion
     model (and leaving the last), with the layer where the stream leaves the run."""
     token: int
@@ -164,13 +164,6 @@ class Sink:
     @property
     def norm_leaving_run(self) -> float:
         return self.pre_fusion_norms[self.layer]
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> Sink:
-        return cls(raw["token"], raw["layer"], raw["pre_fusion_norms"])
 
 
 @dataclass(frozen=True)
@@ -324,4 +317,3 @@ def prepare_study(original: Model, texts: Texts, drop_count: int, scoring_tokens
         plan_costs=PlanCosts(PLANNER_PREDICTOR, matrix_to_json(costs[a:b + 1, a:b + 1]), (a, b), scoring_tokens))
     return Study(original, pre, texts, (a, b), prefix, original_prefix, M, first_token, plans, scoring_tokens,
                  dependency_tokens, window, cosine_plans, prepared)
-

@@ -6,23 +6,24 @@ paper's greedy selection and a fusion plan, all on calibration text (or random i
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from reffuse.core.layout import BlockLayout, attention_free_runs, blocks_from_json, full_blocks
+from reffuse.core.layout import BlockLayout, attention_free_runs, blocks_from_json, blocks_to_json, full_blocks
 from reffuse.core.model import layout
 from reffuse.errors import ReffuseError
 from reffuse.options import FromArguments, as_recorded
 from reffuse.formats.corpus import Span, calibration_windows
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
-from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, block_evaluations_needed, check_window,
-                                    dependency, greedy_windows, matrix_from_json, matrix_to_json, window_statistics)
+from reffuse.method.metrics import (DEFINITIONS, GRANULARITIES, TIE_TOLERANCE, GreedyStep, WindowRow,
+                                    block_evaluations_needed, check_window, dependency, greedy_windows,
+                                    matrix_from_json, matrix_to_json, window_statistics)
 from reffuse.method.pipeline import choose_attention_removal, is_synthetic
 from reffuse.method.planning import Plan, propose_groups
 from reffuse.method.removal import drop_attention
 from reffuse.progress import Progress
-from reffuse.records import present_fields
+from reffuse.records import FlatRecord
 
 DEFAULT_TOKENS = 512
 
@@ -58,7 +59,7 @@ class AnalyzedModel:
 
     def to_json(self) -> dict:
         return {"name": self.name, "config_name": self.config_name, "dtype": self.dtype, "blocks": self.blocks,
-                "layout": [{"block": i, **b.to_json()} for i, b in enumerate(self.layout)]}
+                "layout": blocks_to_json(self.layout)}
 
     @classmethod
     def from_json(cls, raw: dict) -> AnalyzedModel:
@@ -137,35 +138,11 @@ class DependencyMatrices:
 
 
 @dataclass
-class BlockMetrics:
+class BlockMetrics(FlatRecord):
     """The paper's per-block metrics (§5.5), each a mean over the measured tokens, one value per block."""
     cos_dist_x_fx: list[float]   # cosdist(X, f(X)): how much the block turns the stream
     norm_ratio: list[float]      # ||h(X)|| / ||X||: how large its update is next to the stream
     cos_dist_h_x: list[float]    # cosdist(h(X), X): the angle between update and stream
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> BlockMetrics:
-        return cls(**raw)
-
-
-@dataclass(frozen=True)
-class WindowRow:
-    """M_max and M_sum over the entries j > i of one window of blocks first..last
-    (reffuse.method.metrics.window_statistics); NaN where the window has no defined entry."""
-    first: int
-    last: int
-    max: float
-    sum: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> WindowRow:
-        return cls(**raw)
 
 
 @dataclass
@@ -181,25 +158,6 @@ class WindowStatistics:
     @classmethod
     def from_json(cls, raw: dict) -> WindowStatistics:
         return cls(raw["length"], raw["granularity"], tuple(WindowRow.from_json(r) for r in raw["rows"]))
-
-
-@dataclass(frozen=True)
-class GreedyStep:
-    """One step of the paper's greedy selection (reffuse.method.metrics.greedy_windows): the window chosen."""
-    step: int                 # 1 for the first choice
-    first: int
-    last: int
-    max: float                # its M_max
-    sum: float                # its M_sum, which breaks ties
-    candidates: int           # windows left to choose from before this step
-    tied: tuple[int, ...]     # the first blocks of the windows that tied with it on M_max
-
-    def to_json(self) -> dict:
-        return present_fields(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> GreedyStep:
-        return cls(**(raw | {"tied": tuple(raw["tied"])}))
 
 
 @dataclass
@@ -321,6 +279,6 @@ def analyze(options: AnalysisOptions) -> Analysis:
         DependencyMatrices(measured.matrices["block"], measured.matrices["ffn"]),
         BlockMetrics(*([float(v) for v in values] for values in
                        (measured.cos_dist_x_fx, measured.norm_ratio, measured.cos_dist_h_x))),
-        WindowStatistics(options.window_blocks, "block", tuple(WindowRow.from_json(w) for w in windows)),
-        GreedySelection("block", options.greedy_blocks, TIE_TOLERANCE, tuple(GreedyStep.from_json(s) for s in steps)),
+        WindowStatistics(options.window_blocks, "block", tuple(windows)),
+        GreedySelection("block", options.greedy_blocks, TIE_TOLERANCE, tuple(steps)),
         plan, measured.block_evaluations, time.perf_counter() - start, time.process_time() - cpu_start)

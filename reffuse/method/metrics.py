@@ -47,6 +47,7 @@ import numpy as np
 from reffuse.core.backend import array_module, to_numpy
 from reffuse.core.model import Model, check_token_ids, run_blocks
 from reffuse.errors import ReffuseError
+from reffuse.records import FlatRecord
 
 GRANULARITIES = ("block", "ffn")
 
@@ -266,7 +267,34 @@ def check_window(window: int, n_blocks: int) -> int:
     return int(window)
 
 
-def window_statistics(M, window: int = 4) -> list[dict]:
+@dataclass(frozen=True)
+class WindowRow(FlatRecord):
+    """M_max and M_sum over the entries j > i of one window of blocks first..last; NaN where the window has no
+    defined entry."""
+    first: int
+    last: int
+    max: float
+    sum: float
+
+
+@dataclass(frozen=True)
+class GreedyStep(FlatRecord):
+    """One step of the paper's greedy selection: the window [first, last] taken, its M_max and M_sum (which breaks
+    ties), how many candidate windows were left before it, and the first blocks of those it tied with on M_max."""
+    step: int                 # 1 for the first choice
+    first: int
+    last: int
+    max: float
+    sum: float
+    candidates: int
+    tied: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, raw: dict) -> GreedyStep:
+        return cls(**(raw | {"tied": tuple(raw["tied"])}))
+
+
+def window_statistics(M, window: int = 4) -> list[WindowRow]:
     """For every window of `window` consecutive blocks [s, s+w-1]: M_max and M_sum over its entries j > i.
 
     NaN entries (a missing sub-block) are left out; a window with no finite entry gets NaN for both.
@@ -278,14 +306,13 @@ def window_statistics(M, window: int = 4) -> list[dict]:
     for s in range(M.shape[0] - w + 1):
         entries = M[s:s + w, s:s + w][later]  # the w(w-1)/2 pairs i < j of the window
         entries = entries[np.isfinite(entries)]
-        rows.append({"first": s, "last": s + w - 1,
-                     "max": float(entries.max()) if entries.size else math.nan,
-                     "sum": float(entries.sum()) if entries.size else math.nan})
+        rows.append(WindowRow(s, s + w - 1, float(entries.max()) if entries.size else math.nan,
+                              float(entries.sum()) if entries.size else math.nan))
     return rows
 
 
 def greedy_windows(M, window: int = 4, eligible: Sequence[bool] | None = None,
-                   tie_tolerance: float = TIE_TOLERANCE, max_steps: int | None = None) -> list[dict]:
+                   tie_tolerance: float = TIE_TOLERANCE, max_steps: int | None = None) -> list[GreedyStep]:
     """The paper's greedy selection of non-overlapping windows to parallelize (the paper's App. B).
 
     eligible[b] False keeps block b out of every window (the paper's greedy uses full blocks only: pass
@@ -299,17 +326,16 @@ def greedy_windows(M, window: int = 4, eligible: Sequence[bool] | None = None,
         raise ReffuseError(f"tie tolerance {tie_tolerance} must be >= 0")
     if eligible is not None and len(eligible) != m:
         raise ReffuseError(f"eligible has {len(eligible)} entries for a {m}-block matrix")
-    candidates = [r for r in window_statistics(M, w) if math.isfinite(r["max"])
-                  and (eligible is None or all(eligible[b] for b in range(r["first"], r["last"] + 1)))]
+    candidates = [r for r in window_statistics(M, w) if math.isfinite(r.max)
+                  and (eligible is None or all(eligible[b] for b in range(r.first, r.last + 1)))]
     steps = []
     while candidates and (max_steps is None or len(steps) < max_steps):
-        lowest = min(r["max"] for r in candidates)
-        tied = [r for r in candidates if r["max"] <= lowest * (1 + tie_tolerance)]
-        chosen = min(tied, key=lambda r: (r["sum"], r["first"]))
-        steps.append({"step": len(steps) + 1, "first": chosen["first"], "last": chosen["last"],
-                      "max": chosen["max"], "sum": chosen["sum"], "candidates": len(candidates),
-                      "tied": [r["first"] for r in tied]})
-        candidates = [r for r in candidates if r["last"] < chosen["first"] or r["first"] > chosen["last"]]
+        lowest = min(r.max for r in candidates)
+        tied = [r for r in candidates if r.max <= lowest * (1 + tie_tolerance)]
+        chosen = min(tied, key=lambda r: (r.sum, r.first))
+        steps.append(GreedyStep(len(steps) + 1, chosen.first, chosen.last, chosen.max, chosen.sum, len(candidates),
+                                tuple(r.first for r in tied)))
+        candidates = [r for r in candidates if r.last < chosen.first or r.first > chosen.last]
     return steps
 
 

@@ -36,7 +36,8 @@ from reffuse.method.calibrate import (DEFAULT_RIDGE, DEFAULT_WEIGHTING, GroupCal
                                       check_calibration_tokens)
 from reffuse.outputs import check_output_folder
 from reffuse.progress import Progress, note
-from reffuse.core.layout import BlockLayout, attention_free_runs, attention_layers, blocks_from_json, format_layers
+from reffuse.core.layout import (BlockLayout, attention_free_runs, attention_layers, blocks_from_json,
+                                 blocks_to_json, format_layers)
 from reffuse.method.removal import attention_scores, cheapest, cheapest_windows, check_layers, drop_attention
 from reffuse.formats.registry import check_tokenizer, load_model, load_tokenizer
 
@@ -314,7 +315,7 @@ class FuseRecord:
             raw["plan"] = self.plan.to_json()
         return raw | {"groups": [list(g) for g in self.groups],
                       "calibration": None if self.calibration is None else [f.as_dict() for f in self.calibration],
-                      "layout": [{"block": i, **b.to_json()} for i, b in enumerate(self.layout)]}
+                      "layout": blocks_to_json(self.layout)}
 
     @classmethod
     def from_json(cls, raw: dict) -> FuseRecord:

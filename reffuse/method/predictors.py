@@ -36,7 +36,7 @@ since it is a KL over every token.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from reffuse.core.model import Model, rms_norm, swiglu
 from reffuse.evaluation.prefix import Prefix, kl_from_base
 from reffuse.method.metrics import cosine_distance
 from reffuse.method.planning import inside_dependency
+from reffuse.records import FlatRecord
 from reffuse.stats import spearman, spearman_interval, spearman_lead, verdict
 
 PREDICTORS = ("cosine-M", "cosine-M, sink", "neighbour damage", "block influence", "angular distance",
@@ -130,17 +131,15 @@ def neighbour_damage_matrix(model: Model, prefix: Prefix, runs) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class RankCorrelation:
+class RankCorrelation(FlatRecord):
     """A predictor's Spearman correlation with the measured damage over the groups (None where undefined) and its
     95% bootstrap interval over groups (None where no resample defines it)."""
     spearman: float | None
     interval_95: list[float] | None
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, raw: dict) -> RankCorrelation:
+        """Read from its own keys: a predictor's JSON in finding (h) holds its lead over group size beside them."""
         return cls(raw["spearman"], raw["interval_95"])
 
 

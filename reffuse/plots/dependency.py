@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 from reffuse.core.layout import contiguous_ranges
-from reffuse.method.analysis import Analysis, GreedyStep, WindowRow
+from reffuse.method.analysis import Analysis
+from reffuse.method.metrics import GreedyStep, WindowRow
 from reffuse.method.metrics import matrix_from_json
 from reffuse.plots import pyplot, save_figure
 from reffuse.plots.layout import layout_figure

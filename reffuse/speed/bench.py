@@ -45,7 +45,7 @@ from reffuse.formats.checkpoint import model_to_tensors
 from reffuse.optional import require
 from reffuse.speed.bench_report import RATIO, check_targets
 from reffuse.records import as_tuple
-from reffuse.speed.bench_result import (BenchResult, Bound, Decode, FfnRun, LlamaCppFusion, LlamaCppUse, PrefillRow,
+from reffuse.speed.bench_result import (BenchResult, Decode, FfnRun, LlamaCppFusion, LlamaCppUse, PrefillRow,
                                         TransformersUse)
 from reffuse.speed.environment import default_threads, environment
 from reffuse.speed.timing import (blas_threads, compare_samples, decode_bound, streaming_bandwidth,
@@ -269,8 +269,8 @@ def run_benchmark(model: Model, model_name: str, threads: int | None = None, rep
             bound = None
             if device == "cpu":
                 note("the machine's streaming bound")
-                bound = Bound.from_json({**decode_bound(sum(t.nbytes for t in model_to_tensors(model).values()),
-                                                        streaming_bandwidth(threads)), "fractions": {}})
+                bound = decode_bound(sum(t.nbytes for t in model_to_tensors(model).values()),
+                                     streaming_bandwidth(threads))
                 bound = dataclasses.replace(bound, fractions={engine: engine_rate / bound.tokens_per_second
                                                               for engine, engine_rate in decode.rates().items()})
             if llama is not None:

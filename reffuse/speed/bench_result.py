@@ -102,6 +102,10 @@ class Bandwidth:
     gemv_in_out_bytes_per_second: float
     copy_bytes_per_second: float          # bytes read and written
 
+    @property
+    def best(self) -> float:
+        return max(self.gemv_out_in_bytes_per_second, self.gemv_in_out_bytes_per_second, self.copy_bytes_per_second)
+
     def to_json(self) -> dict:
         return present_fields(self)
 

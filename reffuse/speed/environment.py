@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from reffuse.core.backend import gpu_module
-from reffuse.records import present_fields
+from reffuse.records import FlatRecord, present_fields
 
 
 def default_threads() -> int:
@@ -22,34 +22,20 @@ def default_threads() -> int:
 
 
 @dataclass(frozen=True)
-class BlasLibrary:
+class BlasLibrary(FlatRecord):
     """A BLAS library NumPy runs its products on, as threadpoolctl reports it."""
     internal_api: str | None          # "openblas", "mkl", ...
     version: str | None
     architecture: str | None          # the CPU kernels it runs, e.g. "Haswell"
     threading_layer: str | None
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> BlasLibrary:
-        return cls(raw["internal_api"], raw["version"], raw["architecture"], raw["threading_layer"])
-
 
 @dataclass(frozen=True)
-class Gpu:
+class Gpu(FlatRecord):
     """The GPU a run used, and the CuPy and CUDA runtime it ran with."""
     name: str
     cupy: str
     cuda_runtime: int                 # CUDA's version number, e.g. 12040 for 12.4
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> Gpu:
-        return cls(raw["name"], raw["cupy"], raw["cuda_runtime"])
 
 
 @dataclass(frozen=True, kw_only=True)

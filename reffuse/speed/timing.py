@@ -19,7 +19,7 @@ from reffuse.core.fusion import fuse
 from reffuse.core.layout import check_groups, original_layers
 from reffuse.core.model import Model, run_blocks
 from reffuse.records import as_tuple
-from reffuse.speed.bench_result import FfnRow
+from reffuse.speed.bench_result import Bandwidth, Bound, FfnRow
 from reffuse.stats import MIN_PAIRS, paired_ratio
 
 
@@ -165,7 +165,7 @@ def time_region(models: dict, region: tuple[int, int], tokens: int, repeats: int
     return compare_samples(fns, repeats)
 
 
-def streaming_bandwidth(threads: int, repeats: int = 7, megabytes: int = 128) -> dict:
+def streaming_bandwidth(threads: int, repeats: int = 7, megabytes: int = 128) -> Bandwidth:
     """Bytes per second NumPy streams here from beyond every cache, best of `repeats`: a GEMV over `megabytes` of
     float32 weights stored (out, in), as reffuse stores them, the same weights stored (in, out), and a copy (its
     bytes read and written). The first two say which orientation BLAS streams faster on this machine."""
@@ -188,13 +188,11 @@ def streaming_bandwidth(threads: int, repeats: int = 7, megabytes: int = 128) ->
         out_in = weight.nbytes / best(lambda: x @ weight.T)
         in_out = weight.nbytes / best(lambda: x @ transposed)
     copy = 2 * weight.nbytes / best(lambda: np.copyto(out, weight))
-    return {"gemv_out_in_bytes_per_second": out_in, "gemv_in_out_bytes_per_second": in_out,
-            "copy_bytes_per_second": copy}
+    return Bandwidth(out_in, in_out, copy)
 
 
-def decode_bound(weight_bytes: int, bandwidth: dict) -> dict:
+def decode_bound(weight_bytes: int, bandwidth: Bandwidth) -> Bound:
     """The fastest a decode step can be where it must read every weight once: weight_bytes over the best of the
-    measured streaming rates (streaming_bandwidth)."""
-    rate = max(bandwidth.values())
-    return {"weight_bytes": int(weight_bytes), "bytes_per_second": rate, "seconds_per_token": weight_bytes / rate,
-            "tokens_per_second": rate / weight_bytes, "bandwidth": bandwidth}
+    measured streaming rates (streaming_bandwidth). No engine is placed against it yet (`fractions` is empty)."""
+    rate = bandwidth.best
+    return Bound(int(weight_bytes), rate, weight_bytes / rate, rate / weight_bytes, bandwidth, {})

@@ -4,9 +4,9 @@ cost model (reffuse.speed.costmodel.tp_runs) reads these results too, to predict
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from reffuse.records import as_json, records_of
+from reffuse.records import FlatRecord, as_json, records_of
 from reffuse.stats import PairedRatio
 
 # Keys `reffuse tp` started writing after the runs committed in benchmarks/results were measured: a result read
@@ -15,21 +15,19 @@ LATER_KEYS = ("allreduce_path", "cuda_aware_source", "fused_over_sequential_time
 
 
 @dataclass
-class Errors:
+class Errors(FlatRecord):
     """max |tensor parallel - one process| over some forwards' logits, and that over max |one process|."""
     max_abs_error: float
     max_rel_error: float
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, raw: dict) -> Errors:
+        """Read from its own keys: a run's JSON holds them beside the run's other fields."""
         return cls(raw["max_abs_error"], raw["max_rel_error"])
 
 
 @dataclass
-class ForwardRecord:
+class ForwardRecord(FlatRecord):
     """One forward: its all-reduces (count, bytes summed, seconds in them) and its seconds. Reported as the median
     over the forwards of one kind, whose counts and bytes are all the same."""
     allreduce_count: int
@@ -37,11 +35,9 @@ class ForwardRecord:
     allreduce_seconds: float
     seconds: float
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, raw: dict) -> ForwardRecord:
+        """Read from its own keys: a forward's JSON holds them beside the model's shape."""
         return cls(raw["allreduce_count"], raw["allreduce_bytes"], raw["allreduce_seconds"], raw["seconds"])
 
 

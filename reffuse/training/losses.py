@@ -13,8 +13,6 @@ the gradient's scale independent of the temperature (Hinton et al., 2015).
 
 from __future__ import annotations
 
-import numpy as np
-
 from reffuse.core.backend import array_module
 from reffuse.evaluation.scoring import row_chunks
 

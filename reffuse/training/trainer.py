@@ -26,6 +26,7 @@ from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.outputs import write_bytes_atomic
 from reffuse.progress import note
+from reffuse.records import FlatRecord
 from reffuse.training.gradients import check_trainable, gradients
 from reffuse.training.optim import AdamW, Schedule, clip_by_global_norm
 
@@ -63,7 +64,7 @@ class TrainingOptions:
 
 
 @dataclass
-class TrainingLog:
+class TrainingLog(FlatRecord):
     """What a run did, step by step."""
     losses: list = field(default_factory=list)          # the mean loss of each step's windows, before its update
     gradient_norms: list = field(default_factory=list)  # before clipping
@@ -71,12 +72,6 @@ class TrainingLog:
     tokens: int = 0                                      # tokens read so far
     seconds: float = 0.0                                 # time spent training (over resumed parts too)
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TrainingLog":
-        return cls(**data)
 
 
 TRAIN_CHOICES = ("fused", "run", "all", "blocks A-B")

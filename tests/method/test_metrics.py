@@ -197,8 +197,8 @@ def test_window_statistics_match_brute_force():
     M[np.tril_indices(9)] = np.nan
     for w in (2, 4, 9):
         rows = window_statistics(M, w)
-        assert [(r["first"], r["last"]) for r in rows] == [(s, s + w - 1) for s in range(10 - w)]
-        np.testing.assert_allclose([(r["max"], r["sum"]) for r in rows], brute_windows(M, w), rtol=1e-14)
+        assert [(r.first, r.last) for r in rows] == [(s, s + w - 1) for s in range(10 - w)]
+        np.testing.assert_allclose([(r.max, r.sum) for r in rows], brute_windows(M, w), rtol=1e-14)
 
 
 def hand_made_matrix():
@@ -217,15 +217,15 @@ def hand_made_matrix():
 
 
 def chosen(steps):
-    return [(s["first"], s["last"]) for s in steps]
+    return [(s.first, s.last) for s in steps]
 
 
 def test_greedy_selection_on_a_hand_made_matrix():
     # 1-3 ties with 6-8 on M_max and wins on M_sum; it removes windows 0-3; then 6-8 removes windows 4-7.
     steps = greedy_windows(hand_made_matrix(), window=3)
     assert chosen(steps) == [(1, 3), (6, 8)]
-    assert steps[0]["tied"] == [1, 6] and steps[0]["candidates"] == 8 and steps[1]["candidates"] == 4
-    assert (steps[0]["max"], steps[0]["sum"]) == pytest.approx((0.0102, 0.0205))
+    assert steps[0].tied == (1, 6) and steps[0].candidates == 8 and steps[1].candidates == 4
+    assert (steps[0].max, steps[0].sum) == pytest.approx((0.0102, 0.0205))
     # without a tolerance the lowest M_max comes first
     assert chosen(greedy_windows(hand_made_matrix(), window=3, tie_tolerance=0.0)) == [(6, 8), (1, 3)]
     # block 7 not eligible (as attention-free blocks are for the paper's full-block greedy): windows 5-7 are out,

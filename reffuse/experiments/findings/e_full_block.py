@@ -8,7 +8,7 @@ alone, to see whether M predicts the damage.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from reffuse.core.layout import format_groups, full_blocks
@@ -17,35 +17,14 @@ from reffuse.evaluation.prefix import cache_prefix, score_variant, sink_restored
 from reffuse.experiments.findings.rules import Verdict, decide, difference
 from reffuse.experiments.study import (DEFINITIONS, MAX_STEPS, WINDOW, ScoredVariant, Study, format_interval,
                                        format_kl, format_perplexity)
-from reffuse.method.metrics import block_evaluations_needed, dependency, greedy_windows, matrix_to_json, \
-    window_statistics
+from reffuse.method.metrics import (GreedyStep, block_evaluations_needed, dependency, greedy_windows,
+                                    matrix_to_json, window_statistics)
 from reffuse.progress import Progress
-from reffuse.records import as_tuple
+from reffuse.records import FlatRecord, as_tuple
 from reffuse.stats import spearman, spearman_interval, verdict
 
 if TYPE_CHECKING:  # the result holds this module's measurement: named for the annotations only
     from reffuse.experiments.findings import StudyResult
-
-
-@dataclass(frozen=True)
-class GreedyStep:
-    """One step of the greedy selection (reffuse.method.metrics.greedy_windows): the window [first, last] taken,
-    its M_max and M_sum, how many candidate windows were left before it, and the first blocks of those it tied
-    with on M_max."""
-    step: int
-    first: int
-    last: int
-    max: float
-    sum: float
-    candidates: int
-    tied: list[int]
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> GreedyStep:
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -66,7 +45,7 @@ class FullBlockRow:
 
 
 @dataclass(frozen=True)
-class SingleWindow:
+class SingleWindow(FlatRecord):
     """One eligible window [first, last] parallelized alone: its M_max and M_sum, and its KL on the first two
     held-out windows."""
     first: int
@@ -74,13 +53,6 @@ class SingleWindow:
     max: float
     sum: float
     kl: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> SingleWindow:
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -122,7 +94,7 @@ def full_block(study: Study) -> FullBlock:
     with Progress("block-level dependencies", block_evaluations_needed(pre, len(block_windows), ("block",)),
                   "block evaluations") as bar:
         block_M = dependency(pre, list(block_windows), granularities=("block",), progress=bar.update).matrices["block"]
-    steps = [GreedyStep(**s) for s in greedy_windows(block_M, WINDOW, eligible=eligible, max_steps=MAX_STEPS)]
+    steps = greedy_windows(block_M, WINDOW, eligible=eligible, max_steps=MAX_STEPS)
     rows = []
     for n in range(1, len(steps) + 1):
         chosen = [(s.first, s.last) for s in steps[:n]]
@@ -134,15 +106,14 @@ def full_block(study: Study) -> FullBlock:
                                  ScoredVariant(s.kl_from_base, s.perplexity, s.top1_agreement, s.kl_from_reference,
                                                per_token=s.per_token, sink_restored=restored.kl_from_base)))
     scan = cache_prefix(pre, study.texts.held_out.ids[:2])  # the first two held-out windows
-    # window_statistics gives each window as {"first", "last", "max", "sum"}
     candidates = [w for w in window_statistics(block_M, WINDOW)
-                  if math.isfinite(w["max"]) and all(eligible[w["first"]:w["last"] + 1])]
+                  if math.isfinite(w.max) and all(eligible[w.first:w.last + 1])]
     single = []
     with Progress("full-block windows one at a time", len(candidates), "windows") as bar:
         for w in candidates:
-            kl = score_variant(scan, pre, w["first"], kl_only=True, parallel=[(w["first"], w["last"])],
+            kl = score_variant(scan, pre, w.first, kl_only=True, parallel=[(w.first, w.last)],
                                whole_blocks=True).kl_from_base
-            single.append(SingleWindow(**w, kl=kl))
+            single.append(SingleWindow(w.first, w.last, w.max, w.sum, kl))
             bar.update()
     return FullBlock(WINDOW, steps, rows, matrix_to_json(block_M), study.dependency_tokens,
                      [i for i, e in enumerate(eligible) if e], single, int(study.texts.held_out.ids[:2].size),

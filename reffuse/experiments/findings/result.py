@@ -7,9 +7,9 @@ that judging a run again adds (verdicts_as_run, revision) until it is judged aga
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from reffuse.core.layout import BlockLayout, blocks_from_json
+from reffuse.core.layout import BlockLayout, blocks_from_json, blocks_to_json
 from reffuse.experiments.findings.a_intensity import IntensityRow
 from reffuse.experiments.findings.b_removal import DecodeTiming, Removal
 from reffuse.experiments.findings.c_last_ffn import LastFfnRow
@@ -23,11 +23,11 @@ from reffuse.experiments.findings.rules import Verdict
 from reffuse.experiments.provenance import Provenance, Revision
 from reffuse.experiments.study import DependencyInRun, PlanCosts, ReferenceScores, Sink
 from reffuse.method.pipeline import RemovalChoice, TextsRecord
-from reffuse.records import present_fields
+from reffuse.records import FlatRecord, present_fields
 
 
 @dataclass(frozen=True)
-class Environment:
+class Environment(FlatRecord):
     """The machine the run measured on, and its load when the run started and ended (None where the platform
     has no load average)."""
     machine: str
@@ -37,13 +37,6 @@ class Environment:
     numpy: str
     load_average_1min_at_start: float | None
     load_average_1min_at_end: float | None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict) -> Environment:
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -116,8 +109,7 @@ class StudyResult:
 
     def to_json(self) -> dict:
         raw = present_fields(self)
-        raw["layouts"] = {name: [{"block": i, **block.to_json()} for i, block in enumerate(blocks)]
-                          for name, blocks in self.layouts.items()}
+        raw["layouts"] = {name: blocks_to_json(blocks) for name, blocks in self.layouts.items()}
         return raw
 
     @classmethod

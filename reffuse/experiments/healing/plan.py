@@ -28,9 +28,11 @@ from reffuse.core.fusion import fuse
 from reffuse.core.model import Model
 from reffuse.core.names import named_weights
 from reffuse.errors import ReffuseError
+from reffuse.experiments.findings.result import StudyResult
 from reffuse.files import checkout_root, read_json
 from reffuse.method.calibrate import calibrated_fuse
 from reffuse.method.removal import cheapest, drop_attention, drop_ffns
+from reffuse.records import FlatRecord
 
 FUSION_STUDY = "reports/experiments/smollm2/experiments.json"  # the unhealed variants, measured and committed
 
@@ -56,12 +58,11 @@ class FusionChoices:
     calibration_window: int
 
     @classmethod
-    def from_study(cls, study: dict) -> FusionChoices:
-        plans = {row["steps"]: [tuple(g) for g in row["groups"]] for row in study["intensity"]}
-        return cls(tuple(study["attention_removal"]["blocks"]), tuple(study["region"]), plans,
-                   {int(k): v for k, v in study["removal"]["ffn_scores"].items()},
-                   study["calibration"]["ridge"], study["calibration"]["weighting"],
-                   study["settings"]["calibration_tokens"], study["settings"]["window"])
+    def from_study(cls, study: StudyResult) -> FusionChoices:
+        return cls(tuple(study.attention_removal.blocks), tuple(study.region),
+                   {row.steps: [tuple(g) for g in row.groups] for row in study.intensity}, dict(study.removal.ffn_scores),
+                   study.calibration.ridge, study.calibration.weighting, study.settings.calibration_tokens,
+                   study.settings.window)
 
     def to_json(self) -> dict:
         """The choices as a study folder's study.json records them (lists for tuples, string keys)."""
@@ -85,8 +86,8 @@ class FusionChoices:
 
 def read_fusion_choices() -> FusionChoices:
     path = checkout_root() / FUSION_STUDY
-    return FusionChoices.from_study(read_json(path, "run the healing study from a checkout of reffuse, which "
-                                                    "holds the committed fusion study"))
+    return FusionChoices.from_study(StudyResult.from_json(
+        read_json(path, "run the healing study from a checkout of reffuse, which holds the committed fusion study")))
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def build_variant(name: str, original: Model, choices: FusionChoices, calibratio
 
 
 @dataclass(frozen=True)
-class Point:
+class Point(FlatRecord):
     """One trained (or untrained, budget 0) model of the study."""
     variant: str
     objective: str          # one of OBJECTIVES; "start" for budget 0
@@ -143,12 +144,6 @@ class Point:
     learning_rate: float = 0.0
     split: str = "held-out"  # where it is scored: "held-out", or "calibration" for the learning-rate choice
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> Point:
-        return cls(**record)
 
     @property
     def key(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from reffuse.formats.corpus import TokenWindows
 from reffuse.method.calibrate import sequential_update
 from reffuse.method.distill import local_loss_and_gradients
 from reffuse.progress import note
-from reffuse.records import present_fields
+from reffuse.records import FlatRecord, present_fields
 from reffuse.training.optim import AdamW, Schedule
 from reffuse.training.trainer import (CHECKPOINT_FILE, TrainingLog, TrainingOptions, load_checkpoint, take_step,
                                       save_checkpoint, train, window_index)
@@ -37,7 +37,7 @@ CLIP = 1.0
 
 
 @dataclass
-class WindowScores:
+class WindowScores(FlatRecord):
     """Per scored window: Σ KL(original || model), Σ -log p(next token), Σ top-1 agreement, predictions, text."""
     kl: list
     nll: list
@@ -57,13 +57,6 @@ class WindowScores:
     @property
     def top1(self) -> float:
         return sum(self.agree) / sum(self.predictions)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> WindowScores:
-        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ figure beside it (reffuse.plots.healing)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from reffuse.experiments.findings import Verdict
@@ -18,7 +18,7 @@ from reffuse.experiments.healing.study import (HealingStudySettings, RecordedFus
 from reffuse.experiments.provenance import FileChange, Provenance, changes_since, describe_changes
 from reffuse.files import json_text
 from reffuse.outputs import write_text_atomic
-from reffuse.records import as_json, present_fields
+from reffuse.records import FlatRecord, as_json, present_fields
 
 FIGURE = "recovery.png"
 FINDINGS = "findings.json"
@@ -26,23 +26,16 @@ PAPER_TOKENS = "about 65 billion tokens of distillation for the 253B model, 25 b
 
 
 @dataclass(frozen=True)
-class SweepRow:
+class SweepRow(FlatRecord):
     """One candidate learning rate of the sweep and its calibration KL."""
     objective: str
     learning_rate: float
     tokens: int
     kl: float                  # mean KL(original || model) on calibration text, nats
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> SweepRow:
-        return cls(**record)
-
 
 @dataclass(frozen=True)
-class CurveRow:
+class CurveRow(FlatRecord):
     """One budget of a recovery curve, the mean over the seeds that ran."""
     tokens: int                           # training tokens; 0 for the untrained start
     kl: float                             # held-out KL(original || model), nats
@@ -51,13 +44,6 @@ class CurveRow:
     perplexity: float
     top1: float                           # top-1 agreement with the original
     seeds: list[int]
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> CurveRow:
-        return cls(**record)
 
 
 @dataclass(frozen=True)
@@ -98,17 +84,10 @@ class StudyProvenance:
 
 
 @dataclass(frozen=True)
-class PlannedWork:
+class PlannedWork(FlatRecord):
     """The whole study as planned: its points and their training tokens."""
     points: int
     training_tokens: int
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, record: dict) -> PlannedWork:
-        return cls(**record)
 
 
 @dataclass(frozen=True)
