@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -307,13 +307,13 @@ except (ImportError, reffuse.ReffuseError) as missing:
           "    reffuse verify --model smollm2 --against transformers")
 else:
     theirs = reference_activations(reference, ids)                   # hidden_states [31, T, d], logits [T, vocab]
-    block_errors = [np.abs(ours - ref).max() / np.abs(ref).max() for ours, ref in zip(stream, theirs["hidden_states"])]
+    block_errors = [np.abs(ours - ref).max() / np.abs(ref).max() for ours, ref in zip(stream, theirs.hidden_states)]
     print("relative error of the residual stream, embedding and blocks 0, 5, 10, 15, 20, 25, 29:")
     print(np.array(block_errors)[[0, 1, 6, 11, 16, 21, 26, 30]])
-    logit_error = np.abs(logits - theirs["logits"]).max()
+    logit_error = np.abs(logits - theirs.logits).max()
     print(f"logits: max |reffuse - transformers| = {logit_error:.2e} "
-          f"({logit_error / np.abs(theirs['logits']).max():.1e} of the largest logit)")
-    print("same next-token argmax everywhere:", bool((logits.argmax(-1) == theirs["logits"].argmax(-1)).all()))
+          f"({logit_error / np.abs(theirs.logits).max():.1e} of the largest logit)")
+    print("same next-token argmax everywhere:", bool((logits.argmax(-1) == theirs.logits.argmax(-1)).all()))
 
 # %% [markdown]
 # ## Exercises

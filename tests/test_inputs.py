@@ -124,7 +124,7 @@ def test_flags_that_would_do_nothing_are_refused(short_context, tmp_path, capsys
 @pytest.mark.parametrize("dtype", [np.complex128, np.int32, np.bool_])
 def test_a_dump_holds_real_floats_only(dtype, tmp_path, capsys):
     acts = activations(build_tiny(), np.arange(6))
-    acts = {**acts, "logits": acts["logits"].astype(dtype), "hidden_states": acts["hidden_states"].astype(dtype)}
+    acts = dataclasses.replace(acts, logits=acts.logits.astype(dtype), hidden_states=acts.hidden_states.astype(dtype))
     path = save_activations(tmp_path / "odd.npz", acts, "tiny")
     error = one_line_error(capsys, ["verify", "--model", "tiny", "--against", str(path)])
     assert f"hidden_states has dtype {np.dtype(dtype)}; a dump holds real floating-point activations" in error

@@ -54,34 +54,58 @@ DEFAULT_TEXT = (
     "the sea. By noon the water began to fall, and by evening the town had quietly gone back to its work.")
 
 
-def activations(model: Model, token_ids, sub_blocks: bool = False) -> dict:
+@dataclass
+class Activations:
+    """One forward pass's numbers, as a dump holds them (the layout is in the module docstring). Arrays left out
+    are None: a side with logits alone is compared on its logits."""
+    token_ids: np.ndarray                      # int64 [T]
+    logits: np.ndarray                         # [T, vocab]
+    hidden_states: np.ndarray | None = None    # [L+1, T, d]
+    attn_out: np.ndarray | None = None         # [L, T, d], like resid_mid and mlp_out (SUB_BLOCKS)
+    resid_mid: np.ndarray | None = None
+    mlp_out: np.ndarray | None = None
+    model: str = ""                            # the model's name, as the dump gives it
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays it holds, by their names in a dump."""
+        return {name: getattr(self, name) for name in ARRAYS if getattr(self, name) is not None}
+
+    def sub_blocks(self) -> tuple[str, ...]:
+        """The sub-block outputs it holds (SUB_BLOCKS' names)."""
+        return tuple(name for name in SUB_BLOCKS if getattr(self, name) is not None)
+
+
+ARRAYS = ("token_ids", "hidden_states", "logits", *SUB_BLOCKS)  # in the order a dump is checked
+
+
+def activations(model: Model, token_ids, sub_blocks: bool = False) -> Activations:
     """token_ids, hidden_states [L+1, T, d] and logits [T, vocab] of one sequential forward pass; with
     sub_blocks, resid_mid, attn_out and mlp_out [L, T, d] too."""
     ids = check_token_ids(model, token_ids)
     hidden, mids, outputs = [], [], []
     logits = forward(model, ids, hidden_states=hidden, mids=mids if sub_blocks else None,
                      outputs=outputs if sub_blocks else None)
-    result = {"token_ids": ids, "hidden_states": np.stack([to_numpy(h) for h in hidden]), "logits": to_numpy(logits)}
+    result = Activations(ids, to_numpy(logits), np.stack([to_numpy(h) for h in hidden]), model=model.config.name)
     if sub_blocks:
-        zeros = np.zeros_like(result["hidden_states"][0])
-        result["resid_mid"] = np.stack([to_numpy(m) for m in mids])
-        result["attn_out"] = np.stack([zeros if a is None else to_numpy(a) for a, _ in outputs])
-        result["mlp_out"] = np.stack([zeros if f is None else to_numpy(f) for _, f in outputs])
+        zeros = np.zeros_like(result.hidden_states[0])
+        result.resid_mid = np.stack([to_numpy(m) for m in mids])
+        result.attn_out = np.stack([zeros if a is None else to_numpy(a) for a, _ in outputs])
+        result.mlp_out = np.stack([zeros if f is None else to_numpy(f) for _, f in outputs])
     return result
 
 
-def save_activations(path, acts: dict, model_name: str) -> Path:
-    """Write a dump (see the module docstring); returns its path."""
+def save_activations(path, acts: Activations, model_name: str) -> Path:
+    """Write a dump (see the module docstring) under `model_name`; returns its path."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ReffuseError(f"{path}: a dump is an .npz file; give a name ending in .npz")
     archive = io.BytesIO()
     np.savez(archive, format=np.array(FORMAT), model=np.array(model_name),
-             **{k: np.asarray(acts[k]) for k in ("token_ids", "hidden_states", "logits", *SUB_BLOCKS) if k in acts})
+             **{name: np.asarray(array) for name, array in acts.arrays().items()})
     return write_bytes_atomic(path, archive.getvalue())
 
 
-def load_activations(path) -> dict:
+def load_activations(path) -> Activations:
     """Read and check a dump: its format tag, the keys it needs and how their shapes fit together."""
     path = Path(path)
     if not path.is_file():
@@ -112,8 +136,7 @@ def load_activations(path) -> dict:
                                  or (hidden is not None and part.shape != (hidden.shape[0] - 1, *hidden.shape[1:]))):
             raise ReffuseError(f"{path}: {key} must be [L, T={ids.shape[0]}, d] (one row per block, as hidden_states "
                                f"has L+1), got {part.shape}")
-    data["model"] = str(data.get("model", ""))
-    return data
+    return Activations(**{name: data.get(name) for name in ARRAYS}, model=str(data.get("model", "")))
 
 
 @dataclass(frozen=True)
@@ -175,26 +198,27 @@ class Comparison:
                    raw["top1_agreement"])
 
 
-def compare(candidate: dict, reference: dict, sides=("candidate", "reference"), block_names=None) -> Comparison:
-    """Per-step errors of candidate against reference (both as returned by activations / load_activations).
+def compare(candidate: Activations, reference: Activations, sides=("candidate", "reference"),
+            block_names=None) -> Comparison:
+    """Per-step errors of candidate against reference (as activations / load_activations return them).
     `sides` names the two in messages; block_names labels the blocks (default "block i").
     """
-    if not np.array_equal(candidate["token_ids"], reference["token_ids"]):
+    if not np.array_equal(candidate.token_ids, reference.token_ids):
         raise ReffuseError(f"{sides[0]} and {sides[1]} ran on different token ids")
-    if candidate["logits"].shape != reference["logits"].shape:
-        raise ReffuseError(f"logits shapes differ: {sides[0]} has {candidate['logits'].shape} [tokens, vocabulary], "
-                           f"{sides[1]} {reference['logits'].shape}")
+    if candidate.logits.shape != reference.logits.shape:
+        raise ReffuseError(f"logits shapes differ: {sides[0]} has {candidate.logits.shape} [tokens, vocabulary], "
+                           f"{sides[1]} {reference.logits.shape}")
     rows = []
-    ours, theirs = candidate.get("hidden_states"), reference.get("hidden_states")
+    ours, theirs = candidate.hidden_states, reference.hidden_states
     if ours is not None and theirs is not None:
         if ours.shape != theirs.shape:
             raise ReffuseError(f"hidden_states shapes differ: {sides[0]} has {ours.shape}, {sides[1]} {theirs.shape} "
                                "(steps = 1 + number of blocks, tokens, width)")
         names = block_names or [f"block {i}" for i in range(len(ours) - 1)]
-        parts = [k for k in SUB_BLOCKS if candidate.get(k) is not None and reference.get(k) is not None]
+        parts = [k for k in candidate.sub_blocks() if k in reference.sub_blocks()]
         rows = [error_row("embedding", ours[0], theirs[0])]
         for i, name in enumerate(names):
-            rows += [error_row(f"{name} {k}", candidate[k][i], reference[k][i]) for k in parts]
+            rows += [error_row(f"{name} {k}", getattr(candidate, k)[i], getattr(reference, k)[i]) for k in parts]
             rows.append(error_row(name, ours[i + 1], theirs[i + 1]))
-    agreement = float(np.mean(candidate["logits"].argmax(-1) == reference["logits"].argmax(-1)))
-    return Comparison(tuple(rows), error_row("logits", candidate["logits"], reference["logits"]), agreement)
+    agreement = float(np.mean(candidate.logits.argmax(-1) == reference.logits.argmax(-1)))
+    return Comparison(tuple(rows), error_row("logits", candidate.logits, reference.logits), agreement)

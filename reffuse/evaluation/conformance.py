@@ -33,8 +33,8 @@ from reffuse.core.layout import BlockLayout, blocks_from_json, blocks_to_json
 from reffuse.core.model import cast
 from reffuse.core.patterns import FUSED, PATTERN_CONFIG, PATTERNS, build_pattern
 from reffuse.errors import ReffuseError
-from reffuse.evaluation.activations import FORMAT as DUMP_FORMAT, activations, compare, load_activations, \
-    save_activations
+from reffuse.evaluation.activations import (FORMAT as DUMP_FORMAT, Activations, activations, compare,
+                                           load_activations, save_activations)
 from reffuse.files import read_json
 from reffuse.formats.checkpoint import save_nemotron_nas
 from reffuse.formats.gguf_export import plan_gguf, save_gguf
@@ -243,11 +243,11 @@ def verify_kit(folder, threads: int | None = None) -> list[KitRow]:
             if gguf is None:
                 rows.append(KitRow(label, "-", None, None, "not in GGUF", note=entry.not_in_gguf or ""))
                 continue
-            ids = reference["token_ids"]
+            ids = reference.token_ids
             engine = LlamaCpp(folder / gguf, n_ctx=max(64, len(ids) + 8), threads=threads)
             logits = engine.logits(ids)
             del engine
-            result = compare({"token_ids": ids, "logits": logits}, reference, sides=("llama.cpp", "the reference"))
+            result = compare(Activations(ids, logits), reference, sides=("llama.cpp", "the reference"))
             met = result.logits.relative <= target
             verdict = ("agrees" if met else "DIVERGES") if known is None else \
                 ("known divergence reproduced" if not met else "agrees: the known divergence is gone")

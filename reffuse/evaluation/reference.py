@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.errors import ReffuseError
+from reffuse.evaluation.activations import Activations
 from reffuse.optional import require
 
 PURPOSE = "comparing against transformers"
@@ -61,7 +62,7 @@ def load_reference(name_or_path, dtype="float32"):
     return model.eval()
 
 
-def reference_activations(model, token_ids) -> dict:
+def reference_activations(model, token_ids) -> Activations:
     """token_ids, hidden_states [L+1, T, d] (embedding, then each decoder layer's output) and logits [T, vocab]."""
     torch = require("torch", "reference", PURPOSE)
     ids = np.asarray(token_ids, dtype=np.int64)
@@ -78,7 +79,7 @@ def reference_activations(model, token_ids) -> dict:
     finally:
         for hook in hooks:
             hook.remove()
-    return {"token_ids": ids, "hidden_states": np.stack(captured), "logits": logits}
+    return Activations(ids, logits, np.stack(captured))
 
 
 def reference_greedy(model, token_ids, max_new_tokens: int) -> list[int]:

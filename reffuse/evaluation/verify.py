@@ -14,7 +14,7 @@ from reffuse.core.generate import generate
 from reffuse.core.layout import format_layers
 from reffuse.errors import ReffuseError
 from reffuse.files import check_regular_file
-from reffuse.evaluation.activations import SUB_BLOCKS, Comparison, ErrorRow, activations, compare, load_activations
+from reffuse.evaluation.activations import Activations, Comparison, ErrorRow, activations, compare, load_activations
 from reffuse.formats.registry import load_model
 from reffuse.records import FlatRecord
 
@@ -61,19 +61,18 @@ def check_dump_path(path) -> None:
         raise ReffuseError(f"--against {path} is not an .npz archive: {remedy}")
 
 
-def check_dump(dump: dict, source: str) -> None:
+def check_dump(dump: Activations, source: str) -> None:
     """Refuse a dump whose activations are not real floating-point numbers (a complex dump would be compared by
     its real part alone, an integer one was rounded)."""
-    for key, array in dump.items():
-        if isinstance(array, np.ndarray) and key not in ("format", "model", "token_ids") \
-                and array.dtype.name not in DUMP_DTYPES:
+    for key, array in dump.arrays().items():
+        if key != "token_ids" and array.dtype.name not in DUMP_DTYPES:
             raise ReffuseError(f"{source}: {key} has dtype {array.dtype}; a dump holds real floating-point "
                                f"activations ({', '.join(DUMP_DTYPES)}): write them as such")
 
 
-def check_convention(model, dump: dict, ours: dict, source: str) -> None:
+def check_convention(model, dump: Activations, ours: Activations, source: str) -> None:
     """Refuse a dump whose last hidden state is HF's (taken after the final norm) rather than the stream."""
-    theirs, stream = dump.get("hidden_states"), ours["hidden_states"]
+    theirs, stream = dump.hidden_states, ours.hidden_states
     if theirs is None or theirs.shape != stream.shape:
         return
     from reffuse.core.model import rms_norm
@@ -91,28 +90,28 @@ def block_names(model) -> list[str]:
             for i, b in enumerate(model.layout().blocks)]
 
 
-def check_dump_fits(model, dump: dict, model_name: str, source: str) -> None:
+def check_dump_fits(model, dump: Activations, model_name: str, source: str) -> None:
     """Refuse a dump made with a model of other shapes, saying which side is which and which --model fits."""
     vocab, dim, blocks = model.config.vocab_size, model.config.dim, len(model.blocks)
-    theirs = {"vocabulary": dump["logits"].shape[1]}
-    if dump.get("hidden_states") is not None:
-        theirs |= {"blocks": dump["hidden_states"].shape[0] - 1, "width": dump["hidden_states"].shape[2]}
+    theirs = {"vocabulary": dump.logits.shape[1]}
+    if dump.hidden_states is not None:
+        theirs |= {"blocks": dump.hidden_states.shape[0] - 1, "width": dump.hidden_states.shape[2]}
     ours = {"vocabulary": vocab, "blocks": blocks, "width": dim}
     differ = [k for k in theirs if theirs[k] != ours[k]]
     if differ:
-        made_with = f"; the dump names its model {dump['model']!r}" if dump.get("model") else ""
+        made_with = f"; the dump names its model {dump.model!r}" if dump.model else ""
         raise ReffuseError(f"{source} (the dump) has {', '.join(f'{theirs[k]} {k}' for k in differ)}, but "
                            f"{model_name} (--model, reffuse's side) has {', '.join(f'{ours[k]} {k}' for k in differ)}: "
                            f"give --model the model the dump was made with{made_with}")
 
 
-def precision_hint(comparison: Comparison, precision: str, dump: dict) -> str | None:
+def precision_hint(comparison: Comparison, precision: str, dump: Activations) -> str | None:
     """A likely cause when a float64 dump misses float64's targets by float32's rounding."""
     if precision != "float64":
         return None
     failing = [r.relative for r in comparison.outputs() if r.relative > TARGETS["float64"]["relative"]]
     if failing and max(failing) < 1e-4:
-        return (f"the dump is {dump['logits'].dtype} but misses float64's target by float32's rounding (worst "
+        return (f"the dump is {dump.logits.dtype} but misses float64's target by float32's rounding (worst "
                 f"{max(failing):.1e}): some step that wrote it ran in float32 (a float32 weight or constant keeps "
                 "float32's rounding even when the result is stored as float64); compute every step in float64, or "
                 "compare in float32 (--dtype float32 and a float32 dump)")
@@ -220,34 +219,34 @@ def verify(model_name: str, against: str, ids=None, dtype: str = "float32", gene
                 raise
             vocabulary = None
         logits, theirs, architecture = run_llamacpp(model, vocabulary, ids, generate_tokens)
-        ours = {"token_ids": np.asarray(ids), "logits": activations(model, ids)["logits"]}
-        comparison = compare(ours, {"token_ids": ours["token_ids"], "logits": logits})
+        ours = activations(model, ids)
+        comparison = compare(ours, Activations(ours.token_ids, logits))
         greedy = greedy_comparison(model, ids, theirs)
         description = f"llama.cpp (llama-cpp-python, the model exported as an F32 GGUF, architecture {architecture})"
         if model_name == "smollm2":  # the published Q4_1 file too: llama.cpp's quantized kernels, a gap apart
             published = fetch("smollm2")
-            gap = compare({"token_ids": ours["token_ids"],
-                           "logits": LlamaCpp(published, n_ctx=max(64, len(ids) + 8)).logits(ids)}, ours)
+            gap = compare(Activations(ours.token_ids, LlamaCpp(published, n_ctx=max(64, len(ids) + 8)).logits(ids)),
+                          ours)
             quantized = QuantizedGap(gap.logits, gap.top1_agreement, published.name)
         precision, dtype = "llama.cpp", "float32"
     else:
         check_dump_path(against)
         dump = load_activations(against)
         check_dump(dump, against)
-        if dump["logits"].dtype == np.float64:
+        if dump.logits.dtype == np.float64:
             dtype = "float64"  # the other side computed in float64: so does reffuse
         model = load_model(model_name, dtype=dtype)
         check_dump_fits(model, dump, model_name, against)
         limit = model.config.max_positions
-        if limit is not None and dump["token_ids"].size > limit:
-            raise ReffuseError(f"{against}: its {dump['token_ids'].size} token ids are past the context length of "
+        if limit is not None and dump.token_ids.size > limit:
+            raise ReffuseError(f"{against}: its {dump.token_ids.size} token ids are past the context length of "
                                f"{model_name}, {limit}: dump at most {limit} tokens")
-        ours = activations(model, dump["token_ids"], sub_blocks=any(k in dump for k in SUB_BLOCKS))
+        ours = activations(model, dump.token_ids, sub_blocks=bool(dump.sub_blocks()))
         check_convention(model, dump, ours, against)
         comparison = compare(dump, ours, sides=(f"{against} (the dump)", f"{model_name} (reffuse)"),
                              block_names=block_names(model))
-        ids, description = dump["token_ids"], f"{against} (model {dump['model'] or '?'}; reffuse is the reference)"
-        precision = "float64" if dtype == "float64" and dump["logits"].dtype == np.float64 else "float32"
+        ids, description = dump.token_ids, f"{against} (model {dump.model or '?'}; reffuse is the reference)"
+        precision = "float64" if dtype == "float64" and dump.logits.dtype == np.float64 else "float32"
         hint = precision_hint(comparison, precision, dump)
 
     judged = judge(comparison, precision, rtol, atol)

@@ -12,7 +12,7 @@ pytest.importorskip("tokenizers")
 from reffuse.cli import main  # noqa: E402
 from reffuse.core.model import forward  # noqa: E402
 from reffuse.errors import ReffuseError  # noqa: E402
-from reffuse.evaluation.activations import activations, load_activations, save_activations  # noqa: E402
+from reffuse.evaluation.activations import Activations, activations, load_activations, save_activations  # noqa: E402
 from reffuse.evaluation.conformance import KitManifest, build_kit, load_kit  # noqa: E402
 from reffuse.evaluation.verify import VerifyResult, verify  # noqa: E402
 from reffuse.formats.checkpoint import load_folder  # noqa: E402
@@ -36,12 +36,12 @@ def test_every_pattern_reads_back_to_its_reference_bit_for_bit(kit):
         reference = load_activations(kit / pattern.references["float64"])
         folder = load_folder(kit / pattern.nemotron_nas, dtype="float64")
         assert folder.layout().blocks == pattern.blocks, pattern.name
-        np.testing.assert_array_equal(forward(folder, reference["token_ids"]), reference["logits"])
+        np.testing.assert_array_equal(forward(folder, reference.token_ids), reference.logits)
         if pattern.gguf:  # GGUF stores RMSNorm's eps as float32: 1e-5 moves by 3e-13, the logits by ~1e-12
             gguf = load_gguf(kit / pattern.gguf, dtype="float64")
             assert gguf.layout().blocks == pattern.blocks, pattern.name
-            logits = forward(gguf, reference["token_ids"])
-            assert np.abs(logits - reference["logits"]).max() <= 1e-10 * np.abs(reference["logits"]).max()
+            logits = forward(gguf, reference.token_ids)
+            assert np.abs(logits - reference.logits).max() <= 1e-10 * np.abs(reference.logits).max()
     varying = json.loads((kit / "varying-heads-and-widths" / "nemotron-nas" / "config.json").read_text())
     assert [(c["attention"]["n_heads_in_group"], c["ffn"]["ffn_mult"]) for c in varying["block_configs"]] == \
         [(4, 12.0), (1, 36.0), (2, 24.0)]                   # FFN widths 256, 768, 512 at hidden size 32
@@ -69,12 +69,12 @@ def test_a_dump_of_the_reference_meets_the_float64_targets_sub_block_by_sub_bloc
 
 
 def test_the_first_diverging_sub_block_is_named(kit, tmp_path):
-    dump = dict(load_activations(kit / "varying-heads-and-widths" / "reference-float64.npz"))
-    dump["attn_out"] = dump["attn_out"].copy()
-    dump["attn_out"][1] *= 1.01                    # block 1's attention off by 1%: its stream follows
-    dump["resid_mid"] = dump["resid_mid"].copy()
-    dump["resid_mid"][1] += dump["attn_out"][1] / 101
-    path = save_activations(tmp_path / "wrong.npz", dump, dump["model"])
+    dump = load_activations(kit / "varying-heads-and-widths" / "reference-float64.npz")
+    dump.attn_out = dump.attn_out.copy()
+    dump.attn_out[1] *= 1.01                    # block 1's attention off by 1%: its stream follows
+    dump.resid_mid = dump.resid_mid.copy()
+    dump.resid_mid[1] += dump.attn_out[1] / 101
+    path = save_activations(tmp_path / "wrong.npz", dump, dump.model)
     result = verify(str(kit / "varying-heads-and-widths" / "nemotron-nas"), str(path))
     assert result.first_diverging == "block 1 attn_out"
 
@@ -86,8 +86,9 @@ def test_a_fused_block_says_which_layers_it_stands_for(kit):
 
 
 def test_a_float64_dump_with_float32_rounding_gets_a_hint(kit, tmp_path):
-    dump = dict(load_activations(kit / "both-sub-blocks" / "reference-float32.npz"))
-    promoted = {k: v.astype(np.float64) if getattr(v, "dtype", None) == np.float32 else v for k, v in dump.items()}
+    dump = load_activations(kit / "both-sub-blocks" / "reference-float32.npz")
+    promoted = Activations(**{k: v.astype(np.float64) if v.dtype == np.float32 else v
+                              for k, v in dump.arrays().items()})
     path = save_activations(tmp_path / "promoted.npz", promoted, "float32, stored as float64")
     result = verify(str(kit / "both-sub-blocks" / "nemotron-nas"), str(path))
     assert not result.met
@@ -131,5 +132,5 @@ def test_the_export_says_it_stands_an_all_zero_ffn_in_for_an_absent_one(kit, tmp
     reference = load_activations(kit / "ffn-no-op-attention-kept" / "reference-float64.npz")
     back = load_gguf(out, dtype="float64")
     assert back.layout().blocks[1].ffn_width == 0 and back.blocks[1].ffn is None
-    logits = forward(back, reference["token_ids"])
-    assert np.abs(logits - reference["logits"]).max() <= 1e-10 * np.abs(reference["logits"]).max()
+    logits = forward(back, reference.token_ids)
+    assert np.abs(logits - reference.logits).max() <= 1e-10 * np.abs(reference.logits).max()

@@ -21,9 +21,9 @@ def run_raising(argv):
 def test_dump_round_trip(tiny32, tmp_path):
     ids = np.arange(10)
     acts = activations(tiny32, ids)
-    assert acts["hidden_states"].shape == (len(tiny32.blocks) + 1, 10, tiny32.config.dim)
+    assert acts.hidden_states.shape == (len(tiny32.blocks) + 1, 10, tiny32.config.dim)
     loaded = load_activations(save_activations(tmp_path / "a.npz", acts, "tiny"))
-    assert loaded["model"] == "tiny"
+    assert loaded.model == "tiny"
     result = compare(loaded, acts)
     assert result.logits.max_abs == 0 and all(r.max_abs == 0 for r in result.hidden_states)
     assert result.top1_agreement == 1.0
@@ -46,8 +46,8 @@ def test_cli_dump_then_verify_a_float32_dump_in_float64(tiny32, tmp_path, capsys
 
 def test_verify_reports_a_wrong_dump(tiny32, tmp_path, capsys):
     acts = activations(tiny32, np.arange(6))
-    acts["hidden_states"][5] += 1e-2
-    acts["logits"] = acts["logits"] + 1e-3
+    acts.hidden_states[5] += 1e-2
+    acts.logits = acts.logits + 1e-3
     path = save_activations(tmp_path / "off.npz", acts, "someone else's kernels")
     assert main(["verify", "--model", "tiny", "--against", str(path)]) == 1
     text = capsys.readouterr().out
@@ -58,10 +58,10 @@ def test_verify_reports_a_wrong_dump(tiny32, tmp_path, capsys):
 @pytest.mark.parametrize("step", [1, 6, -1])  # a block early, in the middle, and the last one
 def test_verify_fails_on_one_wrong_block_and_names_it(tiny32, tmp_path, capsys, step):
     acts = activations(tiny32, np.arange(6))
-    acts["hidden_states"][step][3] += 0.05      # one position of one block's output; the logits left as they were
+    acts.hidden_states[step][3] += 0.05      # one position of one block's output; the logits left as they were
     path = save_activations(tmp_path / "one-block.npz", acts, "a kernel with one bug")
     assert main(["verify", "--model", "tiny", "--against", str(path)]) == 1
-    block = (step % len(acts["hidden_states"])) - 1
+    block = (step % len(acts.hidden_states)) - 1
     assert f"the first output that diverges: block {block}" in capsys.readouterr().out
 
 
@@ -77,7 +77,7 @@ def test_a_float64_dump_is_compared_in_float64_without_flags(tmp_path, capsys):
 def test_a_dump_with_hfs_post_norm_last_state_is_refused(tiny32, tmp_path, capsys):
     from reffuse.core.model import rms_norm
     acts = activations(tiny32, np.arange(6))
-    acts["hidden_states"][-1] = rms_norm(acts["hidden_states"][-1], tiny32.norm_gain, tiny32.config.norm_eps)
+    acts.hidden_states[-1] = rms_norm(acts.hidden_states[-1], tiny32.norm_gain, tiny32.config.norm_eps)
     path = save_activations(tmp_path / "hf.npz", acts, "HF hidden_states")
     assert main(["verify", "--model", "tiny", "--against", str(path)]) == 2
     assert "the stream after the final norm (HF's hidden_states[-1])" in capsys.readouterr().err
