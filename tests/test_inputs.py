@@ -14,6 +14,7 @@ from reffuse.cli import main
 from reffuse.core.tiny import build_tiny
 from reffuse.errors import ReffuseError
 from reffuse.evaluation.activations import activations, save_activations
+from reffuse.evaluation.conformance import KIT_FILE, KIT_FORMAT
 from reffuse.formats import tokenizer as tokenizers
 from reffuse.formats.checkpoint import save_model
 from reffuse.formats.registry import load_tokenizer
@@ -116,6 +117,11 @@ def test_flags_that_would_do_nothing_are_refused(short_context, tmp_path, capsys
     dump = save_activations(tmp_path / "d.npz", activations(build_tiny(), np.arange(4)), "tiny")
     assert "--ids: a dump brings its own token ids" in one_line_error(
         capsys, ["verify", "--model", "tiny", "--against", str(dump), "--ids", "1,2"])
+    kit = tmp_path / "kit"  # the flags are refused before the kit is read: its marker file is enough
+    kit.mkdir()
+    (kit / KIT_FILE).write_text(json.dumps({"format": KIT_FORMAT}))
+    assert "--tokens: a conformance kit brings its own token ids" in one_line_error(
+        capsys, ["verify", "--model", str(kit), "--against", "llama.cpp", "--tokens", "16"])
     assert "--tensor-type q8_0 is for --format gguf" in one_line_error(
         capsys, ["export", "--model", "tiny", "--format", "nemotron-nas", "--tensor-type", "q8_0", "--out",
                  str(tmp_path / "n")])

@@ -78,17 +78,23 @@ def run_kit(args) -> int:
     return 0 if all(r.met is not False for r in rows) else 1
 
 
+def refuse_input_flags(args, holder: str) -> None:
+    """Refuse --ids, --text and --tokens where `holder` brings its own token ids (they would change nothing)."""
+    given = [flag for flag, value in (("--ids", args.ids), ("--text", args.text), ("--tokens", args.tokens))
+             if value is not None]
+    if given:
+        raise ReffuseError(f"{', '.join(given)}: {holder} brings its own token ids, so these would change nothing: "
+                           "leave them out")
+
+
 def run(args) -> int:
     if args.against == "llama.cpp" and is_kit(args.model):
+        refuse_input_flags(args, "a conformance kit")
         return run_kit(args)
     if args.against in ("transformers", "llama.cpp"):
         ids = input_ids(args, args.model, extra_positions=args.generate)
     else:
-        given = [flag for flag, value in (("--ids", args.ids), ("--text", args.text), ("--tokens", args.tokens))
-                 if value is not None]
-        if given:
-            raise ReffuseError(f"{', '.join(given)}: a dump brings its own token ids, so these would change nothing: "
-                               "leave them out")
+        refuse_input_flags(args, "a dump")
         check_dump_path(args.against)
         ids = None
     result = verify(args.model, args.against, ids, args.dtype, args.generate, args.rtol, args.atol, args.tokenizer)
