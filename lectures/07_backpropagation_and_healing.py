@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -179,9 +179,9 @@ before = evaluate(student, held_out, base=original)
 options = TrainingOptions(steps=100, learning_rate=3e-4, warmup=10, seed=0)
 healed, log = train(student, text, trainable, options, teacher=original, progress=False)
 after = evaluate(healed, held_out, base=original)
-print(f"held-out KL to the original: {before['kl_from_base']:.3f} -> {after['kl_from_base']:.3f} nats")
-print(f"held-out perplexity:         {before['perplexity']:.1f} -> {after['perplexity']:.1f} "
-      f"(original {before['base_perplexity']:.1f})")
+print(f"held-out KL to the original: {before.kl_from_base:.3f} -> {after.kl_from_base:.3f} nats")
+print(f"held-out perplexity:         {before.perplexity:.1f} -> {after.perplexity:.1f} "
+      f"(original {before.base_perplexity:.1f})")
 
 # %%
 import matplotlib.pyplot as plt

@@ -149,7 +149,8 @@ def arena_effect(model, prompt, threads: int, rounds: int = 9, steps: int = 30) 
         for _ in range(rounds):
             for name, m in (("separate", separate), ("arena", model)):
                 samples[name].append(median_seconds(decode_step(m, prompt), steps, warmup=0))
-    return {"seconds": samples, "arena_over_separate_time": paired_ratio(samples["arena"], samples["separate"]).to_json()}
+    ratio = paired_ratio(samples["arena"], samples["separate"])
+    return {"seconds": samples, "arena_over_separate_time": ratio.to_json()}
 
 
 def main(argv=None) -> int:
