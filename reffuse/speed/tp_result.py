@@ -37,7 +37,7 @@ class ForwardRecord(FlatRecord):
 
     @classmethod
     def from_json(cls, raw: dict) -> ForwardRecord:
-        """Read from its own keys: a forward's JSON holds them beside the model's shape."""
+        """Read from its own keys: a forward's JSON holds them beside the run's other fields."""
         return cls(raw["allreduce_count"], raw["allreduce_bytes"], raw["allreduce_seconds"], raw["seconds"])
 
 

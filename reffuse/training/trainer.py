@@ -73,7 +73,6 @@ class TrainingLog(FlatRecord):
     seconds: float = 0.0                                 # time spent training (over resumed parts too)
 
 
-
 TRAIN_CHOICES = ("fused", "run", "all", "blocks A-B")
 
 

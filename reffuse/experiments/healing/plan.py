@@ -144,7 +144,6 @@ class Point(FlatRecord):
     learning_rate: float = 0.0
     split: str = "held-out"  # where it is scored: "held-out", or "calibration" for the learning-rate choice
 
-
     @property
     def key(self) -> str:
         rate = f"-lr{self.learning_rate:g}" if self.split == "calibration" else ""
