@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from reffuse.core.backend import array_module, to_numpy
-from reffuse.core.model import Model, forward
+from reffuse.core.model import Model, forward, lm_logits
 from reffuse.core.names import named_weights, with_weights
 from reffuse.errors import ReffuseError
 from reffuse.outputs import write_bytes_atomic
@@ -161,19 +161,36 @@ def take_step(optimizer: AdamW, schedule: Schedule, grads: dict, loss: float, st
     log.seconds += time.perf_counter() - started
 
 
+def teacher_logits(teacher: Model, ids, streams: dict | None = None):
+    """The teacher's logits [T, vocab] for the window ids [T].
+
+    streams: if a dict, the teacher's stream leaving its last block, [T, d], is kept per window, so that the
+    window seen again (another run over the same text) costs only the final norm and the LM head. The logits are
+    the same, bit for bit: forward ends in that same lm_logits on that same stream."""
+    if streams is None:
+        return forward(teacher, ids)
+    key = np.asarray(ids).tobytes()
+    if key not in streams:
+        hidden = []
+        forward(teacher, ids, hidden_states=hidden)
+        streams[key] = hidden[-1]
+    return lm_logits(teacher, streams[key])
+
+
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def train(student: Model, windows, trainable, options: TrainingOptions, teacher: Model | None = None,
-          checkpoint_folder=None, checkpoint_every: int = 0, resume: bool = False, progress: bool = True
-          ) -> tuple[Model, TrainingLog]:
+          checkpoint_folder=None, checkpoint_every: int = 0, resume: bool = False, progress: bool = True,
+          teacher_streams: dict | None = None) -> tuple[Model, TrainingLog]:
     """The student with its `trainable` weights (HF names) trained on `windows` [n, T] ids, and the run's log.
 
     With a teacher, the loss is distillation from the teacher's logits on each window (computed as training
     runs); without one, next-token cross-entropy. The student's own arrays are never written: it is trained on
-    copies of its trainable weights."""
+    copies of its trainable weights. teacher_streams: as teacher_logits' streams, a dict the caller may share
+    between runs with the same teacher over the same windows."""
     windows = np.asarray(windows)
     if windows.ndim != 2 or len(windows) == 0:
         raise ReffuseError(f"training windows must be a non-empty [n_windows, tokens] array, got shape {windows.shape}")
@@ -192,13 +209,14 @@ def train(student: Model, windows, trainable, options: TrainingOptions, teacher:
         log = load_checkpoint(folder, weights, optimizer, state)
         note(f"resuming from step {optimizer.step_count} of {options.steps} ({folder / CHECKPOINT_FILE})")
     window_tokens = windows.shape[1]
+    resumed_at, run_started = optimizer.step_count, time.perf_counter()   # the rate is this process's own
     for step in range(optimizer.step_count + 1, options.steps + 1):
         started = time.perf_counter()
         total, step_loss = None, 0.0
         for j in range(options.windows_per_step):
             ids = windows[window_index((step - 1) * options.windows_per_step + j, len(windows), options.seed)]
-            teacher_logits = forward(teacher, ids) if teacher is not None else None
-            loss, grads = gradients(model, ids, teacher_logits, options.temperature, trainable)
+            target = teacher_logits(teacher, ids, teacher_streams) if teacher is not None else None
+            loss, grads = gradients(model, ids, target, options.temperature, trainable)
             step_loss += loss / options.windows_per_step
             if total is None:
                 total = grads
@@ -211,8 +229,9 @@ def train(student: Model, windows, trainable, options: TrainingOptions, teacher:
         take_step(optimizer, schedule, total, step_loss, step, options.clip, log,
                   options.windows_per_step * window_tokens, started)
         if progress:
-            rate_tokens = log.tokens / log.seconds if log.seconds else 0.0
-            left = (options.steps - step) * log.seconds / len(log.losses)
+            per_step = (time.perf_counter() - run_started) / (step - resumed_at)
+            rate_tokens = options.windows_per_step * window_tokens / per_step
+            left = (options.steps - step) * per_step
             note(f"step {step}/{options.steps}  tokens {log.tokens:,}  loss {step_loss:.4f}  "
                  f"{rate_tokens:,.0f} tokens/s  time left {_clock(left)}")
         if folder is not None and checkpoint_every and (step % checkpoint_every == 0 or step == options.steps):

@@ -7,7 +7,7 @@ import pytest
 import reffuse
 from reffuse.core.names import named_weights, with_weights
 from reffuse.training import trainer as trainer_module
-from reffuse.training.trainer import TrainingOptions, train, window_index
+from reffuse.training.trainer import TrainingOptions, teacher_logits, train, window_index
 
 FUSED_NAMES = ["model.layers.4.mlp.gate_proj.weight", "model.layers.4.mlp.up_proj.weight",
                "model.layers.4.mlp.down_proj.weight"]
@@ -34,6 +34,29 @@ def test_distillation_lowers_the_loss_and_trains_only_the_trainable_weights(setu
         changed = not np.array_equal(w, before[name])
         assert changed == (name in FUSED_NAMES), name
         np.testing.assert_array_equal(named_weights(student)[name], before[name])  # the student is untouched
+
+
+def test_kept_teacher_streams_give_the_same_logits_and_the_same_run_bit_for_bit(setup):
+    """A study shares the teacher's streams between runs over the same windows: the second run reads them, and
+    its logits, losses and weights are those of a run that computed the teacher in full."""
+    teacher, student, windows = setup
+    ids = windows[0]
+    streams = {}
+    first, again = teacher_logits(teacher, ids, streams), teacher_logits(teacher, ids, streams)
+    np.testing.assert_array_equal(first, reffuse.forward(teacher, ids))
+    np.testing.assert_array_equal(again, first)
+    assert list(streams) == [ids.tobytes()]
+
+    options = TrainingOptions(steps=6, learning_rate=1e-3, warmup=1)
+    plain_run, plain_log = train(student, windows, FUSED_NAMES, options, teacher=teacher, progress=False)
+    shared = {}
+    train(student, windows, FUSED_NAMES, options, teacher=teacher, progress=False, teacher_streams=shared)
+    assert len(shared) == len(windows)
+    kept_run, kept_log = train(student, windows, FUSED_NAMES, options, teacher=teacher, progress=False,
+                               teacher_streams=shared)
+    assert kept_log.losses == plain_log.losses
+    for name, w in named_weights(plain_run).items():
+        np.testing.assert_array_equal(named_weights(kept_run)[name], w)
 
 
 def test_window_order_is_a_seeded_permutation_per_epoch():

@@ -112,16 +112,17 @@ def training_options(point: Point, window: int) -> TrainingOptions:
 
 
 def train_point(point: Point, variant: Variant, original: Model, pre: Model, windows: np.ndarray,
-                checkpoint: Path) -> tuple[Model, TrainingLog]:
-    """The variant trained as the point says; the run checkpoints into `checkpoint` and resumes from it."""
+                checkpoint: Path, teacher_streams: dict | None = None) -> tuple[Model, TrainingLog]:
+    """The variant trained as the point says; the run checkpoints into `checkpoint` and resumes from it.
+    teacher_streams: the original's streams per window, shared by the points that distil from it (train's)."""
     options = training_options(point, windows.shape[1])
     if point.objective in ("kd", "ce"):
         return train(variant.model, windows, variant.ffn_names(), options,
                      teacher=original if point.objective == "kd" else None,
-                     checkpoint_folder=checkpoint, checkpoint_every=16, resume=True)
+                     checkpoint_folder=checkpoint, checkpoint_every=16, resume=True, teacher_streams=teacher_streams)
     if point.objective == "kd-fused":
         return train(variant.model, windows, variant.fused_names(), options, teacher=original,
-                     checkpoint_folder=checkpoint, checkpoint_every=16, resume=True)
+                     checkpoint_folder=checkpoint, checkpoint_every=16, resume=True, teacher_streams=teacher_streams)
     if point.objective == "local":
         return train_local(variant, pre, windows, options, checkpoint)
     raise ReffuseError(f"no objective {point.objective!r} to train with")

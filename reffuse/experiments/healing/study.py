@@ -144,6 +144,7 @@ class Runner:
         self.texts = load_texts(find_tokenizer(settings.model), settings, self.choices)
         self.variants: dict[str, Variant] = {}
         self.logits: dict[str, list] = {}
+        self.teacher_streams: dict[bytes, object] = {}   # the original's last-block stream per training window
 
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
@@ -164,7 +165,7 @@ class Runner:
         checkpoint = self.folder.with_name(self.folder.name + ".checkpoints") / point.key
         if point.tokens:
             model, log = train_point(point, variant, self.original, self.pre,
-                                     point_windows(self.texts, point.tokens), checkpoint)
+                                     point_windows(self.texts, point.tokens), checkpoint, self.teacher_streams)
         scoring = time.perf_counter()
         scores = score(model, self.windows(point.split), self.original_logits(point.split))
         shutil.rmtree(checkpoint, ignore_errors=True)
