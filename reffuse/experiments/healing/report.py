@@ -101,7 +101,7 @@ class HealingSummary:
     curves: tuple[Curve, ...]
     verdicts: tuple[Verdict, ...]
     points: int                           # points finished
-    seconds: float                        # their compute time, summed
+    seconds: float                        # their wall-clock time (training and scoring), summed
     cpus: list[int]                       # the core counts of the machines they ran on
     planned: PlannedWork
 
@@ -195,9 +195,10 @@ def markdown(s: HealingSummary, command: str) -> str:
         "# Healing study: does distillation recover what fusion costs?", "",
         f"Command: `{command}`. {s.points} of {s.planned.points} points finished "
         f"({s.planned.training_tokens:,} training tokens in all, {s.planned.training_tokens / 1e6:.1f} "
-        f"million), {s.seconds / 3600:.1f} hours of compute so far"
+        f"million), {s.seconds / 3600:.1f} hours so far"
         + (f" on {' or '.join(map(str, s.cpus))} CPU cores" if s.cpus else "")
-        + f". Rules: `reffuse/experiments/healing/findings.py` at commit {s.rules.commit} "
+        + " (the points' wall-clock training and scoring, summed; some points include time the process sat "
+        "paused while tests used the cores, so this is an upper bound on the compute). Rules: `reffuse/experiments/healing/findings.py` at commit {s.rules.commit} "
         f"({s.rules.committed_at}), committed before the first point ran"
         + rules_changes(s.setup.rules_changed_since), "",
         "## Setup", "",
