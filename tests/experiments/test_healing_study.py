@@ -148,7 +148,7 @@ def test_no_gap_to_close_is_not_resolved():
 
 def test_the_recovery_figure_draws_every_curve(tmp_path):
     pytest.importorskip("matplotlib")
-    from reffuse.plots.healing import recovery_figure
+    from reffuse.plots.healing import kl_ticks, recovery_figure
     write_study_folder(tmp_path)
     curves = summarize(tmp_path).curves
     left, right = recovery_figure(curves, "made-up points").axes
@@ -156,3 +156,8 @@ def test_the_recovery_figure_draws_every_curve(tmp_path):
     others = [f"{c.variant}: {c.objective}" for c in curves if c.objective != "kd"]
     assert [t.get_text() for t in left.get_legend().get_texts()] == kd
     assert [t.get_text() for t in right.get_legend().get_texts()] == ["fused, 4 steps: kd"] + others
+    ticks, labels = kl_ticks(curves)            # the KL axis labelled inside the data's range, not only at 1
+    values = [v for c in curves for r in c.rows for v in (r.kl, *(r.interval or ()))]
+    assert len(ticks) >= 2 and labels == [f"{t:g}" for t in ticks]
+    assert min(values) / 1.2 <= ticks[0] and ticks[-1] <= max(values) * 1.2
+    assert list(left.get_yticks()) == ticks
