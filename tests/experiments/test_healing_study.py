@@ -10,7 +10,8 @@ import pytest
 
 from reffuse.cli import main
 from reffuse.experiments.healing.findings import GAP_FRACTION, verdicts
-from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets, FusionChoices, Point
+from reffuse.errors import ReffuseError
+from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets, FusionChoices, Point, study_points
 from reffuse.experiments.healing.points import HealingPoint, WindowScores
 from reffuse.experiments.healing.report import FINDINGS, FIGURE, HealingSummary, summarize, write_report
 from reffuse.experiments.healing.study import HealingStudySettings, RecordedFusionStudy, StudyRecord
@@ -50,8 +51,8 @@ def study_results(healed_fused: float) -> list[HealingPoint]:
               "3 FFNs removed": healed_fused + 0.2, "fused, 1 step": 0.6, "fused, 1 step, refit": 0.55,
               "6 FFNs removed": 0.9}
     out += [result(v, "kd", largest, kl, seed=s) for v, kl in healed.items() for s in BUDGETS.seeds]
-    out += [result("fused, 4 steps", "kd-fused", kd_local, healed_fused + 0.02),
-            result("fused, 4 steps", "local", kd_local, healed_fused + 0.3)]
+    out += [result("fused, 4 steps", objective, kd_local, healed_fused + extra, seed=s)
+            for objective, extra in (("kd-fused", 0.02), ("local", 0.3)) for s in BUDGETS.seeds]
     return out
 
 
@@ -138,6 +139,52 @@ def test_a_finding_waits_for_every_seed_the_plan_runs():
     v = by_finding(results)
     assert v["m"].verdict == "pending" and "3 FFNs removed" in v["m"].note
     assert v["l"].verdict == "held"
+
+
+def test_a_difference_resolves_only_when_every_seed_agrees():
+    """Seed 1 of the fused model lands above 3 FFNs removed, seed 0 below: (m) cannot count that pair."""
+    results = [r for r in study_results(0.35) if not (r.point.variant == "fused, 4 steps" and r.point.seed == 1
+                                                      and r.point.objective == "kd")]
+    results.append(result("fused, 4 steps", "kd", max(BUDGETS.kd), 0.35 + 0.3, seed=1))
+    v = by_finding(results)
+    assert v["m"].verdict == "partly held" and "seed 0: -0.2000" in v["m"].here and "seed 1: +0.1000" in v["m"].here
+
+
+def test_the_gap_rule_recomputes_by_hand():
+    """(l) for seed 0: Σ over windows of fused - removed - 0.5 x (fused start - removed start), over predictions."""
+    results = study_results(0.35)
+    kl = {(r.point.variant, r.point.objective, r.point.seed): np.array(r.scores.kl) for r in results}
+    d = (kl["fused, 4 steps", "kd", 0] - kl[ATTENTION_REMOVED, "kd", 0]
+         - GAP_FRACTION * (kl["fused, 4 steps", "start", 0] - kl[ATTENTION_REMOVED, "start", 0]))
+    expected = d.sum() / (TEXTS * WINDOWS_PER_TEXT * PREDICTIONS)
+    here = by_finding(results)["l"].here
+    assert f"gap (+0.2000 over all windows): seed 0: {expected:+.4f} nats" in here
+
+
+def test_points_scored_on_other_windows_are_refused():
+    results = study_results(0.35)
+    moved = next(i for i, r in enumerate(results) if r.point.variant == "3 FFNs removed" and r.point.seed == 0)
+    other = results[moved].scores
+    results[moved] = HealingPoint(results[moved].point, [], WindowScores(other.kl, other.nll, other.agree,
+                                  other.predictions, other.text[::-1], other.texts), None, 1.0, 1, PROVENANCE)
+    with pytest.raises(ReffuseError, match="other held-out windows"):
+        by_finding(results)
+
+
+def test_the_plan_runs_every_judged_point_with_every_seed():
+    budgets = Budgets()
+    points = study_points(budgets)
+    judged = {(p.variant, p.objective) for p in points if p.seed == 2}
+    assert judged == {(v, "kd") for v in budgets.finding_variants} | {("fused, 4 steps", "kd-fused"),
+                                                                      ("fused, 4 steps", "local")}
+    assert all(p.tokens == max(budgets.kd) for p in points if p.seed) and len(points) == len(set(points)) == 60
+
+
+@pytest.mark.skipif(not (COMMITTED / FINDINGS).is_file(), reason="no committed healing study")
+def test_the_committed_report_states_the_committed_verdicts():
+    text = (COMMITTED / "README.md").read_text()
+    for v in HealingSummary.from_json(json.loads((COMMITTED / FINDINGS).read_text())).verdicts:
+        assert f"### ({v.finding}) {v.title}: {v.verdict}" in text and v.here in text
 
 
 def test_no_gap_to_close_is_not_resolved():

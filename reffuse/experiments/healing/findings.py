@@ -1,10 +1,13 @@
 """The healing study's findings (l)-(o): what each compares, and the rule that turns the numbers into a verdict.
 
 Every comparison is a paired difference of held-out KL(original || model) between two points scored on the same
-windows (reffuse.stats.paired_window_sums). A verdict reads the interval over texts (a t-interval over the held-out
-texts' own means: windows of one text are correlated, so the texts are the independent units); the interval over
-windows is reported beside it. Where a point was run with several seeds, its per-window sums are the seeds' mean
-and the seeds' spread is reported. A finding whose points are not all finished is "pending".
+windows (reffuse.stats.paired_window_sums), formed seed by seed: seed s of one variant against seed s of the other
+(the same training windows in the same order; an untrained start, which has no seed, stands beside each). Each
+seed's difference has an interval over texts (a t-interval over the held-out texts' own means: windows of one text
+are correlated, so the texts are the independent units) and one over windows. A difference is resolved only when
+the interval over texts of every seed lies on the same side: a seed is a replication of the healing run, and an
+interval over texts alone cannot see how much a run's outcome moves with its seed. A finding whose points are not
+all finished, every seed of them, is "pending".
 
 The rules are fixed before the points they judge are run; the report names the commit of this file.
 """
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reffuse.errors import ReffuseError
 from reffuse.experiments.findings import Verdict, decide
 from reffuse.experiments.healing.plan import ATTENTION_REMOVED, Budgets
 from reffuse.experiments.healing.points import HealingPoint, WindowScores
@@ -62,19 +66,24 @@ class Points:
             (r.point.variant, r.point.objective, r.point.tokens, r.point.seed): r.scores
             for r in results if r.point.split == "held-out"}
 
-    def pooled(self, variant: str, objective: str, tokens: int, seeds=()) -> Pooled | None:
-        """The point over every seed that finished (None if none did, or if one of `seeds` has not); budget 0
-        is the untrained start."""
+    def runs(self, variant: str, objective: str, tokens: int) -> dict[int, WindowScores]:
+        """Seed -> scores of the point (budget 0 is the untrained start, seed 0)."""
         key = (variant, "start", 0) if tokens == 0 else (variant, objective, tokens)
-        runs = {seed: s for (v, o, t, seed), s in self.scores.items() if (v, o, t) == key}
-        if not runs or not set(seeds) <= set(runs):
+        return {seed: s for (v, o, t, seed), s in self.scores.items() if (v, o, t) == key}
+
+    def pooled(self, variant: str, objective: str, tokens: int) -> Pooled | None:
+        """The point over every seed that finished (None if none did); budget 0 is the untrained start."""
+        runs = self.runs(variant, objective, tokens)
+        if not runs:
             return None
         seeds = tuple(sorted(runs))
+        first = runs[seeds[0]]
+        for seed in seeds[1:]:
+            check_same_windows(first, runs[seed], f"{variant}, {objective}, {tokens:,} tokens, seed {seed}")
 
         def seeds_mean(field: str) -> np.ndarray:
             return np.mean([getattr(runs[s], field) for s in seeds], axis=0)
 
-        first = runs[seeds[0]]
         return Pooled(seeds_mean("kl"), seeds_mean("nll"), seeds_mean("agree"),
                       np.asarray(first.predictions, dtype=np.float64),
                       np.asarray(first.text), seeds, tuple(runs[s].mean_kl for s in seeds))
@@ -84,18 +93,57 @@ class Points:
         return sorted({(v, o, t) for v, o, t, _ in self.scores}, key=lambda k: (k[0], k[1], k[2]))
 
 
-def compare(x: Pooled, y: Pooled) -> ClusteredDifference:
-    """x - y in mean KL, with both intervals."""
-    return paired_window_sums(x.kl, y.kl, x.predictions, x.text)
+def check_same_windows(x: WindowScores, y: WindowScores, what: str) -> None:
+    """Refuse a paired comparison of points scored on different windows."""
+    if (x.predictions, x.text, x.texts) != (y.predictions, y.text, y.texts):
+        raise ReffuseError(f"{what} was scored on other held-out windows than the point it is paired with: "
+                           "score both on the same text (delete its JSON and run the study again)")
 
 
-def below(d: ClusteredDifference, threshold: float = 0.0) -> bool:
-    """Resolved below the threshold: the interval over texts lies under it."""
-    return verdict(d.clusters_interval_95, threshold, "<") == "met"
+@dataclass(frozen=True)
+class Seeded:
+    """A point's runs by seed; an untrained start has one run, which stands for every seed."""
+    runs: dict
+
+    def at(self, seed: int) -> WindowScores:
+        return self.runs[seed] if len(self.runs) > 1 else next(iter(self.runs.values()))
+
+    @property
+    def seeds(self) -> tuple:
+        return tuple(sorted(self.runs))
+
+    @property
+    def mean_kl(self) -> float:
+        return float(np.mean([r.mean_kl for r in self.runs.values()]))
 
 
-def above(d: ClusteredDifference, threshold: float = 0.0) -> bool:
-    return verdict(d.clusters_interval_95, threshold, ">") == "met"
+@dataclass(frozen=True)
+class Compared:
+    """x - y seed by seed, each with its intervals; resolved when every seed's interval over texts agrees."""
+    per_seed: dict                     # seed -> ClusteredDifference
+
+    def below(self, threshold: float = 0.0) -> bool:
+        """Resolved below the threshold: every seed's interval over texts lies under it."""
+        return all(verdict(d.clusters_interval_95, threshold, "<") == "met" for d in self.per_seed.values())
+
+    def above(self, threshold: float = 0.0) -> bool:
+        return all(verdict(d.clusters_interval_95, threshold, ">") == "met" for d in self.per_seed.values())
+
+    def describe(self) -> str:
+        return "; ".join(f"seed {seed}: {describe_comparison(d)}" for seed, d in self.per_seed.items())
+
+
+def compare(x: Seeded, y: Seeded, margin: np.ndarray | None = None) -> Compared:
+    """x - y in mean KL, seed by seed on the same windows; with `margin` (per-window sums on those windows),
+    x - y - margin, so that "resolved below 0" reads "x - y resolved below the margin", the margin's own
+    window-to-window spread included."""
+    out = {}
+    for seed in sorted(set(x.runs) | set(y.runs)):
+        a, b = x.at(seed), y.at(seed)
+        check_same_windows(a, b, f"seed {seed}")
+        y_sums = np.asarray(b.kl, dtype=np.float64) + (0.0 if margin is None else margin)
+        out[seed] = paired_window_sums(a.kl, y_sums, a.predictions, a.text)
+    return Compared(out)
 
 
 def describe_comparison(d: ClusteredDifference) -> str:
@@ -105,9 +153,9 @@ def describe_comparison(d: ClusteredDifference) -> str:
     return f"{d.mean:+.4f} nats ({texts}; {windows})"
 
 
-def seeds_note(*pooled: Pooled) -> str:
-    return "; ".join(f"seeds {','.join(map(str, p.seeds))}: mean KL " + ", ".join(f"{m:.4f}" for m in p.seed_means)
-                     for p in pooled)
+def seeds_note(**runs: Seeded) -> str:
+    return "; ".join(f"{label}: mean KL " + ", ".join(f"{r.mean_kl:.4f} (seed {s})" for s, r in sorted(p.runs.items()))
+                     for label, p in runs.items())
 
 
 def pending(finding: str, title: str, paper: str, rule: str, missing: list[str]) -> Verdict:
@@ -116,14 +164,19 @@ def pending(finding: str, title: str, paper: str, rule: str, missing: list[str])
 
 
 def gathered(points: Points, wanted: dict, budgets: Budgets) -> tuple[dict, list[str]]:
-    """The pooled points named in `wanted` (label -> (variant, objective, tokens)), and the labels missing: a
-    point the plan runs with several seeds is missing until every seed has run."""
-    def seeds(variant, objective, tokens):
-        several = objective == "kd" and tokens == max(budgets.kd) and variant in budgets.finding_variants
-        return budgets.seeds if several else ()
-    found = {label: points.pooled(*key, seeds=seeds(*key)) for label, key in wanted.items()}
-    return found, [f"{label} ({key[0]}, {key[1]}, {key[2]:,} tokens)" for label, key in wanted.items()
-                   if found[label] is None]
+    """The points named in `wanted` (label -> (variant, objective, tokens)) by seed, and what is missing: a point
+    is missing until every seed the plan runs it with has finished (Budgets.seeds_of)."""
+    found, missing = {}, []
+    for label, (variant, objective, tokens) in wanted.items():
+        runs = points.runs(variant, objective, tokens)
+        needed = (0,) if tokens == 0 else budgets.seeds_of(variant, objective, tokens)
+        absent = [seed for seed in needed if seed not in runs]
+        if absent:
+            missing.append(f"{label} ({variant}, {objective}, {tokens:,} tokens, seed "
+                           f"{', '.join(map(str, absent))})")
+        else:
+            found[label] = Seeded({seed: runs[seed] for seed in needed})
+    return found, missing
 
 
 def pairs_at_largest_budget(finding: str, title: str, paper: str, rule: str, pairs, points: Points,
@@ -136,11 +189,11 @@ def pairs_at_largest_budget(finding: str, title: str, paper: str, rule: str, pai
     if missing:
         return pending(finding, title, paper, rule, missing)
     diffs = [compare(p[x], p[y]) for x, y in pairs]
-    here = "; ".join(f"{x} - {y}: {describe_comparison(d)}" for (x, y), d in zip(pairs, diffs))
-    lows, highs = sum(map(below, diffs)), sum(map(above, diffs))
+    here = "; ".join(f"{x} - {y}: {d.describe()}" for (x, y), d in zip(pairs, diffs))
+    lows, highs = sum(d.below() for d in diffs), sum(d.above() for d in diffs)
     return Verdict(finding, title, paper=paper, here=here, rule=rule,
                    verdict=decide(lows == len(diffs), lows > 0 and highs == 0, highs > 0 and lows == 0),
-                   note=seeds_note(*p.values()))
+                   note=seeds_note(**p))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,29 +206,36 @@ def gap_closed(points: Points, budgets: Budgets) -> Verdict:
              "fused 253B model is distilled on tens of billions of tokens)")
     rule = (f"at {largest:,} tokens of distillation: held if the 4-step fused model's held-out KL minus the "
             f"attention-removed model's, both healed, is resolved below {GAP_FRACTION} x the same difference "
-            "before healing (the interval over texts lies below it); did not hold if resolved above; else not "
-            "resolved. The 1-step model is reported, not judged")
+            "before healing, for every seed (the interval over texts of healed difference minus "
+            f"{GAP_FRACTION} x the unhealed one, window by window, lies below 0); did not hold if resolved above "
+            "for every seed; else not resolved, and not resolved if the fused model is not above the "
+            "attention-removed one before healing (no gap to close). The 1-step model is reported, not judged")
     wanted = {"fused": ("fused, 4 steps", "kd", largest), "removed": (ATTENTION_REMOVED, "kd", largest),
               "fused0": ("fused, 4 steps", "start", 0), "removed0": (ATTENTION_REMOVED, "start", 0)}
     p, missing = gathered(points, wanted, budgets)
+    title = "healing closes most of the fusion gap"
     if missing:
-        return pending("l", "healing closes most of the fusion gap", paper, rule, missing)
+        return pending("l", title, paper, rule, missing)
     gap = p["fused0"].mean_kl - p["removed0"].mean_kl
     if gap <= 0:
-        return Verdict("l", "healing closes most of the fusion gap", paper=paper, rule=rule, verdict="not resolved",
+        return Verdict("l", title, paper=paper, rule=rule, verdict="not resolved",
                        here=f"before healing the fused model is {gap:+.4f} nats from the attention-removed model",
                        note="no fusion gap to close: the rule measures nothing here")
-    d = compare(p["fused"], p["removed"])
+    fused0, removed0 = p["fused0"].at(0), p["removed0"].at(0)
+    check_same_windows(fused0, removed0, "the fused model's start")
+    margin = GAP_FRACTION * (np.asarray(fused0.kl, dtype=np.float64) - np.asarray(removed0.kl, dtype=np.float64))
+    d = compare(p["fused"], p["removed"], margin)
     here = (f"before healing the fused model is {gap:+.4f} nats above the attention-removed model; after "
-            f"{largest:,} tokens: {describe_comparison(d)} (threshold {GAP_FRACTION * gap:+.4f})")
-    one = points.pooled("fused, 1 step", "kd", largest)
+            f"{largest:,} tokens, healed difference minus {GAP_FRACTION} x that gap ({GAP_FRACTION * gap:+.4f} over "
+            f"all windows): {d.describe()}; the healed "
+            f"difference itself: {compare(p['fused'], p['removed']).describe()}")
+    one = points.runs("fused, 1 step", "kd", largest)
     one0 = points.pooled("fused, 1 step", "start", 0)
-    if one is not None and one0 is not None:
-        here += (f"; 1 step: {one0.mean_kl - p['removed0'].mean_kl:+.4f} before, "
-                 f"{describe_comparison(compare(one, p['removed']))} after")
-    return Verdict("l", "healing closes most of the fusion gap", paper=paper, here=here, rule=rule,
-                   verdict=decide(below(d, GAP_FRACTION * gap), against=above(d, GAP_FRACTION * gap)),
-                   note=seeds_note(p["fused"], p["removed"]))
+    if one and one0 is not None:
+        here += (f"; 1 step (seeds {', '.join(map(str, sorted(one)))}): {one0.mean_kl - p['removed0'].mean_kl:+.4f} "
+                 f"before, {compare(Seeded(one), p['removed']).describe()} after")
+    return Verdict("l", title, paper=paper, here=here, rule=rule, verdict=decide(d.below(), against=d.above()),
+                   note=seeds_note(fused=p["fused"], removed=p["removed"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +250,7 @@ def fusion_vs_removal(points: Points, budgets: Budgets) -> Verdict:
             "model's KL is resolved below its matched removal's for both pairs (4 steps vs 3 FFNs removed, 1 step "
             "vs 6 removed: equal sequential FFN steps, and the nearest modelled latency); partly held if for one "
             "and removal is resolved below for neither; did not hold if removal is resolved below for some pair "
-            "and fusion for none; else not resolved")
+            "and fusion for none; else not resolved. Resolved: for every seed")
     pairs = (("fused, 4 steps", "3 FFNs removed"), ("fused, 1 step", "6 FFNs removed"))
     return pairs_at_largest_budget("m", "healed fusion vs healed FFN removal", paper, rule, pairs, points, budgets)
 
@@ -205,24 +265,25 @@ def global_vs_local(points: Points, budgets: Budgets) -> Verdict:
     paper = ("the paper heals with knowledge distillation of the whole model's outputs (§3); a local objective, "
              "each fused FFN fitted to the sequential run's update, is the cheap alternative")
     rule = (f"the 4-step fused model with its fused block trained, at {largest:,} tokens of each objective: held if "
-            "global distillation's KL is resolved below local distillation's; did not hold if resolved above; "
-            "else not resolved. The other budgets, and local distillation at 4x the tokens, are reported")
+            "global distillation's KL is resolved below local distillation's for every seed; did not hold if "
+            "resolved above for every seed; else not resolved. The other budgets, and local distillation at 4x "
+            "the tokens, are reported")
     wanted = {"global": ("fused, 4 steps", "kd-fused", largest), "local": ("fused, 4 steps", "local", largest)}
     p, missing = gathered(points, wanted, budgets)
     if missing:
         return pending("n", "global vs local distillation", paper, rule, missing)
     d = compare(p["global"], p["local"])
-    here = [f"{largest:,} tokens: global - local {describe_comparison(d)}"]
+    here = [f"{largest:,} tokens: global - local, {d.describe()}"]
     for tokens in common[:-1]:
-        g, loc = points.pooled("fused, 4 steps", "kd-fused", tokens), points.pooled("fused, 4 steps", "local", tokens)
-        if g is not None and loc is not None:
-            here.append(f"{tokens:,}: {describe_comparison(compare(g, loc))}")
-    more = points.pooled("fused, 4 steps", "local", max(budgets.local))
-    if more is not None and max(budgets.local) > largest:
+        g, loc = points.runs("fused, 4 steps", "kd-fused", tokens), points.runs("fused, 4 steps", "local", tokens)
+        if 0 in g and 0 in loc:
+            here.append(f"{tokens:,}: {compare(Seeded({0: g[0]}), Seeded({0: loc[0]})).describe()}")
+    more = points.runs("fused, 4 steps", "local", max(budgets.local))
+    if 0 in more and max(budgets.local) > largest:
         here.append(f"global at {largest:,} - local at {max(budgets.local):,}: "
-                    f"{describe_comparison(compare(p['global'], more))}")
+                    f"{compare(Seeded({0: p['global'].at(0)}), Seeded({0: more[0]})).describe()}")
     return Verdict("n", "global vs local distillation", paper=paper, here="; ".join(here), rule=rule,
-                   verdict=decide(below(d), against=above(d)), note=seeds_note(p["global"], p["local"]))
+                   verdict=decide(d.below(), against=d.above()), note=seeds_note(**p))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +296,7 @@ def refit_start(points: Points, budgets: Budgets) -> Verdict:
     rule = (f"at {largest:,} tokens of distillation: held if the refitted model's KL is resolved below the plainly "
             "fused model's for both 4 steps and 1 step; partly held if for one and plain fusion is resolved below "
             "for neither; did not hold if plain fusion is resolved below for some and the refit for none; else not "
-            "resolved")
+            "resolved. Resolved: for every seed")
     pairs = (("fused, 4 steps, refit", "fused, 4 steps"), ("fused, 1 step, refit", "fused, 1 step"))
     return pairs_at_largest_budget("o", "the refit as a starting point", paper, rule, pairs, points, budgets)
 

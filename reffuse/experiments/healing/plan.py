@@ -22,7 +22,7 @@ Objectives:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from reffuse.core.fusion import fuse
 from reffuse.core.model import Model
@@ -156,13 +156,20 @@ class Budgets:
     """The study's budgets and seeds (tokens of training text)."""
     kd: tuple = (16384, 65536, 262144)
     local: tuple = (16384, 65536, 262144, 1048576)
-    seeds: tuple = (0, 1, 2)                  # at the largest kd budget, for the variants the findings compare
+    seeds: tuple = (0, 1, 2)                  # at the largest kd budget, for the points the findings judge
     sweep_tokens: int = 16384                 # the learning-rate choice: one budget, on calibration text
     kd_rates: tuple = (3e-5, 1e-4, 3e-4, 1e-3)
     local_rates: tuple = (1e-4, 3e-4, 1e-3, 3e-3)
     finding_variants: tuple = field(default=(ATTENTION_REMOVED, "fused, 4 steps", "fused, 4 steps, refit",
                                              "3 FFNs removed", "fused, 1 step", "fused, 1 step, refit",
                                              "6 FFNs removed"))
+
+    def seeds_of(self, variant: str, objective: str, tokens: int) -> tuple:
+        """The seeds a point runs with: every seed for the points a finding judges at the largest kd budget (the
+        finding variants distilled by kd; the 4-step fused model's kd-fused and local, for (n)), else seed 0."""
+        judged = tokens == max(self.kd) and ((objective == "kd" and variant in self.finding_variants) or
+                                             (variant == "fused, 4 steps" and objective in ("kd-fused", "local")))
+        return self.seeds if judged else (0,)
 
     def to_json(self) -> dict:
         """The budgets as study.json records them: lists for tuples."""
@@ -185,13 +192,13 @@ def study_points(budgets: Budgets) -> list[Point]:
     """Every held-out point, cheapest first, so that an interrupted study has every variant at the small
     budgets before any at the large ones (learning rates are filled in from the sweep's choice)."""
     points = [Point(v, "start", 0) for v in VARIANTS if v != "original"]
-    largest = max(budgets.kd)
     for tokens in sorted(set(budgets.kd) | set(budgets.local)):
         if tokens in budgets.kd:
             points += [Point(v, "ce" if v == "original" else "kd", tokens) for v in VARIANTS]
             points += [Point(v, "kd-fused", tokens) for v in ("fused, 4 steps",)]
         if tokens in budgets.local:
             points += [Point(v, "local", tokens) for v in ("fused, 4 steps", "fused, 1 step")]
+    seeded = [p for p in points if len(budgets.seeds_of(p.variant, p.objective, p.tokens)) > 1]
     for seed in budgets.seeds[1:]:
-        points += [Point(v, "kd", largest, seed) for v in budgets.finding_variants]
+        points += [replace(p, seed=seed) for p in seeded]
     return points

@@ -214,7 +214,9 @@ def markdown(s: HealingSummary, command: str) -> str:
         f"{settings.window}-token window per step, training text from the corpus' training split. Budgets: kd "
         f"{', '.join(f'{t:,}' for t in budgets.kd)} tokens; local "
         f"{', '.join(f'{t:,}' for t in budgets.local)}; seeds {', '.join(map(str, budgets.seeds))} at the "
-        f"largest kd budget. Held-out scoring: {settings.held_out_tokens:,} tokens of the held-out plays in "
+        "largest kd budget, for the points the findings judge (every variant's kd; the 4-step model's kd-fused "
+        f"and local). Held-out scoring: {settings.held_out_tokens:,} tokens of the held-out texts (eight plays "
+        "and the Sonnets) in "
         f"{settings.window}-token windows, never trained on.", "",
         "### The learning rate, chosen on calibration text before any held-out point", "",
         f"Fused 4 steps, {budgets.sweep_tokens:,} tokens, scored on {settings.calibration_scoring_tokens:,} "
@@ -227,7 +229,8 @@ def markdown(s: HealingSummary, command: str) -> str:
     lines += [
               "Held-out KL(original || model) in nats, the mean over seeds where several ran, with its 95% interval "
               "over windows (a bootstrap of whole windows) and over texts (a t-interval over the held-out texts' "
-              "own means; the verdicts use this one).", "",
+              "own means). The verdicts read the interval over texts of each seed's paired difference, and count "
+              "a difference as resolved only when every seed's lies on the same side.", "",
               "| variant | objective | tokens | KL | interval, windows | interval, texts | perplexity | top-1 | "
               "seeds |", "|---|---|---|---|---|---|---|---|---|"]
     started = set()
@@ -254,8 +257,9 @@ def markdown(s: HealingSummary, command: str) -> str:
               "shape of recovery at the start of training, on one 135M model and one kind of text. Their slope "
               "does not extrapolate to the paper's budget: a log-linear trend of a few points says nothing about "
               "where it flattens, and the paper's distillation data (general web text and synthetic dialogue) "
-              "differs from the Shakespeare here. What they can show is the order of the variants at equal "
-              "budget, and whether the fusion gap closes faster or slower than the attention-removal gap.", "",
+              "differs from the Shakespeare here. What they can show, where the intervals resolve it, is the order "
+              "of the variants at equal budget, and whether the fusion gap closes faster or slower than the "
+              "attention-removal gap.", "",
               "## Provenance", "",
               f"The study's setup files (training, fusion, corpus, the core) were at commit "
               f"{setup.study_started_at} when it started; points ran at "
