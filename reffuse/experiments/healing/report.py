@@ -198,8 +198,9 @@ def markdown(s: HealingSummary, command: str) -> str:
         f"million), {s.seconds / 3600:.1f} hours so far"
         + (f" on {' or '.join(map(str, s.cpus))} CPU cores" if s.cpus else "")
         + " (the points' wall-clock training and scoring, summed; some points include time the process sat "
-        "paused while tests used the cores, so this is an upper bound on the compute). Rules: `reffuse/experiments/healing/findings.py` at commit {s.rules.commit} "
-        f"({s.rules.committed_at}), committed before the first point ran"
+        "paused while tests used the cores, so this is an upper bound on the compute). Rules: "
+        f"`reffuse/experiments/healing/findings.py` at commit {s.rules.commit} ({s.rules.committed_at}), "
+        "committed before the first point ran"
         + rules_changes(s.setup.rules_changed_since), "",
         "## Setup", "",
         f"SmolLM2-135M, attention removed from blocks {', '.join(map(str, fusion.attention_removed))} (the fusion "
