@@ -39,7 +39,6 @@ class Pooled:
     predictions: np.ndarray
     text: np.ndarray
     seeds: tuple
-    seed_means: tuple          # each seed's mean KL
 
     @property
     def mean_kl(self) -> float:
@@ -86,7 +85,7 @@ class Points:
 
         return Pooled(seeds_mean("kl"), seeds_mean("nll"), seeds_mean("agree"),
                       np.asarray(first.predictions, dtype=np.float64),
-                      np.asarray(first.text), seeds, tuple(runs[s].mean_kl for s in seeds))
+                      np.asarray(first.text), seeds)
 
     def keys(self) -> list[tuple[str, str, int]]:
         """(variant, objective, tokens) of every finished point, seeds pooled."""
