@@ -145,6 +145,7 @@ class Runner:
         self.variants: dict[str, Variant] = {}
         self.logits: dict[str, list] = {}
         self.teacher_streams: dict[bytes, object] = {}   # the original's last-block stream per training window
+        self.provenance = provenance(SETUP_FILES)  # the code this process loaded, whatever the checkout holds later
 
     def variant(self, name: str) -> Variant:
         if name not in self.variants:
@@ -171,7 +172,7 @@ class Runner:
         shutil.rmtree(checkpoint, ignore_errors=True)
         trained = log.seconds if log is not None else 0.0       # every process's training steps, resumed or not
         return HealingPoint(point, variant.trainable(point.objective) if point.tokens else [], scores, log,
-                            trained + time.perf_counter() - scoring, os.cpu_count(), provenance(SETUP_FILES))
+                            trained + time.perf_counter() - scoring, os.cpu_count(), self.provenance)
 
 
 def check_settings(folder: Path, settings: HealingStudySettings) -> StudyRecord:
