@@ -171,6 +171,39 @@ def test_points_scored_on_other_windows_are_refused():
         by_finding(results)
 
 
+def test_a_point_whose_seeds_are_still_running_is_reported_once_they_all_have():
+    """The 1-step model, reported beside (l), waits for every seed rather than pairing the seeds it has."""
+    results = [r for r in study_results(0.35) if not (r.point.variant == "fused, 1 step" and r.point.seed == 1)]
+    assert "1 step:" not in by_finding(results)["l"].here
+    assert "1 step: +1.4000 before, seed 0:" in by_finding(study_results(0.35))["l"].here
+
+
+def test_the_gap_is_refused_when_the_starts_were_scored_on_other_windows():
+    results = study_results(0.35)
+    for i, r in enumerate(results):
+        if r.point.objective == "start":
+            s = r.scores
+            results[i] = HealingPoint(r.point, [], WindowScores(s.kl, s.nll, s.agree, s.predictions, s.text[::-1],
+                                                                s.texts), None, 1.0, 1, PROVENANCE)
+    with pytest.raises(ReffuseError, match="the margin's points against fused, 4 steps"):
+        by_finding(results)
+
+
+def test_trained_points_pair_seed_with_seed():
+    from reffuse.experiments.healing.findings import Seeded, compare
+    one, two = scores(0.3), scores(0.4)
+    with pytest.raises(ReffuseError, match=r"ran seeds \(0, 1\) and y seeds \(0,\)"):
+        compare(Seeded("x", {0: one, 1: one}), Seeded("y", {0: two}))
+    assert list(compare(Seeded("x", {0: one, 1: one}), Seeded("y", {0: two}, start=True)).per_seed) == [0, 1]
+
+
+def test_budgets_refuse_seeds_without_seed_0_and_objectives_that_share_no_budget():
+    with pytest.raises(ReffuseError, match="must start at 0"):
+        Budgets(seeds=(1, 2))
+    with pytest.raises(ReffuseError, match="share none"):
+        Budgets(kd=(1024,), local=(2048,))
+
+
 def test_the_plan_runs_every_judged_point_with_every_seed():
     budgets = Budgets()
     points = study_points(budgets)

@@ -2,7 +2,7 @@
 
 Every comparison is a paired difference of held-out KL(original || model) between two points scored on the same
 windows (reffuse.stats.paired_window_sums), formed seed by seed: seed s of one variant against seed s of the other
-(the same training windows in the same order; an untrained start, which has no seed, stands beside each). Each
+(the same training windows in the same order; an untrained start, one run, stands beside each). Each
 seed's difference has an interval over texts (a t-interval over the held-out texts' own means: windows of one text
 are correlated, so the texts are the independent units) and one over windows. A difference is resolved only when
 the interval over texts of every seed lies on the same side: a seed is a replication of the healing run, and an
@@ -101,11 +101,14 @@ def check_same_windows(x: WindowScores, y: WindowScores, what: str) -> None:
 
 @dataclass(frozen=True)
 class Seeded:
-    """A point's runs by seed; an untrained start has one run, which stands for every seed."""
+    """A point's runs by seed, and its name for messages; an untrained start (one run, seed 0) stands for every
+    seed of what it is compared with."""
+    label: str
     runs: dict
+    start: bool = False
 
     def at(self, seed: int) -> WindowScores:
-        return self.runs[seed] if len(self.runs) > 1 else next(iter(self.runs.values()))
+        return self.runs[0] if self.start else self.runs[seed]
 
     @property
     def seeds(self) -> tuple:
@@ -114,6 +117,17 @@ class Seeded:
     @property
     def mean_kl(self) -> float:
         return float(np.mean([r.mean_kl for r in self.runs.values()]))
+
+
+def paired_seeds(x: Seeded, y: Seeded) -> tuple:
+    """The seeds x - y is formed at: a start's single run pairs with each seed of the other side; two trained
+    points pair seed with seed, and must have run the same seeds."""
+    if x.start or y.start:
+        return y.seeds if x.start else x.seeds
+    if x.seeds != y.seeds:
+        raise ReffuseError(f"{x.label} ran seeds {x.seeds} and {y.label} seeds {y.seeds}: a seed-by-seed "
+                           "comparison needs the same seeds of both")
+    return x.seeds
 
 
 @dataclass(frozen=True)
@@ -132,15 +146,21 @@ class Compared:
         return "; ".join(f"seed {seed}: {describe_comparison(d)}" for seed, d in self.per_seed.items())
 
 
-def compare(x: Seeded, y: Seeded, margin: np.ndarray | None = None) -> Compared:
-    """x - y in mean KL, seed by seed on the same windows; with `margin` (per-window sums on those windows),
-    x - y - margin, so that "resolved below 0" reads "x - y resolved below the margin", the margin's own
-    window-to-window spread included."""
+def compare(x: Seeded, y: Seeded, margin: tuple[WindowScores, WindowScores] | None = None,
+            scale: float = 0.0) -> Compared:
+    """x - y in mean KL, seed by seed on the same windows. With `margin`, two scored points (a, b),
+    x - y - scale (a - b) window by window, so that "resolved below 0" reads "x - y resolved below scale (a - b)",
+    the margin's own window-to-window spread included."""
     out = {}
-    for seed in sorted(set(x.runs) | set(y.runs)):
+    for seed in paired_seeds(x, y):
         a, b = x.at(seed), y.at(seed)
-        check_same_windows(a, b, f"seed {seed}")
-        y_sums = np.asarray(b.kl, dtype=np.float64) + (0.0 if margin is None else margin)
+        check_same_windows(a, b, f"{x.label} against {y.label}, seed {seed}")
+        y_sums = np.asarray(b.kl, dtype=np.float64)
+        if margin is not None:
+            for scores in margin:
+                check_same_windows(scores, a, f"the margin's points against {x.label}, seed {seed}")
+            y_sums = y_sums + scale * (np.asarray(margin[0].kl, dtype=np.float64)
+                                       - np.asarray(margin[1].kl, dtype=np.float64))
         out[seed] = paired_window_sums(a.kl, y_sums, a.predictions, a.text)
     return Compared(out)
 
@@ -174,7 +194,8 @@ def gathered(points: Points, wanted: dict, budgets: Budgets) -> tuple[dict, list
             missing.append(f"{label} ({variant}, {objective}, {tokens:,} tokens, seed "
                            f"{', '.join(map(str, absent))})")
         else:
-            found[label] = Seeded({seed: runs[seed] for seed in needed})
+            found[label] = Seeded(variant if tokens else f"{variant} (start)",
+                                  {seed: runs[seed] for seed in needed}, start=tokens == 0)
     return found, missing
 
 
@@ -220,19 +241,16 @@ def gap_closed(points: Points, budgets: Budgets) -> Verdict:
         return Verdict("l", title, paper=paper, rule=rule, verdict="not resolved",
                        here=f"before healing the fused model is {gap:+.4f} nats from the attention-removed model",
                        note="no fusion gap to close: the rule measures nothing here")
-    fused0, removed0 = p["fused0"].at(0), p["removed0"].at(0)
-    check_same_windows(fused0, removed0, "the fused model's start")
-    margin = GAP_FRACTION * (np.asarray(fused0.kl, dtype=np.float64) - np.asarray(removed0.kl, dtype=np.float64))
-    d = compare(p["fused"], p["removed"], margin)
+    d = compare(p["fused"], p["removed"], (p["fused0"].at(0), p["removed0"].at(0)), GAP_FRACTION)
     here = (f"before healing the fused model is {gap:+.4f} nats above the attention-removed model; after "
             f"{largest:,} tokens, healed difference minus {GAP_FRACTION} x that gap ({GAP_FRACTION * gap:+.4f} over "
-            f"all windows): {d.describe()}; the healed "
-            f"difference itself: {compare(p['fused'], p['removed']).describe()}")
-    one = points.runs("fused, 1 step", "kd", largest)
-    one0 = points.pooled("fused, 1 step", "start", 0)
-    if one and one0 is not None:
-        here += (f"; 1 step (seeds {', '.join(map(str, sorted(one)))}): {one0.mean_kl - p['removed0'].mean_kl:+.4f} "
-                 f"before, {compare(Seeded(one), p['removed']).describe()} after")
+            f"all windows): {d.describe()}; the healed difference itself: "
+            f"{compare(p['fused'], p['removed']).describe()}")
+    one, _ = gathered(points, {"one": ("fused, 1 step", "kd", largest), "one0": ("fused, 1 step", "start", 0)},
+                      budgets)
+    if len(one) == 2:
+        here += (f"; 1 step: {one['one0'].mean_kl - p['removed0'].mean_kl:+.4f} before, "
+                 f"{compare(one['one'], p['removed']).describe()} after")
     return Verdict("l", title, paper=paper, here=here, rule=rule, verdict=decide(d.below(), against=d.above()),
                    note=seeds_note(fused=p["fused"], removed=p["removed"]))
 
@@ -260,7 +278,7 @@ def fusion_vs_removal(points: Points, budgets: Budgets) -> Verdict:
 
 def global_vs_local(points: Points, budgets: Budgets) -> Verdict:
     common = sorted(set(budgets.kd) & set(budgets.local))
-    largest = common[-1]
+    largest = budgets.compared
     paper = ("the paper heals with knowledge distillation of the whole model's outputs (§3); a local objective, "
              "each fused FFN fitted to the sequential run's update, is the cheap alternative")
     rule = (f"the 4-step fused model with its fused block trained, at {largest:,} tokens of each objective: held if "
@@ -274,13 +292,15 @@ def global_vs_local(points: Points, budgets: Budgets) -> Verdict:
     d = compare(p["global"], p["local"])
     here = [f"{largest:,} tokens: global - local, {d.describe()}"]
     for tokens in common[:-1]:
-        g, loc = points.runs("fused, 4 steps", "kd-fused", tokens), points.runs("fused, 4 steps", "local", tokens)
-        if 0 in g and 0 in loc:
-            here.append(f"{tokens:,}: {compare(Seeded({0: g[0]}), Seeded({0: loc[0]})).describe()}")
-    more = points.runs("fused, 4 steps", "local", max(budgets.local))
-    if 0 in more and max(budgets.local) > largest:
-        here.append(f"global at {largest:,} - local at {max(budgets.local):,}: "
-                    f"{compare(Seeded({0: p['global'].at(0)}), Seeded({0: more[0]})).describe()}")
+        q, _ = gathered(points, {"global": ("fused, 4 steps", "kd-fused", tokens),
+                                 "local": ("fused, 4 steps", "local", tokens)}, budgets)
+        if len(q) == 2:
+            here.append(f"{tokens:,}: {compare(q['global'], q['local']).describe()}")
+    if max(budgets.local) > largest:
+        q, _ = gathered(points, {"local": ("fused, 4 steps", "local", max(budgets.local))}, budgets)
+        if q:
+            here.append(f"global at {largest:,} - local at {max(budgets.local):,}: "
+                        f"{compare(Seeded('global', {0: p['global'].at(0)}), q['local']).describe()}")
     return Verdict("n", "global vs local distillation", paper=paper, here="; ".join(here), rule=rule,
                    verdict=decide(d.below(), against=d.above()), note=seeds_note(**p))
 

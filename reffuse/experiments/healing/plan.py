@@ -165,11 +165,24 @@ class Budgets:
                                              "6 FFNs removed"))
 
     def seeds_of(self, variant: str, objective: str, tokens: int) -> tuple:
-        """The seeds a point runs with: every seed for the points a finding judges at the largest kd budget (the
-        finding variants distilled by kd; the 4-step fused model's kd-fused and local, for (n)), else seed 0."""
-        judged = tokens == max(self.kd) and ((objective == "kd" and variant in self.finding_variants) or
-                                             (variant == "fused, 4 steps" and objective in ("kd-fused", "local")))
+        """The seeds a point runs with: every seed for the points a finding judges (the finding variants distilled
+        by kd at the largest kd budget; the 4-step fused model's kd-fused and local where (n) compares them), else
+        seed 0."""
+        judged = ((objective == "kd" and variant in self.finding_variants and tokens == max(self.kd)) or
+                  (variant == "fused, 4 steps" and objective in ("kd-fused", "local") and tokens == self.compared))
         return self.seeds if judged else (0,)
+
+    @property
+    def compared(self) -> int:
+        """The largest budget both kd and local run: where (n) compares them."""
+        return max(set(self.kd) & set(self.local))
+
+    def __post_init__(self):
+        if not self.seeds or self.seeds[0] != 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ReffuseError(f"the study's seeds must start at 0 (every point runs seed 0), got {self.seeds}")
+        if not set(self.kd) & set(self.local):
+            raise ReffuseError(f"kd budgets {self.kd} and local budgets {self.local} share none: finding (n) "
+                               "compares the two objectives at a budget both run")
 
     def to_json(self) -> dict:
         """The budgets as study.json records them: lists for tuples."""
