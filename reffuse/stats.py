@@ -156,7 +156,8 @@ def paired_window_sums(x_sums, y_sums, counts, clusters, seed: int = 0) -> Clust
     sums (Σ over a window's predictions of x and of y, and their count), with two 95% intervals:
     - windows_interval_95: whole windows resampled, Σ_drawn Σ d / Σ_drawn count (a cluster bootstrap);
     - clusters_interval_95: a t-interval over the clusters' own means Σ d / count (the windows of one text
-      are correlated, so its texts are the independent units; few units, hence t, not a bootstrap).
+      are correlated, so its texts are the independent units; few units, hence t, not a bootstrap). It is
+      centred on the clusters' unweighted mean, not on `mean`, which weighs each prediction alike.
     Either is None where it cannot be formed (fewer than 2 clusters)."""
     d = np.asarray(x_sums, dtype=np.float64) - np.asarray(y_sums, dtype=np.float64)
     counts, clusters = np.asarray(counts, dtype=np.float64), np.asarray(clusters)

@@ -230,8 +230,10 @@ def markdown(s: HealingSummary, command: str) -> str:
     lines += [
               "Held-out KL(original || model) in nats, the mean over seeds where several ran, with its 95% interval "
               "over windows (a bootstrap of whole windows) and over texts (a t-interval over the held-out texts' "
-              "own means). The verdicts read the interval over texts of each seed's paired difference, and count "
-              "a difference as resolved only when every seed's lies on the same side.", "",
+              "own means; it is centred on their unweighted mean, which can differ from the KL, pooled over every "
+              "prediction, by a few thousandths: texts hold unequal numbers of windows). The verdicts read the "
+              "interval over texts of each seed's paired difference, and count a difference as resolved only when "
+              "every seed's lies on the same side.", "",
               "| variant | objective | tokens | KL | interval, windows | interval, texts | perplexity | top-1 | "
               "seeds |", "|---|---|---|---|---|---|---|---|---|"]
     started = set()
